@@ -1,0 +1,17 @@
+//! kiln's model: jobs, priorities, statuses, retry policy and the decisions
+//! that move a job from one state to the next.
+//!
+//! This crate does no I/O, so nothing in it can fail for outside reasons. The
+//! store applies the transitions decided here; the API and the worker speak in
+//! these types.
+
+pub mod job;
+pub mod keys;
+pub mod retry;
+
+pub use job::*;
+pub use keys::{Scope, Scopes};
+pub use retry::{decide_lost, decide_outcome, AttemptEnd, Outcome};
+
+/// Milliseconds since the Unix epoch; the only clock unit kiln stores.
+pub type Millis = i64;

@@ -1,0 +1,671 @@
+//! The PostgreSQL driver: `FOR UPDATE SKIP LOCKED` leasing, batched writes
+//! through `unnest` arrays, and LISTEN/NOTIFY wake-ups.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::{Job, LeasedJob, Millis, NewJob, Priority};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::{Connection, PgPool};
+use tokio::sync::Notify;
+
+use crate::rows::{
+    record_json, result_json, rows_to, EncodedJob, JobRow, KeyRow, LeasedRow, ModuleRow, QueueRow,
+    WorkerRow, JOB_COLUMNS, LEASED_COLUMNS,
+};
+use crate::{
+    ApiKey, CancelOutcome, Completion, DbResult, JobFilter, ModuleInfo, QueueDepths, QueueInfo,
+    RetryOutcome, WorkerInfo,
+};
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    pub(crate) wakeup: Arc<Notify>,
+}
+
+/// Appends one JSON value (text) to a JSON array held as text, without
+/// parsing the array.
+const HISTORY_APPEND: &str = "CASE WHEN j.history = '[]' THEN '[' || u.record || ']' \
+     ELSE left(j.history, -1) || ',' || u.record || ']' END";
+
+impl PgStore {
+    pub async fn connect(url: &str, schema: Option<&str>) -> DbResult<PgStore> {
+        let mut options = PgConnectOptions::from_str(url)?;
+        if let Some(schema) = schema {
+            let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+                .execute(&mut conn)
+                .await?;
+            conn.close().await?;
+            options = options.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        // Concurrent first starts (several API hosts) serialise on this lock.
+        let mut conn = pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(4242)")
+            .execute(&mut *conn)
+            .await?;
+        let migrated = sqlx::migrate!("./migrations/postgres")
+            .run(&mut *conn)
+            .await;
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut *conn)
+            .await?;
+        migrated?;
+        drop(conn);
+        let wakeup = Arc::new(Notify::new());
+        tokio::spawn(listen(pool.clone(), wakeup.clone()));
+        Ok(PgStore { pool, wakeup })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn job_by_id(&self, tenant: Option<&str>, id: i64) -> DbResult<Option<Job>> {
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)"
+        ))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Job::try_from).transpose()
+    }
+
+    pub async fn job_insert(&self, job: &NewJob, now: Millis) -> DbResult<(Job, bool)> {
+        let e = EncodedJob::new(job, now);
+        let inserted: Option<JobRow> = sqlx::query_as(&format!(
+            "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
+             timeout_ms, backoff, permanent_exit_codes, idempotency_key, run_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(&job.tenant)
+        .bind(&job.kind)
+        .bind(&job.queue)
+        .bind(job.priority.rank())
+        .bind(e.status)
+        .bind(&e.spec)
+        .bind(&e.labels)
+        .bind(job.max_attempts)
+        .bind(job.timeout_ms)
+        .bind(&e.backoff)
+        .bind(&e.permanent_exit_codes)
+        .bind(&job.idempotency_key)
+        .bind(e.run_at)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = inserted {
+            return Ok((Job::try_from(row)?, true));
+        }
+        let existing: JobRow = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND idempotency_key = $2"
+        ))
+        .bind(&job.tenant)
+        .bind(&job.idempotency_key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((Job::try_from(existing)?, false))
+    }
+
+    pub async fn job_insert_many(&self, jobs: &[NewJob], now: Millis) -> DbResult<Vec<i64>> {
+        let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
+        let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
+             timeout_ms, backoff, permanent_exit_codes, run_at, created_at) \
+             SELECT t.*, $13 FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], \
+               $6::text[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[]) AS t \
+             RETURNING id",
+        )
+        .bind(col(|e| e.job.tenant.clone()))
+        .bind(col(|e| e.job.kind.clone()))
+        .bind(col(|e| e.job.queue.clone()))
+        .bind(encoded.iter().map(|e| e.job.priority.rank()).collect::<Vec<i16>>())
+        .bind(col(|e| e.status.to_string()))
+        .bind(col(|e| e.spec.clone()))
+        .bind(col(|e| e.labels.clone()))
+        .bind(encoded.iter().map(|e| e.job.max_attempts).collect::<Vec<i32>>())
+        .bind(encoded.iter().map(|e| e.job.timeout_ms).collect::<Vec<i64>>())
+        .bind(col(|e| e.backoff.clone()))
+        .bind(col(|e| e.permanent_exit_codes.clone()))
+        .bind(encoded.iter().map(|e| e.run_at).collect::<Vec<i64>>())
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    pub async fn job_get(&self, tenant: Option<&str>, id: i64) -> DbResult<Option<Job>> {
+        self.job_by_id(tenant, id).await
+    }
+
+    pub async fn job_list(&self, tenant: &str, f: &JobFilter) -> DbResult<Vec<Job>> {
+        let (label_key, label_value) = match &f.label {
+            Some((k, v)) => (Some(k.as_str()), Some(v.as_str())),
+            None => (None, None),
+        };
+        let rows: Vec<JobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 \
+             AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR kind = $3) \
+             AND ($4::text IS NULL OR queue = $4) \
+             AND ($5::text IS NULL OR (labels::jsonb ->> $5::text) = $6::text) \
+             AND ($7::int8 IS NULL OR created_at >= $7) AND ($8::int8 IS NULL OR created_at < $8) \
+             AND ($9::int8 IS NULL OR id < $9) ORDER BY id DESC LIMIT $10"
+        ))
+        .bind(tenant)
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(&f.kind)
+        .bind(&f.queue)
+        .bind(label_key)
+        .bind(label_value)
+        .bind(f.created_after)
+        .bind(f.created_before)
+        .bind(f.before_id)
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows_to(rows)
+    }
+
+    pub async fn job_count_by_status(&self, tenant: Option<&str>) -> DbResult<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, COUNT(*) FROM jobs WHERE ($1::text IS NULL OR tenant = $1) GROUP BY status",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub async fn job_lease(
+        &self,
+        worker_id: &str,
+        kinds: &[String],
+        limit: i64,
+        lease_ms: i64,
+        now: Millis,
+    ) -> DbResult<Vec<LeasedJob>> {
+        let queues: Vec<QueueRow> =
+            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues")
+                .fetch_all(&self.pool)
+                .await?;
+        let queues: Vec<QueueInfo> = queues.into_iter().map(QueueInfo::from).collect();
+        let excluded: Vec<String> = queues
+            .iter()
+            .filter(|q| q.paused || q.concurrency_limit.is_some())
+            .map(|q| q.name.clone())
+            .collect();
+        let lease_until = now + lease_ms;
+        let mut leased: Vec<LeasedRow> = sqlx::query_as(&format!(
+            "WITH picked AS (SELECT id FROM jobs WHERE status IN ('queued','scheduled') \
+               AND run_at <= $1 AND kind = ANY($2) AND NOT (queue = ANY($3)) \
+               ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, worker_id = $5, \
+               started_at = $1, lease_expires_at = $6 \
+             FROM picked WHERE jobs.id = picked.id RETURNING {}",
+            qualified(LEASED_COLUMNS)
+        ))
+        .bind(now)
+        .bind(kinds)
+        .bind(&excluded)
+        .bind(limit)
+        .bind(worker_id)
+        .bind(lease_until)
+        .fetch_all(&self.pool)
+        .await?;
+        for queue in queues.iter().filter(|q| !q.paused) {
+            let Some(cap) = queue.concurrency_limit else {
+                continue;
+            };
+            let room = limit - leased.len() as i64;
+            if room <= 0 {
+                break;
+            }
+            // The queue row lock makes count-then-lease atomic across workers.
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT name FROM queues WHERE name = $1 FOR UPDATE")
+                .bind(&queue.name)
+                .execute(&mut *tx)
+                .await?;
+            let running: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE queue = $1 AND status = 'running'",
+            )
+            .bind(&queue.name)
+            .fetch_one(&mut *tx)
+            .await?;
+            let take = room.min(cap as i64 - running);
+            if take > 0 {
+                let more: Vec<LeasedRow> = sqlx::query_as(&format!(
+                    "WITH picked AS (SELECT id FROM jobs WHERE status IN ('queued','scheduled') \
+                       AND run_at <= $1 AND kind = ANY($2) AND queue = $3 \
+                       ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                     UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, worker_id = $5, \
+                       started_at = $1, lease_expires_at = $6 \
+                     FROM picked WHERE jobs.id = picked.id RETURNING {}",
+                    qualified(LEASED_COLUMNS)
+                ))
+                .bind(now)
+                .bind(kinds)
+                .bind(&queue.name)
+                .bind(take)
+                .bind(worker_id)
+                .bind(lease_until)
+                .fetch_all(&mut *tx)
+                .await?;
+                leased.extend(more);
+            }
+            tx.commit().await?;
+        }
+        rows_to(leased)
+    }
+
+    pub async fn job_next_run_at(&self, kinds: &[String]) -> DbResult<Option<Millis>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(run_at) FROM jobs WHERE status IN ('queued','scheduled') AND kind = ANY($1)",
+        )
+        .bind(kinds)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn job_heartbeat(
+        &self,
+        worker_id: &str,
+        held: &[(i64, i32)],
+        lease_until: Millis,
+    ) -> DbResult<Vec<(i64, bool)>> {
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        Ok(sqlx::query_as(
+            "UPDATE jobs j SET lease_expires_at = $1 \
+             FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt) \
+             WHERE j.id = u.id AND j.attempt = u.attempt AND j.status = 'running' AND j.worker_id = $4 \
+             RETURNING j.id, j.cancel_requested",
+        )
+        .bind(lease_until)
+        .bind(ids)
+        .bind(attempts)
+        .bind(worker_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Vec<i64>> {
+        Ok(sqlx::query_scalar(&format!(
+            "UPDATE jobs j SET \
+               status = CASE WHEN j.cancel_requested AND u.status = 'scheduled' THEN 'cancelled' ELSE u.status END, \
+               finished_at = CASE WHEN u.status = 'scheduled' AND NOT j.cancel_requested THEN NULL ELSE u.finished_at END, \
+               run_at = COALESCE(u.run_at, j.run_at), result = COALESCE(u.result, j.result), \
+               error = u.error, lease_expires_at = NULL, history = {HISTORY_APPEND} \
+             FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
+               $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record) \
+             WHERE j.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
+             RETURNING j.id"
+        ))
+        .bind(done.iter().map(|c| c.id).collect::<Vec<i64>>())
+        .bind(done.iter().map(|c| c.attempt).collect::<Vec<i32>>())
+        .bind(done.iter().map(|c| c.status.as_str()).collect::<Vec<&str>>())
+        .bind(done.iter().map(|c| c.record.finished_at).collect::<Vec<i64>>())
+        .bind(done.iter().map(|c| c.run_at).collect::<Vec<Option<i64>>>())
+        .bind(done.iter().map(|c| result_json(&c.result)).collect::<Vec<Option<String>>>())
+        .bind(done.iter().map(|c| c.error.clone()).collect::<Vec<Option<String>>>())
+        .bind(done.iter().map(|c| record_json(&c.record)).collect::<Vec<String>>())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
+        let cancelled: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'cancelled', finished_at = $1, error = 'cancelled' \
+             WHERE tenant = $2 AND id = $3 AND status IN ('queued','scheduled') RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = cancelled {
+            return Ok(CancelOutcome::Cancelled(row.try_into()?));
+        }
+        let requested: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET cancel_requested = TRUE \
+             WHERE tenant = $1 AND id = $2 AND status = 'running' RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = requested {
+            return Ok(CancelOutcome::Requested(row.try_into()?));
+        }
+        Ok(match self.job_by_id(Some(tenant), id).await? {
+            Some(job) => CancelOutcome::AlreadyFinished(job),
+            None => CancelOutcome::NotFound,
+        })
+    }
+
+    pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'queued', run_at = $1, retry_from = attempt, \
+             cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL \
+             WHERE tenant = $2 AND id = $3 AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+                .execute(&self.pool)
+                .await?;
+            return Ok(RetryOutcome::Requeued(row.try_into()?));
+        }
+        Ok(match self.job_by_id(Some(tenant), id).await? {
+            Some(job) => RetryOutcome::NotRetryable(job),
+            None => RetryOutcome::NotFound,
+        })
+    }
+
+    pub async fn job_rescue_expired(&self, now: Millis) -> DbResult<u64> {
+        // Mirrors kiln_core::decide_lost.
+        let done = sqlx::query(&format!(
+            "UPDATE jobs j SET \
+               status = CASE WHEN j.cancel_requested THEN 'cancelled' \
+                             WHEN j.attempt - j.retry_from >= j.max_attempts THEN 'dead' ELSE 'queued' END, \
+               finished_at = CASE WHEN j.cancel_requested OR j.attempt - j.retry_from >= j.max_attempts \
+                                  THEN $1 ELSE NULL END, \
+               run_at = $1, error = 'lease expired: worker lost', lease_expires_at = NULL, \
+               history = {HISTORY_APPEND} \
+             FROM (SELECT id, json_build_object('attempt', attempt, 'worker_id', worker_id, \
+                     'started_at', started_at, 'finished_at', $1::int8, 'outcome', 'lost', \
+                     'exit_code', NULL, 'error', 'lease expired', 'duration_ms', NULL)::text AS record \
+                   FROM jobs WHERE status = 'running' AND lease_expires_at < $1 FOR UPDATE SKIP LOCKED) AS u \
+             WHERE j.id = u.id"
+        ))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        let n = done.rows_affected();
+        if n > 0 {
+            sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(n)
+    }
+
+    pub async fn job_release(&self, worker_id: &str, held: &[(i64, i32)], now: Millis) -> DbResult<u64> {
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        let done = sqlx::query(
+            "UPDATE jobs j SET status = 'queued', run_at = $1, lease_expires_at = NULL, \
+             retry_from = j.retry_from + 1 \
+             FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt) \
+             WHERE j.id = u.id AND j.attempt = u.attempt AND j.status = 'running' AND j.worker_id = $4",
+        )
+        .bind(now)
+        .bind(ids)
+        .bind(attempts)
+        .bind(worker_id)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn queue_list(&self) -> DbResult<Vec<QueueInfo>> {
+        let rows: Vec<QueueRow> =
+            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(QueueInfo::from).collect())
+    }
+
+    pub async fn queue_upsert(&self, q: &QueueInfo, now: Millis) -> DbResult<QueueInfo> {
+        let row: QueueRow = sqlx::query_as(
+            "INSERT INTO queues (name, paused, concurrency_limit, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, \
+             concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at \
+             RETURNING name, paused, concurrency_limit",
+        )
+        .bind(&q.name)
+        .bind(q.paused)
+        .bind(q.concurrency_limit)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+            .execute(&self.pool)
+            .await?;
+        Ok(row.into())
+    }
+
+    pub async fn queue_depths(&self, tenant: Option<&str>) -> DbResult<QueueDepths> {
+        let rows: Vec<(String, i16, i64)> = sqlx::query_as(
+            "SELECT queue, priority, COUNT(*) FROM jobs WHERE status IN ('queued','scheduled') \
+             AND ($1::text IS NULL OR tenant = $1) GROUP BY queue, priority ORDER BY queue, priority",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(q, p, n)| (q, Priority::from_rank(p), n))
+            .collect())
+    }
+
+    pub async fn queue_running(&self, tenant: Option<&str>) -> DbResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT queue, COUNT(*) FROM jobs WHERE status = 'running' \
+             AND ($1::text IS NULL OR tenant = $1) GROUP BY queue ORDER BY queue",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn key_insert(&self, key: &ApiKey, hash: &str) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.id)
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(hash)
+        .bind(key.scopes.to_text())
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn key_find_by_hash(&self, hash: &str) -> DbResult<Option<ApiKey>> {
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+             WHERE hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(ApiKey::try_from).transpose()
+    }
+
+    pub async fn key_list(&self, tenant: Option<&str>) -> DbResult<Vec<ApiKey>> {
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+             WHERE ($1::text IS NULL OR tenant = $1) ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows_to(rows)
+    }
+
+    pub async fn key_revoke(&self, tenant: Option<&str>, id: &str, now: Millis) -> DbResult<bool> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+             AND ($3::text IS NULL OR tenant = $3)",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(tenant)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn key_count(&self) -> DbResult<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub async fn module_insert(&self, tenant: &str, m: &ModuleInfo) -> DbResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO modules (tenant, id, size, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, id) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(&m.id)
+        .bind(m.size)
+        .bind(m.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn module_get(&self, tenant: &str, id: &str) -> DbResult<Option<ModuleInfo>> {
+        let row: Option<ModuleRow> = sqlx::query_as(
+            "SELECT id, size, created_at FROM modules WHERE tenant = $1 AND id = $2",
+        )
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(ModuleInfo::from))
+    }
+
+    pub async fn module_list(&self, tenant: &str) -> DbResult<Vec<ModuleInfo>> {
+        let rows: Vec<ModuleRow> = sqlx::query_as(
+            "SELECT id, size, created_at FROM modules WHERE tenant = $1 ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(ModuleInfo::from).collect())
+    }
+
+    pub async fn module_delete(&self, tenant: &str, id: &str) -> DbResult<bool> {
+        let done = sqlx::query("DELETE FROM modules WHERE tenant = $1 AND id = $2")
+            .bind(tenant)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn worker_upsert(&self, w: &WorkerInfo) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO workers (id, host, kinds, slots, started_at, last_seen) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET kinds = excluded.kinds, slots = excluded.slots, \
+             last_seen = excluded.last_seen",
+        )
+        .bind(&w.id)
+        .bind(&w.host)
+        .bind(serde_json::to_string(&w.kinds).unwrap_or_else(|_| "[]".into()))
+        .bind(w.slots)
+        .bind(w.started_at)
+        .bind(w.last_seen)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn worker_list(&self) -> DbResult<Vec<WorkerInfo>> {
+        let rows: Vec<WorkerRow> = sqlx::query_as(
+            "SELECT id, host, kinds, slots, started_at, last_seen FROM workers ORDER BY started_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows_to(rows)
+    }
+
+    pub async fn worker_delete(&self, id: &str) -> DbResult<()> {
+        sqlx::query("DELETE FROM workers WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// `a, b` → `jobs.a, jobs.b`, for RETURNING after an UPDATE ... FROM.
+fn qualified(columns: &str) -> String {
+    columns
+        .split(',')
+        .map(|c| format!("jobs.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Forwards NOTIFYs to the in-process wake-up. When the connection drops,
+/// workers are woken anyway so that they poll while it reconnects.
+async fn listen(pool: PgPool, wakeup: Arc<Notify>) {
+    loop {
+        if pool.is_closed() {
+            return;
+        }
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::debug!(%error, "LISTEN connection failed; retrying");
+                wakeup.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if listener.listen("kiln_jobs").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        loop {
+            let received = tokio::select! {
+                received = listener.try_recv() => received,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if pool.is_closed() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match received {
+                Ok(Some(_)) => wakeup.notify_waiters(),
+                Ok(None) => {
+                    // The connection was lost and will be re-established.
+                    wakeup.notify_waiters();
+                    if pool.is_closed() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    wakeup.notify_waiters();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! The SQLite driver: the embedded default. One write connection serialises
+//! writers inside the process (SQLite allows one writer anyway, and a single
+//! connection never meets SQLITE_BUSY on a read-to-write upgrade); reads go
+//! through a small pool of their own, concurrent thanks to WAL.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::{Job, LeasedJob, Millis, NewJob, Priority};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
+use tokio::sync::Notify;
+
+use crate::rows::{
+    record_json, result_json, rows_to, EncodedJob, JobRow, KeyRow, LeasedRow, ModuleRow, QueueRow,
+    WorkerRow, JOB_COLUMNS, LEASED_COLUMNS,
+};
+use crate::{
+    ApiKey, CancelOutcome, Completion, DbResult, JobFilter, ModuleInfo, QueueDepths, QueueInfo,
+    RetryOutcome, WorkerInfo,
+};
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+    pub(crate) wakeup: Arc<Notify>,
+}
+
+const INSERT_JOB: &str = "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, \
+    max_attempts, timeout_ms, backoff, permanent_exit_codes, idempotency_key, run_at, created_at) \
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+fn bind_new<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    e: &'q EncodedJob<'q>,
+    now: Millis,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    query
+        .bind(&e.job.tenant)
+        .bind(&e.job.kind)
+        .bind(&e.job.queue)
+        .bind(e.job.priority.rank())
+        .bind(e.status)
+        .bind(&e.spec)
+        .bind(&e.labels)
+        .bind(e.job.max_attempts)
+        .bind(e.job.timeout_ms)
+        .bind(&e.backoff)
+        .bind(&e.permanent_exit_codes)
+        .bind(&e.job.idempotency_key)
+        .bind(e.run_at)
+        .bind(now)
+}
+
+fn json_list(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".into())
+}
+
+impl SqliteStore {
+    pub async fn open(path: &str) -> DbResult<SqliteStore> {
+        if let Some(parent) = Path::new(path).parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+            }
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL survives a crash of kiln; only an OS crash or power
+            // loss can lose the last commits.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-65536")
+            .pragma("temp_store", "memory");
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(SqliteStore {
+            write,
+            read,
+            wakeup: Arc::new(Notify::new()),
+        })
+    }
+
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+
+    async fn job_by_id(&self, tenant: Option<&str>, id: i64, pool: &SqlitePool) -> DbResult<Option<Job>> {
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND (? IS NULL OR tenant = ?)"
+        ))
+        .bind(id)
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await?;
+        row.map(Job::try_from).transpose()
+    }
+
+    pub async fn job_insert(&self, job: &NewJob, now: Millis) -> DbResult<(Job, bool)> {
+        let encoded = EncodedJob::new(job, now);
+        let sql = format!(
+            "{INSERT_JOB} ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL \
+             DO NOTHING RETURNING {JOB_COLUMNS}"
+        );
+        let inserted: Option<JobRow> = bind_new(sqlx::query(&sql), &encoded, now)
+            .try_map(|row| sqlx::FromRow::from_row(&row))
+            .fetch_optional(&self.write)
+            .await?;
+        if let Some(row) = inserted {
+            return Ok((Job::try_from(row)?, true));
+        }
+        let existing: JobRow = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ? AND idempotency_key = ?"
+        ))
+        .bind(&job.tenant)
+        .bind(&job.idempotency_key)
+        .fetch_one(&self.write)
+        .await?;
+        Ok((Job::try_from(existing)?, false))
+    }
+
+    pub async fn job_insert_many(&self, jobs: &[NewJob], now: Millis) -> DbResult<Vec<i64>> {
+        let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
+        let sql = format!("{INSERT_JOB} RETURNING id");
+        let mut tx = self.write.begin().await?;
+        let mut ids = Vec::with_capacity(jobs.len());
+        for e in &encoded {
+            let id: i64 = bind_new(sqlx::query(&sql), e, now)
+                .try_map(|row: sqlx::sqlite::SqliteRow| sqlx::Row::try_get(&row, 0))
+                .fetch_one(&mut *tx)
+                .await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    pub async fn job_get(&self, tenant: Option<&str>, id: i64) -> DbResult<Option<Job>> {
+        self.job_by_id(tenant, id, &self.read).await
+    }
+
+    pub async fn job_list(&self, tenant: &str, f: &JobFilter) -> DbResult<Vec<Job>> {
+        let (label_key, label_value) = match &f.label {
+            Some((k, v)) => (Some(format!("$.\"{k}\"")), Some(v.as_str())),
+            None => (None, None),
+        };
+        let rows: Vec<JobRow> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ? \
+             AND (? IS NULL OR status = ?) AND (? IS NULL OR kind = ?) AND (? IS NULL OR queue = ?) \
+             AND (? IS NULL OR json_extract(labels, ?) = ?) \
+             AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?) \
+             AND (? IS NULL OR id < ?) ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(tenant)
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(&f.kind)
+        .bind(&f.kind)
+        .bind(&f.queue)
+        .bind(&f.queue)
+        .bind(&label_key)
+        .bind(&label_key)
+        .bind(label_value)
+        .bind(f.created_after)
+        .bind(f.created_after)
+        .bind(f.created_before)
+        .bind(f.created_before)
+        .bind(f.before_id)
+        .bind(f.before_id)
+        .bind(f.limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows_to(rows)
+    }
+
+    pub async fn job_count_by_status(&self, tenant: Option<&str>) -> DbResult<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, COUNT(*) FROM jobs WHERE (? IS NULL OR tenant = ?) GROUP BY status",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub async fn job_lease(
+        &self,
+        worker_id: &str,
+        kinds: &[String],
+        limit: i64,
+        lease_ms: i64,
+        now: Millis,
+    ) -> DbResult<Vec<LeasedJob>> {
+        let mut tx = self.write.begin().await?;
+        let queues: Vec<QueueRow> =
+            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues")
+                .fetch_all(&mut *tx)
+                .await?;
+        let queues: Vec<QueueInfo> = queues.into_iter().map(QueueInfo::from).collect();
+        let excluded: Vec<String> = queues
+            .iter()
+            .filter(|q| q.paused || q.concurrency_limit.is_some())
+            .map(|q| q.name.clone())
+            .collect();
+        let kinds_json = json_list(kinds);
+        let lease_until = now + lease_ms;
+        let mut leased: Vec<LeasedRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker_id = ?, \
+             started_at = ?, lease_expires_at = ? \
+             WHERE id IN (SELECT id FROM jobs WHERE status IN ('queued','scheduled') AND run_at <= ? \
+               AND kind IN (SELECT value FROM json_each(?)) \
+               AND queue NOT IN (SELECT value FROM json_each(?)) \
+               ORDER BY priority, run_at, id LIMIT ?) \
+             RETURNING {LEASED_COLUMNS}"
+        ))
+        .bind(worker_id)
+        .bind(now)
+        .bind(lease_until)
+        .bind(now)
+        .bind(&kinds_json)
+        .bind(json_list(&excluded))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for queue in queues.iter().filter(|q| !q.paused) {
+            let Some(cap) = queue.concurrency_limit else {
+                continue;
+            };
+            let room = limit - leased.len() as i64;
+            if room <= 0 {
+                break;
+            }
+            let running: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE queue = ? AND status = 'running'",
+            )
+            .bind(&queue.name)
+            .fetch_one(&mut *tx)
+            .await?;
+            let take = room.min(cap as i64 - running);
+            if take <= 0 {
+                continue;
+            }
+            let more: Vec<LeasedRow> = sqlx::query_as(&format!(
+                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker_id = ?, \
+                 started_at = ?, lease_expires_at = ? \
+                 WHERE id IN (SELECT id FROM jobs WHERE status IN ('queued','scheduled') AND run_at <= ? \
+                   AND kind IN (SELECT value FROM json_each(?)) AND queue = ? \
+                   ORDER BY priority, run_at, id LIMIT ?) \
+                 RETURNING {LEASED_COLUMNS}"
+            ))
+            .bind(worker_id)
+            .bind(now)
+            .bind(lease_until)
+            .bind(now)
+            .bind(&kinds_json)
+            .bind(&queue.name)
+            .bind(take)
+            .fetch_all(&mut *tx)
+            .await?;
+            leased.extend(more);
+        }
+        tx.commit().await?;
+        rows_to(leased)
+    }
+
+    pub async fn job_next_run_at(&self, kinds: &[String]) -> DbResult<Option<Millis>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(run_at) FROM jobs WHERE status IN ('queued','scheduled') \
+             AND kind IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json_list(kinds))
+        .fetch_one(&self.read)
+        .await?)
+    }
+
+    pub async fn job_heartbeat(
+        &self,
+        worker_id: &str,
+        held: &[(i64, i32)],
+        lease_until: Millis,
+    ) -> DbResult<Vec<(i64, bool)>> {
+        let mut tx = self.write.begin().await?;
+        let mut alive = Vec::with_capacity(held.len());
+        for (id, attempt) in held {
+            let row: Option<(i64, bool)> = sqlx::query_as(
+                "UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND attempt = ? \
+                 AND status = 'running' AND worker_id = ? RETURNING id, cancel_requested",
+            )
+            .bind(lease_until)
+            .bind(id)
+            .bind(attempt)
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            alive.extend(row);
+        }
+        tx.commit().await?;
+        Ok(alive)
+    }
+
+    pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Vec<i64>> {
+        let mut tx = self.write.begin().await?;
+        let mut applied = Vec::with_capacity(done.len());
+        for c in done {
+            let status = c.status.as_str();
+            let row: Option<i64> = sqlx::query_scalar(
+                "UPDATE jobs SET \
+                   status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
+                   finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
+                   run_at = COALESCE(?3, run_at), result = COALESCE(?4, result), error = ?5, \
+                   lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
+                 WHERE id = ?7 AND attempt = ?8 AND status = 'running' RETURNING id",
+            )
+            .bind(status)
+            .bind(c.record.finished_at)
+            .bind(c.run_at)
+            .bind(result_json(&c.result))
+            .bind(&c.error)
+            .bind(record_json(&c.record))
+            .bind(c.id)
+            .bind(c.attempt)
+            .fetch_optional(&mut *tx)
+            .await?;
+            applied.extend(row);
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
+        let cancelled: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled' \
+             WHERE tenant = ? AND id = ? AND status IN ('queued','scheduled') RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await?;
+        if let Some(row) = cancelled {
+            return Ok(CancelOutcome::Cancelled(row.try_into()?));
+        }
+        let requested: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET cancel_requested = TRUE \
+             WHERE tenant = ? AND id = ? AND status = 'running' RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await?;
+        if let Some(row) = requested {
+            return Ok(CancelOutcome::Requested(row.try_into()?));
+        }
+        Ok(match self.job_by_id(Some(tenant), id, &self.write).await? {
+            Some(job) => CancelOutcome::AlreadyFinished(job),
+            None => CancelOutcome::NotFound,
+        })
+    }
+
+    pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'queued', run_at = ?, retry_from = attempt, \
+             cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL \
+             WHERE tenant = ? AND id = ? AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await?;
+        if let Some(row) = row {
+            return Ok(RetryOutcome::Requeued(row.try_into()?));
+        }
+        Ok(match self.job_by_id(Some(tenant), id, &self.write).await? {
+            Some(job) => RetryOutcome::NotRetryable(job),
+            None => RetryOutcome::NotFound,
+        })
+    }
+
+    pub async fn job_rescue_expired(&self, now: Millis) -> DbResult<u64> {
+        // Mirrors kiln_core::decide_lost.
+        let done = sqlx::query(
+            "UPDATE jobs SET \
+               status = CASE WHEN cancel_requested THEN 'cancelled' \
+                             WHEN attempt - retry_from >= max_attempts THEN 'dead' ELSE 'queued' END, \
+               finished_at = CASE WHEN cancel_requested OR attempt - retry_from >= max_attempts \
+                                  THEN ?1 ELSE NULL END, \
+               run_at = ?1, error = 'lease expired: worker lost', lease_expires_at = NULL, \
+               history = json_insert(history, '$[#]', json_object('attempt', attempt, \
+                 'worker_id', worker_id, 'started_at', started_at, 'finished_at', ?1, \
+                 'outcome', 'lost', 'exit_code', NULL, 'error', 'lease expired', 'duration_ms', NULL)) \
+             WHERE status = 'running' AND lease_expires_at < ?1",
+        )
+        .bind(now)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn job_release(&self, worker_id: &str, held: &[(i64, i32)], now: Millis) -> DbResult<u64> {
+        let mut tx = self.write.begin().await?;
+        let mut n = 0;
+        for (id, attempt) in held {
+            // The attempt number stays (fencing must never go backwards);
+            // retry_from moves so the hand-back costs no attempt.
+            n += sqlx::query(
+                "UPDATE jobs SET status = 'queued', run_at = ?, lease_expires_at = NULL, \
+                 retry_from = retry_from + 1 \
+                 WHERE id = ? AND attempt = ? AND status = 'running' AND worker_id = ?",
+            )
+            .bind(now)
+            .bind(id)
+            .bind(attempt)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub async fn queue_list(&self) -> DbResult<Vec<QueueInfo>> {
+        let rows: Vec<QueueRow> =
+            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues ORDER BY name")
+                .fetch_all(&self.read)
+                .await?;
+        Ok(rows.into_iter().map(QueueInfo::from).collect())
+    }
+
+    pub async fn queue_upsert(&self, q: &QueueInfo, now: Millis) -> DbResult<QueueInfo> {
+        let row: QueueRow = sqlx::query_as(
+            "INSERT INTO queues (name, paused, concurrency_limit, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, \
+             concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at \
+             RETURNING name, paused, concurrency_limit",
+        )
+        .bind(&q.name)
+        .bind(q.paused)
+        .bind(q.concurrency_limit)
+        .bind(now)
+        .fetch_one(&self.write)
+        .await?;
+        Ok(row.into())
+    }
+
+    pub async fn queue_depths(&self, tenant: Option<&str>) -> DbResult<QueueDepths> {
+        let rows: Vec<(String, i16, i64)> = sqlx::query_as(
+            "SELECT queue, priority, COUNT(*) FROM jobs WHERE status IN ('queued','scheduled') \
+             AND (? IS NULL OR tenant = ?) GROUP BY queue, priority ORDER BY queue, priority",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(q, p, n)| (q, Priority::from_rank(p), n))
+            .collect())
+    }
+
+    pub async fn queue_running(&self, tenant: Option<&str>) -> DbResult<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT queue, COUNT(*) FROM jobs WHERE status = 'running' \
+             AND (? IS NULL OR tenant = ?) GROUP BY queue ORDER BY queue",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
+    pub async fn key_insert(&self, key: &ApiKey, hash: &str) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(hash)
+        .bind(key.scopes.to_text())
+        .bind(key.created_at)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn key_find_by_hash(&self, hash: &str) -> DbResult<Option<ApiKey>> {
+        let row: Option<KeyRow> = sqlx::query_as(
+            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+             WHERE hash = ? AND revoked_at IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.read)
+        .await?;
+        row.map(ApiKey::try_from).transpose()
+    }
+
+    pub async fn key_list(&self, tenant: Option<&str>) -> DbResult<Vec<ApiKey>> {
+        let rows: Vec<KeyRow> = sqlx::query_as(
+            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+             WHERE (? IS NULL OR tenant = ?) ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_all(&self.read)
+        .await?;
+        rows_to(rows)
+    }
+
+    pub async fn key_revoke(&self, tenant: Option<&str>, id: &str, now: Millis) -> DbResult<bool> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL \
+             AND (? IS NULL OR tenant = ?)",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(tenant)
+        .bind(tenant)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn key_count(&self) -> DbResult<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys")
+            .fetch_one(&self.write)
+            .await?)
+    }
+
+    pub async fn module_insert(&self, tenant: &str, m: &ModuleInfo) -> DbResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO modules (tenant, id, size, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (tenant, id) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(&m.id)
+        .bind(m.size)
+        .bind(m.created_at)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn module_get(&self, tenant: &str, id: &str) -> DbResult<Option<ModuleInfo>> {
+        let row: Option<ModuleRow> = sqlx::query_as(
+            "SELECT id, size, created_at FROM modules WHERE tenant = ? AND id = ?",
+        )
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(ModuleInfo::from))
+    }
+
+    pub async fn module_list(&self, tenant: &str) -> DbResult<Vec<ModuleInfo>> {
+        let rows: Vec<ModuleRow> = sqlx::query_as(
+            "SELECT id, size, created_at FROM modules WHERE tenant = ? ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.into_iter().map(ModuleInfo::from).collect())
+    }
+
+    pub async fn module_delete(&self, tenant: &str, id: &str) -> DbResult<bool> {
+        let done = sqlx::query("DELETE FROM modules WHERE tenant = ? AND id = ?")
+            .bind(tenant)
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub async fn worker_upsert(&self, w: &WorkerInfo) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO workers (id, host, kinds, slots, started_at, last_seen) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET kinds = excluded.kinds, slots = excluded.slots, \
+             last_seen = excluded.last_seen",
+        )
+        .bind(&w.id)
+        .bind(&w.host)
+        .bind(json_list(&w.kinds))
+        .bind(w.slots)
+        .bind(w.started_at)
+        .bind(w.last_seen)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn worker_list(&self) -> DbResult<Vec<WorkerInfo>> {
+        let rows: Vec<WorkerRow> = sqlx::query_as(
+            "SELECT id, host, kinds, slots, started_at, last_seen FROM workers ORDER BY started_at, id",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows_to(rows)
+    }
+
+    pub async fn worker_delete(&self, id: &str) -> DbResult<()> {
+        sqlx::query("DELETE FROM workers WHERE id = ?")
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+}
