@@ -5,6 +5,7 @@
 mod postgres;
 mod rows;
 mod sqlite;
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

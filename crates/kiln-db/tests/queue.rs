@@ -11,60 +11,7 @@ use serde_json::json;
 const T0: i64 = 1_700_000_000_000;
 const LEASE: i64 = 30_000;
 
-fn pg_url() -> String {
-    std::env::var("KILN_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        rand_suffix()
-    )
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-}
-
-async fn sqlite() -> Db {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("kiln_test")));
-    Db::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap()
-}
-
-async fn postgres() -> Db {
-    Db::connect_postgres_schema(&pg_url(), &unique("kiln_test"))
-        .await
-        .expect("PostgreSQL must be running (see .ci/run)")
-}
-
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$name(super::sqlite().await).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name(super::postgres().await).await
-                }
-            }
-        )*
-    };
-}
-
-on_both!(
+kiln_db::on_both_databases!(
     insert_get_and_tenant_isolation,
     priorities_are_strict_and_fifo_within,
     idempotency_key_returns_the_same_job,

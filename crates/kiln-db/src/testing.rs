@@ -1,0 +1,59 @@
+//! Helpers for test suites that run against both databases: a fresh SQLite
+//! file, or a fresh PostgreSQL schema, per test.
+
+use crate::Db;
+
+/// `KILN_TEST_DATABASE_URL`, or the local server `.ci/run` starts.
+pub fn postgres_url() -> String {
+    std::env::var("KILN_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A name no other test in this run or an earlier one uses.
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        nanos % 1_000_000_000
+    )
+}
+
+pub async fn sqlite_temp() -> Db {
+    let path = std::env::temp_dir().join(format!("{}.db", unique_name("kiln_test")));
+    Db::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("open a temporary SQLite database")
+}
+
+pub async fn postgres_schema() -> Db {
+    Db::connect_postgres_schema(&postgres_url(), &unique_name("kiln_test"))
+        .await
+        .expect("PostgreSQL must be running (.ci/run starts it)")
+}
+
+/// Turns each `async fn name(db: Db)` into a test on SQLite and one on
+/// PostgreSQL.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::testing::sqlite_temp().await).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::testing::postgres_schema().await).await
+                }
+            }
+        )*
+    };
+}
