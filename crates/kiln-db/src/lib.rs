@@ -13,6 +13,9 @@ use std::sync::Arc;
 use kiln_core::{AttemptRecord, Job, JobResult, JobStatus, LeasedJob, Millis, NewJob, Scopes};
 use tokio::sync::Notify;
 
+/// Senders to wake when a job's attempt ends, by job id.
+pub(crate) type Waiters = std::sync::Mutex<std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>>;
+
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -179,6 +182,34 @@ impl Db {
         dispatch!(self, s => s.wakeup.clone())
     }
 
+    /// Resolves when this process next writes an end of an attempt of job
+    /// `id` (or cancels it). Other processes' writes are not seen: callers
+    /// also poll.
+    pub fn watch_job(&self, id: i64) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiters = dispatch!(self, s => s.waiters.clone());
+        waiters.lock().expect("waiters").entry(id).or_default().push(tx);
+        rx
+    }
+
+    fn fire_watchers(&self, ids: &[i64]) {
+        let waiters = dispatch!(self, s => s.waiters.clone());
+        let mut map = waiters.lock().expect("waiters");
+        if map.is_empty() {
+            return;
+        }
+        for id in ids {
+            for tx in map.remove(id).unwrap_or_default() {
+                let _ = tx.send(());
+            }
+        }
+        // Waiters that gave up leave closed senders behind.
+        map.retain(|_, txs| {
+            txs.retain(|tx| !tx.is_closed());
+            !txs.is_empty()
+        });
+    }
+
     pub async fn close(&self) {
         dispatch!(self, s => s.close().await)
     }
@@ -265,6 +296,7 @@ impl Db {
             return Ok(Vec::new());
         }
         let applied = dispatch!(self, s => s.job_complete_many(done).await)?;
+        self.fire_watchers(&applied);
         if done.iter().any(|c| c.status == JobStatus::Scheduled) {
             self.wakeup().notify_waiters();
         }
@@ -272,7 +304,11 @@ impl Db {
     }
 
     pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
-        dispatch!(self, s => s.job_cancel(tenant, id, now).await)
+        let out = dispatch!(self, s => s.job_cancel(tenant, id, now).await)?;
+        if let CancelOutcome::Cancelled(job) = &out {
+            self.fire_watchers(&[job.id]);
+        }
+        Ok(out)
     }
 
     pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {

@@ -24,6 +24,7 @@ use crate::{
 pub struct PgStore {
     pool: PgPool,
     pub(crate) wakeup: Arc<Notify>,
+    pub(crate) waiters: Arc<crate::Waiters>,
 }
 
 /// Appends one JSON value (text) to a JSON array held as text, without
@@ -62,7 +63,11 @@ impl PgStore {
         drop(conn);
         let wakeup = Arc::new(Notify::new());
         tokio::spawn(listen(pool.clone(), wakeup.clone()));
-        Ok(PgStore { pool, wakeup })
+        Ok(PgStore {
+            pool,
+            wakeup,
+            waiters: Arc::default(),
+        })
     }
 
     pub async fn close(&self) {

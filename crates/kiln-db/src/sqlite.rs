@@ -28,6 +28,7 @@ pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
     pub(crate) wakeup: Arc<Notify>,
+    pub(crate) waiters: Arc<crate::Waiters>,
 }
 
 const INSERT_JOB: &str = "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, \
@@ -90,6 +91,7 @@ impl SqliteStore {
             write,
             read,
             wakeup: Arc::new(Notify::new()),
+            waiters: Arc::default(),
         })
     }
 

@@ -1,0 +1,120 @@
+//! Small WASI programs in WAT: the test suites and benchmarks run them, and
+//! they show what a guest looks like without a wasm toolchain.
+
+const WASI_IMPORTS: &str = r#"
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  ;; write(fd, ptr, len) through an iovec at 0
+  (func $write (param $fd i32) (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8))))
+"#;
+
+fn module(body: &str) -> String {
+    format!("(module {WASI_IMPORTS} {body})")
+}
+
+/// Prints `hello world` and exits 0.
+pub fn hello() -> String {
+    module(
+        r#"(data (i32.const 64) "hello world\n")
+           (func (export "_start") (call $write (i32.const 1) (i32.const 64) (i32.const 12)))"#,
+    )
+}
+
+/// Copies stdin to stdout.
+pub fn echo() -> String {
+    module(
+        r#"(func (export "_start")
+             (loop $more
+               (i32.store (i32.const 0) (i32.const 1024))
+               (i32.store (i32.const 4) (i32.const 4096))
+               (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+               (if (i32.gt_u (i32.load (i32.const 8)) (i32.const 0))
+                 (then
+                   (call $write (i32.const 1) (i32.const 1024) (i32.load (i32.const 8)))
+                   (br $more)))))"#,
+    )
+}
+
+/// Exits with the given code after printing to stderr.
+pub fn exit_with(code: i32) -> String {
+    module(&format!(
+        r#"(data (i32.const 64) "bye\n")
+           (func (export "_start")
+             (call $write (i32.const 2) (i32.const 64) (i32.const 4))
+             (call $proc_exit (i32.const {code})))"#
+    ))
+}
+
+/// Prints its argv then its environment, each entry ending in NUL.
+pub fn args_and_env() -> String {
+    module(
+        r#"(func (export "_start")
+             (drop (call $args_sizes_get (i32.const 16) (i32.const 20)))
+             (drop (call $args_get (i32.const 1024) (i32.const 2048)))
+             (call $write (i32.const 1) (i32.const 2048) (i32.load (i32.const 20)))
+             (drop (call $environ_sizes_get (i32.const 16) (i32.const 20)))
+             (drop (call $environ_get (i32.const 1024) (i32.const 8192)))
+             (call $write (i32.const 1) (i32.const 8192) (i32.load (i32.const 20))))"#,
+    )
+}
+
+/// Never returns.
+pub fn spin() -> String {
+    module(r#"(func (export "_start") (loop $forever (br $forever)))"#)
+}
+
+/// Grows memory a page at a time until refused, then traps.
+pub fn memory_bomb() -> String {
+    module(
+        r#"(func (export "_start")
+             (loop $grow
+               (if (i32.eq (memory.grow (i32.const 16)) (i32.const -1))
+                 (then unreachable))
+               (br $grow)))"#,
+    )
+}
+
+/// Writes to stdout forever.
+pub fn flood() -> String {
+    module(
+        r#"(func (export "_start")
+             (loop $again
+               (call $write (i32.const 1) (i32.const 1024) (i32.const 32768))
+               (br $again)))"#,
+    )
+}
+
+/// Tries to create `kiln-probe` in the first preopened directory (fd 3) and
+/// exits with the WASI errno (0 when it could).
+pub fn open_file() -> String {
+    module(
+        r#"(data (i32.const 64) "kiln-probe")
+           (func (export "_start")
+             (call $proc_exit
+               (call $path_open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const 10)
+                 (i32.const 1) (i64.const 0x7ffffff) (i64.const 0x7ffffff) (i32.const 0) (i32.const 128))))"#,
+    )
+}
+
+/// Executes `unreachable`.
+pub fn trap() -> String {
+    module(r#"(func (export "_start") unreachable)"#)
+}
+
+/// Recurses without end.
+pub fn stack_overflow() -> String {
+    module(
+        r#"(func $down (param i32) (result i32) (call $down (i32.add (local.get 0) (i32.const 1))))
+           (func (export "_start") (drop (call $down (i32.const 0))))"#,
+    )
+}
