@@ -1,1 +1,149 @@
+//! kiln's HTTP API. Only this crate knows HTTP: it turns requests into calls
+//! on the store and the sandboxes' validators, and every error into the one
+//! error body.
 
+pub mod error;
+pub mod extract;
+mod keys;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use kiln_blob::BlobStore;
+use kiln_db::Db;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+pub use keys::KeyCache;
+pub use routes::keys::issue_key;
+pub use routes::system::prometheus;
+
+/// The largest JSON body accepted.
+pub const JSON_BYTES_MAX: usize = 1 << 20;
+
+pub struct AppState {
+    pub db: Db,
+    pub blobs: BlobStore,
+    pub wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
+    pub keys: KeyCache,
+}
+
+impl AppState {
+    pub fn new(db: Db, blobs: BlobStore, wasm: Option<Arc<kiln_wasm::WasmRuntime>>) -> Arc<AppState> {
+        Arc::new(AppState {
+            db,
+            blobs,
+            wasm,
+            keys: KeyCache::default(),
+        })
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "kiln", description = "Run untrusted code in microVMs and WebAssembly sandboxes, durably."),
+    paths(
+        routes::jobs::submit_job, routes::jobs::run_job, routes::jobs::get_job, routes::jobs::list_jobs,
+        routes::jobs::cancel_job, routes::jobs::retry_job, routes::jobs::job_attempts,
+        routes::queues::list_queues, routes::queues::update_queue, routes::queues::pause_queue,
+        routes::queues::resume_queue,
+        routes::keys::list_keys, routes::keys::create_key, routes::keys::revoke_key,
+        routes::modules::push_module, routes::modules::list_modules, routes::modules::get_module,
+        routes::modules::delete_module,
+        routes::system::list_workers,
+    ),
+    components(schemas(kiln_wasm::WasmSpec)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole HTTP surface; tests drive it without a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    prometheus();
+    let api = Router::new()
+        .merge(routes::jobs::router())
+        .merge(routes::queues::router())
+        .merge(routes::keys::router())
+        .merge(routes::modules::router())
+        .merge(routes::system::router());
+    Router::new()
+        .route("/health", get(routes::system::health))
+        .route("/metrics", get(routes::system::metrics_text))
+        .nest("/api/v1", api)
+        .fallback(routes::system::not_found)
+        .method_not_allowed_fallback(routes::system::method_not_allowed)
+        .layer(DefaultBodyLimit::max(JSON_BYTES_MAX))
+        .layer(middleware::from_fn(record_http))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .with_state(state)
+}
+
+async fn record_http(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("kiln_http_request_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    error::ApiError::internal("a request handler panicked").into_response()
+}
+
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
+pub fn render_time(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+pub fn parse_time(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// Serves the API on a bound listener until `shutdown` resolves, letting
+/// requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -251,6 +251,12 @@ impl Db {
         dispatch!(self, s => s.job_count_by_status(tenant).await)
     }
 
+    /// Attempts started across all jobs: with every job succeeded, equal to
+    /// the number of jobs exactly when none ran twice.
+    pub async fn job_attempts_total(&self) -> DbResult<i64> {
+        dispatch!(self, s => s.job_attempts_total().await)
+    }
+
     /// Leases up to `limit` runnable jobs of these kinds, highest priority
     /// first, honouring paused queues and queue concurrency limits.
     pub async fn job_lease(

@@ -193,6 +193,12 @@ impl PgStore {
         Ok(rows.into_iter().collect())
     }
 
+    pub async fn job_attempts_total(&self) -> DbResult<i64> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(SUM(attempt), 0)::int8 FROM jobs")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     pub async fn job_lease(
         &self,
         worker_id: &str,

@@ -200,6 +200,12 @@ impl SqliteStore {
         Ok(rows.into_iter().collect())
     }
 
+    pub async fn job_attempts_total(&self) -> DbResult<i64> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(SUM(attempt), 0) FROM jobs")
+            .fetch_one(&self.read)
+            .await?)
+    }
+
     pub async fn job_lease(
         &self,
         worker_id: &str,

@@ -1,1 +1,483 @@
-fn main(){}
+//! The kiln binary: server roles, client commands and benchmarks.
+
+mod bench;
+mod client;
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use client::{Client, ClientArgs};
+use config::ServerArgs;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Run untrusted code in microVMs and WebAssembly sandboxes, durably.")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "KILN_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// API, worker and scheduler in one process (SQLite by default).
+    Serve(ServerArgs),
+    /// The HTTP API alone.
+    Api(ServerArgs),
+    /// A worker alone: runs jobs from the shared database.
+    Worker(ServerArgs),
+    /// The scheduler alone: takes back expired leases.
+    Scheduler(ServerArgs),
+    /// Manage API keys directly in the database.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Jobs through the API.
+    Job {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+    /// Queues through the API.
+    Queue {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// WebAssembly modules through the API.
+    Module {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ModuleCommand,
+    },
+    /// Run something once and print its output; exits with its exit code.
+    Run {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: RunCommand,
+    },
+    /// Benchmarks; results go to stdout as Markdown.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its secret (shown once).
+    Create {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// Comma-separated: read, write, admin.
+        #[arg(long, default_value = "write")]
+        scopes: String,
+    },
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Revoke {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Enqueue a job.
+    Submit {
+        #[arg(long)]
+        kind: String,
+        /// The spec as JSON.
+        #[arg(long, default_value = "{}")]
+        spec: String,
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long)]
+        priority: Option<String>,
+        #[arg(long)]
+        max_attempts: Option<i32>,
+        #[arg(long)]
+        timeout_ms: Option<i64>,
+        #[arg(long)]
+        delay_ms: Option<i64>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// key=value, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Wait for the result.
+        #[arg(long)]
+        wait: bool,
+    },
+    Get { id: String },
+    Ls {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        queue: Option<String>,
+        /// key:value
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    Cancel { id: String },
+    Retry { id: String },
+    Attempts { id: String },
+    /// Wait until the job finishes; print it; exit non-zero unless it succeeded.
+    Wait {
+        id: String,
+        #[arg(long, default_value_t = 600_000)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    Ls,
+    Pause { name: String },
+    Resume { name: String },
+    /// Set or clear (with 0) a queue's concurrency limit.
+    Limit { name: String, limit: i32 },
+}
+
+#[derive(Subcommand)]
+enum ModuleCommand {
+    /// Store a module (.wasm, or .wat text); prints its id.
+    Push { file: PathBuf },
+    Ls,
+    Rm { id: String },
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Run a WebAssembly module: a file (pushed first) or a stored module id.
+    Wasm {
+        module: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Read the program's stdin from this file ('-' for kiln's own stdin).
+        #[arg(long)]
+        stdin: Option<PathBuf>,
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[arg(long)]
+        timeout_ms: Option<i64>,
+        /// Arguments for the program.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,wasmtime=warn,cranelift=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match run(cli.command).await {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("kiln: {error:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<i32> {
+    let all = serve::Roles {
+        api: true,
+        worker: true,
+        scheduler: true,
+    };
+    match command {
+        Command::Serve(args) => serve::run(args.settings()?, all).await.map(|_| 0),
+        Command::Api(args) => serve::run(
+            args.settings()?,
+            serve::Roles {
+                api: true,
+                worker: false,
+                scheduler: false,
+            },
+        )
+        .await
+        .map(|_| 0),
+        Command::Worker(args) => serve::run(
+            args.settings()?,
+            serve::Roles {
+                api: false,
+                worker: true,
+                scheduler: false,
+            },
+        )
+        .await
+        .map(|_| 0),
+        Command::Scheduler(args) => serve::run(
+            args.settings()?,
+            serve::Roles {
+                api: false,
+                worker: false,
+                scheduler: true,
+            },
+        )
+        .await
+        .map(|_| 0),
+        Command::Keys(command) => keys(command).await,
+        Command::Job { client, command } => job(Client::new(&client)?, command).await,
+        Command::Queue { client, command } => queue(Client::new(&client)?, command).await,
+        Command::Module { client, command } => module(Client::new(&client)?, command).await,
+        Command::Run { client, command } => run_once(Client::new(&client)?, command).await,
+        Command::Bench(command) => bench::run(command).await.map(|_| 0),
+    }
+}
+
+async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
+    match command {
+        KeysCommand::Create {
+            server,
+            tenant,
+            name,
+            scopes,
+        } => {
+            let db = serve::open_db(&server.settings()?).await?;
+            let scopes = kiln_core::Scopes::parse(&scopes)
+                .filter(|s| !s.0.is_empty())
+                .context("scopes are a comma-separated list of read, write, admin")?;
+            kiln_core::validate_name("tenant", &tenant)?;
+            let (key, secret) = kiln_api::issue_key(&db, &tenant, &name, scopes).await?;
+            eprintln!("created key {} for tenant {} ({})", key.id, key.tenant, key.scopes.to_text());
+            println!("{secret}");
+        }
+        KeysCommand::List { server, tenant } => {
+            let db = serve::open_db(&server.settings()?).await?;
+            for key in db.key_list(tenant.as_deref()).await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    key.id,
+                    key.tenant,
+                    key.name,
+                    key.scopes.to_text(),
+                    if key.revoked_at.is_some() { "revoked" } else { "active" }
+                );
+            }
+        }
+        KeysCommand::Revoke { server, id } => {
+            let db = serve::open_db(&server.settings()?).await?;
+            if !db.key_revoke(None, &id, kiln_worker::now_millis()).await? {
+                anyhow::bail!("no active key {id}");
+            }
+            eprintln!("revoked {id}");
+        }
+    }
+    Ok(0)
+}
+
+async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
+    match command {
+        JobCommand::Submit {
+            kind,
+            spec,
+            queue,
+            priority,
+            max_attempts,
+            timeout_ms,
+            delay_ms,
+            idempotency_key,
+            labels,
+            wait,
+        } => {
+            let spec: Value = serde_json::from_str(&spec).context("--spec is not JSON")?;
+            let mut body = json!({"kind": kind, "spec": spec});
+            let fields = [
+                ("queue", queue.map(Value::from)),
+                ("priority", priority.map(Value::from)),
+                ("max_attempts", max_attempts.map(Value::from)),
+                ("timeout_ms", timeout_ms.map(Value::from)),
+                ("delay_ms", delay_ms.map(Value::from)),
+                ("idempotency_key", idempotency_key.map(Value::from)),
+            ];
+            for (name, value) in fields {
+                if let Some(value) = value {
+                    body[name] = value;
+                }
+            }
+            if !labels.is_empty() {
+                body["labels"] = json!(client::parse_labels(&labels)?);
+            }
+            let path = if wait { "/api/v1/jobs?wait=true" } else { "/api/v1/jobs" };
+            client::print(&client.post(path, &body).await?);
+        }
+        JobCommand::Get { id } => client::print(&client.get(&format!("/api/v1/jobs/{id}")).await?),
+        JobCommand::Ls {
+            status,
+            kind,
+            queue,
+            label,
+            limit,
+            cursor,
+        } => {
+            let mut query = vec![format!("limit={limit}")];
+            for (name, value) in [("status", status), ("kind", kind), ("queue", queue), ("label", label), ("cursor", cursor)] {
+                if let Some(value) = value {
+                    query.push(format!("{name}={}", urlencode(&value)));
+                }
+            }
+            let list = client.get(&format!("/api/v1/jobs?{}", query.join("&"))).await?;
+            for job in list["jobs"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    job["id"].as_str().unwrap_or(""),
+                    job["status"].as_str().unwrap_or(""),
+                    job["kind"].as_str().unwrap_or(""),
+                    job["queue"].as_str().unwrap_or(""),
+                    job["attempts"],
+                    job["created_at"].as_str().unwrap_or("")
+                );
+            }
+            if let Some(next) = list["next_cursor"].as_str() {
+                eprintln!("more: --cursor {next}");
+            }
+        }
+        JobCommand::Cancel { id } => client::print(&client.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?),
+        JobCommand::Retry { id } => client::print(&client.post(&format!("/api/v1/jobs/{id}/retry"), &json!({})).await?),
+        JobCommand::Attempts { id } => client::print(&client.get(&format!("/api/v1/jobs/{id}/attempts")).await?),
+        JobCommand::Wait { id, timeout_ms } => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
+            loop {
+                let job = client.get(&format!("/api/v1/jobs/{id}")).await?;
+                let status = job["status"].as_str().unwrap_or("");
+                if ["succeeded", "failed", "cancelled", "dead"].contains(&status) {
+                    client::print(&job);
+                    return Ok(if status == "succeeded" { 0 } else { 1 });
+                }
+                if std::time::Instant::now() > deadline {
+                    client::print(&job);
+                    anyhow::bail!("job {id} still {status} after {timeout_ms} ms");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn queue(client: Client, command: QueueCommand) -> anyhow::Result<i32> {
+    match command {
+        QueueCommand::Ls => {
+            let list = client.get("/api/v1/queues").await?;
+            for q in list["queues"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\twaiting={}\trunning={}\tlimit={}",
+                    q["name"].as_str().unwrap_or(""),
+                    if q["paused"].as_bool() == Some(true) { "paused" } else { "active" },
+                    q["waiting"],
+                    q["running"],
+                    q["concurrency_limit"]
+                );
+            }
+        }
+        QueueCommand::Pause { name } => client::print(&client.post(&format!("/api/v1/queues/{name}/pause"), &json!({})).await?),
+        QueueCommand::Resume { name } => client::print(&client.post(&format!("/api/v1/queues/{name}/resume"), &json!({})).await?),
+        QueueCommand::Limit { name, limit } => {
+            let limit = if limit > 0 { json!(limit) } else { Value::Null };
+            let body = json!({ "concurrency_limit": limit });
+            let response = client
+                .send_put(&format!("/api/v1/queues/{name}"), &body)
+                .await?;
+            client::print(&response);
+        }
+    }
+    Ok(0)
+}
+
+async fn module(client: Client, command: ModuleCommand) -> anyhow::Result<i32> {
+    match command {
+        ModuleCommand::Push { file } => println!("{}", client::push_module(&client, &file).await?),
+        ModuleCommand::Ls => {
+            let list = client.get("/api/v1/modules").await?;
+            for m in list["modules"].as_array().into_iter().flatten() {
+                println!("{}\t{}\t{}", m["id"].as_str().unwrap_or(""), m["size"], m["created_at"].as_str().unwrap_or(""));
+            }
+        }
+        ModuleCommand::Rm { id } => {
+            client.delete(&format!("/api/v1/modules/{id}")).await?;
+        }
+    }
+    Ok(0)
+}
+
+async fn run_once(client: Client, command: RunCommand) -> anyhow::Result<i32> {
+    match command {
+        RunCommand::Wasm {
+            module,
+            env,
+            stdin,
+            memory_mib,
+            timeout_ms,
+            args,
+        } => {
+            let path = std::path::Path::new(&module);
+            let id = if module.starts_with("sha256:") && !path.exists() {
+                module
+            } else {
+                client::push_module(&client, path).await?
+            };
+            let stdin = match stdin {
+                Some(p) if p.as_os_str() == "-" => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                    text
+                }
+                Some(p) => std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+                None => String::new(),
+            };
+            let mut spec = json!({"module": id, "args": args, "env": client::parse_labels(&env)?, "stdin": stdin});
+            if let Some(memory_mib) = memory_mib {
+                spec["memory_mib"] = json!(memory_mib);
+            }
+            let job = client.post("/api/v1/run", &client::run_body("wasm", spec, timeout_ms)).await?;
+            Ok(client::finish_like_the_program(&job))
+        }
+    }
+}

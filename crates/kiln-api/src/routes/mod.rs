@@ -1,0 +1,5 @@
+pub mod jobs;
+pub mod keys;
+pub mod modules;
+pub mod queues;
+pub mod system;

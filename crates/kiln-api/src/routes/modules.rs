@@ -1,0 +1,167 @@
+//! `/api/v1/modules`: WebAssembly modules stored by content hash.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use kiln_core::Scope;
+use kiln_db::ModuleInfo;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{Caller, Json};
+use crate::{now_millis, render_time, AppState};
+
+/// The largest module accepted.
+pub const MODULE_BYTES_MAX: usize = 64 << 20;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/modules",
+            get(list_modules)
+                .post(push_module)
+                .layer(DefaultBodyLimit::max(MODULE_BYTES_MAX)),
+        )
+        .route("/modules/{id}", get(get_module).delete(delete_module))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModuleView {
+    /// `sha256:<hex>` of the binary module.
+    pub id: String,
+    pub size: i64,
+    pub created_at: Option<String>,
+}
+
+impl From<ModuleInfo> for ModuleView {
+    fn from(m: ModuleInfo) -> ModuleView {
+        ModuleView {
+            id: m.id,
+            size: m.size,
+            created_at: render_time(m.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModuleList {
+    pub modules: Vec<ModuleView>,
+}
+
+fn runtime(state: &AppState) -> ApiResult<&kiln_wasm::WasmRuntime> {
+    state.wasm.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this server has no WebAssembly runtime",
+        )
+    })
+}
+
+/// Store a module: `application/wasm` bytes, or WAT text as `text/plain`.
+#[utoipa::path(post, path = "/api/v1/modules", tag = "modules",
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses((status = 201, body = ModuleView), (status = 200, description = "Already stored", body = ModuleView),
+              (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn push_module(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<(StatusCode, Json<ModuleView>)> {
+    caller.require(Scope::Write)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("modules are at most {MODULE_BYTES_MAX} bytes"))
+        } else {
+            ApiError::bad_request(e.body_text())
+        }
+    })?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/wasm");
+    let binary = if content_type.starts_with("text/") {
+        kiln_wasm::WasmRuntime::to_binary(&body).map_err(|e| ApiError::bad_request(e.to_string()))?
+    } else if content_type.starts_with("application/wasm") || content_type.starts_with("application/octet-stream") {
+        body.to_vec()
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/wasm, or WAT as text/plain",
+        ));
+    };
+    let runtime = runtime(&state)?;
+    runtime.validate(&binary).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = kiln_blob::content_id(&binary);
+    let info = ModuleInfo {
+        id: id.clone(),
+        size: binary.len() as i64,
+        created_at: now_millis(),
+    };
+    let key = kiln_wasm::module_blob_key(&id);
+    if !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
+        state.blobs.put(&key, Bytes::from(binary)).await.map_err(ApiError::internal)?;
+    }
+    let created = state.db.module_insert(&caller.tenant, &info).await?;
+    // Compile now so the first job does not pay for it.
+    let _ = runtime.prepare(&id).await;
+    let stored = state
+        .db
+        .module_get(&caller.tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::internal("module vanished after insert"))?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(stored.into())))
+}
+
+/// The tenant's modules.
+#[utoipa::path(get, path = "/api/v1/modules", tag = "modules",
+    responses((status = 200, body = ModuleList)), security(("bearer" = [])))]
+pub async fn list_modules(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ModuleList>> {
+    caller.require(Scope::Read)?;
+    let modules = state.db.module_list(&caller.tenant).await?;
+    Ok(Json(ModuleList {
+        modules: modules.into_iter().map(ModuleView::from).collect(),
+    }))
+}
+
+/// One module.
+#[utoipa::path(get, path = "/api/v1/modules/{id}", tag = "modules",
+    responses((status = 200, body = ModuleView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get_module(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ModuleView>> {
+    caller.require(Scope::Read)?;
+    let module = state
+        .db
+        .module_get(&caller.tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("module"))?;
+    Ok(Json(module.into()))
+}
+
+/// Forget a module for this tenant. The bytes stay while other tenants hold
+/// the same content.
+#[utoipa::path(delete, path = "/api/v1/modules/{id}", tag = "modules",
+    responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn delete_module(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require(Scope::Write)?;
+    if !state.db.module_delete(&caller.tenant, &id).await? {
+        return Err(ApiError::not_found("module"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,393 @@
+//! `kiln bench`: the numbers in BENCHMARKS.md. Each prints Markdown rows.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use kiln_blob::BlobStore;
+use kiln_core::{AttemptEnd, JobResult, LeasedJob, NewJob};
+use kiln_db::Db;
+use kiln_wasm::{fixtures, WasmConfig, WasmHandler, WasmRuntime, WasmSpec};
+use kiln_worker::{now_millis, Handlers, JobHandler, NoopHandler, Worker, WorkerConfig};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Enqueue rate, drain rate and enqueue→start latency of no-op jobs.
+    Queue(QueueArgs),
+    /// WebAssembly: instantiate, submit→result through the API, jobs/s, memory.
+    Wasm(WasmArgs),
+}
+
+#[derive(Args)]
+pub struct QueueArgs {
+    /// postgres://... (a fresh schema is used) or omit for a fresh SQLite file.
+    #[arg(long, env = "KILN_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    #[arg(long, default_value_t = 100_000)]
+    jobs: usize,
+    #[arg(long, default_value_t = 1_000)]
+    slots: usize,
+    #[arg(long, default_value_t = 1_000)]
+    latency_samples: usize,
+}
+
+#[derive(Args)]
+pub struct WasmArgs {
+    #[arg(long, default_value_t = 2_000)]
+    requests: usize,
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    #[arg(long, default_value_t = 1_000)]
+    instances: usize,
+    #[arg(long, default_value_t = 64)]
+    slots: usize,
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Queue(args) => queue(args).await,
+        BenchCommand::Wasm(args) => wasm(args).await,
+    }
+}
+
+async fn fresh_db(url: Option<&str>) -> anyhow::Result<(Db, Option<Db>)> {
+    let stamp = format!("kiln_bench_{}", now_millis());
+    match url {
+        Some(url) if url.starts_with("postgres") => {
+            let db = Db::connect_postgres_schema(url, &stamp).await?;
+            // A second handle on the same schema: its workers hear of new
+            // jobs only through LISTEN/NOTIFY, as workers on another host would.
+            let other = Db::connect_postgres_schema(url, &stamp).await?;
+            Ok((db, Some(other)))
+        }
+        Some(url) => Ok((Db::connect(url).await?, None)),
+        None => {
+            let path = std::env::temp_dir().join(format!("{stamp}.db"));
+            Ok((Db::connect(&format!("sqlite://{}", path.display())).await?, None))
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn worker(db: &Db, handlers: Handlers, slots: usize) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let mut config = WorkerConfig::new(&format!("bench-{}", now_millis()));
+    config.slots = slots;
+    config.batch_max = 1_000;
+    config.rescue_every = None;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(Worker::new(db.clone(), handlers, config).run(stop.clone()));
+    (stop, task)
+}
+
+async fn wait_drained(db: &Db, total: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let counts = db.job_count_by_status(None).await?;
+        let finished: i64 = ["succeeded", "failed", "dead", "cancelled"]
+            .iter()
+            .filter_map(|s| counts.get(*s))
+            .sum();
+        if finished as usize >= total {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not drained in time: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Records when each job starts, for enqueue→start latency.
+struct StartProbe(mpsc::UnboundedSender<(i64, Instant)>);
+
+#[async_trait::async_trait]
+impl JobHandler for StartProbe {
+    async fn run(&self, job: &LeasedJob, _kill: CancellationToken) -> AttemptEnd {
+        let _ = self.0.send((job.id, Instant::now()));
+        AttemptEnd::Succeeded(JobResult::default())
+    }
+}
+
+async fn queue(args: QueueArgs) -> anyhow::Result<()> {
+    let (db, other) = fresh_db(args.database_url.as_deref()).await?;
+    let backend = db.backend();
+    println!("| kiln {backend} | value |\n|---|---|");
+
+    let started = Instant::now();
+    let now = now_millis();
+    for chunk in (0..args.jobs).collect::<Vec<_>>().chunks(1_000) {
+        let batch: Vec<NewJob> = chunk
+            .iter()
+            .map(|_| NewJob::new("bench", "noop", json!({})))
+            .collect();
+        db.job_insert_many(&batch, now).await?;
+    }
+    let took = started.elapsed();
+    println!(
+        "| enqueue {} jobs (batches of 1,000) | {:.0} jobs/s |",
+        args.jobs,
+        args.jobs as f64 / took.as_secs_f64()
+    );
+
+    let drain_db = other.clone().unwrap_or_else(|| db.clone());
+    let started = Instant::now();
+    let (stop, task) = worker(&drain_db, Handlers::new().with("noop", Arc::new(NoopHandler)), args.slots);
+    wait_drained(&db, args.jobs, Duration::from_secs(600)).await?;
+    let took = started.elapsed();
+    stop.cancel();
+    task.await?;
+    let counts = db.job_count_by_status(None).await?;
+    let succeeded = counts.get("succeeded").copied().unwrap_or(0);
+    let attempts = db.job_attempts_total().await?;
+    println!(
+        "| drain {} no-op jobs, {} slots | {:.0} jobs/s ({:.2} s) |",
+        args.jobs,
+        args.slots,
+        args.jobs as f64 / took.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    println!(
+        "| jobs succeeded / attempts made | {succeeded} / {attempts} (lost: {}, ran twice: {}) |",
+        args.jobs as i64 - succeeded,
+        attempts - succeeded
+    );
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (stop, task) = worker(&drain_db, Handlers::new().with("probe", Arc::new(StartProbe(tx))), 16);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut samples = Vec::with_capacity(args.latency_samples);
+    for _ in 0..args.latency_samples {
+        let sent = Instant::now();
+        let (job, _) = db
+            .job_insert(&NewJob::new("bench", "probe", json!({})), now_millis())
+            .await?;
+        loop {
+            let (id, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .context("a probe job did not start within 10 s")?
+                .context("worker stopped")?;
+            if id == job.id {
+                samples.push(at.duration_since(sent));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.cancel();
+    task.await?;
+    samples.sort();
+    let how = if other.is_some() {
+        "worker woken by LISTEN/NOTIFY from another connection pool"
+    } else {
+        "worker in the same process"
+    };
+    println!(
+        "| enqueue→start, light load ({} samples, {how}) | p50 {} · p99 {} · max {} |",
+        samples.len(),
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.99)),
+        ms(percentile(&samples, 1.0))
+    );
+    Ok(())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
+    let root = std::env::temp_dir().join(format!("kiln-bench-wasm-{}", now_millis()));
+    let blobs = BlobStore::local(&root.join("blobs"))?;
+    let runtime = WasmRuntime::new(
+        WasmConfig {
+            cache_dir: Some(root.join("cache")),
+            scratch_dir: root.join("scratch"),
+            max_instances: (args.instances as u32 + 200).max(1_100),
+            ..WasmConfig::default()
+        },
+        blobs.clone(),
+    )?;
+    let hello = WasmRuntime::to_binary(fixtures::hello().as_bytes())?;
+    let id = kiln_blob::content_id(&hello);
+    blobs
+        .put(&kiln_wasm::module_blob_key(&id), hello.clone().into())
+        .await?;
+    runtime.prepare(&id).await?;
+    println!("| kiln wasm | value |\n|---|---|");
+
+    // 1. Instantiate + run of a cached module, in-process.
+    let spec = WasmSpec {
+        module: id.clone(),
+        ..WasmSpec::default()
+    };
+    let kill = CancellationToken::new();
+    for _ in 0..200 {
+        runtime.run(&spec, &kill).await;
+    }
+    let rounds = 5_000;
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let end = runtime.run(&spec, &kill).await;
+        samples.push(t.elapsed());
+        anyhow::ensure!(matches!(end, AttemptEnd::Succeeded(_)), "hello failed: {end:?}");
+    }
+    samples.sort();
+    println!(
+        "| instantiate + run cached hello world ({rounds} runs) | p50 {} · p99 {} |",
+        us(percentile(&samples, 0.5)),
+        us(percentile(&samples, 0.99))
+    );
+
+    // 2. Host memory for live instances.
+    let before = rss_kib();
+    let mut live = Vec::with_capacity(args.instances);
+    for _ in 0..args.instances {
+        live.push(runtime.instantiate_idle(&id).await?);
+    }
+    let after = rss_kib();
+    println!(
+        "| {} live instances | {} KiB RSS added ({:.1} KiB each) |",
+        args.instances,
+        after.saturating_sub(before),
+        after.saturating_sub(before) as f64 / args.instances as f64
+    );
+    drop(live);
+
+    // 3. Embedded kiln: SQLite, worker and API in this process.
+    let db = Db::connect(&format!("sqlite://{}", root.join("kiln.db").display())).await?;
+    db.module_insert(
+        "bench",
+        &kiln_db::ModuleInfo {
+            id: id.clone(),
+            size: hello.len() as i64,
+            created_at: now_millis(),
+        },
+    )
+    .await?;
+    let (_, secret) = kiln_api::issue_key(&db, "bench", "bench", kiln_core::Scopes(vec![kiln_core::Scope::Write])).await?;
+    let handlers = Handlers::new().with("wasm", Arc::new(WasmHandler(runtime.clone())));
+    let (stop, task) = worker(&db, handlers, args.slots);
+    let state = kiln_api::AppState::new(db.clone(), blobs.clone(), Some(runtime.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server_stop = CancellationToken::new();
+    let server = {
+        let stop = server_stop.clone();
+        tokio::spawn(async move {
+            kiln_api::serve(listener, state, async move { stop.cancelled().await }).await
+        })
+    };
+    let http = reqwest::Client::new();
+    let body = json!({"kind": "wasm", "spec": {"module": id}});
+    let url = format!("http://{addr}/api/v1/run");
+    let mut samples = Vec::with_capacity(args.requests);
+    for i in 0..args.requests + 100 {
+        let t = Instant::now();
+        let job: serde_json::Value = http
+            .post(&url)
+            .bearer_auth(&secret)
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let took = t.elapsed();
+        anyhow::ensure!(job["result"]["stdout"] == "hello world\n", "unexpected: {job}");
+        if i >= 100 {
+            samples.push(took);
+        }
+    }
+    samples.sort();
+    println!(
+        "| submit→result, POST /api/v1/run, keep-alive, one at a time ({} requests) | p50 {} · p99 {} |",
+        samples.len(),
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.99))
+    );
+
+    // 4. Sustained jobs/s through the queue.
+    let already = db.job_count_by_status(None).await?.values().sum::<i64>() as usize;
+    let now = now_millis();
+    let started = Instant::now();
+    for chunk in (0..args.jobs).collect::<Vec<_>>().chunks(1_000) {
+        let batch: Vec<NewJob> = chunk
+            .iter()
+            .map(|_| NewJob::new("bench", "wasm", json!({"module": id})))
+            .collect();
+        db.job_insert_many(&batch, now).await?;
+    }
+    wait_drained(&db, already + args.jobs, Duration::from_secs(600)).await?;
+    let took = started.elapsed();
+    let counts = db.job_count_by_status(None).await?;
+    println!(
+        "| {} hello-world wasm jobs, enqueue + drain, {} slots | {:.0} jobs/s (succeeded: {}) |",
+        args.jobs,
+        args.slots,
+        args.jobs as f64 / took.as_secs_f64(),
+        counts.get("succeeded").copied().unwrap_or(0) as usize - already
+    );
+    stop.cancel();
+    task.await?;
+    server_stop.cancel();
+    let _ = server.await;
+
+    // 5. The peer: one wasmtime process per run, if it is installed.
+    let file = root.join("hello.wasm");
+    std::fs::write(&file, &hello)?;
+    match which("wasmtime") {
+        Some(wasmtime) => {
+            let version = std::process::Command::new(&wasmtime).arg("--version").output()?;
+            let mut samples = Vec::new();
+            for _ in 0..50 {
+                let t = Instant::now();
+                let out = std::process::Command::new(&wasmtime).arg("run").arg(&file).output()?;
+                samples.push(t.elapsed());
+                anyhow::ensure!(out.stdout == b"hello world\n", "wasmtime run failed");
+            }
+            samples.sort();
+            println!(
+                "| peer: `wasmtime run hello.wasm` ({}), 50 runs | p50 {} · p99 {} |",
+                String::from_utf8_lossy(&version.stdout).trim(),
+                ms(percentile(&samples, 0.5)),
+                ms(percentile(&samples, 0.99))
+            );
+        }
+        None => println!("| peer: `wasmtime run` | not installed here |"),
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}

@@ -1,0 +1,169 @@
+//! Client commands: talk to a kiln API over HTTP.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The API's base URL.
+    #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// API key (default: the admin key in the data dir).
+    #[arg(long, env = "KILN_API_KEY", hide_env_values = true, global = true)]
+    pub key: Option<String>,
+    /// Data dir holding admin.key.
+    #[arg(long, env = "KILN_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl Client {
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Client> {
+        let key = match &args.key {
+            Some(key) => key.clone(),
+            None => {
+                let path = args
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(crate::config::default_data_dir)
+                    .join("admin.key");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "no API key: pass --key or KILN_API_KEY, or run `kiln serve` to create {}",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base: args.url.trim_end_matches('/').to_string(),
+            key,
+        })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let response = request
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach kiln at {}", self.base))?;
+        let status = response.status();
+        let text = response.text().await?;
+        let body: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let message = body["error"]["message"].as_str().unwrap_or("request failed");
+            let code = body["error"]["code"].as_str().unwrap_or("error");
+            bail!("{status} {code}: {message}");
+        }
+        Ok(body)
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn post_bytes(&self, path: &str, content_type: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("content-type", content_type)
+                .body(bytes),
+        )
+        .await
+    }
+
+    pub async fn send_put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
+    }
+}
+
+pub fn print(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+pub fn parse_labels(labels: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("label {l:?} is not key=value"))
+        })
+        .collect()
+}
+
+/// Pushes a module file (binary, or WAT when it ends in .wat) and returns its id.
+pub async fn push_module(client: &Client, file: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let content_type = if file.extension().is_some_and(|e| e == "wat") {
+        "text/plain"
+    } else {
+        "application/wasm"
+    };
+    let module = client.post_bytes("/api/v1/modules", content_type, bytes).await?;
+    module["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("the server answered without an id")
+}
+
+/// Prints a finished job's output the way the program printed it and
+/// returns the exit code to leave with.
+pub fn finish_like_the_program(job: &Value) -> i32 {
+    use std::io::Write;
+    let result = &job["result"];
+    if let Some(out) = result["stdout"].as_str() {
+        let _ = std::io::stdout().write_all(out.as_bytes());
+    }
+    if let Some(err) = result["stderr"].as_str() {
+        let _ = std::io::stderr().write_all(err.as_bytes());
+    }
+    let status = job["status"].as_str().unwrap_or("");
+    if status == "succeeded" {
+        return 0;
+    }
+    if let Some(error) = job["error"].as_str() {
+        if !error.starts_with("exit code") {
+            eprintln!("kiln: job {} {status}: {error}", job["id"].as_str().unwrap_or("?"));
+        }
+    }
+    match result["exit_code"].as_i64() {
+        Some(code) if code > 0 && code < 256 => code as i32,
+        _ => 1,
+    }
+}
+
+pub fn run_body(kind: &str, spec: Value, timeout_ms: Option<i64>) -> Value {
+    let mut body = json!({"kind": kind, "spec": spec});
+    if let Some(timeout_ms) = timeout_ms {
+        body["timeout_ms"] = json!(timeout_ms);
+    }
+    body
+}
