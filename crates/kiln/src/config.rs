@@ -26,6 +26,9 @@ pub struct ServerArgs {
     /// Jobs one worker runs at once.
     #[arg(long, env = "KILN_WORKER_SLOTS")]
     pub slots: Option<usize>,
+    /// Visibility timeout of a lease, in ms: a worker silent this long loses its jobs.
+    #[arg(long, env = "KILN_LEASE_MS")]
+    pub lease_ms: Option<u64>,
     /// Blob store: a local directory (default: <data-dir>/blobs) ...
     #[arg(long, env = "KILN_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
@@ -50,6 +53,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     database_url: Option<String>,
     slots: Option<usize>,
+    lease_ms: Option<u64>,
     blob_dir: Option<PathBuf>,
     s3_endpoint: Option<String>,
     s3_bucket: Option<String>,
@@ -64,6 +68,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub database_url: String,
     pub slots: usize,
+    pub lease_ms: u64,
     pub blobs: kiln_blob::BlobConfig,
 }
 
@@ -139,6 +144,7 @@ impl ServerArgs {
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("static address")),
             slots: self.slots.or(file.slots).unwrap_or(64),
+            lease_ms: self.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
             database_url,
             blobs,
             data_dir,

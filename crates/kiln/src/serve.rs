@@ -105,7 +105,8 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
             std::process::id()
         ));
         config.slots = settings.slots;
-        config.rescue_every = roles.scheduler.then_some(Duration::from_secs(1));
+        config.lease = Duration::from_millis(settings.lease_ms);
+        config.heartbeat_every = (config.lease / 4).min(Duration::from_millis(500));
         let handlers = Handlers::new()
             .with("wasm", Arc::new(WasmHandler(wasm.clone())))
             .with("noop", Arc::new(NoopHandler));
