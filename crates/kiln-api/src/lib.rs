@@ -35,7 +35,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(db: Db, blobs: BlobStore, wasm: Option<Arc<kiln_wasm::WasmRuntime>>) -> Arc<AppState> {
+    pub fn new(
+        db: Db,
+        blobs: BlobStore,
+        wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             db,
             blobs,
@@ -92,7 +96,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(routes::system::method_not_allowed)
         .layer(DefaultBodyLimit::max(JSON_BYTES_MAX))
         .layer(middleware::from_fn(record_http))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .with_state(state)
 }
 

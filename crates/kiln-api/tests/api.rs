@@ -101,7 +101,13 @@ impl Harness {
         (status, body)
     }
 
-    async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -116,7 +122,14 @@ impl Harness {
         self.send(request.body(body).unwrap()).await
     }
 
-    async fn raw(&self, method: &str, path: &str, key: Option<&str>, content_type: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+    async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        content_type: &str,
+        body: impl Into<Body>,
+    ) -> (StatusCode, Value) {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -129,14 +142,22 @@ impl Harness {
 
     async fn push(&self, wat: &str) -> String {
         let (status, body) = self
-            .raw("POST", "/api/v1/modules", Some(&self.admin), "text/plain", wat.to_string())
+            .raw(
+                "POST",
+                "/api/v1/modules",
+                Some(&self.admin),
+                "text/plain",
+                wat.to_string(),
+            )
             .await;
         assert!(status.is_success(), "{status} {body}");
         body["id"].as_str().unwrap().to_string()
     }
 
     async fn submit(&self, body: Value) -> Value {
-        let (status, job) = self.call("POST", "/api/v1/jobs", &self.admin, Some(body)).await;
+        let (status, job) = self
+            .call("POST", "/api/v1/jobs", &self.admin, Some(body))
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{job}");
         job
     }
@@ -144,7 +165,9 @@ impl Harness {
     async fn wait(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (_, job) = self.call("GET", &format!("/api/v1/jobs/{id}"), &self.admin, None).await;
+            let (_, job) = self
+                .call("GET", &format!("/api/v1/jobs/{id}"), &self.admin, None)
+                .await;
             if done(&job) {
                 return job;
             }
@@ -167,23 +190,28 @@ fn finished(job: &Value) -> bool {
 }
 
 fn error_code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {body}"))
 }
 
 async fn health_is_open_and_everything_else_needs_a_key(db: Db) {
     let h = harness(db).await;
     let (status, body) = h.raw("GET", "/health", None, "text/plain", "").await;
     assert_eq!((status, body), (StatusCode::OK, Value::String("OK".into())));
-    for path in ["/api/v1/jobs", "/metrics", "/api/v1/queues", "/api/v1/openapi.json"] {
+    for path in [
+        "/api/v1/jobs",
+        "/metrics",
+        "/api/v1/queues",
+        "/api/v1/openapi.json",
+    ] {
         let (status, body) = h.raw("GET", path, None, "text/plain", "").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(error_code(&body), "unauthorized");
         let (status, _) = h.call("GET", path, "kiln_nope_nope", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
     }
-    let (status, _) = h
-        .raw("GET", "/api/v1/jobs", None, "text/plain", "")
-        .await;
+    let (status, _) = h.raw("GET", "/api/v1/jobs", None, "text/plain", "").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     h.stop().await;
 }
@@ -206,13 +234,23 @@ async fn submit_get_and_idempotency(db: Db) {
     assert_eq!(done["result"]["exit_code"], 0);
     assert!(done["result"]["duration_ms"].is_number());
     let (status, attempts) = h
-        .call("GET", &format!("/api/v1/jobs/{id}/attempts"), &h.admin, None)
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{id}/attempts"),
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(attempts["attempts"][0]["outcome"], "succeeded");
     // Waiting in the request returns the finished job.
     let (status, waited) = h
-        .call("POST", "/api/v1/jobs?wait=true", &h.admin, Some(json!({"kind": "noop", "spec": {"stdout": "x"}})))
+        .call(
+            "POST",
+            "/api/v1/jobs?wait=true",
+            &h.admin,
+            Some(json!({"kind": "noop", "spec": {"stdout": "x"}})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(waited["status"], "succeeded");
@@ -229,7 +267,12 @@ async fn submit_get_and_idempotency(db: Db) {
 async fn scopes_are_enforced(db: Db) {
     let h = harness(db).await;
     let (status, body) = h
-        .call("POST", "/api/v1/jobs", &h.reader, Some(json!({"kind": "noop"})))
+        .call(
+            "POST",
+            "/api/v1/jobs",
+            &h.reader,
+            Some(json!({"kind": "noop"})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(error_code(&body), "forbidden");
@@ -243,7 +286,12 @@ async fn scopes_are_enforced(db: Db) {
     assert_eq!(status, StatusCode::FORBIDDEN);
     // An admin makes a key; revoking it shuts it out at once.
     let (status, created) = h
-        .call("POST", "/api/v1/keys", &h.admin, Some(json!({"name": "ci", "scopes": ["write"]})))
+        .call(
+            "POST",
+            "/api/v1/keys",
+            &h.admin,
+            Some(json!({"name": "ci", "scopes": ["write"]})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let secret = created["secret"].as_str().unwrap().to_string();
@@ -251,9 +299,17 @@ async fn scopes_are_enforced(db: Db) {
     assert_eq!(status, StatusCode::OK);
     let (_, keys) = h.call("GET", "/api/v1/keys", &h.admin, None).await;
     assert!(keys["keys"].as_array().unwrap().len() >= 3);
-    assert!(!keys.to_string().contains(&secret), "secrets are never listed");
+    assert!(
+        !keys.to_string().contains(&secret),
+        "secrets are never listed"
+    );
     let (status, _) = h
-        .call("DELETE", &format!("/api/v1/keys/{}", created["id"].as_str().unwrap()), &h.admin, None)
+        .call(
+            "DELETE",
+            &format!("/api/v1/keys/{}", created["id"].as_str().unwrap()),
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = h.call("GET", "/api/v1/jobs", &secret, None).await;
@@ -263,7 +319,9 @@ async fn scopes_are_enforced(db: Db) {
 
 async fn tenants_never_see_each_other(db: Db) {
     let h = harness(db).await;
-    let job = h.submit(json!({"kind": "noop", "spec": {"sleep_ms": 60_000}})).await;
+    let job = h
+        .submit(json!({"kind": "noop", "spec": {"sleep_ms": 60_000}}))
+        .await;
     let id = job["id"].as_str().unwrap();
     for (method, path) in [
         ("GET", format!("/api/v1/jobs/{id}")),
@@ -283,10 +341,16 @@ async fn tenants_never_see_each_other(db: Db) {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, body) = h
-        .call("POST", "/api/v1/jobs", &h.other, Some(json!({"kind": "wasm", "spec": {"module": module}})))
+        .call(
+            "POST",
+            "/api/v1/jobs",
+            &h.other,
+            Some(json!({"kind": "wasm", "spec": {"module": module}})),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    h.call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None).await;
+    h.call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None)
+        .await;
     h.stop().await;
 }
 
@@ -294,41 +358,229 @@ async fn bad_input_gets_a_clear_4xx(db: Db) {
     let h = harness(db).await;
     let key = Some(h.admin.as_str());
     let cases: Vec<(&str, &str, &str, String, StatusCode)> = vec![
-        ("POST", "/api/v1/jobs", "application/json", "{bad".into(), StatusCode::BAD_REQUEST),
-        ("POST", "/api/v1/jobs", "application/json", "[]".into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","zzz":1}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","priority":"urgent"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","max_attempts":0}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","timeout_ms":-5}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"no such kind!"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","run_at":"tomorrow"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","run_at":"2030-01-01T00:00:00Z","delay_ms":5}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","spec":"text"}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"wasm","spec":{"module":"nope"}}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "application/json", r#"{"kind":"noop","max_attempts":99999999999}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/jobs", "text/plain", r#"{"kind":"noop"}"#.into(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("POST", "/api/v1/jobs", "application/json", format!(r#"{{"kind":"noop","spec":{{"x":"{}"}}}}"#, "a".repeat(2 << 20)), StatusCode::PAYLOAD_TOO_LARGE),
-        ("GET", "/api/v1/jobs/abc", "application/json", String::new(), StatusCode::NOT_FOUND),
-        ("GET", "/api/v1/jobs/99999999", "application/json", String::new(), StatusCode::NOT_FOUND),
-        ("GET", "/api/v1/jobs?status=bogus", "application/json", String::new(), StatusCode::BAD_REQUEST),
-        ("GET", "/api/v1/jobs?limit=0", "application/json", String::new(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("GET", "/api/v1/jobs?label=nocolon", "application/json", String::new(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("GET", "/api/v1/jobs?cursor=zz", "application/json", String::new(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("GET", "/api/v1/nowhere", "application/json", String::new(), StatusCode::NOT_FOUND),
-        ("DELETE", "/api/v1/jobs", "application/json", String::new(), StatusCode::METHOD_NOT_ALLOWED),
-        ("PUT", "/api/v1/queues/default", "application/json", r#"{"concurrency_limit":0}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("PUT", "/api/v1/queues/bad%20name", "application/json", r#"{"paused":true}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/modules", "application/wasm", "not wasm".into(), StatusCode::BAD_REQUEST),
-        ("POST", "/api/v1/modules", "text/plain", "(module (func".into(), StatusCode::BAD_REQUEST),
-        ("POST", "/api/v1/modules", "image/png", "x".into(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("POST", "/api/v1/keys", "application/json", r#"{"name":"x","scopes":["root"]}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
-        ("POST", "/api/v1/keys", "application/json", r#"{"name":"x","scopes":[]}"#.into(), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            "{bad".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            "[]".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","zzz":1}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","priority":"urgent"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","max_attempts":0}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","timeout_ms":-5}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"no such kind!"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","run_at":"tomorrow"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","run_at":"2030-01-01T00:00:00Z","delay_ms":5}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","spec":"text"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"wasm","spec":{"module":"nope"}}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            r#"{"kind":"noop","max_attempts":99999999999}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "text/plain",
+            r#"{"kind":"noop"}"#.into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "POST",
+            "/api/v1/jobs",
+            "application/json",
+            format!(
+                r#"{{"kind":"noop","spec":{{"x":"{}"}}}}"#,
+                "a".repeat(2 << 20)
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "GET",
+            "/api/v1/jobs/abc",
+            "application/json",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "GET",
+            "/api/v1/jobs/99999999",
+            "application/json",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?status=bogus",
+            "application/json",
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?limit=0",
+            "application/json",
+            String::new(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?label=nocolon",
+            "application/json",
+            String::new(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "GET",
+            "/api/v1/jobs?cursor=zz",
+            "application/json",
+            String::new(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "GET",
+            "/api/v1/nowhere",
+            "application/json",
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "DELETE",
+            "/api/v1/jobs",
+            "application/json",
+            String::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "PUT",
+            "/api/v1/queues/default",
+            "application/json",
+            r#"{"concurrency_limit":0}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "PUT",
+            "/api/v1/queues/bad%20name",
+            "application/json",
+            r#"{"paused":true}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/modules",
+            "application/wasm",
+            "not wasm".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/v1/modules",
+            "text/plain",
+            "(module (func".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/v1/modules",
+            "image/png",
+            "x".into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "POST",
+            "/api/v1/keys",
+            "application/json",
+            r#"{"name":"x","scopes":["root"]}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/v1/keys",
+            "application/json",
+            r#"{"name":"x","scopes":[]}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
     ];
     for (method, path, content_type, body, expect) in cases {
         let (status, answer) = h.raw(method, path, key, content_type, body.clone()).await;
-        assert_eq!(status, expect, "{method} {path} {}: {answer}", &body[..body.len().min(80)]);
-        assert!(answer["error"]["code"].is_string(), "{method} {path}: {answer}");
-        assert!(answer["error"]["message"].is_string(), "{method} {path}: {answer}");
+        assert_eq!(
+            status,
+            expect,
+            "{method} {path} {}: {answer}",
+            &body[..body.len().min(80)]
+        );
+        assert!(
+            answer["error"]["code"].is_string(),
+            "{method} {path}: {answer}"
+        );
+        assert!(
+            answer["error"]["message"].is_string(),
+            "{method} {path}: {answer}"
+        );
     }
     // Nothing accepted was lost along the way, and the server still answers.
     let (status, list) = h.call("GET", "/api/v1/jobs", &h.admin, None).await;
@@ -344,7 +596,13 @@ async fn wasm_modules_and_runs(db: Db) {
     // The same bytes give the same id; binary and text forms agree.
     let binary = WasmRuntime::to_binary(fixtures::hello().as_bytes()).unwrap();
     let (status, again) = h
-        .raw("POST", "/api/v1/modules", Some(&h.admin), "application/wasm", binary)
+        .raw(
+            "POST",
+            "/api/v1/modules",
+            Some(&h.admin),
+            "application/wasm",
+            binary,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again["id"], hello.as_str());
@@ -352,7 +610,12 @@ async fn wasm_modules_and_runs(db: Db) {
     assert_eq!(list["modules"].as_array().unwrap().len(), 1);
 
     let (status, job) = h
-        .call("POST", "/api/v1/run", &h.admin, Some(json!({"kind": "wasm", "spec": {"module": hello}})))
+        .call(
+            "POST",
+            "/api/v1/run",
+            &h.admin,
+            Some(json!({"kind": "wasm", "spec": {"module": hello}})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(job["status"], "succeeded", "{job}");
@@ -360,31 +623,56 @@ async fn wasm_modules_and_runs(db: Db) {
 
     let echo = h.push(&fixtures::echo()).await;
     let (_, job) = h
-        .call("POST", "/api/v1/run", &h.admin, Some(json!({"kind": "wasm", "spec": {"module": echo, "stdin": "ping"}})))
+        .call(
+            "POST",
+            "/api/v1/run",
+            &h.admin,
+            Some(json!({"kind": "wasm", "spec": {"module": echo, "stdin": "ping"}})),
+        )
         .await;
     assert_eq!(job["result"]["stdout"], "ping");
 
     let args = h.push(&fixtures::args_and_env()).await;
     let (_, job) = h
-        .call("POST", "/api/v1/run", &h.admin, Some(json!({"kind": "wasm",
-            "spec": {"module": args, "args": ["x"], "env": {"A": "1"}}})))
+        .call(
+            "POST",
+            "/api/v1/run",
+            &h.admin,
+            Some(json!({"kind": "wasm",
+            "spec": {"module": args, "args": ["x"], "env": {"A": "1"}}})),
+        )
         .await;
     assert_eq!(job["result"]["stdout"], "main\u{0}x\u{0}A=1\u{0}");
 
     let exit3 = h.push(&fixtures::exit_with(3)).await;
     let (_, job) = h
-        .call("POST", "/api/v1/run", &h.admin, Some(json!({"kind": "wasm", "spec": {"module": exit3}})))
+        .call(
+            "POST",
+            "/api/v1/run",
+            &h.admin,
+            Some(json!({"kind": "wasm", "spec": {"module": exit3}})),
+        )
         .await;
     assert_eq!(job["status"], "dead");
     assert_eq!(job["result"]["exit_code"], 3);
     assert_eq!(job["result"]["stderr"], "bye\n");
 
     let (status, _) = h
-        .call("DELETE", &format!("/api/v1/modules/{exit3}"), &h.admin, None)
+        .call(
+            "DELETE",
+            &format!("/api/v1/modules/{exit3}"),
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = h
-        .call("POST", "/api/v1/jobs", &h.admin, Some(json!({"kind": "wasm", "spec": {"module": exit3}})))
+        .call(
+            "POST",
+            "/api/v1/jobs",
+            &h.admin,
+            Some(json!({"kind": "wasm", "spec": {"module": exit3}})),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     h.stop().await;
@@ -394,19 +682,34 @@ async fn wasm_limits_end_jobs_with_reasons(db: Db) {
     let h = harness(db).await;
     let spin = h.push(&fixtures::spin()).await;
     let job = h
-        .submit(json!({"kind": "wasm", "spec": {"module": spin}, "timeout_ms": 500, "max_attempts": 1}))
+        .submit(
+            json!({"kind": "wasm", "spec": {"module": spin}, "timeout_ms": 500, "max_attempts": 1}),
+        )
         .await;
     let done = h.wait(job["id"].as_str().unwrap(), finished).await;
     assert_eq!(done["error"], "timeout");
     let (_, attempts) = h
-        .call("GET", &format!("/api/v1/jobs/{}/attempts", done["id"].as_str().unwrap()), &h.admin, None)
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{}/attempts", done["id"].as_str().unwrap()),
+            &h.admin,
+            None,
+        )
         .await;
     let took = attempts["attempts"][0]["duration_ms"].as_i64().unwrap();
     assert!((500..=600).contains(&took), "killed after {took} ms");
 
     for (wat, spec, expect) in [
-        (fixtures::memory_bomb(), json!({"memory_mib": 8}), "memory_limit"),
-        (fixtures::flood(), json!({"output_limit_bytes": 10_000}), "output_truncated"),
+        (
+            fixtures::memory_bomb(),
+            json!({"memory_mib": 8}),
+            "memory_limit",
+        ),
+        (
+            fixtures::flood(),
+            json!({"output_limit_bytes": 10_000}),
+            "output_truncated",
+        ),
         (fixtures::trap(), json!({}), "trap: "),
         (fixtures::stack_overflow(), json!({}), "trap: "),
     ] {
@@ -419,34 +722,53 @@ async fn wasm_limits_end_jobs_with_reasons(db: Db) {
         let done = h.wait(job["id"].as_str().unwrap(), finished).await;
         assert_eq!(done["status"], "failed", "{done}");
         assert_eq!(done["attempts"], 1, "limits are permanent: {done}");
-        assert!(done["error"].as_str().unwrap().starts_with(expect), "{done}");
+        assert!(
+            done["error"].as_str().unwrap().starts_with(expect),
+            "{done}"
+        );
     }
     h.stop().await;
 }
 
 async fn cancel_and_retry_through_the_api(db: Db) {
     let h = harness(db).await;
-    let job = h.submit(json!({"kind": "noop", "spec": {"sleep_ms": 60_000}})).await;
+    let job = h
+        .submit(json!({"kind": "noop", "spec": {"sleep_ms": 60_000}}))
+        .await;
     let id = job["id"].as_str().unwrap().to_string();
     h.wait(&id, |j| j["status"] == "running").await;
     let asked = Instant::now();
-    let (status, _) = h.call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None).await;
+    let (status, _) = h
+        .call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     let done = h.wait(&id, finished).await;
     assert!(asked.elapsed() < Duration::from_secs(1));
     assert_eq!(done["status"], "cancelled");
-    let (status, body) = h.call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None).await;
+    let (status, body) = h
+        .call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None)
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    let (status, retried) = h.call("POST", &format!("/api/v1/jobs/{id}/retry"), &h.admin, None).await;
+    let (status, retried) = h
+        .call("POST", &format!("/api/v1/jobs/{id}/retry"), &h.admin, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(retried["status"], "queued");
     h.wait(&id, |j| j["status"] == "running").await;
-    let (status, body) = h.call("POST", &format!("/api/v1/jobs/{id}/retry"), &h.admin, None).await;
+    let (status, body) = h
+        .call("POST", &format!("/api/v1/jobs/{id}/retry"), &h.admin, None)
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    h.call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None).await;
+    h.call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None)
+        .await;
     let queued = h.submit(json!({"kind": "noop", "delay_ms": 60_000})).await;
     let (status, cancelled) = h
-        .call("POST", &format!("/api/v1/jobs/{}/cancel", queued["id"].as_str().unwrap()), &h.admin, None)
+        .call(
+            "POST",
+            &format!("/api/v1/jobs/{}/cancel", queued["id"].as_str().unwrap()),
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cancelled["status"], "cancelled");
@@ -456,9 +778,11 @@ async fn cancel_and_retry_through_the_api(db: Db) {
 async fn list_filters_and_cursor(db: Db) {
     let h = harness(db).await;
     for i in 0..7 {
-        h.submit(json!({"kind": "noop", "queue": if i % 2 == 0 { "even" } else { "odd" },
-                        "labels": {"n": i.to_string()}, "delay_ms": 60_000}))
-            .await;
+        h.submit(
+            json!({"kind": "noop", "queue": if i % 2 == 0 { "even" } else { "odd" },
+                        "labels": {"n": i.to_string()}, "delay_ms": 60_000}),
+        )
+        .await;
     }
     let mut seen = 0;
     let mut path = "/api/v1/jobs?limit=3".to_string();
@@ -472,14 +796,30 @@ async fn list_filters_and_cursor(db: Db) {
         }
     }
     assert_eq!(seen, 7);
-    let (_, even) = h.call("GET", "/api/v1/jobs?queue=even", &h.admin, None).await;
+    let (_, even) = h
+        .call("GET", "/api/v1/jobs?queue=even", &h.admin, None)
+        .await;
     assert_eq!(even["jobs"].as_array().unwrap().len(), 4);
-    let (_, labelled) = h.call("GET", "/api/v1/jobs?label=n:3", &h.admin, None).await;
+    let (_, labelled) = h
+        .call("GET", "/api/v1/jobs?label=n:3", &h.admin, None)
+        .await;
     assert_eq!(labelled["jobs"].as_array().unwrap().len(), 1);
-    let (_, scheduled) = h.call("GET", "/api/v1/jobs?status=scheduled&kind=noop", &h.admin, None).await;
+    let (_, scheduled) = h
+        .call(
+            "GET",
+            "/api/v1/jobs?status=scheduled&kind=noop",
+            &h.admin,
+            None,
+        )
+        .await;
     assert_eq!(scheduled["jobs"].as_array().unwrap().len(), 7);
     let (_, none) = h
-        .call("GET", "/api/v1/jobs?created_after=2099-01-01T00:00:00Z", &h.admin, None)
+        .call(
+            "GET",
+            "/api/v1/jobs?created_after=2099-01-01T00:00:00Z",
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(none["jobs"], json!([]));
     h.stop().await;
@@ -487,13 +827,20 @@ async fn list_filters_and_cursor(db: Db) {
 
 async fn paused_queues_hold_jobs(db: Db) {
     let h = harness(db).await;
-    let (status, queue) = h.call("POST", "/api/v1/queues/mail/pause", &h.admin, None).await;
+    let (status, queue) = h
+        .call("POST", "/api/v1/queues/mail/pause", &h.admin, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(queue["paused"], true);
     let job = h.submit(json!({"kind": "noop", "queue": "mail"})).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, held) = h
-        .call("GET", &format!("/api/v1/jobs/{}", job["id"].as_str().unwrap()), &h.admin, None)
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{}", job["id"].as_str().unwrap()),
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(held["status"], "queued");
     let (_, queues) = h.call("GET", "/api/v1/queues", &h.admin, None).await;
@@ -505,11 +852,17 @@ async fn paused_queues_hold_jobs(db: Db) {
         .unwrap()
         .clone();
     assert_eq!(mail["waiting"]["default"], 1);
-    h.call("POST", "/api/v1/queues/mail/resume", &h.admin, None).await;
+    h.call("POST", "/api/v1/queues/mail/resume", &h.admin, None)
+        .await;
     let done = h.wait(job["id"].as_str().unwrap(), finished).await;
     assert_eq!(done["status"], "succeeded");
     let (status, limited) = h
-        .call("PUT", "/api/v1/queues/mail", &h.admin, Some(json!({"concurrency_limit": 2})))
+        .call(
+            "PUT",
+            "/api/v1/queues/mail",
+            &h.admin,
+            Some(json!({"concurrency_limit": 2})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(limited["concurrency_limit"], 2);
@@ -551,8 +904,17 @@ async fn openapi_and_metrics(db: Db) {
     let (status, doc) = h.call("GET", "/api/v1/openapi.json", &h.reader, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/api/v1/jobs", "/api/v1/jobs/{id}", "/api/v1/run", "/api/v1/modules", "/api/v1/queues"] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    for path in [
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/run",
+        "/api/v1/modules",
+        "/api/v1/queues",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
     h.submit(json!({"kind": "noop", "queue": "metered", "delay_ms": 60_000, "priority": "low"}))
         .await;
@@ -565,6 +927,10 @@ async fn openapi_and_metrics(db: Db) {
     );
     assert!(text.contains("kiln_http_requests_total"));
     let (_, workers) = h.call("GET", "/api/v1/workers", &h.reader, None).await;
-    assert!(workers["workers"].as_array().unwrap().iter().any(|w| w["state"] == "online"));
+    assert!(workers["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["state"] == "online"));
     h.stop().await;
 }

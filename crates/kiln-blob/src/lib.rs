@@ -117,11 +117,20 @@ mod tests {
     async fn local_round_trip() {
         let dir = std::env::temp_dir().join(format!("kiln-blob-{}", std::process::id()));
         let store = BlobStore::local(&dir).unwrap();
-        store.put("modules/abc", Bytes::from_static(b"\0asm")).await.unwrap();
+        store
+            .put("modules/abc", Bytes::from_static(b"\0asm"))
+            .await
+            .unwrap();
         assert!(store.exists("modules/abc").await.unwrap());
-        assert_eq!(store.get("modules/abc").await.unwrap(), Bytes::from_static(b"\0asm"));
+        assert_eq!(
+            store.get("modules/abc").await.unwrap(),
+            Bytes::from_static(b"\0asm")
+        );
         store.delete("modules/abc").await.unwrap();
-        assert!(matches!(store.get("modules/abc").await, Err(BlobError::NotFound(_))));
+        assert!(matches!(
+            store.get("modules/abc").await,
+            Err(BlobError::NotFound(_))
+        ));
         assert_eq!(
             content_id(b""),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -7,7 +7,18 @@ use crate::Millis;
 
 /// Strict between levels, FIFO within one.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    ToSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
@@ -333,15 +344,10 @@ impl NewJob {
             )));
         }
         if self.backoff.base_ms < 0 || self.backoff.max_ms < self.backoff.base_ms {
-            return Err(invalid(
-                "backoff needs 0 <= base_ms <= max_ms".to_string(),
-            ));
+            return Err(invalid("backoff needs 0 <= base_ms <= max_ms".to_string()));
         }
         if self.labels.len() > limits::LABELS_MAX {
-            return Err(invalid(format!(
-                "at most {} labels",
-                limits::LABELS_MAX
-            )));
+            return Err(invalid(format!("at most {} labels", limits::LABELS_MAX)));
         }
         for (key, value) in &self.labels {
             validate_name("label key", key)?;
@@ -378,7 +384,11 @@ mod tests {
     use super::*;
 
     fn check_backoff(backoff: Backoff, failures: i32, random: f64, expect: i64) {
-        assert_eq!(backoff.delay_ms(failures, random), expect, "{failures} {random}");
+        assert_eq!(
+            backoff.delay_ms(failures, random),
+            expect,
+            "{failures} {random}"
+        );
     }
 
     #[test]
@@ -409,7 +419,11 @@ mod tests {
         assert!(job.validate().unwrap_err().to_string().contains("queue"));
         job.queue = "default".into();
         job.max_attempts = 0;
-        assert!(job.validate().unwrap_err().to_string().contains("max_attempts"));
+        assert!(job
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_attempts"));
         job.max_attempts = 1;
         job.spec = serde_json::json!([1]);
         assert!(job.validate().unwrap_err().to_string().contains("spec"));

@@ -14,7 +14,9 @@ pub enum AttemptEnd {
         permanent: bool,
     },
     /// The attempt ran past its timeout and was killed.
-    TimedOut { result: Option<JobResult> },
+    TimedOut {
+        result: Option<JobResult>,
+    },
     /// Cancelled through the API while it ran.
     Cancelled,
 }
@@ -52,7 +54,9 @@ impl AttemptEnd {
 pub enum Outcome {
     Succeeded,
     /// Run again at this time.
-    Retry { run_at: Millis },
+    Retry {
+        run_at: Millis,
+    },
     /// Failed for good without using the remaining attempts.
     Failed,
     /// Every allowed attempt failed.
@@ -84,9 +88,14 @@ pub fn decide_outcome(job: &LeasedJob, end: &AttemptEnd, now: Millis, random: f6
             result: Some(result),
             ..
         } if job.permanent_exit_codes.contains(&result.exit_code) => Outcome::Failed,
-        AttemptEnd::Failed { .. } | AttemptEnd::TimedOut { .. } => {
-            retry_or_dead(job.attempt, job.retry_from, job.max_attempts, job, now, random)
-        }
+        AttemptEnd::Failed { .. } | AttemptEnd::TimedOut { .. } => retry_or_dead(
+            job.attempt,
+            job.retry_from,
+            job.max_attempts,
+            job,
+            now,
+            random,
+        ),
     }
 }
 
@@ -168,8 +177,16 @@ mod tests {
             AttemptEnd::Succeeded(JobResult::default()),
             Outcome::Succeeded,
         );
-        check(leased(1, 3), failed(1, false), Outcome::Retry { run_at: 1_100 });
-        check(leased(2, 3), failed(1, false), Outcome::Retry { run_at: 1_200 });
+        check(
+            leased(1, 3),
+            failed(1, false),
+            Outcome::Retry { run_at: 1_100 },
+        );
+        check(
+            leased(2, 3),
+            failed(1, false),
+            Outcome::Retry { run_at: 1_200 },
+        );
         check(leased(3, 3), failed(1, false), Outcome::Dead);
         check(leased(1, 3), failed(1, true), Outcome::Failed);
         check(leased(1, 3), failed(42, false), Outcome::Failed);

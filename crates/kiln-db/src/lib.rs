@@ -14,7 +14,8 @@ use kiln_core::{AttemptRecord, Job, JobResult, JobStatus, LeasedJob, Millis, New
 use tokio::sync::Notify;
 
 /// Senders to wake when a job's attempt ends, by job id.
-pub(crate) type Waiters = std::sync::Mutex<std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>>;
+pub(crate) type Waiters =
+    std::sync::Mutex<std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>>;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -41,9 +42,7 @@ impl DbError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            DbError::Sqlx(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-            )
+            DbError::Sqlx(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
         ) || matches!(self, DbError::Sqlx(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
     }
 }
@@ -156,7 +155,10 @@ impl Db {
     pub async fn connect(url: &str) -> DbResult<Db> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Db::Postgres(PgStore::connect(url, None).await?))
-        } else if let Some(path) = url.strip_prefix("sqlite://").or(url.strip_prefix("sqlite:")) {
+        } else if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or(url.strip_prefix("sqlite:"))
+        {
             Ok(Db::Sqlite(SqliteStore::open(path).await?))
         } else {
             Err(DbError::BadUrl(url.to_string()))
@@ -188,7 +190,12 @@ impl Db {
     pub fn watch_job(&self, id: i64) -> tokio::sync::oneshot::Receiver<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let waiters = dispatch!(self, s => s.waiters.clone());
-        waiters.lock().expect("waiters").entry(id).or_default().push(tx);
+        waiters
+            .lock()
+            .expect("waiters")
+            .entry(id)
+            .or_default()
+            .push(tx);
         rx
     }
 
@@ -247,7 +254,10 @@ impl Db {
         dispatch!(self, s => s.job_list(tenant, filter).await)
     }
 
-    pub async fn job_count_by_status(&self, tenant: Option<&str>) -> DbResult<BTreeMap<String, i64>> {
+    pub async fn job_count_by_status(
+        &self,
+        tenant: Option<&str>,
+    ) -> DbResult<BTreeMap<String, i64>> {
         dispatch!(self, s => s.job_count_by_status(tenant).await)
     }
 
@@ -270,7 +280,8 @@ impl Db {
         if limit <= 0 || kinds.is_empty() {
             return Ok(Vec::new());
         }
-        let mut jobs = dispatch!(self, s => s.job_lease(worker_id, kinds, limit, lease_ms, now).await)?;
+        let mut jobs =
+            dispatch!(self, s => s.job_lease(worker_id, kinds, limit, lease_ms, now).await)?;
         jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(jobs)
     }
@@ -338,7 +349,12 @@ impl Db {
 
     /// Hands back leases a stopping worker will not finish, without using up
     /// an attempt.
-    pub async fn job_release(&self, worker_id: &str, held: &[(i64, i32)], now: Millis) -> DbResult<u64> {
+    pub async fn job_release(
+        &self,
+        worker_id: &str,
+        held: &[(i64, i32)],
+        now: Millis,
+    ) -> DbResult<u64> {
         if held.is_empty() {
             return Ok(0);
         }

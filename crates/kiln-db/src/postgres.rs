@@ -183,7 +183,10 @@ impl PgStore {
         rows_to(rows)
     }
 
-    pub async fn job_count_by_status(&self, tenant: Option<&str>) -> DbResult<BTreeMap<String, i64>> {
+    pub async fn job_count_by_status(
+        &self,
+        tenant: Option<&str>,
+    ) -> DbResult<BTreeMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT status, COUNT(*) FROM jobs WHERE ($1::text IS NULL OR tenant = $1) GROUP BY status",
         )
@@ -194,9 +197,11 @@ impl PgStore {
     }
 
     pub async fn job_attempts_total(&self) -> DbResult<i64> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(SUM(attempt), 0)::int8 FROM jobs")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(SUM(attempt), 0)::int8 FROM jobs")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn job_lease(
@@ -416,7 +421,12 @@ impl PgStore {
         Ok(n)
     }
 
-    pub async fn job_release(&self, worker_id: &str, held: &[(i64, i32)], now: Millis) -> DbResult<u64> {
+    pub async fn job_release(
+        &self,
+        worker_id: &str,
+        held: &[(i64, i32)],
+        now: Millis,
+    ) -> DbResult<u64> {
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
         let done = sqlx::query(
             "UPDATE jobs j SET status = 'queued', run_at = $1, lease_expires_at = NULL, \

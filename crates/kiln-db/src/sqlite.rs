@@ -100,7 +100,12 @@ impl SqliteStore {
         self.write.close().await;
     }
 
-    async fn job_by_id(&self, tenant: Option<&str>, id: i64, pool: &SqlitePool) -> DbResult<Option<Job>> {
+    async fn job_by_id(
+        &self,
+        tenant: Option<&str>,
+        id: i64,
+        pool: &SqlitePool,
+    ) -> DbResult<Option<Job>> {
         let row: Option<JobRow> = sqlx::query_as(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ? AND (? IS NULL OR tenant = ?)"
         ))
@@ -189,7 +194,10 @@ impl SqliteStore {
         rows_to(rows)
     }
 
-    pub async fn job_count_by_status(&self, tenant: Option<&str>) -> DbResult<BTreeMap<String, i64>> {
+    pub async fn job_count_by_status(
+        &self,
+        tenant: Option<&str>,
+    ) -> DbResult<BTreeMap<String, i64>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT status, COUNT(*) FROM jobs WHERE (? IS NULL OR tenant = ?) GROUP BY status",
         )
@@ -201,9 +209,11 @@ impl SqliteStore {
     }
 
     pub async fn job_attempts_total(&self) -> DbResult<i64> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(SUM(attempt), 0) FROM jobs")
-            .fetch_one(&self.read)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(SUM(attempt), 0) FROM jobs")
+                .fetch_one(&self.read)
+                .await?,
+        )
     }
 
     pub async fn job_lease(
@@ -420,7 +430,12 @@ impl SqliteStore {
         Ok(done.rows_affected())
     }
 
-    pub async fn job_release(&self, worker_id: &str, held: &[(i64, i32)], now: Millis) -> DbResult<u64> {
+    pub async fn job_release(
+        &self,
+        worker_id: &str,
+        held: &[(i64, i32)],
+        now: Millis,
+    ) -> DbResult<u64> {
         let mut tx = self.write.begin().await?;
         let mut n = 0;
         for (id, attempt) in held {
@@ -566,13 +581,12 @@ impl SqliteStore {
     }
 
     pub async fn module_get(&self, tenant: &str, id: &str) -> DbResult<Option<ModuleInfo>> {
-        let row: Option<ModuleRow> = sqlx::query_as(
-            "SELECT id, size, created_at FROM modules WHERE tenant = ? AND id = ?",
-        )
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(&self.read)
-        .await?;
+        let row: Option<ModuleRow> =
+            sqlx::query_as("SELECT id, size, created_at FROM modules WHERE tenant = ? AND id = ?")
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await?;
         Ok(row.map(ModuleInfo::from))
     }
 

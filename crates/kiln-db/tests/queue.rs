@@ -82,7 +82,11 @@ async fn insert_get_and_tenant_isolation(db: Db) {
     assert_eq!(got.labels["team"], "red");
     assert_eq!(got.spec, json!({"n": 1}));
     assert!(db.job_get("other", created.id).await.unwrap().is_none());
-    assert!(db.job_get("acme", created.id + 1000).await.unwrap().is_none());
+    assert!(db
+        .job_get("acme", created.id + 1000)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 async fn priorities_are_strict_and_fifo_within(db: Db) {
@@ -194,7 +198,11 @@ async fn fencing_rejects_stale_completions(db: Db) {
     let finished = db.job_get("acme", created.id).await.unwrap().unwrap();
     assert_eq!(finished.status, JobStatus::Succeeded);
     assert_eq!(finished.result.unwrap().stdout, "ok");
-    let outcomes: Vec<_> = finished.history.iter().map(|a| a.outcome.as_str()).collect();
+    let outcomes: Vec<_> = finished
+        .history
+        .iter()
+        .map(|a| a.outcome.as_str())
+        .collect();
     assert_eq!(outcomes, vec!["lost", "succeeded"]);
     assert_eq!(finished.history[0].worker_id.as_deref(), Some("w1"));
 }
@@ -476,7 +484,9 @@ async fn keys_are_found_by_hash_until_revoked(db: Db) {
         created_at: T0,
         revoked_at: None,
     };
-    db.key_insert(&key, &kiln_db::hash_key(&secret)).await.unwrap();
+    db.key_insert(&key, &kiln_db::hash_key(&secret))
+        .await
+        .unwrap();
     let found = db
         .key_find_by_hash(&kiln_db::hash_key(&secret))
         .await

@@ -236,10 +236,11 @@ impl WasmRuntime {
                     other => WasmError::Engine(other.to_string()),
                 })?;
                 let engine = self.engine.clone();
-                let module = tokio::task::spawn_blocking(move || Module::from_binary(&engine, &bytes))
-                    .await
-                    .map_err(|e| WasmError::Engine(e.to_string()))?
-                    .map_err(|e| WasmError::InvalidModule(format!("{e:#}")))?;
+                let module =
+                    tokio::task::spawn_blocking(move || Module::from_binary(&engine, &bytes))
+                        .await
+                        .map_err(|e| WasmError::Engine(e.to_string()))?
+                        .map_err(|e| WasmError::InvalidModule(format!("{e:#}")))?;
                 if let (Some(path), Ok(serialized)) = (&cache_path, module.serialize()) {
                     let tmp = path.with_extension("tmp");
                     if std::fs::write(&tmp, serialized).is_ok() {
@@ -271,12 +272,15 @@ impl WasmRuntime {
         };
         let pre = match self.instance_pre(&spec.module).await {
             Ok(pre) => pre,
-            Err(error @ WasmError::ModuleNotFound(_)) | Err(error @ WasmError::InvalidModule(_)) => {
+            Err(error @ WasmError::ModuleNotFound(_))
+            | Err(error @ WasmError::InvalidModule(_)) => {
                 return fail(error.to_string(), None, true)
             }
             Err(error) => return fail(error.to_string(), None, false),
         };
-        let output_cap = spec.output_limit_bytes.unwrap_or(self.config.default_output_bytes);
+        let output_cap = spec
+            .output_limit_bytes
+            .unwrap_or(self.config.default_output_bytes);
         let stdout = CappedOutput::new(output_cap);
         let stderr = CappedOutput::new(output_cap);
         let mut wasi = WasiCtxBuilder::new();
@@ -289,14 +293,16 @@ impl WasmRuntime {
             wasi.env(key, value);
         }
         let scratch = if spec.scratch {
-            let dir = self
-                .config
-                .scratch_dir
-                .join(format!("{}-{}", std::process::id(), unique_suffix()));
+            let dir =
+                self.config
+                    .scratch_dir
+                    .join(format!("{}-{}", std::process::id(), unique_suffix()));
             if let Err(error) = std::fs::create_dir_all(&dir) {
                 return fail(format!("scratch directory: {error}"), None, false);
             }
-            if let Err(error) = wasi.preopened_dir(&dir, "/scratch", DirPerms::all(), FilePerms::all()) {
+            if let Err(error) =
+                wasi.preopened_dir(&dir, "/scratch", DirPerms::all(), FilePerms::all())
+            {
                 let _ = std::fs::remove_dir_all(&dir);
                 return fail(format!("scratch directory: {error:#}"), None, false);
             }

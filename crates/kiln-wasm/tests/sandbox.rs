@@ -188,7 +188,9 @@ async fn output_flood_is_truncated() {
     let sandbox = Sandbox::new();
     let (error, result, _) = failed(
         sandbox
-            .run(&fixtures::flood(), |spec| spec.output_limit_bytes = Some(100_000))
+            .run(&fixtures::flood(), |spec| {
+                spec.output_limit_bytes = Some(100_000)
+            })
             .await,
     );
     let result = result.unwrap();
@@ -231,11 +233,17 @@ async fn host_files_are_out_of_reach_but_scratch_works() {
 #[tokio::test]
 async fn invalid_modules_are_refused_with_a_reason() {
     let sandbox = Sandbox::new();
-    let error = sandbox.runtime.validate(b"\0asm\x01\0\0\0garbage").unwrap_err();
+    let error = sandbox
+        .runtime
+        .validate(b"\0asm\x01\0\0\0garbage")
+        .unwrap_err();
     assert!(error.to_string().starts_with("invalid module"), "{error}");
     let no_start = WasmRuntime::to_binary(b"(module)").unwrap();
     assert!(sandbox.runtime.validate(&no_start).is_err());
-    let bad_import = WasmRuntime::to_binary(br#"(module (import "env" "evil" (func)) (func (export "_start")))"#).unwrap();
+    let bad_import = WasmRuntime::to_binary(
+        br#"(module (import "env" "evil" (func)) (func (export "_start")))"#,
+    )
+    .unwrap();
     assert!(sandbox.runtime.validate(&bad_import).is_err());
     assert!(WasmRuntime::to_binary(b"(module (func").is_err());
 }

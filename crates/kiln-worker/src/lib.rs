@@ -183,7 +183,13 @@ impl Worker {
             }
             let now = now_millis();
             let leased = match db
-                .job_lease(&config.id, &kinds, free as i64, config.lease.as_millis() as i64, now)
+                .job_lease(
+                    &config.id,
+                    &kinds,
+                    free as i64,
+                    config.lease.as_millis() as i64,
+                    now,
+                )
                 .await
             {
                 Ok(leased) => {
@@ -295,7 +301,12 @@ enum Kill {
 
 const KILL_GRACE: Duration = Duration::from_millis(500);
 
-async fn run_one(job: LeasedJob, handler: Arc<dyn JobHandler>, cancel: CancellationToken, ctx: RunContext) {
+async fn run_one(
+    job: LeasedJob,
+    handler: Arc<dyn JobHandler>,
+    cancel: CancellationToken,
+    ctx: RunContext,
+) {
     let started = Instant::now();
     let kill = CancellationToken::new();
     let timeout = Duration::from_millis(job.timeout_ms.max(1) as u64);

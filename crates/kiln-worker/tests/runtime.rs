@@ -58,7 +58,11 @@ async fn wait_for(db: &Db, id: i64, done: impl Fn(&Job) -> bool) -> Job {
         if done(&job) {
             return job;
         }
-        assert!(Instant::now() < deadline, "job {id} stuck in {:?}", job.status);
+        assert!(
+            Instant::now() < deadline,
+            "job {id} stuck in {:?}",
+            job.status
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -110,7 +114,10 @@ async fn failures_retry_with_backoff_then_die(db: Db) {
         .windows(2)
         .map(|w| w[1].started_at.unwrap() - w[0].finished_at)
         .collect();
-    assert!(gaps[0] >= 100 && gaps[1] >= 200, "backoff doubles: {gaps:?}");
+    assert!(
+        gaps[0] >= 100 && gaps[1] >= 200,
+        "backoff doubles: {gaps:?}"
+    );
     let permanent = wait_for(&db, permanent, terminal).await;
     assert_eq!(permanent.status, JobStatus::Failed);
     assert_eq!(permanent.attempt, 1);
@@ -140,7 +147,11 @@ async fn running_jobs_cancel_within_a_second(db: Db) {
     let asked = Instant::now();
     db.job_cancel("acme", id, now_millis()).await.unwrap();
     let job = wait_for(&db, id, terminal).await;
-    assert!(asked.elapsed() < Duration::from_secs(1), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(job.status, JobStatus::Cancelled);
     worker.stop().await;
 }
@@ -162,13 +173,19 @@ async fn kinds_without_a_handler_stay_queued(db: Db) {
 }
 
 async fn shutdown_hands_unfinished_jobs_back(db: Db) {
-    let worker = start(&db, |config| config.shutdown_grace = Duration::from_millis(200));
+    let worker = start(&db, |config| {
+        config.shutdown_grace = Duration::from_millis(200)
+    });
     let id = submit(&db, json!({"sleep_ms": 60_000}), |job| job.max_attempts = 1).await;
     wait_for(&db, id, |j| j.status == JobStatus::Running).await;
     worker.stop().await;
     let job = db.job_get("acme", id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Queued);
-    assert_eq!(job.attempt - job.retry_from, 0, "the hand-back cost no attempt");
+    assert_eq!(
+        job.attempt - job.retry_from,
+        0,
+        "the hand-back cost no attempt"
+    );
     // A new worker picks it up and the job keeps its single attempt.
     let next = start(&db, |_| {});
     wait_for(&db, id, |j| j.status == JobStatus::Running).await;

@@ -67,7 +67,10 @@ async fn fresh_db(url: Option<&str>) -> anyhow::Result<(Db, Option<Db>)> {
         Some(url) => Ok((Db::connect(url).await?, None)),
         None => {
             let path = std::env::temp_dir().join(format!("{stamp}.db"));
-            Ok((Db::connect(&format!("sqlite://{}", path.display())).await?, None))
+            Ok((
+                Db::connect(&format!("sqlite://{}", path.display())).await?,
+                None,
+            ))
         }
     }
 }
@@ -88,7 +91,11 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-fn worker(db: &Db, handlers: Handlers, slots: usize) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+fn worker(
+    db: &Db,
+    handlers: Handlers,
+    slots: usize,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let mut config = WorkerConfig::new(&format!("bench-{}", now_millis()));
     config.slots = slots;
     config.batch_max = 1_000;
@@ -148,7 +155,11 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
 
     let drain_db = other.clone().unwrap_or_else(|| db.clone());
     let started = Instant::now();
-    let (stop, task) = worker(&drain_db, Handlers::new().with("noop", Arc::new(NoopHandler)), args.slots);
+    let (stop, task) = worker(
+        &drain_db,
+        Handlers::new().with("noop", Arc::new(NoopHandler)),
+        args.slots,
+    );
     wait_drained(&db, args.jobs, Duration::from_secs(600)).await?;
     let took = started.elapsed();
     stop.cancel();
@@ -170,7 +181,11 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     );
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let (stop, task) = worker(&drain_db, Handlers::new().with("probe", Arc::new(StartProbe(tx))), 16);
+    let (stop, task) = worker(
+        &drain_db,
+        Handlers::new().with("probe", Arc::new(StartProbe(tx))),
+        16,
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut samples = Vec::with_capacity(args.latency_samples);
     for _ in 0..args.latency_samples {
@@ -255,7 +270,10 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let end = runtime.run(&spec, &kill).await;
         samples.push(t.elapsed());
-        anyhow::ensure!(matches!(end, AttemptEnd::Succeeded(_)), "hello failed: {end:?}");
+        anyhow::ensure!(
+            matches!(end, AttemptEnd::Succeeded(_)),
+            "hello failed: {end:?}"
+        );
     }
     samples.sort();
     println!(
@@ -290,7 +308,13 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let (_, secret) = kiln_api::issue_key(&db, "bench", "bench", kiln_core::Scopes(vec![kiln_core::Scope::Write])).await?;
+    let (_, secret) = kiln_api::issue_key(
+        &db,
+        "bench",
+        "bench",
+        kiln_core::Scopes(vec![kiln_core::Scope::Write]),
+    )
+    .await?;
     let handlers = Handlers::new().with("wasm", Arc::new(WasmHandler(runtime.clone())));
     let (stop, task) = worker(&db, handlers, args.slots);
     let state = kiln_api::AppState::new(db.clone(), blobs.clone(), Some(runtime.clone()));
@@ -318,7 +342,10 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
             .json()
             .await?;
         let took = t.elapsed();
-        anyhow::ensure!(job["result"]["stdout"] == "hello world\n", "unexpected: {job}");
+        anyhow::ensure!(
+            job["result"]["stdout"] == "hello world\n",
+            "unexpected: {job}"
+        );
         if i >= 100 {
             samples.push(took);
         }
@@ -362,11 +389,16 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
     std::fs::write(&file, &hello)?;
     match which("wasmtime") {
         Some(wasmtime) => {
-            let version = std::process::Command::new(&wasmtime).arg("--version").output()?;
+            let version = std::process::Command::new(&wasmtime)
+                .arg("--version")
+                .output()?;
             let mut samples = Vec::new();
             for _ in 0..50 {
                 let t = Instant::now();
-                let out = std::process::Command::new(&wasmtime).arg("run").arg(&file).output()?;
+                let out = std::process::Command::new(&wasmtime)
+                    .arg("run")
+                    .arg(&file)
+                    .output()?;
                 samples.push(t.elapsed());
                 anyhow::ensure!(out.stdout == b"hello world\n", "wasmtime run failed");
             }

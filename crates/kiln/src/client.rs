@@ -10,7 +10,12 @@ use serde_json::{json, Value};
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// The API's base URL.
-    #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "KILN_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// API key (default: the admin key in the data dir).
     #[arg(long, env = "KILN_API_KEY", hide_env_values = true, global = true)]
@@ -68,7 +73,9 @@ impl Client {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
         if !status.is_success() {
-            let message = body["error"]["message"].as_str().unwrap_or("request failed");
+            let message = body["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
             let code = body["error"]["code"].as_str().unwrap_or("error");
             bail!("{status} {code}: {message}");
         }
@@ -76,7 +83,8 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
@@ -84,7 +92,12 @@ impl Client {
             .await
     }
 
-    pub async fn post_bytes(&self, path: &str, content_type: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+    pub async fn post_bytes(
+        &self,
+        path: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<Value> {
         self.send(
             self.http
                 .post(format!("{}{path}", self.base))
@@ -100,12 +113,16 @@ impl Client {
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 }
 
 pub fn print(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 pub fn parse_labels(labels: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -127,7 +144,9 @@ pub async fn push_module(client: &Client, file: &std::path::Path) -> anyhow::Res
     } else {
         "application/wasm"
     };
-    let module = client.post_bytes("/api/v1/modules", content_type, bytes).await?;
+    let module = client
+        .post_bytes("/api/v1/modules", content_type, bytes)
+        .await?;
     module["id"]
         .as_str()
         .map(str::to_string)
@@ -151,7 +170,10 @@ pub fn finish_like_the_program(job: &Value) -> i32 {
     }
     if let Some(error) = job["error"].as_str() {
         if !error.starts_with("exit code") {
-            eprintln!("kiln: job {} {status}: {error}", job["id"].as_str().unwrap_or("?"));
+            eprintln!(
+                "kiln: job {} {status}: {error}",
+                job["id"].as_str().unwrap_or("?")
+            );
         }
     }
     match result["exit_code"].as_i64() {

@@ -15,7 +15,11 @@ use client::{Client, ClientArgs};
 use config::ServerArgs;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Run untrusted code in microVMs and WebAssembly sandboxes, durably.")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Run untrusted code in microVMs and WebAssembly sandboxes, durably."
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "KILN_LOG_JSON", global = true)]
@@ -125,7 +129,9 @@ enum JobCommand {
         #[arg(long)]
         wait: bool,
     },
-    Get { id: String },
+    Get {
+        id: String,
+    },
     Ls {
         #[arg(long)]
         status: Option<String>,
@@ -141,9 +147,15 @@ enum JobCommand {
         #[arg(long)]
         cursor: Option<String>,
     },
-    Cancel { id: String },
-    Retry { id: String },
-    Attempts { id: String },
+    Cancel {
+        id: String,
+    },
+    Retry {
+        id: String,
+    },
+    Attempts {
+        id: String,
+    },
     /// Wait until the job finishes; print it; exit non-zero unless it succeeded.
     Wait {
         id: String,
@@ -155,18 +167,29 @@ enum JobCommand {
 #[derive(Subcommand)]
 enum QueueCommand {
     Ls,
-    Pause { name: String },
-    Resume { name: String },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
     /// Set or clear (with 0) a queue's concurrency limit.
-    Limit { name: String, limit: i32 },
+    Limit {
+        name: String,
+        limit: i32,
+    },
 }
 
 #[derive(Subcommand)]
 enum ModuleCommand {
     /// Store a module (.wasm, or .wat text); prints its id.
-    Push { file: PathBuf },
+    Push {
+        file: PathBuf,
+    },
     Ls,
-    Rm { id: String },
+    Rm {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -191,8 +214,9 @@ enum RunCommand {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,wasmtime=warn,cranelift=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,wasmtime=warn,cranelift=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -277,7 +301,12 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
                 .context("scopes are a comma-separated list of read, write, admin")?;
             kiln_core::validate_name("tenant", &tenant)?;
             let (key, secret) = kiln_api::issue_key(&db, &tenant, &name, scopes).await?;
-            eprintln!("created key {} for tenant {} ({})", key.id, key.tenant, key.scopes.to_text());
+            eprintln!(
+                "created key {} for tenant {} ({})",
+                key.id,
+                key.tenant,
+                key.scopes.to_text()
+            );
             println!("{secret}");
         }
         KeysCommand::List { server, tenant } => {
@@ -289,7 +318,11 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
                     key.tenant,
                     key.name,
                     key.scopes.to_text(),
-                    if key.revoked_at.is_some() { "revoked" } else { "active" }
+                    if key.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
                 );
             }
         }
@@ -336,7 +369,11 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
             if !labels.is_empty() {
                 body["labels"] = json!(client::parse_labels(&labels)?);
             }
-            let path = if wait { "/api/v1/jobs?wait=true" } else { "/api/v1/jobs" };
+            let path = if wait {
+                "/api/v1/jobs?wait=true"
+            } else {
+                "/api/v1/jobs"
+            };
             client::print(&client.post(path, &body).await?);
         }
         JobCommand::Get { id } => client::print(&client.get(&format!("/api/v1/jobs/{id}")).await?),
@@ -349,12 +386,20 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
             cursor,
         } => {
             let mut query = vec![format!("limit={limit}")];
-            for (name, value) in [("status", status), ("kind", kind), ("queue", queue), ("label", label), ("cursor", cursor)] {
+            for (name, value) in [
+                ("status", status),
+                ("kind", kind),
+                ("queue", queue),
+                ("label", label),
+                ("cursor", cursor),
+            ] {
                 if let Some(value) = value {
                     query.push(format!("{name}={}", urlencode(&value)));
                 }
             }
-            let list = client.get(&format!("/api/v1/jobs?{}", query.join("&"))).await?;
+            let list = client
+                .get(&format!("/api/v1/jobs?{}", query.join("&")))
+                .await?;
             for job in list["jobs"].as_array().into_iter().flatten() {
                 println!(
                     "{}\t{}\t{}\t{}\t{}\t{}",
@@ -370,9 +415,19 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
                 eprintln!("more: --cursor {next}");
             }
         }
-        JobCommand::Cancel { id } => client::print(&client.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await?),
-        JobCommand::Retry { id } => client::print(&client.post(&format!("/api/v1/jobs/{id}/retry"), &json!({})).await?),
-        JobCommand::Attempts { id } => client::print(&client.get(&format!("/api/v1/jobs/{id}/attempts")).await?),
+        JobCommand::Cancel { id } => client::print(
+            &client
+                .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
+                .await?,
+        ),
+        JobCommand::Retry { id } => client::print(
+            &client
+                .post(&format!("/api/v1/jobs/{id}/retry"), &json!({}))
+                .await?,
+        ),
+        JobCommand::Attempts { id } => {
+            client::print(&client.get(&format!("/api/v1/jobs/{id}/attempts")).await?)
+        }
         JobCommand::Wait { id, timeout_ms } => {
             let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
             loop {
@@ -396,7 +451,9 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
 fn urlencode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -410,15 +467,27 @@ async fn queue(client: Client, command: QueueCommand) -> anyhow::Result<i32> {
                 println!(
                     "{}\t{}\twaiting={}\trunning={}\tlimit={}",
                     q["name"].as_str().unwrap_or(""),
-                    if q["paused"].as_bool() == Some(true) { "paused" } else { "active" },
+                    if q["paused"].as_bool() == Some(true) {
+                        "paused"
+                    } else {
+                        "active"
+                    },
                     q["waiting"],
                     q["running"],
                     q["concurrency_limit"]
                 );
             }
         }
-        QueueCommand::Pause { name } => client::print(&client.post(&format!("/api/v1/queues/{name}/pause"), &json!({})).await?),
-        QueueCommand::Resume { name } => client::print(&client.post(&format!("/api/v1/queues/{name}/resume"), &json!({})).await?),
+        QueueCommand::Pause { name } => client::print(
+            &client
+                .post(&format!("/api/v1/queues/{name}/pause"), &json!({}))
+                .await?,
+        ),
+        QueueCommand::Resume { name } => client::print(
+            &client
+                .post(&format!("/api/v1/queues/{name}/resume"), &json!({}))
+                .await?,
+        ),
         QueueCommand::Limit { name, limit } => {
             let limit = if limit > 0 { json!(limit) } else { Value::Null };
             let body = json!({ "concurrency_limit": limit });
@@ -437,7 +506,12 @@ async fn module(client: Client, command: ModuleCommand) -> anyhow::Result<i32> {
         ModuleCommand::Ls => {
             let list = client.get("/api/v1/modules").await?;
             for m in list["modules"].as_array().into_iter().flatten() {
-                println!("{}\t{}\t{}", m["id"].as_str().unwrap_or(""), m["size"], m["created_at"].as_str().unwrap_or(""));
+                println!(
+                    "{}\t{}\t{}",
+                    m["id"].as_str().unwrap_or(""),
+                    m["size"],
+                    m["created_at"].as_str().unwrap_or("")
+                );
             }
         }
         ModuleCommand::Rm { id } => {
@@ -469,14 +543,17 @@ async fn run_once(client: Client, command: RunCommand) -> anyhow::Result<i32> {
                     std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
                     text
                 }
-                Some(p) => std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+                Some(p) => std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading {}", p.display()))?,
                 None => String::new(),
             };
             let mut spec = json!({"module": id, "args": args, "env": client::parse_labels(&env)?, "stdin": stdin});
             if let Some(memory_mib) = memory_mib {
                 spec["memory_mib"] = json!(memory_mib);
             }
-            let job = client.post("/api/v1/run", &client::run_body("wasm", spec, timeout_ms)).await?;
+            let job = client
+                .post("/api/v1/run", &client::run_body("wasm", spec, timeout_ms))
+                .await?;
             Ok(client::finish_like_the_program(&job))
         }
     }

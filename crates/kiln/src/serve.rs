@@ -33,7 +33,8 @@ pub async fn open_db(settings: &Settings) -> anyhow::Result<Db> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(error) => {
-                return Err(error).with_context(|| format!("opening {}", redact(&settings.database_url)))
+                return Err(error)
+                    .with_context(|| format!("opening {}", redact(&settings.database_url)))
             }
         }
     }
@@ -68,10 +69,14 @@ async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
     if db.key_count().await? > 0 {
         return Ok(());
     }
-    let (_, secret) = kiln_api::issue_key(db, "default", "admin", Scopes(vec![Scope::Admin])).await?;
+    let (_, secret) =
+        kiln_api::issue_key(db, "default", "admin", Scopes(vec![Scope::Admin])).await?;
     let path = data_dir.join("admin.key");
     write_secret(&path, &secret)?;
-    println!("kiln: created the first admin key; it is in {}", path.display());
+    println!(
+        "kiln: created the first admin key; it is in {}",
+        path.display()
+    );
     Ok(())
 }
 
@@ -141,7 +146,8 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
         println!("kiln: listening on http://{}", listener.local_addr()?);
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            kiln_api::serve(listener, state, async move { stop.cancelled().await }).await
+            kiln_api::serve(listener, state, async move { stop.cancelled().await })
+                .await
                 .context("HTTP server")
         });
     }

@@ -73,12 +73,25 @@ async fn killed_worker_loses_nothing(db: Db, url: String) {
             job
         })
         .collect();
-    let ids = db.job_insert_many(&jobs, kiln_worker::now_millis()).await.unwrap();
-    let args = ["worker", "--database-url", &url, "--slots", "400", "--lease-ms", "1500"];
+    let ids = db
+        .job_insert_many(&jobs, kiln_worker::now_millis())
+        .await
+        .unwrap();
+    let args = [
+        "worker",
+        "--database-url",
+        &url,
+        "--slots",
+        "400",
+        "--lease-ms",
+        "1500",
+    ];
     let mut doomed = kiln(&args, &dir, "doomed.log");
-    wait_until("the first worker to hold many leases", Duration::from_secs(30), || async {
-        count(&db, "running").await >= 300
-    })
+    wait_until(
+        "the first worker to hold many leases",
+        Duration::from_secs(30),
+        || async { count(&db, "running").await >= 300 },
+    )
     .await;
     doomed.0.kill().unwrap(); // SIGKILL: no hand-back, no goodbye
     doomed.0.wait().unwrap();
@@ -93,11 +106,18 @@ async fn killed_worker_loses_nothing(db: Db, url: String) {
     for id in ids {
         let job = db.job_get("acme", id).await.unwrap().unwrap();
         assert_eq!(job.status, JobStatus::Succeeded);
-        let successes = job.history.iter().filter(|a| a.outcome == "succeeded").count();
+        let successes = job
+            .history
+            .iter()
+            .filter(|a| a.outcome == "succeeded")
+            .count();
         assert_eq!(successes, 1, "job {id}: {:?}", job.history);
         lost_attempts += job.history.iter().filter(|a| a.outcome == "lost").count();
     }
-    assert!(lost_attempts as i64 >= held, "{lost_attempts} lost attempts recorded for {held} leases");
+    assert!(
+        lost_attempts as i64 >= held,
+        "{lost_attempts} lost attempts recorded for {held} leases"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +161,17 @@ impl PrivatePostgres {
         let port = free_port();
         as_postgres(&["chown", "-R", "postgres", dir.to_str().unwrap()], true);
         let data = dir.join("data");
-        run_as_postgres(&bin.join("initdb"), &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres"]);
+        run_as_postgres(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        );
         let server = PrivatePostgres { dir, port, bin };
         server.pg_ctl("start");
         server
@@ -159,7 +189,13 @@ impl PrivatePostgres {
             self.dir.display()
         );
         let log = self.dir.join("pg.log");
-        let mut args = vec!["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w"];
+        let mut args = vec![
+            "-D",
+            data.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+        ];
         if action == "start" {
             args.extend(["-o", &options]);
         } else {
@@ -189,7 +225,11 @@ fn as_postgres(args: &[&str], as_root: bool) {
     let status = if as_root {
         Command::new(args[0]).args(&args[1..]).status().unwrap()
     } else {
-        Command::new("runuser").args(["-u", "postgres", "--"]).args(args).status().unwrap()
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .status()
+            .unwrap()
     };
     assert!(status.success(), "{args:?}");
 }
@@ -207,17 +247,31 @@ async fn postgres_restart_under_load_loses_nothing() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let _kiln = kiln(
-        &["serve", "--database-url", &server.url(), "--listen", &listen, "--lease-ms", "3000"],
+        &[
+            "serve",
+            "--database-url",
+            &server.url(),
+            "--listen",
+            &listen,
+            "--lease-ms",
+            "3000",
+        ],
         &dir,
         "serve.log",
     );
     let base = format!("http://{listen}");
     let http = reqwest::Client::new();
     wait_until("kiln to answer", Duration::from_secs(30), || async {
-        http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status().is_success())
+        http.get(format!("{base}/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
     })
     .await;
-    let key = std::fs::read_to_string(dir.join("admin.key")).unwrap().trim().to_string();
+    let key = std::fs::read_to_string(dir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
 
     let total = 300;
     let mut acknowledged = Vec::new();
@@ -263,7 +317,10 @@ async fn postgres_restart_under_load_loses_nothing() {
     }
     // Requests made during the outage waited for it (or were refused and
     // retried): one of them took most of the three seconds.
-    assert!(slowest > Duration::from_secs(2), "the outage went unnoticed: {slowest:?}");
+    assert!(
+        slowest > Duration::from_secs(2),
+        "the outage went unnoticed: {slowest:?}"
+    );
     acknowledged.dedup();
     assert_eq!(acknowledged.len(), total);
     for id in &acknowledged {

@@ -166,7 +166,8 @@ impl SubmitJob {
             (None, Some(delay)) => Some(now + delay),
             (None, None) => None,
         };
-        job.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+        job.validate()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         Ok(job)
     }
 }
@@ -176,7 +177,12 @@ async fn check_spec(state: &AppState, job: &NewJob) -> ApiResult<()> {
     if job.kind == "wasm" {
         let spec = kiln_wasm::WasmSpec::parse(&job.spec)
             .map_err(|e| ApiError::invalid(format!("invalid wasm spec: {e}")))?;
-        if state.db.module_get(&job.tenant, &spec.module).await?.is_none() {
+        if state
+            .db
+            .module_get(&job.tenant, &spec.module)
+            .await?
+            .is_none()
+        {
             return Err(ApiError::invalid(format!(
                 "module {} is not stored; push it with POST /api/v1/modules",
                 spec.module
@@ -200,10 +206,7 @@ async fn submit(
     let (mut job, created) = state.db.job_insert(&new, now).await?;
     metrics::counter!("kiln_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
     if params.wait {
-        let limit = params
-            .wait_ms
-            .unwrap_or(60_000)
-            .min(600_000);
+        let limit = params.wait_ms.unwrap_or(60_000).min(600_000);
         job = wait_for_end(state, &caller.tenant, job, Duration::from_millis(limit)).await?;
     }
     let status = if created {
@@ -251,7 +254,14 @@ pub async fn submit_job(
     Query(params): Query<SubmitParams>,
     Json(body): Json<SubmitJob>,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
-    submit(&state, &caller, body, &params, kiln_core::limits::DEFAULT_MAX_ATTEMPTS).await
+    submit(
+        &state,
+        &caller,
+        body,
+        &params,
+        kiln_core::limits::DEFAULT_MAX_ATTEMPTS,
+    )
+    .await
 }
 
 /// Enqueue a job and wait for its result in the same request (one attempt
@@ -334,14 +344,18 @@ pub async fn list_jobs(
                 .split_once(':')
                 .or_else(|| label.split_once('='))
                 .ok_or_else(|| ApiError::invalid("label must be key:value"))?;
-            kiln_core::validate_name("label key", key).map_err(|e| ApiError::invalid(e.to_string()))?;
+            kiln_core::validate_name("label key", key)
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
             Some((key.to_string(), value.to_string()))
         }
         None => None,
     };
     let before_id = params
         .cursor
-        .map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor is not one kiln gave")))
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::invalid("cursor is not one kiln gave"))
+        })
         .transpose()?;
     let filter = JobFilter {
         status: params.status,
@@ -361,7 +375,10 @@ pub async fn list_jobs(
     };
     let now = now_millis();
     Ok(Json(JobList {
-        jobs: jobs.into_iter().map(|j| JobView::from_job(j, now)).collect(),
+        jobs: jobs
+            .into_iter()
+            .map(|j| JobView::from_job(j, now))
+            .collect(),
         next_cursor,
     }))
 }
@@ -377,7 +394,11 @@ pub async fn cancel_job(
 ) -> ApiResult<Json<JobView>> {
     caller.require(Scope::Write)?;
     let now = now_millis();
-    match state.db.job_cancel(&caller.tenant, parse_id(&id)?, now).await? {
+    match state
+        .db
+        .job_cancel(&caller.tenant, parse_id(&id)?, now)
+        .await?
+    {
         CancelOutcome::NotFound => Err(ApiError::not_found("job")),
         CancelOutcome::Cancelled(job) | CancelOutcome::Requested(job) => {
             Ok(Json(JobView::from_job(job, now)))
@@ -400,7 +421,11 @@ pub async fn retry_job(
 ) -> ApiResult<Json<JobView>> {
     caller.require(Scope::Write)?;
     let now = now_millis();
-    match state.db.job_retry(&caller.tenant, parse_id(&id)?, now).await? {
+    match state
+        .db
+        .job_retry(&caller.tenant, parse_id(&id)?, now)
+        .await?
+    {
         RetryOutcome::NotFound => Err(ApiError::not_found("job")),
         RetryOutcome::Requeued(job) => Ok(Json(JobView::from_job(job, now))),
         RetryOutcome::NotRetryable(job) => Err(ApiError::conflict(format!(

@@ -65,7 +65,12 @@ pub struct CreatedKey {
 }
 
 /// Makes and stores a new key; returns it with its secret.
-pub async fn issue_key(db: &kiln_db::Db, tenant: &str, name: &str, scopes: Scopes) -> Result<(ApiKey, String), kiln_db::DbError> {
+pub async fn issue_key(
+    db: &kiln_db::Db,
+    tenant: &str,
+    name: &str,
+    scopes: Scopes,
+) -> Result<(ApiKey, String), kiln_db::DbError> {
     let (id, secret) = kiln_db::generate_key();
     let key = ApiKey {
         id,
@@ -82,7 +87,10 @@ pub async fn issue_key(db: &kiln_db::Db, tenant: &str, name: &str, scopes: Scope
 /// The tenant's keys.
 #[utoipa::path(get, path = "/api/v1/keys", tag = "keys",
     responses((status = 200, body = KeyList)), security(("bearer" = [])))]
-pub async fn list_keys(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<KeyList>> {
+pub async fn list_keys(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> ApiResult<Json<KeyList>> {
     caller.require(Scope::Admin)?;
     let keys = state.db.key_list(Some(&caller.tenant)).await?;
     Ok(Json(KeyList {
@@ -103,9 +111,12 @@ pub async fn create_key(
         return Err(ApiError::invalid("name must be 1 to 128 bytes"));
     }
     if body.scopes.is_empty() {
-        return Err(ApiError::invalid("give at least one scope: read, write or admin"));
+        return Err(ApiError::invalid(
+            "give at least one scope: read, write or admin",
+        ));
     }
-    let (key, secret) = issue_key(&state.db, &caller.tenant, &body.name, Scopes(body.scopes)).await?;
+    let (key, secret) =
+        issue_key(&state.db, &caller.tenant, &body.name, Scopes(body.scopes)).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {
@@ -124,7 +135,11 @@ pub async fn revoke_key(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     caller.require(Scope::Admin)?;
-    if !state.db.key_revoke(Some(&caller.tenant), &id, now_millis()).await? {
+    if !state
+        .db
+        .key_revoke(Some(&caller.tenant), &id, now_millis())
+        .await?
+    {
         return Err(ApiError::not_found("key"));
     }
     state.keys.forget_key_id(&id);

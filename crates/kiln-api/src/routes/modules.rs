@@ -78,7 +78,11 @@ pub async fn push_module(
     caller.require(Scope::Write)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("modules are at most {MODULE_BYTES_MAX} bytes"))
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("modules are at most {MODULE_BYTES_MAX} bytes"),
+            )
         } else {
             ApiError::bad_request(e.body_text())
         }
@@ -88,8 +92,11 @@ pub async fn push_module(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/wasm");
     let binary = if content_type.starts_with("text/") {
-        kiln_wasm::WasmRuntime::to_binary(&body).map_err(|e| ApiError::bad_request(e.to_string()))?
-    } else if content_type.starts_with("application/wasm") || content_type.starts_with("application/octet-stream") {
+        kiln_wasm::WasmRuntime::to_binary(&body)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?
+    } else if content_type.starts_with("application/wasm")
+        || content_type.starts_with("application/octet-stream")
+    {
         body.to_vec()
     } else {
         return Err(ApiError::new(
@@ -99,7 +106,9 @@ pub async fn push_module(
         ));
     };
     let runtime = runtime(&state)?;
-    runtime.validate(&binary).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    runtime
+        .validate(&binary)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id = kiln_blob::content_id(&binary);
     let info = ModuleInfo {
         id: id.clone(),
@@ -108,7 +117,11 @@ pub async fn push_module(
     };
     let key = kiln_wasm::module_blob_key(&id);
     if !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
-        state.blobs.put(&key, Bytes::from(binary)).await.map_err(ApiError::internal)?;
+        state
+            .blobs
+            .put(&key, Bytes::from(binary))
+            .await
+            .map_err(ApiError::internal)?;
     }
     let created = state.db.module_insert(&caller.tenant, &info).await?;
     // Compile now so the first job does not pay for it.
@@ -118,14 +131,21 @@ pub async fn push_module(
         .module_get(&caller.tenant, &id)
         .await?
         .ok_or_else(|| ApiError::internal("module vanished after insert"))?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(stored.into())))
 }
 
 /// The tenant's modules.
 #[utoipa::path(get, path = "/api/v1/modules", tag = "modules",
     responses((status = 200, body = ModuleList)), security(("bearer" = [])))]
-pub async fn list_modules(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ModuleList>> {
+pub async fn list_modules(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> ApiResult<Json<ModuleList>> {
     caller.require(Scope::Read)?;
     let modules = state.db.module_list(&caller.tenant).await?;
     Ok(Json(ModuleList {

@@ -76,7 +76,9 @@ async fn views(state: &AppState, tenant: &str) -> ApiResult<Vec<QueueView>> {
         running: 0,
     };
     for queue in state.db.queue_list().await? {
-        let view = views.entry(queue.name.clone()).or_insert_with(|| blank(&queue.name));
+        let view = views
+            .entry(queue.name.clone())
+            .or_insert_with(|| blank(&queue.name));
         view.paused = queue.paused;
         view.concurrency_limit = queue.concurrency_limit;
     }
@@ -85,23 +87,36 @@ async fn views(state: &AppState, tenant: &str) -> ApiResult<Vec<QueueView>> {
         view.waiting.insert(priority.as_str().to_string(), n);
     }
     for (name, n) in state.db.queue_running(Some(tenant)).await? {
-        views.entry(name.clone()).or_insert_with(|| blank(&name)).running = n;
+        views
+            .entry(name.clone())
+            .or_insert_with(|| blank(&name))
+            .running = n;
     }
-    views.entry("default".into()).or_insert_with(|| blank("default"));
+    views
+        .entry("default".into())
+        .or_insert_with(|| blank("default"));
     Ok(views.into_values().collect())
 }
 
 /// Queues with the caller's waiting and running jobs.
 #[utoipa::path(get, path = "/api/v1/queues", tag = "queues",
     responses((status = 200, body = QueueList)), security(("bearer" = [])))]
-pub async fn list_queues(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<QueueList>> {
+pub async fn list_queues(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> ApiResult<Json<QueueList>> {
     caller.require(Scope::Read)?;
     Ok(Json(QueueList {
         queues: views(&state, &caller.tenant).await?,
     }))
 }
 
-async fn set(state: &AppState, caller: &Caller, name: &str, edit: UpdateQueue) -> ApiResult<QueueView> {
+async fn set(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    edit: UpdateQueue,
+) -> ApiResult<QueueView> {
     caller.require(Scope::Admin)?;
     kiln_core::validate_name("queue", name).map_err(|e| ApiError::invalid(e.to_string()))?;
     let current = state

@@ -45,7 +45,10 @@ pub async fn health() -> &'static str {
 }
 
 /// Prometheus text format.
-pub async fn metrics_text(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<impl IntoResponse> {
+pub async fn metrics_text(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> ApiResult<impl IntoResponse> {
     caller.require(Scope::Read)?;
     let depths = state.db.queue_depths(None).await?;
     for (queue, priority, n) in &depths {
@@ -90,7 +93,10 @@ pub struct WorkerList {
 /// Registered workers and the kinds they run.
 #[utoipa::path(get, path = "/api/v1/workers", tag = "workers",
     responses((status = 200, body = WorkerList)), security(("bearer" = [])))]
-pub async fn list_workers(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<WorkerList>> {
+pub async fn list_workers(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> ApiResult<Json<WorkerList>> {
     caller.require(Scope::Read)?;
     let now = now_millis();
     let workers = state.db.worker_list().await?;
@@ -98,7 +104,12 @@ pub async fn list_workers(State(state): State<Arc<AppState>>, caller: Caller) ->
         workers: workers
             .into_iter()
             .map(|w| WorkerView {
-                state: if now - w.last_seen < 30_000 { "online" } else { "lost" }.to_string(),
+                state: if now - w.last_seen < 30_000 {
+                    "online"
+                } else {
+                    "lost"
+                }
+                .to_string(),
                 id: w.id,
                 host: w.host,
                 kinds: w.kinds,
