@@ -1,7 +1,7 @@
 // Graphile Worker beside `kiln bench queue`: enqueue 100k no-op jobs, drain
 // them, then enqueue→start latency at light load. Same PostgreSQL, fresh schema.
 // Usage: DATABASE_URL=postgres://... JOBS=100000 CONCURRENCY=100 BATCHED=1 node bench.mjs
-import { run, makeWorkerUtils } from "graphile-worker";
+import { run, makeWorkerUtils, Logger } from "graphile-worker";
 
 const connectionString = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test";
 const jobs = Number(process.env.JOBS ?? 100000);
@@ -9,10 +9,12 @@ const concurrency = Number(process.env.CONCURRENCY ?? 100);
 const batched = process.env.BATCHED === "1";
 const samples = Number(process.env.SAMPLES ?? 500);
 const schema = `gw_bench_${Date.now()}`;
-const quiet = { debug() {}, info() {}, warn() {}, error: console.error };
-const logger = { scope: () => logger, ...quiet };
+// Per-job INFO lines would dominate the measurement; keep errors only.
+const logger = new Logger(() => (level, message) => {
+  if (level === "error") console.error(message);
+});
 
-const utils = await makeWorkerUtils({ connectionString, schema });
+const utils = await makeWorkerUtils({ connectionString, schema, logger });
 await utils.migrate();
 
 let t = performance.now();
@@ -34,6 +36,7 @@ const runner = await run({
   schema,
   concurrency,
   noHandleSignals: true,
+  logger,
   pollInterval: 1000,
   preset,
   taskList: {

@@ -267,6 +267,17 @@ impl Db {
         dispatch!(self, s => s.job_attempts_total().await)
     }
 
+    /// Jobs not yet finished (queued, scheduled or running), all tenants; cheap
+    /// because both states have partial indexes.
+    pub async fn job_count_unfinished(&self) -> DbResult<i64> {
+        dispatch!(self, s => s.job_count_unfinished().await)
+    }
+
+    /// When the most recent attempt ended, across all jobs.
+    pub async fn job_last_finished_at(&self) -> DbResult<Option<Millis>> {
+        dispatch!(self, s => s.job_last_finished_at().await)
+    }
+
     /// Leases up to `limit` runnable jobs of these kinds, highest priority
     /// first, honouring paused queues and queue concurrency limits.
     pub async fn job_lease(

@@ -204,6 +204,21 @@ impl PgStore {
         )
     }
 
+    pub async fn job_count_unfinished(&self) -> DbResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM jobs WHERE status IN ('queued','scheduled')) \
+             + (SELECT COUNT(*) FROM jobs WHERE status = 'running')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn job_last_finished_at(&self) -> DbResult<Option<Millis>> {
+        Ok(sqlx::query_scalar("SELECT MAX(finished_at) FROM jobs")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     pub async fn job_lease(
         &self,
         worker_id: &str,

@@ -168,6 +168,7 @@ impl Worker {
         let mut tasks = JoinSet::new();
         let wakeup = db.wakeup();
         let mut failures = 0u32;
+        let mut got_full_batch = false;
         while !shutdown.is_cancelled() {
             let notified = wakeup.notified();
             tokio::pin!(notified);
@@ -181,6 +182,16 @@ impl Worker {
                 }
                 continue;
             }
+            // Under load, slots free up one by one; leasing each as it frees
+            // would mean one query per job. Let a few more finish first.
+            let busy = config.slots - slots.available_permits();
+            if free < config.slots.min(config.batch_max) / 4 && busy > 0 && got_full_batch {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_micros(500)) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            let free = slots.available_permits().min(config.batch_max);
             let now = now_millis();
             let leased = match db
                 .job_lease(
@@ -208,6 +219,8 @@ impl Worker {
                 }
             };
             let got = leased.len();
+            tracing::trace!(asked = free, got, "leased");
+            got_full_batch = got == free;
             for job in leased {
                 let permit = slots.clone().try_acquire_owned().expect("a slot was free");
                 let Some(handler) = handlers.get(&job.kind) else {
@@ -387,10 +400,24 @@ fn rand_unit() -> f64 {
 async fn complete_loop(db: Db, mut rx: mpsc::UnboundedReceiver<Completion>, batch_max: usize) {
     let mut batch = Vec::with_capacity(batch_max);
     while rx.recv_many(&mut batch, batch_max).await > 0 {
+        // The first result of a burst usually arrives alone while its
+        // siblings are still running; a few yields let them join the batch.
+        if batch.len() < 16 {
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+            while batch.len() < batch_max {
+                match rx.try_recv() {
+                    Ok(completion) => batch.push(completion),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut failures = 0u32;
         loop {
             match db.job_complete_many(&batch).await {
                 Ok(applied) => {
+                    tracing::trace!(n = batch.len(), "results written");
                     let stale = batch.len() - applied.len();
                     if stale > 0 {
                         tracing::info!(stale, "results refused: their leases had moved on");

@@ -30,7 +30,6 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_fetch ON jobs (priority, run_at, id) WHERE status IN ('queued','scheduled');
 CREATE INDEX jobs_running ON jobs (queue, lease_expires_at) WHERE status = 'running';
 CREATE INDEX jobs_tenant_id ON jobs (tenant, id);
-CREATE INDEX jobs_tenant_status_id ON jobs (tenant, status, id);
 CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 CREATE TABLE queues (

@@ -1,0 +1,255 @@
+//! kiln-agent: runs inside the guest, started by the image's `/init`. It
+//! serves the kiln protocol on a byte stream: the virtio-serial port named
+//! `agent` (found under /sys/class/virtio-ports), or stdin/stdout with
+//! `--stdio` (used by the host-side tests).
+//!
+//! Threads, not async: one reader loop, and per exec one thread per output
+//! stream plus one waiter, so the binary stays small and starts at once.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_proto::{read_frame, write_frame, Exec, ProtoError, Request, Response, CHUNK};
+
+type Writer = Arc<Mutex<Box<dyn Write + Send>>>;
+type Stdins = Arc<Mutex<HashMap<u64, std::process::ChildStdin>>>;
+type Pids = Arc<Mutex<HashMap<u64, u32>>>;
+
+fn send(writer: &Writer, response: &Response, body: &[u8]) {
+    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    // A broken channel means the host is gone; there is nobody to tell.
+    let _ = write_frame(&mut *w, response, body);
+}
+
+fn find_port() -> Option<String> {
+    let entries = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
+    for entry in entries.flatten() {
+        let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == "agent" {
+            return Some(format!("/dev/{}", entry.file_name().to_string_lossy()));
+        }
+    }
+    None
+}
+
+fn main() {
+    let stdio = std::env::args().any(|a| a == "--stdio");
+    let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = if stdio {
+        (Box::new(std::io::stdin()), Box::new(std::io::stdout()))
+    } else {
+        let mut waited = 0;
+        let path = loop {
+            if let Some(path) = find_port() {
+                break path;
+            }
+            waited += 1;
+            if waited > 5_000 {
+                eprintln!("kiln-agent: no virtio port named agent");
+                std::process::exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let port = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| {
+                eprintln!("kiln-agent: open {path}: {e}");
+                std::process::exit(1);
+            });
+        let write_half = port.try_clone().expect("dup port");
+        (Box::new(port), Box::new(write_half))
+    };
+    serve(reader, Arc::new(Mutex::new(writer)));
+}
+
+fn serve(mut reader: Box<dyn Read + Send>, writer: Writer) {
+    let stdins: Stdins = Arc::default();
+    let pids: Pids = Arc::default();
+    loop {
+        match read_frame::<Request>(&mut reader) {
+            Ok((request, body)) => handle(request, body, &writer, &stdins, &pids),
+            Err(error) if error.recoverable() => send(
+                &writer,
+                &Response::Error {
+                    id: None,
+                    message: error.to_string(),
+                },
+                b"",
+            ),
+            Err(ProtoError::Io(_)) => {
+                // The host closed the port (or it was never open): wait for
+                // the next connection on the same port.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(error) => {
+                // The stream is out of step; say so, then keep reading.
+                send(
+                    &writer,
+                    &Response::Error {
+                        id: None,
+                        message: error.to_string(),
+                    },
+                    b"",
+                );
+            }
+        }
+    }
+}
+
+fn handle(request: Request, body: Vec<u8>, writer: &Writer, stdins: &Stdins, pids: &Pids) {
+    match request {
+        Request::Ping => send(
+            writer,
+            &Response::Pong {
+                version: kiln_proto::VERSION,
+                agent: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            b"",
+        ),
+        Request::Exec(exec) => start_exec(exec, body, writer.clone(), stdins.clone(), pids.clone()),
+        Request::Stdin { id, eof } => {
+            let mut map = stdins.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(stdin) = map.get_mut(&id) {
+                let _ = stdin.write_all(&body);
+            }
+            if eof {
+                map.remove(&id);
+            }
+        }
+        Request::Kill { id, signal } => {
+            if let Some(pid) = pids.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+                // SAFETY: kill(2) with a pid this agent started and still tracks.
+                unsafe { libc::kill(*pid as i32, signal) };
+            }
+        }
+        Request::WriteFile { path, mode } => {
+            let written = write_file(&path, mode, &body);
+            match written {
+                Ok(()) => send(writer, &Response::Done, b""),
+                Err(e) => send(writer, &Response::Error { id: None, message: format!("{path}: {e}") }, b""),
+            }
+        }
+        Request::ReadFile { path } => match std::fs::read(&path) {
+            Ok(data) if data.len() <= kiln_proto::BODY_MAX => send(writer, &Response::FileData { path }, &data),
+            Ok(_) => send(writer, &Response::Error { id: None, message: format!("{path}: larger than 16 MiB") }, b""),
+            Err(e) => send(writer, &Response::Error { id: None, message: format!("{path}: {e}") }, b""),
+        },
+        Request::Shutdown => {
+            send(writer, &Response::Done, b"");
+            // SAFETY: plain syscalls with no pointers.
+            unsafe {
+                libc::sync();
+                if libc::getpid() == 1 {
+                    libc::reboot(libc::RB_POWER_OFF);
+                }
+            }
+            std::process::exit(0);
+        }
+    }
+}
+
+fn write_file(path: &str, mode: Option<u32>, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, data)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: Pids) {
+    let id = exec.id;
+    let mut command = Command::new(&exec.command);
+    command
+        .args(&exec.args)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/root")
+        .envs(&exec.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(cwd) = &exec.cwd {
+        command.current_dir(cwd);
+    }
+    let started = Instant::now();
+    let mut child: Child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            send(&writer, &Response::Error { id: Some(id), message: format!("{}: {e}", exec.command) }, b"");
+            return;
+        }
+    };
+    let pid = child.id();
+    pids.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pid);
+    let mut child_stdin = child.stdin.take().expect("piped stdin");
+    if !stdin.is_empty() {
+        let _ = child_stdin.write_all(&stdin);
+    }
+    if exec.stdin_open {
+        stdins.lock().unwrap_or_else(|e| e.into_inner()).insert(id, child_stdin);
+    } else {
+        drop(child_stdin);
+    }
+    let pump = |mut source: Box<dyn Read + Send>, stderr: bool, writer: Writer| {
+        std::thread::spawn(move || {
+            let mut buffer = vec![0u8; CHUNK];
+            loop {
+                match source.read(&mut buffer) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let header = if stderr { Response::Stderr { id } } else { Response::Stdout { id } };
+                        send(&writer, &header, &buffer[..n]);
+                    }
+                }
+            }
+        })
+    };
+    let out = pump(Box::new(child.stdout.take().expect("piped stdout")), false, writer.clone());
+    let err = pump(Box::new(child.stderr.take().expect("piped stderr")), true, writer.clone());
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(timeout) = exec.timeout_ms {
+        let timed_out = timed_out.clone();
+        let pids = pids.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(timeout));
+            if pids.lock().unwrap_or_else(|e| e.into_inner()).get(&id) == Some(&pid) {
+                timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: kill(2) on the process this exec started; its pid is
+                // still registered, so it has not been reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+    }
+    std::thread::spawn(move || {
+        use std::os::unix::process::ExitStatusExt;
+        let status = child.wait();
+        pids.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        stdins.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let _ = out.join();
+        let _ = err.join();
+        let (code, signal) = match status {
+            Ok(status) => (status.code(), status.signal()),
+            Err(_) => (None, None),
+        };
+        send(
+            &writer,
+            &Response::Exited {
+                id,
+                code,
+                signal,
+                timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
+                duration_us: started.elapsed().as_micros() as u64,
+            },
+            b"",
+        );
+    });
+}
