@@ -55,8 +55,13 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+fn bench_schema() -> String {
+    static STAMP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    STAMP.get_or_init(|| format!("kiln_bench_{}", now_millis())).clone()
+}
+
 async fn fresh_db(url: Option<&str>) -> anyhow::Result<(Db, Option<Db>)> {
-    let stamp = format!("kiln_bench_{}", now_millis());
+    let stamp = bench_schema();
     match url {
         Some(url) if url.starts_with("postgres") => {
             let db = Db::connect_postgres_schema(url, &stamp).await?;
@@ -219,6 +224,13 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
         ms(percentile(&samples, 0.99)),
         ms(percentile(&samples, 1.0))
     );
+    db.close().await;
+    if let Some(other) = other {
+        other.close().await;
+        if let Some(url) = &args.database_url {
+            kiln_db::testing::drop_postgres_schema(url, &bench_schema()).await?;
+        }
+    }
     Ok(())
 }
 
