@@ -7,7 +7,6 @@
 //! stream plus one waiter, so the binary stays small and starts at once.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -123,8 +122,9 @@ fn handle(request: Request, body: Vec<u8>, writer: &Writer, stdins: &Stdins, pid
         }
         Request::Kill { id, signal } => {
             if let Some(pid) = pids.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-                // SAFETY: kill(2) with a pid this agent started and still tracks.
-                unsafe { libc::kill(*pid as i32, signal) };
+                // SAFETY: kill(2) on the process group of an exec this agent
+                // started and still tracks.
+                unsafe { libc::kill(-(*pid as i32), signal) };
             }
         }
         Request::WriteFile { path, mode } => {
@@ -168,6 +168,9 @@ fn write_file(path: &str, mode: Option<u32>, data: &[u8]) -> std::io::Result<()>
 fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: Pids) {
     let id = exec.id;
     let mut command = Command::new(&exec.command);
+    // Its own process group, so a kill reaches everything it started and
+    // no grandchild keeps the output pipes open.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     command
         .args(&exec.args)
         .env_clear()
@@ -223,9 +226,9 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
             std::thread::sleep(Duration::from_millis(timeout));
             if pids.lock().unwrap_or_else(|e| e.into_inner()).get(&id) == Some(&pid) {
                 timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
-                // SAFETY: kill(2) on the process this exec started; its pid is
-                // still registered, so it has not been reaped.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                // SAFETY: kill(2) on the process group this exec started; its
+                // pid is still registered, so it has not been reaped.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
             }
         });
     }
