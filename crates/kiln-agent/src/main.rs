@@ -131,13 +131,36 @@ fn handle(request: Request, body: Vec<u8>, writer: &Writer, stdins: &Stdins, pid
             let written = write_file(&path, mode, &body);
             match written {
                 Ok(()) => send(writer, &Response::Done, b""),
-                Err(e) => send(writer, &Response::Error { id: None, message: format!("{path}: {e}") }, b""),
+                Err(e) => send(
+                    writer,
+                    &Response::Error {
+                        id: None,
+                        message: format!("{path}: {e}"),
+                    },
+                    b"",
+                ),
             }
         }
         Request::ReadFile { path } => match std::fs::read(&path) {
-            Ok(data) if data.len() <= kiln_proto::BODY_MAX => send(writer, &Response::FileData { path }, &data),
-            Ok(_) => send(writer, &Response::Error { id: None, message: format!("{path}: larger than 16 MiB") }, b""),
-            Err(e) => send(writer, &Response::Error { id: None, message: format!("{path}: {e}") }, b""),
+            Ok(data) if data.len() <= kiln_proto::BODY_MAX => {
+                send(writer, &Response::FileData { path }, &data)
+            }
+            Ok(_) => send(
+                writer,
+                &Response::Error {
+                    id: None,
+                    message: format!("{path}: larger than 16 MiB"),
+                },
+                b"",
+            ),
+            Err(e) => send(
+                writer,
+                &Response::Error {
+                    id: None,
+                    message: format!("{path}: {e}"),
+                },
+                b"",
+            ),
         },
         Request::Shutdown => {
             send(writer, &Response::Done, b"");
@@ -174,7 +197,10 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
     command
         .args(&exec.args)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HOME", "/root")
         .envs(&exec.env)
         .stdin(Stdio::piped())
@@ -187,18 +213,30 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
     let mut child: Child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            send(&writer, &Response::Error { id: Some(id), message: format!("{}: {e}", exec.command) }, b"");
+            send(
+                &writer,
+                &Response::Error {
+                    id: Some(id),
+                    message: format!("{}: {e}", exec.command),
+                },
+                b"",
+            );
             return;
         }
     };
     let pid = child.id();
-    pids.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pid);
+    pids.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, pid);
     let mut child_stdin = child.stdin.take().expect("piped stdin");
     if !stdin.is_empty() {
         let _ = child_stdin.write_all(&stdin);
     }
     if exec.stdin_open {
-        stdins.lock().unwrap_or_else(|e| e.into_inner()).insert(id, child_stdin);
+        stdins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, child_stdin);
     } else {
         drop(child_stdin);
     }
@@ -209,15 +247,27 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
                 match source.read(&mut buffer) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
-                        let header = if stderr { Response::Stderr { id } } else { Response::Stdout { id } };
+                        let header = if stderr {
+                            Response::Stderr { id }
+                        } else {
+                            Response::Stdout { id }
+                        };
                         send(&writer, &header, &buffer[..n]);
                     }
                 }
             }
         })
     };
-    let out = pump(Box::new(child.stdout.take().expect("piped stdout")), false, writer.clone());
-    let err = pump(Box::new(child.stderr.take().expect("piped stderr")), true, writer.clone());
+    let out = pump(
+        Box::new(child.stdout.take().expect("piped stdout")),
+        false,
+        writer.clone(),
+    );
+    let err = pump(
+        Box::new(child.stderr.take().expect("piped stderr")),
+        true,
+        writer.clone(),
+    );
     let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(timeout) = exec.timeout_ms {
         let timed_out = timed_out.clone();

@@ -22,7 +22,11 @@ impl Agent {
             .unwrap();
         let input = child.stdin.take().unwrap();
         let output = child.stdout.take().unwrap();
-        Agent { child, input, output }
+        Agent {
+            child,
+            input,
+            output,
+        }
     }
 
     fn send(&mut self, request: &Request, body: &[u8]) {
@@ -34,14 +38,26 @@ impl Agent {
     }
 
     /// Runs one exec; returns (stdout, stderr, exit code, signal, timed out).
-    fn exec(&mut self, exec: Exec, stdin: &[u8]) -> (Vec<u8>, Vec<u8>, Option<i32>, Option<i32>, bool) {
+    fn exec(
+        &mut self,
+        exec: Exec,
+        stdin: &[u8],
+    ) -> (Vec<u8>, Vec<u8>, Option<i32>, Option<i32>, bool) {
         self.send(&Request::Exec(exec), stdin);
         let (mut out, mut err) = (Vec::new(), Vec::new());
         loop {
             match self.recv() {
                 (Response::Stdout { .. }, body) => out.extend(body),
                 (Response::Stderr { .. }, body) => err.extend(body),
-                (Response::Exited { code, signal, timed_out, .. }, _) => return (out, err, code, signal, timed_out),
+                (
+                    Response::Exited {
+                        code,
+                        signal,
+                        timed_out,
+                        ..
+                    },
+                    _,
+                ) => return (out, err, code, signal, timed_out),
                 (other, _) => panic!("unexpected {other:?}"),
             }
         }
@@ -75,7 +91,10 @@ fn ping_answers_with_the_version() {
 fn exec_streams_output_and_reports_exit() {
     let mut agent = Agent::start();
     let (out, err, code, _, _) = agent.exec(sh(1, "echo out; echo err >&2; exit 7"), b"");
-    assert_eq!((out.as_slice(), err.as_slice(), code), (&b"out\n"[..], &b"err\n"[..], Some(7)));
+    assert_eq!(
+        (out.as_slice(), err.as_slice(), code),
+        (&b"out\n"[..], &b"err\n"[..], Some(7))
+    );
     let mut exec = sh(2, "cat; echo \"$GREETING\"; pwd");
     exec.env.insert("GREETING".into(), "hi".into());
     exec.cwd = Some("/tmp".into());
@@ -100,8 +119,18 @@ fn timeouts_kill_and_say_so() {
 #[test]
 fn unknown_commands_are_errors() {
     let mut agent = Agent::start();
-    agent.send(&Request::Exec(Exec { id: 9, command: "/no/such/binary".into(), ..Exec::default() }), b"");
-    assert!(matches!(agent.recv().0, Response::Error { id: Some(9), .. }));
+    agent.send(
+        &Request::Exec(Exec {
+            id: 9,
+            command: "/no/such/binary".into(),
+            ..Exec::default()
+        }),
+        b"",
+    );
+    assert!(matches!(
+        agent.recv().0,
+        Response::Error { id: Some(9), .. }
+    ));
 }
 
 #[test]
@@ -110,13 +139,24 @@ fn files_round_trip() {
     let dir = std::env::temp_dir().join(format!("kiln-agent-test-{}", std::process::id()));
     let path = dir.join("sub/blob.bin").display().to_string();
     let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    agent.send(&Request::WriteFile { path: path.clone(), mode: Some(0o600) }, &data);
+    agent.send(
+        &Request::WriteFile {
+            path: path.clone(),
+            mode: Some(0o600),
+        },
+        &data,
+    );
     assert_eq!(agent.recv().0, Response::Done);
     agent.send(&Request::ReadFile { path: path.clone() }, b"");
     let (response, body) = agent.recv();
     assert!(matches!(response, Response::FileData { .. }));
     assert_eq!(body, data);
-    agent.send(&Request::ReadFile { path: "/no/such/file".into() }, b"");
+    agent.send(
+        &Request::ReadFile {
+            path: "/no/such/file".into(),
+        },
+        b"",
+    );
     assert!(matches!(agent.recv().0, Response::Error { .. }));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -127,7 +167,10 @@ fn malformed_frames_get_an_error_and_the_agent_lives_on() {
     let garbage = [&[1u8, 5, 0, 0, 0, 0, 0, 0, 0][..], b"{nope"].concat();
     agent.input.write_all(&garbage).unwrap();
     assert!(matches!(agent.recv().0, Response::Error { id: None, .. }));
-    agent.input.write_all(&encode(&serde_json::json!({"type": "reboot_host"}), b"")).unwrap();
+    agent
+        .input
+        .write_all(&encode(&serde_json::json!({"type": "reboot_host"}), b""))
+        .unwrap();
     assert!(matches!(agent.recv().0, Response::Error { id: None, .. }));
     agent.send(&Request::Ping, b"");
     assert!(matches!(agent.recv().0, Response::Pong { .. }));

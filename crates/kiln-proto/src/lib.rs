@@ -27,12 +27,23 @@ pub enum Request {
     /// `stdin_open`, then more comes as `Stdin` frames).
     Exec(Exec),
     /// More stdin for a running exec; an empty body with `eof` closes it.
-    Stdin { id: u64, eof: bool },
+    Stdin {
+        id: u64,
+        eof: bool,
+    },
     /// Signals a running exec.
-    Kill { id: u64, signal: i32 },
+    Kill {
+        id: u64,
+        signal: i32,
+    },
     /// Writes the body to `path`, creating parent directories.
-    WriteFile { path: String, mode: Option<u32> },
-    ReadFile { path: String },
+    WriteFile {
+        path: String,
+        mode: Option<u32>,
+    },
+    ReadFile {
+        path: String,
+    },
     /// Syncs filesystems and powers the guest off.
     Shutdown,
 }
@@ -55,10 +66,17 @@ pub struct Exec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    Pong { version: u8, agent: String },
+    Pong {
+        version: u8,
+        agent: String,
+    },
     /// Output of exec `id`; the body holds the bytes.
-    Stdout { id: u64 },
-    Stderr { id: u64 },
+    Stdout {
+        id: u64,
+    },
+    Stderr {
+        id: u64,
+    },
     /// Exec `id` ended: by exit code, or by signal (`timed_out` when the
     /// agent killed it for its timeout).
     Exited {
@@ -69,9 +87,14 @@ pub enum Response {
         duration_us: u64,
     },
     /// The body holds the file.
-    FileData { path: String },
+    FileData {
+        path: String,
+    },
     Done,
-    Error { id: Option<u64>, message: String },
+    Error {
+        id: Option<u64>,
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +144,11 @@ fn parse_prefix(prefix: &[u8; 9]) -> Result<(usize, usize), ProtoError> {
     Ok((header, body))
 }
 
-pub fn write_frame<T: Serialize>(writer: &mut impl Write, header: &T, body: &[u8]) -> Result<(), ProtoError> {
+pub fn write_frame<T: Serialize>(
+    writer: &mut impl Write,
+    header: &T,
+    body: &[u8],
+) -> Result<(), ProtoError> {
     writer.write_all(&encode(header, body))?;
     writer.flush()?;
     Ok(())
@@ -188,7 +215,10 @@ mod tests {
     #[test]
     fn bad_frames_are_errors_not_panics() {
         let check = |bytes: &[u8]| read_frame::<Request>(&mut &bytes[..]).unwrap_err();
-        assert!(matches!(check(&[2, 0, 0, 0, 0, 0, 0, 0, 0]), ProtoError::Version(2)));
+        assert!(matches!(
+            check(&[2, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ProtoError::Version(2)
+        ));
         assert!(matches!(
             check(&[1, 255, 255, 255, 255, 0, 0, 0, 0]),
             ProtoError::TooLarge { .. }

@@ -57,7 +57,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
 
 fn bench_schema() -> String {
     static STAMP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    STAMP.get_or_init(|| format!("kiln_bench_{}", now_millis())).clone()
+    STAMP
+        .get_or_init(|| format!("kiln_bench_{}", now_millis()))
+        .clone()
 }
 
 async fn fresh_db(url: Option<&str>) -> anyhow::Result<(Db, Option<Db>)> {
@@ -118,7 +120,10 @@ async fn wait_drained(db: &Db, timeout: Duration) -> anyhow::Result<()> {
         if left == 0 {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "not drained in time: {left} left");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not drained in time: {left} left"
+        );
         // Poll gently so the database's CPU goes to the queue; the drain time
         // comes from the last finished_at, not from this loop.
         tokio::time::sleep(Duration::from_millis(100)).await;

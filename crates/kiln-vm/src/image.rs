@@ -1,0 +1,345 @@
+//! `kiln image build`: a guest image made only from Debian packages — the
+//! cloud kernel (as an uncompressed vmlinux, which QEMU's microvm boots
+//! through its PVH entry) and busybox-static — plus kiln's own agent, packed
+//! into an initramfs. Downloaded packages are kept, so a rebuild is offline.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpio::Cpio;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A step of the build failed.
+    #[error("{step}: {message}")]
+    Step { step: &'static str, message: String },
+    /// File system trouble.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn step(step: &'static str, message: impl Into<String>) -> ImageError {
+    ImageError::Step {
+        step,
+        message: message.into(),
+    }
+}
+
+/// What an image holds, as `image.json` records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageManifest {
+    pub name: String,
+    pub kernel_package: String,
+    pub kernel_release: String,
+    pub busybox_package: String,
+    pub agent_sha256: String,
+    pub created_at: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: ImageManifest,
+}
+
+impl Image {
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinux")
+    }
+
+    pub fn initramfs(&self) -> PathBuf {
+        self.dir.join("initramfs.cpio")
+    }
+
+    pub fn open(images_dir: &Path, name: &str) -> Result<Image, ImageError> {
+        let dir = images_dir.join(name);
+        let text = std::fs::read_to_string(dir.join("image.json")).map_err(|e| {
+            step(
+                "open image",
+                format!("{}: {e} (build it with `kiln image build`)", dir.display()),
+            )
+        })?;
+        let manifest =
+            serde_json::from_str(&text).map_err(|e| step("open image", e.to_string()))?;
+        Ok(Image { dir, manifest })
+    }
+
+    pub fn list(images_dir: &Path) -> Vec<Image> {
+        let mut images: Vec<Image> = std::fs::read_dir(images_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Image::open(images_dir, &e.file_name().to_string_lossy()).ok())
+            .collect();
+        images.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
+        images
+    }
+}
+
+/// The guest's `/init`: mounts, virtio modules, then the agent as PID 1.
+const INIT: &str = "#!/bin/busybox sh
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o mode=1777 tmp /tmp
+for m in virtio_ring virtio virtio_mmio virtio_console; do
+  [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko
+done
+hostname kiln
+ip link set lo up
+exec /sbin/kiln-agent
+";
+
+/// Kernel modules the guest loads, in order (those built into the kernel
+/// are simply absent from the package).
+const MODULES: [&str; 4] = [
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/char/virtio_console.ko",
+];
+
+fn run(step_name: &'static str, command: &mut Command) -> Result<String, ImageError> {
+    let out = command
+        .output()
+        .map_err(|e| step(step_name, format!("{:?}: {e}", command.get_program())))?;
+    if !out.status.success() {
+        return Err(step(
+            step_name,
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The concrete kernel package behind Debian's `linux-image-cloud-amd64`.
+fn kernel_package() -> Result<String, ImageError> {
+    let depends = run(
+        "resolve kernel package",
+        Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]),
+    )?;
+    depends
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            step(
+                "resolve kernel package",
+                "apt knows no linux-image-cloud-amd64; run apt-get update",
+            )
+        })
+}
+
+fn download(debs: &Path, package: &str) -> Result<PathBuf, ImageError> {
+    let found = |debs: &Path| {
+        std::fs::read_dir(debs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
+    };
+    if let Some(path) = found(debs) {
+        return Ok(path);
+    }
+    run(
+        "download packages",
+        Command::new("apt-get")
+            .args(["download", package])
+            .current_dir(debs),
+    )?;
+    found(debs).ok_or_else(|| {
+        step(
+            "download packages",
+            format!("{package}: no .deb after download"),
+        )
+    })
+}
+
+/// Finds and decompresses the kernel inside a bzImage.
+fn extract_vmlinux(bzimage: &[u8], work: &Path) -> Result<Vec<u8>, ImageError> {
+    if bzimage.len() < 0x250 || &bzimage[0x202..0x206] != b"HdrS" {
+        return Err(step("extract kernel", "not a bzImage"));
+    }
+    let setup_sects = match bzimage[0x1f1] {
+        0 => 4,
+        n => n as usize,
+    };
+    let offset = u32::from_le_bytes(bzimage[0x248..0x24c].try_into().expect("4 bytes")) as usize;
+    let length = u32::from_le_bytes(bzimage[0x24c..0x250].try_into().expect("4 bytes")) as usize;
+    let start = (setup_sects + 1) * 512 + offset;
+    let payload = bzimage
+        .get(start..start + length)
+        .ok_or_else(|| step("extract kernel", "payload outside the image"))?;
+    let tool: &[&str] = match payload {
+        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
+        [0xfd, b'7', b'z', b'X', b'Z', ..] => &["xz", "-dc"],
+        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+        _ => return Err(step("extract kernel", "unknown kernel compression")),
+    };
+    let packed = work.join("payload");
+    std::fs::write(&packed, payload)?;
+    let out = Command::new(tool[0])
+        .args(&tool[1..])
+        .arg(&packed)
+        .output()
+        .map_err(|e| {
+            step(
+                "extract kernel",
+                format!("{}: {e} (install it from Debian's packages)", tool[0]),
+            )
+        })?;
+    // Decompressors warn about the trailing size field; what matters is ELF.
+    if !out.stdout.starts_with(b"\x7fELF") {
+        return Err(step(
+            "extract kernel",
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ));
+    }
+    Ok(out.stdout)
+}
+
+/// Builds (or rebuilds) the image `name` under `images_dir`. `progress`
+/// hears of each step.
+pub fn build(
+    images_dir: &Path,
+    name: &str,
+    agent: &Path,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Image, ImageError> {
+    const STEPS: usize = 5;
+    std::fs::create_dir_all(images_dir)?;
+    let debs = images_dir.join(".debs");
+    std::fs::create_dir_all(&debs)?;
+    let work = images_dir.join(format!(".build-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let result = (|| {
+        progress(1, STEPS, "resolving and downloading Debian packages");
+        let kernel_pkg = kernel_package()?;
+        let kernel_deb = download(&debs, &kernel_pkg)?;
+        let busybox_deb = download(&debs, "busybox-static")?;
+        progress(2, STEPS, "unpacking packages");
+        let root = work.join("debs");
+        for deb in [&kernel_deb, &busybox_deb] {
+            run(
+                "unpack packages",
+                Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root),
+            )?;
+        }
+        let release = kernel_pkg.trim_start_matches("linux-image-").to_string();
+        progress(3, STEPS, "extracting the kernel");
+        let bzimage = std::fs::read(root.join(format!("boot/vmlinuz-{release}")))?;
+        let vmlinux = extract_vmlinux(&bzimage, &work)?;
+        progress(4, STEPS, "packing the initramfs");
+        let agent_bytes = std::fs::read(agent).map_err(|e| {
+            step("read agent", format!("{}: {e} (build it: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl)", agent.display()))
+        })?;
+        let mut cpio = Cpio::new();
+        for dir in [
+            "bin",
+            "sbin",
+            "usr",
+            "usr/bin",
+            "usr/sbin",
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "root",
+            "etc",
+            "lib",
+            "lib/modules",
+        ] {
+            cpio.dir(dir);
+        }
+        cpio.file(
+            "bin/busybox",
+            0o755,
+            &std::fs::read(root.join("bin/busybox"))?,
+        );
+        cpio.symlink("bin/sh", "busybox");
+        cpio.file("sbin/kiln-agent", 0o755, &agent_bytes);
+        cpio.file("init", 0o755, INIT.as_bytes());
+        for module in MODULES {
+            let path = root.join(format!("lib/modules/{release}/kernel/{module}"));
+            if let Ok(bytes) = std::fs::read(&path) {
+                let file = Path::new(module)
+                    .file_name()
+                    .expect("module name")
+                    .to_string_lossy()
+                    .to_string();
+                cpio.file(&format!("lib/modules/{file}"), 0o644, &bytes);
+            }
+        }
+        progress(5, STEPS, "writing the image");
+        let out = work.join("image");
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(out.join("vmlinux"), vmlinux)?;
+        std::fs::write(out.join("initramfs.cpio"), cpio.finish())?;
+        let manifest = ImageManifest {
+            name: name.to_string(),
+            kernel_package: kernel_deb
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            kernel_release: release,
+            busybox_package: busybox_deb
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+            agent_sha256: {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&agent_bytes))
+            },
+            created_at: format!(
+                "{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            ),
+        };
+        std::fs::write(
+            out.join("image.json"),
+            serde_json::to_vec_pretty(&manifest).expect("manifest"),
+        )?;
+        let target = images_dir.join(name);
+        let old = images_dir.join(format!(".old-{name}-{}", std::process::id()));
+        if target.exists() {
+            std::fs::rename(&target, &old)?;
+        }
+        std::fs::rename(&out, &target)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(Image {
+            dir: target,
+            manifest,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Where the static agent binary is: `KILN_AGENT_BIN`, or the cargo target
+/// directory's musl build (a host build would need a libc the guest lacks).
+pub fn find_agent() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    let mut candidates = Vec::new();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    candidates.push(target.join("x86_64-unknown-linux-musl/agent/kiln-agent"));
+    candidates.into_iter().find(|p| p.is_file())
+}

@@ -1,0 +1,87 @@
+//! kiln's microVM sandboxes.
+//!
+//! The driver interface mirrors Firecracker's API resources one to one —
+//! boot source, machine config, drives, network interfaces, start,
+//! snapshot — so a Firecracker driver can stand beside the QEMU `microvm`
+//! driver without changing callers.
+
+pub mod agent;
+pub mod cpio;
+pub mod image;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+pub use agent::{AgentConn, ExecEvent, ExecOutput};
+pub use kiln_proto::Exec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The VM did not come up.
+    #[error("boot failed: {0}")]
+    Boot(String),
+    /// The guest agent failed or misbehaved.
+    #[error("guest agent: {0}")]
+    Agent(String),
+    /// Host-side I/O.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Firecracker's `boot-source`.
+#[derive(Clone, Debug)]
+pub struct BootSource {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Added to the driver's own kernel command line.
+    pub extra_cmdline: String,
+}
+
+/// Firecracker's `machine-config`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MachineConfig {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+}
+
+/// Firecracker's `drives` (none are used yet: the root is the initramfs).
+#[derive(Clone, Debug)]
+pub struct Drive {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// Firecracker's `network-interfaces` (off by default: no interface but `lo`).
+#[derive(Clone, Debug)]
+pub struct NetworkInterface {
+    pub id: String,
+    pub tap: String,
+    pub mac: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub id: String,
+    pub boot: BootSource,
+    pub machine: MachineConfig,
+    pub drives: Vec<Drive>,
+    pub network: Vec<NetworkInterface>,
+    /// Sockets, logs and other per-VM files; removed with the VM.
+    pub run_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accelerator {
+    Kvm,
+    Tcg,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}

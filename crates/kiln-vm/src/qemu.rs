@@ -1,0 +1,154 @@
+//! The QEMU `microvm` driver. The host↔guest channel is a virtio-serial
+//! port bound to a Unix socket (this host has no vhost-vsock); the guest
+//! agent finds it by its name, `agent`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::agent::AgentConn;
+use crate::{Accelerator, VmConfig, VmError};
+
+pub struct QemuVm {
+    pub child: Child,
+    pub agent: AgentConn,
+    pub run_dir: PathBuf,
+    pub booted_in: Duration,
+}
+
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+pub fn qemu_binary() -> PathBuf {
+    std::env::var_os("KILN_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
+}
+
+fn args(config: &VmConfig, accel: Accelerator, agent_socket: &Path) -> Vec<String> {
+    // Without an early TSC frequency the TCG guest calibrates for a long
+    // time and sometimes hangs; panic=-1 turns a guest crash into an exit.
+    let mut cmdline = String::from("quiet loglevel=0 panic=-1 reboot=t rdinit=/init");
+    if let Some(khz) = host_tsc_khz() {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    if !config.boot.extra_cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&config.boot.extra_cmdline);
+    }
+    let mut args: Vec<String> = vec![
+        "-M".into(),
+        "microvm,x-option-roms=off,isa-serial=off,rtc=on".into(),
+        "-cpu".into(),
+        if accel == Accelerator::Kvm {
+            "host"
+        } else {
+            "max"
+        }
+        .into(),
+        "-accel".into(),
+        accel.as_str().into(),
+        "-m".into(),
+        format!("{}M", config.machine.memory_mib),
+        "-smp".into(),
+        config.machine.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        config.boot.kernel.display().to_string(),
+        "-append".into(),
+        cmdline,
+        "-device".into(),
+        "virtio-serial-device".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            agent_socket.display()
+        ),
+        "-device".into(),
+        "virtserialport,chardev=agent,name=agent".into(),
+    ];
+    if let Some(initrd) = &config.boot.initrd {
+        args.push("-initrd".into());
+        args.push(initrd.display().to_string());
+    }
+    args
+}
+
+/// Boots a VM and waits until its agent answers.
+pub async fn start(
+    config: &VmConfig,
+    accel: Accelerator,
+    boot_timeout: Duration,
+) -> Result<QemuVm, VmError> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&config.run_dir)?;
+    let agent_socket = config.run_dir.join("agent.sock");
+    let _ = std::fs::remove_file(&agent_socket);
+    let log = std::fs::File::create(config.run_dir.join("qemu.log"))?;
+    let mut child = Command::new(qemu_binary())
+        .args(args(config, accel, &agent_socket))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| VmError::Boot(format!("starting {}: {e}", qemu_binary().display())))?;
+    let deadline = started + boot_timeout;
+    let agent = loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(config.run_dir.join("qemu.log")).unwrap_or_default();
+            return Err(VmError::Boot(format!(
+                "qemu exited ({status}): {}",
+                log.trim()
+            )));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill().await;
+            return Err(VmError::Boot(format!(
+                "no answer from the guest agent within {boot_timeout:?}"
+            )));
+        }
+        if let Ok(stream) = tokio::net::UnixStream::connect(&agent_socket).await {
+            let agent = AgentConn::new(stream);
+            // Frames sent before the guest opens its port are lost: ping
+            // until one is answered.
+            let answered = loop {
+                if Instant::now() > deadline {
+                    break false;
+                }
+                if agent.ping(Duration::from_millis(50)).await.is_ok() {
+                    break true;
+                }
+                if child.try_wait()?.is_some() {
+                    break false;
+                }
+            };
+            if answered {
+                break agent;
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    Ok(QemuVm {
+        child,
+        agent,
+        run_dir: config.run_dir.clone(),
+        booted_in: started.elapsed(),
+    })
+}
