@@ -31,6 +31,7 @@ pub struct AppState {
     pub db: Db,
     pub blobs: BlobStore,
     pub wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
+    pub vms: Option<Arc<kiln_vm::VmManager>>,
     pub keys: KeyCache,
 }
 
@@ -40,10 +41,20 @@ impl AppState {
         blobs: BlobStore,
         wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
     ) -> Arc<AppState> {
+        AppState::with_vms(db, blobs, wasm, None)
+    }
+
+    pub fn with_vms(
+        db: Db,
+        blobs: BlobStore,
+        wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
+        vms: Option<Arc<kiln_vm::VmManager>>,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             db,
             blobs,
             wasm,
+            vms,
             keys: KeyCache::default(),
         })
     }
@@ -61,8 +72,10 @@ impl AppState {
         routes::modules::push_module, routes::modules::list_modules, routes::modules::get_module,
         routes::modules::delete_module,
         routes::system::list_workers,
+        routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
+        routes::vms::execute, routes::vms::upload, routes::vms::download,
     ),
-    components(schemas(kiln_wasm::WasmSpec)),
+    components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -87,7 +100,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::queues::router())
         .merge(routes::keys::router())
         .merge(routes::modules::router())
-        .merge(routes::system::router());
+        .merge(routes::system::router())
+        .merge(routes::vms::router());
     Router::new()
         .route("/health", get(routes::system::health))
         .route("/metrics", get(routes::system::metrics_text))

@@ -8,12 +8,15 @@
 pub mod agent;
 pub mod cpio;
 pub mod image;
+pub mod job;
+pub mod manager;
 pub mod qemu;
 
 use std::path::PathBuf;
 
 pub use agent::{AgentConn, ExecEvent, ExecOutput};
 pub use kiln_proto::Exec;
+pub use manager::{VmInfo, VmManager, VmRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -112,6 +112,39 @@ impl Client {
             .await
     }
 
+    pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        self.send(
+            self.http
+                .put(format!("{}{path}", self.base))
+                .header("content-type", "application/octet-stream")
+                .body(bytes),
+        )
+        .await
+    }
+
+    /// A raw body (file downloads).
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach kiln at {}", self.base))?;
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            bail!(
+                "{status}: {}",
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("request failed")
+            );
+        }
+        Ok(bytes.to_vec())
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await

@@ -69,6 +69,16 @@ enum Command {
         #[command(subcommand)]
         command: RunCommand,
     },
+    /// Guest images for microVMs.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// MicroVMs through the API.
+    Vm {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: VmCommand,
+    },
     /// Benchmarks; results go to stdout as Markdown.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -193,6 +203,53 @@ enum ModuleCommand {
 }
 
 #[derive(Subcommand)]
+enum ImageCommand {
+    /// Build (or rebuild) a guest image from Debian packages and kiln's agent.
+    Build {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// The static agent binary (default: the cargo target dir's musl build).
+        #[arg(long, env = "KILN_AGENT_BIN")]
+        agent: Option<PathBuf>,
+    },
+    Ls {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    Create {
+        #[arg(long, default_value = "default")]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+        #[arg(long)]
+        ttl_s: Option<u64>,
+    },
+    Ls,
+    /// Run a command in a VM; prints its output and exits with its code.
+    Exec {
+        id: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Copy a file in (`kiln vm cp FILE ID:/path`) or out (`kiln vm cp ID:/path FILE`).
+    Cp {
+        from: String,
+        to: String,
+    },
+    Rm {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum RunCommand {
     /// Run a WebAssembly module: a file (pushed first) or a stored module id.
     Wasm {
@@ -210,6 +267,15 @@ enum RunCommand {
         /// Arguments for the program.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run a command in a fresh microVM, torn down afterwards.
+    Vm {
+        #[arg(long, default_value = "default")]
+        image: String,
+        #[arg(long)]
+        timeout_ms: Option<i64>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -283,6 +349,8 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Queue { client, command } => queue(Client::new(&client)?, command).await,
         Command::Module { client, command } => module(Client::new(&client)?, command).await,
         Command::Run { client, command } => run_once(Client::new(&client)?, command).await,
+        Command::Image(command) => image(command).await,
+        Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),
     }
 }
@@ -451,7 +519,7 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
 fn urlencode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'/' => {
                 (b as char).to_string()
             }
             _ => format!("%{b:02X}"),
@@ -556,5 +624,125 @@ async fn run_once(client: Client, command: RunCommand) -> anyhow::Result<i32> {
                 .await?;
             Ok(client::finish_like_the_program(&job))
         }
+        RunCommand::Vm {
+            image,
+            timeout_ms,
+            command,
+        } => {
+            let spec = json!({"image": image, "command": command[0], "args": &command[1..]});
+            let job = client
+                .post("/api/v1/run", &client::run_body("vm", spec, timeout_ms))
+                .await?;
+            Ok(client::finish_like_the_program(&job))
+        }
     }
+}
+
+async fn image(command: ImageCommand) -> anyhow::Result<i32> {
+    match command {
+        ImageCommand::Build {
+            server,
+            name,
+            agent,
+        } => {
+            let settings = server.settings()?;
+            kiln_core::validate_name("image", &name)?;
+            let agent = agent.or_else(kiln_vm::image::find_agent).context(
+                "no agent binary: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl, or pass --agent",
+            )?;
+            let dir = settings.data_dir.join("images");
+            let built = tokio::task::spawn_blocking(move || {
+                kiln_vm::image::build(&dir, &name, &agent, &mut |step, of, what| {
+                    eprintln!("[{step}/{of}] {what}");
+                })
+            })
+            .await??;
+            println!(
+                "image {} ready in {} (kernel {})",
+                built.manifest.name,
+                built.dir.display(),
+                built.manifest.kernel_release
+            );
+        }
+        ImageCommand::Ls { server } => {
+            let settings = server.settings()?;
+            for image in kiln_vm::image::Image::list(&settings.data_dir.join("images")) {
+                println!(
+                    "{}\t{}\t{}",
+                    image.manifest.name,
+                    image.manifest.kernel_release,
+                    image.manifest.busybox_package
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn vm(client: Client, command: VmCommand) -> anyhow::Result<i32> {
+    match command {
+        VmCommand::Create {
+            image,
+            vcpus,
+            memory_mib,
+            ttl_s,
+        } => {
+            let mut body = json!({"image": image, "vcpus": vcpus, "memory_mib": memory_mib});
+            if let Some(ttl) = ttl_s {
+                body["ttl_s"] = json!(ttl);
+            }
+            let vm = client.post("/api/v1/vms", &body).await?;
+            eprintln!(
+                "booted in {} ms ({})",
+                vm["boot_ms"],
+                vm["accelerator"].as_str().unwrap_or("")
+            );
+            println!("{}", vm["id"].as_str().unwrap_or(""));
+        }
+        VmCommand::Ls => {
+            let list = client.get("/api/v1/vms").await?;
+            for vm in list["vms"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}\t{}MiB\t{}",
+                    vm["id"].as_str().unwrap_or(""),
+                    vm["image"].as_str().unwrap_or(""),
+                    vm["accelerator"].as_str().unwrap_or(""),
+                    vm["memory_mib"],
+                    vm["created_at"].as_str().unwrap_or("")
+                );
+            }
+        }
+        VmCommand::Exec { id, command } => {
+            use std::io::Write;
+            let body = json!({"command": command[0], "args": &command[1..]});
+            let out = client
+                .post(&format!("/api/v1/vms/{id}/execute"), &body)
+                .await?;
+            let _ = std::io::stdout().write_all(out["stdout"].as_str().unwrap_or("").as_bytes());
+            let _ = std::io::stderr().write_all(out["stderr"].as_str().unwrap_or("").as_bytes());
+            return Ok(out["exit_code"].as_i64().unwrap_or(1).clamp(0, 255) as i32);
+        }
+        VmCommand::Cp { from, to } => match (from.split_once(':'), to.split_once(':')) {
+            (None, Some((id, path))) => {
+                let bytes = std::fs::read(&from).with_context(|| format!("reading {from}"))?;
+                client
+                    .put_bytes(
+                        &format!("/api/v1/vms/{id}/files?path={}", urlencode(path)),
+                        bytes,
+                    )
+                    .await?;
+            }
+            (Some((id, path)), None) => {
+                let bytes = client
+                    .get_bytes(&format!("/api/v1/vms/{id}/files?path={}", urlencode(path)))
+                    .await?;
+                std::fs::write(&to, bytes).with_context(|| format!("writing {to}"))?;
+            }
+            _ => anyhow::bail!("one side must be ID:/path and the other a local file"),
+        },
+        VmCommand::Rm { id } => {
+            client.delete(&format!("/api/v1/vms/{id}")).await?;
+        }
+    }
+    Ok(0)
 }

@@ -63,6 +63,33 @@ pub fn wasm_runtime(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Ar
     Ok(WasmRuntime::new(config, blobs.clone())?)
 }
 
+/// MicroVMs are offered when a `default` image exists in the data dir; the
+/// accelerator is probed once per host.
+async fn vm_manager(settings: &Settings) -> Option<Arc<kiln_vm::VmManager>> {
+    let images = settings.data_dir.join("images");
+    let image = match kiln_vm::image::Image::open(&images, "default") {
+        Ok(image) => image,
+        Err(_) => {
+            tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
+            return None;
+        }
+    };
+    let vm_dir = settings.data_dir.join("vms");
+    let accelerator = kiln_vm::manager::probe_accelerator(
+        &image,
+        &vm_dir,
+        &settings.data_dir.join("accelerator"),
+    )
+    .await;
+    match kiln_vm::VmManager::new(&images, &vm_dir, accelerator) {
+        Ok(manager) => Some(manager),
+        Err(error) => {
+            tracing::warn!(%error, "microVMs are off");
+            None
+        }
+    }
+}
+
 /// The first start of an empty database makes an admin key and writes it
 /// where the CLI will find it.
 async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
@@ -101,6 +128,7 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
     let wasm = wasm_runtime(&settings, &blobs)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
+    let vms = vm_manager(&settings).await;
 
     let mut tasks = tokio::task::JoinSet::new();
     if roles.worker {
@@ -112,9 +140,12 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
         config.slots = settings.slots;
         config.lease = Duration::from_millis(settings.lease_ms);
         config.heartbeat_every = (config.lease / 4).min(Duration::from_millis(500));
-        let handlers = Handlers::new()
+        let mut handlers = Handlers::new()
             .with("wasm", Arc::new(WasmHandler(wasm.clone())))
             .with("noop", Arc::new(NoopHandler));
+        if let Some(vms) = &vms {
+            handlers = handlers.with("vm", Arc::new(kiln_vm::job::VmJobHandler(vms.clone())));
+        }
         let worker = Worker::new(db.clone(), handlers, config);
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -139,7 +170,7 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
     }
     if roles.api {
         ensure_admin_key(&db, &settings.data_dir).await?;
-        let state = AppState::new(db.clone(), blobs.clone(), Some(wasm.clone()));
+        let state = AppState::with_vms(db.clone(), blobs.clone(), Some(wasm.clone()), vms.clone());
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listening on {}", settings.listen))?;
@@ -151,8 +182,27 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
                 .context("HTTP server")
         });
     }
+    if let Some(vms) = vms.clone() {
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
+                let n = vms.expire().await;
+                if n > 0 {
+                    tracing::info!(n, "deleted VMs past their TTL or idle timeout");
+                }
+            }
+        });
+    }
     while let Some(done) = tasks.join_next().await {
         done??;
+    }
+    if let Some(vms) = vms {
+        vms.shutdown().await;
     }
     db.close().await;
     Ok(())

@@ -189,6 +189,10 @@ async fn check_spec(state: &AppState, job: &NewJob) -> ApiResult<()> {
             )));
         }
     }
+    if job.kind == "vm" {
+        kiln_vm::job::VmJobSpec::parse(&job.spec)
+            .map_err(|e| ApiError::invalid(format!("invalid vm spec: {e}")))?;
+    }
     Ok(())
 }
 

@@ -3,3 +3,4 @@ pub mod keys;
 pub mod modules;
 pub mod queues;
 pub mod system;
+pub mod vms;

@@ -1,0 +1,371 @@
+//! Live VMs of this process: create (boot), exec, files, delete; TTL and
+//! idle expiry; and a reaper for what a crashed predecessor left behind.
+//!
+//! Every VM lives in `<vm_dir>/<id>/` (sockets, log, `pid`), so after a
+//! crash the next start finds and kills its QEMU processes and removes the
+//! directories.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::image::Image;
+use crate::{qemu, Accelerator, AgentConn, BootSource, MachineConfig, VmConfig, VmError};
+
+#[derive(Clone, Debug)]
+pub struct VmRequest {
+    pub tenant: String,
+    pub image: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub ttl: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmInfo {
+    pub id: String,
+    pub tenant: String,
+    pub image: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub accelerator: Accelerator,
+    pub labels: BTreeMap<String, String>,
+    pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    pub boot_ms: u64,
+    pub pid: Option<u32>,
+}
+
+struct LiveVm {
+    info: VmInfo,
+    agent: AgentConn,
+    child: tokio::process::Child,
+    run_dir: PathBuf,
+    created: Instant,
+    last_used: Mutex<Instant>,
+    ttl: Option<Duration>,
+    idle_timeout: Option<Duration>,
+}
+
+pub struct VmManager {
+    images_dir: PathBuf,
+    vm_dir: PathBuf,
+    accelerator: Accelerator,
+    vms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LiveVm>>>>>,
+    boot_timeout: Duration,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn new_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "vm-{:x}{:04x}",
+        nanos % (1u128 << 48),
+        N.fetch_add(1, Ordering::Relaxed) % 0xffff
+    )
+}
+
+impl VmManager {
+    /// Reaps leftovers in `vm_dir`, then is ready to boot VMs.
+    pub fn new(
+        images_dir: &Path,
+        vm_dir: &Path,
+        accelerator: Accelerator,
+    ) -> Result<Arc<VmManager>, VmError> {
+        std::fs::create_dir_all(vm_dir)?;
+        let reaped = reap(vm_dir);
+        if reaped > 0 {
+            tracing::info!(reaped, "removed VMs left behind by an earlier run");
+        }
+        Ok(Arc::new(VmManager {
+            images_dir: images_dir.to_path_buf(),
+            vm_dir: vm_dir.to_path_buf(),
+            accelerator,
+            vms: Mutex::default(),
+            boot_timeout: Duration::from_secs(60),
+        }))
+    }
+
+    pub fn accelerator(&self) -> Accelerator {
+        self.accelerator
+    }
+
+    pub async fn create(&self, request: VmRequest) -> Result<VmInfo, VmError> {
+        let image = Image::open(&self.images_dir, &request.image)
+            .map_err(|e| VmError::Boot(e.to_string()))?;
+        let id = new_id();
+        let run_dir = self.vm_dir.join(&id);
+        let config = VmConfig {
+            id: id.clone(),
+            boot: BootSource {
+                kernel: image.kernel(),
+                initrd: Some(image.initramfs()),
+                extra_cmdline: String::new(),
+            },
+            machine: MachineConfig {
+                vcpus: request.vcpus,
+                memory_mib: request.memory_mib,
+            },
+            drives: Vec::new(),
+            network: Vec::new(),
+            run_dir: run_dir.clone(),
+        };
+        let vm = match qemu::start(&config, self.accelerator, self.boot_timeout).await {
+            Ok(vm) => vm,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                return Err(error);
+            }
+        };
+        let pid = vm.child.id();
+        if let Some(pid) = pid {
+            std::fs::write(run_dir.join("pid"), pid.to_string())?;
+        }
+        let created_at_ms = now_ms();
+        let info = VmInfo {
+            id: id.clone(),
+            tenant: request.tenant,
+            image: request.image,
+            vcpus: request.vcpus,
+            memory_mib: request.memory_mib,
+            accelerator: self.accelerator,
+            labels: request.labels,
+            created_at_ms,
+            expires_at_ms: request
+                .ttl
+                .map(|ttl| created_at_ms + ttl.as_millis() as i64),
+            boot_ms: vm.booted_in.as_millis() as u64,
+            pid,
+        };
+        let live = LiveVm {
+            info: info.clone(),
+            agent: vm.agent,
+            child: vm.child,
+            run_dir,
+            created: Instant::now(),
+            last_used: Mutex::new(Instant::now()),
+            ttl: request.ttl,
+            idle_timeout: request.idle_timeout,
+        };
+        self.vms
+            .lock()
+            .expect("vms")
+            .insert(id, Arc::new(tokio::sync::Mutex::new(Some(live))));
+        Ok(info)
+    }
+
+    fn slot(&self, tenant: &str, id: &str) -> Option<Arc<tokio::sync::Mutex<Option<LiveVm>>>> {
+        let slot = self.vms.lock().expect("vms").get(id).cloned()?;
+        // Tenant checked under the slot's lock by callers via `with`.
+        let _ = tenant;
+        Some(slot)
+    }
+
+    /// The agent of a tenant's VM, marking it used.
+    pub async fn agent(&self, tenant: &str, id: &str) -> Option<AgentConn> {
+        let slot = self.slot(tenant, id)?;
+        let guard = slot.lock().await;
+        let live = guard.as_ref().filter(|vm| vm.info.tenant == tenant)?;
+        *live.last_used.lock().expect("last used") = Instant::now();
+        Some(live.agent.clone())
+    }
+
+    pub async fn get(&self, tenant: &str, id: &str) -> Option<VmInfo> {
+        let slot = self.slot(tenant, id)?;
+        let guard = slot.lock().await;
+        guard
+            .as_ref()
+            .filter(|vm| vm.info.tenant == tenant)
+            .map(|vm| vm.info.clone())
+    }
+
+    pub async fn list(&self, tenant: &str) -> Vec<VmInfo> {
+        let slots: Vec<_> = self.vms.lock().expect("vms").values().cloned().collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            if let Some(vm) = slot.lock().await.as_ref() {
+                if vm.info.tenant == tenant {
+                    out.push(vm.info.clone());
+                }
+            }
+        }
+        out.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// Stops the VM and removes everything it had. False if no such VM.
+    pub async fn delete(&self, tenant: &str, id: &str) -> bool {
+        let Some(slot) = self.slot(tenant, id) else {
+            return false;
+        };
+        let mut guard = slot.lock().await;
+        if guard.as_ref().is_none_or(|vm| vm.info.tenant != tenant) {
+            return false;
+        }
+        let vm = guard.take().expect("checked");
+        self.vms.lock().expect("vms").remove(id);
+        destroy(vm).await;
+        true
+    }
+
+    /// Deletes VMs past their TTL or idle timeout; returns how many.
+    pub async fn expire(&self) -> usize {
+        let slots: Vec<(String, Arc<tokio::sync::Mutex<Option<LiveVm>>>)> = self
+            .vms
+            .lock()
+            .expect("vms")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut n = 0;
+        for (id, slot) in slots {
+            let mut guard = slot.lock().await;
+            let expired = guard.as_ref().is_some_and(|vm| {
+                vm.ttl.is_some_and(|ttl| vm.created.elapsed() >= ttl)
+                    || vm.idle_timeout.is_some_and(|idle| {
+                        vm.last_used.lock().expect("last used").elapsed() >= idle
+                    })
+            });
+            if expired {
+                let vm = guard.take().expect("checked");
+                self.vms.lock().expect("vms").remove(&id);
+                destroy(vm).await;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Deletes every VM (at shutdown).
+    pub async fn shutdown(&self) {
+        let slots: Vec<_> = self
+            .vms
+            .lock()
+            .expect("vms")
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        for slot in slots {
+            if let Some(vm) = slot.lock().await.take() {
+                destroy(vm).await;
+            }
+        }
+    }
+
+    pub fn vm_dir(&self) -> &Path {
+        &self.vm_dir
+    }
+}
+
+async fn destroy(mut vm: LiveVm) {
+    let _ = tokio::time::timeout(Duration::from_millis(200), vm.agent.shutdown()).await;
+    let _ = vm.child.start_kill();
+    let _ = tokio::time::timeout(Duration::from_secs(5), vm.child.wait()).await;
+    let _ = std::fs::remove_dir_all(&vm.run_dir);
+}
+
+/// Kills the QEMU processes recorded under `vm_dir` (checking that each pid
+/// still belongs to a QEMU started for that directory) and removes the
+/// directories. Returns how many directories were removed.
+pub fn reap(vm_dir: &Path) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(vm_dir).into_iter().flatten().flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        if let Some(pid) = std::fs::read_to_string(dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains(&*dir.to_string_lossy()) {
+                // SAFETY: kill(2) on a pid whose command line names this VM's
+                // own directory, so it is the QEMU kiln started for it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Uses KVM when a tiny boot under it answers, else TCG; the answer is
+/// cached in `cache_file` so each host pays for the probe once.
+pub async fn probe_accelerator(image: &Image, work_dir: &Path, cache_file: &Path) -> Accelerator {
+    match std::fs::read_to_string(cache_file)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("kvm") => return Accelerator::Kvm,
+        Some("tcg") => return Accelerator::Tcg,
+        _ => {}
+    }
+    let mut found = Accelerator::Tcg;
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        let config = VmConfig {
+            id: "probe".into(),
+            boot: BootSource {
+                kernel: image.kernel(),
+                initrd: Some(image.initramfs()),
+                extra_cmdline: String::new(),
+            },
+            machine: MachineConfig {
+                vcpus: 1,
+                memory_mib: 128,
+            },
+            drives: Vec::new(),
+            network: Vec::new(),
+            run_dir: work_dir.join(format!("probe-{}", std::process::id())),
+        };
+        if let Ok(vm) = qemu::start(&config, Accelerator::Kvm, Duration::from_secs(8)).await {
+            if vm
+                .agent
+                .exec(
+                    crate::Exec {
+                        command: "true".into(),
+                        ..crate::Exec::default()
+                    },
+                    b"",
+                )
+                .await
+                .is_ok_and(|o| o.exit_code == Some(0))
+            {
+                found = Accelerator::Kvm;
+            }
+            let mut child = vm.child;
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        let _ = std::fs::remove_dir_all(&config.run_dir);
+    }
+    tracing::info!(
+        accelerator = found.as_str(),
+        "microVM accelerator chosen by a probe boot"
+    );
+    let _ = std::fs::write(cache_file, found.as_str());
+    found
+}
