@@ -1,53 +1,12 @@
 //! Real VMs: the image is built from Debian packages, booted under QEMU
-//! `microvm` with whichever accelerator works here, and driven through the
-//! agent.
+//! `microvm` with the accelerator the probe picks, and driven through the
+//! agent and the manager.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use kiln_vm::image::{self, Image};
-use kiln_vm::{qemu, Accelerator, BootSource, Exec, MachineConfig, VmConfig};
-use tokio::sync::OnceCell;
-
-/// One image per test run, built on first use (packages are cached).
-async fn test_image() -> &'static Image {
-    static IMAGE: OnceCell<Image> = OnceCell::const_new();
-    IMAGE
-        .get_or_init(|| async {
-            let dir = std::env::var_os("KILN_TEST_IMAGE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| std::env::temp_dir().join("kiln-test-images"));
-            if let Ok(image) = Image::open(&dir, "default") {
-                return image;
-            }
-            let agent = image::find_agent().expect(
-                "the static agent: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl",
-            );
-            tokio::task::spawn_blocking(move || image::build(&dir, "default", &agent, &mut |_, _, _| {}))
-                .await
-                .unwrap()
-                .expect("image build")
-        })
-        .await
-}
-
-fn config(image: &Image, name: &str) -> VmConfig {
-    VmConfig {
-        id: name.to_string(),
-        boot: BootSource {
-            kernel: image.kernel(),
-            initrd: Some(image.initramfs()),
-            extra_cmdline: String::new(),
-        },
-        machine: MachineConfig {
-            vcpus: 1,
-            memory_mib: 128,
-        },
-        drives: Vec::new(),
-        network: Vec::new(),
-        run_dir: std::env::temp_dir().join(format!("kiln-vm-test-{}-{name}", std::process::id())),
-    }
-}
+use kiln_vm::manager::{probe_accelerator, reap};
+use kiln_vm::{testing, Exec, VmManager, VmRequest};
 
 fn sh(script: &str) -> Exec {
     Exec {
@@ -57,59 +16,105 @@ fn sh(script: &str) -> Exec {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn boots_and_runs_commands() {
-    let image = test_image().await;
-    let started = Instant::now();
-    let vm = qemu::start(
-        &config(image, "basic"),
-        Accelerator::Tcg,
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    eprintln!("booted in {:?}", started.elapsed());
-    let out = vm
-        .agent
-        .exec(
-            Exec {
-                command: "uname".into(),
-                args: vec!["-a".into()],
-                ..Exec::default()
-            },
-            b"",
-        )
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&image.manifest.kernel_release), "{text}");
-    let out = vm
-        .agent
-        .exec(sh("echo out; echo err >&2; exit 7"), b"")
-        .await
-        .unwrap();
-    assert_eq!(
-        (out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code),
-        (&b"out\n"[..], &b"err\n"[..], Some(7))
-    );
-    let t = Instant::now();
-    for _ in 0..20 {
-        vm.agent
-            .exec(
-                Exec {
-                    command: "true".into(),
-                    ..Exec::default()
-                },
-                b"",
-            )
-            .await
-            .unwrap();
+fn request(memory_mib: u32) -> VmRequest {
+    VmRequest {
+        tenant: "acme".into(),
+        image: "default".into(),
+        vcpus: 1,
+        memory_mib,
+        ttl: None,
+        idle_timeout: None,
+        labels: BTreeMap::new(),
     }
-    eprintln!("exec round trip {:?}", t.elapsed() / 20);
-    let out = vm.agent.exec(sh("ls /sys/class/net"), b"").await.unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "lo",
-        "no network but lo"
-    );
+}
+
+async fn manager(name: &str) -> std::sync::Arc<VmManager> {
+    let image = testing::test_image().await;
+    let work = std::env::temp_dir().join(format!("kiln-vm-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let accelerator = probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
+    VmManager::new(&testing::images_dir(), &work.join("vms"), accelerator).unwrap()
+}
+
+fn qemu_running_in(dir: &std::path::Path) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+            .unwrap_or(false)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_runs_commands_and_moves_files() {
+    let vms = manager("basic").await;
+    let image = testing::test_image().await;
+    let vm = vms.create(request(160)).await.unwrap();
+    let agent = vms.agent("acme", &vm.id).await.unwrap();
+    assert!(vms.agent("globex", &vm.id).await.is_none(), "another tenant's VM is invisible");
+
+    let uname = agent.exec(Exec { command: "uname".into(), args: vec!["-r".into()], ..Exec::default() }, b"").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&uname.stdout).trim(), image.manifest.kernel_release);
+
+    let out = agent.exec(sh("echo out; echo err >&2; exit 7"), b"").await.unwrap();
+    assert_eq!((out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code), (&b"out\n"[..], &b"err\n"[..], Some(7)));
+
+    let mut exec = sh("cat; echo \"$GREETING\"; pwd");
+    exec.env.insert("GREETING".into(), "hello".into());
+    exec.cwd = Some("/tmp".into());
+    let out = agent.exec(exec, b"piped\n").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped\nhello\n/tmp\n");
+
+    let out = agent.exec(sh("head -c 5000000 /dev/zero"), b"").await.unwrap();
+    assert_eq!(out.stdout.len(), 5_000_000, "large output arrives whole");
+
+    let mut slow = sh("sleep 30");
+    slow.timeout_ms = Some(300);
+    let out = agent.exec(slow, b"").await.unwrap();
+    assert!(out.timed_out && out.signal == Some(9), "{out:?}");
+    let out = agent.exec(sh("echo alive"), b"").await.unwrap();
+    assert_eq!(out.stdout, b"alive\n", "the VM stays usable after a timeout");
+
+    let data: Vec<u8> = (0..10 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    agent.write_file("/tmp/blob.bin", &data, None).await.unwrap();
+    assert_eq!(agent.read_file("/tmp/blob.bin").await.unwrap(), data);
+    let sum = agent.exec(sh("wc -c < /tmp/blob.bin"), b"").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&sum.stdout).trim(), (10 << 20).to_string());
+
+    let mem = agent.exec(sh("grep MemTotal /proc/meminfo"), b"").await.unwrap();
+    let kib: u64 = String::from_utf8_lossy(&mem.stdout).split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(kib <= 160 * 1024 && kib > 64 * 1024, "guest memory follows the request: {kib} KiB");
+
+    let net = agent.exec(sh("ls /sys/class/net"), b"").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&net.stdout).trim(), "lo", "no network interface but lo");
+
+    let run_dir = vms.vm_dir().join(&vm.id);
+    assert!(qemu_running_in(&run_dir));
+    assert!(vms.delete("acme", &vm.id).await);
+    assert!(!run_dir.exists(), "delete leaves no files");
+    assert!(!qemu_running_in(&run_dir), "delete leaves no process");
+    assert!(vms.get("acme", &vm.id).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_crashed_run_are_reaped_and_ttls_expire() {
+    let vms = manager("reap").await;
+    let vm = vms.create(request(128)).await.unwrap();
+    let run_dir = vms.vm_dir().join(&vm.id);
+    // A crash: the manager is gone without deleting anything.
+    let pid = vm.pid.unwrap();
+    std::mem::forget(vms.clone());
+    assert!(qemu_running_in(&run_dir));
+    assert_eq!(reap(run_dir.parent().unwrap()), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || !qemu_running_in(&run_dir));
+    assert!(!run_dir.exists());
+
+    let fresh = manager("ttl").await;
+    let mut short = request(128);
+    short.ttl = Some(Duration::from_millis(100));
+    let vm = fresh.create(short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fresh.expire().await, 1);
+    assert!(fresh.get("acme", &vm.id).await.is_none());
+    assert!(!fresh.vm_dir().join(&vm.id).exists());
 }

@@ -1,0 +1,34 @@
+//! For test suites that boot real VMs: one image per test run, built from
+//! Debian packages on first use (`KILN_TEST_IMAGE_DIR`, else a directory in
+//! the system temp dir; downloaded packages are kept there).
+
+use std::path::PathBuf;
+
+use tokio::sync::OnceCell;
+
+use crate::image::{self, Image};
+
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("KILN_TEST_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("kiln-test-images"))
+}
+
+pub async fn test_image() -> &'static Image {
+    static IMAGE: OnceCell<Image> = OnceCell::const_new();
+    IMAGE
+        .get_or_init(|| async {
+            let dir = images_dir();
+            if let Ok(image) = Image::open(&dir, "default") {
+                return image;
+            }
+            let agent = image::find_agent().expect(
+                "the static agent (.ci/run builds it): cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl",
+            );
+            tokio::task::spawn_blocking(move || image::build(&dir, "default", &agent, &mut |_, _, _| {}))
+                .await
+                .expect("image build task")
+                .expect("image build")
+        })
+        .await
+}
