@@ -20,6 +20,22 @@ pub enum BenchCommand {
     Queue(QueueArgs),
     /// WebAssembly: instantiate, submit→result through the API, jobs/s, memory.
     Wasm(WasmArgs),
+    /// MicroVMs: cold create→first exec, exec round trip, memory per VM, VMs at once.
+    Vm(VmArgs),
+}
+
+#[derive(Args)]
+pub struct VmArgs {
+    /// Where the `default` image is (`kiln image build` puts it in <data-dir>/images).
+    #[arg(long, env = "KILN_BENCH_IMAGES")]
+    images: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 5)]
+    boots: usize,
+    #[arg(long, default_value_t = 300)]
+    execs: usize,
+    /// Most VMs to start at once.
+    #[arg(long, default_value_t = 16)]
+    max_vms: usize,
 }
 
 #[derive(Args)]
@@ -52,6 +68,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Queue(args) => queue(args).await,
         BenchCommand::Wasm(args) => wasm(args).await,
+        BenchCommand::Vm(args) => vm(args).await,
     }
 }
 
@@ -438,4 +455,112 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
             .map(|dir| dir.join(name))
             .find(|p| p.is_file())
     })
+}
+
+fn pid_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn vm(args: VmArgs) -> anyhow::Result<()> {
+    use kiln_vm::{Exec, VmManager, VmRequest};
+    let images = args
+        .images
+        .unwrap_or_else(|| crate::config::default_data_dir().join("images"));
+    let image = kiln_vm::image::Image::open(&images, "default")?;
+    let work = std::env::temp_dir().join(format!("kiln-bench-vm-{}", now_millis()));
+    let accelerator =
+        kiln_vm::manager::probe_accelerator(&image, &work, &work.join("accelerator")).await;
+    let vms = VmManager::new(&images, &work.join("vms"), accelerator)?;
+    let request = || VmRequest {
+        tenant: "bench".into(),
+        image: "default".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        ttl: None,
+        idle_timeout: None,
+        labels: Default::default(),
+    };
+    let truth = || Exec {
+        command: "true".into(),
+        ..Exec::default()
+    };
+    println!("| kiln microVM ({}) | value |\n|---|---|", accelerator.as_str());
+
+    let mut cold = Vec::new();
+    for _ in 0..args.boots {
+        let t = Instant::now();
+        let vm = vms.create(request()).await?;
+        let agent = vms.agent("bench", &vm.id).await.context("vm vanished")?;
+        agent.exec(truth(), b"").await?;
+        cold.push(t.elapsed());
+        vms.delete("bench", &vm.id).await;
+    }
+    cold.sort();
+    println!(
+        "| create → first exec result, full boot, no warm VM ({} runs) | p50 {} · max {} |",
+        cold.len(),
+        ms(percentile(&cold, 0.5)),
+        ms(percentile(&cold, 1.0))
+    );
+
+    let vm = vms.create(request()).await?;
+    let agent = vms.agent("bench", &vm.id).await.context("vm vanished")?;
+    for _ in 0..20 {
+        agent.exec(truth(), b"").await?;
+    }
+    let mut round = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        agent.exec(truth(), b"").await?;
+        round.push(t.elapsed());
+    }
+    round.sort();
+    println!(
+        "| exec round trip of `true` ({} runs) | p50 {} · p99 {} |",
+        round.len(),
+        ms(percentile(&round, 0.5)),
+        ms(percentile(&round, 0.99))
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = vm.pid.map(pid_rss_kib).unwrap_or(0);
+    println!("| host RSS of one idle 128 MiB VM (QEMU process) | {} MiB |", rss / 1024);
+    vms.delete("bench", &vm.id).await;
+
+    let mut alive = Vec::new();
+    let mut failure = None;
+    for _ in 0..args.max_vms {
+        match vms.create(request()).await {
+            Ok(vm) => alive.push(vm),
+            Err(error) => {
+                failure = Some(error.to_string());
+                break;
+            }
+        }
+    }
+    let mut answering = 0;
+    for vm in &alive {
+        if let Some(agent) = vms.agent("bench", &vm.id).await {
+            if agent.exec(truth(), b"").await.is_ok_and(|o| o.exit_code == Some(0)) {
+                answering += 1;
+            }
+        }
+    }
+    println!(
+        "| VMs alive at once (stopped at --max-vms {}) | {} started, {} answering{} |",
+        args.max_vms,
+        alive.len(),
+        answering,
+        failure.map(|f| format!("; first failure: {f}")).unwrap_or_default()
+    );
+    vms.shutdown().await;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }
