@@ -22,7 +22,14 @@ use tower::ServiceExt;
 
 kiln_db::on_both_databases!(vms_through_the_api_and_the_queue);
 
-async fn send(app: &Router, method: &str, path: &str, key: &str, content_type: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    key: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
     let request = Request::builder()
         .method(method)
         .uri(path)
@@ -32,40 +39,117 @@ async fn send(app: &Router, method: &str, path: &str, key: &str, content_type: &
         .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    (status, response.into_body().collect().await.unwrap().to_bytes().to_vec())
+    (
+        status,
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
 }
 
-async fn call(app: &Router, method: &str, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
-    let (status, bytes) = send(app, method, path, key, "application/json", body.to_string().into_bytes()).await;
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    let (status, bytes) = send(
+        app,
+        method,
+        path,
+        key,
+        "application/json",
+        body.to_string().into_bytes(),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 async fn vms_through_the_api_and_the_queue(db: Db) {
     let image = testing::test_image().await;
     let work = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-api-vms"));
-    let accelerator = probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
+    let accelerator =
+        probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
     let vms = VmManager::new(&testing::images_dir(), &work.join("vms"), accelerator).unwrap();
     let blobs = BlobStore::local(&work.join("blobs")).unwrap();
-    let key = kiln_api::issue_key(&db, "acme", "t", Scopes(vec![Scope::Write])).await.unwrap().1;
-    let other = kiln_api::issue_key(&db, "globex", "t", Scopes(vec![Scope::Write])).await.unwrap().1;
-    let app = kiln_api::app(AppState::with_vms(db.clone(), blobs, None, Some(vms.clone())));
+    let key = kiln_api::issue_key(&db, "acme", "t", Scopes(vec![Scope::Write]))
+        .await
+        .unwrap()
+        .1;
+    let other = kiln_api::issue_key(&db, "globex", "t", Scopes(vec![Scope::Write]))
+        .await
+        .unwrap()
+        .1;
+    let app = kiln_api::app(AppState::with_vms(
+        db.clone(),
+        blobs,
+        None,
+        Some(vms.clone()),
+    ));
 
-    let (status, vm) = call(&app, "POST", "/api/v1/vms", &key, json!({"memory_mib": 128, "labels": {"t": "1"}})).await;
+    let (status, vm) = call(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        &key,
+        json!({"memory_mib": 128, "labels": {"t": "1"}}),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{vm}");
     assert_eq!(vm["accelerator"], accelerator.as_str());
     let id = vm["id"].as_str().unwrap().to_string();
-    let (status, _) = call(&app, "GET", &format!("/api/v1/vms/{id}"), &other, Value::Null).await;
+    let (status, _) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/vms/{id}"),
+        &other,
+        Value::Null,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let (status, out) = call(&app, "POST", &format!("/api/v1/vms/{id}/execute"), &key,
-        json!({"command": "sh", "args": ["-c", "echo hi; exit 3"], "timeout_ms": 5000})).await;
+    let (status, out) = call(
+        &app,
+        "POST",
+        &format!("/api/v1/vms/{id}/execute"),
+        &key,
+        json!({"command": "sh", "args": ["-c", "echo hi; exit 3"], "timeout_ms": 5000}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((out["stdout"].as_str(), out["exit_code"].as_i64()), (Some("hi\n"), Some(3)));
+    assert_eq!(
+        (out["stdout"].as_str(), out["exit_code"].as_i64()),
+        (Some("hi\n"), Some(3))
+    );
 
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-    let (status, _) = send(&app, "PUT", &format!("/api/v1/vms/{id}/files?path=/tmp/x.bin"), &key, "application/octet-stream", data.clone()).await;
+    let (status, _) = send(
+        &app,
+        "PUT",
+        &format!("/api/v1/vms/{id}/files?path=/tmp/x.bin"),
+        &key,
+        "application/octet-stream",
+        data.clone(),
+    )
+    .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, back) = send(&app, "GET", &format!("/api/v1/vms/{id}/files?path=/tmp/x.bin"), &key, "", Vec::new()).await;
+    let (status, back) = send(
+        &app,
+        "GET",
+        &format!("/api/v1/vms/{id}/files?path=/tmp/x.bin"),
+        &key,
+        "",
+        Vec::new(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(back, data);
 
@@ -74,7 +158,14 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     let (status, _) = call(&app, "POST", "/api/v1/vms", &key, json!({"image": "nope"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
-    let (status, _) = call(&app, "DELETE", &format!("/api/v1/vms/{id}"), &key, Value::Null).await;
+    let (status, _) = call(
+        &app,
+        "DELETE",
+        &format!("/api/v1/vms/{id}"),
+        &key,
+        Value::Null,
+    )
+    .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (_, list) = call(&app, "GET", "/api/v1/vms", &key, Value::Null).await;
     assert_eq!(list["vms"], json!([]));
@@ -84,7 +175,12 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     config.poll_every = Duration::from_millis(200);
     let stop = CancellationToken::new();
     let worker = tokio::spawn(
-        Worker::new(db.clone(), Handlers::new().with("vm", Arc::new(VmJobHandler(vms.clone()))), config).run(stop.clone()),
+        Worker::new(
+            db.clone(),
+            Handlers::new().with("vm", Arc::new(VmJobHandler(vms.clone()))),
+            config,
+        )
+        .run(stop.clone()),
     );
     let (status, job) = call(&app, "POST", "/api/v1/run", &key,
         json!({"kind": "vm", "spec": {"command": "sh", "args": ["-c", "echo in-vm; exit 7"]}, "timeout_ms": 60000})).await;
@@ -92,17 +188,34 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     assert_eq!(job["status"], "dead", "{job}");
     assert_eq!(job["result"]["exit_code"], 7);
     assert_eq!(job["result"]["stdout"], "in-vm\n");
-    let (status, body) = call(&app, "POST", "/api/v1/jobs", &key, json!({"kind": "vm", "spec": {"args": []}})).await;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/api/v1/jobs",
+        &key,
+        json!({"kind": "vm", "spec": {"args": []}}),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 
     // A job past its timeout: the VM is destroyed all the same.
     let started = Instant::now();
-    let (_, job) = call(&app, "POST", "/api/v1/run", &key,
-        json!({"kind": "vm", "spec": {"command": "sleep", "args": ["60"]}, "timeout_ms": 8000})).await;
+    let (_, job) = call(
+        &app,
+        "POST",
+        "/api/v1/run",
+        &key,
+        json!({"kind": "vm", "spec": {"command": "sleep", "args": ["60"]}, "timeout_ms": 8000}),
+    )
+    .await;
     assert_eq!(job["error"], "timeout", "{job}");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert!(vms.list("acme").await.is_empty());
-    assert_eq!(std::fs::read_dir(vms.vm_dir()).unwrap().count(), 0, "no VM files left");
+    assert_eq!(
+        std::fs::read_dir(vms.vm_dir()).unwrap().count(),
+        0,
+        "no VM files left"
+    );
     stop.cancel();
     worker.await.unwrap();
 }

@@ -32,7 +32,8 @@ async fn manager(name: &str) -> std::sync::Arc<VmManager> {
     let image = testing::test_image().await;
     let work = std::env::temp_dir().join(format!("kiln-vm-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
-    let accelerator = probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
+    let accelerator =
+        probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
     VmManager::new(&testing::images_dir(), &work.join("vms"), accelerator).unwrap()
 }
 
@@ -50,13 +51,35 @@ async fn a_vm_runs_commands_and_moves_files() {
     let image = testing::test_image().await;
     let vm = vms.create(request(160)).await.unwrap();
     let agent = vms.agent("acme", &vm.id).await.unwrap();
-    assert!(vms.agent("globex", &vm.id).await.is_none(), "another tenant's VM is invisible");
+    assert!(
+        vms.agent("globex", &vm.id).await.is_none(),
+        "another tenant's VM is invisible"
+    );
 
-    let uname = agent.exec(Exec { command: "uname".into(), args: vec!["-r".into()], ..Exec::default() }, b"").await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&uname.stdout).trim(), image.manifest.kernel_release);
+    let uname = agent
+        .exec(
+            Exec {
+                command: "uname".into(),
+                args: vec!["-r".into()],
+                ..Exec::default()
+            },
+            b"",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uname.stdout).trim(),
+        image.manifest.kernel_release
+    );
 
-    let out = agent.exec(sh("echo out; echo err >&2; exit 7"), b"").await.unwrap();
-    assert_eq!((out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code), (&b"out\n"[..], &b"err\n"[..], Some(7)));
+    let out = agent
+        .exec(sh("echo out; echo err >&2; exit 7"), b"")
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice(), out.exit_code),
+        (&b"out\n"[..], &b"err\n"[..], Some(7))
+    );
 
     let mut exec = sh("cat; echo \"$GREETING\"; pwd");
     exec.env.insert("GREETING".into(), "hello".into());
@@ -64,7 +87,10 @@ async fn a_vm_runs_commands_and_moves_files() {
     let out = agent.exec(exec, b"piped\n").await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "piped\nhello\n/tmp\n");
 
-    let out = agent.exec(sh("head -c 5000000 /dev/zero"), b"").await.unwrap();
+    let out = agent
+        .exec(sh("head -c 5000000 /dev/zero"), b"")
+        .await
+        .unwrap();
     assert_eq!(out.stdout.len(), 5_000_000, "large output arrives whole");
 
     let mut slow = sh("sleep 30");
@@ -72,20 +98,46 @@ async fn a_vm_runs_commands_and_moves_files() {
     let out = agent.exec(slow, b"").await.unwrap();
     assert!(out.timed_out && out.signal == Some(9), "{out:?}");
     let out = agent.exec(sh("echo alive"), b"").await.unwrap();
-    assert_eq!(out.stdout, b"alive\n", "the VM stays usable after a timeout");
+    assert_eq!(
+        out.stdout, b"alive\n",
+        "the VM stays usable after a timeout"
+    );
 
-    let data: Vec<u8> = (0..10 << 20).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    agent.write_file("/tmp/blob.bin", &data, None).await.unwrap();
+    let data: Vec<u8> = (0..10 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    agent
+        .write_file("/tmp/blob.bin", &data, None)
+        .await
+        .unwrap();
     assert_eq!(agent.read_file("/tmp/blob.bin").await.unwrap(), data);
     let sum = agent.exec(sh("wc -c < /tmp/blob.bin"), b"").await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&sum.stdout).trim(), (10 << 20).to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&sum.stdout).trim(),
+        (10 << 20).to_string()
+    );
 
-    let mem = agent.exec(sh("grep MemTotal /proc/meminfo"), b"").await.unwrap();
-    let kib: u64 = String::from_utf8_lossy(&mem.stdout).split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(kib <= 160 * 1024 && kib > 64 * 1024, "guest memory follows the request: {kib} KiB");
+    let mem = agent
+        .exec(sh("grep MemTotal /proc/meminfo"), b"")
+        .await
+        .unwrap();
+    let kib: u64 = String::from_utf8_lossy(&mem.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        kib <= 160 * 1024 && kib > 64 * 1024,
+        "guest memory follows the request: {kib} KiB"
+    );
 
     let net = agent.exec(sh("ls /sys/class/net"), b"").await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&net.stdout).trim(), "lo", "no network interface but lo");
+    assert_eq!(
+        String::from_utf8_lossy(&net.stdout).trim(),
+        "lo",
+        "no network interface but lo"
+    );
 
     let run_dir = vms.vm_dir().join(&vm.id);
     assert!(qemu_running_in(&run_dir));

@@ -492,7 +492,10 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         command: "true".into(),
         ..Exec::default()
     };
-    println!("| kiln microVM ({}) | value |\n|---|---|", accelerator.as_str());
+    println!(
+        "| kiln microVM ({}) | value |\n|---|---|",
+        accelerator.as_str()
+    );
 
     let mut cold = Vec::new();
     for _ in 0..args.boots {
@@ -531,7 +534,10 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = vm.pid.map(pid_rss_kib).unwrap_or(0);
-    println!("| host RSS of one idle 128 MiB VM (QEMU process) | {} MiB |", rss / 1024);
+    println!(
+        "| host RSS of one idle 128 MiB VM (QEMU process) | {} MiB |",
+        rss / 1024
+    );
     vms.delete("bench", &vm.id).await;
 
     let mut alive = Vec::new();
@@ -548,7 +554,11 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     let mut answering = 0;
     for vm in &alive {
         if let Some(agent) = vms.agent("bench", &vm.id).await {
-            if agent.exec(truth(), b"").await.is_ok_and(|o| o.exit_code == Some(0)) {
+            if agent
+                .exec(truth(), b"")
+                .await
+                .is_ok_and(|o| o.exit_code == Some(0))
+            {
                 answering += 1;
             }
         }
@@ -558,7 +568,9 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         args.max_vms,
         alive.len(),
         answering,
-        failure.map(|f| format!("; first failure: {f}")).unwrap_or_default()
+        failure
+            .map(|f| format!("; first failure: {f}"))
+            .unwrap_or_default()
     );
     vms.shutdown().await;
     let _ = std::fs::remove_dir_all(&work);
