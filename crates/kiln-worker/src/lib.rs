@@ -261,7 +261,6 @@ impl Worker {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(idle_for) => {}
                 _ = shutdown.cancelled() => break,
-                permit = slots.acquire(), if got > 0 => drop(permit),
             }
         }
 
