@@ -11,6 +11,7 @@ pub mod image;
 pub mod job;
 pub mod manager;
 pub mod qemu;
+pub mod qmp;
 pub mod testing;
 
 use std::path::PathBuf;

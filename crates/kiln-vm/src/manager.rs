@@ -56,6 +56,7 @@ pub struct VmManager {
     accelerator: Accelerator,
     vms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LiveVm>>>>>,
     boot_timeout: Duration,
+    snapshots: bool,
 }
 
 fn now_ms() -> i64 {
@@ -97,11 +98,41 @@ impl VmManager {
             accelerator,
             vms: Mutex::default(),
             boot_timeout: Duration::from_secs(60),
+            snapshots: std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0"),
         }))
     }
 
     pub fn accelerator(&self) -> Accelerator {
         self.accelerator
+    }
+
+    /// Restores the shape's snapshot when there is one; otherwise boots and
+    /// saves a snapshot for the next VM of this shape. Every restored VM gets
+    /// fresh entropy and the host's clock before anyone uses it.
+    async fn start_vm(&self, config: &VmConfig, snapshot: &Path) -> Result<qemu::QemuVm, VmError> {
+        if snapshot.exists() {
+            match qemu::restore(config, self.accelerator, snapshot, self.boot_timeout).await {
+                Ok(vm) => {
+                    freshen(&vm.agent).await?;
+                    return Ok(vm);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, snapshot = %snapshot.display(), "restore failed; booting and replacing the snapshot");
+                    let _ = std::fs::remove_file(snapshot);
+                    let _ = std::fs::remove_dir_all(&config.run_dir);
+                }
+            }
+        }
+        let vm = qemu::start(config, self.accelerator, self.boot_timeout).await?;
+        if self.snapshots {
+            if let Some(dir) = snapshot.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Err(error) = vm.save(snapshot).await {
+                tracing::warn!(%error, "could not save a snapshot; VMs of this shape will boot");
+            }
+        }
+        Ok(vm)
     }
 
     pub async fn create(&self, request: VmRequest) -> Result<VmInfo, VmError> {
@@ -124,7 +155,13 @@ impl VmManager {
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
-        let vm = match qemu::start(&config, self.accelerator, self.boot_timeout).await {
+        let snapshot = image.dir.join("snapshots").join(format!(
+            "{}-{}x{}.state",
+            self.accelerator.as_str(),
+            request.vcpus,
+            request.memory_mib
+        ));
+        let vm = match self.start_vm(&config, &snapshot).await {
             Ok(vm) => vm,
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&run_dir);
@@ -269,6 +306,35 @@ impl VmManager {
     pub fn vm_dir(&self) -> &Path {
         &self.vm_dir
     }
+}
+
+/// A restored VM starts as a copy of its snapshot: mix fresh host entropy
+/// into its pool and set its clock, so no two VMs share either.
+async fn freshen(agent: &AgentConn) -> Result<(), VmError> {
+    let mut seed = vec![0u8; 512];
+    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut random, &mut seed);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let exec = crate::Exec {
+        command: "sh".into(),
+        args: vec![
+            "-c".into(),
+            format!("cat > /dev/urandom; date -u -s @{now} > /dev/null"),
+        ],
+        ..crate::Exec::default()
+    };
+    let out = agent.exec(exec, &seed).await?;
+    if out.exit_code != Some(0) {
+        return Err(VmError::Agent(format!(
+            "freshening a restored VM failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(())
 }
 
 async fn destroy(mut vm: LiveVm) {

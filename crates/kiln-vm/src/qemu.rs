@@ -18,6 +18,20 @@ pub struct QemuVm {
     pub booted_in: Duration,
 }
 
+impl QemuVm {
+    /// Saves the running VM's whole state to `file`, then lets it run on.
+    pub async fn save(&self, file: &Path) -> Result<(), VmError> {
+        let mut qmp =
+            crate::qmp::Qmp::connect(&self.run_dir.join("qmp.sock"), Duration::from_secs(5))
+                .await?;
+        let tmp = file.with_extension("partial");
+        qmp.save(&tmp, Duration::from_secs(60)).await?;
+        qmp.execute("cont", serde_json::json!({})).await?;
+        std::fs::rename(&tmp, file)?;
+        Ok(())
+    }
+}
+
 fn host_tsc_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = cpuinfo
@@ -37,7 +51,12 @@ pub fn qemu_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
 }
 
-fn args(config: &VmConfig, accel: Accelerator, agent_socket: &Path) -> Vec<String> {
+fn args(
+    config: &VmConfig,
+    accel: Accelerator,
+    agent_socket: &Path,
+    qmp_socket: &Path,
+) -> Vec<String> {
     // Without an early TSC frequency the TCG guest calibrates for a long
     // time and sometimes hangs; panic=-1 turns a guest crash into an exit.
     let mut cmdline = String::from("quiet loglevel=0 panic=-1 reboot=t rdinit=/init");
@@ -81,6 +100,8 @@ fn args(config: &VmConfig, accel: Accelerator, agent_socket: &Path) -> Vec<Strin
         ),
         "-device".into(),
         "virtserialport,chardev=agent,name=agent".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp_socket.display()),
     ];
     if let Some(initrd) = &config.boot.initrd {
         args.push("-initrd".into());
@@ -95,13 +116,40 @@ pub async fn start(
     accel: Accelerator,
     boot_timeout: Duration,
 ) -> Result<QemuVm, VmError> {
+    launch(config, accel, boot_timeout, None).await
+}
+
+/// Starts a VM from a state saved by [`QemuVm::save`] with the same
+/// configuration, and waits until its agent answers.
+pub async fn restore(
+    config: &VmConfig,
+    accel: Accelerator,
+    state: &Path,
+    timeout: Duration,
+) -> Result<QemuVm, VmError> {
+    launch(config, accel, timeout, Some(state)).await
+}
+
+async fn launch(
+    config: &VmConfig,
+    accel: Accelerator,
+    boot_timeout: Duration,
+    incoming: Option<&Path>,
+) -> Result<QemuVm, VmError> {
     let started = Instant::now();
     std::fs::create_dir_all(&config.run_dir)?;
     let agent_socket = config.run_dir.join("agent.sock");
+    let qmp_socket = config.run_dir.join("qmp.sock");
     let _ = std::fs::remove_file(&agent_socket);
+    let _ = std::fs::remove_file(&qmp_socket);
     let log = std::fs::File::create(config.run_dir.join("qemu.log"))?;
+    let mut qemu_args = args(config, accel, &agent_socket, &qmp_socket);
+    if let Some(state) = incoming {
+        qemu_args.push("-incoming".into());
+        qemu_args.push(format!("exec:cat '{}'", state.display()));
+    }
     let mut child = Command::new(qemu_binary())
-        .args(args(config, accel, &agent_socket))
+        .args(qemu_args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -109,6 +157,17 @@ pub async fn start(
         .spawn()
         .map_err(|e| VmError::Boot(format!("starting {}: {e}", qemu_binary().display())))?;
     let deadline = started + boot_timeout;
+    if incoming.is_some() {
+        let resumed = async {
+            let mut qmp = crate::qmp::Qmp::connect(&qmp_socket, boot_timeout).await?;
+            qmp.resume_after_incoming(boot_timeout).await
+        }
+        .await;
+        if let Err(error) = resumed {
+            let _ = child.kill().await;
+            return Err(error);
+        }
+    }
     let agent = loop {
         if let Some(status) = child.try_wait()? {
             let log = std::fs::read_to_string(config.run_dir.join("qemu.log")).unwrap_or_default();

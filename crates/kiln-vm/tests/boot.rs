@@ -170,3 +170,62 @@ async fn leftovers_of_a_crashed_run_are_reaped_and_ttls_expire() {
     assert!(fresh.get("acme", &vm.id).await.is_none());
     assert!(!fresh.vm_dir().join(&vm.id).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_vms_restore_from_a_snapshot_and_are_distinct() {
+    let vms = manager("snapshot").await;
+    // A shape no other test uses, so this test owns its snapshot; start
+    // without one, as on a fresh host.
+    let shape = request(144);
+    let snapshot = testing::images_dir()
+        .join("default/snapshots")
+        .join(format!("{}-1x144.state", vms.accelerator().as_str()));
+    let _ = std::fs::remove_file(&snapshot);
+    let first = vms.create(shape.clone()).await.unwrap();
+    let second = vms.create(shape.clone()).await.unwrap();
+    let third = vms.create(shape).await.unwrap();
+    eprintln!(
+        "boot {} ms, restores {} ms and {} ms",
+        first.boot_ms, second.boot_ms, third.boot_ms
+    );
+    assert!(
+        snapshot.exists(),
+        "the first VM of a shape leaves a snapshot"
+    );
+    assert!(second.boot_ms < first.boot_ms, "a restore beats a boot");
+    let random = |id: String| {
+        let vms = vms.clone();
+        async move {
+            let agent = vms.agent("acme", &id).await.unwrap();
+            let out = agent
+                .exec(sh("head -c 16 /dev/urandom | od -An -tx1; date +%s"), b"")
+                .await
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let (a, b, c) = (
+        random(first.id.clone()).await,
+        random(second.id.clone()).await,
+        random(third.id.clone()).await,
+    );
+    let bytes = |s: &str| s.lines().next().unwrap().to_string();
+    assert_ne!(
+        bytes(&b),
+        bytes(&c),
+        "restored VMs draw different random numbers"
+    );
+    assert_ne!(bytes(&a), bytes(&b));
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let guest: i64 = c.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert!(
+        (guest - host).abs() <= 5,
+        "restored clock {guest} vs host {host}"
+    );
+    for vm in [first, second, third] {
+        assert!(vms.delete("acme", &vm.id).await);
+    }
+}
