@@ -57,7 +57,15 @@ pub struct VmManager {
     vms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LiveVm>>>>>,
     boot_timeout: Duration,
     snapshots: bool,
+    warm: Mutex<HashMap<PoolKey, Vec<LiveVm>>>,
+    warm_sizes: Mutex<HashMap<PoolKey, usize>>,
+    /// One refill at a time: boots compete for the same cores.
+    filling: tokio::sync::Mutex<()>,
+    closing: std::sync::atomic::AtomicBool,
 }
+
+/// Image, vCPUs, memory: what makes VMs interchangeable.
+type PoolKey = (String, u8, u32);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -99,6 +107,10 @@ impl VmManager {
             vms: Mutex::default(),
             boot_timeout: Duration::from_secs(60),
             snapshots: std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0"),
+            warm: Mutex::default(),
+            warm_sizes: Mutex::default(),
+            filling: tokio::sync::Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -135,9 +147,10 @@ impl VmManager {
         Ok(vm)
     }
 
-    pub async fn create(&self, request: VmRequest) -> Result<VmInfo, VmError> {
-        let image = Image::open(&self.images_dir, &request.image)
-            .map_err(|e| VmError::Boot(e.to_string()))?;
+    /// Boots (or restores) a VM of a shape, owned by no one yet.
+    async fn boot(&self, image_name: &str, vcpus: u8, memory_mib: u32) -> Result<LiveVm, VmError> {
+        let image =
+            Image::open(&self.images_dir, image_name).map_err(|e| VmError::Boot(e.to_string()))?;
         let id = new_id();
         let run_dir = self.vm_dir.join(&id);
         let config = VmConfig {
@@ -147,19 +160,14 @@ impl VmManager {
                 initrd: Some(image.initramfs()),
                 extra_cmdline: String::new(),
             },
-            machine: MachineConfig {
-                vcpus: request.vcpus,
-                memory_mib: request.memory_mib,
-            },
+            machine: MachineConfig { vcpus, memory_mib },
             drives: Vec::new(),
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
         let snapshot = image.dir.join("snapshots").join(format!(
-            "{}-{}x{}.state",
-            self.accelerator.as_str(),
-            request.vcpus,
-            request.memory_mib
+            "{}-{vcpus}x{memory_mib}.state",
+            self.accelerator.as_str()
         ));
         let vm = match self.start_vm(&config, &snapshot).await {
             Ok(vm) => vm,
@@ -172,37 +180,135 @@ impl VmManager {
         if let Some(pid) = pid {
             std::fs::write(run_dir.join("pid"), pid.to_string())?;
         }
-        let created_at_ms = now_ms();
-        let info = VmInfo {
-            id: id.clone(),
-            tenant: request.tenant,
-            image: request.image,
-            vcpus: request.vcpus,
-            memory_mib: request.memory_mib,
-            accelerator: self.accelerator,
-            labels: request.labels,
-            created_at_ms,
-            expires_at_ms: request
-                .ttl
-                .map(|ttl| created_at_ms + ttl.as_millis() as i64),
-            boot_ms: vm.booted_in.as_millis() as u64,
-            pid,
-        };
-        let live = LiveVm {
-            info: info.clone(),
+        Ok(LiveVm {
+            info: VmInfo {
+                id,
+                tenant: String::new(),
+                image: image_name.to_string(),
+                vcpus,
+                memory_mib,
+                accelerator: self.accelerator,
+                labels: BTreeMap::new(),
+                created_at_ms: now_ms(),
+                expires_at_ms: None,
+                boot_ms: vm.booted_in.as_millis() as u64,
+                pid,
+            },
             agent: vm.agent,
             child: vm.child,
             run_dir,
             created: Instant::now(),
             last_used: Mutex::new(Instant::now()),
-            ttl: request.ttl,
-            idle_timeout: request.idle_timeout,
-        };
-        self.vms
+            ttl: None,
+            idle_timeout: None,
+        })
+    }
+
+    /// A running VM for the request: from the warm pool when one of its
+    /// shape is ready, else booted (or restored) now.
+    pub async fn create(self: &Arc<Self>, request: VmRequest) -> Result<VmInfo, VmError> {
+        let started = Instant::now();
+        let key = (request.image.clone(), request.vcpus, request.memory_mib);
+        let pooled = self
+            .warm
             .lock()
-            .expect("vms")
-            .insert(id, Arc::new(tokio::sync::Mutex::new(Some(live))));
+            .expect("warm pool")
+            .get_mut(&key)
+            .and_then(|pool| pool.pop());
+        let from_pool = pooled.is_some();
+        let mut live = match pooled {
+            Some(live) => live,
+            None => {
+                self.boot(&request.image, request.vcpus, request.memory_mib)
+                    .await?
+            }
+        };
+        if self
+            .warm_sizes
+            .lock()
+            .expect("warm sizes")
+            .contains_key(&key)
+        {
+            self.refill(key);
+        }
+        let created_at_ms = now_ms();
+        live.info.tenant = request.tenant;
+        live.info.labels = request.labels;
+        live.info.created_at_ms = created_at_ms;
+        live.info.expires_at_ms = request
+            .ttl
+            .map(|ttl| created_at_ms + ttl.as_millis() as i64);
+        if from_pool {
+            live.info.boot_ms = started.elapsed().as_millis() as u64;
+        }
+        live.created = Instant::now();
+        live.last_used = Mutex::new(Instant::now());
+        live.ttl = request.ttl;
+        live.idle_timeout = request.idle_timeout;
+        let info = live.info.clone();
+        self.vms.lock().expect("vms").insert(
+            info.id.clone(),
+            Arc::new(tokio::sync::Mutex::new(Some(live))),
+        );
         Ok(info)
+    }
+
+    /// Keeps `size` ready VMs of this shape (booted in the background).
+    pub fn keep_warm(self: &Arc<Self>, image: &str, vcpus: u8, memory_mib: u32, size: usize) {
+        let key = (image.to_string(), vcpus, memory_mib);
+        self.warm_sizes
+            .lock()
+            .expect("warm sizes")
+            .insert(key.clone(), size);
+        self.refill(key);
+    }
+
+    fn refill(self: &Arc<Self>, key: (String, u8, u32)) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let _filling = manager.filling.lock().await;
+            loop {
+                let want = manager
+                    .warm_sizes
+                    .lock()
+                    .expect("warm sizes")
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(0);
+                let have = manager
+                    .warm
+                    .lock()
+                    .expect("warm pool")
+                    .get(&key)
+                    .map_or(0, Vec::len);
+                if have >= want || manager.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                match manager.boot(&key.0, key.1, key.2).await {
+                    Ok(live) => manager
+                        .warm
+                        .lock()
+                        .expect("warm pool")
+                        .entry(key.clone())
+                        .or_default()
+                        .push(live),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not fill the warm pool");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Ready VMs waiting in the warm pool.
+    pub fn warm_count(&self) -> usize {
+        self.warm
+            .lock()
+            .expect("warm pool")
+            .values()
+            .map(Vec::len)
+            .sum()
     }
 
     fn slot(&self, tenant: &str, id: &str) -> Option<Arc<tokio::sync::Mutex<Option<LiveVm>>>> {
@@ -287,8 +393,21 @@ impl VmManager {
         n
     }
 
-    /// Deletes every VM (at shutdown).
+    /// Deletes every VM, pooled ones included (at shutdown).
     pub async fn shutdown(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _filling = self.filling.lock().await;
+        let pooled: Vec<LiveVm> = self
+            .warm
+            .lock()
+            .expect("warm pool")
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
+        for vm in pooled {
+            destroy(vm).await;
+        }
         let slots: Vec<_> = self
             .vms
             .lock()

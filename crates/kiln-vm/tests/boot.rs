@@ -229,3 +229,48 @@ async fn later_vms_restore_from_a_snapshot_and_are_distinct() {
         assert!(vms.delete("acme", &vm.id).await);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_pool_hands_out_ready_vms_and_refills() {
+    let vms = manager("warm").await;
+    vms.keep_warm("default", 1, 136, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while vms.warm_count() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let mut warm = request(136);
+    warm.tenant = "acme".into();
+    let vm = vms.create(warm.clone()).await.unwrap();
+    let agent = vms.agent("acme", &vm.id).await.unwrap();
+    let out = agent.exec(sh("echo warm"), b"").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.stdout, b"warm\n");
+    assert!(
+        took < Duration::from_millis(200),
+        "a warm create took {took:?}"
+    );
+    assert_eq!(
+        vms.list("acme").await.len(),
+        1,
+        "pooled VMs belong to no tenant until handed out"
+    );
+    while vms.warm_count() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never refilled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    vms.shutdown().await;
+    assert_eq!(vms.warm_count(), 0);
+    assert_eq!(
+        std::fs::read_dir(vms.vm_dir()).unwrap().count(),
+        0,
+        "shutdown leaves nothing"
+    );
+}

@@ -29,6 +29,9 @@ pub struct ServerArgs {
     /// Visibility timeout of a lease, in ms: a worker silent this long loses its jobs.
     #[arg(long, env = "KILN_LEASE_MS")]
     pub lease_ms: Option<u64>,
+    /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
+    #[arg(long, env = "KILN_VM_WARM")]
+    pub vm_warm: Option<usize>,
     /// Blob store: a local directory (default: <data-dir>/blobs) ...
     #[arg(long, env = "KILN_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
@@ -54,6 +57,7 @@ struct FileConfig {
     database_url: Option<String>,
     slots: Option<usize>,
     lease_ms: Option<u64>,
+    vm_warm: Option<usize>,
     blob_dir: Option<PathBuf>,
     s3_endpoint: Option<String>,
     s3_bucket: Option<String>,
@@ -69,6 +73,7 @@ pub struct Settings {
     pub database_url: String,
     pub slots: usize,
     pub lease_ms: u64,
+    pub vm_warm: usize,
     pub blobs: kiln_blob::BlobConfig,
 }
 
@@ -145,6 +150,7 @@ impl ServerArgs {
                 .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("static address")),
             slots: self.slots.or(file.slots).unwrap_or(64),
             lease_ms: self.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
+            vm_warm: self.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
             database_url,
             blobs,
             data_dir,

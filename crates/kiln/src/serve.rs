@@ -82,7 +82,12 @@ async fn vm_manager(settings: &Settings) -> Option<Arc<kiln_vm::VmManager>> {
     )
     .await;
     match kiln_vm::VmManager::new(&images, &vm_dir, accelerator) {
-        Ok(manager) => Some(manager),
+        Ok(manager) => {
+            if settings.vm_warm > 0 {
+                manager.keep_warm("default", 1, 128, settings.vm_warm);
+            }
+            Some(manager)
+        }
         Err(error) => {
             tracing::warn!(%error, "microVMs are off");
             None
