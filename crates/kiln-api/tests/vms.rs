@@ -158,6 +158,18 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     let (status, _) = call(&app, "POST", "/api/v1/vms", &key, json!({"image": "nope"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
+    exec_over_websocket(
+        AppState::with_vms(
+            db.clone(),
+            BlobStore::local(&work.join("blobs2")).unwrap(),
+            None,
+            Some(vms.clone()),
+        ),
+        &id,
+        &key,
+    )
+    .await;
+
     let (status, _) = call(
         &app,
         "DELETE",
@@ -218,4 +230,64 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     );
     stop.cancel();
     worker.await.unwrap();
+}
+
+/// The streamed exec over a real socket: stdin in, output and exit out.
+async fn exec_over_websocket(state: Arc<AppState>, id: &str, key: &str) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(kiln_api::serve(listener, state, async move {
+            stop.cancelled().await
+        }))
+    };
+    let mut request = format!("ws://{addr}/api/v1/vms/{id}/exec/ws")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    ws.send(Message::Text(
+        json!({"command": "sh", "args": ["-c", "cat; echo done >&2; exit 4"]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::Binary(b"typed ".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"stdin": "input", "eof": true}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let (mut stdout, mut stderr, mut exit) = (String::new(), String::new(), None);
+    while let Some(Ok(message)) = ws.next().await {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(&text).unwrap();
+        match event["type"].as_str() {
+            Some("stdout") => stdout.push_str(event["data"].as_str().unwrap()),
+            Some("stderr") => stderr.push_str(event["data"].as_str().unwrap()),
+            Some("exit") => {
+                exit = event["exit_code"].as_i64();
+                break;
+            }
+            other => panic!("unexpected {other:?}: {event}"),
+        }
+    }
+    assert_eq!(
+        (stdout.as_str(), stderr.as_str(), exit),
+        ("typed input", "done\n", Some(4))
+    );
+    stop.cancel();
+    let _ = server.await;
 }

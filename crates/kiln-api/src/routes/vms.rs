@@ -26,6 +26,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/vms", post(create_vm).get(list_vms))
         .route("/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/vms/{id}/execute", post(execute))
+        .route("/vms/{id}/exec/ws", get(exec_ws))
         .route(
             "/vms/{id}/files",
             get(download)
@@ -331,4 +332,140 @@ pub async fn download(
         .read_file(&params.path)
         .await
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))
+}
+
+/// The first message on `/vms/{id}/exec/ws`: what to run.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsExecStart {
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// Later client messages: stdin (text or binary), end of stdin, or a signal.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WsInput {
+    stdin: Option<String>,
+    #[serde(default)]
+    eof: bool,
+    signal: Option<i32>,
+}
+
+/// Streamed exec: send a [`WsExecStart`] as the first text message, then
+/// stdin as binary or `{"stdin": "..."}` text messages and `{"eof": true}`;
+/// receive `{"type": "stdout"|"stderr", "data"}` and a final
+/// `{"type": "exit", "exit_code", "signal", "timed_out"}` (or `{"type": "error"}`).
+pub async fn exec_ws(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> ApiResult<axum::response::Response> {
+    caller.require(Scope::Write)?;
+    let agent = manager(&state)?
+        .agent(&caller.tenant, &id)
+        .await
+        .ok_or_else(|| ApiError::not_found("vm"))?;
+    Ok(upgrade.on_upgrade(move |socket| stream_exec(socket, agent)))
+}
+
+async fn stream_exec(mut socket: axum::extract::ws::WebSocket, agent: kiln_vm::AgentConn) {
+    use axum::extract::ws::Message;
+    let send_json = |value: serde_json::Value| Message::Text(value.to_string().into());
+    let start = match socket.recv().await {
+        Some(Ok(Message::Text(text))) => serde_json::from_str::<WsExecStart>(&text),
+        _ => return,
+    };
+    let start = match start {
+        Ok(start) if !start.command.is_empty() => start,
+        Ok(_) => {
+            let _ = socket
+                .send(send_json(
+                    serde_json::json!({"type": "error", "message": "command must not be empty"}),
+                ))
+                .await;
+            return;
+        }
+        Err(error) => {
+            let _ = socket
+                .send(send_json(
+                    serde_json::json!({"type": "error", "message": error.to_string()}),
+                ))
+                .await;
+            return;
+        }
+    };
+    let exec = Exec {
+        command: start.command,
+        args: start.args,
+        env: start.env,
+        cwd: start.cwd,
+        timeout_ms: start.timeout_ms,
+        stdin_open: true,
+        ..Exec::default()
+    };
+    let (exec_id, mut events) = match agent.exec_stream(exec, b"").await {
+        Ok(started) => started,
+        Err(error) => {
+            let _ = socket
+                .send(send_json(
+                    serde_json::json!({"type": "error", "message": error.to_string()}),
+                ))
+                .await;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let message = match event {
+                    Some(kiln_vm::ExecEvent::Stdout(data)) => serde_json::json!({"type": "stdout", "data": String::from_utf8_lossy(&data)}),
+                    Some(kiln_vm::ExecEvent::Stderr(data)) => serde_json::json!({"type": "stderr", "data": String::from_utf8_lossy(&data)}),
+                    Some(kiln_vm::ExecEvent::Exited(out)) => {
+                        let exit = serde_json::json!({"type": "exit", "exit_code": out.exit_code.unwrap_or(128 + out.signal.unwrap_or(0)),
+                            "signal": out.signal, "timed_out": out.timed_out});
+                        let _ = socket.send(send_json(exit)).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                    None => serde_json::json!({"type": "error", "message": "the VM went away"}),
+                };
+                if socket.send(send_json(message)).await.is_err() {
+                    let _ = agent.kill(exec_id, 9).await;
+                    return;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Binary(data))) => {
+                    let _ = agent.send_stdin(exec_id, &data, false).await;
+                }
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<WsInput>(&text) {
+                    Ok(input) => {
+                        if let Some(signal) = input.signal {
+                            let _ = agent.kill(exec_id, signal).await;
+                        }
+                        let data = input.stdin.unwrap_or_default();
+                        if !data.is_empty() || input.eof {
+                            let _ = agent.send_stdin(exec_id, data.as_bytes(), input.eof).await;
+                        }
+                    }
+                    Err(error) => {
+                        let _ = socket.send(send_json(serde_json::json!({"type": "error", "message": error.to_string()}))).await;
+                    }
+                },
+                Some(Ok(_)) => {}
+                // The client left: the command must not outlive it.
+                Some(Err(_)) | None => {
+                    let _ = agent.kill(exec_id, 9).await;
+                    return;
+                }
+            },
+        }
+    }
 }
