@@ -12,7 +12,6 @@ use kiln_api::AppState;
 use kiln_blob::BlobStore;
 use kiln_core::{Scope, Scopes};
 use kiln_db::Db;
-use kiln_vm::job::VmJobHandler;
 use kiln_vm::manager::probe_accelerator;
 use kiln_vm::{testing, VmManager};
 use kiln_worker::{Handlers, Worker, WorkerConfig};
@@ -189,7 +188,7 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     let worker = tokio::spawn(
         Worker::new(
             db.clone(),
-            Handlers::new().with("vm", Arc::new(VmJobHandler(vms.clone()))),
+            kiln_vm::job::register(Handlers::new(), &vms),
             config,
         )
         .run(stop.clone()),
@@ -209,6 +208,43 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // The lifecycle as queue tasks.
+    let (_, created) = call(
+        &app,
+        "POST",
+        "/api/v1/run",
+        &key,
+        json!({"kind": "vm:create", "spec": {"memory_mib": 128}}),
+    )
+    .await;
+    assert_eq!(created["status"], "succeeded", "{created}");
+    let vm_id = serde_json::from_str::<Value>(created["result"]["stdout"].as_str().unwrap())
+        .unwrap()["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, ran) = call(&app, "POST", "/api/v1/run", &key,
+        json!({"kind": "vm:execute", "spec": {"vm_id": vm_id, "command": "sh", "args": ["-c", "echo queued"]}})).await;
+    assert_eq!(ran["result"]["stdout"], "queued\n", "{ran}");
+    let (_, gone) = call(
+        &app,
+        "POST",
+        "/api/v1/run",
+        &key,
+        json!({"kind": "vm:delete", "spec": {"vm_id": vm_id}}),
+    )
+    .await;
+    assert_eq!(gone["status"], "succeeded", "{gone}");
+    let (_, again) = call(
+        &app,
+        "POST",
+        "/api/v1/run",
+        &key,
+        json!({"kind": "vm:delete", "spec": {"vm_id": vm_id}}),
+    )
+    .await;
+    assert_eq!(again["status"], "failed", "{again}");
 
     // A job past its timeout: the VM is destroyed all the same.
     let started = Instant::now();

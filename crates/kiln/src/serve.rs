@@ -149,7 +149,7 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
             .with("wasm", Arc::new(WasmHandler(wasm.clone())))
             .with("noop", Arc::new(NoopHandler));
         if let Some(vms) = &vms {
-            handlers = handlers.with("vm", Arc::new(kiln_vm::job::VmJobHandler(vms.clone())));
+            handlers = kiln_vm::job::register(handlers, vms);
         }
         let worker = Worker::new(db.clone(), handlers, config);
         let stop = shutdown.clone();
