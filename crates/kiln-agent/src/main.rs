@@ -176,6 +176,12 @@ fn handle(request: Request, body: Vec<u8>, writer: &Writer, stdins: &Stdins, pid
     }
 }
 
+fn kill_group(pid: u32) {
+    // SAFETY: kill(2) on the process group of a child this agent started
+    // and has not reaped yet.
+    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+}
+
 fn write_file(path: &str, mode: Option<u32>, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = std::path::Path::new(path).parent() {
@@ -240,14 +246,66 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
     } else {
         drop(child_stdin);
     }
-    let pump = |mut source: Box<dyn Read + Send>, stderr: bool, writer: Writer| {
-        std::thread::spawn(move || {
-            let mut buffer = vec![0u8; CHUNK];
-            loop {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (stdout_fd, stderr_fd) = {
+        use std::os::unix::io::AsRawFd;
+        (stdout.as_raw_fd(), stderr.as_raw_fd())
+    };
+    let deadline = exec
+        .timeout_ms
+        .map(|ms| started + Duration::from_millis(ms));
+    // One thread per exec: it multiplexes both pipes with poll(2), enforces
+    // the timeout, and reaps the child. Threads are costly to start in an
+    // emulated guest; this keeps an exec to one.
+    std::thread::spawn(move || {
+        use std::os::unix::process::ExitStatusExt;
+        let mut sources: [Option<Box<dyn Read + Send>>; 2] =
+            [Some(Box::new(stdout)), Some(Box::new(stderr))];
+        let mut raw = [
+            libc::pollfd {
+                fd: stdout_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stderr_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let mut timed_out = false;
+        let mut buffer = vec![0u8; CHUNK];
+        while raw.iter().any(|p| p.fd >= 0) {
+            let wait_ms = match deadline {
+                Some(deadline) if !timed_out => deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(i32::MAX as u128) as i32,
+                _ => -1,
+            };
+            // SAFETY: `raw` is a valid array of two pollfd for the call.
+            let ready = unsafe { libc::poll(raw.as_mut_ptr(), 2, wait_ms) };
+            if ready == 0 {
+                timed_out = true;
+                kill_group(pid);
+                continue;
+            }
+            for (i, entry) in raw.iter_mut().enumerate() {
+                if entry.fd < 0 || entry.revents == 0 {
+                    continue;
+                }
+                entry.revents = 0;
+                let Some(source) = sources[i].as_mut() else {
+                    continue;
+                };
                 match source.read(&mut buffer) {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => {
+                        entry.fd = -1;
+                        sources[i] = None;
+                    }
                     Ok(n) => {
-                        let header = if stderr {
+                        let header = if i == 1 {
                             Response::Stderr { id }
                         } else {
                             Response::Stdout { id }
@@ -256,39 +314,24 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
                     }
                 }
             }
-        })
-    };
-    let out = pump(
-        Box::new(child.stdout.take().expect("piped stdout")),
-        false,
-        writer.clone(),
-    );
-    let err = pump(
-        Box::new(child.stderr.take().expect("piped stderr")),
-        true,
-        writer.clone(),
-    );
-    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(timeout) = exec.timeout_ms {
-        let timed_out = timed_out.clone();
-        let pids = pids.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(timeout));
-            if pids.lock().unwrap_or_else(|e| e.into_inner()).get(&id) == Some(&pid) {
-                timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
-                // SAFETY: kill(2) on the process group this exec started; its
-                // pid is still registered, so it has not been reaped.
-                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Ok(status),
+                Ok(None) => {}
+                Err(e) => break Err(e),
             }
-        });
-    }
-    std::thread::spawn(move || {
-        use std::os::unix::process::ExitStatusExt;
-        let status = child.wait();
+            if deadline.is_some_and(|d| Instant::now() >= d) && !timed_out {
+                timed_out = true;
+                kill_group(pid);
+            }
+            if deadline.is_none() || timed_out {
+                break child.wait();
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
         pids.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         stdins.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        let _ = out.join();
-        let _ = err.join();
         let (code, signal) = match status {
             Ok(status) => (status.code(), status.signal()),
             Err(_) => (None, None),
@@ -299,7 +342,7 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
                 id,
                 code,
                 signal,
-                timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
+                timed_out,
                 duration_us: started.elapsed().as_micros() as u64,
             },
             b"",

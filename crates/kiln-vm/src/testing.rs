@@ -19,12 +19,19 @@ pub async fn test_image() -> &'static Image {
     IMAGE
         .get_or_init(|| async {
             let dir = images_dir();
-            if let Ok(image) = Image::open(&dir, "default") {
-                return image;
-            }
             let agent = image::find_agent().expect(
                 "the static agent (.ci/run builds it): cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl",
             );
+            let agent_sha = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(std::fs::read(&agent).expect("read the agent")))
+            };
+            // Reuse the image only while it carries this very agent.
+            if let Ok(image) = Image::open(&dir, "default") {
+                if image.manifest.agent_sha256 == agent_sha {
+                    return image;
+                }
+            }
             tokio::task::spawn_blocking(move || image::build(&dir, "default", &agent, &mut |_, _, _| {}))
                 .await
                 .expect("image build task")
