@@ -347,3 +347,78 @@ async fn postgres_restart_under_load_loses_nothing() {
     assert!(db.job_attempts_total().await.unwrap() >= total as i64);
     db.close().await;
 }
+
+fn qemus_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_server_leaves_no_vm_behind_after_restart() {
+    let image = kiln_vm::testing::test_image().await;
+    let dir = temp_dir("kiln-vm-crash");
+    let images = dir.join("images/default");
+    std::fs::create_dir_all(&images).unwrap();
+    for file in ["vmlinux", "initramfs.cpio", "image.json"] {
+        std::fs::copy(image.dir.join(file), images.join(file)).unwrap();
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["serve", "--listen", &listen, "--vm-warm", "0"];
+    let http = reqwest::Client::new();
+    let base = format!("http://{listen}");
+    let up = |http: reqwest::Client, base: String| async move {
+        wait_until("kiln to answer", Duration::from_secs(60), || async {
+            http.get(format!("{base}/health"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+    };
+    let mut first = kiln(&args, &dir, "first.log");
+    up(http.clone(), base.clone()).await;
+    let key = std::fs::read_to_string(dir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let vm: serde_json::Value = http
+        .post(format!("{base}/api/v1/vms"))
+        .bearer_auth(&key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(vm["id"].is_string(), "{vm}");
+    let vms_dir = dir.join("vms");
+    assert_eq!(qemus_under(&vms_dir), 1);
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert_eq!(
+        qemus_under(&vms_dir),
+        1,
+        "SIGKILL leaves the VM running: the orphan the reaper is for"
+    );
+    let _second = kiln(&args, &dir, "second.log");
+    up(http.clone(), base.clone()).await;
+    wait_until(
+        "the orphan to be reaped",
+        Duration::from_secs(10),
+        || async { qemus_under(&vms_dir) == 0 },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_dir(&vms_dir).unwrap().count(),
+        0,
+        "no VM directory left"
+    );
+}
