@@ -60,6 +60,29 @@ impl VmJobSpec {
     }
 }
 
+/// The attempt's end for a finished command: success on exit code 0.
+fn exec_end(out: &crate::ExecOutput, started: Instant) -> AttemptEnd {
+    let (stdout, cut_out) = cap(&out.stdout);
+    let (stderr, cut_err) = cap(&out.stderr);
+    let exit_code = out.exit_code.unwrap_or(128 + out.signal.unwrap_or(0));
+    let result = JobResult {
+        exit_code,
+        stdout,
+        stderr,
+        duration_ms: started.elapsed().as_millis() as i64,
+        truncated: cut_out || cut_err,
+    };
+    if exit_code == 0 {
+        AttemptEnd::Succeeded(result)
+    } else {
+        AttemptEnd::Failed {
+            error: format!("exit code {exit_code}"),
+            result: Some(result),
+            permanent: false,
+        }
+    }
+}
+
 pub fn cap(bytes: &[u8]) -> (String, bool) {
     let truncated = bytes.len() > OUTPUT_CAP;
     (
@@ -127,7 +150,6 @@ impl JobHandler for VmJobHandler {
         }
         .await;
         self.0.delete(&job.tenant, &vm.id).await;
-        let duration_ms = started.elapsed().as_millis() as i64;
         match outcome {
             None => AttemptEnd::Failed {
                 result: None,
@@ -139,27 +161,7 @@ impl JobHandler for VmJobHandler {
                 error: error.to_string(),
                 permanent: false,
             },
-            Some(Ok(out)) => {
-                let (stdout, cut_out) = cap(&out.stdout);
-                let (stderr, cut_err) = cap(&out.stderr);
-                let exit_code = out.exit_code.unwrap_or(128 + out.signal.unwrap_or(0));
-                let result = JobResult {
-                    exit_code,
-                    stdout,
-                    stderr,
-                    duration_ms,
-                    truncated: cut_out || cut_err,
-                };
-                if exit_code == 0 {
-                    AttemptEnd::Succeeded(result)
-                } else {
-                    AttemptEnd::Failed {
-                        error: format!("exit code {exit_code}"),
-                        result: Some(result),
-                        permanent: false,
-                    }
-                }
-            }
+            Some(Ok(out)) => exec_end(&out, started),
         }
     }
 }
@@ -312,25 +314,7 @@ impl JobHandler for VmTaskHandler {
                         }
                     }
                 };
-                let (stdout, cut_out) = cap(&out.stdout);
-                let (stderr, cut_err) = cap(&out.stderr);
-                let exit_code = out.exit_code.unwrap_or(128 + out.signal.unwrap_or(0));
-                let result = JobResult {
-                    exit_code,
-                    stdout,
-                    stderr,
-                    duration_ms: started.elapsed().as_millis() as i64,
-                    truncated: cut_out || cut_err,
-                };
-                if exit_code == 0 {
-                    AttemptEnd::Succeeded(result)
-                } else {
-                    AttemptEnd::Failed {
-                        error: format!("exit code {exit_code}"),
-                        result: Some(result),
-                        permanent: false,
-                    }
-                }
+                exec_end(&out, started)
             }
             VmTask::Delete => {
                 let spec: DeleteTask = match serde_json::from_value(job.spec.clone()) {

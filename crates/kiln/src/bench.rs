@@ -257,7 +257,15 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    status_rss_kib("/proc/self/status")
+}
+
+fn pid_rss_kib(pid: u32) -> u64 {
+    status_rss_kib(&format!("/proc/{pid}/status"))
+}
+
+fn status_rss_kib(path: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -455,18 +463,6 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
             .map(|dir| dir.join(name))
             .find(|p| p.is_file())
     })
-}
-
-fn pid_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 async fn vm(args: VmArgs) -> anyhow::Result<()> {
