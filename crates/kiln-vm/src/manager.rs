@@ -122,7 +122,7 @@ impl VmManager {
     /// saves a snapshot for the next VM of this shape. Every restored VM gets
     /// fresh entropy and the host's clock before anyone uses it.
     async fn start_vm(&self, config: &VmConfig, snapshot: &Path) -> Result<qemu::QemuVm, VmError> {
-        if snapshot.exists() {
+        if self.snapshots && snapshot.exists() {
             match qemu::restore(config, self.accelerator, snapshot, self.boot_timeout).await {
                 Ok(vm) => {
                     freshen(&vm.agent).await?;
@@ -158,7 +158,7 @@ impl VmManager {
             boot: BootSource {
                 kernel: image.kernel(),
                 initrd: Some(image.initramfs()),
-                extra_cmdline: String::new(),
+                extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
             },
             machine: MachineConfig { vcpus, memory_mib },
             drives: Vec::new(),
@@ -516,7 +516,7 @@ pub async fn probe_accelerator(image: &Image, work_dir: &Path, cache_file: &Path
             boot: BootSource {
                 kernel: image.kernel(),
                 initrd: Some(image.initramfs()),
-                extra_cmdline: String::new(),
+                extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
             },
             machine: MachineConfig {
                 vcpus: 1,
