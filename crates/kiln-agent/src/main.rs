@@ -176,6 +176,25 @@ fn handle(request: Request, body: Vec<u8>, writer: &Writer, stdins: &Stdins, pid
     }
 }
 
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The program's path: as given when it names a path, else the first
+/// executable of that name on `path_var`.
+fn resolve(command: &str, path_var: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if command.contains('/') {
+        return command.into();
+    }
+    path_var
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(command))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| command.into())
+}
+
 fn kill_group(pid: u32) {
     // SAFETY: kill(2) on the process group of a child this agent started
     // and has not reaped yet.
@@ -196,7 +215,16 @@ fn write_file(path: &str, mode: Option<u32>, data: &[u8]) -> std::io::Result<()>
 
 fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: Pids) {
     let id = exec.id;
-    let mut command = Command::new(&exec.command);
+    // Resolve the program here: with PATH set for the child, std would fall
+    // back from posix_spawn (vfork-like) to fork, which costs milliseconds
+    // in an emulated guest.
+    let path_var = exec
+        .env
+        .get("PATH")
+        .map(String::as_str)
+        .unwrap_or(DEFAULT_PATH);
+    let program = resolve(&exec.command, path_var);
+    let mut command = Command::new(&program);
     // Its own process group, so a kill reaches everything it started and
     // no grandchild keeps the output pipes open.
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
