@@ -176,6 +176,61 @@ fn handle(request: Request, body: Vec<u8>, writer: &Writer, stdins: &Stdins, pid
     }
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads kept for execs: starting a thread is slow in an emulated guest,
+/// so finished exec threads wait for the next exec instead of exiting.
+struct Pool {
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+    queue: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>,
+    idle: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (jobs, queue) = std::sync::mpsc::channel();
+        Pool {
+            jobs: Mutex::new(jobs),
+            queue: Arc::new(Mutex::new(queue)),
+            idle: Arc::default(),
+        }
+    })
+}
+
+/// Runs `job` on an idle pooled thread, or on a new one when none is idle,
+/// so a long exec never holds up another.
+fn run_on_pool(job: impl FnOnce() + Send + 'static) {
+    use std::sync::atomic::Ordering;
+    let pool = pool();
+    let claimed = pool
+        .idle
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if claimed {
+        let _ = pool
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Box::new(job));
+        return;
+    }
+    let queue = pool.queue.clone();
+    let idle = pool.idle.clone();
+    std::thread::spawn(move || {
+        let mut job: Job = Box::new(job);
+        loop {
+            job();
+            idle.fetch_add(1, Ordering::SeqCst);
+            let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            match next {
+                Ok(next) => job = next,
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The program's path: as given when it names a path, else the first
@@ -286,7 +341,7 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
     // One thread per exec: it multiplexes both pipes with poll(2), enforces
     // the timeout, and reaps the child. Threads are costly to start in an
     // emulated guest; this keeps an exec to one.
-    std::thread::spawn(move || {
+    run_on_pool(move || {
         use std::os::unix::process::ExitStatusExt;
         let mut sources: [Option<Box<dyn Read + Send>>; 2] =
             [Some(Box::new(stdout)), Some(Box::new(stderr))];
