@@ -165,10 +165,11 @@ impl VmManager {
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
-        let snapshot = image.dir.join("snapshots").join(format!(
-            "{}-{vcpus}x{memory_mib}.state",
-            self.accelerator.as_str()
-        ));
+        let snapshot =
+            image
+                .dir
+                .join("snapshots")
+                .join(snapshot_name(self.accelerator, vcpus, memory_mib));
         let vm = match self.start_vm(&config, &snapshot).await {
             Ok(vm) => vm,
             Err(error) => {
@@ -425,6 +426,16 @@ impl VmManager {
     pub fn vm_dir(&self) -> &Path {
         &self.vm_dir
     }
+}
+
+/// The snapshot file of a shape: a state only restores into the same
+/// accelerator, CPU model, vCPU count and memory size.
+pub fn snapshot_name(accelerator: Accelerator, vcpus: u8, memory_mib: u32) -> String {
+    format!(
+        "{}-{}-{vcpus}x{memory_mib}.state",
+        accelerator.as_str(),
+        qemu::cpu_model(accelerator).replace(['/', ','], "_")
+    )
 }
 
 /// A restored VM starts as a copy of its snapshot: mix fresh host entropy

@@ -179,7 +179,7 @@ async fn later_vms_restore_from_a_snapshot_and_are_distinct() {
     let shape = request(144);
     let snapshot = testing::images_dir()
         .join("default/snapshots")
-        .join(format!("{}-1x144.state", vms.accelerator().as_str()));
+        .join(kiln_vm::manager::snapshot_name(vms.accelerator(), 1, 144));
     let _ = std::fs::remove_file(&snapshot);
     let first = vms.create(shape.clone()).await.unwrap();
     let second = vms.create(shape.clone()).await.unwrap();

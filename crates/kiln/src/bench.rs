@@ -496,7 +496,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     // A fresh snapshot for the bench's shape: the first create boots.
     let snapshot = images
         .join("default/snapshots")
-        .join(format!("{}-1x128.state", accelerator.as_str()));
+        .join(kiln_vm::manager::snapshot_name(accelerator, 1, 128));
     let _ = std::fs::remove_file(&snapshot);
     let time_create = |vms: Arc<VmManager>| async move {
         let t = Instant::now();
@@ -548,17 +548,34 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         agent.exec(truth(), b"").await?;
     }
     let mut round = Vec::new();
+    let mut inside = Vec::new();
     for _ in 0..args.execs {
         let t = Instant::now();
-        agent.exec(truth(), b"").await?;
+        let out = agent.exec(truth(), b"").await?;
         round.push(t.elapsed());
+        inside.push(out.duration);
     }
+    inside.sort();
     round.sort();
+    let mut pings = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        agent.ping(Duration::from_secs(5)).await?;
+        pings.push(t.elapsed());
+    }
+    pings.sort();
     println!(
-        "| exec round trip of `true` ({} runs) | p50 {} · p99 {} |",
+        "| agent ping round trip, no process started ({} runs) | p50 {} · p99 {} |",
+        pings.len(),
+        ms(percentile(&pings, 0.5)),
+        ms(percentile(&pings, 0.99))
+    );
+    println!(
+        "| exec round trip of `true` ({} runs) | p50 {} · p99 {} (inside the guest, spawn to reaped: p50 {}) |",
         round.len(),
         ms(percentile(&round, 0.5)),
-        ms(percentile(&round, 0.99))
+        ms(percentile(&round, 0.99)),
+        ms(percentile(&inside, 0.5))
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = vm.pid.map(pid_rss_kib).unwrap_or(0);
