@@ -292,7 +292,12 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
         )
         .env("HOME", "/root")
         .envs(&exec.env)
-        .stdin(Stdio::piped())
+        // No stdin to give: /dev/null, one pipe fewer to make and close.
+        .stdin(if stdin.is_empty() && !exec.stdin_open {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(cwd) = &exec.cwd {
@@ -317,17 +322,16 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
     pids.lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id, pid);
-    let mut child_stdin = child.stdin.take().expect("piped stdin");
-    if !stdin.is_empty() {
-        let _ = child_stdin.write_all(&stdin);
-    }
-    if exec.stdin_open {
-        stdins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, child_stdin);
-    } else {
-        drop(child_stdin);
+    if let Some(mut child_stdin) = child.stdin.take() {
+        if !stdin.is_empty() {
+            let _ = child_stdin.write_all(&stdin);
+        }
+        if exec.stdin_open {
+            stdins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, child_stdin);
+        }
     }
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
