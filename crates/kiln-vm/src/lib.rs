@@ -76,6 +76,49 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
 }
 
+/// A booted VM as a driver hands it over: its VMM process and the
+/// connection to its agent.
+pub struct MicroVm {
+    pub child: tokio::process::Child,
+    pub agent: AgentConn,
+    pub run_dir: PathBuf,
+    pub booted_in: std::time::Duration,
+}
+
+/// A VMM driver. Each operation is one Firecracker API call (or a short
+/// sequence of them), so a Firecracker driver fits beside the QEMU one
+/// without changing callers.
+#[async_trait::async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    fn accelerator(&self) -> Accelerator;
+
+    /// The CPU model the guest sees; part of what a snapshot is valid for.
+    fn cpu_model(&self) -> String;
+
+    /// Firecracker: `PUT /boot-source`, `/machine-config`, `/drives`,
+    /// `/vsock`, `/network-interfaces`, then `PUT /actions InstanceStart`.
+    /// Returns once the guest agent answers.
+    async fn start(
+        &self,
+        config: &VmConfig,
+        timeout: std::time::Duration,
+    ) -> Result<MicroVm, VmError>;
+
+    /// Firecracker: `PUT /snapshot/load` with `resume_vm`.
+    async fn restore(
+        &self,
+        config: &VmConfig,
+        state: &std::path::Path,
+        timeout: std::time::Duration,
+    ) -> Result<MicroVm, VmError>;
+
+    /// Firecracker: `PATCH /vm Paused`, `PUT /snapshot/create`, `PATCH /vm
+    /// Resumed`. The VM runs on afterwards.
+    async fn snapshot(&self, vm: &MicroVm, state: &std::path::Path) -> Result<(), VmError>;
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accelerator {
     Kvm,

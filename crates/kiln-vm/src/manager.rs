@@ -54,6 +54,7 @@ pub struct VmManager {
     images_dir: PathBuf,
     vm_dir: PathBuf,
     accelerator: Accelerator,
+    vmm: Arc<dyn crate::Vmm>,
     vms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LiveVm>>>>>,
     boot_timeout: Duration,
     snapshots: bool,
@@ -89,13 +90,23 @@ fn new_id() -> String {
 }
 
 impl VmManager {
-    /// Reaps leftovers in `vm_dir`, then is ready to boot VMs.
+    /// With the QEMU `microvm` driver on the given accelerator.
     pub fn new(
         images_dir: &Path,
         vm_dir: &Path,
         accelerator: Accelerator,
     ) -> Result<Arc<VmManager>, VmError> {
+        VmManager::with_vmm(images_dir, vm_dir, Arc::new(qemu::QemuVmm { accelerator }))
+    }
+
+    /// Reaps leftovers in `vm_dir`, then is ready to boot VMs with `vmm`.
+    pub fn with_vmm(
+        images_dir: &Path,
+        vm_dir: &Path,
+        vmm: Arc<dyn crate::Vmm>,
+    ) -> Result<Arc<VmManager>, VmError> {
         std::fs::create_dir_all(vm_dir)?;
+        let accelerator = vmm.accelerator();
         let reaped = reap(vm_dir);
         if reaped > 0 {
             tracing::info!(reaped, "removed VMs left behind by an earlier run");
@@ -104,6 +115,7 @@ impl VmManager {
             images_dir: images_dir.to_path_buf(),
             vm_dir: vm_dir.to_path_buf(),
             accelerator,
+            vmm,
             vms: Mutex::default(),
             boot_timeout: Duration::from_secs(60),
             snapshots: std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0"),
@@ -121,9 +133,13 @@ impl VmManager {
     /// Restores the shape's snapshot when there is one; otherwise boots and
     /// saves a snapshot for the next VM of this shape. Every restored VM gets
     /// fresh entropy and the host's clock before anyone uses it.
-    async fn start_vm(&self, config: &VmConfig, snapshot: &Path) -> Result<qemu::QemuVm, VmError> {
+    async fn start_vm(
+        &self,
+        config: &VmConfig,
+        snapshot: &Path,
+    ) -> Result<crate::MicroVm, VmError> {
         if self.snapshots && snapshot.exists() {
-            match qemu::restore(config, self.accelerator, snapshot, self.boot_timeout).await {
+            match self.vmm.restore(config, snapshot, self.boot_timeout).await {
                 Ok(vm) => {
                     freshen(&vm.agent).await?;
                     return Ok(vm);
@@ -135,12 +151,12 @@ impl VmManager {
                 }
             }
         }
-        let vm = qemu::start(config, self.accelerator, self.boot_timeout).await?;
+        let vm = self.vmm.start(config, self.boot_timeout).await?;
         if self.snapshots {
             if let Some(dir) = snapshot.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
-            if let Err(error) = vm.save(snapshot).await {
+            if let Err(error) = self.vmm.snapshot(&vm, snapshot).await {
                 tracing::warn!(%error, "could not save a snapshot; VMs of this shape will boot");
             }
         }
@@ -165,11 +181,11 @@ impl VmManager {
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
-        let snapshot =
-            image
-                .dir
-                .join("snapshots")
-                .join(snapshot_name(self.accelerator, vcpus, memory_mib));
+        let snapshot = image.dir.join("snapshots").join(format!(
+            "{}-{}-{vcpus}x{memory_mib}.state",
+            self.accelerator.as_str(),
+            self.vmm.cpu_model().replace(['/', ','], "_")
+        ));
         let vm = match self.start_vm(&config, &snapshot).await {
             Ok(vm) => vm,
             Err(error) => {

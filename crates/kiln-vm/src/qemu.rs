@@ -6,24 +6,47 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::agent::AgentConn;
-use crate::{Accelerator, VmConfig, VmError};
+use crate::{Accelerator, MicroVm, VmConfig, VmError};
 
-pub struct QemuVm {
-    pub child: Child,
-    pub agent: AgentConn,
-    pub run_dir: PathBuf,
-    pub booted_in: Duration,
+/// The QEMU `microvm` driver.
+pub struct QemuVmm {
+    pub accelerator: Accelerator,
 }
 
-impl QemuVm {
-    /// Saves the running VM's whole state to `file`, then lets it run on.
-    pub async fn save(&self, file: &Path) -> Result<(), VmError> {
+#[async_trait::async_trait]
+impl crate::Vmm for QemuVmm {
+    fn name(&self) -> &'static str {
+        "qemu-microvm"
+    }
+
+    fn accelerator(&self) -> Accelerator {
+        self.accelerator
+    }
+
+    fn cpu_model(&self) -> String {
+        cpu_model(self.accelerator)
+    }
+
+    async fn start(&self, config: &VmConfig, timeout: Duration) -> Result<MicroVm, VmError> {
+        start(config, self.accelerator, timeout).await
+    }
+
+    async fn restore(
+        &self,
+        config: &VmConfig,
+        state: &Path,
+        timeout: Duration,
+    ) -> Result<MicroVm, VmError> {
+        restore(config, self.accelerator, state, timeout).await
+    }
+
+    /// QMP `migrate` to a file, then `cont`.
+    async fn snapshot(&self, vm: &MicroVm, file: &Path) -> Result<(), VmError> {
         let mut qmp =
-            crate::qmp::Qmp::connect(&self.run_dir.join("qmp.sock"), Duration::from_secs(5))
-                .await?;
+            crate::qmp::Qmp::connect(&vm.run_dir.join("qmp.sock"), Duration::from_secs(5)).await?;
         let tmp = file.with_extension("partial");
         qmp.save(&tmp, Duration::from_secs(60)).await?;
         qmp.execute("cont", serde_json::json!({})).await?;
@@ -123,7 +146,7 @@ pub async fn start(
     config: &VmConfig,
     accel: Accelerator,
     boot_timeout: Duration,
-) -> Result<QemuVm, VmError> {
+) -> Result<MicroVm, VmError> {
     launch(config, accel, boot_timeout, None).await
 }
 
@@ -134,7 +157,7 @@ pub async fn restore(
     accel: Accelerator,
     state: &Path,
     timeout: Duration,
-) -> Result<QemuVm, VmError> {
+) -> Result<MicroVm, VmError> {
     launch(config, accel, timeout, Some(state)).await
 }
 
@@ -143,7 +166,7 @@ async fn launch(
     accel: Accelerator,
     boot_timeout: Duration,
     incoming: Option<&Path>,
-) -> Result<QemuVm, VmError> {
+) -> Result<MicroVm, VmError> {
     let started = Instant::now();
     std::fs::create_dir_all(&config.run_dir)?;
     let agent_socket = config.run_dir.join("agent.sock");
@@ -212,7 +235,7 @@ async fn launch(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    Ok(QemuVm {
+    Ok(MicroVm {
         child,
         agent,
         run_dir: config.run_dir.clone(),
