@@ -328,16 +328,14 @@ impl VmManager {
             .sum()
     }
 
-    fn slot(&self, tenant: &str, id: &str) -> Option<Arc<tokio::sync::Mutex<Option<LiveVm>>>> {
-        let slot = self.vms.lock().expect("vms").get(id).cloned()?;
-        // Tenant checked under the slot's lock by callers via `with`.
-        let _ = tenant;
-        Some(slot)
+    /// A VM's slot by id; callers check the tenant under the slot's lock.
+    fn slot(&self, id: &str) -> Option<Arc<tokio::sync::Mutex<Option<LiveVm>>>> {
+        self.vms.lock().expect("vms").get(id).cloned()
     }
 
     /// The agent of a tenant's VM, marking it used.
     pub async fn agent(&self, tenant: &str, id: &str) -> Option<AgentConn> {
-        let slot = self.slot(tenant, id)?;
+        let slot = self.slot(id)?;
         let guard = slot.lock().await;
         let live = guard.as_ref().filter(|vm| vm.info.tenant == tenant)?;
         *live.last_used.lock().expect("last used") = Instant::now();
@@ -345,7 +343,7 @@ impl VmManager {
     }
 
     pub async fn get(&self, tenant: &str, id: &str) -> Option<VmInfo> {
-        let slot = self.slot(tenant, id)?;
+        let slot = self.slot(id)?;
         let guard = slot.lock().await;
         guard
             .as_ref()
@@ -369,7 +367,7 @@ impl VmManager {
 
     /// Stops the VM and removes everything it had. False if no such VM.
     pub async fn delete(&self, tenant: &str, id: &str) -> bool {
-        let Some(slot) = self.slot(tenant, id) else {
+        let Some(slot) = self.slot(id) else {
             return false;
         };
         let mut guard = slot.lock().await;
