@@ -330,13 +330,21 @@ pub fn build(
     result
 }
 
-/// Where the static agent binary is: `KILN_AGENT_BIN`, or the cargo target
-/// directory's musl build (a host build would need a libc the guest lacks).
+/// Where the static agent binary is: `KILN_AGENT_BIN`, or the musl build in
+/// the cargo target directory of the running kiln or of the current
+/// directory (a host build would need a libc the guest lacks).
 pub fn find_agent() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
         return Some(PathBuf::from(path));
     }
     let mut candidates = Vec::new();
+    // Beside a cargo-built kiln: <target>/release/kiln → <target>/x86_64-unknown-linux-musl/agent.
+    if let Some(target) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf))
+    {
+        candidates.push(target.join("x86_64-unknown-linux-musl/agent/kiln-agent"));
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target"));
