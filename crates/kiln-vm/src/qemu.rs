@@ -47,7 +47,11 @@ impl crate::Vmm for QemuVmm {
     async fn snapshot(&self, vm: &MicroVm, file: &Path) -> Result<(), VmError> {
         let mut qmp =
             crate::qmp::Qmp::connect(&vm.run_dir.join("qmp.sock"), Duration::from_secs(5)).await?;
-        let tmp = file.with_extension("partial");
+        // Two VMs of a new shape may save at once: each writes its own file
+        // and the complete one is renamed into place, never a shared one that
+        // is still being written.
+        let vm_name = vm.run_dir.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = file.with_extension(format!("{vm_name}.partial"));
         qmp.save(&tmp, Duration::from_secs(60)).await?;
         qmp.execute("cont", serde_json::json!({})).await?;
         std::fs::rename(&tmp, file)?;
