@@ -24,6 +24,10 @@ fn send(writer: &Writer, response: &Response, body: &[u8]) {
     let _ = write_frame(&mut *w, response, body);
 }
 
+fn send_error(writer: &Writer, id: Option<u64>, message: String) {
+    send(writer, &Response::Error { id, message }, b"");
+}
+
 fn find_port() -> Option<String> {
     let entries = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
     for entry in entries.flatten() {
@@ -72,14 +76,7 @@ fn serve(mut reader: Box<dyn Read + Send>, writer: Writer) {
     loop {
         match read_frame::<Request>(&mut reader) {
             Ok((request, body)) => handle(request, body, &writer, &stdins, &pids),
-            Err(error) if error.recoverable() => send(
-                &writer,
-                &Response::Error {
-                    id: None,
-                    message: error.to_string(),
-                },
-                b"",
-            ),
+            Err(error) if error.recoverable() => send_error(&writer, None, error.to_string()),
             Err(ProtoError::Io(_)) => {
                 // The host closed the port (or it was never open): wait for
                 // the next connection on the same port.
@@ -87,14 +84,7 @@ fn serve(mut reader: Box<dyn Read + Send>, writer: Writer) {
             }
             Err(error) => {
                 // The stream is out of step; say so, then keep reading.
-                send(
-                    &writer,
-                    &Response::Error {
-                        id: None,
-                        message: error.to_string(),
-                    },
-                    b"",
-                );
+                send_error(&writer, None, error.to_string());
             }
         }
     }
@@ -131,36 +121,15 @@ fn handle(request: Request, body: Vec<u8>, writer: &Writer, stdins: &Stdins, pid
             let written = write_file(&path, mode, &body);
             match written {
                 Ok(()) => send(writer, &Response::Done, b""),
-                Err(e) => send(
-                    writer,
-                    &Response::Error {
-                        id: None,
-                        message: format!("{path}: {e}"),
-                    },
-                    b"",
-                ),
+                Err(e) => send_error(writer, None, format!("{path}: {e}")),
             }
         }
         Request::ReadFile { path } => match std::fs::read(&path) {
             Ok(data) if data.len() <= kiln_proto::BODY_MAX => {
                 send(writer, &Response::FileData { path }, &data)
             }
-            Ok(_) => send(
-                writer,
-                &Response::Error {
-                    id: None,
-                    message: format!("{path}: larger than 16 MiB"),
-                },
-                b"",
-            ),
-            Err(e) => send(
-                writer,
-                &Response::Error {
-                    id: None,
-                    message: format!("{path}: {e}"),
-                },
-                b"",
-            ),
+            Ok(_) => send_error(writer, None, format!("{path}: larger than 16 MiB")),
+            Err(e) => send_error(writer, None, format!("{path}: {e}")),
         },
         Request::Shutdown => {
             send(writer, &Response::Done, b"");
@@ -307,14 +276,7 @@ fn start_exec(exec: Exec, stdin: Vec<u8>, writer: Writer, stdins: Stdins, pids: 
     let mut child: Child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            send(
-                &writer,
-                &Response::Error {
-                    id: Some(id),
-                    message: format!("{}: {e}", exec.command),
-                },
-                b"",
-            );
+            send_error(&writer, Some(id), format!("{}: {e}", exec.command));
             return;
         }
     };

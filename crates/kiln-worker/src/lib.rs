@@ -487,7 +487,9 @@ async fn heartbeat_loop(
     }
 }
 
-async fn rescue_loop(db: Db, every: Duration, stop: CancellationToken) {
+/// Takes back expired leases every `every` until `stop` fires; workers run
+/// it, and so does `kiln scheduler`.
+pub async fn rescue_loop(db: Db, every: Duration, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(every);
     loop {
         tokio::select! {

@@ -158,19 +158,10 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
             Ok(())
         });
     } else if roles.scheduler {
-        let db = db.clone();
-        let stop = shutdown.clone();
+        let rescue = kiln_worker::rescue_loop(db.clone(), Duration::from_secs(1), shutdown.clone());
         tasks.spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = stop.cancelled() => return Ok(()),
-                }
-                if let Err(error) = db.job_rescue_expired(kiln_worker::now_millis()).await {
-                    tracing::warn!(%error, "rescue failed");
-                }
-            }
+            rescue.await;
+            Ok(())
         });
     }
     if roles.api {

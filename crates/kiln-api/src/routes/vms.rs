@@ -110,8 +110,33 @@ pub struct ExecuteRequest {
     pub cwd: Option<String>,
     #[serde(default)]
     pub stdin: String,
-    /// Killed after this long (default 60 s).
+    /// Killed after this long (default 60 s; none for a streamed exec).
     pub timeout_ms: Option<u64>,
+}
+
+impl ExecuteRequest {
+    /// The agent's exec and its initial stdin; `stdin_open` keeps stdin
+    /// open for more (streamed exec).
+    fn into_exec(self, stdin_open: bool) -> Result<(Exec, String), ApiError> {
+        if self.command.is_empty() {
+            return Err(ApiError::invalid("command must not be empty"));
+        }
+        let exec = Exec {
+            command: self.command,
+            args: self.args,
+            env: self.env,
+            cwd: self.cwd,
+            // A stream lives as long as its client unless a timeout is asked for.
+            timeout_ms: match (self.timeout_ms, stdin_open) {
+                (Some(ms), _) => Some(ms.clamp(1, 24 * 3600 * 1000)),
+                (None, false) => Some(60_000),
+                (None, true) => None,
+            },
+            stdin_open,
+            ..Exec::default()
+        };
+        Ok((exec, self.stdin))
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -242,23 +267,13 @@ pub async fn execute(
     Json(body): Json<ExecuteRequest>,
 ) -> ApiResult<Json<ExecuteResult>> {
     caller.require(Scope::Write)?;
-    if body.command.is_empty() {
-        return Err(ApiError::invalid("command must not be empty"));
-    }
+    let (exec, stdin) = body.into_exec(false)?;
     let agent = manager(&state)?
         .agent(&caller.tenant, &id)
         .await
         .ok_or_else(|| ApiError::not_found("vm"))?;
-    let exec = Exec {
-        command: body.command,
-        args: body.args,
-        env: body.env,
-        cwd: body.cwd,
-        timeout_ms: Some(body.timeout_ms.unwrap_or(60_000).clamp(1, 24 * 3600 * 1000)),
-        ..Exec::default()
-    };
     let out = agent
-        .exec(exec, body.stdin.as_bytes())
+        .exec(exec, stdin.as_bytes())
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "vm_error", e.to_string()))?;
     let (stdout, cut_out) = kiln_vm::job::cap(&out.stdout);
@@ -334,19 +349,6 @@ pub async fn download(
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))
 }
 
-/// The first message on `/vms/{id}/exec/ws`: what to run.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct WsExecStart {
-    pub command: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<String>,
-    pub timeout_ms: Option<u64>,
-}
-
 /// Later client messages: stdin (text or binary), end of stdin, or a signal.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -357,7 +359,7 @@ struct WsInput {
     signal: Option<i32>,
 }
 
-/// Streamed exec: send a [`WsExecStart`] as the first text message, then
+/// Streamed exec: send an [`ExecuteRequest`] as the first text message, then
 /// stdin as binary or `{"stdin": "..."}` text messages and `{"eof": true}`;
 /// receive `{"type": "stdout"|"stderr", "data"}` and a final
 /// `{"type": "exit", "exit_code", "signal", "timed_out"}` (or `{"type": "error"}`).
@@ -379,38 +381,23 @@ async fn stream_exec(mut socket: axum::extract::ws::WebSocket, agent: kiln_vm::A
     use axum::extract::ws::Message;
     let send_json = |value: serde_json::Value| Message::Text(value.to_string().into());
     let start = match socket.recv().await {
-        Some(Ok(Message::Text(text))) => serde_json::from_str::<WsExecStart>(&text),
+        Some(Ok(Message::Text(text))) => serde_json::from_str::<ExecuteRequest>(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|request| request.into_exec(true).map_err(|e| e.message)),
         _ => return,
     };
-    let start = match start {
-        Ok(start) if !start.command.is_empty() => start,
-        Ok(_) => {
+    let (exec, stdin) = match start {
+        Ok(start) => start,
+        Err(message) => {
             let _ = socket
                 .send(send_json(
-                    serde_json::json!({"type": "error", "message": "command must not be empty"}),
-                ))
-                .await;
-            return;
-        }
-        Err(error) => {
-            let _ = socket
-                .send(send_json(
-                    serde_json::json!({"type": "error", "message": error.to_string()}),
+                    serde_json::json!({"type": "error", "message": message}),
                 ))
                 .await;
             return;
         }
     };
-    let exec = Exec {
-        command: start.command,
-        args: start.args,
-        env: start.env,
-        cwd: start.cwd,
-        timeout_ms: start.timeout_ms,
-        stdin_open: true,
-        ..Exec::default()
-    };
-    let (exec_id, mut events) = match agent.exec_stream(exec, b"").await {
+    let (exec_id, mut events) = match agent.exec_stream(exec, stdin.as_bytes()).await {
         Ok(started) => started,
         Err(error) => {
             let _ = socket
