@@ -17,6 +17,10 @@ use crate::VmError;
 
 type Frame = (Response, Vec<u8>);
 
+/// How long one frame may wait for the guest to take it before the
+/// connection is given up (10 MiB files move in well under a second).
+const SEND_STALL: Duration = Duration::from_secs(30);
+
 struct Inner {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     execs: Mutex<HashMap<u64, mpsc::UnboundedSender<Frame>>>,
@@ -103,26 +107,48 @@ impl AgentConn {
     }
 
     async fn send(&self, request: &Request, body: &[u8]) -> Result<(), VmError> {
+        self.send_within(request, body, SEND_STALL).await
+    }
+
+    /// Writes one frame, giving up after `limit`: a guest that never opens
+    /// its port (a failed boot) stops QEMU reading the socket, and a write
+    /// would otherwise wait for ever.
+    async fn send_within(
+        &self,
+        request: &Request,
+        body: &[u8],
+        limit: Duration,
+    ) -> Result<(), VmError> {
         if self.is_closed() {
             return Err(VmError::Agent("the guest agent is gone".into()));
         }
         let frame = encode(request, body);
-        let mut writer = self.inner.writer.lock().await;
-        writer.write_all(&frame).await?;
-        Ok(())
+        let write = async {
+            let mut writer = self.inner.writer.lock().await;
+            writer.write_all(&frame).await
+        };
+        match tokio::time::timeout(limit, write).await {
+            Ok(written) => Ok(written?),
+            Err(_) => {
+                // The frame may be half written: nothing after it would parse.
+                self.inner.closed.store(true, Ordering::SeqCst);
+                Err(VmError::Agent("the guest agent stopped reading".into()))
+            }
+        }
     }
 
-    /// One control request and its answer.
+    /// One control request and its answer, both within `timeout`.
     async fn control(
         &self,
         request: &Request,
         body: &[u8],
         timeout: Duration,
     ) -> Result<Frame, VmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.inner.control.lock().await;
         while rx.try_recv().is_ok() {}
-        self.send(request, body).await?;
-        match tokio::time::timeout(timeout, rx.recv()).await {
+        self.send_within(request, body, timeout).await?;
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some((Response::Error { message, .. }, _))) => Err(VmError::Agent(message)),
             Ok(Some(frame)) => Ok(frame),
             Ok(None) => Err(VmError::Agent("the guest agent is gone".into())),

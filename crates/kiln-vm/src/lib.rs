@@ -94,8 +94,10 @@ pub trait Vmm: Send + Sync + 'static {
 
     fn accelerator(&self) -> Accelerator;
 
-    /// The CPU model the guest sees; part of what a snapshot is valid for.
-    fn cpu_model(&self) -> String;
+    /// Names everything a saved state of a VM booted from `boot` depends on
+    /// besides its shape (accelerator, CPU model, VMM version, kernel
+    /// command line): a state restores only where this is the same.
+    fn snapshot_key(&self, boot: &BootSource) -> String;
 
     /// Firecracker: `PUT /boot-source`, `/machine-config`, `/drives`,
     /// `/vsock`, `/network-interfaces`, then `PUT /actions InstanceStart`.

@@ -171,21 +171,13 @@ impl VmManager {
         let run_dir = self.vm_dir.join(&id);
         let config = VmConfig {
             id: id.clone(),
-            boot: BootSource {
-                kernel: image.kernel(),
-                initrd: Some(image.initramfs()),
-                extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
-            },
+            boot: self.boot_source(&image),
             machine: MachineConfig { vcpus, memory_mib },
             drives: Vec::new(),
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
-        let snapshot = image.dir.join("snapshots").join(format!(
-            "{}-{}-{vcpus}x{memory_mib}.state",
-            self.accelerator.as_str(),
-            self.vmm.cpu_model().replace(['/', ','], "_")
-        ));
+        let snapshot = self.snapshot_file(&image, &config.boot, vcpus, memory_mib);
         let vm = match self.start_vm(&config, &snapshot).await {
             Ok(vm) => vm,
             Err(error) => {
@@ -440,16 +432,44 @@ impl VmManager {
     pub fn vm_dir(&self) -> &Path {
         &self.vm_dir
     }
-}
 
-/// The snapshot file of a shape: a state only restores into the same
-/// accelerator, CPU model, vCPU count and memory size.
-pub fn snapshot_name(accelerator: Accelerator, vcpus: u8, memory_mib: u32) -> String {
-    format!(
-        "{}-{}-{vcpus}x{memory_mib}.state",
-        accelerator.as_str(),
-        qemu::cpu_model(accelerator).replace(['/', ','], "_")
-    )
+    /// Where the snapshot of a shape lives: a state only restores into the
+    /// same image, driver settings (see [`crate::Vmm::snapshot_key`]), vCPU
+    /// count and memory size.
+    fn snapshot_file(
+        &self,
+        image: &Image,
+        boot: &BootSource,
+        vcpus: u8,
+        memory_mib: u32,
+    ) -> PathBuf {
+        image.dir.join("snapshots").join(format!(
+            "{}-{vcpus}x{memory_mib}.state",
+            self.vmm.snapshot_key(boot)
+        ))
+    }
+
+    /// The snapshot file new VMs of this shape of an image restore from
+    /// (benchmarks and tests remove it to time a first boot).
+    pub fn snapshot_path(
+        &self,
+        image_name: &str,
+        vcpus: u8,
+        memory_mib: u32,
+    ) -> Result<PathBuf, VmError> {
+        let image =
+            Image::open(&self.images_dir, image_name).map_err(|e| VmError::Boot(e.to_string()))?;
+        let boot = self.boot_source(&image);
+        Ok(self.snapshot_file(&image, &boot, vcpus, memory_mib))
+    }
+
+    fn boot_source(&self, image: &Image) -> BootSource {
+        BootSource {
+            kernel: image.kernel(),
+            initrd: Some(image.initramfs()),
+            extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
+        }
+    }
 }
 
 /// A restored VM starts as a copy of its snapshot: mix fresh host entropy

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use crate::agent::AgentConn;
-use crate::{Accelerator, MicroVm, VmConfig, VmError};
+use crate::{Accelerator, BootSource, MicroVm, VmConfig, VmError};
 
 /// The QEMU `microvm` driver.
 pub struct QemuVmm {
@@ -26,8 +26,18 @@ impl crate::Vmm for QemuVmm {
         self.accelerator
     }
 
-    fn cpu_model(&self) -> String {
-        cpu_model(self.accelerator)
+    fn snapshot_key(&self, boot: &BootSource) -> String {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(qemu_version().as_bytes());
+        hash.update([0]);
+        hash.update(kernel_cmdline(boot).as_bytes());
+        format!(
+            "{}-{}-{}",
+            self.accelerator.as_str(),
+            cpu_model(self.accelerator).replace(['/', ','], "_"),
+            &hex::encode(hash.finalize())[..12]
+        )
     }
 
     async fn start(&self, config: &VmConfig, timeout: Duration) -> Result<MicroVm, VmError> {
@@ -91,22 +101,46 @@ pub fn qemu_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
 }
 
-fn args(
-    config: &VmConfig,
-    accel: Accelerator,
-    agent_socket: &Path,
-    qmp_socket: &Path,
-) -> Vec<String> {
+fn kernel_cmdline(boot: &BootSource) -> String {
     // Without an early TSC frequency the TCG guest calibrates for a long
     // time and sometimes hangs; panic=-1 turns a guest crash into an exit.
     let mut cmdline = String::from("quiet loglevel=0 panic=-1 reboot=t rdinit=/init");
     if let Some(khz) = host_tsc_khz() {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
-    if !config.boot.extra_cmdline.is_empty() {
+    if !boot.extra_cmdline.is_empty() {
         cmdline.push(' ');
-        cmdline.push_str(&config.boot.extra_cmdline);
+        cmdline.push_str(&boot.extra_cmdline);
     }
+    cmdline
+}
+
+/// The first line of `qemu-system-x86_64 --version`, asked once: a state
+/// saved by one QEMU release need not load into another.
+fn qemu_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        std::process::Command::new(qemu_binary())
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    })
+}
+
+fn args(
+    config: &VmConfig,
+    accel: Accelerator,
+    agent_socket: &Path,
+    qmp_socket: &Path,
+) -> Vec<String> {
+    let cmdline = kernel_cmdline(&config.boot);
     let mut args: Vec<String> = vec![
         "-M".into(),
         "microvm,x-option-roms=off,isa-serial=off,rtc=on".into(),
@@ -228,13 +262,14 @@ async fn launch(
                 if agent.ping(Duration::from_millis(50)).await.is_ok() {
                     break true;
                 }
-                if child.try_wait()?.is_some() {
+                if child.try_wait()?.is_some() || agent.is_closed() {
                     break false;
                 }
             };
             if answered {
                 break agent;
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -177,9 +177,7 @@ async fn later_vms_restore_from_a_snapshot_and_are_distinct() {
     // A shape no other test uses, so this test owns its snapshot; start
     // without one, as on a fresh host.
     let shape = request(144);
-    let snapshot = testing::images_dir()
-        .join("default/snapshots")
-        .join(kiln_vm::manager::snapshot_name(vms.accelerator(), 1, 144));
+    let snapshot = vms.snapshot_path("default", 1, 144).unwrap();
     let _ = std::fs::remove_file(&snapshot);
     let first = vms.create(shape.clone()).await.unwrap();
     let second = vms.create(shape.clone()).await.unwrap();
@@ -273,4 +271,58 @@ async fn the_warm_pool_hands_out_ready_vms_and_refills() {
         0,
         "shutdown leaves nothing"
     );
+}
+
+/// A guest that boots but never opens the agent's port (here: an init that
+/// only sleeps) stops QEMU reading the socket; the boot must still end at
+/// its timeout with the QEMU process gone, not wait on a stuck write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_answers_fails_its_boot_in_time() {
+    let image = testing::test_image().await;
+    let work = std::env::temp_dir().join(format!("kiln-vm-test-{}-mute", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let mut cpio = kiln_vm::cpio::Cpio::new();
+    cpio.dir("bin");
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read("/bin/busybox").unwrap(),
+    );
+    cpio.file(
+        "init",
+        0o755,
+        b"#!/bin/busybox sh\nexec /bin/busybox sleep 100000\n",
+    );
+    let initrd = work.join("mute.cpio");
+    std::fs::write(&initrd, cpio.finish()).unwrap();
+    let config = kiln_vm::VmConfig {
+        id: "mute".into(),
+        boot: kiln_vm::BootSource {
+            kernel: image.kernel(),
+            initrd: Some(initrd),
+            extra_cmdline: String::new(),
+        },
+        machine: kiln_vm::MachineConfig {
+            vcpus: 1,
+            memory_mib: 128,
+        },
+        drives: Vec::new(),
+        network: Vec::new(),
+        run_dir: work.join("run"),
+    };
+    let accelerator =
+        probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
+    let started = std::time::Instant::now();
+    let outcome = kiln_vm::qemu::start(&config, accelerator, Duration::from_secs(20)).await;
+    let took = started.elapsed();
+    assert!(outcome.is_err(), "a guest without an agent cannot boot");
+    assert!(
+        took < Duration::from_secs(30),
+        "the boot gave up after {took:?}, not at its 20 s timeout"
+    );
+    assert!(
+        !qemu_running_in(&work),
+        "QEMU is killed when the boot fails"
+    );
+    let _ = std::fs::remove_dir_all(&work);
 }

@@ -494,9 +494,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     );
 
     // A fresh snapshot for the bench's shape: the first create boots.
-    let snapshot = images
-        .join("default/snapshots")
-        .join(kiln_vm::manager::snapshot_name(accelerator, 1, 128));
+    let snapshot = vms.snapshot_path("default", 1, 128)?;
     let _ = std::fs::remove_file(&snapshot);
     let time_create = |vms: Arc<VmManager>| async move {
         let t = Instant::now();
