@@ -31,6 +31,9 @@ pub enum VmError {
     /// Host-side I/O.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// Another process manages VMs in the same directory.
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// Firecracker's `boot-source`.
@@ -40,6 +43,9 @@ pub struct BootSource {
     pub initrd: Option<PathBuf>,
     /// Added to the driver's own kernel command line.
     pub extra_cmdline: String,
+    /// The kernel finds devices through ACPI tables; without, the driver
+    /// lists them on the command line (as Firecracker always does).
+    pub acpi: bool,
 }
 
 /// Firecracker's `machine-config`.

@@ -63,6 +63,9 @@ pub struct VmManager {
     /// One refill at a time: boots compete for the same cores.
     filling: tokio::sync::Mutex<()>,
     closing: std::sync::atomic::AtomicBool,
+    /// Held for the manager's life: the start-up reaper kills every VM in
+    /// `vm_dir`, so a second process on the same directory must not start.
+    _lock: std::fs::File,
 }
 
 /// Image, vCPUs, memory: what makes VMs interchangeable.
@@ -106,6 +109,7 @@ impl VmManager {
         vmm: Arc<dyn crate::Vmm>,
     ) -> Result<Arc<VmManager>, VmError> {
         std::fs::create_dir_all(vm_dir)?;
+        let lock = lock_dir(vm_dir)?;
         let accelerator = vmm.accelerator();
         let reaped = reap(vm_dir);
         if reaped > 0 {
@@ -123,6 +127,7 @@ impl VmManager {
             warm_sizes: Mutex::default(),
             filling: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            _lock: lock,
         }))
     }
 
@@ -171,7 +176,7 @@ impl VmManager {
         let run_dir = self.vm_dir.join(&id);
         let config = VmConfig {
             id: id.clone(),
-            boot: self.boot_source(&image),
+            boot: boot_source(&image),
             machine: MachineConfig { vcpus, memory_mib },
             drives: Vec::new(),
             network: Vec::new(),
@@ -459,16 +464,18 @@ impl VmManager {
     ) -> Result<PathBuf, VmError> {
         let image =
             Image::open(&self.images_dir, image_name).map_err(|e| VmError::Boot(e.to_string()))?;
-        let boot = self.boot_source(&image);
+        let boot = boot_source(&image);
         Ok(self.snapshot_file(&image, &boot, vcpus, memory_mib))
     }
+}
 
-    fn boot_source(&self, image: &Image) -> BootSource {
-        BootSource {
-            kernel: image.kernel(),
-            initrd: Some(image.initramfs()),
-            extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
-        }
+/// How every VM of an image boots (`KILN_VM_CMDLINE` adds kernel words).
+fn boot_source(image: &Image) -> BootSource {
+    BootSource {
+        kernel: image.kernel(),
+        initrd: Some(image.initramfs()),
+        extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
+        acpi: image.acpi(),
     }
 }
 
@@ -506,6 +513,25 @@ async fn destroy(mut vm: LiveVm) {
     let _ = vm.child.start_kill();
     let _ = tokio::time::timeout(Duration::from_secs(5), vm.child.wait()).await;
     let _ = std::fs::remove_dir_all(&vm.run_dir);
+}
+
+/// An exclusive lock on `<vm_dir>/.lock`; the kernel drops it when the
+/// process dies, however it dies.
+fn lock_dir(vm_dir: &Path) -> Result<std::fs::File, VmError> {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(vm_dir.join(".lock"))?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(VmError::InUse(format!(
+            "{} is in use by another kiln process (one data dir per kiln serve or worker host)",
+            vm_dir.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// Kills the QEMU processes recorded under `vm_dir` (checking that each pid
@@ -558,11 +584,7 @@ pub async fn probe_accelerator(image: &Image, work_dir: &Path, cache_file: &Path
     {
         let config = VmConfig {
             id: "probe".into(),
-            boot: BootSource {
-                kernel: image.kernel(),
-                initrd: Some(image.initramfs()),
-                extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
-            },
+            boot: boot_source(image),
             machine: MachineConfig {
                 vcpus: 1,
                 memory_mib: 128,

@@ -26,13 +26,16 @@ pub async fn test_image() -> &'static Image {
                 use sha2::Digest;
                 hex::encode(sha2::Sha256::digest(std::fs::read(&agent).expect("read the agent")))
             };
-            // Reuse the image only while it carries this very agent.
+            // Reuse the image only while it carries this very agent and
+            // the default kernel.
             if let Ok(image) = Image::open(&dir, "default") {
-                if image.manifest.agent_sha256 == agent_sha {
+                if image.manifest.agent_sha256 == agent_sha
+                    && image.manifest.kernel == image::KernelKind::default()
+                {
                     return image;
                 }
             }
-            tokio::task::spawn_blocking(move || image::build(&dir, "default", &agent, &mut |_, _, _| {}))
+            tokio::task::spawn_blocking(move || image::build(&dir, "default", image::KernelKind::default(), &agent, &mut |_, _, _| {}))
                 .await
                 .expect("image build task")
                 .expect("image build")

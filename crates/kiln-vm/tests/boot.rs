@@ -301,6 +301,7 @@ async fn a_guest_that_never_answers_fails_its_boot_in_time() {
             kernel: image.kernel(),
             initrd: Some(initrd),
             extra_cmdline: String::new(),
+            acpi: image.acpi(),
         },
         machine: kiln_vm::MachineConfig {
             vcpus: 1,
@@ -323,6 +324,26 @@ async fn a_guest_that_never_answers_fails_its_boot_in_time() {
     assert!(
         !qemu_running_in(&work),
         "QEMU is killed when the boot fails"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The start-up reaper kills every VM in its directory, so a second
+/// manager on the same directory is refused while the first lives.
+#[tokio::test]
+async fn a_vm_directory_has_one_manager_at_a_time() {
+    let work = std::env::temp_dir().join(format!("kiln-vm-test-{}-lock", std::process::id()));
+    let vm_dir = work.join("vms");
+    let first = VmManager::new(&work, &vm_dir, kiln_vm::Accelerator::Tcg).unwrap();
+    let second = VmManager::new(&work, &vm_dir, kiln_vm::Accelerator::Tcg);
+    assert!(
+        matches!(second, Err(kiln_vm::VmError::InUse(_))),
+        "a second manager must not reap the first one's VMs"
+    );
+    drop(first);
+    assert!(
+        VmManager::new(&work, &vm_dir, kiln_vm::Accelerator::Tcg).is_ok(),
+        "the lock goes with its holder"
     );
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -213,6 +213,11 @@ enum ImageCommand {
         /// The static agent binary (default: the cargo target dir's musl build).
         #[arg(long, env = "KILN_AGENT_BIN")]
         agent: Option<PathBuf>,
+        /// `minimal`: compiled from Debian's linux-source (needs gcc, make,
+        /// flex, bison, bc, libelf-dev; a few minutes, once); `cloud`:
+        /// Debian's cloud kernel as packaged (no compiler, slower guests).
+        #[arg(long, default_value = "minimal", value_parser = ["minimal", "cloud"])]
+        kernel: String,
     },
     Ls {
         #[command(flatten)]
@@ -644,7 +649,9 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             server,
             name,
             agent,
+            kernel,
         } => {
+            let kernel = kiln_vm::image::KernelKind::parse(&kernel).context("--kernel")?;
             let settings = server.settings()?;
             kiln_core::validate_name("image", &name)?;
             let agent = agent.or_else(kiln_vm::image::find_agent).context(
@@ -652,7 +659,7 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             )?;
             let dir = settings.data_dir.join("images");
             let built = tokio::task::spawn_blocking(move || {
-                kiln_vm::image::build(&dir, &name, &agent, &mut |step, of, what| {
+                kiln_vm::image::build(&dir, &name, kernel, &agent, &mut |step, of, what| {
                     eprintln!("[{step}/{of}] {what}");
                 })
             })
@@ -668,8 +675,11 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             let settings = server.settings()?;
             for image in kiln_vm::image::Image::list(&settings.data_dir.join("images")) {
                 println!(
-                    "{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}",
                     image.manifest.name,
+                    serde_json::to_value(image.manifest.kernel)?
+                        .as_str()
+                        .unwrap_or(""),
                     image.manifest.kernel_release,
                     image.manifest.busybox_package
                 );

@@ -65,13 +65,13 @@ pub fn wasm_runtime(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Ar
 
 /// MicroVMs are offered when a `default` image exists in the data dir; the
 /// accelerator is probed once per host.
-async fn vm_manager(settings: &Settings) -> Option<Arc<kiln_vm::VmManager>> {
+async fn vm_manager(settings: &Settings) -> anyhow::Result<Option<Arc<kiln_vm::VmManager>>> {
     let images = settings.data_dir.join("images");
     let image = match kiln_vm::image::Image::open(&images, "default") {
         Ok(image) => image,
         Err(_) => {
             tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
-            return None;
+            return Ok(None);
         }
     };
     let vm_dir = settings.data_dir.join("vms");
@@ -86,11 +86,12 @@ async fn vm_manager(settings: &Settings) -> Option<Arc<kiln_vm::VmManager>> {
             if settings.vm_warm > 0 {
                 manager.keep_warm("default", 1, 128, settings.vm_warm);
             }
-            Some(manager)
+            Ok(Some(manager))
         }
+        Err(error @ kiln_vm::VmError::InUse(_)) => Err(error.into()),
         Err(error) => {
             tracing::warn!(%error, "microVMs are off");
-            None
+            Ok(None)
         }
     }
 }
@@ -133,7 +134,7 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
     let wasm = wasm_runtime(&settings, &blobs)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
-    let vms = vm_manager(&settings).await;
+    let vms = vm_manager(&settings).await?;
 
     let mut tasks = tokio::task::JoinSet::new();
     if roles.worker {
