@@ -258,7 +258,7 @@ fn compile_kernel(
         {
             if line.trim_start().starts_with("CC ") {
                 compiled += 1;
-                if compiled % 250 == 0 {
+                if compiled.is_multiple_of(250) {
                     progress(&format!("compiling the kernel: {compiled} files"));
                 }
             }
