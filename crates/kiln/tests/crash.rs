@@ -417,7 +417,11 @@ async fn sigkilled_server_leaves_no_vm_behind_after_restart() {
     )
     .await;
     assert_eq!(
-        std::fs::read_dir(&vms_dir).unwrap().count(),
+        std::fs::read_dir(&vms_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count(),
         0,
         "no VM directory left"
     );
