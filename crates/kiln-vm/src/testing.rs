@@ -42,3 +42,11 @@ pub async fn test_image() -> &'static Image {
         })
         .await
 }
+
+/// The VM directories under a manager's `vm_dir` (its lock file aside):
+/// what a leak would leave behind.
+pub fn vm_dirs_in(vm_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(vm_dir)
+        .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).count())
+        .unwrap_or(0)
+}

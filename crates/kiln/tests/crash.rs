@@ -417,11 +417,7 @@ async fn sigkilled_server_leaves_no_vm_behind_after_restart() {
     )
     .await;
     assert_eq!(
-        std::fs::read_dir(&vms_dir)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .count(),
+        kiln_vm::testing::vm_dirs_in(&vms_dir),
         0,
         "no VM directory left"
     );
