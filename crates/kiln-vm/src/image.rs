@@ -286,6 +286,14 @@ fn compile_kernel(
     std::fs::write(staging.join("release"), release.trim())?;
     let _ = std::fs::remove_dir_all(cache);
     std::fs::rename(&staging, cache)?;
+    // Kernels of other sources or configurations are not used again.
+    if let Some(kernels) = cache.parent() {
+        for entry in std::fs::read_dir(kernels)?.flatten() {
+            if entry.path() != cache {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     Ok(())
 }
 

@@ -347,3 +347,48 @@ async fn a_vm_directory_has_one_manager_at_a_time() {
     );
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// `kiln image build --kernel cloud`: Debian's stock cloud kernel, with
+/// ACPI and its virtio drivers as modules, still boots and answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_with_debians_cloud_kernel_boots() {
+    let default = testing::test_image().await;
+    let agent = kiln_vm::image::find_agent().unwrap();
+    let images = testing::images_dir();
+    let built = tokio::task::spawn_blocking(move || {
+        kiln_vm::image::build(
+            &images,
+            "cloud",
+            kiln_vm::image::KernelKind::Cloud,
+            &agent,
+            &mut |_, _, _| {},
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        built.acpi(),
+        "the cloud kernel finds its devices through ACPI"
+    );
+    assert!(
+        built.manifest.kernel_release.ends_with("-cloud-amd64"),
+        "{}",
+        built.manifest.kernel_release
+    );
+    let vms = manager("cloud").await;
+    let mut req = request(128);
+    req.image = "cloud".into();
+    let vm = vms.create(req).await.unwrap();
+    let agent = vms.agent("acme", &vm.id).await.unwrap();
+    let uname = agent.exec(sh("uname -r"), b"").await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uname.stdout).trim(),
+        built.manifest.kernel_release
+    );
+    assert_ne!(
+        built.manifest.kernel_release, default.manifest.kernel_release,
+        "two different kernels"
+    );
+    vms.delete("acme", &vm.id).await;
+}
