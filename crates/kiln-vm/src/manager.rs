@@ -57,7 +57,7 @@ pub struct VmManager {
     vmm: Arc<dyn crate::Vmm>,
     vms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LiveVm>>>>>,
     boot_timeout: Duration,
-    snapshots: bool,
+    snapshots: std::sync::atomic::AtomicBool,
     warm: Mutex<HashMap<PoolKey, Vec<LiveVm>>>,
     warm_sizes: Mutex<HashMap<PoolKey, usize>>,
     /// One refill at a time: boots compete for the same cores.
@@ -122,7 +122,9 @@ impl VmManager {
             vmm,
             vms: Mutex::default(),
             boot_timeout: Duration::from_secs(60),
-            snapshots: std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0"),
+            snapshots: std::sync::atomic::AtomicBool::new(
+                std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0"),
+            ),
             warm: Mutex::default(),
             warm_sizes: Mutex::default(),
             filling: tokio::sync::Mutex::new(()),
@@ -143,7 +145,8 @@ impl VmManager {
         config: &VmConfig,
         snapshot: &Path,
     ) -> Result<crate::MicroVm, VmError> {
-        if self.snapshots && snapshot.exists() {
+        let snapshots = self.snapshots.load(std::sync::atomic::Ordering::Relaxed);
+        if snapshots && snapshot.exists() {
             match self.vmm.restore(config, snapshot, self.boot_timeout).await {
                 Ok(vm) => {
                     freshen(&vm.agent).await?;
@@ -157,10 +160,11 @@ impl VmManager {
             }
         }
         let vm = self.vmm.start(config, self.boot_timeout).await?;
-        if self.snapshots {
+        if snapshots {
             if let Some(dir) = snapshot.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
+            settle_clock(&vm.agent).await;
             if let Err(error) = self.vmm.snapshot(&vm, snapshot).await {
                 tracing::warn!(%error, "could not save a snapshot; VMs of this shape will boot");
             }
@@ -434,6 +438,13 @@ impl VmManager {
         }
     }
 
+    /// Whether new VMs restore from (and first boots save) snapshots; on
+    /// unless `KILN_VM_SNAPSHOTS=0`.
+    pub fn use_snapshots(&self, on: bool) {
+        self.snapshots
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn vm_dir(&self) -> &Path {
         &self.vm_dir
     }
@@ -476,6 +487,26 @@ fn boot_source(image: &Image) -> BootSource {
         initrd: Some(image.initramfs()),
         extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
         acpi: image.acpi(),
+    }
+}
+
+/// Waits (at most 3 s) until the guest has left its boot-time `tsc-early`
+/// clocksource: a state saved before the kernel's one-second TSC
+/// calibration ends would have every restored VM redo it, and a VM whose
+/// clock checks fail across the restore would fall back to jiffies.
+async fn settle_clock(agent: &AgentConn) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let exec = crate::Exec {
+            command: "cat".into(),
+            args: vec!["/sys/devices/system/clocksource/clocksource0/current_clocksource".into()],
+            ..crate::Exec::default()
+        };
+        match agent.exec(exec, b"").await {
+            Ok(out) if out.stdout.trim_ascii() != b"tsc-early" => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => return,
+        }
     }
 }
 

@@ -117,7 +117,10 @@ fn machine(boot: &BootSource) -> String {
 fn kernel_cmdline(boot: &BootSource) -> String {
     // Without an early TSC frequency the TCG guest calibrates for a long
     // time and sometimes hangs; panic=-1 turns a guest crash into an exit.
-    let mut cmdline = String::from("quiet loglevel=0 panic=-1 reboot=t rdinit=/init");
+    // tsc=reliable: the guest TSC is the host's; without it a guest with no
+    // second clock to check it against (the minimal kernel) may save its
+    // snapshot still on tsc-early and, restored, fall back to jiffies.
+    let mut cmdline = String::from("quiet loglevel=0 panic=-1 reboot=t rdinit=/init tsc=reliable");
     if let Some(khz) = host_tsc_khz() {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }

@@ -182,6 +182,26 @@ async fn later_vms_restore_from_a_snapshot_and_are_distinct() {
     let first = vms.create(shape.clone()).await.unwrap();
     let second = vms.create(shape.clone()).await.unwrap();
     let third = vms.create(shape).await.unwrap();
+    // A restored guest runs on its final clocksource: one still on
+    // tsc-early when saved may later fall back to jiffies (4 ms steps).
+    let agent = vms.agent("acme", &third.id).await.unwrap();
+    let clock = agent
+        .exec(
+            sh("cat /sys/devices/system/clocksource/clocksource0/current_clocksource"),
+            b"",
+        )
+        .await
+        .unwrap();
+    let clock = String::from_utf8_lossy(&clock.stdout).trim().to_string();
+    assert!(
+        clock == "tsc" || clock == "kvm-clock",
+        "restored guest's clocksource: {clock}"
+    );
+    let timed = agent.exec(sh("true"), b"").await.unwrap();
+    assert!(
+        timed.duration > Duration::ZERO,
+        "the agent's clock moves between spawn and reap"
+    );
     eprintln!(
         "boot {} ms, restores {} ms and {} ms",
         first.boot_ms, second.boot_ms, third.boot_ms

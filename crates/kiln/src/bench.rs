@@ -521,6 +521,19 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         ms(percentile(&cold, 0.5)),
         ms(percentile(&cold, 1.0))
     );
+    vms.use_snapshots(false);
+    let mut full = Vec::new();
+    for _ in 0..args.boots {
+        full.push(time_create(vms.clone()).await?);
+    }
+    vms.use_snapshots(true);
+    full.sort();
+    println!(
+        "| create → first exec, full boot with snapshots off ({} runs) | p50 {} · max {} |",
+        full.len(),
+        ms(percentile(&full, 0.5)),
+        ms(percentile(&full, 1.0))
+    );
     vms.keep_warm("default", 1, 128, 1);
     let mut warm = Vec::new();
     for _ in 0..args.boots {
