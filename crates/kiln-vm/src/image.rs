@@ -191,6 +191,28 @@ fn compile_kernel(
         .map(|e| e.path())
         .find(|p| p.to_string_lossy().ends_with(".tar.xz"))
         .ok_or_else(|| step(STEP, "no source tarball in the linux-source package"))?;
+    let mut missing: Vec<&str> = ["make", "gcc", "flex", "bison", "bc"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    // objtool, built along with the kernel, reads ELF through libelf.
+    if !Path::new("/usr/include/gelf.h").exists() {
+        missing.push("libelf-dev");
+    }
+    if !missing.is_empty() {
+        return Err(step(
+            STEP,
+            format!(
+                "missing {}: apt-get install build-essential flex bison bc libelf-dev (or build with --kernel cloud)",
+                missing.join(", ")
+            ),
+        ));
+    }
     progress("unpacking the kernel source");
     let src = work.join("src");
     std::fs::create_dir_all(&src)?;
@@ -203,24 +225,6 @@ fn compile_kernel(
             .arg(&src)
             .arg("--strip-components=1"),
     )?;
-    let missing: Vec<&str> = ["make", "gcc", "flex", "bison", "bc"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .collect();
-    if !missing.is_empty() {
-        return Err(step(
-            STEP,
-            format!(
-                "missing {}: apt-get install build-essential flex bison bc libelf-dev (or build with --kernel cloud)",
-                missing.join(", ")
-            ),
-        ));
-    }
     std::fs::write(src.join("kiln.config"), KERNEL_CONFIG)?;
     run(
         STEP,
