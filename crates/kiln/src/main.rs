@@ -703,7 +703,7 @@ async fn vm(client: Client, command: VmCommand) -> anyhow::Result<i32> {
             }
             let vm = client.post("/api/v1/vms", &body).await?;
             eprintln!(
-                "booted in {} ms ({})",
+                "ready in {} ms ({})",
                 vm["boot_ms"],
                 vm["accelerator"].as_str().unwrap_or("")
             );
