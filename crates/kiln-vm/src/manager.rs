@@ -165,8 +165,11 @@ impl VmManager {
                 let _ = std::fs::create_dir_all(dir);
             }
             settle_clock(&vm.agent).await;
-            if let Err(error) = self.vmm.snapshot(&vm, snapshot).await {
-                tracing::warn!(%error, "could not save a snapshot; VMs of this shape will boot");
+            match self.vmm.snapshot(&vm, snapshot).await {
+                Ok(()) => drop_stale_snapshots(snapshot, config.machine),
+                Err(error) => {
+                    tracing::warn!(%error, "could not save a snapshot; VMs of this shape will boot")
+                }
             }
         }
         Ok(vm)
@@ -487,6 +490,21 @@ fn boot_source(image: &Image) -> BootSource {
         initrd: Some(image.initramfs()),
         extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
         acpi: image.acpi(),
+    }
+}
+
+/// Removes the shape's snapshots made under other settings (an older QEMU,
+/// other kernel words): they would never load again, and each is the size
+/// of the guest's memory.
+fn drop_stale_snapshots(current: &Path, machine: MachineConfig) {
+    let shape = format!("-{}x{}.state", machine.vcpus, machine.memory_mib);
+    let Some(dir) = current.parent() else { return };
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path != current && name.ends_with(&shape) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 

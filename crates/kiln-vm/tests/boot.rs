@@ -179,7 +179,13 @@ async fn later_vms_restore_from_a_snapshot_and_are_distinct() {
     let shape = request(144);
     let snapshot = vms.snapshot_path("default", 1, 144).unwrap();
     let _ = std::fs::remove_file(&snapshot);
+    // A state saved under other settings (an older QEMU, say) for the same
+    // shape: never loadable again, so saving the new one removes it.
+    let stale = snapshot.with_file_name("tcg-qemu64-000000000000-1x144.state");
+    std::fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+    std::fs::write(&stale, b"old").unwrap();
     let first = vms.create(shape.clone()).await.unwrap();
+    assert!(!stale.exists(), "a stale snapshot of the shape is removed");
     let second = vms.create(shape.clone()).await.unwrap();
     let third = vms.create(shape).await.unwrap();
     // A restored guest runs on its final clocksource: one still on
