@@ -400,14 +400,16 @@ pub fn build(
         let busybox_deb = download(&debs, "busybox-static")?;
         progress(2, STEPS, "unpacking packages");
         let root = work.join("debs");
-        for deb in [&kernel_deb, &busybox_deb] {
+        let unpack = |deb: &Path| {
             run(
                 "unpack packages",
                 Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root),
-            )?;
-        }
+            )
+        };
+        unpack(&busybox_deb)?;
         let (vmlinux, release) = match kernel {
             KernelKind::Cloud => {
+                unpack(&kernel_deb)?;
                 let release = kernel_pkg.trim_start_matches("linux-image-").to_string();
                 progress(3, STEPS, "extracting the kernel");
                 let bzimage = std::fs::read(root.join(format!("boot/vmlinuz-{release}")))?;
@@ -423,6 +425,7 @@ pub fn build(
                     }[..12]
                 ));
                 if !cache.join("vmlinux").exists() {
+                    unpack(&kernel_deb)?;
                     compile_kernel(&root, &work, &cache, &mut |what| progress(3, STEPS, what))?;
                 } else {
                     progress(3, STEPS, "kernel already compiled");
