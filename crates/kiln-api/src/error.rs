@@ -9,6 +9,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent as `Retry-After` (429 answers).
+    pub retry_after_s: Option<u64>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -28,6 +30,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_s: None,
         }
     }
 
@@ -57,6 +60,17 @@ impl ApiError {
 
     pub fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn rate_limited(wait: std::time::Duration) -> ApiError {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests for this API key; retry in {seconds} s"),
+        );
+        error.retry_after_s = Some(seconds);
+        error
     }
 
     /// A failure on our side: the client learns little, the log learns all.
@@ -92,7 +106,13 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

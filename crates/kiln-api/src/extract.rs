@@ -128,6 +128,13 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .resolve(&state.db, key)
             .await?
             .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+        if let Some(limiter) = state.rate_limit.get() {
+            if let Err(not_until) = limiter.check_key(&caller.key_id) {
+                use governor::clock::Clock;
+                let now = governor::clock::DefaultClock::default().now();
+                return Err(ApiError::rate_limited(not_until.wait_time_from(now)));
+            }
+        }
         parts.extensions.insert(caller.clone());
         Ok(caller)
     }

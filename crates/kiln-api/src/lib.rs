@@ -33,6 +33,8 @@ pub struct AppState {
     pub wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
     pub vms: Option<Arc<kiln_vm::VmManager>>,
     pub keys: KeyCache,
+    /// Requests per API key (GCRA, per process); unset: no limit.
+    pub rate_limit: std::sync::OnceLock<governor::DefaultKeyedRateLimiter<String>>,
 }
 
 impl AppState {
@@ -56,7 +58,27 @@ impl AppState {
             wasm,
             vms,
             keys: KeyCache::default(),
+            rate_limit: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Limits every API key to `per_second` requests a second on average,
+    /// with bursts of up to `burst` (0: twice the rate); a rate of 0 leaves
+    /// requests unlimited. Set once, at start-up.
+    pub fn limit_rate(&self, per_second: u32, burst: u32) {
+        let burst = if burst == 0 {
+            per_second.saturating_mul(2)
+        } else {
+            burst
+        };
+        let (Some(rate), Some(burst)) = (
+            std::num::NonZeroU32::new(per_second),
+            std::num::NonZeroU32::new(burst),
+        ) else {
+            return;
+        };
+        let quota = governor::Quota::per_second(rate).allow_burst(burst);
+        let _ = self.rate_limit.set(governor::RateLimiter::keyed(quota));
     }
 }
 

@@ -32,10 +32,12 @@ kiln_db::on_both_databases!(
     paused_queues_hold_jobs,
     a_thousand_concurrent_wasm_jobs,
     openapi_and_metrics,
+    rate_limits_hold_each_key_apart,
 );
 
 struct Harness {
     app: Router,
+    state: Arc<AppState>,
     admin: String,
     reader: String,
     other: String,
@@ -76,9 +78,11 @@ async fn harness(db: Db) -> Harness {
         .with("noop", Arc::new(NoopHandler));
     let stop = CancellationToken::new();
     let worker = tokio::spawn(Worker::new(db.clone(), handlers, config).run(stop.clone()));
-    let app = kiln_api::app(AppState::new(db, blobs, Some(wasm)));
+    let state = AppState::new(db, blobs, Some(wasm));
+    let app = kiln_api::app(state.clone());
     Harness {
         app,
+        state,
         admin,
         reader,
         other,
@@ -932,5 +936,42 @@ async fn openapi_and_metrics(db: Db) {
         .unwrap()
         .iter()
         .any(|w| w["state"] == "online"));
+    h.stop().await;
+}
+
+async fn rate_limits_hold_each_key_apart(db: Db) {
+    let h = harness(db).await;
+    // 5 a second, bursts of 5: the sixth request at once is refused.
+    h.state.limit_rate(5, 5);
+    for _ in 0..5 {
+        let (status, _) = h.call("GET", "/api/v1/jobs", &h.admin, None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let request = Request::builder()
+        .uri("/api/v1/jobs")
+        .header("authorization", format!("Bearer {}", h.admin))
+        .body(Body::empty())
+        .unwrap();
+    let response = h.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(error_code(&body), "rate_limited");
+    // Another key of the same tenant has its own allowance; a bad key is
+    // still told it is bad, not that it is throttled.
+    let (status, _) = h.call("GET", "/api/v1/jobs", &h.reader, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = h.call("GET", "/api/v1/jobs", "kiln_nope_nope", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The allowance comes back at the rate: one request per 200 ms.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let (status, _) = h.call("GET", "/api/v1/jobs", &h.admin, None).await;
+    assert_eq!(status, StatusCode::OK);
     h.stop().await;
 }

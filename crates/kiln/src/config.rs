@@ -32,6 +32,12 @@ pub struct ServerArgs {
     /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
     #[arg(long, env = "KILN_VM_WARM")]
     pub vm_warm: Option<usize>,
+    /// Requests a second allowed per API key, per API process (0: no limit).
+    #[arg(long, env = "KILN_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+    /// Requests a key may send at once above its rate (default: twice the rate).
+    #[arg(long, env = "KILN_RATE_BURST")]
+    pub rate_burst: Option<u32>,
     /// Blob store: a local directory (default: <data-dir>/blobs) ...
     #[arg(long, env = "KILN_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
@@ -58,6 +64,8 @@ struct FileConfig {
     slots: Option<usize>,
     lease_ms: Option<u64>,
     vm_warm: Option<usize>,
+    rate_limit: Option<u32>,
+    rate_burst: Option<u32>,
     blob_dir: Option<PathBuf>,
     s3_endpoint: Option<String>,
     s3_bucket: Option<String>,
@@ -74,6 +82,8 @@ pub struct Settings {
     pub slots: usize,
     pub lease_ms: u64,
     pub vm_warm: usize,
+    pub rate_limit: u32,
+    pub rate_burst: u32,
     pub blobs: kiln_blob::BlobConfig,
 }
 
@@ -151,6 +161,8 @@ impl ServerArgs {
             slots: self.slots.or(file.slots).unwrap_or(64),
             lease_ms: self.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
             vm_warm: self.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
+            rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(1_000),
+            rate_burst: self.rate_burst.or(file.rate_burst).unwrap_or(0),
             database_url,
             blobs,
             data_dir,

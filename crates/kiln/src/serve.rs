@@ -168,6 +168,7 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
     if roles.api {
         ensure_admin_key(&db, &settings.data_dir).await?;
         let state = AppState::with_vms(db.clone(), blobs.clone(), Some(wasm.clone()), vms.clone());
+        state.limit_rate(settings.rate_limit, settings.rate_burst);
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listening on {}", settings.listen))?;
