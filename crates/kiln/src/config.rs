@@ -161,7 +161,7 @@ impl ServerArgs {
             slots: self.slots.or(file.slots).unwrap_or(64),
             lease_ms: self.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
             vm_warm: self.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
-            rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(1_000),
+            rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(10_000),
             rate_burst: self.rate_burst.or(file.rate_burst).unwrap_or(0),
             database_url,
             blobs,
