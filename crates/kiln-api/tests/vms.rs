@@ -115,6 +115,22 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // The accelerator, live VMs and start times are in /metrics.
+    let (status, text) = send(&app, "GET", "/metrics", &key, "text/plain", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(text).unwrap();
+    let accelerator_line = format!(
+        "kiln_vm_accelerator{{accelerator=\"{}\"}} 1",
+        accelerator.as_str()
+    );
+    assert!(text.contains(&accelerator_line), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kiln_vms_live ") && l != "kiln_vms_live 0"),
+        "{text}"
+    );
+    assert!(text.contains("kiln_vm_start_seconds_count{how="), "{text}");
+
     let (status, out) = call(
         &app,
         "POST",

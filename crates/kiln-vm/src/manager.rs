@@ -150,6 +150,8 @@ impl VmManager {
             match self.vmm.restore(config, snapshot, self.boot_timeout).await {
                 Ok(vm) => {
                     freshen(&vm.agent).await?;
+                    metrics::histogram!("kiln_vm_start_seconds", "how" => "restore")
+                        .record(vm.booted_in.as_secs_f64());
                     return Ok(vm);
                 }
                 Err(error) => {
@@ -159,7 +161,15 @@ impl VmManager {
                 }
             }
         }
-        let vm = self.vmm.start(config, self.boot_timeout).await?;
+        let vm = match self.vmm.start(config, self.boot_timeout).await {
+            Ok(vm) => vm,
+            Err(error) => {
+                metrics::counter!("kiln_vm_boot_failures_total").increment(1);
+                return Err(error);
+            }
+        };
+        metrics::histogram!("kiln_vm_start_seconds", "how" => "boot")
+            .record(vm.booted_in.as_secs_f64());
         if snapshots {
             if let Some(dir) = snapshot.parent() {
                 let _ = std::fs::create_dir_all(dir);
@@ -261,6 +271,8 @@ impl VmManager {
             .map(|ttl| created_at_ms + ttl.as_millis() as i64);
         if from_pool {
             live.info.boot_ms = started.elapsed().as_millis() as u64;
+            metrics::histogram!("kiln_vm_start_seconds", "how" => "pool")
+                .record(started.elapsed().as_secs_f64());
         }
         live.created = Instant::now();
         live.last_used = Mutex::new(Instant::now());
@@ -323,6 +335,11 @@ impl VmManager {
     }
 
     /// Ready VMs waiting in the warm pool.
+    /// VMs handed out and not yet deleted, across tenants.
+    pub fn live_count(&self) -> usize {
+        self.vms.lock().expect("vms").len()
+    }
+
     pub fn warm_count(&self) -> usize {
         self.warm
             .lock()

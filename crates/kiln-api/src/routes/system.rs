@@ -67,6 +67,12 @@ pub async fn metrics_text(
         .filter(|w| now - w.last_seen < 30_000)
         .count();
     metrics::gauge!("kiln_workers_online").set(online as f64);
+    if let Some(vms) = &state.vms {
+        metrics::gauge!("kiln_vm_accelerator", "accelerator" => vms.accelerator().as_str())
+            .set(1.0);
+        metrics::gauge!("kiln_vms_live").set(vms.live_count() as f64);
+        metrics::gauge!("kiln_vms_warm").set(vms.warm_count() as f64);
+    }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         prometheus().render(),
