@@ -31,7 +31,7 @@ impl crate::Vmm for QemuVmm {
         let mut hash = sha2::Sha256::new();
         hash.update(qemu_version().as_bytes());
         hash.update([0]);
-        hash.update(kernel_cmdline(boot).as_bytes());
+        hash.update(kernel_words(boot).as_bytes());
         hash.update(machine(boot).as_bytes());
         format!(
             "{}-{}-{}",
@@ -114,19 +114,28 @@ fn machine(boot: &BootSource) -> String {
     machine
 }
 
+/// The kernel command line but for the host's TSC frequency, which
+/// `/proc/cpuinfo` reports with jitter on hosts that scale their clock: the
+/// part a snapshot depends on.
+fn kernel_words(boot: &BootSource) -> String {
+    // panic=-1 turns a guest crash into an exit. tsc=reliable: the guest
+    // TSC is the host's; without it a guest with no second clock to check
+    // it against (the minimal kernel) may save its snapshot still on
+    // tsc-early and, restored, fall back to jiffies.
+    let mut words = String::from("quiet loglevel=0 panic=-1 reboot=t rdinit=/init tsc=reliable");
+    if !boot.extra_cmdline.is_empty() {
+        words.push(' ');
+        words.push_str(&boot.extra_cmdline);
+    }
+    words
+}
+
 fn kernel_cmdline(boot: &BootSource) -> String {
+    let mut cmdline = kernel_words(boot);
     // Without an early TSC frequency the TCG guest calibrates for a long
-    // time and sometimes hangs; panic=-1 turns a guest crash into an exit.
-    // tsc=reliable: the guest TSC is the host's; without it a guest with no
-    // second clock to check it against (the minimal kernel) may save its
-    // snapshot still on tsc-early and, restored, fall back to jiffies.
-    let mut cmdline = String::from("quiet loglevel=0 panic=-1 reboot=t rdinit=/init tsc=reliable");
+    // time and sometimes hangs.
     if let Some(khz) = host_tsc_khz() {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
-    }
-    if !boot.extra_cmdline.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&boot.extra_cmdline);
     }
     cmdline
 }
