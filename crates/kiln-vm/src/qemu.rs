@@ -70,17 +70,50 @@ impl crate::Vmm for QemuVmm {
     }
 }
 
-fn host_tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0) as u64)
+/// The host's TSC frequency, measured once against the monotonic clock.
+/// The guest's TSC is the host's; `cpu MHz` in /proc/cpuinfo is the core's
+/// current clock, which is something else on hosts that scale it (a guest
+/// told that would keep time at the wrong rate).
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: rdtsc reads a counter; it has no preconditions.
+            let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+            // The raw monotonic clock: the kernel's own TSC rate, free of
+            // NTP's slewing (which would show as an error of up to 500 ppm).
+            let raw_ns = || {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: clock_gettime writes into the timespec it is given.
+                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut ts) };
+                ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+            };
+            // A counter reading and the clock's time around it, kept from
+            // the tightest of a few tries: a preempted pair would be off by
+            // the whole preemption.
+            let sample = || {
+                (0..16)
+                    .map(|_| {
+                        let (before, count, after) = (raw_ns(), tsc(), raw_ns());
+                        (after.saturating_sub(before), before / 2 + after / 2, count)
+                    })
+                    .min()
+                    .map(|(_, ns, count)| (ns, count))
+                    .expect("sixteen tries")
+            };
+            let (t0, c0) = sample();
+            std::thread::sleep(Duration::from_millis(50));
+            let (t1, c1) = sample();
+            let ns = t1.saturating_sub(t0);
+            (ns > 0 && c1 > c0).then(|| (c1 - c0) * 1_000_000 / ns)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    })
 }
 
 /// The guest CPU model: `KILN_QEMU_CPU`, else the host's under KVM and the
@@ -305,4 +338,16 @@ async fn launch(
         run_dir: config.run_dir.clone(),
         booted_in: started.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_host_tsc_frequency_is_measured_plausibly() {
+        let khz = super::host_tsc_khz().expect("an x86-64 host has a TSC");
+        eprintln!("host TSC: {khz} kHz");
+        // Between 500 MHz and 10 GHz, and the same on a second ask.
+        assert!((500_000..10_000_000).contains(&khz), "{khz} kHz");
+        assert_eq!(super::host_tsc_khz(), Some(khz));
+    }
 }
