@@ -108,6 +108,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// A Markdown row of median and worst for a handful of timed runs.
+fn print_p50_max(what: &str, samples: &mut [Duration]) {
+    samples.sort();
+    println!(
+        "| {what} ({} runs) | p50 {} · max {} |",
+        samples.len(),
+        ms(percentile(samples, 0.5)),
+        ms(percentile(samples, 1.0))
+    );
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
@@ -517,12 +528,9 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     for _ in 0..args.boots {
         cold.push(time_create(vms.clone()).await?);
     }
-    cold.sort();
-    println!(
-        "| create → first exec, no warm VM (snapshot restore, {} runs) | p50 {} · max {} |",
-        cold.len(),
-        ms(percentile(&cold, 0.5)),
-        ms(percentile(&cold, 1.0))
+    print_p50_max(
+        "create → first exec, no warm VM, snapshot restore",
+        &mut cold,
     );
     vms.use_snapshots(false);
     let mut full = Vec::new();
@@ -530,12 +538,9 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         full.push(time_create(vms.clone()).await?);
     }
     vms.use_snapshots(true);
-    full.sort();
-    println!(
-        "| create → first exec, full boot with snapshots off ({} runs) | p50 {} · max {} |",
-        full.len(),
-        ms(percentile(&full, 0.5)),
-        ms(percentile(&full, 1.0))
+    print_p50_max(
+        "create → first exec, full boot with snapshots off",
+        &mut full,
     );
     vms.keep_warm("default", 1, 128, 1);
     let mut warm = Vec::new();
@@ -545,13 +550,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         }
         warm.push(time_create(vms.clone()).await?);
     }
-    warm.sort();
-    println!(
-        "| create → first exec from the warm pool ({} runs) | p50 {} · max {} |",
-        warm.len(),
-        ms(percentile(&warm, 0.5)),
-        ms(percentile(&warm, 1.0))
-    );
+    print_p50_max("create → first exec from the warm pool", &mut warm);
     while vms.warm_count() < 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
