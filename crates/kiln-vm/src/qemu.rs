@@ -33,6 +33,7 @@ impl crate::Vmm for QemuVmm {
         hash.update([0]);
         hash.update(kernel_words(boot).as_bytes());
         hash.update(machine(boot).as_bytes());
+        hash.update(firmware().unwrap_or_default().as_bytes());
         format!(
             "{}-{}-{}",
             self.accelerator.as_str(),
@@ -150,6 +151,16 @@ fn machine(boot: &BootSource) -> String {
 /// The kernel command line but for the host's TSC frequency, which
 /// `/proc/cpuinfo` reports with jitter on hosts that scale their clock: the
 /// part a snapshot depends on.
+/// qboot, QEMU's minimal firmware, which loads a PVH kernel with option
+/// ROMs off. Debian's QEMU 7.2 uses it for microvm anyway; QEMU 10 from
+/// backports pairs microvm with SeaBIOS, which cannot, so kiln asks for
+/// qboot by name wherever it is installed.
+fn firmware() -> Option<&'static str> {
+    std::path::Path::new("/usr/share/qemu/qboot.rom")
+        .exists()
+        .then_some("qboot.rom")
+}
+
 fn kernel_words(boot: &BootSource) -> String {
     // panic=-1 turns a guest crash into an exit. tsc=reliable: the guest
     // TSC is the host's; without it a guest with no second clock to check
@@ -230,6 +241,10 @@ fn args(
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp_socket.display()),
     ];
+    if let Some(bios) = firmware() {
+        args.push("-bios".into());
+        args.push(bios.into());
+    }
     if let Some(initrd) = &config.boot.initrd {
         args.push("-initrd".into());
         args.push(initrd.display().to_string());
