@@ -99,7 +99,11 @@ impl VmManager {
         vm_dir: &Path,
         accelerator: Accelerator,
     ) -> Result<Arc<VmManager>, VmError> {
-        VmManager::with_vmm(images_dir, vm_dir, Arc::new(qemu::QemuVmm { accelerator }))
+        VmManager::with_vmm(
+            images_dir,
+            vm_dir,
+            Arc::new(qemu::QemuVmm::new(accelerator)),
+        )
     }
 
     /// Reaps leftovers in `vm_dir`, then is ready to boot VMs with `vmm`.

@@ -16,6 +16,17 @@ pub struct QemuVmm {
     pub accelerator: Accelerator,
 }
 
+impl QemuVmm {
+    /// Measures the host TSC and asks QEMU its version now, at start-up:
+    /// both block (a 50 ms measurement, a subprocess) and every boot needs
+    /// them, so the first boot must not pay them on a runtime thread.
+    pub fn new(accelerator: Accelerator) -> QemuVmm {
+        host_tsc_khz();
+        qemu_version();
+        QemuVmm { accelerator }
+    }
+}
+
 #[async_trait::async_trait]
 impl crate::Vmm for QemuVmm {
     fn name(&self) -> &'static str {

@@ -370,9 +370,8 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
     let handlers = Handlers::new().with("wasm", Arc::new(WasmHandler(runtime.clone())));
     let (stop, task) = worker(&db, handlers, args.slots);
     let state = kiln_api::AppState::new(db.clone(), blobs.clone(), Some(runtime.clone()));
-    // As `kiln serve` runs: every request passes the per-key rate limiter.
-    let settings = crate::config::ServerArgs::default().settings()?;
-    state.limit_rate(settings.rate_limit, settings.rate_burst);
+    // As `kiln serve` runs by default: every request passes the limiter.
+    state.limit_rate(crate::config::DEFAULT_RATE_LIMIT, 0);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server_stop = CancellationToken::new();

@@ -9,6 +9,10 @@ use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 
+/// Requests a second per API key unless configured: high enough not to
+/// cap one key below the measured throughput of `POST /api/v1/run`.
+pub const DEFAULT_RATE_LIMIT: u32 = 10_000;
+
 #[derive(Args, Debug, Clone, Default)]
 pub struct ServerArgs {
     /// Where kiln keeps its SQLite database, blobs, caches and admin key.
@@ -161,7 +165,10 @@ impl ServerArgs {
             slots: self.slots.or(file.slots).unwrap_or(64),
             lease_ms: self.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
             vm_warm: self.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
-            rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(10_000),
+            rate_limit: self
+                .rate_limit
+                .or(file.rate_limit)
+                .unwrap_or(DEFAULT_RATE_LIMIT),
             rate_burst: self.rate_burst.or(file.rate_burst).unwrap_or(0),
             database_url,
             blobs,
