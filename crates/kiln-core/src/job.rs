@@ -273,23 +273,9 @@ fn invalid(message: impl Into<String>) -> InvalidJob {
     InvalidJob::Field(message.into())
 }
 
-/// Kinds, queue names and label keys: short, lowercase-ish, printable.
+/// Kinds, queue names and label keys (see [`crate::names::check_name`]).
 pub fn validate_name(what: &str, name: &str) -> Result<(), InvalidJob> {
-    if name.is_empty() || name.len() > limits::NAME_MAX {
-        return Err(invalid(format!(
-            "{what} must be 1 to {} characters",
-            limits::NAME_MAX
-        )));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'))
-    {
-        return Err(invalid(format!(
-            "{what} may hold only letters, digits and _ - . : /"
-        )));
-    }
-    Ok(())
+    crate::names::check_name(what, name).map_err(|e| invalid(e.to_string()))
 }
 
 /// A job as a caller asks for it, checked.

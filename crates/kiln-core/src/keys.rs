@@ -1,4 +1,9 @@
 //! API key scopes. Each scope includes the ones below it.
+//!
+//! `read`, `write` and `admin` act inside the key's tenant. `system` is the
+//! deployment's own scope (shared queues, `/metrics`, the worker list, other
+//! tenants' keys): only the key kiln makes at first start holds it, and only
+//! a `system` key can mint another.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -11,6 +16,7 @@ pub enum Scope {
     Read,
     Write,
     Admin,
+    System,
 }
 
 impl Scope {
@@ -19,6 +25,7 @@ impl Scope {
             Scope::Read => "read",
             Scope::Write => "write",
             Scope::Admin => "admin",
+            Scope::System => "system",
         }
     }
 
@@ -27,6 +34,7 @@ impl Scope {
             "read" => Some(Scope::Read),
             "write" => Some(Scope::Write),
             "admin" => Some(Scope::Admin),
+            "system" => Some(Scope::System),
             _ => None,
         }
     }
@@ -70,6 +78,8 @@ mod tests {
         assert!(write.allows(Scope::Write));
         assert!(!write.allows(Scope::Admin));
         assert!(Scopes(vec![Scope::Admin]).allows(Scope::Write));
+        assert!(!Scopes(vec![Scope::Admin]).allows(Scope::System));
+        assert!(Scopes(vec![Scope::System]).allows(Scope::Admin));
         assert!(!Scopes(vec![]).allows(Scope::Read));
         assert_eq!(Scopes::parse("read,admin").unwrap().to_text(), "read,admin");
         assert!(Scopes::parse("read,root").is_none());

@@ -7,10 +7,13 @@
 
 pub mod job;
 pub mod keys;
+pub mod names;
+pub mod quota;
 pub mod retry;
 
 pub use job::*;
 pub use keys::{Scope, Scopes};
+pub use quota::{QuotaExceeded, TenantQuotas};
 pub use retry::{decide_lost, decide_outcome, AttemptEnd, Outcome};
 
 /// Milliseconds since the Unix epoch; the only clock unit kiln stores.

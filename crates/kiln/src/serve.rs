@@ -103,7 +103,7 @@ async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let (_, secret) =
-        kiln_api::issue_key(db, "default", "admin", Scopes(vec![Scope::Admin])).await?;
+        kiln_api::issue_key(db, "default", "admin", Scopes(vec![Scope::System])).await?;
     let path = data_dir.join("admin.key");
     write_secret(&path, &secret)?;
     println!(
