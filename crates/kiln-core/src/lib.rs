@@ -7,12 +7,14 @@
 
 pub mod job;
 pub mod keys;
+pub mod kinds;
 pub mod names;
 pub mod quota;
 pub mod retry;
 
 pub use job::*;
 pub use keys::{Scope, Scopes};
+pub use kinds::{CheckSpec, JobKinds, SpecError};
 pub use quota::{QuotaExceeded, TenantQuotas};
 pub use retry::{decide_lost, decide_outcome, AttemptEnd, Outcome};
 
