@@ -43,25 +43,35 @@ pub fn router() -> Router<Arc<AppState>> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJob {
-    /// `wasm`, `vm`, `noop`, ...: which sandbox runs it.
+    /// `wasm`, `vm`, `noop`, ...: which sandbox runs it. A kind this
+    /// deployment does not run is refused (`unknown_kind`), and so is a spec
+    /// its kind refuses (`invalid_spec`).
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")]
     pub kind: String,
     /// What to run; its shape depends on the kind.
     #[serde(default = "empty_object")]
     #[schema(value_type = Object)]
     pub spec: serde_json::Value,
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")]
     pub queue: Option<String>,
     pub priority: Option<Priority>,
+    #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<i32>,
+    #[schema(minimum = 1, maximum = 86_400_000)]
     pub timeout_ms: Option<i64>,
     pub backoff: Option<Backoff>,
     /// Exit codes that fail the job at once, without retries.
+    #[schema(max_items = 256)]
     pub permanent_exit_codes: Option<Vec<i32>>,
     /// RFC 3339 time before which the job does not start.
     pub run_at: Option<String>,
     /// Alternative to `run_at`: start no sooner than this many ms from now.
+    #[schema(minimum = 0)]
     pub delay_ms: Option<i64>,
     /// Submitting the same key again returns the first job.
+    #[schema(min_length = 1, max_length = 256)]
     pub idempotency_key: Option<String>,
+    /// At most 32; keys are names like `kind`, values at most 256 bytes.
     pub labels: Option<BTreeMap<String, String>>,
 }
 

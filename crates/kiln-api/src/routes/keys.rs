@@ -58,8 +58,10 @@ pub struct KeyList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
     /// None above the caller's own.
+    #[schema(min_items = 1)]
     pub scopes: Vec<Scope>,
     /// The tenant the key acts for; another tenant than the caller's needs
     /// the system scope. Default: the caller's.
