@@ -144,8 +144,8 @@ pub fn fill_scratch(chunks: u32) -> String {
 }
 
 /// Makes a symlink `link` to `target` in the first preopened directory,
-/// then opens `link`, following it. Exits 100 + errno when the symlink is
-/// refused, else the errno of the open (0: it opened).
+/// then opens `link`, following it. Exits 1 when the symlink is refused, 2
+/// when opening through it is, 0 when it opened.
 pub fn symlink_out(target: &str) -> String {
     let len = target.len();
     module(&format!(
@@ -154,10 +154,10 @@ pub fn symlink_out(target: &str) -> String {
            (func (export "_start") (local $err i32)
              (local.set $err
                (call $path_symlink (i32.const 256) (i32.const {len}) (i32.const 3) (i32.const 64) (i32.const 4)))
-             (if (local.get $err) (then (call $proc_exit (i32.add (i32.const 100) (local.get $err)))))
-             (call $proc_exit
-               (call $path_open (i32.const 3) (i32.const 1) (i32.const 64) (i32.const 4)
-                 (i32.const 0) (i64.const 0x7ffffff) (i64.const 0x7ffffff) (i32.const 0) (i32.const 128))))"#
+             (if (local.get $err) (then (call $proc_exit (i32.const 1))))
+             (if (call $path_open (i32.const 3) (i32.const 1) (i32.const 64) (i32.const 4)
+                   (i32.const 0) (i64.const 0x7ffffff) (i64.const 0x7ffffff) (i32.const 0) (i32.const 128))
+               (then (call $proc_exit (i32.const 2)))))"#
     ))
 }
 
