@@ -77,7 +77,13 @@ impl Harness {
         (status, body)
     }
 
-    async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let request = Request::builder()
             .method(method)
             .uri(path)
@@ -106,7 +112,11 @@ fn quota_error(status: StatusCode, body: &Value) {
 
 async fn module_quotas_answer_quota_exceeded(db: Db) {
     let size = |wat: &str| WasmRuntime::to_binary(wat.as_bytes()).unwrap().len() as u64;
-    let (a, b, c) = (fixtures::exit_with(1), fixtures::exit_with(2), fixtures::hello());
+    let (a, b, c) = (
+        fixtures::exit_with(1),
+        fixtures::exit_with(2),
+        fixtures::hello(),
+    );
     let h = harness(
         db,
         TenantQuotas {
@@ -122,7 +132,10 @@ async fn module_quotas_answer_quota_exceeded(db: Db) {
     assert_eq!(h.push(&h.acme, &b).await.0, StatusCode::CREATED);
     let (status, body) = h.push(&h.acme, &c).await;
     quota_error(status, &body);
-    assert!(body["error"]["message"].as_str().unwrap().contains("modules stored"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("modules stored"));
     // Each tenant has its own count; the bytes bound holds too.
     let (status, first) = h.push(&h.globex, &a).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
@@ -173,7 +186,10 @@ async fn tenants_never_reach_each_others_modules(db: Db) {
         )
         .await;
     assert!(status.is_client_error(), "{status} {body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("not stored"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not stored"));
     // The owner still has it, untouched by the other tenant's delete.
     let (status, _) = h.call("GET", &path, &h.acme, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -184,7 +200,10 @@ async fn a_read_key_is_refused_before_the_body_is_read(db: Db) {
     // A body that never ends: a handler that read it first would never answer.
     let endless = futures::stream::unfold((), |()| async {
         tokio::time::sleep(Duration::from_millis(1)).await;
-        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 1024])), ()))
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 1024])),
+            (),
+        ))
     });
     let request = Request::builder()
         .method("POST")
@@ -216,7 +235,10 @@ async fn pushing_validates_without_compiling(db: Db) {
     ] {
         let (status, body) = h.push(&h.acme, wat).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains(why), "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{body}"
+        );
     }
     let request = Request::builder()
         .method("POST")

@@ -163,7 +163,8 @@ pub fn symlink_out(target: &str) -> String {
 
 /// Takes a long time to compile: `functions` functions of arithmetic.
 pub fn slow_to_compile(functions: u32) -> String {
-    let body = "(local.set 0 (i32.add (i32.mul (local.get 0) (i32.const 31)) (i32.const 7)))".repeat(200);
+    let body =
+        "(local.set 0 (i32.add (i32.mul (local.get 0) (i32.const 31)) (i32.const 7)))".repeat(200);
     let mut text = String::new();
     for i in 0..functions {
         text.push_str(&format!(

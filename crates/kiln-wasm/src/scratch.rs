@@ -283,7 +283,8 @@ pub(crate) fn add_budget_to_linker(linker: &mut Linker<State>) -> anyhow::Result
                     caller,
                     path_open(
                         fd, dirflags, path, path_len, oflags, base, inheriting, fdflags, opened
-                    ).await
+                    )
+                    .await
                 )
             })
         },
@@ -301,7 +302,8 @@ pub(crate) fn add_budget_to_linker(linker: &mut Linker<State>) -> anyhow::Result
     linker.func_wrap_async(
         WASI,
         "path_symlink",
-        |mut caller: Caller<'_, State>, (old, old_len, fd, new, new_len): (i32, i32, i32, i32, i32)| {
+        |mut caller: Caller<'_, State>,
+         (old, old_len, fd, new, new_len): (i32, i32, i32, i32, i32)| {
             Box::new(async move {
                 charge(&mut caller, BLOCK).await?;
                 delegate!(caller, path_symlink(old, old_len, fd, new, new_len).await)
@@ -312,7 +314,15 @@ pub(crate) fn add_budget_to_linker(linker: &mut Linker<State>) -> anyhow::Result
         WASI,
         "path_link",
         |mut caller: Caller<'_, State>,
-         (old_fd, flags, old, old_len, new_fd, new, new_len): (i32, i32, i32, i32, i32, i32, i32)| {
+         (old_fd, flags, old, old_len, new_fd, new, new_len): (
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+        )| {
             Box::new(async move {
                 charge(&mut caller, BLOCK).await?;
                 delegate!(

@@ -140,19 +140,34 @@ mod tests {
         );
         check(json!({"module": id, "nope": 1}), Err("unknown field"));
         check(json!({"module": "sha256:ABC"}), Err("module"));
-        check(json!({"module": format!("sha256:{}", "A".repeat(64))}), Err("module"));
+        check(
+            json!({"module": format!("sha256:{}", "A".repeat(64))}),
+            Err("module"),
+        );
         check(
             json!({"module": id, "output_limit_bytes": max + 1}),
             Err("wasm_output_bytes_max"),
         );
-        check(json!({"module": id, "output_limit_bytes": 0}), Err("output_limit_bytes"));
+        check(
+            json!({"module": id, "output_limit_bytes": 0}),
+            Err("output_limit_bytes"),
+        );
         check(json!({"module": id, "memory_mib": 0}), Err("memory_mib"));
-        check(json!({"module": id, "memory_mib": 1 << 20}), Err("memory_mib"));
+        check(
+            json!({"module": id, "memory_mib": 1 << 20}),
+            Err("memory_mib"),
+        );
         check(json!({"module": id, "args": ["a\u{0}b"]}), Err("NUL"));
-        check(json!({"module": id, "args": vec!["a"; ARGS_MAX + 1]}), Err("args"));
+        check(
+            json!({"module": id, "args": vec!["a"; ARGS_MAX + 1]}),
+            Err("args"),
+        );
         check(json!({"module": id, "env": {"A=B": "1"}}), Err("env"));
         check(json!({"module": id, "env": {"A": "\u{0}"}}), Err("NUL"));
-        check(json!({"module": id, "stdin": "x".repeat(STDIN_BYTES_MAX + 1)}), Err("stdin"));
+        check(
+            json!({"module": id, "stdin": "x".repeat(STDIN_BYTES_MAX + 1)}),
+            Err("stdin"),
+        );
         check(json!({"module": id, "stdin": "\u{0}"}), Err("NUL"));
     }
 

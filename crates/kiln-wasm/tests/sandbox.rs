@@ -461,9 +461,15 @@ async fn scratch_directories_are_private_unpredictable_and_always_removed() {
 
     let scratch = |spec: &mut WasmSpec| spec.scratch = true;
     succeeded(sandbox.run(&fixtures::open_file(), scratch).await);
-    assert!(sandbox.scratch_entries().is_empty(), "removed after success");
+    assert!(
+        sandbox.scratch_entries().is_empty(),
+        "removed after success"
+    );
     failed(sandbox.run(&fixtures::exit_with(3), scratch).await);
-    assert!(sandbox.scratch_entries().is_empty(), "removed after failure");
+    assert!(
+        sandbox.scratch_entries().is_empty(),
+        "removed after failure"
+    );
     failed(sandbox.run(&fixtures::trap(), scratch).await);
     assert!(sandbox.scratch_entries().is_empty(), "removed after a trap");
     let spec = WasmSpec {
@@ -473,7 +479,10 @@ async fn scratch_directories_are_private_unpredictable_and_always_removed() {
     };
     let (error, _, _) = failed(sandbox.run_spec(&spec, Duration::from_millis(300)).await);
     assert_eq!(error, "killed");
-    assert!(sandbox.scratch_entries().is_empty(), "removed after a timeout");
+    assert!(
+        sandbox.scratch_entries().is_empty(),
+        "removed after a timeout"
+    );
 }
 
 #[tokio::test]
@@ -546,7 +555,13 @@ async fn concurrent_first_runs_compile_once() {
     assert_eq!(stats.disk_files, 1, "{stats:?}");
     let partial = std::fs::read_dir(sandbox.root.join("cache"))
         .unwrap()
-        .filter(|e| !e.as_ref().unwrap().path().to_string_lossy().ends_with(".cwasm"))
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".cwasm")
+        })
         .count();
     assert_eq!(partial, 0, "only complete artefacts stay");
 }

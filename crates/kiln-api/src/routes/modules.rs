@@ -119,7 +119,13 @@ pub async fn push_module(
     if let Some(held) = state.db.module_get(&caller.tenant, &id).await? {
         return Ok((StatusCode::OK, Json(held.into())));
     }
-    check_module_quotas(&state, runtime.quotas(), &caller.tenant, binary.len() as u64).await?;
+    check_module_quotas(
+        &state,
+        runtime.quotas(),
+        &caller.tenant,
+        binary.len() as u64,
+    )
+    .await?;
     runtime
         .check_module(binary.clone())
         .await
