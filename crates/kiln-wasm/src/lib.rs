@@ -35,6 +35,9 @@ pub use cache::CacheStats;
 pub use output::CappedOutput;
 pub use spec::{check_spec, check_spec_within, WasmSpec};
 
+/// The `wasm` kind's entry in `kiln_core::JobKinds`.
+const _: kiln_core::CheckSpec = check_spec;
+
 use cache::{CacheBounds, ModuleCache};
 use scratch::{ScratchBudget, ScratchDir, ScratchLimit, ScratchRoot};
 

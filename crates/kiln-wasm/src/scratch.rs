@@ -172,27 +172,33 @@ pub(crate) fn disk_use(dir: &Path, stop: u64) -> u64 {
     total
 }
 
+/// What a write of `len` bytes at any offset may allocate.
 fn write_charge(len: u64) -> u64 {
-    len.div_ceil(BLOCK) * BLOCK + BLOCK
+    match len {
+        0 => 0,
+        len => len.div_ceil(BLOCK) * BLOCK + BLOCK,
+    }
 }
 
-/// The summed length of a guest's iovec array (each entry: pointer, length).
+/// The length of the first non-empty entry of a guest's iovec array (each
+/// entry: pointer, length): wasmtime-wasi writes that entry alone per call.
 fn iovec_bytes(caller: &mut Caller<'_, State>, iovs: i32, count: i32) -> anyhow::Result<u64> {
     let memory = caller
         .get_export("memory")
         .and_then(|e| e.into_memory())
         .ok_or_else(|| anyhow::anyhow!("missing required memory export"))?;
     let data = memory.data(&caller);
-    let mut total = 0u64;
     for i in 0..count.max(0) as usize {
         let at = (iovs as u32 as usize)
             .checked_add(i * 8 + 4)
             .filter(|at| at + 4 <= data.len())
             .ok_or_else(|| anyhow::anyhow!("iovec out of bounds"))?;
         let len = u32::from_le_bytes(data[at..at + 4].try_into().expect("4 bytes"));
-        total += len as u64;
+        if len > 0 {
+            return Ok(len.into());
+        }
     }
-    Ok(total)
+    Ok(0)
 }
 
 /// Runs one wasmtime-wasi preview 1 call on the store's WASI context and
