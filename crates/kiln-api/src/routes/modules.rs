@@ -100,10 +100,11 @@ pub async fn push_module(
         }
     })?;
     let binary = if content_type.starts_with("text/") {
-        Bytes::from(
-            kiln_wasm::WasmRuntime::to_binary(&body)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?,
-        )
+        // Parsing up to 64 MiB of text is CPU work: off the async threads.
+        let parsed = tokio::task::spawn_blocking(move || kiln_wasm::WasmRuntime::to_binary(&body))
+            .await
+            .map_err(ApiError::internal)?;
+        Bytes::from(parsed.map_err(|e| ApiError::bad_request(e.to_string()))?)
     } else if content_type.starts_with("application/wasm")
         || content_type.starts_with("application/octet-stream")
     {
