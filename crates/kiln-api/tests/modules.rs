@@ -22,11 +22,13 @@ kiln_db::on_both_databases!(
     a_read_key_is_refused_before_the_body_is_read,
     pushing_validates_without_compiling,
     wasm_specs_are_bounded_at_submit,
+    bytes_go_when_the_last_holder_deletes,
 );
 
 struct Harness {
     app: Router,
     wasm: Arc<WasmRuntime>,
+    blobs: BlobStore,
     acme: String,
     reader: String,
     globex: String,
@@ -58,10 +60,11 @@ async fn harness(db: Db, quotas: TenantQuotas) -> Harness {
     let acme = key("acme", Scope::Admin).await;
     let reader = key("acme", Scope::Read).await;
     let globex = key("globex", Scope::Admin).await;
-    let app = kiln_api::app(AppState::new(db, blobs, Some(wasm.clone())));
+    let app = kiln_api::app(AppState::new(db, blobs.clone(), Some(wasm.clone())));
     Harness {
         app,
         wasm,
+        blobs,
         acme,
         reader,
         globex,
@@ -272,4 +275,36 @@ async fn wasm_specs_are_bounded_at_submit(db: Db) {
             .await;
         assert!(status.is_client_error(), "{spec}: {status} {body}");
     }
+}
+
+async fn bytes_go_when_the_last_holder_deletes(db: Db) {
+    let h = harness(db, TenantQuotas::default()).await;
+    let (_, pushed) = h.push(&h.acme, &fixtures::hello()).await;
+    let id = pushed["id"].as_str().unwrap().to_string();
+    let key = kiln_wasm::module_blob_key(&id);
+    let path = format!("/api/v1/modules/{id}");
+    assert_eq!(
+        h.push(&h.globex, &fixtures::hello()).await.0,
+        StatusCode::CREATED
+    );
+    assert!(h.blobs.exists(&key).await.unwrap());
+    let (status, _) = h.call("DELETE", &path, &h.acme, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(
+        h.blobs.exists(&key).await.unwrap(),
+        "another tenant still holds the module"
+    );
+    let (status, _) = h.call("DELETE", &path, &h.globex, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!h.blobs.exists(&key).await.unwrap(), "nobody holds it");
+    // Pushing it again stores it again.
+    assert_eq!(
+        h.push(&h.acme, &fixtures::hello()).await.0,
+        StatusCode::CREATED
+    );
+    assert!(h.blobs.exists(&key).await.unwrap());
+    // A module whose bytes went missing is repaired by pushing it again.
+    h.blobs.delete(&key).await.unwrap();
+    assert_eq!(h.push(&h.acme, &fixtures::hello()).await.0, StatusCode::OK);
+    assert!(h.blobs.exists(&key).await.unwrap());
 }

@@ -483,4 +483,9 @@ impl Db {
     pub async fn module_usage(&self, tenant: &str) -> DbResult<(u64, u64)> {
         dispatch!(self, s => s.module_usage(tenant).await)
     }
+
+    /// How many tenants hold a module: its stored bytes may go at 0.
+    pub async fn module_holders(&self, id: &str) -> DbResult<u64> {
+        dispatch!(self, s => s.module_holders(id).await)
+    }
 }

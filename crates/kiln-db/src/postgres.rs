@@ -716,4 +716,12 @@ impl PgStore {
         .await?;
         Ok((count.max(0) as u64, bytes.max(0) as u64))
     }
+
+    pub async fn module_holders(&self, id: &str) -> DbResult<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM modules WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count.max(0) as u64)
+    }
 }

@@ -668,4 +668,12 @@ impl SqliteStore {
                 .await?;
         Ok((count.max(0) as u64, bytes.max(0) as u64))
     }
+
+    pub async fn module_holders(&self, id: &str) -> DbResult<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM modules WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.write)
+            .await?;
+        Ok(count.max(0) as u64)
+    }
 }

@@ -585,6 +585,17 @@ async fn runtimes_sharing_a_cache_never_load_a_torn_artefact() {
     for load in loads {
         load.await.unwrap().unwrap();
     }
+    // What a process stopped mid-write leaves: a partial file, removed at
+    // start and never loaded.
+    let cache = sandbox.root.join("cache");
+    let artefact = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let partial = artefact.with_extension("0123456789abcdef.partial");
+    std::fs::write(&partial, b"torn").unwrap();
     // A runtime with no blobs can run it only from the artefact on disk.
     let from_disk = WasmRuntime::new(
         WasmConfig {
@@ -604,6 +615,8 @@ async fn runtimes_sharing_a_cache_never_load_a_torn_artefact() {
     let result = succeeded(from_disk.run(&spec, &CancellationToken::new()).await);
     assert_eq!(result.stdout, "intact");
     assert_eq!(from_disk.cache_stats().compiles, 0);
+    assert!(!partial.exists());
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
 }
 
 #[tokio::test]

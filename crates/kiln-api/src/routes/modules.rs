@@ -117,7 +117,9 @@ pub async fn push_module(
         ));
     };
     let id = kiln_blob::content_id(&binary);
+    let key = kiln_wasm::module_blob_key(&id);
     if let Some(held) = state.db.module_get(&caller.tenant, &id).await? {
+        store_bytes(&state, &key, binary).await?;
         return Ok((StatusCode::OK, Json(held.into())));
     }
     check_module_quotas(
@@ -136,15 +138,12 @@ pub async fn push_module(
         size: binary.len() as i64,
         created_at: now_millis(),
     };
-    let key = kiln_wasm::module_blob_key(&id);
-    if !state.blobs.exists(&key).await.map_err(ApiError::internal)? {
-        state
-            .blobs
-            .put(&key, binary)
-            .await
-            .map_err(ApiError::internal)?;
-    }
+    store_bytes(&state, &key, binary.clone()).await?;
     let created = state.db.module_insert(&caller.tenant, &info).await?;
+    // A delete by the last other holder may have removed the bytes between
+    // the write and the insert; now that this tenant holds the module, put
+    // them back.
+    store_bytes(&state, &key, binary).await?;
     let stored = state
         .db
         .module_get(&caller.tenant, &id)
@@ -156,6 +155,18 @@ pub async fn push_module(
         StatusCode::OK
     };
     Ok((status, Json(stored.into())))
+}
+
+/// Writes a module's bytes unless they are stored already.
+async fn store_bytes(state: &AppState, key: &str, binary: Bytes) -> ApiResult<()> {
+    if !state.blobs.exists(key).await.map_err(ApiError::internal)? {
+        state
+            .blobs
+            .put(key, binary)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    Ok(())
 }
 
 /// Refuses a new module that would take the tenant past `modules_max` or
@@ -222,8 +233,11 @@ pub async fn get_module(
     Ok(Json(module.into()))
 }
 
-/// Forget a module for this tenant. The stored bytes are kept: content is
-/// shared by every tenant that pushed it, and nothing counts its holders.
+/// Forget a module for this tenant. Its bytes are shared by every tenant
+/// that pushed the same content; they are deleted when no tenant holds the
+/// module any more. (A push of the same content racing with that delete
+/// writes the bytes again after its insert; pushing again repairs a module
+/// whose bytes went missing all the same.)
 #[utoipa::path(delete, path = "/api/v1/modules/{id}", tag = "modules",
     responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn delete_module(
@@ -234,6 +248,14 @@ pub async fn delete_module(
     caller.require(Scope::Write)?;
     if !state.db.module_delete(&caller.tenant, &id).await? {
         return Err(ApiError::not_found("module"));
+    }
+    if state.db.module_holders(&id).await? == 0 {
+        // The tenant's module is gone either way; bytes that could not be
+        // deleted now are only storage, and go at the next delete of the
+        // same content.
+        if let Err(error) = state.blobs.delete(&kiln_wasm::module_blob_key(&id)).await {
+            tracing::warn!(module = %id, %error, "could not delete a module's bytes");
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }
