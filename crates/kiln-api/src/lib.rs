@@ -113,7 +113,7 @@ impl AppState {
 /// runs them.
 pub fn sandbox_kinds() -> JobKinds {
     let mut kinds = JobKinds::new();
-    kinds.add("wasm", |spec| kiln_wasm::WasmSpec::parse(spec).map(drop));
+    kinds.add("wasm", kiln_wasm::check_spec);
     kinds.add("vm", |spec| {
         kiln_vm::job::VmJobSpec::parse(spec)?;
         vm_names(spec)
