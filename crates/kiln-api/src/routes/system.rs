@@ -20,6 +20,9 @@ use crate::{now_millis, render_time, AppState};
 /// The queue label of every queue not configured through `/queues`: queue
 /// names are chosen by tenants, so each may not become a label value.
 const OTHER_QUEUES: &str = "other";
+/// Most queues with a label of their own (`default` and configured queues,
+/// by name); the rest count under `other`.
+const QUEUE_LABELS_MAX: usize = 64;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -63,14 +66,16 @@ pub struct GaugeLabels {
 /// configured through `/queues` are summed under `other`. Groups seen last
 /// time and empty now are set to zero.
 async fn queue_gauges(state: &AppState) -> ApiResult<()> {
-    let configured: BTreeSet<String> = state
+    let mut configured: BTreeSet<String> = state
         .db
         .queue_list()
         .await?
         .into_iter()
         .map(|q| q.name)
-        .chain(["default".to_string()])
+        .filter(|name| name != "default")
+        .take(QUEUE_LABELS_MAX - 1)
         .collect();
+    configured.insert("default".to_string());
     let label = |queue: String| {
         if configured.contains(&queue) {
             queue
