@@ -17,6 +17,17 @@ use crate::cpio::Cpio;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The name is not an identifier (`[a-z0-9][a-z0-9-]*`), so it could
+    /// leave the images directory or reach a command line.
+    #[error("image name refused: {0}")]
+    BadName(#[from] kiln_core::names::InvalidName),
+    /// No image of that name has been built.
+    #[error("no image {name} (build it with `kiln image build`)")]
+    NotFound { name: String },
+    /// The image's directory resolves outside the images directory (a
+    /// symbolic link).
+    #[error("image {name} lies outside the images directory")]
+    Outside { name: String },
     /// A step of the build failed.
     #[error("{step}: {message}")]
     Step { step: &'static str, message: String },
@@ -95,14 +106,22 @@ impl Image {
         self.manifest.kernel == KernelKind::Cloud
     }
 
+    /// The image `name` under `images_dir`. The name must be an identifier,
+    /// and the directory it names must resolve inside `images_dir`, so no
+    /// name (`../x`, `/tmp/x`, quotes, commas) reaches a path elsewhere.
     pub fn open(images_dir: &Path, name: &str) -> Result<Image, ImageError> {
-        let dir = images_dir.join(name);
-        let text = std::fs::read_to_string(dir.join("image.json")).map_err(|e| {
-            step(
-                "open image",
-                format!("{}: {e} (build it with `kiln image build`)", dir.display()),
-            )
-        })?;
+        kiln_core::names::check_ident("image", name)?;
+        let not_found = || ImageError::NotFound {
+            name: name.to_string(),
+        };
+        let base = images_dir.canonicalize().map_err(|_| not_found())?;
+        let dir = base.join(name).canonicalize().map_err(|_| not_found())?;
+        if dir.parent() != Some(base.as_path()) {
+            return Err(ImageError::Outside {
+                name: name.to_string(),
+            });
+        }
+        let text = std::fs::read_to_string(dir.join("image.json")).map_err(|_| not_found())?;
         let manifest =
             serde_json::from_str(&text).map_err(|e| step("open image", e.to_string()))?;
         Ok(Image { dir, manifest })
@@ -113,7 +132,7 @@ impl Image {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| Image::open(images_dir, &e.file_name().to_string_lossy()).ok())
+            .filter_map(|e| Image::open(images_dir, e.file_name().to_str()?).ok())
             .collect();
         images.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
         images
@@ -384,6 +403,7 @@ pub fn build(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Image, ImageError> {
     const STEPS: usize = 5;
+    kiln_core::names::check_ident("image", name)?;
     std::fs::create_dir_all(images_dir)?;
     let debs = images_dir.join(".debs");
     std::fs::create_dir_all(&debs)?;

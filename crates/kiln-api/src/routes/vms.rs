@@ -196,9 +196,7 @@ pub async fn create_vm(
         labels: body.labels,
     };
     let vm = vms.create(request).await.map_err(|e| match e {
-        kiln_vm::VmError::Boot(message) if message.contains("kiln image build") => {
-            ApiError::invalid(message)
-        }
+        kiln_vm::VmError::Image(error) => ApiError::invalid(error.to_string()),
         other => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "boot_failed",
