@@ -49,9 +49,13 @@ fn lock_dir(vm_dir: &Path) -> Result<std::fs::File, VmError> {
 }
 
 /// The pids of QEMU processes whose command line names `dir` as their run
-/// directory (or a directory inside it).
+/// directory, or a directory inside it (`-name guest=<run dir>`).
 pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
-    let needle = crate::jail::qemu_opt_value(&dir.to_string_lossy());
+    let exact = format!(
+        "guest={}",
+        crate::jail::qemu_opt_value(&dir.to_string_lossy())
+    );
+    let inside = format!("{exact}/");
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -59,9 +63,10 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
         .filter_map(|entry| {
             let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let names_dir = cmdline
-                .split(|b| *b == 0)
-                .any(|arg| String::from_utf8_lossy(arg).starts_with(&format!("guest={needle}")));
+            let names_dir = cmdline.split(|b| *b == 0).any(|arg| {
+                let arg = String::from_utf8_lossy(arg);
+                arg == exact || arg.starts_with(&inside)
+            });
             names_dir.then_some(pid)
         })
         .collect()
