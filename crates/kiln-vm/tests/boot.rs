@@ -186,6 +186,15 @@ async fn ttls_expire_and_idle_expiry_spares_a_vm_running_a_command() {
     assert!(checks > 0);
     assert_eq!(vms.expire().await, 1, "idle once the command is over");
     assert!(vms.get("acme", &vm.id).await.is_none());
+
+    // A TTL beyond the maximum is cut to it instead of overflowing.
+    let mut forever = request(128);
+    forever.ttl = Some(Duration::MAX);
+    let vm = vms.create(forever).await.unwrap();
+    let max_ms = VmManagerConfig::default().ttl_max_s as i64 * 1000;
+    assert_eq!(vm.expires_at_ms, Some(vm.created_at_ms + max_ms));
+    assert_eq!(vms.expire().await, 0);
+    assert!(vms.delete("acme", &vm.id).await);
 }
 
 /// Hostile image names — traversal, absolute paths, quotes and shell
@@ -301,7 +310,8 @@ async fn quotas_and_host_capacity_refuse_before_booting() {
 /// allows it, and holds no shell URI or kiln path it could open itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_runs_confined() {
-    let vms = manager("confined").await;
+    // A comma in the data dir must not start a QEMU option.
+    let vms = manager("confined,x=y").await;
     let vm = vms.create(request(128)).await.unwrap();
     let pid = vm.pid.unwrap();
     let cmdline: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -351,12 +361,14 @@ async fn qemu_runs_confined() {
             let max = std::fs::read_to_string(dir.join("memory.max")).unwrap();
             assert_eq!(max.trim(), ((128u64 + 64) << 20).to_string());
             eprintln!("cgroups writable: QEMU is in {} with memory.max {}", dir.display(), max.trim());
+            assert_eq!(qemu_pids_under(vms.vm_dir()), vec![pid as i32]);
             assert!(vms.delete("acme", &vm.id).await);
             assert!(!dir.exists(), "the cgroup goes with the VM");
         }
         Err(why) => {
             assert!(!cgroup.contains("/kiln/"), "{cgroup}");
             eprintln!("no VM cgroups on this machine: {why}");
+            assert_eq!(qemu_pids_under(vms.vm_dir()), vec![pid as i32]);
             assert!(vms.delete("acme", &vm.id).await);
         }
     }

@@ -349,15 +349,7 @@ async fn postgres_restart_under_load_loses_nothing() {
 }
 
 fn qemus_under(dir: &Path) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
-                .unwrap_or(false)
-        })
-        .count()
+    kiln_vm::manager::qemu_pids_under(dir).len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
