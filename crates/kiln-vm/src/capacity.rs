@@ -181,7 +181,14 @@ fn mem_available_mib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     meminfo.lines().find_map(|line| {
         let kib = line.strip_prefix("MemAvailable:")?;
-        Some(kib.trim().trim_end_matches("kB").trim().parse::<u64>().ok()? / 1024)
+        Some(
+            kib.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()?
+                / 1024,
+        )
     })
 }
 
@@ -221,7 +228,10 @@ mod tests {
             "another tenant has its own quota"
         );
         drop((a, b));
-        assert!(capacity.reserve_tenant("acme", 256).is_ok(), "deleted VMs give their room back");
+        assert!(
+            capacity.reserve_tenant("acme", 256).is_ok(),
+            "deleted VMs give their room back"
+        );
     }
 
     #[test]
@@ -230,7 +240,13 @@ mod tests {
         let a = capacity.reserve_host(128).unwrap();
         let full = capacity.reserve_host(256).unwrap_err();
         assert!(
-            matches!(full, VmError::NoCapacity { retry_after_s: 7, .. }),
+            matches!(
+                full,
+                VmError::NoCapacity {
+                    retry_after_s: 7,
+                    ..
+                }
+            ),
             "{full}"
         );
         let _b = capacity.reserve_host(128).unwrap();

@@ -144,9 +144,10 @@ mod tests {
 
     #[test]
     fn settings_refuse_unknown_fields_and_fill_defaults() {
-        let parsed: VmManagerConfig =
-            serde_json::from_value(serde_json::json!({"accelerator": "tcg", "qemu": {"cpu": "max"}}))
-                .unwrap();
+        let parsed: VmManagerConfig = serde_json::from_value(
+            serde_json::json!({"accelerator": "tcg", "qemu": {"cpu": "max"}}),
+        )
+        .unwrap();
         assert_eq!(parsed.accelerator, AcceleratorChoice::Tcg);
         assert_eq!(parsed.qemu.cpu.as_deref(), Some("max"));
         assert!(parsed.qemu.sandbox && parsed.snapshots);

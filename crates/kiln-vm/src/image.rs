@@ -258,14 +258,20 @@ fn check_build_tools() -> Result<(), ImageError> {
 /// `make tinyconfig` with kiln's fragment merged over it.
 fn configure_kernel(src: &Path) -> Result<(), ImageError> {
     std::fs::write(src.join("kiln.config"), KERNEL_CONFIG)?;
-    run(COMPILE, Command::new("make").arg("tinyconfig").current_dir(src))?;
+    run(
+        COMPILE,
+        Command::new("make").arg("tinyconfig").current_dir(src),
+    )?;
     run(
         COMPILE,
         Command::new("scripts/kconfig/merge_config.sh")
             .args(["-m", ".config", "kiln.config"])
             .current_dir(src),
     )?;
-    run(COMPILE, Command::new("make").arg("olddefconfig").current_dir(src))?;
+    run(
+        COMPILE,
+        Command::new("make").arg("olddefconfig").current_dir(src),
+    )?;
     Ok(())
 }
 
@@ -539,8 +545,19 @@ fn minimal_kernel(
 fn pack_initramfs(root: &Path, agent: &[u8], release: &str) -> Result<Vec<u8>, ImageError> {
     let mut cpio = Cpio::new();
     for dir in [
-        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "root", "etc",
-        "lib", "lib/modules",
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "etc",
+        "lib",
+        "lib/modules",
     ] {
         cpio.dir(dir);
     }
@@ -646,10 +663,17 @@ mod tests {
             created_at: String::new(),
         };
         let images = work.join("images");
-        for dir in [images.join("default"), work.join("outside"), work.join("evil")] {
+        for dir in [
+            images.join("default"),
+            work.join("outside"),
+            work.join("evil"),
+        ] {
             std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("image.json"), serde_json::to_vec(&manifest).unwrap())
-                .unwrap();
+            std::fs::write(
+                dir.join("image.json"),
+                serde_json::to_vec(&manifest).unwrap(),
+            )
+            .unwrap();
         }
         (work, images)
     }

@@ -270,15 +270,16 @@ pub async fn spawn(
     let procs_fd = cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
     let pass_fds: Vec<RawFd> = pass.iter().map(AsRawFd::as_raw_fd).collect();
     // Built before the fork: the child may not allocate.
-    let groups: Vec<libc::gid_t> = run_as.as_ref().map(|r| r.groups.clone()).unwrap_or_default();
+    let groups: Vec<libc::gid_t> = run_as
+        .as_ref()
+        .map(|r| r.groups.clone())
+        .unwrap_or_default();
     let ids = run_as.as_ref().map(|r| (r.uid, r.gid));
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe system calls on memory prepared before the
     // fork; it allocates nothing.
     unsafe {
-        command.pre_exec(move || {
-            confine_child(parent, pid_fd, procs_fd, &pass_fds, &groups, ids)
-        });
+        command.pre_exec(move || confine_child(parent, pid_fd, procs_fd, &pass_fds, &groups, ids));
     }
     command.kill_on_drop(true);
     let handle = tokio::runtime::Handle::current();

@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::capacity::{lock, Capacity, HostSlot, TenantSlot};
-use crate::run_dir::{remove_run_dir, take_dir};
+use crate::config::{AcceleratorChoice, VmManagerConfig};
+use crate::image::Image;
 pub use crate::probe::probe_accelerator;
 use crate::probe::{kvm_device_usable, probe_accelerator_with};
 pub use crate::run_dir::{qemu_pids_under, reap};
-use crate::config::{AcceleratorChoice, VmManagerConfig};
-use crate::image::Image;
+use crate::run_dir::{remove_run_dir, take_dir};
 use crate::{qemu, Accelerator, AgentConn, BootSource, MachineConfig, VmConfig, VmError};
 
 #[derive(Clone, Debug)]
@@ -167,8 +167,13 @@ impl VmManager {
             AcceleratorChoice::Auto => match Image::open(images_dir, "default") {
                 Ok(image) => {
                     let boot = boot_source(&image, &config.extra_cmdline);
-                    probe_accelerator_with(&config.qemu, &boot, vm_dir, &vm_dir.join(".accelerator"))
-                        .await
+                    probe_accelerator_with(
+                        &config.qemu,
+                        &boot,
+                        vm_dir,
+                        &vm_dir.join(".accelerator"),
+                    )
+                    .await
                 }
                 Err(_) if kvm_device_usable() => Accelerator::Kvm,
                 Err(_) => Accelerator::Tcg,
@@ -269,7 +274,11 @@ impl VmManager {
     ) -> Result<crate::MicroVm, VmError> {
         let snapshots = self.snapshots.load(Ordering::Relaxed);
         if snapshots && snapshot.exists() {
-            match self.vmm.restore(config, snapshot, self.boot_timeout()).await {
+            match self
+                .vmm
+                .restore(config, snapshot, self.boot_timeout())
+                .await
+            {
                 Ok(vm) => {
                     freshen(&vm.agent).await?;
                     metrics::histogram!("kiln_vm_start_seconds", "how" => "restore")
@@ -438,7 +447,10 @@ impl VmManager {
                     return;
                 };
                 match manager.boot(&key.0, key.1, key.2, host).await {
-                    Ok(live) => lock(&manager.warm).entry(key.clone()).or_default().push(live),
+                    Ok(live) => lock(&manager.warm)
+                        .entry(key.clone())
+                        .or_default()
+                        .push(live),
                     Err(error) => {
                         tracing::warn!(%error, "could not fill the warm pool");
                         return;
@@ -684,7 +696,6 @@ async fn freshen(agent: &AgentConn) -> Result<(), VmError> {
     }
     Ok(())
 }
-
 
 async fn destroy(mut vm: LiveVm) {
     let _ = tokio::time::timeout(Duration::from_millis(200), vm.agent.shutdown()).await;

@@ -370,7 +370,8 @@ impl Handed {
             let _ = std::fs::remove_file(&path);
             Ok(std::os::unix::net::UnixListener::bind(&path)?.into())
         };
-        let open = |path: &Path| -> Result<OwnedFd, VmError> { Ok(std::fs::File::open(path)?.into()) };
+        let open =
+            |path: &Path| -> Result<OwnedFd, VmError> { Ok(std::fs::File::open(path)?.into()) };
         Ok(Handed {
             agent: listen("agent.sock")?,
             qmp: listen("qmp.sock")?,
@@ -381,10 +382,16 @@ impl Handed {
     }
 
     fn into_fds(self) -> Vec<OwnedFd> {
-        [Some(self.agent), Some(self.qmp), Some(self.kernel), self.initrd, self.incoming]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            Some(self.agent),
+            Some(self.qmp),
+            Some(self.kernel),
+            self.initrd,
+            self.incoming,
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 }
 
@@ -401,7 +408,10 @@ impl QemuVmm {
             // Names the run directory: the reaper kills a recorded pid only
             // if its command line says it is this VM's QEMU.
             "-name".into(),
-            format!("guest={}", jail::qemu_opt_value(&config.run_dir.to_string_lossy())),
+            format!(
+                "guest={}",
+                jail::qemu_opt_value(&config.run_dir.to_string_lossy())
+            ),
             "-M".into(),
             machine(&config.boot),
             "-cpu".into(),
@@ -428,11 +438,17 @@ impl QemuVmm {
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
-            format!("socket,id=agent,fd={},server=on,wait=off", handed.agent.as_raw_fd()),
+            format!(
+                "socket,id=agent,fd={},server=on,wait=off",
+                handed.agent.as_raw_fd()
+            ),
             "-device".into(),
             "virtserialport,chardev=agent,name=agent".into(),
             "-chardev".into(),
-            format!("socket,id=qmp,fd={},server=on,wait=off", handed.qmp.as_raw_fd()),
+            format!(
+                "socket,id=qmp,fd={},server=on,wait=off",
+                handed.qmp.as_raw_fd()
+            ),
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
         ]);
@@ -462,7 +478,8 @@ impl QemuVmm {
         let pid_file = std::fs::File::create(config.run_dir.join("pid"))?;
         let cgroup = match &self.cgroups {
             Some(cgroups) => {
-                let memory = (u64::from(config.machine.memory_mib) + self.config.overhead_mib) << 20;
+                let memory =
+                    (u64::from(config.machine.memory_mib) + self.config.overhead_mib) << 20;
                 match cgroups.create(&config.id, memory, self.config.pids_max) {
                     Ok(cgroup) => {
                         // For the reaper, which removes it after a crash.

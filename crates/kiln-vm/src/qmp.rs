@@ -117,7 +117,8 @@ impl Qmp {
         self.send_fd("snapshot", file.as_fd()).await?;
         // QEMU holds its own copy now.
         drop(file);
-        self.execute("migrate", json!({"uri": "fd:snapshot"})).await?;
+        self.execute("migrate", json!({"uri": "fd:snapshot"}))
+            .await?;
         let deadline = Instant::now() + timeout;
         loop {
             let state = self.execute("query-migrate", json!({})).await?;

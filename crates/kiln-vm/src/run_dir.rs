@@ -109,4 +109,3 @@ pub fn reap(vm_dir: &Path) -> usize {
     }
     n
 }
-

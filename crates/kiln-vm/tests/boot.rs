@@ -287,10 +287,20 @@ async fn quotas_and_host_capacity_refuse_before_booting() {
     other.tenant = "globex".into();
     let full = vms.create(other.clone()).await.unwrap_err();
     assert!(
-        matches!(full, VmError::NoCapacity { retry_after_s: 3, .. }),
+        matches!(
+            full,
+            VmError::NoCapacity {
+                retry_after_s: 3,
+                ..
+            }
+        ),
         "{full}"
     );
-    assert_eq!(testing::vm_dirs_in(vms.vm_dir()), 1, "nothing was booted for a refusal");
+    assert_eq!(
+        testing::vm_dirs_in(vms.vm_dir()),
+        1,
+        "nothing was booted for a refusal"
+    );
     assert!(vms.delete("acme", &first.id).await);
     let second = vms.create(other).await.unwrap();
     assert!(vms.delete("globex", &second.id).await);
@@ -327,7 +337,9 @@ async fn qemu_runs_confined() {
     );
     assert!(!cmdline.iter().any(|a| a.contains("exec:")), "{cmdline:?}");
     assert!(
-        !cmdline.iter().any(|a| a.contains(&*testing::images_dir().to_string_lossy())),
+        !cmdline
+            .iter()
+            .any(|a| a.contains(&*testing::images_dir().to_string_lossy())),
         "QEMU is handed the kernel and initrd, not their paths: {cmdline:?}"
     );
     eprintln!("QEMU command line: {}", cmdline.join(" "));
@@ -360,7 +372,11 @@ async fn qemu_runs_confined() {
             assert!(cgroup.contains(&format!("/kiln/{}", vm.id)), "{cgroup}");
             let max = std::fs::read_to_string(dir.join("memory.max")).unwrap();
             assert_eq!(max.trim(), ((128u64 + 64) << 20).to_string());
-            eprintln!("cgroups writable: QEMU is in {} with memory.max {}", dir.display(), max.trim());
+            eprintln!(
+                "cgroups writable: QEMU is in {} with memory.max {}",
+                dir.display(),
+                max.trim()
+            );
             assert_eq!(qemu_pids_under(vms.vm_dir()), vec![pid as i32]);
             assert!(vms.delete("acme", &vm.id).await);
             assert!(!dir.exists(), "the cgroup goes with the VM");

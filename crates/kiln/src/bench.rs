@@ -485,7 +485,12 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| crate::config::default_data_dir().join("images"));
     kiln_vm::image::Image::open(&images, "default")?;
     let work = std::env::temp_dir().join(format!("kiln-bench-vm-{}", now_millis()));
-    let vms = VmManager::start(&images, &work.join("vms"), crate::serve::vm_config_from_env()?).await?;
+    let vms = VmManager::start(
+        &images,
+        &work.join("vms"),
+        crate::serve::vm_config_from_env()?,
+    )
+    .await?;
     let request = || VmRequest {
         tenant: "bench".into(),
         image: "default".into(),

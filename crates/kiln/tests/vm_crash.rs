@@ -118,7 +118,13 @@ fn recorded_pid(vms: &Path) -> Option<i32> {
         .ok()?
         .flatten()
         .filter(|e| e.path().is_dir())
-        .find_map(|e| std::fs::read_to_string(e.path().join("pid")).ok()?.trim().parse().ok())
+        .find_map(|e| {
+            std::fs::read_to_string(e.path().join("pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
 }
 
 /// Whether `pid` is a live process (a zombie waiting for its reaper is not).
@@ -126,7 +132,12 @@ fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|stat| {
-            let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
             Some(state != "Z" && state != "X")
         })
         .unwrap_or(false)
@@ -146,14 +157,25 @@ fn partial_states(dir: &Path) -> Vec<PathBuf> {
 /// QEMU, no run directory and no half-written state.
 async fn after_the_crash(dir: &Path, pid: i32) {
     let vms = dir.join("vms");
-    wait_until("QEMU to die with kiln", Duration::from_secs(10), || !alive(pid)).await;
+    wait_until("QEMU to die with kiln", Duration::from_secs(10), || {
+        !alive(pid)
+    })
+    .await;
     assert!(
         kiln_vm::testing::vm_dirs_in(&vms) >= 1,
         "the run directory outlives the crash, for the next start to find"
     );
     let _next = serve(dir, "next.log").await;
-    assert_eq!(kiln_vm::testing::vm_dirs_in(&vms), 0, "no run directory left");
-    assert_eq!(partial_states(dir), Vec::<PathBuf>::new(), "no half-written state left");
+    assert_eq!(
+        kiln_vm::testing::vm_dirs_in(&vms),
+        0,
+        "no run directory left"
+    );
+    assert_eq!(
+        partial_states(dir),
+        Vec::<PathBuf>::new(),
+        "no half-written state left"
+    );
     assert_eq!(qemu_pids_under(&vms), Vec::<i32>::new(), "no QEMU left");
 }
 
