@@ -197,6 +197,48 @@ async fn ttls_expire_and_idle_expiry_spares_a_vm_running_a_command() {
     assert!(vms.delete("acme", &vm.id).await);
 }
 
+/// A create whose future is dropped mid-boot (a job killed while its VM
+/// boots) leaves no QEMU and no run directory, and gives its room back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_dropped_mid_boot_leaves_nothing() {
+    let mut config = VmManagerConfig {
+        snapshots: false,
+        ..VmManagerConfig::default()
+    };
+    config.host.vms_max = 1;
+    let vms = manager_with("dropped", config).await;
+    let creating = tokio::spawn({
+        let vms = vms.clone();
+        async move { vms.create(request(128)).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = qemu_pids_under(vms.vm_dir()).first() {
+            break *pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "QEMU never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    creating.abort();
+    assert!(
+        creating.await.unwrap_err().is_cancelled(),
+        "dropped while booting"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while testing::process_alive(pid) || testing::vm_dirs_in(vms.vm_dir()) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "QEMU or its run directory outlived the dropped create"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let vm = vms
+        .create(request(128))
+        .await
+        .expect("the host slot was given back");
+    assert!(vms.delete("acme", &vm.id).await);
+}
+
 /// Hostile image names — traversal, absolute paths, quotes and shell
 /// words, commas — are refused by `Image::open` and by VM create, before
 /// anything is created, even where a bootable image waits at the path the

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_vm::manager::qemu_pids_under;
+use kiln_vm::testing::process_alive as alive;
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -125,22 +126,6 @@ fn recorded_pid(vms: &Path) -> Option<i32> {
                 .parse()
                 .ok()
         })
-}
-
-/// Whether `pid` is a live process (a zombie waiting for its reaper is not).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state != "Z" && state != "X")
-        })
-        .unwrap_or(false)
 }
 
 fn partial_states(dir: &Path) -> Vec<PathBuf> {
