@@ -54,7 +54,9 @@ pub struct QemuConfig {
     /// The cgroup v2 mount; found in `/proc/self/mounts` when unset.
     pub cgroup_root: Option<PathBuf>,
     /// QEMU's own memory beyond the guest's, allowed by `memory.max` and
-    /// counted against the host's budget.
+    /// counted against the host's budget. Under TCG an idle 128 MiB guest's
+    /// QEMU holds about 100 MiB, and its translation cache grows with the
+    /// guest's code.
     pub overhead_mib: u64,
     /// `pids.max` of a VM's cgroup (QEMU's threads).
     pub pids_max: u32,
@@ -69,7 +71,7 @@ impl Default for QemuConfig {
             user: "kiln-qemu".into(),
             cgroups: true,
             cgroup_root: None,
-            overhead_mib: 64,
+            overhead_mib: 128,
             pids_max: 64,
         }
     }

@@ -413,7 +413,8 @@ async fn qemu_runs_confined() {
             let dir = cgroups.path(&vm.id);
             assert!(cgroup.contains(&format!("/kiln/{}", vm.id)), "{cgroup}");
             let max = std::fs::read_to_string(dir.join("memory.max")).unwrap();
-            assert_eq!(max.trim(), ((128u64 + 64) << 20).to_string());
+            let overhead = kiln_vm::QemuConfig::default().overhead_mib;
+            assert_eq!(max.trim(), ((128 + overhead) << 20).to_string());
             eprintln!(
                 "cgroups writable: QEMU is in {} with memory.max {}",
                 dir.display(),
