@@ -9,6 +9,7 @@
 //! state is saved to a descriptor passed over QMP — no shell ever runs.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -467,7 +468,6 @@ impl QemuVmm {
     /// Starts QEMU confined, its pid recorded in `<run_dir>/pid` before it
     /// runs.
     async fn spawn(&self, config: &VmConfig, handed: Handed) -> Result<jail::VmProcess, VmError> {
-        std::fs::create_dir_all(&config.run_dir)?;
         let log = std::fs::File::create(config.run_dir.join("qemu.log"))?;
         let mut command = Command::new(&self.config.binary);
         command
@@ -516,7 +516,11 @@ impl QemuVmm {
         incoming: Option<&Path>,
     ) -> Result<MicroVm, VmError> {
         let started = Instant::now();
-        std::fs::create_dir_all(&config.run_dir)?;
+        // Private: the QMP socket in it commands the whole VM.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.run_dir)?;
         let handed = Handed::open(config, incoming)?;
         let mut child = self.spawn(config, handed).await?;
         let deadline = started + boot_timeout;

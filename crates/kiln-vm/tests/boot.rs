@@ -385,6 +385,12 @@ async fn qemu_runs_confined() {
         "QEMU is handed the kernel and initrd, not their paths: {cmdline:?}"
     );
     eprintln!("QEMU command line: {}", cmdline.join(" "));
+    let run_dir = std::fs::metadata(vms.vm_dir().join(&vm.id)).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&run_dir.permissions()) & 0o777,
+        0o700,
+        "the run directory, with the QMP socket, is private"
+    );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
         status
