@@ -483,14 +483,11 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     let images = args
         .images
         .unwrap_or_else(|| crate::config::default_data_dir().join("images"));
-    kiln_vm::image::Image::open(&images, "default")?;
+    let image = kiln_vm::image::Image::open(&images, "default")?;
     let work = std::env::temp_dir().join(format!("kiln-bench-vm-{}", now_millis()));
-    let vms = VmManager::start(
-        &images,
-        &work.join("vms"),
-        crate::serve::vm_config_from_env()?,
-    )
-    .await?;
+    let accelerator =
+        kiln_vm::manager::probe_accelerator(&image, &work, &work.join("accelerator")).await;
+    let vms = VmManager::new(&images, &work.join("vms"), accelerator)?;
     let request = || VmRequest {
         tenant: "bench".into(),
         image: "default".into(),
@@ -506,7 +503,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     };
     println!(
         "| kiln microVM ({}) | value |\n|---|---|",
-        vms.accelerator().as_str()
+        accelerator.as_str()
     );
 
     // A fresh snapshot for the bench's shape: the first create boots.
