@@ -6,6 +6,8 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::config::QemuConfig;
@@ -231,21 +233,27 @@ type SpawnJob = Box<dyn FnOnce() + Send>;
 /// The thread every QEMU is forked from. `PR_SET_PDEATHSIG` fires when the
 /// *thread* that forked the child ends, not the process: runtime threads
 /// come and go, this one lives as long as kiln.
-fn spawner() -> &'static std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>> {
-    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
-        std::sync::OnceLock::new();
-    SPAWNER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
-        std::thread::Builder::new()
-            .name("kiln-qemu-spawner".into())
-            .spawn(move || {
-                for job in rx {
-                    job();
+fn spawner() -> Option<&'static Mutex<Sender<SpawnJob>>> {
+    static SPAWNER: OnceLock<Option<Mutex<Sender<SpawnJob>>>> = OnceLock::new();
+    SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+            let started = std::thread::Builder::new()
+                .name("kiln-qemu-spawner".into())
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                });
+            match started {
+                Ok(_) => Some(Mutex::new(tx)),
+                Err(error) => {
+                    tracing::error!(%error, "could not start the QEMU spawner thread");
+                    None
                 }
-            })
-            .expect("starting the QEMU spawner thread");
-        std::sync::Mutex::new(tx)
-    })
+            }
+        })
+        .as_ref()
 }
 
 /// Starts QEMU confined: its pid on record, in its cgroup, as its user,
@@ -288,18 +296,17 @@ pub async fn spawn(
         let _runtime = handle.enter();
         let _ = tx.send(command.spawn());
     });
-    spawner()
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .send(job)
-        .map_err(|_| VmError::Spawn {
-            binary: binary.clone(),
-            source: std::io::Error::other("the QEMU spawner thread is gone"),
-        })?;
-    let spawned = rx.await.map_err(|_| VmError::Spawn {
+    let gone = || VmError::Spawn {
         binary: binary.clone(),
         source: std::io::Error::other("the QEMU spawner thread is gone"),
-    })?;
+    };
+    spawner()
+        .ok_or_else(gone)?
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .send(job)
+        .map_err(|_| gone())?;
+    let spawned = rx.await.map_err(|_| gone())?;
     // The child holds its own copies now.
     drop((pid_file, cgroup_procs, pass));
     match spawned {
