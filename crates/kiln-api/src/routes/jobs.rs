@@ -209,6 +209,13 @@ impl SubmitJob {
     /// bound, before anything else looks at them.
     fn check_text_fields(&self) -> ApiResult<()> {
         check_name("kind", &self.kind).map_err(invalid)?;
+        if json_has_nul(&self.spec) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_spec",
+                "invalid spec: a string or key holds a NUL character",
+            ));
+        }
         if let Some(queue) = &self.queue {
             check_name("queue", queue).map_err(invalid)?;
         }
@@ -287,17 +294,11 @@ impl SubmitJob {
 }
 
 /// Rejects jobs no worker of this deployment could run, at submit time:
-/// unknown kinds, specs the kind refuses, text the store cannot hold, and
-/// `wasm` jobs whose module the tenant has not stored.
+/// unknown kinds, specs the kind refuses, and `wasm` jobs whose module the
+/// tenant has not stored.
 async fn check_spec(state: &AppState, job: &NewJob) -> ApiResult<()> {
     let unprocessable =
         |code, message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
-    if json_has_nul(&job.spec) {
-        return Err(unprocessable(
-            "invalid_spec",
-            "invalid spec: a string or key holds a NUL character".into(),
-        ));
-    }
     match state.kinds.check(&job.kind, &job.spec) {
         Ok(()) => {}
         Err(error @ SpecError::UnknownKind(_)) => {
