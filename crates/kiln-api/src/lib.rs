@@ -48,27 +48,27 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// An API that accepts the kinds of [`sandbox_kinds`].
+    /// An API that accepts the kinds of [`builtin_kinds`].
     pub fn new(
         db: Db,
         blobs: BlobStore,
         wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
     ) -> Arc<AppState> {
-        AppState::with_kinds(db, blobs, wasm, None, sandbox_kinds())
+        AppState::with_kinds(db, blobs, wasm, None, builtin_kinds())
     }
 
-    /// An API with microVMs that accepts the kinds of [`sandbox_kinds`].
+    /// An API with microVMs that accepts the kinds of [`builtin_kinds`].
     pub fn with_vms(
         db: Db,
         blobs: BlobStore,
         wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
         vms: Option<Arc<kiln_vm::VmManager>>,
     ) -> Arc<AppState> {
-        AppState::with_kinds(db, blobs, wasm, vms, sandbox_kinds())
+        AppState::with_kinds(db, blobs, wasm, vms, builtin_kinds())
     }
 
-    /// An API that accepts exactly `kinds`: the binary passes the kinds its
-    /// workers run.
+    /// An API that accepts exactly `kinds`, for a deployment that runs a
+    /// different set than [`builtin_kinds`].
     pub fn with_kinds(
         db: Db,
         blobs: BlobStore,
@@ -108,11 +108,12 @@ impl AppState {
     }
 }
 
-/// The kinds whose spec checks the sandbox crates this API links export:
-/// `wasm` and the microVM kinds. Other kinds (`noop`) are added by whoever
-/// runs them.
-pub fn sandbox_kinds() -> JobKinds {
+/// Every kind kiln ships, each with its spec check: `wasm`, the microVM
+/// kinds and the diagnostic `noop`. An API node checks specs without a
+/// runtime: the checks are pure.
+pub fn builtin_kinds() -> JobKinds {
     let mut kinds = JobKinds::new();
+    kinds.add("noop", routes::jobs::object_spec);
     kinds.add("wasm", kiln_wasm::check_spec);
     kinds.add("vm", |spec| {
         kiln_vm::job::VmJobSpec::parse(spec)?;

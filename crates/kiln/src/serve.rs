@@ -175,16 +175,7 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
     }
     if roles.api {
         ensure_admin_key(&db, &settings.data_dir).await?;
-        // The kinds the workers above run; `noop` has no spec check of its own yet.
-        let mut kinds = kiln_api::sandbox_kinds();
-        kinds.add("noop", kiln_api::routes::jobs::object_spec);
-        let state = AppState::with_kinds(
-            db.clone(),
-            blobs.clone(),
-            Some(wasm.clone()),
-            vms.clone(),
-            kinds,
-        );
+        let state = AppState::with_vms(db.clone(), blobs.clone(), Some(wasm.clone()), vms.clone());
         state.limit_rate(settings.rate_limit, settings.rate_burst);
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await

@@ -37,11 +37,9 @@ pub struct Harness {
     worker: tokio::task::JoinHandle<()>,
 }
 
-/// The kinds the harness's worker runs, as the binary registers them.
+/// The kinds the API accepts.
 pub fn kinds() -> JobKinds {
-    let mut kinds = kiln_api::sandbox_kinds();
-    kinds.add("noop", kiln_api::routes::jobs::object_spec);
-    kinds
+    kiln_api::builtin_kinds()
 }
 
 pub async fn harness(db: Db) -> Harness {
