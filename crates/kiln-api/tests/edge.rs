@@ -450,10 +450,14 @@ async fn deployment_wide_views_need_the_system_scope(db: Db) {
 async fn a_page_of_jobs_is_bounded_in_bytes(db: Db) {
     let h = harness(db).await;
     // 24 jobs of 200 kB each: more than one page's bytes.
-    let filler = "f".repeat(200_000);
+    let module = h.push(&kiln_wasm::fixtures::echo()).await;
+    let stdin = "f".repeat(200_000);
     for i in 0..24 {
-        h.submit(json!({"kind": "noop", "spec": {"filler": filler, "n": i}, "delay_ms": 60_000}))
-            .await;
+        h.submit(
+            json!({"kind": "wasm", "spec": {"module": module, "stdin": stdin},
+                        "labels": {"n": i.to_string()}, "delay_ms": 60_000}),
+        )
+        .await;
     }
     let mut seen: Vec<Value> = Vec::new();
     let mut pages = 0;
@@ -468,7 +472,7 @@ async fn a_page_of_jobs_is_bounded_in_bytes(db: Db) {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|j| j["spec"]["n"].clone()),
+                .map(|j| j["labels"]["n"].clone()),
         );
         match page["next_cursor"].as_str() {
             Some(cursor) => path = format!("/api/v1/jobs?limit=1000&cursor={cursor}"),
@@ -476,7 +480,7 @@ async fn a_page_of_jobs_is_bounded_in_bytes(db: Db) {
         }
     }
     assert!(pages > 1, "one page held every job");
-    let expect: Vec<Value> = (0..24).rev().map(|n| json!(n)).collect();
+    let expect: Vec<Value> = (0..24).rev().map(|n| json!(n.to_string())).collect();
     assert_eq!(seen, expect, "every job once, newest first");
     h.stop().await;
 }
