@@ -87,6 +87,10 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
         .await
         .unwrap()
         .1;
+    let system = kiln_api::issue_key(&db, "default", "t", Scopes(vec![Scope::System]))
+        .await
+        .unwrap()
+        .1;
     let app = kiln_api::app(AppState::with_vms(
         db.clone(),
         blobs,
@@ -116,7 +120,7 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // The accelerator, live VMs and start times are in /metrics.
-    let (status, text) = send(&app, "GET", "/metrics", &key, "text/plain", Vec::new()).await;
+    let (status, text) = send(&app, "GET", "/metrics", &system, "text/plain", Vec::new()).await;
     assert_eq!(status, StatusCode::OK);
     let text = String::from_utf8(text).unwrap();
     let accelerator_line = format!(
