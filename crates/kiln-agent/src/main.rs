@@ -243,7 +243,7 @@ fn add_entropy(seed: &[u8]) -> std::io::Result<()> {
 
 fn set_clock(unix_ns: u64) -> std::io::Result<()> {
     let time = libc::timespec {
-        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_sec: (unix_ns / 1_000_000_000) as _,
         tv_nsec: (unix_ns % 1_000_000_000) as _,
     };
     // SAFETY: clock_settime(2) reads one timespec.

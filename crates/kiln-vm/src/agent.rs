@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_proto::{encode, read_frame_async, ErrorKind, Exec, Request, Response};
+pub use kiln_proto::ErrorKind;
+use kiln_proto::{encode, read_frame_async, Exec, Request, Response};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;

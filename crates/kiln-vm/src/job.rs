@@ -276,11 +276,22 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), InvalidSpec
     Ok(())
 }
 
-/// The `vm` kind: a machine and one command.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The `vm` kind: a machine (image, vcpus, memory_mib) and one command.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "Value")]
 pub struct VmJobSpec {
+    #[serde(flatten)]
     pub shape: VmShape,
+    #[serde(flatten)]
     pub exec: ExecRequest,
+}
+
+impl TryFrom<Value> for VmJobSpec {
+    type Error = InvalidSpec;
+
+    fn try_from(spec: Value) -> Result<VmJobSpec, InvalidSpec> {
+        VmJobSpec::parse(&spec)
+    }
 }
 
 impl VmJobSpec {
