@@ -223,7 +223,7 @@ pub async fn list_vms(
 }
 
 /// One VM.
-#[utoipa::path(get, path = "/api/v1/vms/{id}", tag = "vms",
+#[utoipa::path(get, path = "/api/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "The VM's id")),
     responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn get_vm(
     State(state): State<Arc<AppState>>,
@@ -239,7 +239,7 @@ pub async fn get_vm(
 }
 
 /// Stop a VM and remove everything it had.
-#[utoipa::path(delete, path = "/api/v1/vms/{id}", tag = "vms",
+#[utoipa::path(delete, path = "/api/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "The VM's id")),
     responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn delete_vm(
     State(state): State<Arc<AppState>>,
@@ -256,7 +256,7 @@ pub async fn delete_vm(
 /// Run a command in a VM and return its result (output capped at 1 MiB
 /// per stream; `truncated` says so). A client that leaves before the end
 /// takes the command with it.
-#[utoipa::path(post, path = "/api/v1/vms/{id}/execute", tag = "vms", request_body = ExecRequest,
+#[utoipa::path(post, path = "/api/v1/vms/{id}/execute", tag = "vms", params(("id" = String, Path, description = "The VM's id")), request_body = ExecRequest,
     responses((status = 200, body = ExecuteResult), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn execute(
     State(state): State<Arc<AppState>>,
@@ -287,7 +287,7 @@ pub async fn execute(
 }
 
 /// Write a file into a VM (the raw request body, at most 16 MiB).
-#[utoipa::path(put, path = "/api/v1/vms/{id}/files", tag = "vms", params(FileParams),
+#[utoipa::path(put, path = "/api/v1/vms/{id}/files", tag = "vms", params(("id" = String, Path, description = "The VM's id"), FileParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn upload(
@@ -323,7 +323,7 @@ pub async fn upload(
 }
 
 /// Read a file from a VM (the raw response body).
-#[utoipa::path(get, path = "/api/v1/vms/{id}/files", tag = "vms", params(FileParams),
+#[utoipa::path(get, path = "/api/v1/vms/{id}/files", tag = "vms", params(("id" = String, Path, description = "The VM's id"), FileParams),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn download(
@@ -356,7 +356,7 @@ struct WsInput {
 /// the command wrote them; the end is a text message `{"type": "exit",
 /// "exit_code", "signal", "timed_out"}`, or `{"type": "error", "message"}`
 /// once, then the socket closes. A client that leaves kills the command.
-#[utoipa::path(get, path = "/api/v1/vms/{id}/exec/ws", tag = "vms",
+#[utoipa::path(get, path = "/api/v1/vms/{id}/exec/ws", tag = "vms", params(("id" = String, Path, description = "The VM's id")),
     responses((status = 101, description = "switched to the WebSocket exec protocol"),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = [])))]
