@@ -401,6 +401,21 @@ async fn execute_and_files_through_the_api() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
+    // Rejections of the path and of the upgrade speak kiln's error body.
+    let (status, body) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/exec/ws"),
+        &h.key,
+        Value::Null,
+    )
+    .await;
+    assert!(status.is_client_error(), "{status}");
+    assert_eq!(body["error"]["code"], "websocket_required", "{body}");
+    let (status, body) = call(&h.app, "GET", "/api/v1/vms/%FF", &h.key, Value::Null).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+
     // The accelerator, live VMs and start times are in /metrics.
     let (status, text) = send(
         &h.app,

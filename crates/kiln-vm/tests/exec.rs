@@ -275,3 +275,47 @@ async fn clones_of_one_snapshot_draw_different_random_bytes_at_once() {
         assert!(vms.delete("acme", &vm.id).await);
     }
 }
+
+#[tokio::test]
+async fn a_dropped_exec_is_killed_and_forgotten() {
+    let (conn, mut guest) = pair();
+    let exec = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.exec(sh("sleep 600"), b"").await }
+    });
+    let Request::Exec(request) = next_request(&mut guest).await else {
+        panic!()
+    };
+    assert!(conn.busy(), "a running exec makes the VM busy");
+    // The caller goes away (a client that disconnects, a killed job).
+    exec.abort();
+    let _ = exec.await;
+    assert_eq!(
+        next_request(&mut guest).await,
+        Request::Kill {
+            id: request.id,
+            signal: 9
+        }
+    );
+    assert_eq!(conn.active_execs(), 0, "its entry is gone");
+    // Output that comes late for it is dropped, and the connection serves on.
+    answer(&mut guest, &Response::Stdout { id: request.id }, b"late").await;
+    let ping = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.ping(Duration::from_secs(5)).await }
+    });
+    let Request::Ping { id } = next_request(&mut guest).await else {
+        panic!()
+    };
+    answer(
+        &mut guest,
+        &Response::Pong {
+            id,
+            version: kiln_proto::VERSION,
+            agent: "test".into(),
+        },
+        b"",
+    )
+    .await;
+    ping.await.unwrap().unwrap();
+}
