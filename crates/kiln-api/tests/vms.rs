@@ -312,7 +312,7 @@ async fn execute_and_files_through_the_api() {
         (Some("hi\n"), Some(3), Some(false))
     );
 
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     let files = format!("/api/v1/vms/{id}/files");
     let (status, _) = send(
         &h.app,
