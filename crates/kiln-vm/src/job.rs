@@ -540,7 +540,7 @@ impl VmTaskHandler {
             Err(error) => return invalid(error),
         };
         let started = Instant::now();
-        let Some(agent) = self.manager.agent(&job.tenant, &spec.vm_id).await else {
+        let Some(agent) = self.manager.use_agent(&job.tenant, &spec.vm_id).await else {
             return no_vm(&spec.vm_id);
         };
         let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);

@@ -16,7 +16,8 @@ use axum::Router;
 use kiln_core::Scope;
 use kiln_vm::agent::{AgentError, ErrorKind, ExecStream};
 use kiln_vm::job::{CreateVmSpec, ExecRequest};
-use kiln_vm::{AgentConn, ExecEvent, VmInfo, VmManager};
+use kiln_vm::manager::AgentInUse;
+use kiln_vm::{ExecEvent, VmInfo, VmManager};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -143,10 +144,12 @@ fn manager(state: &AppState) -> ApiResult<&Arc<VmManager>> {
     })
 }
 
-/// The agent of the caller's VM; another tenant's VM is not found.
-async fn agent_of(state: &AppState, caller: &Caller, id: &str) -> ApiResult<AgentConn> {
+/// The agent of the caller's VM, held as in use (idle expiry spares the
+/// VM while a request or a stream holds it); another tenant's VM is not
+/// found.
+async fn agent_of(state: &AppState, caller: &Caller, id: &str) -> ApiResult<AgentInUse> {
     manager(state)?
-        .agent(&caller.tenant, id)
+        .use_agent(&caller.tenant, id)
         .await
         .ok_or_else(|| ApiError::not_found("vm"))
 }
@@ -191,11 +194,22 @@ pub async fn create_vm(
     Ok((StatusCode::CREATED, Json(vm.into())))
 }
 
+/// A refused image is the caller's to fix; a quota is the tenant's; no
+/// room on the host may pass, so the answer says when to try again.
 fn create_error(error: kiln_vm::VmError) -> ApiError {
     match error {
-        kiln_vm::VmError::Boot(message) if message.contains("kiln image build") => {
-            ApiError::invalid(message)
+        kiln_vm::VmError::Image(error) => ApiError::invalid(error.to_string()),
+        kiln_vm::VmError::QuotaExceeded(quota) => {
+            ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", quota.to_string())
         }
+        error @ kiln_vm::VmError::NoCapacity { retry_after_s, .. } => ApiError {
+            retry_after_s: Some(retry_after_s),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                error.to_string(),
+            )
+        },
         other => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "boot_failed",
@@ -396,7 +410,7 @@ async fn end_with_error(socket: &mut WebSocket, message: impl std::fmt::Display)
     let _ = socket.send(Message::Close(None)).await;
 }
 
-async fn stream_exec(mut socket: WebSocket, agent: AgentConn) {
+async fn stream_exec(mut socket: WebSocket, agent: AgentInUse) {
     let first = tokio::time::timeout(WS_FIRST_MESSAGE_WITHIN, socket.recv()).await;
     let request = match first {
         Err(_) => {
