@@ -59,12 +59,4 @@ macro_rules! on_both_databases {
 }
 
 /// Removes a schema made by `connect_postgres_schema`, with everything in it.
-pub async fn drop_postgres_schema(url: &str, schema: &str) -> Result<(), crate::DbError> {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
-    Ok(())
-}
+pub use crate::drop_postgres_schema;

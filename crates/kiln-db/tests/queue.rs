@@ -246,6 +246,7 @@ async fn paused_queues_are_skipped(db: Db) {
     new.queue = "emails".into();
     db.job_insert(&new, T0).await.unwrap();
     let paused = QueueInfo {
+        tenant: "acme".into(),
         name: "emails".into(),
         paused: true,
         concurrency_limit: None,
@@ -264,12 +265,13 @@ async fn paused_queues_are_skipped(db: Db) {
     .await
     .unwrap();
     assert_eq!(lease(&db, 10, T0 + 3).await.len(), 1);
-    assert_eq!(db.queue_list().await.unwrap().len(), 1);
+    assert_eq!(db.queue_list(Some("acme")).await.unwrap().len(), 1);
 }
 
 async fn concurrency_limit_caps_running_jobs(db: Db) {
     db.queue_upsert(
         &QueueInfo {
+            tenant: "acme".into(),
             name: "narrow".into(),
             paused: false,
             concurrency_limit: Some(2),
