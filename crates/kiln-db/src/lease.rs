@@ -52,20 +52,38 @@ pub struct Candidate {
     pub run_at: i64,
 }
 
-/// How many more jobs each nearly-full tenant may start, from its running count.
-pub fn rooms(tenant_running_max: Option<u32>, running: Vec<(String, i64)>) -> HashMap<String, i64> {
+/// How many more jobs each tenant may start. Tenants listed in `running`
+/// (those near their quota) get what their count leaves; any other tenant
+/// has fewer than `max - limit` running, so the quota itself bounds it.
+#[derive(Clone, Debug, Default)]
+pub struct Rooms {
+    near_quota: HashMap<String, i64>,
+    otherwise: Option<i64>,
+}
+
+pub fn rooms(tenant_running_max: Option<u32>, running: Vec<(String, i64)>) -> Rooms {
     let Some(max) = tenant_running_max else {
-        return HashMap::new();
+        return Rooms::default();
     };
-    running
-        .into_iter()
-        .map(|(tenant, n)| (tenant, (max as i64 - n).max(0)))
-        .collect()
+    Rooms {
+        near_quota: running
+            .into_iter()
+            .map(|(tenant, n)| (tenant, (max as i64 - n).max(0)))
+            .collect(),
+        otherwise: Some(max as i64),
+    }
+}
+
+impl Rooms {
+    fn of(&self, tenant: &str) -> Option<i64> {
+        self.near_quota.get(tenant).copied().or(self.otherwise)
+    }
 }
 
 /// Tenants that may start nothing now: leases skip their jobs outright.
-pub fn full_tenants(rooms: &HashMap<String, i64>) -> Vec<String> {
+pub fn full_tenants(rooms: &Rooms) -> Vec<String> {
     rooms
+        .near_quota
         .iter()
         .filter(|(_, room)| **room <= 0)
         .map(|(tenant, _)| tenant.clone())
@@ -79,7 +97,7 @@ pub fn full_tenants(rooms: &HashMap<String, i64>) -> Vec<String> {
 pub fn choose(
     mut candidates: Vec<Candidate>,
     limit: i64,
-    rooms: &HashMap<String, i64>,
+    rooms: &Rooms,
 ) -> Vec<i64> {
     candidates.sort_by_key(|c| (c.priority, c.run_at, c.id));
     candidates.dedup_by_key(|c| c.id);
@@ -90,7 +108,7 @@ pub fn choose(
             break;
         }
         let taken = taken_by_tenant.entry(&candidate.tenant).or_default();
-        if rooms.get(&candidate.tenant).is_some_and(|room| *taken >= *room) {
+        if rooms.of(&candidate.tenant).is_some_and(|room| *taken >= room) {
             continue;
         }
         *taken += 1;
@@ -158,11 +176,13 @@ mod tests {
     #[test]
     fn choose_ranks_by_priority_and_keeps_tenants_in_their_room() {
         let all = vec![c(5, "a", 3), c(1, "a", 2), c(2, "b", 0), c(3, "a", 0), c(4, "a", 1)];
-        assert_eq!(choose(all.clone(), 2, &HashMap::new()), vec![2, 3]);
-        let one_for_a = HashMap::from([("a".to_string(), 1)]);
+        assert_eq!(choose(all.clone(), 2, &Rooms::default()), vec![2, 3]);
+        let one_for_a = rooms(Some(3), vec![("a".into(), 2)]);
         assert_eq!(choose(all.clone(), 10, &one_for_a), vec![2, 3]);
-        let none_for_a = HashMap::from([("a".to_string(), 0), ("b".to_string(), 5)]);
-        assert_eq!(choose(all, 10, &none_for_a), vec![2]);
+        let none_for_a = rooms(Some(3), vec![("a".into(), 3)]);
+        assert_eq!(choose(all.clone(), 10, &none_for_a), vec![2]);
+        let two_each = rooms(Some(2), vec![]);
+        assert_eq!(choose(all, 10, &two_each), vec![2, 3, 4]);
         assert_eq!(
             full_tenants(&rooms(Some(3), vec![("a".into(), 3), ("b".into(), 2)])),
             vec!["a".to_string()]

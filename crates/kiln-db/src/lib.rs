@@ -107,6 +107,47 @@ pub struct Completion {
     pub record: AttemptRecord,
 }
 
+impl Completion {
+    /// The same attempt ended `failed` for a reason of the store's own: what
+    /// is written when the attempt's real end is refused.
+    fn quarantined(&self, error: &DbError) -> Completion {
+        let message = kiln_core::names::sanitise_message(
+            &format!("the result could not be stored: {error}"),
+            lease::ERROR_MAX,
+        );
+        Completion {
+            id: self.id,
+            attempt: self.attempt,
+            status: JobStatus::Failed,
+            run_at: None,
+            result: None,
+            error: Some(message.clone()),
+            record: AttemptRecord {
+                outcome: "failed".into(),
+                exit_code: None,
+                error: Some(message),
+                ..self.record.clone()
+            },
+        }
+    }
+}
+
+/// What [`Db::job_complete_many`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Completed {
+    /// Written as given.
+    pub applied: Vec<i64>,
+    /// Refused by the database and written as a failed attempt instead.
+    pub quarantined: Vec<i64>,
+}
+
+impl Completed {
+    /// Whether the attempt of this job is now on record, either way.
+    pub fn recorded(&self, id: i64) -> bool {
+        self.applied.contains(&id) || self.quarantined.contains(&id)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct JobFilter {
     pub status: Option<JobStatus>,
@@ -427,13 +468,19 @@ impl Db {
         dispatch!(self, s => s.job_heartbeat(worker_id, &held, lease_until).await)
     }
 
-    /// Writes many attempt ends in one transaction. Returns the ids whose
-    /// write applied; the others had lost their lease (fenced off).
-    /// Error texts are made storable (NUL and control characters replaced,
-    /// length bounded) on the way in.
-    pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Vec<i64>> {
+    /// Writes many attempt ends in one transaction; the ids written, and
+    /// those whose lease had moved on (fenced off), come back.
+    ///
+    /// Only an unavailable database is an error here, and then nothing was
+    /// written that a retry of the same batch would not refuse as stale.
+    /// A batch the database refuses for any other reason is written row by
+    /// row, and a row refused on its own is quarantined: its attempt ends
+    /// `failed` with the database's (sanitised) reason, so one bad result
+    /// never blocks the others. Error texts are made storable (NUL and
+    /// control characters replaced, length bounded) on the way in.
+    pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Completed> {
         if done.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Completed::default());
         }
         let sorted;
         let done = if done.windows(2).all(|w| w[0].id <= w[1].id) {
@@ -444,12 +491,47 @@ impl Db {
             sorted = copy;
             &sorted
         };
-        let applied = dispatch!(self, s => s.job_complete_many(done).await)?;
-        self.fire_watchers(&applied);
+        let completed = match dispatch!(self, s => s.job_complete_many(done).await) {
+            Ok(applied) => Completed {
+                applied,
+                quarantined: Vec::new(),
+            },
+            Err(error) if error.is_unavailable() => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, n = done.len(), "a batch of results was refused; writing them one by one");
+                self.complete_one_by_one(done).await?
+            }
+        };
+        self.fire_watchers(&completed.applied);
+        self.fire_watchers(&completed.quarantined);
         if done.iter().any(|c| c.status == JobStatus::Scheduled) {
             self.wakeup().notify_waiters();
         }
-        Ok(applied)
+        Ok(completed)
+    }
+
+    async fn complete_one_by_one(&self, done: &[Completion]) -> DbResult<Completed> {
+        let mut completed = Completed::default();
+        for completion in done {
+            let one = std::slice::from_ref(completion);
+            match dispatch!(self, s => s.job_complete_many(one).await) {
+                Ok(applied) => completed.applied.extend(applied),
+                Err(error) if error.is_unavailable() => return Err(error),
+                Err(error) => {
+                    tracing::error!(id = completion.id, %error, "a result was refused; the attempt ends failed");
+                    let quarantine = completion.quarantined(&error);
+                    let one = std::slice::from_ref(&quarantine);
+                    match dispatch!(self, s => s.job_complete_many(one).await) {
+                        Ok(applied) => completed.quarantined.extend(applied),
+                        Err(error) if error.is_unavailable() => return Err(error),
+                        Err(error) => {
+                            tracing::error!(id = completion.id, %error, "even the failure could not be written; the lease will expire")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(completed)
     }
 
     pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {

@@ -81,6 +81,12 @@ impl PgStore {
         })
     }
 
+    #[cfg(feature = "testing")]
+    pub(crate) async fn execute_raw(&self, sql: &str) -> DbResult<()> {
+        sqlx::raw_sql(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -295,29 +301,49 @@ impl PgStore {
         .await?;
         // Each limited queue with work is locked for the rest of the
         // transaction, so counting its running jobs and leasing more is
-        // atomic across workers.
-        let limited: Vec<Candidate> = sqlx::query_as(
-            "SELECT c.id, c.tenant, c.priority, c.run_at FROM \
-               (SELECT tenant, name, concurrency_limit FROM queues qq \
-                WHERE NOT paused AND concurrency_limit IS NOT NULL AND NOT (tenant = ANY($3)) \
-                AND EXISTS (SELECT 1 FROM jobs w WHERE w.tenant = qq.tenant AND w.queue = qq.name \
-                  AND w.status IN ('queued','scheduled') AND w.run_at <= $2) \
-                ORDER BY tenant, name FOR UPDATE) q \
-             CROSS JOIN LATERAL (SELECT COUNT(*) AS n FROM jobs r WHERE r.tenant = q.tenant \
-               AND r.queue = q.name AND r.status = 'running') r \
-             CROSS JOIN LATERAL (SELECT j.id, j.tenant, j.priority, j.run_at FROM jobs j \
-               WHERE j.tenant = q.tenant AND j.queue = q.name AND j.status IN ('queued','scheduled') \
-               AND j.run_at <= $2 AND j.kind = ANY($1) \
-               ORDER BY j.priority, j.run_at, j.id \
-               LIMIT GREATEST(0, LEAST(q.concurrency_limit - r.n, $4)) FOR UPDATE OF j SKIP LOCKED) c",
+        // atomic across workers. The count is a statement of its own: under
+        // READ COMMITTED only a statement that starts after the lock is
+        // granted sees the jobs the previous holder leased.
+        let limited: Vec<(String, String, i32)> = sqlx::query_as(
+            "SELECT tenant, name, concurrency_limit FROM queues qq \
+             WHERE NOT paused AND concurrency_limit IS NOT NULL AND NOT (tenant = ANY($2)) \
+             AND EXISTS (SELECT 1 FROM jobs w WHERE w.tenant = qq.tenant AND w.queue = qq.name \
+               AND w.status IN ('queued','scheduled') AND w.run_at <= $1) \
+             ORDER BY tenant, name FOR UPDATE",
         )
-        .bind(request.kinds)
         .bind(request.now)
         .bind(&full)
-        .bind(request.limit)
         .fetch_all(&mut *tx)
         .await?;
-        candidates.extend(limited);
+        if !limited.is_empty() {
+            let (tenants, names, caps): (Vec<String>, Vec<String>, Vec<i32>) =
+                limited.into_iter().fold(Default::default(), |mut acc, (t, n, c)| {
+                    acc.0.push(t);
+                    acc.1.push(n);
+                    acc.2.push(c);
+                    acc
+                });
+            let more: Vec<Candidate> = sqlx::query_as(
+                "SELECT c.id, c.tenant, c.priority, c.run_at \
+                 FROM unnest($3::text[], $4::text[], $5::int4[]) AS q(tenant, name, cap) \
+                 CROSS JOIN LATERAL (SELECT COUNT(*) AS n FROM jobs r WHERE r.tenant = q.tenant \
+                   AND r.queue = q.name AND r.status = 'running') r \
+                 CROSS JOIN LATERAL (SELECT j.id, j.tenant, j.priority, j.run_at FROM jobs j \
+                   WHERE j.tenant = q.tenant AND j.queue = q.name AND j.status IN ('queued','scheduled') \
+                   AND j.run_at <= $2 AND j.kind = ANY($1) \
+                   ORDER BY j.priority, j.run_at, j.id \
+                   LIMIT GREATEST(0, LEAST(q.cap - r.n, $6)) FOR UPDATE OF j SKIP LOCKED) c",
+            )
+            .bind(request.kinds)
+            .bind(request.now)
+            .bind(&tenants)
+            .bind(&names)
+            .bind(&caps)
+            .bind(request.limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            candidates.extend(more);
+        }
         let chosen = lease::choose(candidates, request.limit, &rooms);
         if chosen.is_empty() {
             tx.commit().await?;
@@ -367,13 +393,22 @@ impl PgStore {
         lease_until: Millis,
     ) -> DbResult<Vec<(i64, bool)>> {
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
-        Ok(sqlx::query_as(&format!(
-            "WITH {} UPDATE jobs j SET lease_expires_at = $1 \
-             FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt), locked l \
-             WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
-             AND j.worker_id = $4 RETURNING j.id, j.cancel_requested",
-            lock_in_id_order("$2")
-        ))
+        // A row another statement holds (the completer writing its result,
+        // the rescuer looking at it) is skipped rather than waited for: it
+        // is still this worker's while it reads as running on this attempt,
+        // and the next beat extends it. So a slow result write never holds
+        // up the leases of the other jobs.
+        Ok(sqlx::query_as(
+            "WITH locked AS (SELECT id FROM jobs WHERE id = ANY($2) ORDER BY id FOR UPDATE SKIP LOCKED), \
+             extended AS (UPDATE jobs j SET lease_expires_at = $1 \
+               FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt), locked l \
+               WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
+               AND j.worker_id = $4 RETURNING j.id, j.cancel_requested) \
+             SELECT id, cancel_requested FROM extended UNION ALL \
+             SELECT j.id, j.cancel_requested FROM jobs j, unnest($2::int8[], $3::int4[]) AS u(id, attempt) \
+             WHERE j.id = u.id AND j.attempt = u.attempt AND j.status = 'running' AND j.worker_id = $4 \
+             AND j.id NOT IN (SELECT id FROM locked)",
+        )
         .bind(lease_until)
         .bind(ids)
         .bind(attempts)

@@ -104,6 +104,12 @@ impl SqliteStore {
         })
     }
 
+    #[cfg(feature = "testing")]
+    pub(crate) async fn execute_raw(&self, sql: &str) -> DbResult<()> {
+        sqlx::raw_sql(sql).execute(&self.write).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
