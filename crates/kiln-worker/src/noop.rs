@@ -29,6 +29,9 @@ pub struct NoopSpec {
 
 impl NoopSpec {
     pub fn parse(spec: &serde_json::Value) -> Result<NoopSpec, String> {
+        if !spec.is_object() {
+            return Err("spec must be a JSON object".into());
+        }
         let parsed = NoopSpec::deserialize(spec).map_err(|e| e.to_string())?;
         if parsed.sleep_ms > SLEEP_MS_MAX {
             return Err(format!("sleep_ms must be at most {SLEEP_MS_MAX}"));
