@@ -261,7 +261,7 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     if let Some(other) = other {
         other.close().await;
         if let Some(url) = &args.database_url {
-            kiln_db::testing::drop_postgres_schema(url, &bench_schema()).await?;
+            kiln_db::drop_postgres_schema(url, &bench_schema()).await?;
         }
     }
     Ok(())
