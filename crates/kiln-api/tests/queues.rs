@@ -2,7 +2,6 @@
 //! tenant sees and controls only its own queues, and one tenant's pause or
 //! limit never holds up another's jobs.
 
-
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
@@ -54,7 +53,13 @@ async fn harness(db: Db) -> Harness {
 }
 
 impl Harness {
-    async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
@@ -66,10 +71,18 @@ impl Harness {
             }
             None => Body::empty(),
         };
-        let response = self.app.clone().oneshot(request.body(body).unwrap()).await.unwrap();
+        let response = self
+            .app
+            .clone()
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn ok(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> Value {
@@ -80,7 +93,12 @@ impl Harness {
 
     async fn submit(&self, key: &str, queue: &str) -> i64 {
         let (status, job) = self
-            .call("POST", "/api/v1/jobs", key, Some(json!({"kind": "noop", "queue": queue})))
+            .call(
+                "POST",
+                "/api/v1/jobs",
+                key,
+                Some(json!({"kind": "noop", "queue": queue})),
+            )
             .await;
         assert!(status.is_success(), "{status} {job}");
         job["id"].as_str().unwrap().parse().unwrap()
@@ -113,8 +131,15 @@ fn names(list: &Value) -> Vec<String> {
 
 async fn list_shows_only_the_callers_queues(db: Db) {
     let h = harness(db).await;
-    h.ok("PUT", "/api/v1/queues/acme-secret-plans", &h.acme, Some(json!({"concurrency_limit": 3}))).await;
-    h.ok("POST", "/api/v1/queues/acme-paused/pause", &h.acme, None).await;
+    h.ok(
+        "PUT",
+        "/api/v1/queues/acme-secret-plans",
+        &h.acme,
+        Some(json!({"concurrency_limit": 3})),
+    )
+    .await;
+    h.ok("POST", "/api/v1/queues/acme-paused/pause", &h.acme, None)
+        .await;
     h.submit(&h.acme, "acme-busy").await;
     let theirs = h.ok("GET", "/api/v1/queues", &h.globex, None).await;
     assert_eq!(names(&theirs), vec!["default"]);
@@ -127,10 +152,19 @@ async fn list_shows_only_the_callers_queues(db: Db) {
 
 async fn get_shows_the_callers_settings(db: Db) {
     let h = harness(db).await;
-    h.ok("PUT", "/api/v1/queues/mail", &h.acme, Some(json!({"paused": true, "concurrency_limit": 2}))).await;
+    h.ok(
+        "PUT",
+        "/api/v1/queues/mail",
+        &h.acme,
+        Some(json!({"paused": true, "concurrency_limit": 2})),
+    )
+    .await;
     h.submit(&h.acme, "mail").await;
     let mine = h.ok("GET", "/api/v1/queues/mail", &h.acme, None).await;
-    assert_eq!((mine["paused"].clone(), mine["concurrency_limit"].clone()), (json!(true), json!(2)));
+    assert_eq!(
+        (mine["paused"].clone(), mine["concurrency_limit"].clone()),
+        (json!(true), json!(2))
+    );
     assert_eq!(mine["waiting"]["default"], 1);
     let theirs = h.ok("GET", "/api/v1/queues/mail", &h.globex, None).await;
     assert_eq!(theirs["paused"], false);
@@ -140,7 +174,9 @@ async fn get_shows_the_callers_settings(db: Db) {
 
 async fn pause_holds_only_the_callers_jobs(db: Db) {
     let h = harness(db).await;
-    let paused = h.ok("POST", "/api/v1/queues/mail/pause", &h.globex, None).await;
+    let paused = h
+        .ok("POST", "/api/v1/queues/mail/pause", &h.globex, None)
+        .await;
     assert_eq!(paused["paused"], true);
     h.submit(&h.acme, "mail").await;
     h.submit(&h.globex, "mail").await;
@@ -151,35 +187,59 @@ async fn pause_holds_only_the_callers_jobs(db: Db) {
 
 async fn resume_frees_only_the_callers_jobs(db: Db) {
     let h = harness(db).await;
-    h.ok("POST", "/api/v1/queues/mail/pause", &h.acme, None).await;
+    h.ok("POST", "/api/v1/queues/mail/pause", &h.acme, None)
+        .await;
     h.submit(&h.acme, "mail").await;
-    let resumed = h.ok("POST", "/api/v1/queues/mail/resume", &h.globex, None).await;
+    let resumed = h
+        .ok("POST", "/api/v1/queues/mail/resume", &h.globex, None)
+        .await;
     assert_eq!(resumed["paused"], false);
     assert_eq!(h.leased_tenants().await, Vec::<String>::new());
     let acme = h.ok("GET", "/api/v1/queues/mail", &h.acme, None).await;
     assert_eq!(acme["paused"], true);
-    h.ok("POST", "/api/v1/queues/mail/resume", &h.acme, None).await;
+    h.ok("POST", "/api/v1/queues/mail/resume", &h.acme, None)
+        .await;
     assert_eq!(h.leased_tenants().await, vec!["acme"]);
 }
 
 async fn limit_caps_only_the_callers_jobs(db: Db) {
     let h = harness(db).await;
     let limited = h
-        .ok("PUT", "/api/v1/queues/mail", &h.globex, Some(json!({"concurrency_limit": 1})))
+        .ok(
+            "PUT",
+            "/api/v1/queues/mail",
+            &h.globex,
+            Some(json!({"concurrency_limit": 1})),
+        )
         .await;
     assert_eq!(limited["concurrency_limit"], 1);
     for _ in 0..3 {
         h.submit(&h.acme, "mail").await;
         h.submit(&h.globex, "mail").await;
     }
-    assert_eq!(h.leased_tenants().await, vec!["acme", "acme", "acme", "globex"]);
+    assert_eq!(
+        h.leased_tenants().await,
+        vec!["acme", "acme", "acme", "globex"]
+    );
     let acme = h.ok("GET", "/api/v1/queues/mail", &h.acme, None).await;
     assert_eq!(acme["concurrency_limit"], Value::Null);
     assert_eq!(acme["running"], 3);
     let globex = h.ok("GET", "/api/v1/queues/mail", &h.globex, None).await;
-    assert_eq!((globex["running"].clone(), globex["waiting"]["default"].clone()), (json!(1), json!(2)));
+    assert_eq!(
+        (
+            globex["running"].clone(),
+            globex["waiting"]["default"].clone()
+        ),
+        (json!(1), json!(2))
+    );
     // Removing the limit is the caller's own business too.
-    h.ok("PUT", "/api/v1/queues/mail", &h.acme, Some(json!({"concurrency_limit": null}))).await;
+    h.ok(
+        "PUT",
+        "/api/v1/queues/mail",
+        &h.acme,
+        Some(json!({"concurrency_limit": null})),
+    )
+    .await;
     assert_eq!(h.leased_tenants().await, Vec::<String>::new());
 }
 
@@ -196,7 +256,12 @@ async fn queue_names_are_checked(db: Db) {
         }
     }
     let (status, body) = h
-        .call("PUT", "/api/v1/queues/mail", &h.acme, Some(json!({"concurrency_limit": 0})))
+        .call(
+            "PUT",
+            "/api/v1/queues/mail",
+            &h.acme,
+            Some(json!({"concurrency_limit": 0})),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 }

@@ -478,16 +478,19 @@ mod tests {
             },
             "label value",
         );
-        check_refused(|j| j.idempotency_key = Some("k\0".into()), "idempotency_key");
         check_refused(
-            |j| j.spec = serde_json::json!({"a": "\u{0}"}),
-            "spec",
+            |j| j.idempotency_key = Some("k\0".into()),
+            "idempotency_key",
         );
+        check_refused(|j| j.spec = serde_json::json!({"a": "\u{0}"}), "spec");
         check_refused(|j| j.spec = serde_json::json!({"a\u{0}": 1}), "spec");
         check_refused(|j| j.run_at = Some(i64::MAX), "run_at");
         check_refused(|j| j.run_at = Some(-1), "run_at");
         check_refused(|j| j.backoff.max_ms = i64::MAX, "backoff");
-        check_refused(|j| j.permanent_exit_codes = vec![1; 1_000], "permanent_exit_codes");
+        check_refused(
+            |j| j.permanent_exit_codes = vec![1; 1_000],
+            "permanent_exit_codes",
+        );
         assert!(run_at_after(1, i64::MAX).is_err());
         assert!(run_at_after(1, -1).is_err());
         assert_eq!(run_at_after(1, 5), Ok(6));

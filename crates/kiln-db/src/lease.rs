@@ -94,11 +94,7 @@ pub fn full_tenants(rooms: &Rooms) -> Vec<String> {
 /// tenant going past its room. Limited queues' candidates compete with the
 /// rest on priority, so neither can starve the other; the limits themselves
 /// were applied when the candidates were picked. Returned in id order.
-pub fn choose(
-    mut candidates: Vec<Candidate>,
-    limit: i64,
-    rooms: &Rooms,
-) -> Vec<i64> {
+pub fn choose(mut candidates: Vec<Candidate>, limit: i64, rooms: &Rooms) -> Vec<i64> {
     candidates.sort_by_key(|c| (c.priority, c.run_at, c.id));
     candidates.dedup_by_key(|c| c.id);
     let mut taken_by_tenant: HashMap<&str, i64> = HashMap::new();
@@ -108,7 +104,10 @@ pub fn choose(
             break;
         }
         let taken = taken_by_tenant.entry(&candidate.tenant).or_default();
-        if rooms.of(&candidate.tenant).is_some_and(|room| *taken >= room) {
+        if rooms
+            .of(&candidate.tenant)
+            .is_some_and(|room| *taken >= room)
+        {
             continue;
         }
         *taken += 1;
@@ -175,7 +174,13 @@ mod tests {
 
     #[test]
     fn choose_ranks_by_priority_and_keeps_tenants_in_their_room() {
-        let all = vec![c(5, "a", 3), c(1, "a", 2), c(2, "b", 0), c(3, "a", 0), c(4, "a", 1)];
+        let all = vec![
+            c(5, "a", 3),
+            c(1, "a", 2),
+            c(2, "b", 0),
+            c(3, "a", 0),
+            c(4, "a", 1),
+        ];
         assert_eq!(choose(all.clone(), 2, &Rooms::default()), vec![2, 3]);
         let one_for_a = rooms(Some(3), vec![("a".into(), 2)]);
         assert_eq!(choose(all.clone(), 10, &one_for_a), vec![2, 3]);

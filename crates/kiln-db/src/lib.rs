@@ -21,7 +21,9 @@ pub(crate) type Waiters =
 
 /// The waiters map, even after a panic elsewhere poisoned its lock: it holds
 /// only senders, which stay valid whatever the panicking thread did.
-fn lock_waiters(waiters: &Waiters) -> MutexGuard<'_, std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>> {
+fn lock_waiters(
+    waiters: &Waiters,
+) -> MutexGuard<'_, std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>> {
     waiters.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

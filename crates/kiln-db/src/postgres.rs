@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 
 use crate::lease::{self, Candidate, LeaseRequest};
 use crate::rows::{
-    record_json, result_json, rows_to, storable_error, EncodedJob, JobRow, KeyRow, LeasedRow, ModuleRow, QueueRow,
-    WorkerRow, JOB_COLUMNS, LEASED_COLUMNS, QUEUE_COLUMNS,
+    record_json, result_json, rows_to, storable_error, EncodedJob, JobRow, KeyRow, LeasedRow,
+    ModuleRow, QueueRow, WorkerRow, JOB_COLUMNS, LEASED_COLUMNS, QUEUE_COLUMNS,
 };
 use crate::{
     ApiKey, CancelOutcome, Completion, DbResult, JobFilter, ModuleInfo, QueueDepths, QueueInfo,
@@ -30,8 +30,7 @@ pub struct PgStore {
 
 /// Appends one attempt record (JSON text) to a job's history with jsonb's
 /// own functions, so any valid JSON a writer stored stays readable.
-const HISTORY_APPEND: &str =
-    "(j.history::jsonb || jsonb_build_array(u.record::jsonb))::text";
+const HISTORY_APPEND: &str = "(j.history::jsonb || jsonb_build_array(u.record::jsonb))::text";
 
 /// Whether the queue `tenant`/`queue` is paused or limited, read under a
 /// share lock: a concurrent change of the queue's settings waits for this
@@ -316,8 +315,9 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await?;
         if !limited.is_empty() {
-            let (tenants, names, caps): (Vec<String>, Vec<String>, Vec<i32>) =
-                limited.into_iter().fold(Default::default(), |mut acc, (t, n, c)| {
+            let (tenants, names, caps): (Vec<String>, Vec<String>, Vec<i32>) = limited
+                .into_iter()
+                .fold(Default::default(), |mut acc, (t, n, c)| {
                     acc.0.push(t);
                     acc.1.push(n);
                     acc.2.push(c);
@@ -474,7 +474,9 @@ impl PgStore {
                 Some(_) => continue,
             }
         }
-        Err(crate::DbError::Corrupt(format!("job {id} kept changing under cancel")))
+        Err(crate::DbError::Corrupt(format!(
+            "job {id} kept changing under cancel"
+        )))
     }
 
     pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {
@@ -765,7 +767,6 @@ impl PgStore {
 fn lock_in_id_order(ids: &str) -> String {
     format!("locked AS (SELECT id FROM jobs WHERE id = ANY({ids}) ORDER BY id FOR UPDATE)")
 }
-
 
 /// Forwards NOTIFYs to the in-process wake-up. When the connection drops,
 /// workers are woken anyway so that they poll while it reconnects.

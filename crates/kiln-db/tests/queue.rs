@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use kiln_core::{AttemptRecord, JobResult, JobStatus, NewJob, Priority};
-use kiln_db::{CancelOutcome, Completion, Db, DbError, JobFilter, LeaseRequest, QueueInfo, RetryOutcome};
+use kiln_db::{
+    CancelOutcome, Completion, Db, DbError, JobFilter, LeaseRequest, QueueInfo, RetryOutcome,
+};
 use serde_json::json;
 
 const T0: i64 = 1_700_000_000_000;
@@ -42,6 +44,7 @@ kiln_db::on_both_databases!(
     retention_deletes_old_finished_jobs_in_batches,
     an_attempt_without_a_result_shows_none,
     watchers_that_gave_up_are_pruned,
+    limited_queues_compete_on_priority,
 );
 
 fn job(kind: &str) -> NewJob {
@@ -531,13 +534,22 @@ async fn nul_in_any_text_is_refused_cleanly(db: Db) {
         ("tenant", Box::new(|j| j.tenant = "ac\0me".into())),
         ("kind", Box::new(|j| j.kind = "no\0op".into())),
         ("queue", Box::new(|j| j.queue = "q\0".into())),
-        ("label key", Box::new(|j| {
-            j.labels.insert("k\0".into(), "v".into());
-        })),
-        ("label value", Box::new(|j| {
-            j.labels.insert("k".into(), "v\0".into());
-        })),
-        ("idempotency key", Box::new(|j| j.idempotency_key = Some("k\0".into()))),
+        (
+            "label key",
+            Box::new(|j| {
+                j.labels.insert("k\0".into(), "v".into());
+            }),
+        ),
+        (
+            "label value",
+            Box::new(|j| {
+                j.labels.insert("k".into(), "v\0".into());
+            }),
+        ),
+        (
+            "idempotency key",
+            Box::new(|j| j.idempotency_key = Some("k\0".into())),
+        ),
         ("spec value", Box::new(|j| j.spec = json!({"a": "\u{0}"}))),
         ("spec key", Box::new(|j| j.spec = json!({"a\u{0}": 1}))),
     ];
@@ -559,19 +571,58 @@ async fn nul_in_any_text_is_refused_cleanly(db: Db) {
         created_at: T0,
         revoked_at: None,
     };
-    assert!(is_invalid(db.key_insert(&key, &kiln_db::hash_key(&secret)).await));
+    assert!(is_invalid(
+        db.key_insert(&key, &kiln_db::hash_key(&secret)).await
+    ));
     db.job_insert(&job("noop"), T0).await.unwrap();
     for filter in [
-        JobFilter { kind: Some("no\0op".into()), limit: 10, ..JobFilter::default() },
-        JobFilter { queue: Some("q\0".into()), limit: 10, ..JobFilter::default() },
-        JobFilter { label: Some(("k\0".into(), "v".into())), limit: 10, ..JobFilter::default() },
-        JobFilter { label: Some(("k".into(), "v\0".into())), limit: 10, ..JobFilter::default() },
-        JobFilter { label: Some(("a\"b".into(), "v".into())), limit: 10, ..JobFilter::default() },
+        JobFilter {
+            kind: Some("no\0op".into()),
+            limit: 10,
+            ..JobFilter::default()
+        },
+        JobFilter {
+            queue: Some("q\0".into()),
+            limit: 10,
+            ..JobFilter::default()
+        },
+        JobFilter {
+            label: Some(("k\0".into(), "v".into())),
+            limit: 10,
+            ..JobFilter::default()
+        },
+        JobFilter {
+            label: Some(("k".into(), "v\0".into())),
+            limit: 10,
+            ..JobFilter::default()
+        },
+        JobFilter {
+            label: Some(("a\"b".into(), "v".into())),
+            limit: 10,
+            ..JobFilter::default()
+        },
     ] {
-        assert_eq!(db.job_list("acme", &filter).await.unwrap(), vec![], "{filter:?}");
+        assert_eq!(
+            db.job_list("acme", &filter).await.unwrap(),
+            vec![],
+            "{filter:?}"
+        );
     }
-    assert_eq!(db.job_list("ac\0me", &JobFilter { limit: 10, ..JobFilter::default() }).await.unwrap(), vec![]);
-    assert!(is_invalid(db.queue_upsert(&QueueInfo::open("acme", "q\0"), T0).await));
+    assert_eq!(
+        db.job_list(
+            "ac\0me",
+            &JobFilter {
+                limit: 10,
+                ..JobFilter::default()
+            }
+        )
+        .await
+        .unwrap(),
+        vec![]
+    );
+    assert!(is_invalid(
+        db.queue_upsert(&QueueInfo::open("acme", "q\0"), T0).await
+    ));
     assert!(db.queue_list(Some("ac\0me")).await.unwrap().is_empty());
 }
 
@@ -587,8 +638,14 @@ async fn completion_errors_with_nul_are_stored_sanitised(db: Db) {
     assert_eq!(written.applied, vec![created.id]);
     let stored = db.job_get("acme", created.id).await.unwrap().unwrap();
     assert_eq!(stored.status, JobStatus::Failed);
-    assert_eq!(stored.error.as_deref(), Some("bad \u{FFFD} name \u{FFFD}[31m"));
-    assert_eq!(stored.history[0].error.as_deref(), Some("bad \u{FFFD} name \u{FFFD}[31m"));
+    assert_eq!(
+        stored.error.as_deref(),
+        Some("bad \u{FFFD} name \u{FFFD}[31m")
+    );
+    assert_eq!(
+        stored.history[0].error.as_deref(),
+        Some("bad \u{FFFD} name \u{FFFD}[31m")
+    );
     // Output is kept byte for byte: the result is stored as JSON text, where
     // NUL is an escape.
     assert_eq!(stored.result.unwrap().stdout, "out\0put");
@@ -619,7 +676,11 @@ async fn a_poison_result_is_quarantined_and_the_batch_written(db: Db) {
     assert_eq!(written.quarantined, vec![ids[1]]);
     let quarantined = db.job_get("acme", ids[1]).await.unwrap().unwrap();
     assert_eq!(quarantined.status, JobStatus::Failed);
-    assert!(quarantined.error.as_deref().unwrap().contains("could not be stored"));
+    assert!(quarantined
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("could not be stored"));
     assert_eq!(quarantined.history.len(), 1);
     assert_eq!(quarantined.history[0].outcome, "failed");
     assert!(quarantined.lease_expires_at.is_none());
@@ -639,13 +700,28 @@ async fn an_undecodable_row_fails_alone(db: Db) {
     // A backoff a newer version wrote, with a field this one does not know.
     kiln_db::testing::execute(
         &db,
-        &format!("UPDATE jobs SET backoff = '{{\"base_ms\":1,\"shape\":\"fib\"}}' WHERE id = {}", ids[1]),
+        &format!(
+            "UPDATE jobs SET backoff = '{{\"base_ms\":1,\"shape\":\"fib\"}}' WHERE id = {}",
+            ids[1]
+        ),
     )
     .await
     .unwrap();
     let leased = lease(&db, 10, T0 + 10).await;
-    assert_eq!(leased.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[0], ids[2]]);
-    let bad = db.job_list("acme", &JobFilter { status: Some(JobStatus::Failed), limit: 10, ..JobFilter::default() }).await;
+    assert_eq!(
+        leased.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ids[0], ids[2]]
+    );
+    let bad = db
+        .job_list(
+            "acme",
+            &JobFilter {
+                status: Some(JobStatus::Failed),
+                limit: 10,
+                ..JobFilter::default()
+            },
+        )
+        .await;
     // The row cannot be decoded as a whole job either, so it is read by status count.
     assert!(bad.is_err() || bad.unwrap().is_empty());
     let counts = db.job_count_by_status(Some("acme")).await.unwrap();
@@ -656,7 +732,10 @@ async fn an_undecodable_row_fails_alone(db: Db) {
 
 async fn a_failed_lease_leaves_nothing_leased(db: Db) {
     db.queue_upsert(
-        &QueueInfo { concurrency_limit: Some(5), ..QueueInfo::open("acme", "narrow") },
+        &QueueInfo {
+            concurrency_limit: Some(5),
+            ..QueueInfo::open("acme", "narrow")
+        },
         T0,
     )
     .await
@@ -681,7 +760,10 @@ async fn a_failed_lease_leaves_nothing_leased(db: Db) {
         }
     };
     kiln_db::testing::execute(&db, refuse).await.unwrap();
-    assert!(db.job_lease("w1", &kinds(&["noop"]), 10, LEASE, T0 + 2).await.is_err());
+    assert!(db
+        .job_lease("w1", &kinds(&["noop"]), 10, LEASE, T0 + 2)
+        .await
+        .is_err());
     let still = db.job_get("acme", plain.id).await.unwrap().unwrap();
     assert_eq!((still.status, still.attempt), (JobStatus::Queued, 0));
     assert!(still.worker_id.is_none());
@@ -691,7 +773,12 @@ async fn cancel_never_loses_a_race_with_the_completer(db: Db) {
     for round in 0..40 {
         let (created, _) = db.job_insert(&job("noop"), T0 + round).await.unwrap();
         let leased = lease(&db, 1, T0 + round).await.remove(0);
-        let mut retry = done(created.id, leased.attempt, JobStatus::Scheduled, T0 + round + 1);
+        let mut retry = done(
+            created.id,
+            leased.attempt,
+            JobStatus::Scheduled,
+            T0 + round + 1,
+        );
         retry.run_at = Some(T0 + round + 60_000);
         let completer = {
             let db = db.clone();
@@ -699,12 +786,19 @@ async fn cancel_never_loses_a_race_with_the_completer(db: Db) {
         };
         let canceller = {
             let db = db.clone();
-            tokio::spawn(async move { db.job_cancel("acme", created.id, T0 + round + 1).await.unwrap() })
+            tokio::spawn(async move {
+                db.job_cancel("acme", created.id, T0 + round + 1)
+                    .await
+                    .unwrap()
+            })
         };
         let outcome = canceller.await.unwrap();
         completer.await.unwrap();
         assert!(
-            matches!(outcome, CancelOutcome::Cancelled(_) | CancelOutcome::Requested(_)),
+            matches!(
+                outcome,
+                CancelOutcome::Cancelled(_) | CancelOutcome::Requested(_)
+            ),
             "round {round}: {outcome:?}"
         );
         let after = db.job_get("acme", created.id).await.unwrap().unwrap();
@@ -718,26 +812,42 @@ async fn tenants_queues_are_their_own(db: Db) {
         new.queue = "emails".into();
         db.job_insert(&new, T0).await.unwrap();
     }
-    db.queue_upsert(&QueueInfo { paused: true, ..QueueInfo::open("acme", "emails") }, T0)
-        .await
-        .unwrap();
+    db.queue_upsert(
+        &QueueInfo {
+            paused: true,
+            ..QueueInfo::open("acme", "emails")
+        },
+        T0,
+    )
+    .await
+    .unwrap();
     // acme's pause holds only acme's jobs.
     let got = lease(&db, 10, T0 + 1).await;
-    assert_eq!(got.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>(), vec!["globex"]);
+    assert_eq!(
+        got.iter().map(|j| j.tenant.as_str()).collect::<Vec<_>>(),
+        vec!["globex"]
+    );
     assert_eq!(db.queue_list(Some("globex")).await.unwrap(), vec![]);
     assert!(!db.queue_get("globex", "emails").await.unwrap().paused);
     assert!(db.queue_get("acme", "emails").await.unwrap().paused);
     // globex resuming its own queue of that name changes nothing for acme.
-    db.queue_upsert(&QueueInfo::open("globex", "emails"), T0 + 2).await.unwrap();
+    db.queue_upsert(&QueueInfo::open("globex", "emails"), T0 + 2)
+        .await
+        .unwrap();
     assert!(lease(&db, 10, T0 + 3).await.is_empty());
     // Nor does a limit globex sets.
     db.queue_upsert(
-        &QueueInfo { concurrency_limit: Some(1), ..QueueInfo::open("globex", "emails") },
+        &QueueInfo {
+            concurrency_limit: Some(1),
+            ..QueueInfo::open("globex", "emails")
+        },
         T0 + 4,
     )
     .await
     .unwrap();
-    db.queue_upsert(&QueueInfo::open("acme", "emails"), T0 + 5).await.unwrap();
+    db.queue_upsert(&QueueInfo::open("acme", "emails"), T0 + 5)
+        .await
+        .unwrap();
     for i in 0..3 {
         let mut new = job("noop");
         new.queue = "emails".into();
@@ -749,33 +859,63 @@ async fn tenants_queues_are_their_own(db: Db) {
 }
 
 async fn jobs_submitted_to_a_paused_queue_wait_for_resume(db: Db) {
-    db.queue_upsert(&QueueInfo { paused: true, ..QueueInfo::open("acme", "emails") }, T0)
-        .await
-        .unwrap();
+    db.queue_upsert(
+        &QueueInfo {
+            paused: true,
+            ..QueueInfo::open("acme", "emails")
+        },
+        T0,
+    )
+    .await
+    .unwrap();
     let mut new = job("noop");
     new.queue = "emails".into();
     new.max_attempts = 1;
     let (created, _) = db.job_insert(&new, T0 + 1).await.unwrap();
     let other = db.job_insert(&job("noop"), T0 + 2).await.unwrap().0;
-    assert_eq!(lease(&db, 10, T0 + 3).await.iter().map(|j| j.id).collect::<Vec<_>>(), vec![other.id]);
+    assert_eq!(
+        lease(&db, 10, T0 + 3)
+            .await
+            .iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>(),
+        vec![other.id]
+    );
     assert_eq!(db.job_next_run_at(&kinds(&["noop"])).await.unwrap(), None);
-    db.queue_upsert(&QueueInfo::open("acme", "emails"), T0 + 4).await.unwrap();
-    let got = lease(&db, 10, T0 + 5).await;
-    assert_eq!(got.iter().map(|j| j.id).collect::<Vec<_>>(), vec![created.id]);
-    // Paused again while it runs; it dies; retried by hand after the queue
-    // resumed, it is leased again.
-    db.queue_upsert(&QueueInfo { paused: true, ..QueueInfo::open("acme", "emails") }, T0 + 6)
+    db.queue_upsert(&QueueInfo::open("acme", "emails"), T0 + 4)
         .await
         .unwrap();
-    db.job_complete_many(&[done(created.id, 1, JobStatus::Dead, T0 + 7)]).await.unwrap();
-    db.queue_upsert(&QueueInfo::open("acme", "emails"), T0 + 8).await.unwrap();
+    let got = lease(&db, 10, T0 + 5).await;
+    assert_eq!(
+        got.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![created.id]
+    );
+    // Paused again while it runs; it dies; retried by hand after the queue
+    // resumed, it is leased again.
+    db.queue_upsert(
+        &QueueInfo {
+            paused: true,
+            ..QueueInfo::open("acme", "emails")
+        },
+        T0 + 6,
+    )
+    .await
+    .unwrap();
+    db.job_complete_many(&[done(created.id, 1, JobStatus::Dead, T0 + 7)])
+        .await
+        .unwrap();
+    db.queue_upsert(&QueueInfo::open("acme", "emails"), T0 + 8)
+        .await
+        .unwrap();
     db.job_retry("acme", created.id, T0 + 9).await.unwrap();
     assert_eq!(lease(&db, 10, T0 + 10).await.len(), 1);
 }
 
 async fn tenant_running_quota_caps_leases(db: Db) {
     for tenant in ["acme", "globex"] {
-        let jobs: Vec<NewJob> = (0..5).map(|_| NewJob::new(tenant, "noop", json!({}))).collect();
+        let jobs: Vec<NewJob> = (0..5)
+            .map(|_| NewJob::new(tenant, "noop", json!({})))
+            .collect();
         db.job_insert_many(&jobs, T0).await.unwrap();
     }
     let kinds = kinds(&["noop"]);
@@ -796,9 +936,18 @@ async fn tenant_running_quota_caps_leases(db: Db) {
     for j in first.iter().chain(&second) {
         *per_tenant.entry(j.tenant.clone()).or_insert(0) += 1;
     }
-    assert_eq!(per_tenant, BTreeMap::from([("acme".to_string(), 3), ("globex".to_string(), 3)]));
-    assert!(db.job_lease_with(&request(10, T0 + 3)).await.unwrap().is_empty());
-    db.job_complete_many(&[done(first[0].id, 1, JobStatus::Succeeded, T0 + 4)]).await.unwrap();
+    assert_eq!(
+        per_tenant,
+        BTreeMap::from([("acme".to_string(), 3), ("globex".to_string(), 3)])
+    );
+    assert!(db
+        .job_lease_with(&request(10, T0 + 3))
+        .await
+        .unwrap()
+        .is_empty());
+    db.job_complete_many(&[done(first[0].id, 1, JobStatus::Succeeded, T0 + 4)])
+        .await
+        .unwrap();
     let next = db.job_lease_with(&request(10, T0 + 5)).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].tenant, first[0].tenant);
@@ -806,7 +955,10 @@ async fn tenant_running_quota_caps_leases(db: Db) {
 
 async fn concurrent_leasers_respect_a_concurrency_limit(db: Db) {
     db.queue_upsert(
-        &QueueInfo { concurrency_limit: Some(3), ..QueueInfo::open("acme", "narrow") },
+        &QueueInfo {
+            concurrency_limit: Some(3),
+            ..QueueInfo::open("acme", "narrow")
+        },
         T0,
     )
     .await
@@ -872,11 +1024,14 @@ async fn retention_deletes_old_finished_jobs_in_batches(db: Db) {
     assert_eq!(db.job_delete_finished(T0 + 5_000, 2).await.unwrap(), 1);
     assert_eq!(db.job_delete_finished(T0 + 5_000, 2).await.unwrap(), 0);
     let counts = db.job_count_by_status(None).await.unwrap();
-    assert_eq!(counts, BTreeMap::from([
-        ("dead".to_string(), 1),
-        ("queued".to_string(), 1),
-        ("running".to_string(), 1),
-    ]));
+    assert_eq!(
+        counts,
+        BTreeMap::from([
+            ("dead".to_string(), 1),
+            ("queued".to_string(), 1),
+            ("running".to_string(), 1),
+        ])
+    );
     assert!(db.job_get("acme", waiting.id).await.unwrap().is_some());
     assert_eq!(db.job_last_finished_at().await.unwrap(), Some(T0 + 10_000));
 }
@@ -895,7 +1050,10 @@ async fn an_attempt_without_a_result_shows_none(db: Db) {
     timed_out.error = Some("timeout".into());
     db.job_complete_many(&[timed_out]).await.unwrap();
     let job = db.job_get("acme", created.id).await.unwrap().unwrap();
-    assert_eq!(job.result, None, "the first attempt's output is not shown as the last's");
+    assert_eq!(
+        job.result, None,
+        "the first attempt's output is not shown as the last's"
+    );
 }
 
 async fn watchers_that_gave_up_are_pruned(db: Db) {
@@ -910,4 +1068,27 @@ async fn watchers_that_gave_up_are_pruned(db: Db) {
     let live = db.watch_job(1);
     assert!(db.watched_jobs() >= 1);
     drop(live);
+}
+
+async fn limited_queues_compete_on_priority(db: Db) {
+    db.queue_upsert(
+        &QueueInfo {
+            concurrency_limit: Some(5),
+            ..QueueInfo::open("acme", "narrow")
+        },
+        T0,
+    )
+    .await
+    .unwrap();
+    let backlog: Vec<NewJob> = (0..10).map(|_| job("noop")).collect();
+    db.job_insert_many(&backlog, T0).await.unwrap();
+    let mut urgent = job("noop");
+    urgent.queue = "narrow".into();
+    urgent.priority = Priority::Critical;
+    let (urgent, _) = db.job_insert(&urgent, T0 + 1).await.unwrap();
+    // A batch the plain backlog alone could fill still starts with the
+    // critical job of the limited queue.
+    let got = lease(&db, 3, T0 + 2).await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0].id, urgent.id);
 }

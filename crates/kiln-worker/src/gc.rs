@@ -84,7 +84,11 @@ pub async fn gc_loop(db: Db, retention: Retention, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         match collect_garbage(&db, &retention, now_millis(), &stop).await {
-            Ok(Collected { jobs: 0, workers: 0, .. }) => {}
+            Ok(Collected {
+                jobs: 0,
+                workers: 0,
+                ..
+            }) => {}
             Ok(collected) => tracing::info!(
                 jobs = collected.jobs,
                 workers = collected.workers,

@@ -151,7 +151,8 @@ impl RunningMap {
     }
 
     fn held(&self) -> Vec<(i64, i32)> {
-        let mut held: Vec<(i64, i32)> = self.lock().iter().map(|(id, r)| (*id, r.attempt)).collect();
+        let mut held: Vec<(i64, i32)> =
+            self.lock().iter().map(|(id, r)| (*id, r.attempt)).collect();
         held.sort_unstable();
         held
     }
@@ -511,7 +512,11 @@ async fn run_one(job: LeasedJob, handler: Arc<dyn JobHandler>, ctx: RunContext) 
         (Some(Kill::Lost), _) => {
             // Another worker owns the job now; whatever this attempt wrote
             // would be refused, and it is no cancel.
-            tracing::info!(id = job.id, attempt = job.attempt, "lease lost; attempt abandoned");
+            tracing::info!(
+                id = job.id,
+                attempt = job.attempt,
+                "lease lost; attempt abandoned"
+            );
             metrics::counter!("kiln_leases_lost_total").increment(1);
             ctx.running.forget(job.id, job.attempt);
             return;

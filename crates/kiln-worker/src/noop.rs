@@ -104,7 +104,10 @@ mod tests {
     #[test]
     fn specs_are_checked() {
         check(json!({}), true);
-        check(json!({"sleep_ms": 10, "exit_code": 3, "stdout": "hi"}), true);
+        check(
+            json!({"sleep_ms": 10, "exit_code": 3, "stdout": "hi"}),
+            true,
+        );
         check(json!({"sleep": 10}), false);
         check(json!({"sleep_ms": -1}), false);
         check(json!({"sleep_ms": SLEEP_MS_MAX + 1}), false);

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_core::{AttemptEnd, LeasedJob};
 use kiln_core::{Backoff, Job, JobStatus, NewJob};
 use kiln_db::Db;
-use kiln_core::{AttemptEnd, LeasedJob};
 use kiln_worker::{now_millis, Handlers, JobHandler, NoopHandler, Retention, Worker, WorkerConfig};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -208,7 +208,11 @@ async fn shutdown_hands_unfinished_jobs_back(db: Db) {
     let next = start(&db, |_| {});
     let running = wait_for(&db, id, |j| j.status == JobStatus::Running).await;
     assert_eq!((running.attempt, running.retry_from), (2, 1));
-    assert_eq!(running.attempt - running.retry_from, 1, "this is its one attempt");
+    assert_eq!(
+        running.attempt - running.retry_from,
+        1,
+        "this is its one attempt"
+    );
     db.job_cancel("acme", id, now_millis()).await.unwrap();
     let job = wait_for(&db, id, terminal).await;
     assert_eq!(job.status, JobStatus::Cancelled);
@@ -242,7 +246,11 @@ async fn a_panicking_handler_fails_its_attempt_and_frees_the_lease(db: Db) {
     for attempt in &job.history {
         assert_eq!(attempt.outcome, "failed");
         assert!(
-            attempt.error.as_deref().unwrap().contains("the sandbox fell over"),
+            attempt
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("the sandbox fell over"),
             "{attempt:?}"
         );
     }

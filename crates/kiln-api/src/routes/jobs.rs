@@ -161,7 +161,8 @@ impl SubmitJob {
                 ApiError::invalid("run_at must be an RFC 3339 time such as 2026-01-01T00:00:00Z")
             })?),
             (None, Some(delay)) => Some(
-                kiln_core::run_at_after(now, delay).map_err(|e| ApiError::invalid(e.to_string()))?,
+                kiln_core::run_at_after(now, delay)
+                    .map_err(|e| ApiError::invalid(e.to_string()))?,
             ),
             (None, None) => None,
         };
