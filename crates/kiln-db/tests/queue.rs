@@ -525,12 +525,15 @@ async fn keys_are_found_by_hash_until_revoked(db: Db) {
     assert_eq!(db.key_count().await.unwrap(), 1);
 }
 
+/// A change to a new job, named for the field it breaks.
+type Edit = Box<dyn Fn(&mut NewJob)>;
+
 fn is_invalid<T: std::fmt::Debug>(result: Result<T, DbError>) -> bool {
     matches!(result, Err(DbError::Invalid(_)))
 }
 
 async fn nul_in_any_text_is_refused_cleanly(db: Db) {
-    let edits: Vec<(&str, Box<dyn Fn(&mut NewJob)>)> = vec![
+    let edits: Vec<(&str, Edit)> = vec![
         ("tenant", Box::new(|j| j.tenant = "ac\0me".into())),
         ("kind", Box::new(|j| j.kind = "no\0op".into())),
         ("queue", Box::new(|j| j.queue = "q\0".into())),
