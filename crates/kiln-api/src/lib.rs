@@ -113,36 +113,10 @@ impl AppState {
 /// runtime: the checks are pure.
 pub fn builtin_kinds() -> JobKinds {
     let mut kinds = JobKinds::new();
-    kinds.add("noop", routes::jobs::object_spec);
+    kinds.add("noop", kiln_worker::noop::check_spec);
     kinds.add("wasm", kiln_wasm::check_spec);
-    kinds.add("vm", |spec| {
-        kiln_vm::job::VmJobSpec::parse(spec)?;
-        vm_names(spec)
-    });
-    for task in ["vm:create", "vm:execute", "exec", "vm:delete"] {
-        kinds.add(task, |spec| {
-            routes::jobs::object_spec(spec)?;
-            vm_names(spec)
-        });
-    }
+    kiln_vm::job::job_kinds(&mut kinds);
     kinds
-}
-
-/// The names a microVM spec may carry, in their grammars: an image name
-/// becomes a host path component, a VM id a lookup key.
-fn vm_names(spec: &serde_json::Value) -> Result<(), String> {
-    let text = |field: &str| match spec.get(field) {
-        None => Ok(None),
-        Some(serde_json::Value::String(text)) => Ok(Some(text.as_str())),
-        Some(_) => Err(format!("{field} must be a string")),
-    };
-    if let Some(image) = text("image")? {
-        kiln_core::names::check_ident("image", image).map_err(|e| e.to_string())?;
-    }
-    if let Some(id) = text("vm_id")? {
-        kiln_core::names::check_name("vm_id", id).map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 #[derive(OpenApi)]
@@ -151,7 +125,7 @@ fn vm_names(spec: &serde_json::Value) -> Result<(), String> {
     paths(
         routes::jobs::submit_job, routes::jobs::run_job, routes::jobs::get_job, routes::jobs::list_jobs,
         routes::jobs::cancel_job, routes::jobs::retry_job, routes::jobs::job_attempts,
-        routes::queues::list_queues, routes::queues::update_queue, routes::queues::pause_queue,
+        routes::queues::list_queues, routes::queues::get_queue, routes::queues::update_queue, routes::queues::pause_queue,
         routes::queues::resume_queue,
         routes::keys::list_keys, routes::keys::create_key, routes::keys::revoke_key,
         routes::modules::push_module, routes::modules::list_modules, routes::modules::get_module,
@@ -159,7 +133,7 @@ fn vm_names(spec: &serde_json::Value) -> Result<(), String> {
         routes::system::list_workers, routes::system::health, routes::system::metrics_text,
         routes::system::openapi,
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
-        routes::vms::execute, routes::vms::upload, routes::vms::download,
+        routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),

@@ -183,10 +183,14 @@ async fn bad_job_submissions_with_nul(db: Db) {
 
 async fn every_kind_refuses_a_bad_spec(db: Db) {
     let h = harness(db).await;
-    // Whatever the kind, a spec the store cannot hold is refused.
+    // Whatever the kind, a spec the store cannot hold is refused, and so
+    // is a field the kind does not know.
     for kind in common::kinds().names() {
         let body = json!({"kind": kind, "spec": {"x": "\u{0}"}}).to_string();
         check(&h, JOBS, &body, (422, "invalid_spec")).await;
+        let body = json!({"kind": kind, "spec": {"surely_not_a_field": 1}}).to_string();
+        check(&h, JOBS, &body, (422, "invalid_spec")).await;
+        check(&h, RUN, &body, (422, "invalid_spec")).await;
     }
     // Each kind's own check, at submit rather than at run time.
     for (kind, spec) in [

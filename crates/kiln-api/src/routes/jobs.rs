@@ -193,13 +193,6 @@ pub(crate) fn parse_id(id: &str) -> ApiResult<i64> {
     id.parse::<i64>().map_err(|_| ApiError::not_found("job"))
 }
 
-/// A spec check for kinds whose own check is not known here: any object.
-pub fn object_spec(spec: &serde_json::Value) -> Result<(), String> {
-    spec.is_object()
-        .then_some(())
-        .ok_or_else(|| "spec must be a JSON object".to_string())
-}
-
 fn invalid(error: impl std::fmt::Display) -> ApiError {
     ApiError::invalid(error.to_string())
 }
@@ -278,12 +271,9 @@ impl SubmitJob {
             (Some(at), None) => Some(parse_time(&at).ok_or_else(|| {
                 ApiError::invalid("run_at must be an RFC 3339 time such as 2026-01-01T00:00:00Z")
             })?),
-            (None, Some(delay)) if delay < 0 => {
-                return Err(ApiError::invalid("delay_ms must not be negative"))
-            }
             (None, Some(delay)) => Some(
-                now.checked_add(delay)
-                    .ok_or_else(|| ApiError::invalid("delay_ms is too large"))?,
+                kiln_core::run_at_after(now, delay)
+                    .map_err(|e| ApiError::invalid(e.to_string()))?,
             ),
             (None, None) => None,
         };

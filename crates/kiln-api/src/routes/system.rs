@@ -68,7 +68,7 @@ pub struct GaugeLabels {
 async fn queue_gauges(state: &AppState) -> ApiResult<()> {
     let mut configured: BTreeSet<String> = state
         .db
-        .queue_list()
+        .queue_list(None)
         .await?
         .into_iter()
         .map(|q| q.name)
