@@ -2,6 +2,8 @@
 //! database driver (`sqlite`, `postgres`) behind the one `Db` interface, and
 //! one queue test suite (`tests/queue.rs`) runs against both.
 
+mod blobs;
+mod bootstrap;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -17,6 +19,7 @@ use tokio::sync::Notify;
 pub(crate) type Waiters =
     std::sync::Mutex<std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>>;
 
+pub use blobs::{BlobInfo, BLOB_CHUNK_BYTES};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
