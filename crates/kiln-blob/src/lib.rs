@@ -166,21 +166,19 @@ impl BlobStore {
                     .await?
                     .ok_or_else(|| BlobError::NotFound(key.to_string()))?;
                 let (db, key) = (db.clone(), key.to_string());
-                Ok(
-                    futures::stream::try_unfold(0, move |n| {
-                        let (db, key) = (db.clone(), key.clone());
-                        async move {
-                            if n >= info.chunks {
-                                return Ok(None);
-                            }
-                            match db.blob_chunk(&key, n).await? {
-                                Some(data) => Ok(Some((Bytes::from(data), n + 1))),
-                                None => Err(BlobError::Changed(key)),
-                            }
+                Ok(futures::stream::try_unfold(0, move |n| {
+                    let (db, key) = (db.clone(), key.clone());
+                    async move {
+                        if n >= info.chunks {
+                            return Ok(None);
                         }
-                    })
-                    .boxed(),
-                )
+                        match db.blob_chunk(&key, n).await? {
+                            Some(data) => Ok(Some((Bytes::from(data), n + 1))),
+                            None => Err(BlobError::Changed(key)),
+                        }
+                    }
+                })
+                .boxed())
             }
         }
     }

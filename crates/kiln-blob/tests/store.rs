@@ -49,7 +49,10 @@ async fn round_trip(store: BlobStore) {
     assert_eq!(pieces.concat(), big.to_vec());
 
     // Writing a key again replaces its content, shorter or longer.
-    store.put("modules/big", Bytes::from_static(b"x")).await.unwrap();
+    store
+        .put("modules/big", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
     assert_eq!(
         store.get("modules/big").await.unwrap(),
         Bytes::from_static(b"x")

@@ -126,20 +126,16 @@ impl Db {
     /// Removes a blob and its chunks; false if there was none.
     pub async fn blob_delete(&self, key: &str) -> DbResult<bool> {
         let done = match self {
-            Db::Postgres(s) => {
-                sqlx::query("DELETE FROM blobs WHERE key = $1")
-                    .bind(key)
-                    .execute(&s.pool)
-                    .await?
-                    .rows_affected()
-            }
-            Db::Sqlite(s) => {
-                sqlx::query("DELETE FROM blobs WHERE key = ?")
-                    .bind(key)
-                    .execute(&s.write)
-                    .await?
-                    .rows_affected()
-            }
+            Db::Postgres(s) => sqlx::query("DELETE FROM blobs WHERE key = $1")
+                .bind(key)
+                .execute(&s.pool)
+                .await?
+                .rows_affected(),
+            Db::Sqlite(s) => sqlx::query("DELETE FROM blobs WHERE key = ?")
+                .bind(key)
+                .execute(&s.write)
+                .await?
+                .rows_affected(),
         };
         Ok(done > 0)
     }

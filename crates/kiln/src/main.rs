@@ -38,6 +38,8 @@ enum Command {
     Worker(ServerArgs),
     /// The scheduler alone: takes back expired leases.
     Scheduler(ServerArgs),
+    /// Print the settings a server would run with (passwords hidden).
+    Config(ServerArgs),
     /// Manage API keys directly in the database.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -312,43 +314,17 @@ async fn main() {
 }
 
 async fn run(command: Command) -> anyhow::Result<i32> {
-    let all = serve::Roles {
-        api: true,
-        worker: true,
-        scheduler: true,
-    };
     match command {
-        Command::Serve(args) => serve::run(args.settings()?, all).await.map(|_| 0),
-        Command::Api(args) => serve::run(
-            args.settings()?,
-            serve::Roles {
-                api: true,
-                worker: false,
-                scheduler: false,
-            },
-        )
-        .await
-        .map(|_| 0),
-        Command::Worker(args) => serve::run(
-            args.settings()?,
-            serve::Roles {
-                api: false,
-                worker: true,
-                scheduler: false,
-            },
-        )
-        .await
-        .map(|_| 0),
-        Command::Scheduler(args) => serve::run(
-            args.settings()?,
-            serve::Roles {
-                api: false,
-                worker: false,
-                scheduler: true,
-            },
-        )
-        .await
-        .map(|_| 0),
+        Command::Serve(args) => serve_as(args, serve::Role::All).await,
+        Command::Api(args) => serve_as(args, serve::Role::Api).await,
+        Command::Worker(args) => serve_as(args, serve::Role::Worker).await,
+        Command::Scheduler(args) => serve_as(args, serve::Role::Scheduler).await,
+        Command::Config(args) => {
+            for (name, value) in args.settings()?.describe() {
+                println!("{name} = {value}");
+            }
+            Ok(0)
+        }
         Command::Keys(command) => keys(command).await,
         Command::Job { client, command } => job(Client::new(&client)?, command).await,
         Command::Queue { client, command } => queue(Client::new(&client)?, command).await,
@@ -360,6 +336,17 @@ async fn run(command: Command) -> anyhow::Result<i32> {
     }
 }
 
+async fn serve_as(args: ServerArgs, role: serve::Role) -> anyhow::Result<i32> {
+    serve::run(args.settings()?, role).await.map(|_| 0)
+}
+
+/// Settings for a command that works on the data dir directly.
+fn local_settings(args: &ServerArgs) -> anyhow::Result<config::Settings> {
+    let settings = args.settings()?;
+    settings.create_data_dir()?;
+    Ok(settings)
+}
+
 async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
     match command {
         KeysCommand::Create {
@@ -368,7 +355,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             name,
             scopes,
         } => {
-            let db = serve::open_db(&server.settings()?).await?;
+            let db = serve::open_db(&local_settings(&server)?).await?;
             let scopes = kiln_core::Scopes::parse(&scopes)
                 .filter(|s| !s.0.is_empty())
                 .context("scopes are a comma-separated list of read, write, admin")?;
@@ -383,7 +370,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             println!("{secret}");
         }
         KeysCommand::List { server, tenant } => {
-            let db = serve::open_db(&server.settings()?).await?;
+            let db = serve::open_db(&local_settings(&server)?).await?;
             for key in db.key_list(tenant.as_deref()).await? {
                 println!(
                     "{}\t{}\t{}\t{}\t{}",
@@ -400,7 +387,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             }
         }
         KeysCommand::Revoke { server, id } => {
-            let db = serve::open_db(&server.settings()?).await?;
+            let db = serve::open_db(&local_settings(&server)?).await?;
             if !db.key_revoke(None, &id, kiln_worker::now_millis()).await? {
                 anyhow::bail!("no active key {id}");
             }
@@ -564,9 +551,7 @@ async fn queue(client: Client, command: QueueCommand) -> anyhow::Result<i32> {
         QueueCommand::Limit { name, limit } => {
             let limit = if limit > 0 { json!(limit) } else { Value::Null };
             let body = json!({ "concurrency_limit": limit });
-            let response = client
-                .send_put(&format!("/api/v1/queues/{name}"), &body)
-                .await?;
+            let response = client.put(&format!("/api/v1/queues/{name}"), &body).await?;
             client::print(&response);
         }
     }
@@ -652,7 +637,7 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             kernel,
         } => {
             let kernel = kiln_vm::image::KernelKind::parse(&kernel).context("--kernel")?;
-            let settings = server.settings()?;
+            let settings = local_settings(&server)?;
             kiln_core::validate_name("image", &name)?;
             let agent = agent.or_else(kiln_vm::image::find_agent).context(
                 "no agent binary: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl, or pass --agent",
