@@ -54,12 +54,6 @@ async fn workers_run_modules_pushed_through_another_node() {
         .await
         .unwrap();
     let id = module["id"].as_str().unwrap_or_else(|| panic!("{module}"));
-    for dir in [&api_dir, &worker_a, &worker_b] {
-        assert!(
-            !dir.join("blobs").exists(),
-            "no node keeps blobs on its own disk"
-        );
-    }
 
     let mut ran_on = std::collections::BTreeSet::new();
     for _ in 0..6 {
@@ -82,6 +76,12 @@ async fn workers_run_modules_pushed_through_another_node() {
         ran_on.iter().all(|w| !w.is_empty()),
         "every job names its worker: {ran_on:?}"
     );
+    for dir in [&api_dir, &worker_a, &worker_b] {
+        assert!(
+            !dir.join("blobs").exists(),
+            "no node keeps blobs on its own disk"
+        );
+    }
     db.close().await;
 }
 
@@ -112,11 +112,26 @@ async fn finished(http: &reqwest::Client, base: &str, key: &str, job: &Value) ->
 }
 
 /// Several API nodes starting together on an empty database make one
-/// admin key between them, written by the node that made it.
+/// admin key between them, written by the node that made it. The test holds
+/// the key table locked until every node waits on it, so all of them find
+/// the database empty at the same moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_nodes_starting_together_make_one_admin_key() {
+    use sqlx::Connection;
     let (schema, db) = PgSchema::new("kiln_first_key").await;
     let url = schema.url();
+    let mut gate = sqlx::PgConnection::connect(&kiln_db::testing::postgres_url())
+        .await
+        .unwrap();
+    let mut held = gate.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE \"{}\".api_keys IN ACCESS EXCLUSIVE MODE",
+        schema.name
+    ))
+    .execute(&mut *held)
+    .await
+    .unwrap();
+
     let logs = TempDir::new("kiln-first-key-logs");
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("kiln-first-key")).collect();
     let bases: Vec<String> = (0..3)
@@ -135,6 +150,32 @@ async fn api_nodes_starting_together_make_one_admin_key() {
             )
         })
         .collect();
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         WHERE c.relname = 'api_keys' AND c.relnamespace = '\"{}\"'::regnamespace \
+         AND NOT l.granted",
+        schema.name
+    );
+    let mut watch = sqlx::PgConnection::connect(&kiln_db::testing::postgres_url())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar(&waiting)
+            .fetch_one(&mut watch)
+            .await
+            .unwrap();
+        if n == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} nodes wait on the key table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held.rollback().await.unwrap();
+
     for listen in &bases {
         until_up(&format!("http://{listen}"), Duration::from_secs(60)).await;
     }
