@@ -189,31 +189,47 @@ struct Parts {
     worker: Option<Worker>,
 }
 
+/// The fallible steps come first and the VM manager, which may boot VMs at
+/// once, last: no step after it can fail and leave its VMs running.
 async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts> {
-    let blobs = open_blobs(settings, &db)?;
-    let vms = if role.runs_jobs() {
-        vm_manager(settings).await?
-    } else {
-        None
-    };
     let mut parts = Parts {
         db: db.clone(),
-        vms: vms.clone(),
+        vms: None,
         api: None,
         worker: None,
     };
-    if role.runs_jobs() {
-        let wasm = wasm_runtime(settings, &blobs)?;
-        parts.worker = Some(worker(settings, &db, wasm, vms.as_ref()));
+    if role == Role::Scheduler {
+        return Ok(parts);
     }
-    if role.serves_api() {
-        ensure_admin_key(&db, &settings.data_dir).await?;
-        let wasm = module_validator(settings, &blobs)?;
-        let state = AppState::with_vms(db.clone(), blobs.clone(), Some(wasm), vms.clone());
-        state.limit_rate(settings.rate_limit, settings.rate_burst);
+    let listener = if role.serves_api() {
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listening on {}", settings.listen))?;
+        ensure_admin_key(&db, &settings.data_dir).await?;
+        Some(listener)
+    } else {
+        None
+    };
+    let blobs = open_blobs(settings, &db)?;
+    let runtime = if role.runs_jobs() {
+        Some(wasm_runtime(settings, &blobs)?)
+    } else {
+        None
+    };
+    // All in one process, the API shares the worker's runtime, so a module
+    // pushed is compiled once, for the jobs that will run it.
+    let validator = match (&runtime, &listener) {
+        (Some(runtime), _) => Some(runtime.clone()),
+        (None, Some(_)) => Some(module_validator(settings, &blobs)?),
+        (None, None) => None,
+    };
+    if let Some(runtime) = runtime {
+        parts.vms = vm_manager(settings).await?;
+        parts.worker = Some(worker(settings, &db, runtime, parts.vms.as_ref()));
+    }
+    if let Some(listener) = listener {
+        let state = AppState::with_vms(db.clone(), blobs, validator, parts.vms.clone());
+        state.limit_rate(settings.rate_limit, settings.rate_burst);
         parts.api = Some((listener, state));
     }
     Ok(parts)
