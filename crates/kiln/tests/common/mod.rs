@@ -88,13 +88,16 @@ impl Drop for PgSchema {
     }
 }
 
-/// Starts `kiln ARGS` on a data dir, its log in `<log_dir>/<log>`.
+/// Starts `kiln ARGS` on a data dir, its log in `<log_dir>/<log>` and its
+/// scratch root beside it, so both go when the test's directories do.
 pub fn kiln(args: &[&str], data_dir: &Path, log_dir: &Path, log: &str) -> Proc {
+    let scratch = log_dir.join(format!("{log}.scratch"));
     let log = std::fs::File::create(log_dir.join(log)).unwrap();
     Proc(
         Command::new(KILN)
             .args(args)
             .env("KILN_DATA_DIR", data_dir)
+            .env("KILN_SCRATCH_DIR", scratch)
             .env("KILN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
