@@ -199,9 +199,9 @@ async fn api_nodes_starting_together_make_one_admin_key() {
     db.close().await;
 }
 
-/// `kiln api` builds no VM manager, so it does not take the VM directory's
-/// lock: an API and a worker can share a data dir that holds a guest image.
-/// The API keeps no compiled modules either.
+/// `kiln api` and `kiln scheduler` build no VM manager, so they do not take
+/// the VM directory's lock: they can share a data dir holding a guest image
+/// with the worker that runs its VMs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_worker_share_a_data_dir() {
     let dir = TempDir::new("kiln-shared-dir");
@@ -224,6 +224,7 @@ async fn api_and_worker_share_a_data_dir() {
     let listen = format!("127.0.0.1:{}", free_port());
     let base = format!("http://{listen}");
     let mut api = kiln(&["api", "--listen", &listen], &data, logs.path(), "api.log");
+    let mut scheduler = kiln(&["scheduler"], &data, logs.path(), "scheduler.log");
     until_up(&base, Duration::from_secs(60)).await;
     let key = read_key(&data);
     let http = reqwest::Client::new();
