@@ -479,3 +479,16 @@ pub fn generate_key() -> (String, String) {
     let full = format!("kiln_{id}_{secret}");
     (id, full)
 }
+
+impl Db {
+    /// How many modules a tenant holds and the sum of their sizes, for the
+    /// module quotas.
+    pub async fn module_usage(&self, tenant: &str) -> DbResult<(u64, u64)> {
+        dispatch!(self, s => s.module_usage(tenant).await)
+    }
+
+    /// How many tenants hold a module: its stored bytes may go at 0.
+    pub async fn module_holders(&self, id: &str) -> DbResult<u64> {
+        dispatch!(self, s => s.module_holders(id).await)
+    }
+}

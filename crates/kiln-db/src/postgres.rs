@@ -705,3 +705,23 @@ async fn listen(pool: PgPool, wakeup: Arc<Notify>) {
         }
     }
 }
+
+impl PgStore {
+    pub async fn module_usage(&self, tenant: &str) -> DbResult<(u64, u64)> {
+        let (count, bytes): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0)::BIGINT FROM modules WHERE tenant = $1",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((count.max(0) as u64, bytes.max(0) as u64))
+    }
+
+    pub async fn module_holders(&self, id: &str) -> DbResult<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM modules WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count.max(0) as u64)
+    }
+}

@@ -658,3 +658,22 @@ impl SqliteStore {
         Ok(())
     }
 }
+
+impl SqliteStore {
+    pub async fn module_usage(&self, tenant: &str) -> DbResult<(u64, u64)> {
+        let (count, bytes): (i64, i64) =
+            sqlx::query_as("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM modules WHERE tenant = ?")
+                .bind(tenant)
+                .fetch_one(&self.read)
+                .await?;
+        Ok((count.max(0) as u64, bytes.max(0) as u64))
+    }
+
+    pub async fn module_holders(&self, id: &str) -> DbResult<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM modules WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.write)
+            .await?;
+        Ok(count.max(0) as u64)
+    }
+}

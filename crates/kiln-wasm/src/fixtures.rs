@@ -10,6 +10,7 @@ const WASI_IMPORTS: &str = r#"
   (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_symlink" (func $path_symlink (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   ;; write(fd, ptr, len) through an iovec at 0
   (func $write (param $fd i32) (param $ptr i32) (param $len i32)
@@ -117,4 +118,64 @@ pub fn stack_overflow() -> String {
         r#"(func $down (param i32) (result i32) (call $down (i32.add (local.get 0) (i32.const 1))))
            (func (export "_start") (drop (call $down (i32.const 0))))"#,
     )
+}
+
+/// Creates `fill` in the first preopened directory and writes `chunks`
+/// chunks of 32 KiB to it, then exits 0; exits with the WASI errno if a call
+/// fails.
+pub fn fill_scratch(chunks: u32) -> String {
+    module(&format!(
+        r#"(data (i32.const 64) "fill")
+           (func (export "_start") (local $fd i32) (local $n i32) (local $err i32)
+             (local.set $err
+               (call $path_open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const 4)
+                 (i32.const 1) (i64.const 0x7ffffff) (i64.const 0x7ffffff) (i32.const 0) (i32.const 128)))
+             (if (local.get $err) (then (call $proc_exit (local.get $err))))
+             (local.set $fd (i32.load (i32.const 128)))
+             (loop $more
+               (i32.store (i32.const 0) (i32.const 16384))
+               (i32.store (i32.const 4) (i32.const 32768))
+               (local.set $err
+                 (call $fd_write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8)))
+               (if (local.get $err) (then (call $proc_exit (local.get $err))))
+               (local.set $n (i32.add (local.get $n) (i32.const 1)))
+               (br_if $more (i32.lt_u (local.get $n) (i32.const {chunks})))))"#
+    ))
+}
+
+/// Makes a symlink `link` to `target` in the first preopened directory,
+/// then opens `link`, following it. Exits 1 when the symlink is refused, 2
+/// when opening through it is, 0 when it opened.
+pub fn symlink_out(target: &str) -> String {
+    let len = target.len();
+    module(&format!(
+        r#"(data (i32.const 64) "link")
+           (data (i32.const 256) "{target}")
+           (func (export "_start") (local $err i32)
+             (local.set $err
+               (call $path_symlink (i32.const 256) (i32.const {len}) (i32.const 3) (i32.const 64) (i32.const 4)))
+             (if (local.get $err) (then (call $proc_exit (i32.const 1))))
+             (if (call $path_open (i32.const 3) (i32.const 1) (i32.const 64) (i32.const 4)
+                   (i32.const 0) (i64.const 0x7ffffff) (i64.const 0x7ffffff) (i32.const 0) (i32.const 128))
+               (then (call $proc_exit (i32.const 2)))))"#
+    ))
+}
+
+/// Takes a long time to compile: `functions` functions of arithmetic.
+pub fn slow_to_compile(functions: u32) -> String {
+    let body =
+        "(local.set 0 (i32.add (i32.mul (local.get 0) (i32.const 31)) (i32.const 7)))".repeat(200);
+    let mut text = String::new();
+    for i in 0..functions {
+        text.push_str(&format!(
+            "(func $f{i} (param i32) (result i32) {body} (local.get 0))\n"
+        ));
+    }
+    module(&format!(r#"{text} (func (export "_start"))"#))
+}
+
+/// A fresh directory name under the system's temporary directory, for
+/// tests that need a root of their own.
+pub fn temp_root(prefix: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{prefix}-{:032x}", rand::random::<u128>()))
 }

@@ -2,22 +2,25 @@
 //!
 //! Each module is compiled once (cached in memory as an `InstancePre`, and on
 //! disk as a precompiled artifact keyed by module hash and engine
-//! configuration) and instantiated from a pooling allocator, so a run costs
-//! microseconds. Guests run on the async executor and yield every epoch
-//! slice, so a runaway loop never holds a thread and is killed promptly.
+//! configuration, both bounded) and instantiated from a pooling allocator,
+//! so a run costs microseconds. Guests run on the async executor and yield
+//! every epoch slice, so a runaway loop never holds a thread and is killed
+//! promptly. Output, memory, fuel and scratch disk are bounded per run.
 
+mod cache;
+#[cfg(feature = "testing")]
 pub mod fixtures;
 mod output;
+mod scratch;
 mod spec;
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_blob::BlobStore;
-use kiln_core::{AttemptEnd, JobResult, LeasedJob};
+use kiln_core::{AttemptEnd, JobResult, LeasedJob, TenantQuotas};
 use kiln_worker::JobHandler;
 use tokio_util::sync::CancellationToken;
 use wasmtime::{
@@ -28,8 +31,15 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{DirPerms, FilePerms, I32Exit, WasiCtxBuilder};
 
+pub use cache::CacheStats;
 pub use output::CappedOutput;
-pub use spec::WasmSpec;
+pub use spec::{check_spec, check_spec_within, WasmSpec};
+
+/// The `wasm` kind's entry in `kiln_core::JobKinds`.
+const _: kiln_core::CheckSpec = check_spec;
+
+use cache::{CacheBounds, ModuleCache};
+use scratch::{ScratchBudget, ScratchDir, ScratchLimit, ScratchRoot};
 
 /// Epoch tick; guests yield to the executor every `SLICE_TICKS` ticks.
 const TICK: Duration = Duration::from_millis(1);
@@ -39,7 +49,15 @@ const SLICE_TICKS: u64 = 10;
 pub struct WasmConfig {
     /// Where precompiled modules are kept between runs of kiln.
     pub cache_dir: Option<PathBuf>,
-    /// Where per-run scratch directories are made.
+    /// Bound on the precompiled modules on disk; the least recently used go
+    /// first.
+    pub disk_cache_bytes: u64,
+    /// Bound on the compiled code kept in memory; the least recently used
+    /// go first.
+    pub memory_cache_bytes: u64,
+    /// Where per-run scratch directories are made. kiln owns it: it is
+    /// emptied at start, so it must not be shared with another process, and
+    /// belongs outside the data directory.
     pub scratch_dir: PathBuf,
     /// Instances alive at once (the pooling allocator's size).
     pub max_instances: u32,
@@ -48,17 +66,24 @@ pub struct WasmConfig {
     pub default_memory_mib: u64,
     /// Default cap on each of stdout and stderr.
     pub default_output_bytes: usize,
+    /// Per-tenant limits; this runtime enforces `wasm_output_bytes_max` and
+    /// `wasm_scratch_bytes_max`, the API reads `modules_max` and
+    /// `modules_bytes_max` from here.
+    pub quotas: TenantQuotas,
 }
 
 impl Default for WasmConfig {
     fn default() -> Self {
         WasmConfig {
             cache_dir: None,
+            disk_cache_bytes: 4 << 30,
+            memory_cache_bytes: 512 << 20,
             scratch_dir: std::env::temp_dir().join("kiln-scratch"),
             max_instances: 1_100,
             max_memory_mib: 1024,
             default_memory_mib: 64,
             default_output_bytes: 1 << 20,
+            quotas: TenantQuotas::default(),
         }
     }
 }
@@ -71,9 +96,27 @@ pub enum WasmError {
     /// The module is not in the blob store.
     #[error("module {0} not found")]
     ModuleNotFound(String),
+    /// The blob store failed to fetch a module.
+    #[error("module store: {0}")]
+    Blob(#[from] kiln_blob::BlobError),
+    /// A directory of the runtime could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
     /// The engine could not be set up.
     #[error("wasm engine: {0}")]
     Engine(String),
+    /// A compile or load task panicked.
+    #[error("module load failed: {0}")]
+    Panicked(String),
+}
+
+impl WasmError {
+    fn io(what: &'static str, source: std::io::Error) -> WasmError {
+        WasmError::Io { what, source }
+    }
 }
 
 struct Limits {
@@ -108,63 +151,80 @@ impl ResourceLimiter for Limits {
 struct State {
     wasi: WasiP1Ctx,
     limits: Limits,
+    scratch: Option<ScratchBudget>,
+}
+
+/// One run, ready to call: its store, module, output and scratch directory.
+struct Sandbox {
+    store: Store<State>,
+    pre: InstancePre<State>,
+    stdout: CappedOutput,
+    stderr: CappedOutput,
+    scratch: Option<ScratchDir>,
 }
 
 pub struct WasmRuntime {
     engine: Engine,
-    linker: Linker<State>,
-    blobs: BlobStore,
+    /// WASI preview 1 with the scratch-disk accounting in front of the calls
+    /// that take disk; used for runs with a scratch directory.
+    budget_linker: Linker<State>,
+    /// The preview 1 functions a module may import.
+    imports: Arc<HashSet<String>>,
+    modules: Arc<ModuleCache>,
+    scratch: ScratchRoot,
     config: WasmConfig,
-    compiled: RwLock<HashMap<String, InstancePre<State>>>,
-    engine_hash: String,
 }
 
 impl WasmRuntime {
+    /// Sets up the engine and caches and empties the scratch root.
     pub fn new(config: WasmConfig, blobs: BlobStore) -> Result<Arc<WasmRuntime>, WasmError> {
+        let engine = new_engine(&config)?;
         let engine_error = |e: anyhow::Error| WasmError::Engine(format!("{e:#}"));
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_core_instances(config.max_instances)
-            .total_memories(config.max_instances)
-            .total_tables(config.max_instances)
-            .total_stacks(config.max_instances)
-            .total_component_instances(0)
-            .max_memory_size((config.max_memory_mib as usize) << 20)
-            .linear_memory_keep_resident(64 << 10);
-        let mut wasm = Config::new();
-        wasm.async_support(true)
-            .epoch_interruption(true)
-            .consume_fuel(true)
-            .max_wasm_stack(512 << 10)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&wasm).map_err(engine_error)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut State| &mut s.wasi)
             .map_err(engine_error)?;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_hash = format!("{:016x}", hasher.finish());
-        if let Some(dir) = &config.cache_dir {
-            std::fs::create_dir_all(dir).map_err(|e| WasmError::Engine(e.to_string()))?;
-        }
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("kiln-wasm-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
-                }
-            })
-            .map_err(|e| WasmError::Engine(e.to_string()))?;
+        let mut budget_linker = linker.clone();
+        scratch::add_budget_to_linker(&mut budget_linker).map_err(engine_error)?;
+        let imports = {
+            let mut store = new_store(&engine, WasiCtxBuilder::new().build_p1(), 1, None);
+            let names = linker.iter(&mut store).map(|(_, name, _)| name.to_string());
+            Arc::new(names.collect())
+        };
+        let modules = ModuleCache::new(
+            engine.clone(),
+            linker.clone(),
+            blobs,
+            CacheBounds {
+                memory_bytes: config.memory_cache_bytes,
+                disk_dir: config.cache_dir.clone(),
+                disk_bytes: config.disk_cache_bytes,
+            },
+        )?;
+        let scratch = ScratchRoot::open(&config.scratch_dir)?;
+        start_epoch_ticker(&engine)?;
         Ok(Arc::new(WasmRuntime {
             engine,
-            linker,
-            blobs,
+            budget_linker,
+            imports,
+            modules: Arc::new(modules),
+            scratch,
             config,
-            compiled: RwLock::default(),
-            engine_hash,
         }))
+    }
+
+    /// The quotas this runtime enforces and the API reads.
+    pub fn quotas(&self) -> &TenantQuotas {
+        &self.config.quotas
+    }
+
+    /// What the module caches hold and how many compiles there have been.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.modules.stats()
+    }
+
+    /// Where scratch directories are made.
+    pub fn scratch_root(&self) -> &Path {
+        &self.config.scratch_dir
     }
 
     /// Turns WAT text into binary; binary passes through.
@@ -174,113 +234,63 @@ impl WasmRuntime {
             .map_err(|e| WasmError::InvalidModule(e.to_string()))
     }
 
-    /// Checks a module the way it will be run: valid and importing nothing
-    /// but WASI preview 1.
+    /// Checks a module without compiling it: valid for this engine, importing
+    /// only WASI preview 1 functions, exporting a `_start` function. Import
+    /// signatures are checked when a worker compiles it. CPU-bound: call it
+    /// on a blocking thread (see `check_module`).
     pub fn validate(&self, bytes: &[u8]) -> Result<(), WasmError> {
-        let module = Module::from_binary(&self.engine, bytes)
-            .map_err(|e| WasmError::InvalidModule(format!("{e:#}")))?;
-        self.linker
-            .instantiate_pre(&module)
-            .map_err(|e| WasmError::InvalidModule(format!("{e:#}")))?;
-        if module.get_export("_start").is_none() {
-            return Err(WasmError::InvalidModule(
-                "the module exports no _start function".to_string(),
-            ));
-        }
-        Ok(())
+        validate(&self.engine, &self.imports, bytes)
     }
 
-    fn cache_path(&self, id: &str) -> Option<PathBuf> {
-        let hex = id.strip_prefix("sha256:").unwrap_or(id);
-        self.config
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{hex}-{}.cwasm", self.engine_hash)))
+    /// `validate` on a blocking thread.
+    pub async fn check_module(&self, bytes: bytes::Bytes) -> Result<(), WasmError> {
+        let engine = self.engine.clone();
+        let imports = self.imports.clone();
+        tokio::task::spawn_blocking(move || validate(&engine, &imports, &bytes))
+            .await
+            .map_err(|e| WasmError::Panicked(e.to_string()))?
     }
 
     /// Compiles a module ahead of its first run.
-    ///
-    /// The ready-to-instantiate module comes from memory, else from the disk
-    /// cache, else compiled from the blob store (and cached both ways).
     pub async fn prepare(&self, id: &str) -> Result<(), WasmError> {
-        self.instance_pre(id).await.map(|_| ())
-    }
-
-    async fn instance_pre(&self, id: &str) -> Result<InstancePre<State>, WasmError> {
-        if let Some(pre) = self.compiled.read().expect("module cache").get(id) {
-            return Ok(pre.clone());
-        }
-        let cache_path = self.cache_path(id);
-        let engine = self.engine.clone();
-        let from_disk = match &cache_path {
-            Some(path) if path.exists() => {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || {
-                    // SAFETY: the file was written by `Module::serialize` of an
-                    // engine with this same configuration (the hash is in its
-                    // name) into kiln's own data directory.
-                    unsafe { Module::deserialize_file(&engine, &path) }.ok()
-                })
-                .await
-                .ok()
-                .flatten()
-            }
-            _ => None,
-        };
-        let module = match from_disk {
-            Some(module) => module,
-            None => {
-                let key = module_blob_key(id);
-                let bytes = self.blobs.get(&key).await.map_err(|e| match e {
-                    kiln_blob::BlobError::NotFound(_) => WasmError::ModuleNotFound(id.to_string()),
-                    other => WasmError::Engine(other.to_string()),
-                })?;
-                let engine = self.engine.clone();
-                let module =
-                    tokio::task::spawn_blocking(move || Module::from_binary(&engine, &bytes))
-                        .await
-                        .map_err(|e| WasmError::Engine(e.to_string()))?
-                        .map_err(|e| WasmError::InvalidModule(format!("{e:#}")))?;
-                if let (Some(path), Ok(serialized)) = (&cache_path, module.serialize()) {
-                    let tmp = path.with_extension("tmp");
-                    if std::fs::write(&tmp, serialized).is_ok() {
-                        let _ = std::fs::rename(&tmp, path);
-                    }
-                }
-                module
-            }
-        };
-        let pre = self
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| WasmError::InvalidModule(format!("{e:#}")))?;
-        self.compiled
-            .write()
-            .expect("module cache")
-            .insert(id.to_string(), pre.clone());
-        Ok(pre)
+        self.modules.get(id).await.map(drop)
     }
 
     /// Runs `_start` once with the spec's arguments, environment and stdin.
+    /// A kill ends the run at once, also while the module is fetched or
+    /// compiled (the compile finishes for later runs).
     pub async fn run(&self, spec: &WasmSpec, kill: &CancellationToken) -> AttemptEnd {
         let started = Instant::now();
-        let permanent_traps = !spec.retry_traps;
-        let fail = |error: String, result: Option<JobResult>, permanent: bool| AttemptEnd::Failed {
-            result,
-            error,
-            permanent,
+        let pre = tokio::select! {
+            pre = self.modules.get(&spec.module) => pre,
+            _ = kill.cancelled() => return failed("killed".to_string(), None, false),
         };
-        let pre = match self.instance_pre(&spec.module).await {
+        let pre = match pre {
             Ok(pre) => pre,
-            Err(error @ WasmError::ModuleNotFound(_))
-            | Err(error @ WasmError::InvalidModule(_)) => {
-                return fail(error.to_string(), None, true)
+            Err(error @ (WasmError::ModuleNotFound(_) | WasmError::InvalidModule(_))) => {
+                return failed(error.to_string(), None, true)
             }
-            Err(error) => return fail(error.to_string(), None, false),
+            Err(error) => return failed(error.to_string(), None, false),
         };
+        let mut sandbox = match self.build_store(spec, pre) {
+            Ok(sandbox) => sandbox,
+            Err(error) => return failed(error.to_string(), None, false),
+        };
+        let outcome = tokio::select! {
+            outcome = call_start(&sandbox.pre, &mut sandbox.store) => Some(outcome),
+            _ = kill.cancelled() => None,
+        };
+        drop(sandbox.scratch.take());
+        classify(&sandbox, outcome, started, !spec.retry_traps)
+    }
+
+    /// The store for one run: WASI context, limits, fuel and, when asked
+    /// for, a private scratch directory with its disk budget.
+    fn build_store(&self, spec: &WasmSpec, pre: InstancePre<State>) -> Result<Sandbox, WasmError> {
         let output_cap = spec
             .output_limit_bytes
-            .unwrap_or(self.config.default_output_bytes);
+            .unwrap_or(self.config.default_output_bytes)
+            .min(usize::try_from(self.config.quotas.wasm_output_bytes_max).unwrap_or(usize::MAX));
         let stdout = CappedOutput::new(output_cap);
         let stderr = CappedOutput::new(output_cap);
         let mut wasi = WasiCtxBuilder::new();
@@ -292,121 +302,44 @@ impl WasmRuntime {
         for (key, value) in &spec.env {
             wasi.env(key, value);
         }
-        let scratch = if spec.scratch {
-            let dir =
-                self.config
-                    .scratch_dir
-                    .join(format!("{}-{}", std::process::id(), unique_suffix()));
-            if let Err(error) = std::fs::create_dir_all(&dir) {
-                return fail(format!("scratch directory: {error}"), None, false);
-            }
-            if let Err(error) =
-                wasi.preopened_dir(&dir, "/scratch", DirPerms::all(), FilePerms::all())
-            {
-                let _ = std::fs::remove_dir_all(&dir);
-                return fail(format!("scratch directory: {error:#}"), None, false);
-            }
-            Some(ScratchDir(dir))
+        let (scratch, budget, pre) = if spec.scratch {
+            let dir = self.scratch.create()?;
+            wasi.preopened_dir(dir.path(), "/scratch", DirPerms::all(), FilePerms::all())
+                .map_err(|e| WasmError::io("scratch directory", std::io::Error::other(e)))?;
+            let budget = ScratchBudget::new(dir.path(), self.config.quotas.wasm_scratch_bytes_max);
+            let pre = self
+                .budget_linker
+                .instantiate_pre(pre.module())
+                .map_err(|e| WasmError::InvalidModule(format!("{e:#}")))?;
+            (Some(dir), Some(budget), pre)
         } else {
-            None
+            (None, None, pre)
         };
         let memory_mib = spec
             .memory_mib
             .unwrap_or(self.config.default_memory_mib)
             .min(self.config.max_memory_mib);
-        let mut store = Store::new(
-            &self.engine,
-            State {
-                wasi: wasi.build_p1(),
-                limits: Limits {
-                    max_memory: (memory_mib as usize) << 20,
-                    memory_denied: false,
-                },
-            },
-        );
-        store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(SLICE_TICKS);
-        store.epoch_deadline_async_yield_and_update(SLICE_TICKS);
+        let mut store = new_store(&self.engine, wasi.build_p1(), memory_mib, budget);
         let _ = store.set_fuel(spec.fuel.unwrap_or(u64::MAX));
-
-        let outcome = tokio::select! {
-            outcome = call_start(&pre, &mut store) => Some(outcome),
-            _ = kill.cancelled() => None,
-        };
-        drop(scratch);
-        let result = JobResult {
-            exit_code: 0,
-            stdout: stdout.text(),
-            stderr: stderr.text(),
-            duration_ms: started.elapsed().as_millis() as i64,
-            truncated: stdout.truncated() || stderr.truncated(),
-        };
-        let Some(outcome) = outcome else {
-            return fail(
-                "killed".to_string(),
-                Some(JobResult {
-                    exit_code: -1,
-                    ..result
-                }),
-                false,
-            );
-        };
-        let memory_denied = store.data().limits.memory_denied;
-        match outcome {
-            Ok(()) => AttemptEnd::Succeeded(result),
-            Err(error) => {
-                if let Some(exit) = error.downcast_ref::<I32Exit>() {
-                    let result = JobResult {
-                        exit_code: exit.0,
-                        ..result
-                    };
-                    return if exit.0 == 0 {
-                        AttemptEnd::Succeeded(result)
-                    } else {
-                        fail(format!("exit code {}", exit.0), Some(result), false)
-                    };
-                }
-                let reason = if result.truncated {
-                    "output_truncated".to_string()
-                } else if memory_denied {
-                    "memory_limit".to_string()
-                } else if let Some(trap) = error.downcast_ref::<Trap>() {
-                    match trap {
-                        Trap::OutOfFuel => "fuel_exhausted".to_string(),
-                        other => format!("trap: {other}"),
-                    }
-                } else {
-                    format!("trap: {}", error.root_cause())
-                };
-                fail(
-                    reason,
-                    Some(JobResult {
-                        exit_code: -1,
-                        ..result
-                    }),
-                    permanent_traps,
-                )
-            }
-        }
+        Ok(Sandbox {
+            store,
+            pre,
+            stdout,
+            stderr,
+            scratch,
+        })
     }
 
     /// Instantiates a module and keeps it alive without running it: used to
     /// measure what a live sandbox costs.
     pub async fn instantiate_idle(&self, id: &str) -> Result<impl Send, WasmError> {
-        let pre = self.instance_pre(id).await?;
-        let mut store = Store::new(
+        let pre = self.modules.get(id).await?;
+        let mut store = new_store(
             &self.engine,
-            State {
-                wasi: WasiCtxBuilder::new().build_p1(),
-                limits: Limits {
-                    max_memory: (self.config.default_memory_mib as usize) << 20,
-                    memory_denied: false,
-                },
-            },
+            WasiCtxBuilder::new().build_p1(),
+            self.config.default_memory_mib,
+            None,
         );
-        store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(SLICE_TICKS);
-        store.epoch_deadline_async_yield_and_update(SLICE_TICKS);
         let instance = pre
             .instantiate_async(&mut store)
             .await
@@ -415,25 +348,169 @@ impl WasmRuntime {
     }
 }
 
+fn new_engine(config: &WasmConfig) -> Result<Engine, WasmError> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_core_instances(config.max_instances)
+        .total_memories(config.max_instances)
+        .total_tables(config.max_instances)
+        .total_stacks(config.max_instances)
+        .total_component_instances(0)
+        .max_memory_size((config.max_memory_mib as usize) << 20)
+        .linear_memory_keep_resident(64 << 10);
+    let mut wasm = Config::new();
+    wasm.async_support(true)
+        .epoch_interruption(true)
+        .consume_fuel(true)
+        .max_wasm_stack(512 << 10)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&wasm).map_err(|e| WasmError::Engine(format!("{e:#}")))
+}
+
+/// Advances the engine's epoch every tick for as long as the engine lives.
+fn start_epoch_ticker(engine: &Engine) -> Result<(), WasmError> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("kiln-wasm-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(TICK);
+            }
+        })
+        .map(drop)
+        .map_err(|e| WasmError::io("epoch thread", e))
+}
+
+/// A store with the memory limit, epoch slicing and (for scratch runs) the
+/// disk budget every run gets.
+fn new_store(
+    engine: &Engine,
+    wasi: WasiP1Ctx,
+    memory_mib: u64,
+    scratch: Option<ScratchBudget>,
+) -> Store<State> {
+    let mut store = Store::new(
+        engine,
+        State {
+            wasi,
+            limits: Limits {
+                max_memory: (memory_mib as usize) << 20,
+                memory_denied: false,
+            },
+            scratch,
+        },
+    );
+    store.limiter(|s| &mut s.limits);
+    store.set_epoch_deadline(SLICE_TICKS);
+    store.epoch_deadline_async_yield_and_update(SLICE_TICKS);
+    store
+}
+
+fn validate(engine: &Engine, imports: &HashSet<String>, bytes: &[u8]) -> Result<(), WasmError> {
+    let invalid = |e: &dyn std::fmt::Display| WasmError::InvalidModule(format!("{e:#}"));
+    Module::validate(engine, bytes).map_err(|e| invalid(&e))?;
+    let mut has_start = false;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.map_err(|e| invalid(&e))? {
+            wasmparser::Payload::ImportSection(section) => {
+                for import in section {
+                    let import = import.map_err(|e| invalid(&e))?;
+                    let known = import.module == "wasi_snapshot_preview1"
+                        && matches!(import.ty, wasmparser::TypeRef::Func(_))
+                        && imports.contains(import.name);
+                    if !known {
+                        return Err(WasmError::InvalidModule(format!(
+                            "import {}::{} is not a WASI preview 1 function",
+                            import.module, import.name
+                        )));
+                    }
+                }
+            }
+            wasmparser::Payload::ExportSection(section) => {
+                for export in section {
+                    let export = export.map_err(|e| invalid(&e))?;
+                    has_start |=
+                        export.name == "_start" && export.kind == wasmparser::ExternalKind::Func;
+                }
+            }
+            _ => {}
+        }
+    }
+    if !has_start {
+        return Err(WasmError::InvalidModule(
+            "the module exports no _start function".to_string(),
+        ));
+    }
+    Ok(())
+}
+
 async fn call_start(pre: &InstancePre<State>, store: &mut Store<State>) -> anyhow::Result<()> {
     let instance = pre.instantiate_async(&mut *store).await?;
     let start = instance.get_typed_func::<(), ()>(&mut *store, "_start")?;
     start.call_async(&mut *store, ()).await
 }
 
-/// Removed when the run ends, whatever way it ends.
-struct ScratchDir(PathBuf);
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+fn failed(error: String, result: Option<JobResult>, permanent: bool) -> AttemptEnd {
+    AttemptEnd::Failed {
+        result,
+        error,
+        permanent,
     }
 }
 
-fn unique_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+/// How a run ended: `None` for killed, else what `_start` returned.
+fn classify(
+    sandbox: &Sandbox,
+    outcome: Option<anyhow::Result<()>>,
+    started: Instant,
+    permanent_traps: bool,
+) -> AttemptEnd {
+    let result = JobResult {
+        exit_code: 0,
+        stdout: sandbox.stdout.text(),
+        stderr: sandbox.stderr.text(),
+        duration_ms: started.elapsed().as_millis() as i64,
+        truncated: sandbox.stdout.truncated() || sandbox.stderr.truncated(),
+    };
+    let aborted = JobResult {
+        exit_code: -1,
+        ..result.clone()
+    };
+    let error = match outcome {
+        None => return failed("killed".to_string(), Some(aborted), false),
+        Some(Ok(())) => return AttemptEnd::Succeeded(result),
+        Some(Err(error)) => error,
+    };
+    if let Some(exit) = error.downcast_ref::<I32Exit>() {
+        let result = JobResult {
+            exit_code: exit.0,
+            ..result
+        };
+        return if exit.0 == 0 {
+            AttemptEnd::Succeeded(result)
+        } else {
+            failed(format!("exit code {}", exit.0), Some(result), false)
+        };
+    }
+    let state = sandbox.store.data();
+    let reason = if result.truncated {
+        "output_truncated".to_string()
+    } else if error.downcast_ref::<ScratchLimit>().is_some()
+        || state.scratch.as_ref().is_some_and(|s| s.exceeded)
+    {
+        "scratch_limit".to_string()
+    } else if state.limits.memory_denied {
+        "memory_limit".to_string()
+    } else if let Some(trap) = error.downcast_ref::<Trap>() {
+        match trap {
+            Trap::OutOfFuel => "fuel_exhausted".to_string(),
+            other => format!("trap: {other}"),
+        }
+    } else {
+        format!("trap: {}", error.root_cause())
+    };
+    failed(reason, Some(aborted), permanent_traps)
 }
 
 /// Where a module's bytes live in the blob store.
@@ -447,13 +524,9 @@ pub struct WasmHandler(pub Arc<WasmRuntime>);
 #[async_trait::async_trait]
 impl JobHandler for WasmHandler {
     async fn run(&self, job: &LeasedJob, kill: CancellationToken) -> AttemptEnd {
-        match WasmSpec::parse(&job.spec) {
+        match WasmSpec::parse_within(&job.spec, &self.0.config.quotas) {
             Ok(spec) => self.0.run(&spec, &kill).await,
-            Err(error) => AttemptEnd::Failed {
-                result: None,
-                error: format!("invalid spec: {error}"),
-                permanent: true,
-            },
+            Err(error) => failed(format!("invalid spec: {error}"), None, true),
         }
     }
 }

@@ -17,20 +17,47 @@ struct Sandbox {
 
 impl Sandbox {
     fn new() -> Sandbox {
-        let root = std::env::temp_dir().join(kiln_db_free_name());
+        Sandbox::with(|_| {})
+    }
+
+    /// A sandbox whose configuration `edit` adjusts.
+    fn with(edit: impl FnOnce(&mut WasmConfig)) -> Sandbox {
+        let root = fixtures::temp_root("kiln-wasm-test");
         let blobs = BlobStore::local(&root.join("blobs")).unwrap();
-        let config = WasmConfig {
+        let mut config = WasmConfig {
             cache_dir: Some(root.join("cache")),
             scratch_dir: root.join("scratch"),
             max_instances: 64,
             ..WasmConfig::default()
         };
+        edit(&mut config);
         let runtime = WasmRuntime::new(config, blobs.clone()).unwrap();
         Sandbox {
             runtime,
             blobs,
             root,
         }
+    }
+
+    /// Another runtime over the same directories, as after a restart.
+    fn restart(&self, edit: impl FnOnce(&mut WasmConfig)) -> Arc<WasmRuntime> {
+        let mut config = WasmConfig {
+            cache_dir: Some(self.root.join("cache")),
+            scratch_dir: self.root.join("scratch"),
+            max_instances: 8,
+            ..WasmConfig::default()
+        };
+        edit(&mut config);
+        WasmRuntime::new(config, self.blobs.clone()).unwrap()
+    }
+
+    fn scratch_entries(&self) -> Vec<std::path::PathBuf> {
+        let mut entries: Vec<_> = std::fs::read_dir(self.runtime.scratch_root())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        entries
     }
 
     async fn push(&self, wat: &str) -> String {
@@ -67,16 +94,6 @@ impl Sandbox {
         killer.abort();
         end
     }
-}
-
-fn kiln_db_free_name() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "kiln-wasm-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 fn succeeded(end: AttemptEnd) -> kiln_core::JobResult {
@@ -146,17 +163,33 @@ async fn args_and_env_reach_the_guest() {
 }
 
 #[tokio::test]
-async fn infinite_loop_is_killed_on_time() {
+async fn infinite_loop_is_killed() {
     let sandbox = Sandbox::new();
     let spec = WasmSpec {
         module: sandbox.push(&fixtures::spin()).await,
         ..WasmSpec::default()
     };
-    let started = Instant::now();
-    let (error, _, _) = failed(sandbox.run_spec(&spec, Duration::from_millis(200)).await);
-    let took = started.elapsed();
+    // Compiled first, so the run below measures the kill alone.
+    sandbox.runtime.prepare(&spec.module).await.unwrap();
+    let kill = CancellationToken::new();
+    let run = tokio::spawn({
+        let runtime = sandbox.runtime.clone();
+        let (spec, kill) = (spec.clone(), kill.clone());
+        async move { runtime.run(&spec, &kill).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!run.is_finished(), "a spinning guest ends only when killed");
+    kill.cancel();
+    // A generous hang guard, not a latency bound: the epoch slices make the
+    // guest yield within milliseconds.
+    let end = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the kill reaches a spinning guest")
+        .unwrap();
+    let (error, result, permanent) = failed(end);
     assert_eq!(error, "killed");
-    assert!(took < Duration::from_millis(300), "took {took:?}");
+    assert_eq!(result.unwrap().exit_code, -1);
+    assert!(!permanent);
 }
 
 #[tokio::test]
@@ -263,7 +296,7 @@ async fn compiled_modules_survive_a_restart_through_the_disk_cache() {
     let restarted = WasmRuntime::new(
         WasmConfig {
             cache_dir: Some(sandbox.root.join("cache")),
-            scratch_dir: sandbox.root.join("scratch"),
+            scratch_dir: sandbox.root.join("scratch-2"),
             max_instances: 8,
             ..WasmConfig::default()
         },
@@ -303,4 +336,346 @@ async fn many_sandboxes_at_once() {
     for task in tasks {
         task.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn output_limit_above_the_quota_is_refused_at_submit_and_clamped_at_run() {
+    let quota = 64 << 10;
+    let sandbox = Sandbox::with(|config| config.quotas.wasm_output_bytes_max = quota);
+    let module = sandbox.push(&fixtures::flood()).await;
+    let asked = serde_json::json!({"module": module, "output_limit_bytes": quota * 4});
+    let quotas = sandbox.runtime.quotas().clone();
+    let refused = kiln_wasm::check_spec_within(&asked, &quotas).unwrap_err();
+    assert!(refused.contains("output_limit_bytes"), "{refused}");
+    let huge = serde_json::json!({"module": module, "output_limit_bytes": 1u64 << 40});
+    assert!(kiln_wasm::check_spec(&huge).is_err());
+    // A spec that reaches the runtime anyway (stored before the quota was
+    // lowered) gets no more than the quota.
+    let (error, result, _) = failed(
+        sandbox
+            .run(&fixtures::flood(), |spec| {
+                spec.output_limit_bytes = Some(quota as usize * 4)
+            })
+            .await,
+    );
+    assert_eq!(error, "output_truncated");
+    assert_eq!(result.unwrap().stdout.len(), quota as usize);
+}
+
+/// Polls a directory's disk use until `stop`, returning the most seen.
+fn watch_disk(dir: std::path::PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut most = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut total = 0;
+        let mut pending = vec![dir.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if let Ok(meta) = entry.path().symlink_metadata() {
+                    total += meta.blocks() * 512;
+                    if meta.is_dir() {
+                        pending.push(entry.path());
+                    }
+                }
+            }
+        }
+        most = most.max(total);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_scratch_past_the_quota_stops_the_job() {
+    let quota = 1 << 20;
+    let sandbox = Sandbox::with(|config| config.quotas.wasm_scratch_bytes_max = quota);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = std::thread::spawn({
+        let (dir, stop) = (sandbox.runtime.scratch_root().to_path_buf(), stop.clone());
+        move || watch_disk(dir, stop)
+    });
+    // 512 chunks of 32 KiB: 16 MiB, sixteen times the quota.
+    let end = sandbox
+        .run(&fixtures::fill_scratch(512), |spec| spec.scratch = true)
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = watcher.join().unwrap();
+    let (error, result, permanent) = failed(end);
+    assert_eq!(error, "scratch_limit");
+    assert_eq!(result.unwrap().exit_code, -1);
+    assert!(permanent, "a limit breach is not retried unless asked");
+    assert!(most <= quota, "the scratch directory held {most} bytes");
+    assert!(sandbox.scratch_entries().is_empty());
+    // Within the quota the same program runs to the end.
+    let fits = succeeded(
+        sandbox
+            .run(&fixtures::fill_scratch(16), |spec| spec.scratch = true)
+            .await,
+    );
+    assert_eq!(fits.exit_code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scratch_directories_are_private_unpredictable_and_always_removed() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Arc::new(Sandbox::new());
+    let spin = sandbox.push(&fixtures::spin()).await;
+    let kill = CancellationToken::new();
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let (sandbox, kill) = (sandbox.clone(), kill.clone());
+            let spec = WasmSpec {
+                module: spin.clone(),
+                scratch: true,
+                ..WasmSpec::default()
+            };
+            tokio::spawn(async move { sandbox.runtime.run(&spec, &kill).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dirs = loop {
+        let dirs = sandbox.scratch_entries();
+        if dirs.len() == 2 {
+            break dirs;
+        }
+        assert!(Instant::now() < deadline, "scratch directories: {dirs:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_ne!(dirs[0], dirs[1]);
+    for dir in &dirs {
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        let random = name.strip_prefix("job-").expect(name);
+        assert_eq!(random.len(), 32, "{name}");
+        assert!(random.bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{name}");
+    }
+    assert!(!dirs[0]
+        .to_string_lossy()
+        .contains(&std::process::id().to_string()));
+    kill.cancel();
+    for run in runs {
+        assert_eq!(failed(run.await.unwrap()).0, "killed");
+    }
+    assert!(sandbox.scratch_entries().is_empty(), "removed after a kill");
+
+    let scratch = |spec: &mut WasmSpec| spec.scratch = true;
+    succeeded(sandbox.run(&fixtures::open_file(), scratch).await);
+    assert!(
+        sandbox.scratch_entries().is_empty(),
+        "removed after success"
+    );
+    failed(sandbox.run(&fixtures::exit_with(3), scratch).await);
+    assert!(
+        sandbox.scratch_entries().is_empty(),
+        "removed after failure"
+    );
+    failed(sandbox.run(&fixtures::trap(), scratch).await);
+    assert!(sandbox.scratch_entries().is_empty(), "removed after a trap");
+    let spec = WasmSpec {
+        module: spin.clone(),
+        scratch: true,
+        ..WasmSpec::default()
+    };
+    let (error, _, _) = failed(sandbox.run_spec(&spec, Duration::from_millis(300)).await);
+    assert_eq!(error, "killed");
+    assert!(
+        sandbox.scratch_entries().is_empty(),
+        "removed after a timeout"
+    );
+}
+
+#[tokio::test]
+async fn scratch_left_by_a_crash_is_wiped_at_start() {
+    let sandbox = Sandbox::new();
+    let root = sandbox.runtime.scratch_root().to_path_buf();
+    // What a process killed mid-run leaves: a job's directory with a file.
+    let left = root.join("job-0123456789abcdef0123456789abcdef");
+    std::fs::create_dir(&left).unwrap();
+    std::fs::write(left.join("secret"), "tenant a's data").unwrap();
+    std::fs::write(root.join("stray-file"), "x").unwrap();
+    let restarted = sandbox.restart(|_| {});
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    let spec = WasmSpec {
+        module: sandbox.push(&fixtures::open_file()).await,
+        scratch: true,
+        ..WasmSpec::default()
+    };
+    succeeded(restarted.run(&spec, &CancellationToken::new()).await);
+    assert!(!left.exists());
+}
+
+#[tokio::test]
+async fn symlinks_cannot_lead_out_of_scratch() {
+    let sandbox = Sandbox::new();
+    let outside = sandbox.root.join("outside");
+    std::fs::write(&outside, "host file").unwrap();
+    let targets = [
+        outside.to_str().unwrap().to_string(),
+        "../outside".to_string(),
+        "../../outside".to_string(),
+        "/etc/passwd".to_string(),
+    ];
+    // An absolute target is refused when the link is made; a relative one
+    // that climbs out is made, but following it is refused.
+    let expect = [1, 2, 2, 1];
+    for (target, expect) in targets.iter().zip(expect) {
+        let end = sandbox
+            .run(&fixtures::symlink_out(target), |spec| spec.scratch = true)
+            .await;
+        let (error, result, _) = failed(end);
+        assert_eq!(result.unwrap().exit_code, expect, "{target}: {error}");
+    }
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "host file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_runs_compile_once() {
+    let sandbox = Arc::new(Sandbox::new());
+    let id = sandbox.push(&fixtures::echo()).await;
+    let runs: Vec<_> = (0..16)
+        .map(|i| {
+            let sandbox = sandbox.clone();
+            let spec = WasmSpec {
+                module: id.clone(),
+                stdin: format!("run {i}"),
+                ..WasmSpec::default()
+            };
+            tokio::spawn(async move {
+                let result = succeeded(sandbox.run_spec(&spec, Duration::from_secs(60)).await);
+                assert_eq!(result.stdout, format!("run {i}"));
+            })
+        })
+        .collect();
+    for run in runs {
+        run.await.unwrap();
+    }
+    let stats = sandbox.runtime.cache_stats();
+    assert_eq!(stats.compiles, 1, "{stats:?}");
+    assert_eq!(stats.disk_files, 1, "{stats:?}");
+    let partial = std::fs::read_dir(sandbox.root.join("cache"))
+        .unwrap()
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".cwasm")
+        })
+        .count();
+    assert_eq!(partial, 0, "only complete artefacts stay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtimes_sharing_a_cache_never_load_a_torn_artefact() {
+    let sandbox = Sandbox::new();
+    let id = sandbox.push(&fixtures::echo()).await;
+    // Several processes' worth of runtimes compile the same new module at
+    // once into one cache directory.
+    let runtimes: Vec<_> = (0..4)
+        .map(|i| sandbox.restart(|c| c.scratch_dir = sandbox.root.join(format!("s{i}"))))
+        .collect();
+    let loads: Vec<_> = runtimes
+        .iter()
+        .map(|runtime| {
+            let (runtime, id) = (runtime.clone(), id.clone());
+            tokio::spawn(async move { runtime.prepare(&id).await })
+        })
+        .collect();
+    for load in loads {
+        load.await.unwrap().unwrap();
+    }
+    // What a process stopped mid-write leaves: a partial file, removed at
+    // start and never loaded.
+    let cache = sandbox.root.join("cache");
+    let artefact = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let partial = artefact.with_extension("0123456789abcdef.partial");
+    std::fs::write(&partial, b"torn").unwrap();
+    // A runtime with no blobs can run it only from the artefact on disk.
+    let from_disk = WasmRuntime::new(
+        WasmConfig {
+            cache_dir: Some(sandbox.root.join("cache")),
+            scratch_dir: sandbox.root.join("s-disk"),
+            max_instances: 8,
+            ..WasmConfig::default()
+        },
+        BlobStore::local(&sandbox.root.join("empty")).unwrap(),
+    )
+    .unwrap();
+    let spec = WasmSpec {
+        module: id,
+        stdin: "intact".into(),
+        ..WasmSpec::default()
+    };
+    let result = succeeded(from_disk.run(&spec, &CancellationToken::new()).await);
+    assert_eq!(result.stdout, "intact");
+    assert_eq!(from_disk.cache_stats().compiles, 0);
+    assert!(!partial.exists());
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+}
+
+#[tokio::test]
+async fn module_caches_evict_past_their_bounds() {
+    // One module's compiled size in memory and on disk.
+    let probe = Sandbox::new();
+    probe
+        .runtime
+        .prepare(&probe.push(&fixtures::exit_with(100)).await)
+        .await
+        .unwrap();
+    let one = probe.runtime.cache_stats();
+    assert_eq!((one.memory_modules, one.disk_files), (1, 1));
+    let sandbox = Sandbox::with(|config| {
+        config.memory_cache_bytes = one.memory_bytes * 2 + one.memory_bytes / 2;
+        config.disk_cache_bytes = one.disk_bytes * 2 + one.disk_bytes / 2;
+    });
+    for code in 1..=5 {
+        let (error, _, _) = failed(sandbox.run(&fixtures::exit_with(code), |_| {}).await);
+        assert_eq!(error, format!("exit code {code}"));
+    }
+    let stats = sandbox.runtime.cache_stats();
+    assert_eq!(stats.compiles, 5);
+    assert_eq!(stats.memory_modules, 2, "{stats:?}");
+    assert_eq!(stats.disk_files, 2, "{stats:?}");
+    assert!(stats.memory_bytes <= one.memory_bytes * 2 + one.memory_bytes / 2);
+    assert!(stats.disk_bytes <= one.disk_bytes * 2 + one.disk_bytes / 2);
+    // The most recent module is still cached; the first must be compiled again.
+    failed(sandbox.run(&fixtures::exit_with(5), |_| {}).await);
+    assert_eq!(sandbox.runtime.cache_stats().compiles, 5);
+    failed(sandbox.run(&fixtures::exit_with(1), |_| {}).await);
+    assert_eq!(sandbox.runtime.cache_stats().compiles, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_long_compile_returns_at_once() {
+    let sandbox = Arc::new(Sandbox::new());
+    let spec = WasmSpec {
+        module: sandbox.push(&fixtures::slow_to_compile(400)).await,
+        ..WasmSpec::default()
+    };
+    let kill = CancellationToken::new();
+    let run = tokio::spawn({
+        let (sandbox, spec, kill) = (sandbox.clone(), spec.clone(), kill.clone());
+        async move { sandbox.runtime.run(&spec, &kill).await }
+    });
+    // Wait until the compile has begun, then kill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sandbox.runtime.cache_stats().compiles == 0 {
+        assert!(Instant::now() < deadline, "the compile never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kill.cancel();
+    let (error, result, permanent) = failed(run.await.unwrap());
+    assert_eq!(error, "killed");
+    assert!(result.is_none() && !permanent);
+    // The run returned while the compile was still going.
+    assert_eq!(sandbox.runtime.cache_stats().memory_modules, 0);
+    // The compile finishes for the next run, which does not compile again.
+    succeeded(sandbox.run_spec(&spec, Duration::from_secs(600)).await);
+    assert_eq!(sandbox.runtime.cache_stats().compiles, 1);
 }
