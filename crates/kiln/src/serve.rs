@@ -80,18 +80,22 @@ pub fn wasm_runtime(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Ar
     let config = WasmConfig {
         cache_dir: Some(settings.data_dir.join("wasm-cache")),
         scratch_dir: settings.scratch_dir.clone(),
+        quotas: settings.quotas.clone(),
         ..WasmConfig::default()
     };
     Ok(WasmRuntime::new(config, blobs.clone())?)
 }
 
-/// What the API needs to accept modules: their validation. It keeps no
-/// compiled modules on disk, and its scratch root is one of its own that it
-/// never uses, so it cannot empty the root of a worker on the same host.
+/// What the API needs to accept modules: their validation (which compiles
+/// nothing) and the module quotas. It keeps no compiled modules, room for
+/// one instance only, and a scratch root of its own that it never uses, so
+/// it cannot empty the root of a worker on the same host.
 fn module_validator(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Arc<WasmRuntime>> {
     let config = WasmConfig {
         cache_dir: None,
         scratch_dir: settings.scratch_dir.join("api"),
+        max_instances: 1,
+        quotas: settings.quotas.clone(),
         ..WasmConfig::default()
     };
     Ok(WasmRuntime::new(config, blobs.clone())?)
@@ -278,7 +282,8 @@ pub async fn run(settings: Settings, role: Role) -> anyhow::Result<()> {
         role,
         &parts.db,
         &shutdown,
-    )?;
+    );
+    tracing::info!(?role, "roles started");
     let outcome = supervise(tasks, &shutdown).await;
     if let Some(vms) = parts.vms {
         vms.shutdown().await;
@@ -294,7 +299,7 @@ fn start(
     role: Role,
     db: &Db,
     shutdown: &CancellationToken,
-) -> anyhow::Result<JoinSet<anyhow::Result<()>>> {
+) -> JoinSet<anyhow::Result<()>> {
     let mut tasks = JoinSet::new();
     if let Some(worker) = worker {
         let stop = shutdown.clone();
@@ -311,7 +316,9 @@ fn start(
         });
     }
     if let Some((listener, state)) = api {
-        println!("kiln: listening on http://{}", listener.local_addr()?);
+        if let Ok(address) = listener.local_addr() {
+            println!("kiln: listening on http://{address}");
+        }
         let stop = shutdown.clone();
         tasks.spawn(async move {
             kiln_api::serve(listener, state, async move { stop.cancelled().await })
@@ -322,7 +329,7 @@ fn start(
     if let Some(vms) = vms {
         tasks.spawn(expire_vms(vms, shutdown.clone()));
     }
-    Ok(tasks)
+    tasks
 }
 
 async fn expire_vms(vms: Arc<kiln_vm::VmManager>, stop: CancellationToken) -> anyhow::Result<()> {
@@ -410,8 +417,7 @@ mod tests {
             config,
         );
         let shutdown = CancellationToken::new();
-        let tasks = start(None, Some(worker), None, Role::Worker, &db, &shutdown).unwrap();
-        let mut tasks = tasks;
+        let mut tasks = start(None, Some(worker), None, Role::Worker, &db, &shutdown);
         let watch = db.clone();
         let id = job.id;
         tasks.spawn(async move {

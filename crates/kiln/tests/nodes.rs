@@ -76,6 +76,10 @@ async fn workers_run_modules_pushed_through_another_node() {
         ran_on.iter().all(|w| !w.is_empty()),
         "every job names its worker: {ran_on:?}"
     );
+    assert!(
+        !api_dir.join("wasm-cache").exists(),
+        "the API node keeps no compiled modules"
+    );
     for dir in [&api_dir, &worker_a, &worker_b] {
         assert!(
             !dir.join("blobs").exists(),
@@ -248,6 +252,21 @@ async fn api_and_worker_share_a_data_dir() {
     assert!(
         worker.0.try_wait().unwrap().is_none(),
         "the worker is running"
+    );
+    let scheduler_log = logs.join("scheduler.log");
+    wait_until(
+        "the scheduler to start or stop",
+        Duration::from_secs(60),
+        || async {
+            let log = std::fs::read_to_string(&scheduler_log).unwrap_or_default();
+            log.contains("roles started") || log.contains("kiln:")
+        },
+    )
+    .await;
+    assert!(
+        scheduler.0.try_wait().unwrap().is_none(),
+        "the scheduler is running: {}",
+        std::fs::read_to_string(&scheduler_log).unwrap_or_default()
     );
 }
 
