@@ -36,6 +36,8 @@ pub struct VmArgs {
     /// Most VMs to start at once.
     #[arg(long, default_value_t = 16)]
     max_vms: usize,
+    #[command(flatten)]
+    host: crate::config::VmHostArgs,
 }
 
 #[derive(Args)]
@@ -533,14 +535,13 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     let images = args
         .images
         .unwrap_or_else(|| crate::config::default_data_dir().join("images"));
-    let image = kiln_vm::image::Image::open(&images, "default")?;
+    kiln_vm::image::Image::open(&images, "default")?;
     let work = std::env::temp_dir().join(format!("kiln-bench-vm-{}", now_millis()));
-    let accelerator =
-        kiln_vm::manager::probe_accelerator(&image, &work, &work.join("accelerator")).await;
-    let vms = kiln_vm::VmManager::new(&images, &work.join("vms"), accelerator)?;
+    let config = crate::config::vm_config(&args.host, None, &kiln_core::TenantQuotas::default())?;
+    let vms = kiln_vm::VmManager::start(&images, &work.join("vms"), config).await?;
     println!(
         "| kiln microVM ({}) | value |\n|---|---|",
-        accelerator.as_str()
+        vms.accelerator().as_str()
     );
     vm_starts(&vms, args.boots).await?;
     vm_execs(&vms, args.execs).await?;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use kiln_blob::BlobConfig;
 use kiln_core::TenantQuotas;
+use kiln_vm::{AcceleratorChoice, VmManagerConfig};
 use serde::Deserialize;
 
 /// Requests a second per API key unless configured: high enough not to
@@ -50,6 +51,8 @@ pub struct ServerArgs {
     /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
     #[arg(long, env = "KILN_VM_WARM")]
     pub vm_warm: Option<usize>,
+    #[command(flatten)]
+    pub vm: VmHostArgs,
     /// Requests a second allowed per API key, per API process (0: no limit).
     #[arg(long, env = "KILN_RATE_LIMIT")]
     pub rate_limit: Option<u32>,
@@ -81,6 +84,29 @@ pub struct ServerArgs {
     pub scratch_dir: Option<PathBuf>,
 }
 
+/// The VM host's flags (the rest of its settings are in the TOML file's
+/// `[vm]` section).
+#[derive(Args, Debug, Clone, Default)]
+pub struct VmHostArgs {
+    /// `auto` (KVM when a probe boot under it works, else TCG with a
+    /// warning), `kvm` (refuse to start without it) or `tcg`.
+    #[arg(long, env = "KILN_VM_ACCELERATOR", value_parser = ["auto", "kvm", "tcg"])]
+    pub vm_accelerator: Option<String>,
+    /// Restore new VMs from snapshots, saved by the first boot of a shape;
+    /// `0` boots every VM.
+    #[arg(long, env = "KILN_VM_SNAPSHOTS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub vm_snapshots: Option<bool>,
+    /// Words added to every guest's kernel command line.
+    #[arg(long, env = "KILN_VM_CMDLINE")]
+    pub vm_cmdline: Option<String>,
+    /// The QEMU binary.
+    #[arg(long, env = "KILN_QEMU")]
+    pub qemu: Option<PathBuf>,
+    /// The guest CPU model (default: the host's under KVM, qemu64 under TCG).
+    #[arg(long, env = "KILN_QEMU_CPU")]
+    pub qemu_cpu: Option<String>,
+}
+
 /// The TOML file's shape: the same names as the flags, with underscores,
 /// plus sections for what has no flag.
 #[derive(Deserialize, Debug, Default)]
@@ -104,6 +130,8 @@ struct FileConfig {
     scratch_dir: Option<PathBuf>,
     /// Per-tenant limits; every field optional, defaults in kiln-core.
     quotas: Option<TenantQuotas>,
+    /// The VM host: `[vm]`, `[vm.qemu]`, `[vm.host]`.
+    vm: Option<VmManagerConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +147,8 @@ pub struct Settings {
     pub blobs: BlobConfig,
     pub scratch_dir: PathBuf,
     pub quotas: TenantQuotas,
+    /// Everything the VM manager is configured with, quotas included.
+    pub vm: VmManagerConfig,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -167,6 +197,8 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
         .clone()
         .or(file.scratch_dir)
         .unwrap_or_else(|| default_scratch_dir(&data_dir));
+    let quotas = file.quotas.unwrap_or_default();
+    let vm = vm_config(&args.vm, file.vm, &quotas)?;
     Ok(Settings {
         listen: args
             .listen
@@ -180,12 +212,44 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .or(file.rate_limit)
             .unwrap_or(DEFAULT_RATE_LIMIT),
         rate_burst: args.rate_burst.or(file.rate_burst).unwrap_or(0),
-        quotas: file.quotas.unwrap_or_default(),
+        quotas,
+        vm,
         database_url,
         blobs,
         scratch_dir,
         data_dir,
     })
+}
+
+/// The VM host's settings: flags over the `[vm]` section over the defaults,
+/// with the tenant quotas of `[quotas]`, their one place.
+pub fn vm_config(
+    args: &VmHostArgs,
+    file: Option<VmManagerConfig>,
+    quotas: &TenantQuotas,
+) -> anyhow::Result<VmManagerConfig> {
+    let mut vm = file.unwrap_or_default();
+    if vm.quotas != TenantQuotas::default() {
+        bail!("tenant quotas are set in [quotas], not in [vm.quotas]");
+    }
+    if let Some(choice) = &args.vm_accelerator {
+        vm.accelerator = AcceleratorChoice::parse(choice)
+            .with_context(|| format!("vm_accelerator {choice:?}: use auto, kvm or tcg"))?;
+    }
+    if let Some(snapshots) = args.vm_snapshots {
+        vm.snapshots = snapshots;
+    }
+    if let Some(words) = &args.vm_cmdline {
+        vm.extra_cmdline = words.clone();
+    }
+    if let Some(binary) = &args.qemu {
+        vm.qemu.binary = binary.clone();
+    }
+    if let Some(cpu) = &args.qemu_cpu {
+        vm.qemu.cpu = Some(cpu.clone());
+    }
+    vm.quotas = quotas.clone();
+    Ok(vm)
 }
 
 pub fn is_postgres(database_url: &str) -> bool {
@@ -267,6 +331,15 @@ impl Settings {
             ("rate_burst", self.rate_burst.to_string()),
             ("scratch_dir", self.scratch_dir.display().to_string()),
             ("quotas", format!("{:?}", self.quotas)),
+            (
+                "vm_accelerator",
+                format!("{:?}", self.vm.accelerator).to_lowercase(),
+            ),
+            ("vm_snapshots", self.vm.snapshots.to_string()),
+            ("vm_cmdline", self.vm.extra_cmdline.clone()),
+            ("qemu", self.vm.qemu.binary.display().to_string()),
+            ("qemu_cpu", self.vm.qemu.cpu.clone().unwrap_or_default()),
+            ("vm", format!("{:?}", self.vm)),
         ];
         match &self.blobs {
             BlobConfig::Local(dir) => {
@@ -378,9 +451,53 @@ mod tests {
     }
 
     #[test]
+    fn vm_settings() {
+        let toml = file(
+            "[quotas]\nvms_live_max = 3\n[vm]\naccelerator = 'tcg'\nsnapshots = false\n\
+             [vm.qemu]\ncpu = 'max'\nbinary = '/opt/qemu'\n[vm.host]\nvms_max = 9\n",
+        );
+        let flags = ServerArgs {
+            vm: VmHostArgs {
+                qemu_cpu: Some("qemu64".into()),
+                vm_snapshots: Some(true),
+                ..VmHostArgs::default()
+            },
+            ..ServerArgs::default()
+        };
+        let vm = merge(&flags, toml).unwrap().vm;
+        assert_eq!(vm.accelerator, AcceleratorChoice::Tcg, "file over default");
+        assert_eq!(vm.qemu.cpu.as_deref(), Some("qemu64"), "flag over file");
+        assert!(vm.snapshots, "flag over file");
+        assert_eq!(
+            vm.qemu.binary,
+            PathBuf::from("/opt/qemu"),
+            "file over default"
+        );
+        assert_eq!(vm.host.vms_max, 9);
+        assert_eq!(vm.quotas.vms_live_max, 3, "the quotas of [quotas]");
+        assert_eq!(vm.extra_cmdline, "", "default");
+
+        let error = merge(
+            &ServerArgs::default(),
+            file("[vm.quotas]\nvms_live_max = 3\n"),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("[quotas]"), "{error}");
+        let flags = ServerArgs {
+            vm: VmHostArgs {
+                vm_accelerator: Some("hvf".into()),
+                ..VmHostArgs::default()
+            },
+            ..ServerArgs::default()
+        };
+        assert!(merge(&flags, FileConfig::default()).is_err());
+    }
+
+    #[test]
     fn unknown_settings_are_refused() {
         assert!(toml::from_str::<FileConfig>("slotz = 3").is_err());
         assert!(toml::from_str::<FileConfig>("[quotas]\nvms = 3").is_err());
+        assert!(toml::from_str::<FileConfig>("[vm.qemu]\nsandbx = false").is_err());
     }
 
     #[test]

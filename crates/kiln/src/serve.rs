@@ -105,21 +105,12 @@ fn module_validator(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Ar
 /// accelerator is probed once per host.
 async fn vm_manager(settings: &Settings) -> anyhow::Result<Option<Arc<kiln_vm::VmManager>>> {
     let images = settings.data_dir.join("images");
-    let image = match kiln_vm::image::Image::open(&images, "default") {
-        Ok(image) => image,
-        Err(_) => {
-            tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
-            return Ok(None);
-        }
-    };
+    if kiln_vm::image::Image::open(&images, "default").is_err() {
+        tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
+        return Ok(None);
+    }
     let vm_dir = settings.data_dir.join("vms");
-    let accelerator = kiln_vm::manager::probe_accelerator(
-        &image,
-        &vm_dir,
-        &settings.data_dir.join("accelerator"),
-    )
-    .await;
-    match kiln_vm::VmManager::new(&images, &vm_dir, accelerator) {
+    match kiln_vm::VmManager::start(&images, &vm_dir, settings.vm.clone()).await {
         Ok(manager) => {
             if settings.vm_warm > 0 {
                 manager.keep_warm("default", 1, 128, settings.vm_warm);

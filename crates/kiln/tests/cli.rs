@@ -21,6 +21,13 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
         "KILN_URL",
         "KILN_API_KEY",
         "KILN_BLOB_STORE",
+        "KILN_VM_SNAPSHOTS",
+        "KILN_VM_CMDLINE",
+        "KILN_VM_ACCELERATOR",
+        "KILN_QEMU",
+        "KILN_QEMU_CPU",
+        "KILN_VM_WARM",
+        "KILN_SCRATCH_DIR",
     ] {
         command.env_remove(name);
     }
@@ -85,6 +92,28 @@ fn flag_over_environment_over_file_over_default() {
     let text = stdout(&out);
     assert!(text.contains("blob_store = database"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+
+    // The VM host's variables keep their names and meanings.
+    let out = run(
+        &["config", "--data-dir", data],
+        &[
+            ("KILN_VM_SNAPSHOTS", "0"),
+            ("KILN_VM_CMDLINE", "quiet loglevel=0"),
+            ("KILN_QEMU", "/opt/qemu/bin/qemu-system-x86_64"),
+            ("KILN_QEMU_CPU", "max"),
+            ("KILN_VM_ACCELERATOR", "tcg"),
+        ],
+    );
+    let text = stdout(&out);
+    for line in [
+        "vm_snapshots = false",
+        "vm_cmdline = quiet loglevel=0",
+        "qemu = /opt/qemu/bin/qemu-system-x86_64",
+        "qemu_cpu = max",
+        "vm_accelerator = tcg",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line}: {text}");
+    }
 
     std::fs::write(&toml, "slotz = 7\n").unwrap();
     let out = run(&["config", "--data-dir", data], &[]);

@@ -196,9 +196,18 @@ pub async fn create_vm(
         labels: body.labels,
     };
     let vm = vms.create(request).await.map_err(|e| match e {
-        kiln_vm::VmError::Boot(message) if message.contains("kiln image build") => {
-            ApiError::invalid(message)
+        kiln_vm::VmError::Image(error) => ApiError::invalid(error.to_string()),
+        kiln_vm::VmError::QuotaExceeded(quota) => {
+            ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", quota.to_string())
         }
+        error @ kiln_vm::VmError::NoCapacity { retry_after_s, .. } => ApiError {
+            retry_after_s: Some(retry_after_s),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_capacity",
+                error.to_string(),
+            )
+        },
         other => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "boot_failed",
