@@ -255,25 +255,23 @@ fn worker(
 
 pub async fn run(settings: Settings, role: Role) -> anyhow::Result<()> {
     settings.create_data_dir()?;
-    let db = open_db(&settings).await?;
+    // Listening from the start: a signal during a long start-up (a probe
+    // boot) stops the roles as soon as they run.
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    let db = tokio::select! {
+        db = open_db(&settings) => db?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(backend = db.backend(), data_dir = %settings.data_dir.display(), ?role, "store open");
-    let parts = match build(&settings, role, db.clone()).await {
+    let mut parts = match build(&settings, role, db.clone()).await {
         Ok(parts) => parts,
         Err(error) => {
             db.close().await;
             return Err(error);
         }
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
-    let tasks = start(
-        parts.api,
-        parts.worker,
-        parts.vms.clone(),
-        role,
-        &parts.db,
-        &shutdown,
-    );
+    let tasks = start(&mut parts, role, &shutdown);
     tracing::info!(?role, "roles started");
     let outcome = supervise(tasks, &shutdown).await;
     if let Some(vms) = parts.vms {
@@ -283,16 +281,15 @@ pub async fn run(settings: Settings, role: Role) -> anyhow::Result<()> {
     outcome
 }
 
+/// Spawns one task per role (and the VM expiry), taking the API and the
+/// worker out of `parts`.
 fn start(
-    api: Option<(tokio::net::TcpListener, Arc<AppState>)>,
-    worker: Option<Worker>,
-    vms: Option<Arc<kiln_vm::VmManager>>,
+    parts: &mut Parts,
     role: Role,
-    db: &Db,
     shutdown: &CancellationToken,
 ) -> JoinSet<anyhow::Result<()>> {
     let mut tasks = JoinSet::new();
-    if let Some(worker) = worker {
+    if let Some(worker) = parts.worker.take() {
         let stop = shutdown.clone();
         tasks.spawn(async move {
             worker.run(stop).await;
@@ -300,13 +297,14 @@ fn start(
         });
     }
     if role == Role::Scheduler {
-        let rescue = kiln_worker::rescue_loop(db.clone(), Duration::from_secs(1), shutdown.clone());
+        let rescue =
+            kiln_worker::rescue_loop(parts.db.clone(), Duration::from_secs(1), shutdown.clone());
         tasks.spawn(async move {
             rescue.await;
             Ok(())
         });
     }
-    if let Some((listener, state)) = api {
+    if let Some((listener, state)) = parts.api.take() {
         if let Ok(address) = listener.local_addr() {
             println!("kiln: listening on http://{address}");
         }
@@ -317,7 +315,7 @@ fn start(
                 .context("HTTP server")
         });
     }
-    if let Some(vms) = vms {
+    if let Some(vms) = parts.vms.clone() {
         tasks.spawn(expire_vms(vms, shutdown.clone()));
     }
     tasks
@@ -408,7 +406,13 @@ mod tests {
             config,
         );
         let shutdown = CancellationToken::new();
-        let mut tasks = start(None, Some(worker), None, Role::Worker, &db, &shutdown);
+        let mut parts = Parts {
+            db: db.clone(),
+            vms: None,
+            api: None,
+            worker: Some(worker),
+        };
+        let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();
         let id = job.id;
         tasks.spawn(async move {
