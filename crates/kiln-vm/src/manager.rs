@@ -668,32 +668,26 @@ async fn settle_clock(agent: &AgentConn) {
     }
 }
 
-/// A restored VM starts as a copy of its snapshot: mix fresh host entropy
-/// into its pool and set its clock, so no two VMs share either.
+/// A restored VM starts as a copy of its snapshot: credit fresh host
+/// entropy to its pool and reseed its CRNG at once (a write to
+/// /dev/urandom would only mix the pool, and clones would draw the same
+/// bytes until the kernel's next scheduled reseed), then set its clock, so
+/// no two VMs share either.
 async fn freshen(agent: &AgentConn) -> Result<(), VmError> {
-    let mut seed = vec![0u8; 512];
-    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut random, &mut seed);
-    }
+    let mut seed = [0u8; 256];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    agent
+        .add_entropy(&seed)
+        .await
+        .map_err(|e| VmError::Agent(format!("freshening a restored VM: {e}")))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_nanos().min(u64::MAX as u128) as u64)
         .unwrap_or(0);
-    let exec = crate::Exec {
-        command: "sh".into(),
-        args: vec![
-            "-c".into(),
-            format!("cat > /dev/urandom; date -u -s @{now} > /dev/null"),
-        ],
-        ..crate::Exec::default()
-    };
-    let out = agent.exec(exec, &seed).await?;
-    if out.exit_code != Some(0) {
-        return Err(VmError::Agent(format!(
-            "freshening a restored VM failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
+    agent
+        .set_clock(now)
+        .await
+        .map_err(|e| VmError::Agent(format!("setting a restored VM's clock: {e}")))?;
     Ok(())
 }
 

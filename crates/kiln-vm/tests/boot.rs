@@ -98,7 +98,11 @@ async fn a_vm_runs_commands_and_moves_files() {
         .exec(sh("head -c 5000000 /dev/zero"), b"")
         .await
         .unwrap();
-    assert_eq!(out.stdout.len(), 5_000_000, "large output arrives whole");
+    assert_eq!(
+        (out.stdout.len(), out.truncated),
+        (kiln_vm::agent::OUTPUT_CAP, true),
+        "large output is capped as it arrives"
+    );
 
     let mut slow = sh("sleep 30");
     slow.timeout_ms = Some(300);
