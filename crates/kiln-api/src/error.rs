@@ -86,6 +86,9 @@ impl ApiError {
 
 impl From<kiln_db::DbError> for ApiError {
     fn from(error: kiln_db::DbError) -> ApiError {
+        if let kiln_db::DbError::Invalid(message) = error {
+            return ApiError::invalid(message);
+        }
         if error.is_unavailable() {
             tracing::warn!(%error, "database unavailable");
             return ApiError::new(

@@ -88,7 +88,7 @@ impl AppState {
     paths(
         routes::jobs::submit_job, routes::jobs::run_job, routes::jobs::get_job, routes::jobs::list_jobs,
         routes::jobs::cancel_job, routes::jobs::retry_job, routes::jobs::job_attempts,
-        routes::queues::list_queues, routes::queues::update_queue, routes::queues::pause_queue,
+        routes::queues::list_queues, routes::queues::get_queue, routes::queues::update_queue, routes::queues::pause_queue,
         routes::queues::resume_queue,
         routes::keys::list_keys, routes::keys::create_key, routes::keys::revoke_key,
         routes::modules::push_module, routes::modules::list_modules, routes::modules::get_module,

@@ -153,7 +153,8 @@ impl Backoff {
         let capped = raw.min(self.max_ms).max(0);
         if self.jitter {
             let half = capped / 2;
-            half + ((capped - half) as f64 * random.clamp(0.0, 1.0)) as i64
+            let spread = ((capped - half) as f64 * random.clamp(0.0, 1.0)) as i64;
+            half.saturating_add(spread).min(capped)
         } else {
             capped
         }
@@ -197,10 +198,15 @@ pub struct Job {
     pub status: JobStatus,
     pub spec: serde_json::Value,
     pub labels: BTreeMap<String, String>,
+    /// Leases taken so far; the fencing token. It never goes backwards.
     pub attempt: i32,
+    /// Attempts allowed, counted from `retry_from`: the job may run while
+    /// `attempt - retry_from < max_attempts`.
     pub max_attempts: i32,
-    /// The attempt count when the job was last retried by hand; attempts
-    /// allowed are counted from here.
+    /// Where the count of attempts used starts. It moves to `attempt` when the
+    /// job is retried by hand, and up by one when a stopping worker hands a
+    /// lease back, so neither costs an attempt while `attempt` stays a
+    /// fencing token that only grows.
     pub retry_from: i32,
     pub timeout_ms: i64,
     pub backoff: Backoff,
@@ -260,6 +266,27 @@ pub mod limits {
     pub const DEFAULT_TIMEOUT_MS: i64 = 60_000;
     pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
     pub const SPEC_BYTES_MAX: usize = 256 * 1024;
+    /// Longest delay before a first run: a year.
+    pub const DELAY_MS_MAX: i64 = 366 * 24 * 3600 * 1000;
+    /// Latest `run_at`: the end of year 9999, so that adding any bounded
+    /// delay or backoff to a stored time cannot overflow.
+    pub const RUN_AT_MAX: i64 = 253_402_300_799_999;
+    /// Longest backoff base or cap: a week.
+    pub const BACKOFF_MS_MAX: i64 = 7 * 24 * 3600 * 1000;
+    pub const PERMANENT_EXIT_CODES_MAX: usize = 256;
+    pub const TENANT_MAX: usize = 256;
+}
+
+/// `now + delay_ms`, for a delay a caller asked for: refused when negative or
+/// longer than [`limits::DELAY_MS_MAX`], so the sum never overflows.
+pub fn run_at_after(now: crate::Millis, delay_ms: i64) -> Result<crate::Millis, InvalidJob> {
+    if !(0..=limits::DELAY_MS_MAX).contains(&delay_ms) {
+        return Err(invalid(format!(
+            "delay_ms must be 0 to {}",
+            limits::DELAY_MS_MAX
+        )));
+    }
+    Ok(now.saturating_add(delay_ms))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -271,6 +298,10 @@ pub enum InvalidJob {
 
 fn invalid(message: impl Into<String>) -> InvalidJob {
     InvalidJob::Field(message.into())
+}
+
+fn text(what: &str, value: &str, max_bytes: usize) -> Result<(), InvalidJob> {
+    crate::names::check_text(what, value, max_bytes).map_err(|e| invalid(e.to_string()))
 }
 
 /// Kinds, queue names and label keys (see [`crate::names::check_name`]).
@@ -315,6 +346,7 @@ impl NewJob {
     }
 
     pub fn validate(&self) -> Result<(), InvalidJob> {
+        text("tenant", &self.tenant, limits::TENANT_MAX)?;
         validate_name("kind", &self.kind)?;
         validate_name("queue", &self.queue)?;
         if !(1..=limits::MAX_ATTEMPTS_MAX).contains(&self.max_attempts) {
@@ -329,31 +361,44 @@ impl NewJob {
                 limits::TIMEOUT_MS_MAX
             )));
         }
-        if self.backoff.base_ms < 0 || self.backoff.max_ms < self.backoff.base_ms {
-            return Err(invalid("backoff needs 0 <= base_ms <= max_ms".to_string()));
+        if self.backoff.base_ms < 0
+            || self.backoff.max_ms < self.backoff.base_ms
+            || self.backoff.max_ms > limits::BACKOFF_MS_MAX
+        {
+            return Err(invalid(format!(
+                "backoff needs 0 <= base_ms <= max_ms <= {}",
+                limits::BACKOFF_MS_MAX
+            )));
+        }
+        if let Some(run_at) = self.run_at {
+            if !(0..=limits::RUN_AT_MAX).contains(&run_at) {
+                return Err(invalid("run_at must be between 1970 and 9999"));
+            }
+        }
+        if self.permanent_exit_codes.len() > limits::PERMANENT_EXIT_CODES_MAX {
+            return Err(invalid(format!(
+                "at most {} permanent_exit_codes",
+                limits::PERMANENT_EXIT_CODES_MAX
+            )));
         }
         if self.labels.len() > limits::LABELS_MAX {
             return Err(invalid(format!("at most {} labels", limits::LABELS_MAX)));
         }
         for (key, value) in &self.labels {
             validate_name("label key", key)?;
-            if value.len() > limits::LABEL_VALUE_MAX {
-                return Err(invalid(format!(
-                    "label values are at most {} bytes",
-                    limits::LABEL_VALUE_MAX
-                )));
-            }
+            text("label value", value, limits::LABEL_VALUE_MAX)?;
         }
         if let Some(key) = &self.idempotency_key {
-            if key.is_empty() || key.len() > limits::IDEMPOTENCY_KEY_MAX {
-                return Err(invalid(format!(
-                    "idempotency_key must be 1 to {} bytes",
-                    limits::IDEMPOTENCY_KEY_MAX
-                )));
+            if key.is_empty() {
+                return Err(invalid("idempotency_key must not be empty"));
             }
+            text("idempotency_key", key, limits::IDEMPOTENCY_KEY_MAX)?;
         }
         if !self.spec.is_object() {
             return Err(invalid("spec must be a JSON object"));
+        }
+        if crate::names::json_has_nul(&self.spec) {
+            return Err(invalid("spec contains a NUL character"));
         }
         if self.spec.to_string().len() > limits::SPEC_BYTES_MAX {
             return Err(invalid(format!(
@@ -413,6 +458,48 @@ mod tests {
         job.max_attempts = 1;
         job.spec = serde_json::json!([1]);
         assert!(job.validate().unwrap_err().to_string().contains("spec"));
+    }
+
+    fn check_refused(edit: impl FnOnce(&mut NewJob), field: &str) {
+        let mut job = NewJob::new("t", "wasm", serde_json::json!({}));
+        edit(&mut job);
+        let error = job.validate().expect_err(field).to_string();
+        assert!(error.contains(field), "{error:?} should name {field}");
+    }
+
+    #[test]
+    fn numbers_are_bounded_and_text_has_no_nul() {
+        check_refused(|j| j.tenant = "a\0".into(), "tenant");
+        check_refused(|j| j.kind = "a\0".into(), "kind");
+        check_refused(|j| j.queue = "q\0".into(), "queue");
+        check_refused(
+            |j| {
+                j.labels.insert("k".into(), "v\0".into());
+            },
+            "label value",
+        );
+        check_refused(
+            |j| j.idempotency_key = Some("k\0".into()),
+            "idempotency_key",
+        );
+        check_refused(|j| j.spec = serde_json::json!({"a": "\u{0}"}), "spec");
+        check_refused(|j| j.spec = serde_json::json!({"a\u{0}": 1}), "spec");
+        check_refused(|j| j.run_at = Some(i64::MAX), "run_at");
+        check_refused(|j| j.run_at = Some(-1), "run_at");
+        check_refused(|j| j.backoff.max_ms = i64::MAX, "backoff");
+        check_refused(
+            |j| j.permanent_exit_codes = vec![1; 1_000],
+            "permanent_exit_codes",
+        );
+        assert!(run_at_after(1, i64::MAX).is_err());
+        assert!(run_at_after(1, -1).is_err());
+        assert_eq!(run_at_after(1, 5), Ok(6));
+        let widest = Backoff {
+            base_ms: limits::BACKOFF_MS_MAX,
+            max_ms: limits::BACKOFF_MS_MAX,
+            jitter: true,
+        };
+        assert!(widest.delay_ms(i32::MAX, 0.999) <= limits::BACKOFF_MS_MAX);
     }
 
     #[test]

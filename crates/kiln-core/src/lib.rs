@@ -16,7 +16,7 @@ pub use job::*;
 pub use keys::{Scope, Scopes};
 pub use kinds::{CheckSpec, JobKinds, SpecError};
 pub use quota::{QuotaExceeded, TenantQuotas};
-pub use retry::{decide_lost, decide_outcome, AttemptEnd, Outcome};
+pub use retry::{decide_outcome, AttemptEnd, Outcome};
 
 /// Milliseconds since the Unix epoch; the only clock unit kiln stores.
 pub type Millis = i64;

@@ -99,15 +99,6 @@ pub fn decide_outcome(job: &LeasedJob, end: &AttemptEnd, now: Millis, random: f6
     }
 }
 
-/// For an attempt whose lease expired: retry at once while attempts remain.
-pub fn decide_lost(attempt: i32, retry_from: i32, max_attempts: i32, now: Millis) -> Outcome {
-    if attempt - retry_from >= max_attempts {
-        Outcome::Dead
-    } else {
-        Outcome::Retry { run_at: now }
-    }
-}
-
 fn retry_or_dead(
     attempt: i32,
     retry_from: i32,
@@ -116,12 +107,14 @@ fn retry_or_dead(
     now: Millis,
     random: f64,
 ) -> Outcome {
-    let used = attempt - retry_from;
+    let used = attempt.saturating_sub(retry_from);
     if used >= max_attempts {
         Outcome::Dead
     } else {
+        // Saturating: a stored backoff or time from before the bounds were
+        // checked must still give a time, never an overflow.
         Outcome::Retry {
-            run_at: now + job.backoff.delay_ms(used, random),
+            run_at: now.saturating_add(job.backoff.delay_ms(used, random)),
         }
     }
 }
@@ -202,8 +195,20 @@ mod tests {
     }
 
     #[test]
-    fn lost_leases() {
-        assert_eq!(decide_lost(1, 0, 3, 5), Outcome::Retry { run_at: 5 });
-        assert_eq!(decide_lost(3, 0, 3, 5), Outcome::Dead);
+    fn huge_stored_numbers_do_not_overflow() {
+        let mut job = leased(1, 3);
+        job.backoff = Backoff {
+            base_ms: i64::MAX,
+            max_ms: i64::MAX,
+            jitter: true,
+        };
+        let at = decide_outcome(&job, &failed(1, false), i64::MAX - 1, 0.9);
+        assert_eq!(at, Outcome::Retry { run_at: i64::MAX });
+        let mut job = leased(i32::MAX, 3);
+        job.retry_from = i32::MIN;
+        assert_eq!(
+            decide_outcome(&job, &failed(1, false), 0, 0.0),
+            Outcome::Dead
+        );
     }
 }

@@ -2,13 +2,15 @@
 //! database driver (`sqlite`, `postgres`) behind the one `Db` interface, and
 //! one queue test suite (`tests/queue.rs`) runs against both.
 
+mod lease;
 mod postgres;
 mod rows;
 mod sqlite;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard, PoisonError};
 
 use kiln_core::{AttemptRecord, Job, JobResult, JobStatus, LeasedJob, Millis, NewJob, Scopes};
 use tokio::sync::Notify;
@@ -17,6 +19,20 @@ use tokio::sync::Notify;
 pub(crate) type Waiters =
     std::sync::Mutex<std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>>;
 
+/// The waiters map, even after a panic elsewhere poisoned its lock: it holds
+/// only senders, which stay valid whatever the panicking thread did.
+fn lock_waiters(
+    waiters: &Waiters,
+) -> MutexGuard<'_, std::collections::HashMap<i64, Vec<tokio::sync::oneshot::Sender<()>>>> {
+    waiters.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Past this many watched jobs, every new watch first drops the senders
+/// whose receivers are gone, so waiters that gave up (on a node where no
+/// completer fires them) cannot pile up.
+const WATCHED_JOBS_PRUNE: usize = 256;
+
+pub use lease::LeaseRequest;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -34,6 +50,11 @@ pub enum DbError {
     /// The database URL names no supported database.
     #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://...")]
     BadUrl(String),
+    /// A value the store refuses before sending it (text with a NUL, which
+    /// PostgreSQL cannot hold): the caller's input is at fault, not the
+    /// database.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl DbError {
@@ -49,6 +70,31 @@ impl DbError {
 
 pub type DbResult<T> = Result<T, DbError>;
 
+/// Refuses text PostgreSQL cannot store, on both databases alike.
+fn storable(what: &str, text: &str) -> DbResult<()> {
+    if text.contains('\0') {
+        return Err(DbError::Invalid(format!("{what} contains a NUL character")));
+    }
+    Ok(())
+}
+
+fn storable_job(job: &NewJob) -> DbResult<()> {
+    storable("tenant", &job.tenant)?;
+    storable("kind", &job.kind)?;
+    storable("queue", &job.queue)?;
+    for (key, value) in &job.labels {
+        storable("label key", key)?;
+        storable("label value", value)?;
+    }
+    if let Some(key) = &job.idempotency_key {
+        storable("idempotency_key", key)?;
+    }
+    if kiln_core::names::json_has_nul(&job.spec) {
+        return Err(DbError::Invalid("spec contains a NUL character".into()));
+    }
+    Ok(())
+}
+
 /// The end of one attempt, ready to be written.
 #[derive(Clone, Debug)]
 pub struct Completion {
@@ -61,6 +107,47 @@ pub struct Completion {
     pub result: Option<JobResult>,
     pub error: Option<String>,
     pub record: AttemptRecord,
+}
+
+impl Completion {
+    /// The same attempt ended `failed` for a reason of the store's own: what
+    /// is written when the attempt's real end is refused.
+    fn quarantined(&self, error: &DbError) -> Completion {
+        let message = kiln_core::names::sanitise_message(
+            &format!("the result could not be stored: {error}"),
+            lease::ERROR_MAX,
+        );
+        Completion {
+            id: self.id,
+            attempt: self.attempt,
+            status: JobStatus::Failed,
+            run_at: None,
+            result: None,
+            error: Some(message.clone()),
+            record: AttemptRecord {
+                outcome: "failed".into(),
+                exit_code: None,
+                error: Some(message),
+                ..self.record.clone()
+            },
+        }
+    }
+}
+
+/// What [`Db::job_complete_many`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Completed {
+    /// Written as given.
+    pub applied: Vec<i64>,
+    /// Refused by the database and written as a failed attempt instead.
+    pub quarantined: Vec<i64>,
+}
+
+impl Completed {
+    /// Whether the attempt of this job is now on record, either way.
+    pub fn recorded(&self, id: i64) -> bool {
+        self.applied.contains(&id) || self.quarantined.contains(&id)
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -76,11 +163,31 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
+/// A tenant's settings for one of its queues. A queue is a name inside a
+/// tenant: its pause and limit apply to that tenant's jobs only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueInfo {
+    pub tenant: String,
     pub name: String,
     pub paused: bool,
     pub concurrency_limit: Option<i32>,
+}
+
+impl QueueInfo {
+    /// A queue with default settings (running, no limit).
+    pub fn open(tenant: &str, name: &str) -> QueueInfo {
+        QueueInfo {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+            paused: false,
+            concurrency_limit: None,
+        }
+    }
+
+    /// Whether the queue's jobs are kept out of the main lease path.
+    pub fn is_held(&self) -> bool {
+        self.paused || self.concurrency_limit.is_some()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,7 +273,7 @@ impl Db {
     }
 
     /// PostgreSQL with every table in `schema` (created if missing), so that
-    /// tests and tenants of one server stay apart.
+    /// tests and benchmarks sharing one server stay apart.
     pub async fn connect_postgres_schema(url: &str, schema: &str) -> DbResult<Db> {
         Ok(Db::Postgres(PgStore::connect(url, Some(schema)).await?))
     }
@@ -190,18 +297,31 @@ impl Db {
     pub fn watch_job(&self, id: i64) -> tokio::sync::oneshot::Receiver<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let waiters = dispatch!(self, s => s.waiters.clone());
-        waiters
-            .lock()
-            .expect("waiters")
-            .entry(id)
-            .or_default()
-            .push(tx);
+        let mut map = lock_waiters(&waiters);
+        if map.len() >= WATCHED_JOBS_PRUNE {
+            map.retain(|_, txs| {
+                txs.retain(|tx| !tx.is_closed());
+                !txs.is_empty()
+            });
+        }
+        let senders = map.entry(id).or_default();
+        // A caller that polls adds a sender per round; the ones it gave up
+        // on go now.
+        senders.retain(|tx| !tx.is_closed());
+        senders.push(tx);
         rx
+    }
+
+    /// Jobs being watched, for tests of the pruning.
+    pub fn watched_jobs(&self) -> usize {
+        let waiters = dispatch!(self, s => s.waiters.clone());
+        let map = lock_waiters(&waiters);
+        map.values().map(|txs| txs.len()).sum()
     }
 
     fn fire_watchers(&self, ids: &[i64]) {
         let waiters = dispatch!(self, s => s.waiters.clone());
-        let mut map = waiters.lock().expect("waiters");
+        let mut map = lock_waiters(&waiters);
         if map.is_empty() {
             return;
         }
@@ -226,6 +346,7 @@ impl Db {
     /// Inserts a job, or returns the existing one with the same idempotency
     /// key; the flag says whether it was created.
     pub async fn job_insert(&self, job: &NewJob, now: Millis) -> DbResult<(Job, bool)> {
+        storable_job(job)?;
         let out = dispatch!(self, s => s.job_insert(job, now).await)?;
         if out.1 {
             self.wakeup().notify_waiters();
@@ -235,6 +356,7 @@ impl Db {
 
     /// Inserts many jobs in one statement (no idempotency keys); returns ids.
     pub async fn job_insert_many(&self, jobs: &[NewJob], now: Millis) -> DbResult<Vec<i64>> {
+        jobs.iter().try_for_each(storable_job)?;
         let ids = dispatch!(self, s => s.job_insert_many(jobs, now).await)?;
         self.wakeup().notify_waiters();
         Ok(ids)
@@ -244,13 +366,17 @@ impl Db {
         dispatch!(self, s => s.job_get(Some(tenant), id).await)
     }
 
-    /// For workers and tests: a job of any tenant.
-    pub async fn job_get_any(&self, id: i64) -> DbResult<Option<Job>> {
-        dispatch!(self, s => s.job_get(None, id).await)
-    }
-
-    /// Newest first.
+    /// Newest first. A filter no stored job can match (text with a NUL, a
+    /// label key outside the name grammar) matches nothing.
     pub async fn job_list(&self, tenant: &str, filter: &JobFilter) -> DbResult<Vec<Job>> {
+        let texts = [filter.kind.as_deref(), filter.queue.as_deref()];
+        let unmatchable = texts.iter().flatten().any(|t| t.contains('\0'))
+            || filter.label.as_ref().is_some_and(|(key, value)| {
+                kiln_core::names::check_name("label key", key).is_err() || value.contains('\0')
+            });
+        if unmatchable || tenant.contains('\0') {
+            return Ok(Vec::new());
+        }
         dispatch!(self, s => s.job_list(tenant, filter).await)
     }
 
@@ -262,7 +388,9 @@ impl Db {
     }
 
     /// Attempts started across all jobs: with every job succeeded, equal to
-    /// the number of jobs exactly when none ran twice.
+    /// the number of jobs exactly when none ran twice. It reads every job
+    /// kept (as does `job_count_by_status(None)`): for benchmarks and tests;
+    /// retention bounds what it reads.
     pub async fn job_attempts_total(&self) -> DbResult<i64> {
         dispatch!(self, s => s.job_attempts_total().await)
     }
@@ -273,9 +401,20 @@ impl Db {
         dispatch!(self, s => s.job_count_unfinished().await)
     }
 
-    /// When the most recent attempt ended, across all jobs.
+    /// When the most recent job finished (one probe of the `jobs_finished`
+    /// index).
     pub async fn job_last_finished_at(&self) -> DbResult<Option<Millis>> {
         dispatch!(self, s => s.job_last_finished_at().await)
+    }
+
+    /// Deletes up to `batch` jobs that finished before `before`, oldest
+    /// first; returns how many. Callers loop until it returns less than
+    /// `batch`, so no statement holds many rows at once.
+    pub async fn job_delete_finished(&self, before: Millis, batch: i64) -> DbResult<u64> {
+        if batch <= 0 {
+            return Ok(0);
+        }
+        dispatch!(self, s => s.job_delete_finished(before, batch).await)
     }
 
     /// Leases up to `limit` runnable jobs of these kinds, highest priority
@@ -288,11 +427,24 @@ impl Db {
         lease_ms: i64,
         now: Millis,
     ) -> DbResult<Vec<LeasedJob>> {
-        if limit <= 0 || kinds.is_empty() {
+        self.job_lease_with(&LeaseRequest {
+            worker_id,
+            kinds,
+            limit,
+            lease_ms,
+            now,
+            tenant_running_max: None,
+        })
+        .await
+    }
+
+    /// [`Db::job_lease`] with every option, the tenant quota among them.
+    /// All of it happens in one transaction: on an error nothing is leased.
+    pub async fn job_lease_with(&self, request: &LeaseRequest<'_>) -> DbResult<Vec<LeasedJob>> {
+        if request.limit <= 0 || request.kinds.is_empty() {
             return Ok(Vec::new());
         }
-        let mut jobs =
-            dispatch!(self, s => s.job_lease(worker_id, kinds, limit, lease_ms, now).await)?;
+        let mut jobs = dispatch!(self, s => s.job_lease(request).await)?;
         jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(jobs)
     }
@@ -314,21 +466,74 @@ impl Db {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self, s => s.job_heartbeat(worker_id, held, lease_until).await)
+        let held = in_id_order(held);
+        dispatch!(self, s => s.job_heartbeat(worker_id, &held, lease_until).await)
     }
 
-    /// Writes many attempt ends in one transaction. Returns the ids whose
-    /// write applied; the others had lost their lease (fenced off).
-    pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Vec<i64>> {
+    /// Writes many attempt ends in one transaction; the ids written, and
+    /// those whose lease had moved on (fenced off), come back.
+    ///
+    /// Only an unavailable database is an error here, and then nothing was
+    /// written that a retry of the same batch would not refuse as stale.
+    /// A batch the database refuses for any other reason is written row by
+    /// row, and a row refused on its own is quarantined: its attempt ends
+    /// `failed` with the database's (sanitised) reason, so one bad result
+    /// never blocks the others. Error texts are made storable (NUL and
+    /// control characters replaced, length bounded) on the way in.
+    pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Completed> {
         if done.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Completed::default());
         }
-        let applied = dispatch!(self, s => s.job_complete_many(done).await)?;
-        self.fire_watchers(&applied);
+        let sorted;
+        let done = if done.windows(2).all(|w| w[0].id <= w[1].id) {
+            done
+        } else {
+            let mut copy = done.to_vec();
+            copy.sort_by_key(|c| c.id);
+            sorted = copy;
+            &sorted
+        };
+        let completed = match dispatch!(self, s => s.job_complete_many(done).await) {
+            Ok(applied) => Completed {
+                applied,
+                quarantined: Vec::new(),
+            },
+            Err(error) if error.is_unavailable() => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, n = done.len(), "a batch of results was refused; writing them one by one");
+                self.complete_one_by_one(done).await?
+            }
+        };
+        self.fire_watchers(&completed.applied);
+        self.fire_watchers(&completed.quarantined);
         if done.iter().any(|c| c.status == JobStatus::Scheduled) {
             self.wakeup().notify_waiters();
         }
-        Ok(applied)
+        Ok(completed)
+    }
+
+    async fn complete_one_by_one(&self, done: &[Completion]) -> DbResult<Completed> {
+        let mut completed = Completed::default();
+        for completion in done {
+            let one = std::slice::from_ref(completion);
+            match dispatch!(self, s => s.job_complete_many(one).await) {
+                Ok(applied) => completed.applied.extend(applied),
+                Err(error) if error.is_unavailable() => return Err(error),
+                Err(error) => {
+                    tracing::error!(id = completion.id, %error, "a result was refused; the attempt ends failed");
+                    let quarantine = completion.quarantined(&error);
+                    let one = std::slice::from_ref(&quarantine);
+                    match dispatch!(self, s => s.job_complete_many(one).await) {
+                        Ok(applied) => completed.quarantined.extend(applied),
+                        Err(error) if error.is_unavailable() => return Err(error),
+                        Err(error) => {
+                            tracing::error!(id = completion.id, %error, "even the failure could not be written; the lease will expire")
+                        }
+                    }
+                }
+            }
+        }
+        Ok(completed)
     }
 
     pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
@@ -369,18 +574,37 @@ impl Db {
         if held.is_empty() {
             return Ok(0);
         }
-        let n = dispatch!(self, s => s.job_release(worker_id, held, now).await)?;
+        let held = in_id_order(held);
+        let n = dispatch!(self, s => s.job_release(worker_id, &held, now).await)?;
         self.wakeup().notify_waiters();
         Ok(n)
     }
 
     // ---- queues ----
 
-    pub async fn queue_list(&self) -> DbResult<Vec<QueueInfo>> {
-        dispatch!(self, s => s.queue_list().await)
+    /// One tenant's queues with settings of their own, or every tenant's.
+    pub async fn queue_list(&self, tenant: Option<&str>) -> DbResult<Vec<QueueInfo>> {
+        if tenant.is_some_and(|t| t.contains('\0')) {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.queue_list(tenant).await)
     }
 
+    /// A tenant's settings for one queue; the defaults when it has none.
+    pub async fn queue_get(&self, tenant: &str, name: &str) -> DbResult<QueueInfo> {
+        Ok(self
+            .queue_list(Some(tenant))
+            .await?
+            .into_iter()
+            .find(|q| q.name == name)
+            .unwrap_or_else(|| QueueInfo::open(tenant, name)))
+    }
+
+    /// Sets a tenant's queue settings; pausing or limiting moves the
+    /// queue's jobs off the main lease path, so it touches each of them once.
     pub async fn queue_upsert(&self, queue: &QueueInfo, now: Millis) -> DbResult<QueueInfo> {
+        storable("tenant", &queue.tenant)?;
+        storable("queue", &queue.name)?;
         let out = dispatch!(self, s => s.queue_upsert(queue, now).await)?;
         self.wakeup().notify_waiters();
         Ok(out)
@@ -399,6 +623,9 @@ impl Db {
     // ---- API keys ----
 
     pub async fn key_insert(&self, key: &ApiKey, hash: &str) -> DbResult<()> {
+        storable("key name", &key.name)?;
+        storable("tenant", &key.tenant)?;
+        storable("key id", &key.id)?;
         dispatch!(self, s => s.key_insert(key, hash).await)
     }
 
@@ -452,6 +679,33 @@ impl Db {
     pub async fn worker_delete(&self, id: &str) -> DbResult<()> {
         dispatch!(self, s => s.worker_delete(id).await)
     }
+
+    /// Forgets workers not seen since `before` (they died without a
+    /// graceful stop); returns how many.
+    pub async fn worker_delete_stale(&self, before: Millis) -> DbResult<u64> {
+        dispatch!(self, s => s.worker_delete_stale(before).await)
+    }
+}
+
+/// Batched writers touch rows in id order, so two batches over the same
+/// rows wait for each other instead of deadlocking.
+fn in_id_order(held: &[(i64, i32)]) -> Vec<(i64, i32)> {
+    let mut held = held.to_vec();
+    held.sort_unstable();
+    held
+}
+
+/// Removes a PostgreSQL schema made by [`Db::connect_postgres_schema`], with
+/// everything in it (benchmarks and tests clean up with it).
+pub async fn drop_postgres_schema(url: &str, schema: &str) -> Result<(), DbError> {
+    use sqlx::Connection;
+    kiln_core::names::check_name("schema", schema).map_err(|e| DbError::Invalid(e.to_string()))?;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(())
 }
 
 /// SHA-256 of an API key's secret, hex: keys are long random strings, so a

@@ -11,9 +11,10 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 use tokio::sync::Notify;
 
+use crate::lease::{self, Candidate, LeaseRequest};
 use crate::rows::{
-    record_json, result_json, rows_to, EncodedJob, JobRow, KeyRow, LeasedRow, ModuleRow, QueueRow,
-    WorkerRow, JOB_COLUMNS, LEASED_COLUMNS,
+    record_json, result_json, rows_to, storable_error, EncodedJob, JobRow, KeyRow, LeasedRow,
+    ModuleRow, QueueRow, WorkerRow, JOB_COLUMNS, LEASED_COLUMNS, QUEUE_COLUMNS,
 };
 use crate::{
     ApiKey, CancelOutcome, Completion, DbResult, JobFilter, ModuleInfo, QueueDepths, QueueInfo,
@@ -27,10 +28,19 @@ pub struct PgStore {
     pub(crate) waiters: Arc<crate::Waiters>,
 }
 
-/// Appends one JSON value (text) to a JSON array held as text, without
-/// parsing the array.
-const HISTORY_APPEND: &str = "CASE WHEN j.history = '[]' THEN '[' || u.record || ']' \
-     ELSE left(j.history, -1) || ',' || u.record || ']' END";
+/// Appends one attempt record (JSON text) to a job's history with jsonb's
+/// own functions, so any valid JSON a writer stored stays readable.
+const HISTORY_APPEND: &str = "(j.history::jsonb || jsonb_build_array(u.record::jsonb))::text";
+
+/// Whether the queue `tenant`/`queue` is paused or limited, read under a
+/// share lock: a concurrent change of the queue's settings waits for this
+/// statement, or this statement sees the change, so `held` never misses one.
+fn held_expr(tenant: &str, queue: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM queues q WHERE q.tenant = {tenant} AND q.name = {queue} \
+         AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE)"
+    )
+}
 
 impl PgStore {
     pub async fn connect(url: &str, schema: Option<&str>) -> DbResult<PgStore> {
@@ -70,6 +80,12 @@ impl PgStore {
         })
     }
 
+    #[cfg(feature = "testing")]
+    pub(crate) async fn execute_raw(&self, sql: &str) -> DbResult<()> {
+        sqlx::raw_sql(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -89,10 +105,11 @@ impl PgStore {
         let e = EncodedJob::new(job, now);
         let inserted: Option<JobRow> = sqlx::query_as(&format!(
             "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
-             timeout_ms, backoff, permanent_exit_codes, idempotency_key, run_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             timeout_ms, backoff, permanent_exit_codes, idempotency_key, run_at, created_at, held) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, {}) \
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-             RETURNING {JOB_COLUMNS}"
+             RETURNING {JOB_COLUMNS}",
+            held_expr("$1", "$3")
         ))
         .bind(&job.tenant)
         .bind(&job.kind)
@@ -126,13 +143,16 @@ impl PgStore {
     pub async fn job_insert_many(&self, jobs: &[NewJob], now: Millis) -> DbResult<Vec<i64>> {
         let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
         let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
-        let ids: Vec<i64> = sqlx::query_scalar(
+        let ids: Vec<i64> = sqlx::query_scalar(&format!(
             "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
-             timeout_ms, backoff, permanent_exit_codes, run_at, created_at) \
-             SELECT t.*, $13 FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], \
-               $6::text[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[]) AS t \
+             timeout_ms, backoff, permanent_exit_codes, run_at, created_at, held) \
+             SELECT t.*, $13, {} FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], \
+               $6::text[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[]) \
+               AS t(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
+                    backoff, permanent_exit_codes, run_at) \
              RETURNING id",
-        )
+            held_expr("t.tenant", "t.queue")
+        ))
         .bind(col(|e| e.job.tenant.clone()))
         .bind(col(|e| e.job.kind.clone()))
         .bind(col(|e| e.job.queue.clone()))
@@ -214,96 +234,152 @@ impl PgStore {
     }
 
     pub async fn job_last_finished_at(&self) -> DbResult<Option<Millis>> {
-        Ok(sqlx::query_scalar("SELECT MAX(finished_at) FROM jobs")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT MAX(finished_at) FROM jobs WHERE {}",
+            crate::rows::FINISHED
+        ))
+        .fetch_one(&self.pool)
+        .await?)
     }
 
-    pub async fn job_lease(
-        &self,
-        worker_id: &str,
-        kinds: &[String],
-        limit: i64,
-        lease_ms: i64,
-        now: Millis,
-    ) -> DbResult<Vec<LeasedJob>> {
-        let queues: Vec<QueueRow> =
-            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues")
-                .fetch_all(&self.pool)
-                .await?;
-        let queues: Vec<QueueInfo> = queues.into_iter().map(QueueInfo::from).collect();
-        let excluded: Vec<String> = queues
-            .iter()
-            .filter(|q| q.paused || q.concurrency_limit.is_some())
-            .map(|q| q.name.clone())
-            .collect();
-        let lease_until = now + lease_ms;
-        let mut leased: Vec<LeasedRow> = sqlx::query_as(&format!(
-            "WITH picked AS (SELECT id FROM jobs WHERE status IN ('queued','scheduled') \
-               AND run_at <= $1 AND kind = ANY($2) AND NOT (queue = ANY($3)) \
-               ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-             UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, worker_id = $5, \
-               started_at = $1, lease_expires_at = $6 \
-             FROM picked WHERE jobs.id = picked.id RETURNING {}",
-            qualified(LEASED_COLUMNS)
+    pub async fn job_delete_finished(&self, before: Millis, batch: i64) -> DbResult<u64> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {} AND finished_at < $1 \
+             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            crate::rows::FINISHED
         ))
-        .bind(now)
-        .bind(kinds)
-        .bind(&excluded)
-        .bind(limit)
-        .bind(worker_id)
-        .bind(lease_until)
-        .fetch_all(&self.pool)
+        .bind(before)
+        .bind(batch)
+        .execute(&self.pool)
         .await?;
-        for queue in queues.iter().filter(|q| !q.paused) {
-            let Some(cap) = queue.concurrency_limit else {
-                continue;
-            };
-            let room = limit - leased.len() as i64;
-            if room <= 0 {
-                break;
-            }
-            // The queue row lock makes count-then-lease atomic across workers.
-            let mut tx = self.pool.begin().await?;
-            sqlx::query("SELECT name FROM queues WHERE name = $1 FOR UPDATE")
-                .bind(&queue.name)
+        Ok(done.rows_affected())
+    }
+
+    pub async fn worker_delete_stale(&self, before: Millis) -> DbResult<u64> {
+        let done = sqlx::query("DELETE FROM workers WHERE last_seen < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn job_lease(&self, request: &LeaseRequest<'_>) -> DbResult<Vec<LeasedJob>> {
+        let mut tx = self.pool.begin().await?;
+        let rooms = match request.quota_floor() {
+            Some(floor) => lease::rooms(
+                request.tenant_running_max,
+                sqlx::query_as(
+                    "SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running' \
+                     GROUP BY tenant HAVING COUNT(*) > $1",
+                )
+                .bind(floor)
+                .fetch_all(&mut *tx)
+                .await?,
+            ),
+            None => Default::default(),
+        };
+        let full = lease::full_tenants(&rooms);
+        // Per kind, the fetch index gives the best jobs in order; jobs of
+        // queues that are paused or limited are not in it (`held`), and the
+        // check on `queues` catches any whose flag a concurrent change has
+        // not reached yet.
+        let mut candidates: Vec<Candidate> = sqlx::query_as(
+            "SELECT c.id, c.tenant, c.priority, c.run_at FROM unnest($1::text[]) AS k(kind) \
+             CROSS JOIN LATERAL (SELECT j.id, j.tenant, j.priority, j.run_at FROM jobs j \
+               WHERE j.kind = k.kind AND j.status IN ('queued','scheduled') AND NOT j.held \
+               AND j.run_at <= $2 AND NOT (j.tenant = ANY($3)) \
+               AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = j.tenant AND q.name = j.queue \
+                 AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
+               ORDER BY j.priority, j.run_at, j.id LIMIT $4 FOR UPDATE OF j SKIP LOCKED) c",
+        )
+        .bind(request.kinds)
+        .bind(request.now)
+        .bind(&full)
+        .bind(request.limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Each limited queue with work is locked for the rest of the
+        // transaction, so counting its running jobs and leasing more is
+        // atomic across workers. The count is a statement of its own: under
+        // READ COMMITTED only a statement that starts after the lock is
+        // granted sees the jobs the previous holder leased.
+        let limited: Vec<(String, String, i32)> = sqlx::query_as(
+            "SELECT tenant, name, concurrency_limit FROM queues qq \
+             WHERE NOT paused AND concurrency_limit IS NOT NULL AND NOT (tenant = ANY($2)) \
+             AND EXISTS (SELECT 1 FROM jobs w WHERE w.tenant = qq.tenant AND w.queue = qq.name \
+               AND w.status IN ('queued','scheduled') AND w.run_at <= $1) \
+             ORDER BY tenant, name FOR UPDATE",
+        )
+        .bind(request.now)
+        .bind(&full)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !limited.is_empty() {
+            let (tenants, names, caps): (Vec<String>, Vec<String>, Vec<i32>) = limited
+                .into_iter()
+                .fold(Default::default(), |mut acc, (t, n, c)| {
+                    acc.0.push(t);
+                    acc.1.push(n);
+                    acc.2.push(c);
+                    acc
+                });
+            let more: Vec<Candidate> = sqlx::query_as(
+                "SELECT c.id, c.tenant, c.priority, c.run_at \
+                 FROM unnest($3::text[], $4::text[], $5::int4[]) AS q(tenant, name, cap) \
+                 CROSS JOIN LATERAL (SELECT COUNT(*) AS n FROM jobs r WHERE r.tenant = q.tenant \
+                   AND r.queue = q.name AND r.status = 'running') r \
+                 CROSS JOIN LATERAL (SELECT j.id, j.tenant, j.priority, j.run_at FROM jobs j \
+                   WHERE j.tenant = q.tenant AND j.queue = q.name AND j.status IN ('queued','scheduled') \
+                   AND j.run_at <= $2 AND j.kind = ANY($1) \
+                   ORDER BY j.priority, j.run_at, j.id \
+                   LIMIT GREATEST(0, LEAST(q.cap - r.n, $6)) FOR UPDATE OF j SKIP LOCKED) c",
+            )
+            .bind(request.kinds)
+            .bind(request.now)
+            .bind(&tenants)
+            .bind(&names)
+            .bind(&caps)
+            .bind(request.limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            candidates.extend(more);
+        }
+        let chosen = lease::choose(candidates, request.limit, &rooms);
+        if chosen.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let rows: Vec<LeasedRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET {} WHERE id = ANY($4) AND status IN ('queued','scheduled') RETURNING {LEASED_COLUMNS}",
+            lease::LEASE_SET
+        ))
+        .bind(request.worker_id)
+        .bind(request.now)
+        .bind(request.lease_until())
+        .bind(&chosen)
+        .fetch_all(&mut *tx)
+        .await?;
+        let (jobs, unreadable) = lease::decode(rows);
+        for (id, error) in unreadable {
+            sqlx::query(lease::FAIL_UNREADABLE)
+                .bind(request.now)
+                .bind(error)
+                .bind(id)
                 .execute(&mut *tx)
                 .await?;
-            let running: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE queue = $1 AND status = 'running'",
-            )
-            .bind(&queue.name)
-            .fetch_one(&mut *tx)
-            .await?;
-            let take = room.min(cap as i64 - running);
-            if take > 0 {
-                let more: Vec<LeasedRow> = sqlx::query_as(&format!(
-                    "WITH picked AS (SELECT id FROM jobs WHERE status IN ('queued','scheduled') \
-                       AND run_at <= $1 AND kind = ANY($2) AND queue = $3 \
-                       ORDER BY priority, run_at, id LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                     UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, worker_id = $5, \
-                       started_at = $1, lease_expires_at = $6 \
-                     FROM picked WHERE jobs.id = picked.id RETURNING {}",
-                    qualified(LEASED_COLUMNS)
-                ))
-                .bind(now)
-                .bind(kinds)
-                .bind(&queue.name)
-                .bind(take)
-                .bind(worker_id)
-                .bind(lease_until)
-                .fetch_all(&mut *tx)
-                .await?;
-                leased.extend(more);
-            }
-            tx.commit().await?;
         }
-        rows_to(leased)
+        tx.commit().await?;
+        Ok(jobs)
     }
 
     pub async fn job_next_run_at(&self, kinds: &[String]) -> DbResult<Option<Millis>> {
+        // One index probe per (kind, priority): MIN(run_at) over a whole
+        // kind is not an index prefix.
         Ok(sqlx::query_scalar(
-            "SELECT MIN(run_at) FROM jobs WHERE status IN ('queued','scheduled') AND kind = ANY($1)",
+            "SELECT MIN(x.run_at) FROM unnest($1::text[]) AS k(kind) \
+             CROSS JOIN unnest(ARRAY[0, 1, 2, 3]::int2[]) AS p(priority) \
+             CROSS JOIN LATERAL (SELECT run_at FROM jobs WHERE kind = k.kind AND priority = p.priority \
+               AND status IN ('queued','scheduled') AND NOT held ORDER BY run_at LIMIT 1) x",
         )
         .bind(kinds)
         .fetch_one(&self.pool)
@@ -317,11 +393,21 @@ impl PgStore {
         lease_until: Millis,
     ) -> DbResult<Vec<(i64, bool)>> {
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        // A row another statement holds (the completer writing its result,
+        // the rescuer looking at it) is skipped rather than waited for: it
+        // is still this worker's while it reads as running on this attempt,
+        // and the next beat extends it. So a slow result write never holds
+        // up the leases of the other jobs.
         Ok(sqlx::query_as(
-            "UPDATE jobs j SET lease_expires_at = $1 \
-             FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt) \
+            "WITH locked AS (SELECT id FROM jobs WHERE id = ANY($2) ORDER BY id FOR UPDATE SKIP LOCKED), \
+             extended AS (UPDATE jobs j SET lease_expires_at = $1 \
+               FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt), locked l \
+               WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
+               AND j.worker_id = $4 RETURNING j.id, j.cancel_requested) \
+             SELECT id, cancel_requested FROM extended UNION ALL \
+             SELECT j.id, j.cancel_requested FROM jobs j, unnest($2::int8[], $3::int4[]) AS u(id, attempt) \
              WHERE j.id = u.id AND j.attempt = u.attempt AND j.status = 'running' AND j.worker_id = $4 \
-             RETURNING j.id, j.cancel_requested",
+             AND j.id NOT IN (SELECT id FROM locked)",
         )
         .bind(lease_until)
         .bind(ids)
@@ -333,15 +419,17 @@ impl PgStore {
 
     pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Vec<i64>> {
         Ok(sqlx::query_scalar(&format!(
-            "UPDATE jobs j SET \
+            "WITH {} UPDATE jobs j SET \
                status = CASE WHEN j.cancel_requested AND u.status = 'scheduled' THEN 'cancelled' ELSE u.status END, \
                finished_at = CASE WHEN u.status = 'scheduled' AND NOT j.cancel_requested THEN NULL ELSE u.finished_at END, \
-               run_at = COALESCE(u.run_at, j.run_at), result = COALESCE(u.result, j.result), \
+               run_at = COALESCE(u.run_at, j.run_at), result = u.result, \
                error = u.error, lease_expires_at = NULL, history = {HISTORY_APPEND} \
              FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
-               $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record) \
-             WHERE j.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
-             RETURNING j.id"
+               $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record), \
+               locked l \
+             WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
+             RETURNING j.id",
+            lock_in_id_order("$1")
         ))
         .bind(done.iter().map(|c| c.id).collect::<Vec<i64>>())
         .bind(done.iter().map(|c| c.attempt).collect::<Vec<i32>>())
@@ -349,47 +437,54 @@ impl PgStore {
         .bind(done.iter().map(|c| c.record.finished_at).collect::<Vec<i64>>())
         .bind(done.iter().map(|c| c.run_at).collect::<Vec<Option<i64>>>())
         .bind(done.iter().map(|c| result_json(&c.result)).collect::<Vec<Option<String>>>())
-        .bind(done.iter().map(|c| c.error.clone()).collect::<Vec<Option<String>>>())
+        .bind(
+            done.iter()
+                .map(|c| storable_error(c.error.as_deref()))
+                .collect::<Vec<Option<String>>>(),
+        )
         .bind(done.iter().map(|c| record_json(&c.record)).collect::<Vec<String>>())
         .fetch_all(&self.pool)
         .await?)
     }
 
     pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
-        let cancelled: Option<JobRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET status = 'cancelled', finished_at = $1, error = 'cancelled' \
-             WHERE tenant = $2 AND id = $3 AND status IN ('queued','scheduled') RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(now)
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = cancelled {
-            return Ok(CancelOutcome::Cancelled(row.try_into()?));
+        // One guarded statement decides by the status it finds, so a job
+        // that moves between running and scheduled meanwhile is still
+        // cancelled; only a job found finished is read again (it may have
+        // been retried by hand in between, so that is looped on).
+        for _ in 0..8 {
+            let row: Option<JobRow> = sqlx::query_as(&format!(
+                "UPDATE jobs SET {} WHERE tenant = $2 AND id = $3 \
+                 AND status IN ('queued','scheduled','running') RETURNING {JOB_COLUMNS}",
+                crate::rows::CANCEL_SET
+            ))
+            .bind(now)
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                return crate::rows::cancel_outcome(row.try_into()?);
+            }
+            match self.job_by_id(Some(tenant), id).await? {
+                None => return Ok(CancelOutcome::NotFound),
+                Some(job) if job.status.is_terminal() => {
+                    return Ok(CancelOutcome::AlreadyFinished(job))
+                }
+                Some(_) => continue,
+            }
         }
-        let requested: Option<JobRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET cancel_requested = TRUE \
-             WHERE tenant = $1 AND id = $2 AND status = 'running' RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = requested {
-            return Ok(CancelOutcome::Requested(row.try_into()?));
-        }
-        Ok(match self.job_by_id(Some(tenant), id).await? {
-            Some(job) => CancelOutcome::AlreadyFinished(job),
-            None => CancelOutcome::NotFound,
-        })
+        Err(crate::DbError::Corrupt(format!(
+            "job {id} kept changing under cancel"
+        )))
     }
 
     pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {
         let row: Option<JobRow> = sqlx::query_as(&format!(
             "UPDATE jobs SET status = 'queued', run_at = $1, retry_from = attempt, \
-             cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL \
-             WHERE tenant = $2 AND id = $3 AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}"
+             cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL, held = {} \
+             WHERE tenant = $2 AND id = $3 AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}",
+            held_expr("jobs.tenant", "jobs.queue")
         ))
         .bind(now)
         .bind(tenant)
@@ -409,13 +504,10 @@ impl PgStore {
     }
 
     pub async fn job_rescue_expired(&self, now: Millis) -> DbResult<u64> {
-        // Mirrors kiln_core::decide_lost.
+        let lost = lease::LOST_STATUS;
         let done = sqlx::query(&format!(
-            "UPDATE jobs j SET \
-               status = CASE WHEN j.cancel_requested THEN 'cancelled' \
-                             WHEN j.attempt - j.retry_from >= j.max_attempts THEN 'dead' ELSE 'queued' END, \
-               finished_at = CASE WHEN j.cancel_requested OR j.attempt - j.retry_from >= j.max_attempts \
-                                  THEN $1 ELSE NULL END, \
+            "UPDATE jobs j SET status = {lost}, \
+               finished_at = CASE WHEN {lost} = 'queued' THEN NULL ELSE $1 END, \
                run_at = $1, error = 'lease expired: worker lost', lease_expires_at = NULL, \
                history = {HISTORY_APPEND} \
              FROM (SELECT id, json_build_object('attempt', attempt, 'worker_id', worker_id, \
@@ -443,12 +535,14 @@ impl PgStore {
         now: Millis,
     ) -> DbResult<u64> {
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
-        let done = sqlx::query(
-            "UPDATE jobs j SET status = 'queued', run_at = $1, lease_expires_at = NULL, \
-             retry_from = j.retry_from + 1 \
-             FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt) \
-             WHERE j.id = u.id AND j.attempt = u.attempt AND j.status = 'running' AND j.worker_id = $4",
-        )
+        let done = sqlx::query(&format!(
+            "WITH {} UPDATE jobs j SET status = 'queued', run_at = $1, \
+             lease_expires_at = NULL, retry_from = j.retry_from + 1 \
+             FROM unnest($2::int8[], $3::int4[]) AS u(id, attempt), locked l \
+             WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
+             AND j.worker_id = $4",
+            lock_in_id_order("$2")
+        ))
         .bind(now)
         .bind(ids)
         .bind(attempts)
@@ -461,31 +555,50 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub async fn queue_list(&self) -> DbResult<Vec<QueueInfo>> {
-        let rows: Vec<QueueRow> =
-            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues ORDER BY name")
-                .fetch_all(&self.pool)
-                .await?;
+    pub async fn queue_list(&self, tenant: Option<&str>) -> DbResult<Vec<QueueInfo>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(&format!(
+            "SELECT {QUEUE_COLUMNS} FROM queues WHERE ($1::text IS NULL OR tenant = $1) \
+             ORDER BY tenant, name"
+        ))
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows.into_iter().map(QueueInfo::from).collect())
     }
 
     pub async fn queue_upsert(&self, q: &QueueInfo, now: Millis) -> DbResult<QueueInfo> {
-        let row: QueueRow = sqlx::query_as(
-            "INSERT INTO queues (name, paused, concurrency_limit, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, \
+        let mut tx = self.pool.begin().await?;
+        let row: QueueRow = sqlx::query_as(&format!(
+            "INSERT INTO queues (tenant, name, paused, concurrency_limit, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tenant, name) DO UPDATE SET paused = excluded.paused, \
              concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at \
-             RETURNING name, paused, concurrency_limit",
-        )
+             RETURNING {QUEUE_COLUMNS}"
+        ))
+        .bind(&q.tenant)
         .bind(&q.name)
         .bind(q.paused)
         .bind(q.concurrency_limit)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
+        .await?;
+        let info = QueueInfo::from(row);
+        // Rows are locked in id order, as every batched writer does.
+        sqlx::query(
+            "UPDATE jobs SET held = $3 WHERE id IN (SELECT id FROM jobs WHERE tenant = $1 \
+             AND queue = $2 AND status IN ('queued','scheduled','running') AND held <> $3 \
+             ORDER BY id FOR UPDATE)",
+        )
+        .bind(&info.tenant)
+        .bind(&info.name)
+        .bind(info.is_held())
+        .execute(&mut *tx)
         .await?;
         sqlx::query("SELECT pg_notify('kiln_jobs', '')")
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(row.into())
+        tx.commit().await?;
+        Ok(info)
     }
 
     pub async fn queue_depths(&self, tenant: Option<&str>) -> DbResult<QueueDepths> {
@@ -648,13 +761,11 @@ impl PgStore {
     }
 }
 
-/// `a, b` → `jobs.a, jobs.b`, for RETURNING after an UPDATE ... FROM.
-fn qualified(columns: &str) -> String {
-    columns
-        .split(',')
-        .map(|c| format!("jobs.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Locks the rows of a batched write (ids in the parameter `ids`) in id order before the
+/// write touches them, so two batches over overlapping rows (a heartbeat and
+/// a completion) wait for each other instead of deadlocking.
+fn lock_in_id_order(ids: &str) -> String {
+    format!("locked AS (SELECT id FROM jobs WHERE id = ANY({ids}) ORDER BY id FOR UPDATE)")
 }
 
 /// Forwards NOTIFYs to the in-process wake-up. When the connection drops,

@@ -10,6 +10,28 @@ pub const JOB_COLUMNS: &str = "id, tenant, kind, queue, priority, status, spec, 
      created_at, started_at, finished_at, lease_expires_at, worker_id, cancel_requested, result, \
      error, history";
 
+pub const QUEUE_COLUMNS: &str = "tenant, name, paused, concurrency_limit";
+
+/// Jobs in a final state (the `jobs_finished` index's predicate).
+pub const FINISHED: &str = "status IN ('succeeded','failed','cancelled','dead')";
+
+/// Cancel by the status found (`$1` now): a waiting job is cancelled, a
+/// running one is asked to stop. SET expressions all read the old row.
+pub const CANCEL_SET: &str = "\
+    cancel_requested = (status = 'running') OR cancel_requested, \
+    finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $1 END, \
+    error = CASE WHEN status = 'running' THEN error ELSE 'cancelled' END, \
+    status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END";
+
+/// What a cancel statement's returned row means.
+pub fn cancel_outcome(job: Job) -> DbResult<crate::CancelOutcome> {
+    Ok(if job.status == JobStatus::Running {
+        crate::CancelOutcome::Requested(job)
+    } else {
+        crate::CancelOutcome::Cancelled(job)
+    })
+}
+
 pub const LEASED_COLUMNS: &str = "id, tenant, kind, queue, priority, spec, attempt, max_attempts, \
      retry_from, timeout_ms, backoff, permanent_exit_codes, run_at, created_at, started_at";
 
@@ -104,6 +126,12 @@ pub struct LeasedRow {
     started_at: Option<i64>,
 }
 
+impl LeasedRow {
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+}
+
 impl TryFrom<LeasedRow> for LeasedJob {
     type Error = DbError;
 
@@ -164,6 +192,7 @@ impl<'a> EncodedJob<'a> {
 
 #[derive(sqlx::FromRow)]
 pub struct QueueRow {
+    tenant: String,
     name: String,
     paused: bool,
     concurrency_limit: Option<i32>,
@@ -172,6 +201,7 @@ pub struct QueueRow {
 impl From<QueueRow> for QueueInfo {
     fn from(row: QueueRow) -> QueueInfo {
         QueueInfo {
+            tenant: row.tenant,
             name: row.name,
             paused: row.paused,
             concurrency_limit: row.concurrency_limit,
@@ -247,9 +277,25 @@ impl TryFrom<WorkerRow> for WorkerInfo {
     }
 }
 
-/// An attempt record as the JSON text appended to a job's history.
+/// Error text as the store writes it: control characters (NUL above all,
+/// which PostgreSQL refuses) replaced and the length bounded, so no message
+/// built from input can make a write fail.
+pub fn storable_error(error: Option<&str>) -> Option<String> {
+    error.map(|e| kiln_core::names::sanitise_message(e, crate::lease::ERROR_MAX))
+}
+
+/// An attempt record as the JSON text appended to a job's history; its
+/// text fields made storable (the history is read as `jsonb`, which refuses
+/// `\u0000`).
 pub fn record_json(record: &kiln_core::AttemptRecord) -> String {
-    serde_json::to_string(record).unwrap_or_else(|_| "{}".into())
+    let clean = |text: &str| kiln_core::names::sanitise_message(text, crate::lease::ERROR_MAX);
+    let record = kiln_core::AttemptRecord {
+        worker_id: record.worker_id.as_deref().map(clean),
+        outcome: clean(&record.outcome),
+        error: storable_error(record.error.as_deref()),
+        ..record.clone()
+    };
+    serde_json::to_string(&record).unwrap_or_else(|_| "{}".into())
 }
 
 pub fn result_json(result: &Option<JobResult>) -> Option<String> {

@@ -14,9 +14,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use tokio::sync::Notify;
 
+use crate::lease::{self, Candidate, LeaseRequest};
 use crate::rows::{
-    record_json, result_json, rows_to, EncodedJob, JobRow, KeyRow, LeasedRow, ModuleRow, QueueRow,
-    WorkerRow, JOB_COLUMNS, LEASED_COLUMNS,
+    record_json, result_json, rows_to, storable_error, EncodedJob, JobRow, KeyRow, LeasedRow,
+    ModuleRow, QueueRow, WorkerRow, JOB_COLUMNS, LEASED_COLUMNS, QUEUE_COLUMNS,
 };
 use crate::{
     ApiKey, CancelOutcome, Completion, DbResult, JobFilter, ModuleInfo, QueueDepths, QueueInfo,
@@ -31,9 +32,17 @@ pub struct SqliteStore {
     pub(crate) waiters: Arc<crate::Waiters>,
 }
 
+/// One writer connection serialises every write, so `held` read here cannot
+/// race a change of the queue's settings.
 const INSERT_JOB: &str = "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, \
-    max_attempts, timeout_ms, backoff, permanent_exit_codes, idempotency_key, run_at, created_at) \
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    max_attempts, timeout_ms, backoff, permanent_exit_codes, idempotency_key, run_at, created_at, \
+    held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, EXISTS (SELECT 1 \
+    FROM queues q WHERE q.tenant = ?1 AND q.name = ?3 AND (q.paused OR q.concurrency_limit IS NOT NULL)))";
+
+/// PostgreSQL-numbered SQL shared with that driver (`$1`), for SQLite (`?1`).
+fn numbered(sql: &str) -> String {
+    sql.replace('$', "?")
+}
 
 fn bind_new<'q>(
     query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
@@ -93,6 +102,12 @@ impl SqliteStore {
             wakeup: Arc::new(Notify::new()),
             waiters: Arc::default(),
         })
+    }
+
+    #[cfg(feature = "testing")]
+    pub(crate) async fn execute_raw(&self, sql: &str) -> DbResult<()> {
+        sqlx::raw_sql(sql).execute(&self.write).await?;
+        Ok(())
     }
 
     pub async fn close(&self) {
@@ -226,99 +241,153 @@ impl SqliteStore {
     }
 
     pub async fn job_last_finished_at(&self) -> DbResult<Option<Millis>> {
-        Ok(sqlx::query_scalar("SELECT MAX(finished_at) FROM jobs")
-            .fetch_one(&self.read)
-            .await?)
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT MAX(finished_at) FROM jobs WHERE {}",
+            crate::rows::FINISHED
+        ))
+        .fetch_one(&self.read)
+        .await?)
     }
 
-    pub async fn job_lease(
-        &self,
-        worker_id: &str,
-        kinds: &[String],
-        limit: i64,
-        lease_ms: i64,
-        now: Millis,
-    ) -> DbResult<Vec<LeasedJob>> {
-        let mut tx = self.write.begin().await?;
-        let queues: Vec<QueueRow> =
-            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues")
-                .fetch_all(&mut *tx)
-                .await?;
-        let queues: Vec<QueueInfo> = queues.into_iter().map(QueueInfo::from).collect();
-        let excluded: Vec<String> = queues
-            .iter()
-            .filter(|q| q.paused || q.concurrency_limit.is_some())
-            .map(|q| q.name.clone())
-            .collect();
-        let kinds_json = json_list(kinds);
-        let lease_until = now + lease_ms;
-        let mut leased: Vec<LeasedRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker_id = ?, \
-             started_at = ?, lease_expires_at = ? \
-             WHERE id IN (SELECT id FROM jobs WHERE status IN ('queued','scheduled') AND run_at <= ? \
-               AND kind IN (SELECT value FROM json_each(?)) \
-               AND queue NOT IN (SELECT value FROM json_each(?)) \
-               ORDER BY priority, run_at, id LIMIT ?) \
-             RETURNING {LEASED_COLUMNS}"
+    pub async fn job_delete_finished(&self, before: Millis, batch: i64) -> DbResult<u64> {
+        let done = sqlx::query(&format!(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE {} AND finished_at < ?1 \
+             ORDER BY finished_at LIMIT ?2)",
+            crate::rows::FINISHED
         ))
-        .bind(worker_id)
-        .bind(now)
-        .bind(lease_until)
-        .bind(now)
-        .bind(&kinds_json)
-        .bind(json_list(&excluded))
-        .bind(limit)
+        .bind(before)
+        .bind(batch)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn worker_delete_stale(&self, before: Millis) -> DbResult<u64> {
+        let done = sqlx::query("DELETE FROM workers WHERE last_seen < ?")
+            .bind(before)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn job_lease(&self, request: &LeaseRequest<'_>) -> DbResult<Vec<LeasedJob>> {
+        let mut tx = self.write.begin().await?;
+        let rooms = match request.quota_floor() {
+            Some(floor) => lease::rooms(
+                request.tenant_running_max,
+                sqlx::query_as(
+                    "SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running' \
+                     GROUP BY tenant HAVING COUNT(*) > ?",
+                )
+                .bind(floor)
+                .fetch_all(&mut *tx)
+                .await?,
+            ),
+            None => Default::default(),
+        };
+        let full = json_list(&lease::full_tenants(&rooms));
+        // One arm per kind, each walking the fetch index in order and
+        // stopping at the limit: SQLite would otherwise collect and sort
+        // every waiting job of the listed kinds.
+        let arm = "SELECT * FROM (SELECT j.id, j.tenant, j.priority, j.run_at FROM jobs j \
+             WHERE j.kind = ?{k} AND j.status IN ('queued','scheduled') AND NOT held \
+             AND j.run_at <= ?1 AND j.tenant NOT IN (SELECT value FROM json_each(?2)) \
+             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = j.tenant AND q.name = j.queue \
+               AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
+             ORDER BY j.priority, j.run_at, j.id LIMIT ?3)";
+        let sql = (0..request.kinds.len())
+            .map(|i| arm.replace("{k}", &(i + 4).to_string()))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let mut query = sqlx::query_as::<_, Candidate>(&sql)
+            .bind(request.now)
+            .bind(&full)
+            .bind(request.limit);
+        for kind in request.kinds {
+            query = query.bind(kind);
+        }
+        let mut candidates = query.fetch_all(&mut *tx).await?;
+        let limited: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT q.tenant, q.name, q.concurrency_limit, (SELECT COUNT(*) FROM jobs r \
+               WHERE r.tenant = q.tenant AND r.queue = q.name AND r.status = 'running') \
+             FROM queues q WHERE NOT q.paused AND q.concurrency_limit IS NOT NULL \
+             AND q.tenant NOT IN (SELECT value FROM json_each(?2)) \
+             AND EXISTS (SELECT 1 FROM jobs w WHERE w.tenant = q.tenant AND w.queue = q.name \
+               AND w.status IN ('queued','scheduled') AND w.run_at <= ?1)",
+        )
+        .bind(request.now)
+        .bind(&full)
         .fetch_all(&mut *tx)
         .await?;
-        for queue in queues.iter().filter(|q| !q.paused) {
-            let Some(cap) = queue.concurrency_limit else {
-                continue;
-            };
-            let room = limit - leased.len() as i64;
-            if room <= 0 {
-                break;
-            }
-            let running: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM jobs WHERE queue = ? AND status = 'running'",
-            )
-            .bind(&queue.name)
-            .fetch_one(&mut *tx)
-            .await?;
-            let take = room.min(cap as i64 - running);
+        let kinds_json = json_list(request.kinds);
+        for (tenant, name, cap, running) in limited {
+            let take = (cap - running).min(request.limit);
             if take <= 0 {
                 continue;
             }
-            let more: Vec<LeasedRow> = sqlx::query_as(&format!(
-                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker_id = ?, \
-                 started_at = ?, lease_expires_at = ? \
-                 WHERE id IN (SELECT id FROM jobs WHERE status IN ('queued','scheduled') AND run_at <= ? \
-                   AND kind IN (SELECT value FROM json_each(?)) AND queue = ? \
-                   ORDER BY priority, run_at, id LIMIT ?) \
-                 RETURNING {LEASED_COLUMNS}"
-            ))
-            .bind(worker_id)
-            .bind(now)
-            .bind(lease_until)
-            .bind(now)
+            let more: Vec<Candidate> = sqlx::query_as(
+                "SELECT id, tenant, priority, run_at FROM jobs WHERE tenant = ?1 AND queue = ?2 \
+                 AND status IN ('queued','scheduled') AND run_at <= ?3 \
+                 AND kind IN (SELECT value FROM json_each(?4)) \
+                 ORDER BY priority, run_at, id LIMIT ?5",
+            )
+            .bind(&tenant)
+            .bind(&name)
+            .bind(request.now)
             .bind(&kinds_json)
-            .bind(&queue.name)
             .bind(take)
             .fetch_all(&mut *tx)
             .await?;
-            leased.extend(more);
+            candidates.extend(more);
+        }
+        let chosen = lease::choose(candidates, request.limit, &rooms);
+        if chosen.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let rows: Vec<LeasedRow> = sqlx::query_as(&numbered(&format!(
+            "UPDATE jobs SET {} WHERE id IN (SELECT value FROM json_each($4)) \
+             AND status IN ('queued','scheduled') RETURNING {LEASED_COLUMNS}",
+            lease::LEASE_SET
+        )))
+        .bind(request.worker_id)
+        .bind(request.now)
+        .bind(request.lease_until())
+        .bind(serde_json::to_string(&chosen).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(&mut *tx)
+        .await?;
+        let (jobs, unreadable) = lease::decode(rows);
+        for (id, error) in unreadable {
+            sqlx::query(&numbered(lease::FAIL_UNREADABLE))
+                .bind(request.now)
+                .bind(error)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
-        rows_to(leased)
+        Ok(jobs)
     }
 
     pub async fn job_next_run_at(&self, kinds: &[String]) -> DbResult<Option<Millis>> {
-        Ok(sqlx::query_scalar(
-            "SELECT MIN(run_at) FROM jobs WHERE status IN ('queued','scheduled') \
-             AND kind IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json_list(kinds))
-        .fetch_one(&self.read)
-        .await?)
+        // One index probe per (kind, priority): MIN(run_at) over a whole
+        // kind is not an index prefix.
+        let arm = "SELECT MIN(run_at) AS at FROM jobs WHERE kind = ?{k} AND priority = {p} \
+             AND status IN ('queued','scheduled') AND NOT held";
+        let arms: Vec<String> = (0..kinds.len())
+            .flat_map(|i| {
+                kiln_core::Priority::ALL.map(|p| {
+                    arm.replace("{k}", &(i + 1).to_string())
+                        .replace("{p}", &p.rank().to_string())
+                })
+            })
+            .collect();
+        let sql = format!("SELECT MIN(at) FROM ({})", arms.join(" UNION ALL "));
+        let mut query = sqlx::query_scalar(&sql);
+        for kind in kinds {
+            query = query.bind(kind);
+        }
+        Ok(query.fetch_one(&self.read).await?)
     }
 
     pub async fn job_heartbeat(
@@ -355,7 +424,7 @@ impl SqliteStore {
                 "UPDATE jobs SET \
                    status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
                    finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
-                   run_at = COALESCE(?3, run_at), result = COALESCE(?4, result), error = ?5, \
+                   run_at = COALESCE(?3, run_at), result = ?4, error = ?5, \
                    lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
                  WHERE id = ?7 AND attempt = ?8 AND status = 'running' RETURNING id",
             )
@@ -363,7 +432,7 @@ impl SqliteStore {
             .bind(c.record.finished_at)
             .bind(c.run_at)
             .bind(result_json(&c.result))
-            .bind(&c.error)
+            .bind(storable_error(c.error.as_deref()))
             .bind(record_json(&c.record))
             .bind(c.id)
             .bind(c.attempt)
@@ -376,28 +445,20 @@ impl SqliteStore {
     }
 
     pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
-        let cancelled: Option<JobRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled' \
-             WHERE tenant = ? AND id = ? AND status IN ('queued','scheduled') RETURNING {JOB_COLUMNS}"
-        ))
+        // One statement decides by the status it finds; the writer
+        // connection serialises it with every completion.
+        let row: Option<JobRow> = sqlx::query_as(&numbered(&format!(
+            "UPDATE jobs SET {} WHERE tenant = $2 AND id = $3 \
+             AND status IN ('queued','scheduled','running') RETURNING {JOB_COLUMNS}",
+            crate::rows::CANCEL_SET
+        )))
         .bind(now)
         .bind(tenant)
         .bind(id)
         .fetch_optional(&self.write)
         .await?;
-        if let Some(row) = cancelled {
-            return Ok(CancelOutcome::Cancelled(row.try_into()?));
-        }
-        let requested: Option<JobRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET cancel_requested = TRUE \
-             WHERE tenant = ? AND id = ? AND status = 'running' RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(&self.write)
-        .await?;
-        if let Some(row) = requested {
-            return Ok(CancelOutcome::Requested(row.try_into()?));
+        if let Some(row) = row {
+            return crate::rows::cancel_outcome(row.try_into()?);
         }
         Ok(match self.job_by_id(Some(tenant), id, &self.write).await? {
             Some(job) => CancelOutcome::AlreadyFinished(job),
@@ -408,7 +469,9 @@ impl SqliteStore {
     pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {
         let row: Option<JobRow> = sqlx::query_as(&format!(
             "UPDATE jobs SET status = 'queued', run_at = ?, retry_from = attempt, \
-             cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL \
+             cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL, \
+             held = EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant AND q.name = jobs.queue \
+               AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
              WHERE tenant = ? AND id = ? AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}"
         ))
         .bind(now)
@@ -426,19 +489,16 @@ impl SqliteStore {
     }
 
     pub async fn job_rescue_expired(&self, now: Millis) -> DbResult<u64> {
-        // Mirrors kiln_core::decide_lost.
-        let done = sqlx::query(
-            "UPDATE jobs SET \
-               status = CASE WHEN cancel_requested THEN 'cancelled' \
-                             WHEN attempt - retry_from >= max_attempts THEN 'dead' ELSE 'queued' END, \
-               finished_at = CASE WHEN cancel_requested OR attempt - retry_from >= max_attempts \
-                                  THEN ?1 ELSE NULL END, \
+        let lost = lease::LOST_STATUS;
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET status = {lost}, \
+               finished_at = CASE WHEN {lost} = 'queued' THEN NULL ELSE ?1 END, \
                run_at = ?1, error = 'lease expired: worker lost', lease_expires_at = NULL, \
                history = json_insert(history, '$[#]', json_object('attempt', attempt, \
                  'worker_id', worker_id, 'started_at', started_at, 'finished_at', ?1, \
                  'outcome', 'lost', 'exit_code', NULL, 'error', 'lease expired', 'duration_ms', NULL)) \
              WHERE status = 'running' AND lease_expires_at < ?1",
-        )
+        ))
         .bind(now)
         .execute(&self.write)
         .await?;
@@ -473,28 +533,44 @@ impl SqliteStore {
         Ok(n)
     }
 
-    pub async fn queue_list(&self) -> DbResult<Vec<QueueInfo>> {
-        let rows: Vec<QueueRow> =
-            sqlx::query_as("SELECT name, paused, concurrency_limit FROM queues ORDER BY name")
-                .fetch_all(&self.read)
-                .await?;
+    pub async fn queue_list(&self, tenant: Option<&str>) -> DbResult<Vec<QueueInfo>> {
+        let rows: Vec<QueueRow> = sqlx::query_as(&format!(
+            "SELECT {QUEUE_COLUMNS} FROM queues WHERE (?1 IS NULL OR tenant = ?1) ORDER BY tenant, name"
+        ))
+        .bind(tenant)
+        .fetch_all(&self.read)
+        .await?;
         Ok(rows.into_iter().map(QueueInfo::from).collect())
     }
 
     pub async fn queue_upsert(&self, q: &QueueInfo, now: Millis) -> DbResult<QueueInfo> {
-        let row: QueueRow = sqlx::query_as(
-            "INSERT INTO queues (name, paused, concurrency_limit, updated_at) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, \
+        let mut tx = self.write.begin().await?;
+        let row: QueueRow = sqlx::query_as(&format!(
+            "INSERT INTO queues (tenant, name, paused, concurrency_limit, updated_at) \
+             VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (tenant, name) DO UPDATE SET paused = excluded.paused, \
              concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at \
-             RETURNING name, paused, concurrency_limit",
-        )
+             RETURNING {QUEUE_COLUMNS}"
+        ))
+        .bind(&q.tenant)
         .bind(&q.name)
         .bind(q.paused)
         .bind(q.concurrency_limit)
         .bind(now)
-        .fetch_one(&self.write)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(row.into())
+        let info = QueueInfo::from(row);
+        sqlx::query(
+            "UPDATE jobs SET held = ?3 WHERE tenant = ?1 AND queue = ?2 \
+             AND status IN ('queued','scheduled','running') AND held <> ?3",
+        )
+        .bind(&info.tenant)
+        .bind(&info.name)
+        .bind(info.is_held())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(info)
     }
 
     pub async fn queue_depths(&self, tenant: Option<&str>) -> DbResult<QueueDepths> {

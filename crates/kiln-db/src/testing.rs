@@ -58,13 +58,15 @@ macro_rules! on_both_databases {
     };
 }
 
-/// Removes a schema made by `connect_postgres_schema`, with everything in it.
-pub async fn drop_postgres_schema(url: &str, schema: &str) -> Result<(), crate::DbError> {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .execute(&mut conn)
-        .await?;
-    conn.close().await?;
-    Ok(())
+/// Runs raw SQL against a test database: for tests that need the database
+/// itself to misbehave (a trigger that slows or refuses a write, a row a
+/// newer version wrote).
+pub async fn execute(db: &Db, sql: &str) -> Result<(), crate::DbError> {
+    match db {
+        Db::Sqlite(store) => store.execute_raw(sql).await,
+        Db::Postgres(store) => store.execute_raw(sql).await,
+    }
 }
+
+/// Removes a schema made by `connect_postgres_schema`, with everything in it.
+pub use crate::drop_postgres_schema;

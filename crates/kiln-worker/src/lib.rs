@@ -5,18 +5,20 @@
 //! Sandbox crates plug in by implementing [`JobHandler`]; the queue never
 //! learns about them.
 
-mod noop;
+mod gc;
+pub mod noop;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use kiln_core::{decide_outcome, AttemptEnd, AttemptRecord, LeasedJob, Millis};
-use kiln_db::{Completion, Db, WorkerInfo};
+use kiln_db::{Completion, Db, LeaseRequest, WorkerInfo};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use gc::{collect_garbage, gc_loop, Collected, Retention};
 pub use noop::NoopHandler;
 
 pub fn now_millis() -> Millis {
@@ -77,6 +79,9 @@ pub struct WorkerConfig {
     pub rescue_every: Option<Duration>,
     /// On shutdown, how long running jobs may take before they are handed back.
     pub shutdown_grace: Duration,
+    /// Most jobs of one tenant running at once across the deployment
+    /// (`TenantQuotas::jobs_running_max`); `None` for no quota.
+    pub tenant_running_max: Option<u32>,
 }
 
 impl WorkerConfig {
@@ -91,6 +96,7 @@ impl WorkerConfig {
             batch_max: 1_000,
             rescue_every: Some(Duration::from_secs(1)),
             shutdown_grace: Duration::from_secs(10),
+            tenant_running_max: Some(kiln_core::TenantQuotas::default().jobs_running_max),
         }
     }
 }
@@ -101,18 +107,92 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
+/// A lease this worker holds, from the lease until its attempt's end is on
+/// record (or handed back): the heartbeat extends exactly these.
 struct Running {
     attempt: i32,
     /// Fired by an API cancel request.
     cancel: CancellationToken,
+    /// Fired when the heartbeat finds the lease taken back: the attempt's
+    /// end would be refused, so it is not written at all.
+    lost: CancellationToken,
 }
 
-type RunningMap = Arc<Mutex<HashMap<i64, Running>>>;
+#[derive(Clone, Default)]
+struct RunningMap(Arc<Mutex<HashMap<i64, Running>>>);
+
+impl RunningMap {
+    /// The map even after a panic elsewhere poisoned its lock: every change
+    /// to it is a single insert or remove, so it is never half-updated.
+    fn lock(&self) -> MutexGuard<'_, HashMap<i64, Running>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, job: &LeasedJob) -> (CancellationToken, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let lost = CancellationToken::new();
+        self.lock().insert(
+            job.id,
+            Running {
+                attempt: job.attempt,
+                cancel: cancel.clone(),
+                lost: lost.clone(),
+            },
+        );
+        (cancel, lost)
+    }
+
+    /// Forgets a lease, unless the entry is already for a later attempt.
+    fn forget(&self, id: i64, attempt: i32) {
+        let mut map = self.lock();
+        if map.get(&id).is_some_and(|r| r.attempt == attempt) {
+            map.remove(&id);
+        }
+    }
+
+    fn held(&self) -> Vec<(i64, i32)> {
+        let mut held: Vec<(i64, i32)> =
+            self.lock().iter().map(|(id, r)| (*id, r.attempt)).collect();
+        held.sort_unstable();
+        held
+    }
+}
 
 pub struct Worker {
     db: Db,
     handlers: Handlers,
     config: WorkerConfig,
+}
+
+/// What the lease loop shares with the tasks it starts.
+struct Shared {
+    db: Db,
+    handlers: Handlers,
+    config: WorkerConfig,
+    kinds: Vec<String>,
+    slots: Arc<Semaphore>,
+    running: RunningMap,
+    done: mpsc::UnboundedSender<Completion>,
+    release: mpsc::UnboundedSender<(i64, i32)>,
+    hard_stop: CancellationToken,
+}
+
+/// The background tasks of a running worker.
+struct Background {
+    stop: CancellationToken,
+    completer: tokio::task::JoinHandle<()>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    rescuer: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How one round of leasing went.
+enum Round {
+    /// Every free slot was filled: lease again at once.
+    Full,
+    /// Fewer jobs than slots: wait for a wake-up or this long.
+    Idle(Duration),
+    /// Shutdown was asked for.
+    Stop,
 }
 
 impl Worker {
@@ -127,173 +207,261 @@ impl Worker {
     /// Runs until `shutdown` fires, then lets running jobs finish within the
     /// grace period and hands the rest back to the queue.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Worker {
-            db,
-            handlers,
-            config,
-        } = self;
-        let kinds = handlers.kinds();
-        let slots = Arc::new(Semaphore::new(config.slots));
-        let running: RunningMap = Arc::default();
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
-        let (release_tx, mut release_rx) = mpsc::unbounded_channel::<(i64, i32)>();
-        let hard_stop = CancellationToken::new();
-        let started_at = now_millis();
-        let info = WorkerInfo {
-            id: config.id.clone(),
-            host: config.host.clone(),
-            kinds: kinds.clone(),
-            slots: config.slots as i32,
-            started_at,
-            last_seen: started_at,
+        let (release_tx, release_rx) = mpsc::unbounded_channel::<(i64, i32)>();
+        let shared = Shared {
+            kinds: self.handlers.kinds(),
+            slots: Arc::new(Semaphore::new(self.config.slots)),
+            running: RunningMap::default(),
+            done: done_tx,
+            release: release_tx,
+            hard_stop: CancellationToken::new(),
+            db: self.db,
+            handlers: self.handlers,
+            config: self.config,
         };
-        if let Err(error) = db.worker_upsert(&info).await {
-            tracing::warn!(%error, "could not register worker");
-        }
-        tracing::info!(worker = %config.id, ?kinds, slots = config.slots, "worker started");
-
-        let completer = tokio::spawn(complete_loop(db.clone(), done_rx, config.batch_max));
-        let background = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat_loop(
-            db.clone(),
-            config.clone(),
-            info,
-            running.clone(),
-            background.clone(),
-        ));
-        let rescuer = config
-            .rescue_every
-            .map(|every| tokio::spawn(rescue_loop(db.clone(), every, background.clone())));
-
+        let background = register(&shared, done_rx).await;
         let mut tasks = JoinSet::new();
-        let wakeup = db.wakeup();
+        let wakeup = shared.db.wakeup();
         let mut failures = 0u32;
         let mut got_full_batch = false;
         while !shutdown.is_cancelled() {
             let notified = wakeup.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits().min(config.batch_max);
-            if free == 0 {
-                tokio::select! {
-                    permit = slots.acquire() => drop(permit),
-                    _ = shutdown.cancelled() => break,
-                }
-                continue;
-            }
-            // Under load, slots free up one by one; leasing each as it frees
-            // would mean one query per job. Let a few more finish first.
-            let busy = config.slots - slots.available_permits();
-            if free < config.slots.min(config.batch_max) / 4 && busy > 0 && got_full_batch {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_micros(500)) => {}
-                    _ = shutdown.cancelled() => break,
-                }
-            }
-            let free = slots.available_permits().min(config.batch_max);
-            let now = now_millis();
-            let leased = match db
-                .job_lease(
-                    &config.id,
-                    &kinds,
-                    free as i64,
-                    config.lease.as_millis() as i64,
-                    now,
-                )
-                .await
-            {
-                Ok(leased) => {
-                    failures = 0;
-                    leased
-                }
-                Err(error) => {
-                    failures += 1;
-                    tracing::warn!(%error, "lease failed; retrying");
-                    let pause = Duration::from_millis(50 << failures.min(5));
+            reap(&mut tasks);
+            let round = lease_round(
+                &shared,
+                &mut tasks,
+                &shutdown,
+                &mut failures,
+                &mut got_full_batch,
+            )
+            .await;
+            match round {
+                Round::Full => continue,
+                Round::Stop => break,
+                Round::Idle(idle_for) => {
                     tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep(idle_for) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    continue;
                 }
-            };
-            let got = leased.len();
-            tracing::trace!(asked = free, got, "leased");
-            got_full_batch = got == free;
-            for job in leased {
-                let permit = slots.clone().try_acquire_owned().expect("a slot was free");
-                let Some(handler) = handlers.get(&job.kind) else {
-                    continue;
-                };
-                let wait_ms = (job.started_at - job.run_at.max(job.created_at)).max(0);
-                metrics::histogram!("kiln_job_wait_seconds", "queue" => job.queue.clone())
-                    .record(wait_ms as f64 / 1000.0);
-                let cancel = CancellationToken::new();
-                running.lock().expect("running map").insert(
-                    job.id,
-                    Running {
-                        attempt: job.attempt,
-                        cancel: cancel.clone(),
-                    },
-                );
-                let ctx = RunContext {
-                    worker_id: config.id.clone(),
-                    running: running.clone(),
-                    done: done_tx.clone(),
-                    release: release_tx.clone(),
-                    hard_stop: hard_stop.clone(),
-                };
-                tasks.spawn(async move {
-                    run_one(job, handler, cancel, ctx).await;
-                    drop(permit);
-                });
-            }
-            if got == free {
-                continue;
-            }
-            let idle_for = match db.job_next_run_at(&kinds).await {
-                Ok(Some(at)) if at > now => Duration::from_millis((at - now) as u64),
-                _ => config.poll_every,
-            }
-            .min(config.poll_every);
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(idle_for) => {}
-                _ = shutdown.cancelled() => break,
             }
         }
-
-        tracing::info!(worker = %config.id, running = tasks.len(), "worker stopping");
-        let graceful = tokio::time::timeout(config.shutdown_grace, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if graceful.is_err() {
-            hard_stop.cancel();
-            while tasks.join_next().await.is_some() {}
-        }
-        drop(release_tx);
-        let mut handed_back = Vec::new();
-        while let Some(held) = release_rx.recv().await {
-            handed_back.push(held);
-        }
-        if !handed_back.is_empty() {
-            match db.job_release(&config.id, &handed_back, now_millis()).await {
-                Ok(n) => tracing::info!(n, "handed unfinished jobs back to the queue"),
-                Err(error) => tracing::warn!(%error, "hand-back failed; leases will expire"),
-            }
-        }
-        drop(done_tx);
-        let _ = completer.await;
-        background.cancel();
-        let _ = heartbeat.await;
-        if let Some(rescuer) = rescuer {
-            let _ = rescuer.await;
-        }
-        let _ = db.worker_delete(&config.id).await;
-        tracing::info!(worker = %config.id, "worker stopped");
+        drain(shared, tasks, release_rx, background).await;
     }
+}
+
+/// Records the worker and starts its completer, heartbeat and rescuer.
+async fn register(shared: &Shared, done_rx: mpsc::UnboundedReceiver<Completion>) -> Background {
+    let config = &shared.config;
+    let started_at = now_millis();
+    let info = WorkerInfo {
+        id: config.id.clone(),
+        host: config.host.clone(),
+        kinds: shared.kinds.clone(),
+        slots: config.slots as i32,
+        started_at,
+        last_seen: started_at,
+    };
+    if let Err(error) = shared.db.worker_upsert(&info).await {
+        tracing::warn!(%error, "could not register worker");
+    }
+    tracing::info!(worker = %config.id, kinds = ?shared.kinds, slots = config.slots, "worker started");
+    let stop = CancellationToken::new();
+    Background {
+        completer: tokio::spawn(complete_loop(
+            shared.db.clone(),
+            done_rx,
+            config.batch_max,
+            shared.running.clone(),
+        )),
+        heartbeat: tokio::spawn(heartbeat_loop(
+            shared.db.clone(),
+            config.clone(),
+            info,
+            shared.running.clone(),
+            stop.clone(),
+        )),
+        rescuer: config
+            .rescue_every
+            .map(|every| tokio::spawn(rescue_loop(shared.db.clone(), every, stop.clone()))),
+        stop,
+    }
+}
+
+/// Collects finished job tasks; a task that panicked outside its handler
+/// (whose panics become failed attempts) is logged, never dropped silently.
+fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(joined) = tasks.try_join_next() {
+        if let Err(error) = joined {
+            tracing::error!(%error, "a job task failed");
+        }
+    }
+}
+
+/// Leases as many jobs as there are free slots and starts them.
+async fn lease_round(
+    shared: &Shared,
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+    failures: &mut u32,
+    got_full_batch: &mut bool,
+) -> Round {
+    let config = &shared.config;
+    let slots = &shared.slots;
+    let free = slots.available_permits().min(config.batch_max);
+    if free == 0 {
+        tokio::select! {
+            permit = slots.acquire() => drop(permit),
+            _ = shutdown.cancelled() => return Round::Stop,
+        }
+        return Round::Full;
+    }
+    // Under load, slots free up one by one; leasing each as it frees would
+    // mean one query per job. Let a few more finish first.
+    let busy = config.slots - slots.available_permits();
+    if free < config.slots.min(config.batch_max) / 4 && busy > 0 && *got_full_batch {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_micros(500)) => {}
+            _ = shutdown.cancelled() => return Round::Stop,
+        }
+    }
+    let free = slots.available_permits().min(config.batch_max);
+    let now = now_millis();
+    let request = LeaseRequest {
+        worker_id: &config.id,
+        kinds: &shared.kinds,
+        limit: free as i64,
+        lease_ms: config.lease.as_millis().min(i64::MAX as u128) as i64,
+        now,
+        tenant_running_max: config.tenant_running_max,
+    };
+    let leased = match shared.db.job_lease_with(&request).await {
+        Ok(leased) => {
+            *failures = 0;
+            leased
+        }
+        Err(error) => {
+            *failures += 1;
+            tracing::warn!(%error, "lease failed; retrying");
+            let pause = Duration::from_millis(50 << (*failures).min(5));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => return Round::Stop,
+            }
+            return Round::Full;
+        }
+    };
+    let got = leased.len();
+    tracing::trace!(asked = free, got, "leased");
+    *got_full_batch = got == free;
+    for job in leased {
+        start(shared, tasks, job);
+    }
+    if got == free {
+        return Round::Full;
+    }
+    let idle_for = match shared.db.job_next_run_at(&shared.kinds).await {
+        Ok(Some(at)) if at > now => Duration::from_millis((at - now) as u64),
+        _ => config.poll_every,
+    }
+    .min(config.poll_every);
+    Round::Idle(idle_for)
+}
+
+/// Starts one leased job in a task of its own.
+fn start(shared: &Shared, tasks: &mut JoinSet<()>, job: LeasedJob) {
+    let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+        // Never happens: no more jobs are leased than slots are free. Were
+        // it to, the job goes back without costing an attempt.
+        let _ = shared.release.send((job.id, job.attempt));
+        return;
+    };
+    let Some(handler) = shared.handlers.get(&job.kind) else {
+        let _ = shared.release.send((job.id, job.attempt));
+        return;
+    };
+    let wait_ms = job
+        .started_at
+        .saturating_sub(job.run_at.max(job.created_at))
+        .max(0);
+    // Labels come from closed sets (priorities, the kinds this worker has
+    // handlers for), never from names a tenant chose.
+    metrics::histogram!("kiln_job_wait_seconds", "priority" => job.priority.as_str())
+        .record(wait_ms as f64 / 1000.0);
+    let (cancel, lost) = shared.running.insert(&job);
+    let ctx = RunContext {
+        worker_id: shared.config.id.clone(),
+        running: shared.running.clone(),
+        done: shared.done.clone(),
+        release: shared.release.clone(),
+        hard_stop: shared.hard_stop.clone(),
+        cancel,
+        lost,
+    };
+    tasks.spawn(async move {
+        run_one(job, handler, ctx).await;
+        drop(permit);
+    });
+}
+
+/// Lets running jobs finish within the grace period, hands back the rest,
+/// waits for every result to be written and stops the background tasks.
+async fn drain(
+    shared: Shared,
+    mut tasks: JoinSet<()>,
+    mut release_rx: mpsc::UnboundedReceiver<(i64, i32)>,
+    background: Background,
+) {
+    let Shared {
+        db,
+        config,
+        running,
+        done,
+        release,
+        hard_stop,
+        ..
+    } = shared;
+    tracing::info!(worker = %config.id, running = tasks.len(), "worker stopping");
+    let graceful = tokio::time::timeout(config.shutdown_grace, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(error) = joined {
+                tracing::error!(%error, "a job task failed");
+            }
+        }
+    })
+    .await;
+    if graceful.is_err() {
+        hard_stop.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+    drop(release);
+    let mut handed_back = Vec::new();
+    while let Some(held) = release_rx.recv().await {
+        handed_back.push(held);
+    }
+    if !handed_back.is_empty() {
+        match db.job_release(&config.id, &handed_back, now_millis()).await {
+            Ok(n) => tracing::info!(n, "handed unfinished jobs back to the queue"),
+            Err(error) => tracing::warn!(%error, "hand-back failed; leases will expire"),
+        }
+        for (id, attempt) in handed_back {
+            running.forget(id, attempt);
+        }
+    }
+    drop(done);
+    // The heartbeat runs until the completer has written the last result.
+    let _ = background.completer.await;
+    background.stop.cancel();
+    let _ = background.heartbeat.await;
+    if let Some(rescuer) = background.rescuer {
+        let _ = rescuer.await;
+    }
+    let _ = db.worker_delete(&config.id).await;
+    tracing::info!(worker = %config.id, "worker stopped");
 }
 
 struct RunContext {
@@ -302,6 +470,8 @@ struct RunContext {
     done: mpsc::UnboundedSender<Completion>,
     release: mpsc::UnboundedSender<(i64, i32)>,
     hard_stop: CancellationToken,
+    cancel: CancellationToken,
+    lost: CancellationToken,
 }
 
 /// Why the sandbox was killed, if it was.
@@ -309,31 +479,48 @@ enum Kill {
     Timeout,
     Cancel,
     Shutdown,
+    Lost,
 }
 
 const KILL_GRACE: Duration = Duration::from_millis(500);
 
-async fn run_one(
-    job: LeasedJob,
-    handler: Arc<dyn JobHandler>,
-    cancel: CancellationToken,
-    ctx: RunContext,
-) {
+/// Longest error text a worker writes.
+const ERROR_MAX: usize = 4096;
+
+async fn run_one(job: LeasedJob, handler: Arc<dyn JobHandler>, ctx: RunContext) {
     let started = Instant::now();
     let kill = CancellationToken::new();
     let timeout = Duration::from_millis(job.timeout_ms.max(1) as u64);
-    let run = handler.run(&job, kill.clone());
-    tokio::pin!(run);
+    // The handler runs in a task of its own, so a panic in it ends this
+    // attempt as failed (and is logged) instead of unwinding past the
+    // bookkeeping of its lease.
+    let mut run = tokio::spawn({
+        let job = job.clone();
+        let kill = kill.clone();
+        async move { handler.run(&job, kill).await }
+    });
     let (end, reason) = tokio::select! {
-        end = &mut run => (Some(end), None),
-        _ = tokio::time::sleep(timeout) => (stop(&kill, &mut run).await, Some(Kill::Timeout)),
-        _ = cancel.cancelled() => (stop(&kill, &mut run).await, Some(Kill::Cancel)),
-        _ = ctx.hard_stop.cancelled() => (stop(&kill, &mut run).await, Some(Kill::Shutdown)),
+        end = &mut run => (Some(handler_end(&job, end)), None),
+        _ = tokio::time::sleep(timeout) => (stop(&kill, &mut run, &job).await, Some(Kill::Timeout)),
+        _ = ctx.cancel.cancelled() => (stop(&kill, &mut run, &job).await, Some(Kill::Cancel)),
+        _ = ctx.lost.cancelled() => (stop(&kill, &mut run, &job).await, Some(Kill::Lost)),
+        _ = ctx.hard_stop.cancelled() => (stop(&kill, &mut run, &job).await, Some(Kill::Shutdown)),
     };
-    ctx.running.lock().expect("running map").remove(&job.id);
     let end = match (reason, end) {
         (None, Some(end)) => end,
         (Some(Kill::Cancel), _) => AttemptEnd::Cancelled,
+        (Some(Kill::Lost), _) => {
+            // Another worker owns the job now; whatever this attempt wrote
+            // would be refused, and it is no cancel.
+            tracing::info!(
+                id = job.id,
+                attempt = job.attempt,
+                "lease lost; attempt abandoned"
+            );
+            metrics::counter!("kiln_leases_lost_total").increment(1);
+            ctx.running.forget(job.id, job.attempt);
+            return;
+        }
         (Some(Kill::Shutdown), _) => {
             let _ = ctx.release.send((job.id, job.attempt));
             return;
@@ -345,58 +532,108 @@ async fn run_one(
     let elapsed = started.elapsed();
     metrics::histogram!("kiln_job_run_seconds", "kind" => job.kind.clone())
         .record(elapsed.as_secs_f64());
+    let completion = completion(&job, &end, &ctx.worker_id, elapsed);
+    metrics::counter!("kiln_jobs_finished_total", "status" => completion.status.as_str())
+        .increment(1);
+    // The lease stays in the running map, and so keeps being extended,
+    // until the completer has written this.
+    if ctx.done.send(completion).is_err() {
+        ctx.running.forget(job.id, job.attempt);
+    }
+}
+
+/// The attempt's end as the handler's task gave it: a panic is a failure.
+fn handler_end(job: &LeasedJob, joined: Result<AttemptEnd, tokio::task::JoinError>) -> AttemptEnd {
+    match joined {
+        Ok(end) => end,
+        Err(error) => {
+            let message = match error.try_into_panic() {
+                Ok(payload) => panic_message(payload.as_ref()),
+                Err(error) => error.to_string(),
+            };
+            tracing::error!(id = job.id, kind = %job.kind, panic = %message, "job handler panicked");
+            AttemptEnd::Failed {
+                result: None,
+                error: kiln_core::names::sanitise_message(
+                    &format!("the {} handler panicked: {message}", job.kind),
+                    ERROR_MAX,
+                ),
+                permanent: false,
+            }
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
+/// The record of one attempt's end, ready for the completer.
+fn completion(job: &LeasedJob, end: &AttemptEnd, worker_id: &str, elapsed: Duration) -> Completion {
     let now = now_millis();
-    let outcome = decide_outcome(&job, &end, now, rand_unit());
-    let status = outcome.status();
-    metrics::counter!("kiln_jobs_finished_total", "status" => status.as_str()).increment(1);
+    let outcome = decide_outcome(job, end, now, rand::random::<f64>());
     let result = end.result().cloned();
+    let error = end
+        .error()
+        .map(|e| kiln_core::names::sanitise_message(&e, ERROR_MAX));
     let record = AttemptRecord {
         attempt: job.attempt,
-        worker_id: Some(ctx.worker_id.clone()),
+        worker_id: Some(worker_id.to_string()),
         started_at: Some(job.started_at),
         finished_at: now,
         outcome: end.label().to_string(),
         exit_code: result.as_ref().map(|r| r.exit_code),
-        error: end.error(),
-        duration_ms: Some(elapsed.as_millis() as i64),
+        error: error.clone(),
+        duration_ms: Some(elapsed.as_millis().min(i64::MAX as u128) as i64),
     };
-    let completion = Completion {
+    Completion {
         id: job.id,
         attempt: job.attempt,
-        status,
+        status: outcome.status(),
         run_at: match outcome {
             kiln_core::Outcome::Retry { run_at } => Some(run_at),
             _ => None,
         },
         result,
-        error: end.error(),
+        error,
         record,
-    };
-    let _ = ctx.done.send(completion);
+    }
 }
 
-/// Fires the kill switch and gives the handler a moment to return what it has.
-async fn stop<F>(kill: &CancellationToken, run: &mut std::pin::Pin<&mut F>) -> Option<AttemptEnd>
-where
-    F: std::future::Future<Output = AttemptEnd>,
-{
+/// Fires the kill switch and gives the handler a moment to return what it
+/// has; past that, its task is aborted.
+async fn stop(
+    kill: &CancellationToken,
+    run: &mut tokio::task::JoinHandle<AttemptEnd>,
+    job: &LeasedJob,
+) -> Option<AttemptEnd> {
     kill.cancel();
-    tokio::time::timeout(KILL_GRACE, run.as_mut()).await.ok()
-}
-
-fn rand_unit() -> f64 {
-    // The low bits of the clock are plenty for backoff jitter.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos % 1_000_000) as f64 / 1_000_000.0
+    match tokio::time::timeout(KILL_GRACE, &mut *run).await {
+        Ok(joined) => Some(handler_end(job, joined)),
+        Err(_) => {
+            run.abort();
+            None
+        }
+    }
 }
 
 /// Writes results as they come, batching whatever queued up during the
-/// previous write. A failed write is retried until the database is back:
-/// results are never dropped while the process lives.
-async fn complete_loop(db: Db, mut rx: mpsc::UnboundedReceiver<Completion>, batch_max: usize) {
+/// previous write. Only an unavailable database makes it retry (the store
+/// quarantines a result it refuses), so results are never dropped while the
+/// process lives and one bad result never blocks the rest. Each lease is
+/// forgotten, and so stops being extended, once its result is on record.
+async fn complete_loop(
+    db: Db,
+    mut rx: mpsc::UnboundedReceiver<Completion>,
+    batch_max: usize,
+    running: RunningMap,
+) {
     let mut batch = Vec::with_capacity(batch_max);
     while rx.recv_many(&mut batch, batch_max).await > 0 {
         // The first result of a burst usually arrives alone while its
@@ -412,25 +649,37 @@ async fn complete_loop(db: Db, mut rx: mpsc::UnboundedReceiver<Completion>, batc
                 }
             }
         }
-        let mut failures = 0u32;
-        loop {
-            match db.job_complete_many(&batch).await {
-                Ok(applied) => {
-                    tracing::trace!(n = batch.len(), "results written");
-                    let stale = batch.len() - applied.len();
-                    if stale > 0 {
-                        tracing::info!(stale, "results refused: their leases had moved on");
-                    }
-                    break;
-                }
-                Err(error) => {
-                    failures += 1;
-                    tracing::warn!(%error, n = batch.len(), "writing results failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
-                }
-            }
+        batch.sort_by_key(|c| c.id);
+        write_results(&db, &batch).await;
+        for completion in &batch {
+            running.forget(completion.id, completion.attempt);
         }
         batch.clear();
+    }
+}
+
+async fn write_results(db: &Db, batch: &[Completion]) {
+    let mut failures = 0u32;
+    loop {
+        match db.job_complete_many(batch).await {
+            Ok(completed) => {
+                tracing::trace!(n = batch.len(), "results written");
+                let stale = batch.len() - completed.applied.len() - completed.quarantined.len();
+                if stale > 0 {
+                    tracing::info!(stale, "results refused: their leases had moved on");
+                }
+                if !completed.quarantined.is_empty() {
+                    metrics::counter!("kiln_results_quarantined_total")
+                        .increment(completed.quarantined.len() as u64);
+                }
+                return;
+            }
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, n = batch.len(), "the database is unavailable; retrying the results");
+                tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
+            }
+        }
     }
 }
 
@@ -448,32 +697,12 @@ async fn heartbeat_loop(
             _ = ticker.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let held: Vec<(i64, i32)> = running
-            .lock()
-            .expect("running map")
-            .iter()
-            .map(|(id, r)| (*id, r.attempt))
-            .collect();
+        let held = running.held();
         if !held.is_empty() {
-            let until = now_millis() + config.lease.as_millis() as i64;
+            let lease_ms = config.lease.as_millis().min(i64::MAX as u128) as i64;
+            let until = now_millis().saturating_add(lease_ms);
             match db.job_heartbeat(&config.id, &held, until).await {
-                Ok(alive) => {
-                    let alive: HashMap<i64, bool> = alive.into_iter().collect();
-                    let map = running.lock().expect("running map");
-                    for (id, attempt) in held {
-                        let cancel = match alive.get(&id) {
-                            Some(requested) => *requested,
-                            // The lease moved on (expired and was taken over):
-                            // this attempt's result would be refused anyway.
-                            None => true,
-                        };
-                        if let Some(entry) = map.get(&id) {
-                            if cancel && entry.attempt == attempt {
-                                entry.cancel.cancel();
-                            }
-                        }
-                    }
-                }
+                Ok(alive) => signal(&running, &held, alive),
                 Err(error) => tracing::warn!(%error, "heartbeat failed"),
             }
         }
@@ -483,6 +712,23 @@ async fn heartbeat_loop(
             if let Err(error) = db.worker_upsert(&info).await {
                 tracing::debug!(%error, "worker heartbeat failed");
             }
+        }
+    }
+}
+
+/// Tells each attempt what its heartbeat learnt: a cancel request, or that
+/// the lease is gone.
+fn signal(running: &RunningMap, held: &[(i64, i32)], alive: Vec<(i64, bool)>) {
+    let alive: HashMap<i64, bool> = alive.into_iter().collect();
+    let map = running.lock();
+    for (id, attempt) in held {
+        let Some(entry) = map.get(id).filter(|e| e.attempt == *attempt) else {
+            continue;
+        };
+        match alive.get(id) {
+            Some(true) => entry.cancel.cancel(),
+            Some(false) => {}
+            None => entry.lost.cancel(),
         }
     }
 }
@@ -501,5 +747,20 @@ pub async fn rescue_loop(db: Db, every: Duration, stop: CancellationToken) {
             Ok(n) => tracing::info!(n, "took back jobs whose lease expired"),
             Err(error) => tracing::debug!(%error, "rescue failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_become_messages() {
+        let payload: Box<dyn std::any::Any + Send> = Box::new("boom");
+        assert_eq!(panic_message(payload.as_ref()), "boom");
+        let payload: Box<dyn std::any::Any + Send> = Box::new(format!("boom {}", 2));
+        assert_eq!(panic_message(payload.as_ref()), "boom 2");
+        let payload: Box<dyn std::any::Any + Send> = Box::new(3);
+        assert_eq!(panic_message(payload.as_ref()), "a panic without a message");
     }
 }

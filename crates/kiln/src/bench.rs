@@ -50,6 +50,10 @@ pub struct QueueArgs {
     slots: usize,
     #[arg(long, default_value_t = 1_000)]
     latency_samples: usize,
+    /// Jobs parked in a paused queue, and as many again of a kind no worker
+    /// handles, to show that leasing does not slow down beside them (0: skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: usize,
 }
 
 #[derive(Args)]
@@ -257,14 +261,115 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
         ms(percentile(&samples, 0.99)),
         ms(percentile(&samples, 1.0))
     );
+    if args.backlog > 0 {
+        backlog(&db, &drain_db, args.backlog, args.slots).await?;
+    }
     db.close().await;
     if let Some(other) = other {
         other.close().await;
         if let Some(url) = &args.database_url {
-            kiln_db::testing::drop_postgres_schema(url, &bench_schema()).await?;
+            kiln_db::drop_postgres_schema(url, &bench_schema()).await?;
         }
     }
     Ok(())
+}
+
+/// Leasing beside a backlog no worker may take: `size` jobs in a paused
+/// queue and as many of a kind no worker handles. Idle lease calls and a
+/// drain of fresh jobs are timed before and after the backlog is added.
+async fn backlog(db: &Db, drain_db: &Db, size: usize, slots: usize) -> anyhow::Result<()> {
+    let before = lease_costs(db, drain_db, slots, "before").await?;
+    let started = Instant::now();
+    db.queue_upsert(
+        &kiln_db::QueueInfo {
+            paused: true,
+            ..kiln_db::QueueInfo::open("bench-backlog", "parked")
+        },
+        now_millis(),
+    )
+    .await?;
+    let now = now_millis();
+    for (kind, queue) in [("noop", "parked"), ("unhandled", "default")] {
+        for chunk in (0..size).collect::<Vec<_>>().chunks(5_000) {
+            let batch: Vec<NewJob> = chunk
+                .iter()
+                .map(|_| {
+                    let mut job = NewJob::new("bench-backlog", kind, json!({}));
+                    job.queue = queue.to_string();
+                    job
+                })
+                .collect();
+            db.job_insert_many(&batch, now).await?;
+        }
+    }
+    eprintln!(
+        "backlog of {} jobs added in {:.1} s",
+        2 * size,
+        started.elapsed().as_secs_f64()
+    );
+    let after = lease_costs(db, drain_db, slots, "after").await?;
+    println!(
+        "| idle lease call, {size} jobs in a paused queue + {size} of an unhandled kind | \
+         before {} · after {} (p50) |",
+        ms(before.0),
+        ms(after.0)
+    );
+    println!(
+        "| drain 10,000 no-op jobs beside that backlog | before {:.0} jobs/s · after {:.0} jobs/s |",
+        before.1, after.1
+    );
+    Ok(())
+}
+
+/// The median of idle lease calls (nothing runnable, as a polling worker
+/// sees it) and the drain rate of 10,000 fresh no-op jobs.
+async fn lease_costs(
+    db: &Db,
+    drain_db: &Db,
+    slots: usize,
+    label: &str,
+) -> anyhow::Result<(Duration, f64)> {
+    let kinds = vec!["noop".to_string()];
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let got = db
+            .job_lease("bench-idle", &kinds, 100, 30_000, now_millis())
+            .await?;
+        db.job_next_run_at(&kinds).await?;
+        samples.push(started.elapsed());
+        anyhow::ensure!(got.is_empty(), "the backlog must not be leased");
+    }
+    samples.sort();
+    let tenant = format!("bench-drain-{label}");
+    let n = 10_000;
+    let now = now_millis();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+        let batch: Vec<NewJob> = chunk
+            .iter()
+            .map(|_| NewJob::new(&tenant, "noop", json!({})))
+            .collect();
+        db.job_insert_many(&batch, now).await?;
+    }
+    let started = Instant::now();
+    let (stop, task) = worker(
+        drain_db,
+        Handlers::new().with("noop", Arc::new(NoopHandler)),
+        slots,
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = db.job_count_by_status(Some(&tenant)).await?;
+        if done.get("succeeded").copied().unwrap_or(0) >= n as i64 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "drain {label} not done in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    stop.cancel();
+    task.await?;
+    Ok((percentile(&samples, 0.5), n as f64 / took.as_secs_f64()))
 }
 
 fn rss_kib() -> u64 {

@@ -82,6 +82,21 @@ enum Command {
     /// Benchmarks; results go to stdout as Markdown.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Delete finished jobs past their retention (in batches) and workers
+    /// long silent, once; `kiln scheduler` does it in the background.
+    Gc(GcArgs),
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Keep finished jobs for this many hours after they finished.
+    #[arg(long, default_value_t = 168)]
+    keep_hours: u64,
+    /// Most jobs one delete statement removes.
+    #[arg(long, default_value_t = 1_000)]
+    batch: i64,
 }
 
 #[derive(Subcommand)]
@@ -357,7 +372,25 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),
+        Command::Gc(args) => gc(args).await,
     }
+}
+
+async fn gc(args: GcArgs) -> anyhow::Result<i32> {
+    let db = serve::open_db(&args.server.settings()?).await?;
+    let retention = kiln_worker::Retention {
+        finished_jobs: std::time::Duration::from_secs(args.keep_hours.saturating_mul(3600)),
+        batch: args.batch.max(1),
+        ..kiln_worker::Retention::default()
+    };
+    let now = kiln_worker::now_millis();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let done = kiln_worker::collect_garbage(&db, &retention, now, &stop).await?;
+    eprintln!(
+        "deleted {} finished jobs ({} statements) and {} silent workers",
+        done.jobs, done.batches, done.workers
+    );
+    Ok(0)
 }
 
 async fn keys(command: KeysCommand) -> anyhow::Result<i32> {

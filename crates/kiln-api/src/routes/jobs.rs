@@ -160,10 +160,10 @@ impl SubmitJob {
             (Some(at), None) => Some(parse_time(&at).ok_or_else(|| {
                 ApiError::invalid("run_at must be an RFC 3339 time such as 2026-01-01T00:00:00Z")
             })?),
-            (None, Some(delay)) if delay < 0 => {
-                return Err(ApiError::invalid("delay_ms must not be negative"))
-            }
-            (None, Some(delay)) => Some(now + delay),
+            (None, Some(delay)) => Some(
+                kiln_core::run_at_after(now, delay)
+                    .map_err(|e| ApiError::invalid(e.to_string()))?,
+            ),
             (None, None) => None,
         };
         job.validate()

@@ -1,10 +1,15 @@
 //! `/api/v1/queues`: depth, running, pause, resume, concurrency limits.
+//!
+//! A queue is a name inside a tenant: each tenant's pause and limit apply to
+//! its own jobs in a queue of that name, and a tenant sees only its own
+//! queues. So a tenant's admin controls its queues, and no key of one
+//! tenant can see, hold up or throttle another's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::Router;
 use kiln_core::{Priority, Scope};
 use kiln_db::QueueInfo;
@@ -18,7 +23,7 @@ use crate::{now_millis, AppState};
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/queues", get(list_queues))
-        .route("/queues/{name}", put(update_queue))
+        .route("/queues/{name}", get(get_queue).put(update_queue))
         .route("/queues/{name}/pause", post(pause_queue))
         .route("/queues/{name}/resume", post(resume_queue))
 }
@@ -27,7 +32,8 @@ pub fn router() -> Router<Arc<AppState>> {
 pub struct QueueView {
     pub name: String,
     pub paused: bool,
-    /// Most jobs of this queue running at once, across all workers.
+    /// Most of the caller's jobs in this queue running at once, across all
+    /// workers.
     pub concurrency_limit: Option<i32>,
     /// The caller's jobs waiting to run, by priority.
     pub waiting: BTreeMap<String, i64>,
@@ -63,9 +69,8 @@ mod double_option {
     }
 }
 
-async fn views(state: &AppState, tenant: &str) -> ApiResult<Vec<QueueView>> {
-    let mut views: BTreeMap<String, QueueView> = BTreeMap::new();
-    let blank = |name: &str| QueueView {
+fn blank(name: &str) -> QueueView {
+    QueueView {
         name: name.to_string(),
         paused: false,
         concurrency_limit: None,
@@ -74,8 +79,14 @@ async fn views(state: &AppState, tenant: &str) -> ApiResult<Vec<QueueView>> {
             .map(|p| (p.as_str().to_string(), 0))
             .collect(),
         running: 0,
-    };
-    for queue in state.db.queue_list().await? {
+    }
+}
+
+/// The tenant's queues: those with settings, with waiting or running jobs,
+/// and `default`.
+async fn views(state: &AppState, tenant: &str) -> ApiResult<Vec<QueueView>> {
+    let mut views: BTreeMap<String, QueueView> = BTreeMap::new();
+    for queue in state.db.queue_list(Some(tenant)).await? {
         let view = views
             .entry(queue.name.clone())
             .or_insert_with(|| blank(&queue.name));
@@ -98,7 +109,19 @@ async fn views(state: &AppState, tenant: &str) -> ApiResult<Vec<QueueView>> {
     Ok(views.into_values().collect())
 }
 
-/// Queues with the caller's waiting and running jobs.
+async fn view(state: &AppState, tenant: &str, name: &str) -> ApiResult<QueueView> {
+    Ok(views(state, tenant)
+        .await?
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| blank(name)))
+}
+
+fn check_queue_name(name: &str) -> ApiResult<()> {
+    kiln_core::validate_name("queue", name).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// The caller's queues with its waiting and running jobs.
 #[utoipa::path(get, path = "/api/v1/queues", tag = "queues",
     responses((status = 200, body = QueueList)), security(("bearer" = [])))]
 pub async fn list_queues(
@@ -111,6 +134,21 @@ pub async fn list_queues(
     }))
 }
 
+/// One of the caller's queues (any valid name: a queue without settings or
+/// jobs is running, unlimited and empty).
+#[utoipa::path(get, path = "/api/v1/queues/{name}", tag = "queues",
+    responses((status = 200, body = QueueView), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_queue(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<QueueView>> {
+    caller.require(Scope::Read)?;
+    check_queue_name(&name)?;
+    Ok(Json(view(&state, &caller.tenant, &name).await?))
+}
+
 async fn set(
     state: &AppState,
     caller: &Caller,
@@ -118,35 +156,21 @@ async fn set(
     edit: UpdateQueue,
 ) -> ApiResult<QueueView> {
     caller.require(Scope::Admin)?;
-    kiln_core::validate_name("queue", name).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let current = state
-        .db
-        .queue_list()
-        .await?
-        .into_iter()
-        .find(|q| q.name == name)
-        .unwrap_or(QueueInfo {
-            name: name.to_string(),
-            paused: false,
-            concurrency_limit: None,
-        });
+    check_queue_name(name)?;
+    let current = state.db.queue_get(&caller.tenant, name).await?;
     let wanted = QueueInfo {
-        name: name.to_string(),
         paused: edit.paused.unwrap_or(current.paused),
         concurrency_limit: edit.concurrency_limit.unwrap_or(current.concurrency_limit),
+        ..current
     };
     if wanted.concurrency_limit.is_some_and(|n| n < 1) {
         return Err(ApiError::invalid("concurrency_limit must be at least 1"));
     }
     state.db.queue_upsert(&wanted, now_millis()).await?;
-    views(state, &caller.tenant)
-        .await?
-        .into_iter()
-        .find(|v| v.name == name)
-        .ok_or_else(|| ApiError::internal("queue vanished after update"))
+    view(state, &caller.tenant, name).await
 }
 
-/// Set a queue's pause state or concurrency limit (admin).
+/// Set the pause state or concurrency limit of one of the caller's queues (admin).
 #[utoipa::path(put, path = "/api/v1/queues/{name}", tag = "queues", request_body = UpdateQueue,
     responses((status = 200, body = QueueView), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn update_queue(
@@ -158,7 +182,7 @@ pub async fn update_queue(
     Ok(Json(set(&state, &caller, &name, edit).await?))
 }
 
-/// Stop handing out this queue's jobs (admin).
+/// Stop handing out the caller's jobs in this queue (admin).
 #[utoipa::path(post, path = "/api/v1/queues/{name}/pause", tag = "queues",
     responses((status = 200, body = QueueView)), security(("bearer" = [])))]
 pub async fn pause_queue(
@@ -173,7 +197,7 @@ pub async fn pause_queue(
     Ok(Json(set(&state, &caller, &name, edit).await?))
 }
 
-/// Hand out this queue's jobs again (admin).
+/// Hand out the caller's jobs in this queue again (admin).
 #[utoipa::path(post, path = "/api/v1/queues/{name}/resume", tag = "queues",
     responses((status = 200, body = QueueView)), security(("bearer" = [])))]
 pub async fn resume_queue(

@@ -1,0 +1,100 @@
+//! Retention: finished jobs are kept for a while, so their results can be
+//! read, then deleted in batches; so are workers that died without a
+//! graceful stop. `kiln gc` runs one pass, and [`gc_loop`] runs them in the
+//! background.
+
+use std::time::Duration;
+
+use kiln_db::{Db, DbResult};
+use tokio_util::sync::CancellationToken;
+
+use crate::now_millis;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// How long a finished job (succeeded, failed, cancelled or dead) is
+    /// kept after it finished.
+    pub finished_jobs: Duration,
+    /// How long a worker that stopped heartbeating stays listed.
+    pub silent_workers: Duration,
+    /// Most rows one delete statement removes; a pass loops until done.
+    pub batch: i64,
+    /// How often the background task runs a pass.
+    pub every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            finished_jobs: Duration::from_secs(7 * 24 * 3600),
+            silent_workers: Duration::from_secs(24 * 3600),
+            batch: 1_000,
+            every: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one pass removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    pub jobs: u64,
+    pub workers: u64,
+    /// Delete statements run: one more than the full batches.
+    pub batches: u64,
+}
+
+fn before(now: kiln_core::Millis, keep: Duration) -> kiln_core::Millis {
+    now.saturating_sub(keep.as_millis().min(i64::MAX as u128) as i64)
+}
+
+/// One pass at time `now`: deletes, batch by batch, every job that finished
+/// longer than `retention.finished_jobs` ago, then silent workers. `stop`
+/// ends the pass between batches.
+pub async fn collect_garbage(
+    db: &Db,
+    retention: &Retention,
+    now: kiln_core::Millis,
+    stop: &CancellationToken,
+) -> DbResult<Collected> {
+    let mut collected = Collected::default();
+    let cutoff = before(now, retention.finished_jobs);
+    let batch = retention.batch.max(1);
+    while !stop.is_cancelled() {
+        let n = db.job_delete_finished(cutoff, batch).await?;
+        collected.jobs += n;
+        collected.batches += 1;
+        if (n as i64) < batch {
+            break;
+        }
+        // Give the queue's own statements room between batches.
+        tokio::task::yield_now().await;
+    }
+    collected.workers = db
+        .worker_delete_stale(before(now, retention.silent_workers))
+        .await?;
+    Ok(collected)
+}
+
+/// Runs [`collect_garbage`] every `retention.every` until `stop` fires.
+pub async fn gc_loop(db: Db, retention: Retention, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(retention.every.max(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match collect_garbage(&db, &retention, now_millis(), &stop).await {
+            Ok(Collected {
+                jobs: 0,
+                workers: 0,
+                ..
+            }) => {}
+            Ok(collected) => tracing::info!(
+                jobs = collected.jobs,
+                workers = collected.workers,
+                "deleted finished jobs and silent workers past retention"
+            ),
+            Err(error) => tracing::warn!(%error, "retention pass failed"),
+        }
+    }
+}
