@@ -26,8 +26,8 @@ use crate::{
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    write: SqlitePool,
-    read: SqlitePool,
+    pub(crate) write: SqlitePool,
+    pub(crate) read: SqlitePool,
     pub(crate) wakeup: Arc<Notify>,
     pub(crate) waiters: Arc<crate::Waiters>,
 }
