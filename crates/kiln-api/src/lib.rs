@@ -95,7 +95,7 @@ impl AppState {
         routes::modules::delete_module,
         routes::system::list_workers,
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
-        routes::vms::execute, routes::vms::upload, routes::vms::download,
+        routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),

@@ -1,12 +1,14 @@
 //! MicroVMs through the HTTP API and through the queue (`vm` jobs), with
-//! real VMs, on both databases.
+//! real VMs. Routes run on SQLite; the queue kinds on both databases.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
+use futures::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use kiln_api::AppState;
 use kiln_blob::BlobStore;
@@ -16,10 +18,65 @@ use kiln_vm::manager::probe_accelerator;
 use kiln_vm::{testing, VmManager};
 use kiln_worker::{Handlers, Worker, WorkerConfig};
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-kiln_db::on_both_databases!(vms_through_the_api_and_the_queue);
+kiln_db::on_both_databases!(
+    the_vm_kind_runs_a_command_in_a_fresh_vm,
+    the_vm_tasks_create_execute_and_delete
+);
+
+struct Harness {
+    db: Db,
+    state: Arc<AppState>,
+    app: Router,
+    vms: Arc<VmManager>,
+    key: String,
+    other: String,
+    reader: String,
+    work: PathBuf,
+}
+
+async fn harness(db: Db) -> Harness {
+    let image = testing::test_image().await;
+    let work = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-api-vms"));
+    let accelerator =
+        probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
+    let vms = VmManager::new(&testing::images_dir(), &work.join("vms"), accelerator).unwrap();
+    let blobs = BlobStore::local(&work.join("blobs")).unwrap();
+    let issue = |tenant: &'static str, scope: Scope| {
+        let db = db.clone();
+        async move {
+            kiln_api::issue_key(&db, tenant, "t", Scopes(vec![scope]))
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    let key = issue("acme", Scope::Write).await;
+    let other = issue("globex", Scope::Write).await;
+    let reader = issue("acme", Scope::Read).await;
+    let state = AppState::with_vms(db.clone(), blobs, None, Some(vms.clone()));
+    Harness {
+        app: kiln_api::app(state.clone()),
+        db,
+        state,
+        vms,
+        key,
+        other,
+        reader,
+        work,
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.work.join("blobs"));
+    }
+}
 
 async fn send(
     app: &Router,
@@ -27,27 +84,19 @@ async fn send(
     path: &str,
     key: &str,
     content_type: &str,
-    body: Vec<u8>,
+    body: Body,
 ) -> (StatusCode, Vec<u8>) {
     let request = Request::builder()
         .method(method)
         .uri(path)
         .header("authorization", format!("Bearer {key}"))
         .header("content-type", content_type)
-        .body(Body::from(body))
+        .body(body)
         .unwrap();
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    (
-        status,
-        response
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, bytes.to_vec())
 }
 
 async fn call(
@@ -63,7 +112,7 @@ async fn call(
         path,
         key,
         "application/json",
-        body.to_string().into_bytes(),
+        Body::from(body.to_string()),
     )
     .await;
     (
@@ -72,165 +121,552 @@ async fn call(
     )
 }
 
-async fn vms_through_the_api_and_the_queue(db: Db) {
-    let image = testing::test_image().await;
-    let work = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-api-vms"));
-    let accelerator =
-        probe_accelerator(image, &work, &testing::images_dir().join("accelerator")).await;
-    let vms = VmManager::new(&testing::images_dir(), &work.join("vms"), accelerator).unwrap();
-    let blobs = BlobStore::local(&work.join("blobs")).unwrap();
-    let key = kiln_api::issue_key(&db, "acme", "t", Scopes(vec![Scope::Write]))
-        .await
-        .unwrap()
-        .1;
-    let other = kiln_api::issue_key(&db, "globex", "t", Scopes(vec![Scope::Write]))
-        .await
-        .unwrap()
-        .1;
-    let app = kiln_api::app(AppState::with_vms(
-        db.clone(),
-        blobs,
-        None,
-        Some(vms.clone()),
-    ));
+impl Harness {
+    /// A new VM of the default shape for tenant acme.
+    async fn boot(&self) -> String {
+        let (status, vm) = call(
+            &self.app,
+            "POST",
+            "/api/v1/vms",
+            &self.key,
+            json!({"labels": {"t": "1"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{vm}");
+        vm["id"].as_str().unwrap().to_string()
+    }
 
-    let (status, vm) = call(
-        &app,
-        "POST",
-        "/api/v1/vms",
-        &key,
-        json!({"memory_mib": 128, "labels": {"t": "1"}}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{vm}");
-    assert_eq!(vm["accelerator"], accelerator.as_str());
-    let id = vm["id"].as_str().unwrap().to_string();
+    async fn execute(&self, id: &str, body: Value) -> (StatusCode, Value) {
+        call(
+            &self.app,
+            "POST",
+            &format!("/api/v1/vms/{id}/execute"),
+            &self.key,
+            body,
+        )
+        .await
+    }
+
+    async fn sh(&self, id: &str, script: &str) -> Value {
+        let (status, out) = self
+            .execute(id, json!({"command": "sh", "args": ["-c", script]}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+        out
+    }
+
+    /// Waits until the guest has written `file`.
+    async fn wait_for_file(&self, id: &str, file: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.sh(id, &format!("test -s {file}")).await["exit_code"] != 0 {
+            assert!(Instant::now() < deadline, "{file} never appeared");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the process whose pid is in `file` is gone from the
+    /// guest: a command whose client left must not run on.
+    async fn wait_until_gone(&self, id: &str, file: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.sh(id, &format!("kill -0 $(cat {file})")).await["exit_code"] == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the command in {file} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The API on a real socket (WebSocket and disconnect tests).
+    async fn listen(&self) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let done = stop.clone();
+        tokio::spawn(kiln_api::serve(listener, self.state.clone(), async move {
+            done.cancelled().await
+        }));
+        (addr, stop)
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn websocket(addr: std::net::SocketAddr, id: &str, key: &str) -> Socket {
+    let mut request = format!("ws://{addr}/api/v1/vms/{id}/exec/ws")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+/// Everything the server sends until it closes: (stdout, stderr, text
+/// messages), with a hang guard.
+async fn drain(ws: &mut Socket) -> (Vec<u8>, Vec<u8>, Vec<Value>) {
+    let (mut stdout, mut stderr, mut texts) = (Vec::new(), Vec::new(), Vec::new());
+    let collect = async {
+        while let Some(Ok(message)) = ws.next().await {
+            match message {
+                Message::Binary(data) => match data.first() {
+                    Some(1) => stdout.extend_from_slice(&data[1..]),
+                    Some(2) => stderr.extend_from_slice(&data[1..]),
+                    other => panic!("output on stream {other:?}"),
+                },
+                Message::Text(text) => texts.push(serde_json::from_str(&text).unwrap()),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(90), collect)
+        .await
+        .expect("the socket closes");
+    (stdout, stderr, texts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_finds_no_vm_on_any_route() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let id = h.boot().await;
+    let vm = format!("/api/v1/vms/{id}");
+    let (status, _) = call(&h.app, "GET", &vm, &h.other, Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = call(
-        &app,
-        "GET",
-        &format!("/api/v1/vms/{id}"),
-        &other,
-        Value::Null,
+        &h.app,
+        "POST",
+        &format!("{vm}/execute"),
+        &h.other,
+        json!({"command": "true"}),
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-
-    // The accelerator, live VMs and start times are in /metrics.
-    let (status, text) = send(&app, "GET", "/metrics", &key, "text/plain", Vec::new()).await;
-    assert_eq!(status, StatusCode::OK);
-    let text = String::from_utf8(text).unwrap();
-    let accelerator_line = format!(
-        "kiln_vm_accelerator{{accelerator=\"{}\"}} 1",
-        accelerator.as_str()
-    );
-    assert!(text.contains(&accelerator_line), "{text}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("kiln_vms_live ") && l != "kiln_vms_live 0"),
-        "{text}"
-    );
-    assert!(text.contains("kiln_vm_start_seconds_count{how="), "{text}");
-
-    let (status, out) = call(
-        &app,
-        "POST",
-        &format!("/api/v1/vms/{id}/execute"),
-        &key,
-        json!({"command": "sh", "args": ["-c", "echo hi; exit 3"], "timeout_ms": 5000}),
+    let (status, _) = send(
+        &h.app,
+        "PUT",
+        &format!("{vm}/files?path=/tmp/x"),
+        &h.other,
+        "application/octet-stream",
+        Body::from("x"),
     )
     .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = send(
+        &h.app,
+        "GET",
+        &format!("{vm}/files?path=/etc/hostname"),
+        &h.other,
+        "",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = call(
+        &h.app,
+        "GET",
+        &format!("{vm}/exec/ws"),
+        &h.other,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (_, list) = call(&h.app, "GET", "/api/v1/vms", &h.other, Value::Null).await;
+    assert_eq!(list["vms"], json!([]));
+    let (status, _) = call(&h.app, "DELETE", &vm, &h.other, Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // And over a real WebSocket handshake.
+    let (addr, stop) = h.listen().await;
+    let mut request = format!("ws://{addr}{vm}/exec/ws")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", h.other).parse().unwrap(),
+    );
+    assert!(tokio_tungstenite::connect_async(request).await.is_err());
+    // The owner still has it, untouched.
+    assert_eq!(h.sh(&id, "echo mine").await["stdout"], "mine\n");
+    stop.cancel();
+    assert!(h.vms.delete("acme", &id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_and_files_through_the_api() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let id = h.boot().await;
+    let (status, out) = h
+        .execute(
+            &id,
+            json!({"command": "sh", "args": ["-c", "echo hi; exit 3"], "timeout_ms": 5000}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        (out["stdout"].as_str(), out["exit_code"].as_i64()),
-        (Some("hi\n"), Some(3))
+        (
+            out["stdout"].as_str(),
+            out["exit_code"].as_i64(),
+            out["truncated"].as_bool()
+        ),
+        (Some("hi\n"), Some(3), Some(false))
     );
 
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let files = format!("/api/v1/vms/{id}/files");
     let (status, _) = send(
-        &app,
+        &h.app,
         "PUT",
-        &format!("/api/v1/vms/{id}/files?path=/tmp/x.bin"),
-        &key,
+        &format!("{files}?path=/tmp/x.bin"),
+        &h.key,
         "application/octet-stream",
-        data.clone(),
+        Body::from(data.clone()),
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, back) = send(
-        &app,
+        &h.app,
         "GET",
-        &format!("/api/v1/vms/{id}/files?path=/tmp/x.bin"),
-        &key,
+        &format!("{files}?path=/tmp/x.bin"),
+        &h.key,
         "",
-        Vec::new(),
+        Body::empty(),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(back, data);
-
-    let (status, body) = call(&app, "POST", "/api/v1/vms", &key, json!({"vcpus": 0})).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let (status, _) = call(&app, "POST", "/api/v1/vms", &key, json!({"image": "nope"})).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-
-    exec_over_websocket(
-        AppState::with_vms(
-            db.clone(),
-            BlobStore::local(&work.join("blobs2")).unwrap(),
-            None,
-            Some(vms.clone()),
-        ),
-        &id,
-        &key,
+    // A missing file is a 404; a relative path a 422; a directory the
+    // guest cannot read as a file a 422 from the guest.
+    let check = |path: &'static str, expect: StatusCode| {
+        let (app, key, files) = (h.app.clone(), h.key.clone(), files.clone());
+        async move {
+            let (status, body) = send(
+                &app,
+                "GET",
+                &format!("{files}?path={path}"),
+                &key,
+                "",
+                Body::empty(),
+            )
+            .await;
+            assert_eq!(status, expect, "{path}: {}", String::from_utf8_lossy(&body));
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            assert!(body["error"]["code"].is_string(), "{body}");
+        }
+    };
+    check("/no/such/file", StatusCode::NOT_FOUND).await;
+    check("tmp/x.bin", StatusCode::UNPROCESSABLE_ENTITY).await;
+    check("/tmp", StatusCode::UNPROCESSABLE_ENTITY).await;
+    let (status, _) = send(
+        &h.app,
+        "PUT",
+        &format!("{files}?path=tmp/x"),
+        &h.key,
+        "application/octet-stream",
+        Body::from("x"),
     )
     .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, body) = send(
+        &h.app,
+        "PUT",
+        &format!("{files}?path=/tmp/big"),
+        &h.key,
+        "application/octet-stream",
+        Body::from(vec![0u8; (16 << 20) + 1]),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // Bad shapes are refused before anything boots.
+    for body in [
+        json!({"vcpus": 0}),
+        json!({"image": "nope"}),
+        json!({"image": "../x"}),
+        json!({"image": "a'b"}),
+        json!({"ttl_s": u64::MAX}),
+        json!({"memory_mib": 1u64 << 40}),
+        json!({"labels": {"k": "\u{0}"}}),
+    ] {
+        let (status, answer) = call(&h.app, "POST", "/api/v1/vms", &h.key, body.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+    }
+    let (status, _) = h
+        .execute(&id, json!({"command": "true", "timeout_ms": u64::MAX}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // Rejections of the path and of the upgrade speak kiln's error body.
+    let (status, body) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/exec/ws"),
+        &h.key,
+        Value::Null,
+    )
+    .await;
+    assert!(status.is_client_error(), "{status}");
+    assert_eq!(body["error"]["code"], "websocket_required", "{body}");
+    let (status, body) = call(&h.app, "GET", "/api/v1/vms/%FF", &h.key, Value::Null).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+
+    // The accelerator, live VMs and start times are in /metrics.
+    let (status, text) = send(
+        &h.app,
+        "GET",
+        "/metrics",
+        &h.key,
+        "text/plain",
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("kiln_vm_accelerator{accelerator="), "{text}");
+    assert!(text.contains("kiln_vm_start_seconds_count{how="), "{text}");
 
     let (status, _) = call(
-        &app,
+        &h.app,
         "DELETE",
         &format!("/api/v1/vms/{id}"),
-        &key,
+        &h.key,
         Value::Null,
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (_, list) = call(&app, "GET", "/api/v1/vms", &key, Value::Null).await;
+    let (_, list) = call(&h.app, "GET", "/api/v1/vms", &h.key, Value::Null).await;
     assert_eq!(list["vms"], json!([]));
+}
 
-    // The `vm` kind: a fresh VM per job, gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_caps_output_and_says_truncated() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let id = h.boot().await;
+    let out = h
+        .sh(&id, "head -c 3000000 /dev/zero | tr '\\0' a; echo err >&2")
+        .await;
+    assert_eq!(
+        out["stdout"].as_str().unwrap().len(),
+        1 << 20,
+        "capped at 1 MiB"
+    );
+    assert_eq!(
+        (out["stderr"].as_str(), out["truncated"].as_bool()),
+        (Some("err\n"), Some(true))
+    );
+    assert!(h.vms.delete("acme", &id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_answers_a_read_only_key_before_reading_the_body() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    // A body that never ends: answered at once, not read.
+    let (_tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let request = Request::builder()
+        .method("PUT")
+        .uri("/api/v1/vms/vm-1/files?path=/tmp/x")
+        .header("authorization", format!("Bearer {}", h.reader))
+        .body(Body::from_stream(rx))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), h.app.clone().oneshot(request))
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_that_leaves_takes_its_command_with_it() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let id = h.boot().await;
+    let (addr, stop) = h.listen().await;
+    let body = json!({"command": "sh", "args": ["-c", "echo $$ > /tmp/http.pid; exec sleep 600"]})
+        .to_string();
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /api/v1/vms/{id}/execute HTTP/1.1\r\nhost: kiln\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        h.key,
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    h.wait_for_file(&id, "/tmp/http.pid").await;
+    drop(client);
+    h.wait_until_gone(&id, "/tmp/http.pid").await;
+    stop.cancel();
+    assert!(h.vms.delete("acme", &id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_exec_is_binary_safe() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let id = h.boot().await;
+    let (addr, stop) = h.listen().await;
+    let mut ws = websocket(addr, &id, &h.key).await;
+    ws.send(Message::Text(
+        json!({"command": "sh", "args": ["-c", "cat; echo done >&2; exit 4"]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    // Bytes that are not UTF-8, and a multibyte character split across
+    // two messages.
+    let typed: Vec<u8> = [&b"\xff\x00\xfe typed \xe2\x82"[..]].concat();
+    ws.send(Message::Binary(typed.clone().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Text(
+        json!({"stdin": "\u{ac} input", "eof": true})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let (stdout, stderr, texts) = drain(&mut ws).await;
+    assert_eq!(stdout, [&typed[..], "\u{ac} input".as_bytes()].concat());
+    assert_eq!(stderr, b"done\n");
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(
+        (texts[0]["type"].as_str(), texts[0]["exit_code"].as_i64()),
+        (Some("exit"), Some(4))
+    );
+    stop.cancel();
+    assert!(h.vms.delete("acme", &id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_client_that_leaves_or_oversends_kills_its_command() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let id = h.boot().await;
+    let (addr, stop) = h.listen().await;
+    let start = |file: &str| {
+        Message::Text(
+            json!({"command": "sh", "args": ["-c", format!("echo $$ > {file}; exec sleep 600")]})
+                .to_string()
+                .into(),
+        )
+    };
+
+    let mut ws = websocket(addr, &id, &h.key).await;
+    ws.send(start("/tmp/left.pid")).await.unwrap();
+    h.wait_for_file(&id, "/tmp/left.pid").await;
+    drop(ws);
+    h.wait_until_gone(&id, "/tmp/left.pid").await;
+
+    // A message past the bound is refused: the socket ends, and so does
+    // the command.
+    let mut ws = websocket(addr, &id, &h.key).await;
+    ws.send(start("/tmp/big.pid")).await.unwrap();
+    h.wait_for_file(&id, "/tmp/big.pid").await;
+    let _ = ws.send(Message::Binary(vec![7u8; 2 << 20].into())).await;
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Close(_) = message {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the server ends the socket");
+    h.wait_until_gone(&id, "/tmp/big.pid").await;
+    stop.cancel();
+    assert!(h.vms.delete("acme", &id).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_ends_once_when_the_vm_goes_and_without_a_first_message() {
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let id = h.boot().await;
+    let (addr, stop) = h.listen().await;
+
+    // No exec request: closed after the first-message timeout, with one
+    // error that says why.
+    let mut idle = websocket(addr, &id, &h.key).await;
+    let (_, _, texts) = drain(&mut idle).await;
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(texts[0]["type"], "error");
+
+    let mut ws = websocket(addr, &id, &h.key).await;
+    ws.send(Message::Text(
+        json!({"command": "sh", "args": ["-c", "echo up; exec sleep 600"]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(60), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first,
+        Message::Binary([&[1u8][..], b"up\n"].concat().into())
+    );
+    assert!(h.vms.delete("acme", &id).await);
+    let (_, _, texts) = drain(&mut ws).await;
+    assert_eq!(texts.len(), 1, "one error, not a flood: {texts:?}");
+    assert_eq!(texts[0]["type"], "error");
+    stop.cancel();
+}
+
+async fn start_worker(h: &Harness) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("w"));
     config.poll_every = Duration::from_millis(200);
     let stop = CancellationToken::new();
-    let worker = tokio::spawn(
-        Worker::new(
-            db.clone(),
-            kiln_vm::job::register(Handlers::new(), &vms),
-            config,
-        )
-        .run(stop.clone()),
-    );
-    let (status, job) = call(&app, "POST", "/api/v1/run", &key,
+    let handlers = kiln_vm::job::register(Handlers::new(), &h.vms);
+    let worker = tokio::spawn(Worker::new(h.db.clone(), handlers, config).run(stop.clone()));
+    (stop, worker)
+}
+
+/// The `vm` kind: a fresh VM per job, gone afterwards, whether the command
+/// ends or the job times out.
+async fn the_vm_kind_runs_a_command_in_a_fresh_vm(db: Db) {
+    let h = harness(db).await;
+    let (stop, worker) = start_worker(&h).await;
+    let (status, job) = call(&h.app, "POST", "/api/v1/run", &h.key,
         json!({"kind": "vm", "spec": {"command": "sh", "args": ["-c", "echo in-vm; exit 7"]}, "timeout_ms": 60000})).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(job["status"], "dead", "{job}");
     assert_eq!(job["result"]["exit_code"], 7);
     assert_eq!(job["result"]["stdout"], "in-vm\n");
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/api/v1/jobs",
-        &key,
-        json!({"kind": "vm", "spec": {"args": []}}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 
-    // The lifecycle as queue tasks.
-    let (_, created) = call(
-        &app,
+    let started = Instant::now();
+    let (_, job) = call(
+        &h.app,
         "POST",
         "/api/v1/run",
-        &key,
+        &h.key,
+        json!({"kind": "vm", "spec": {"command": "sleep", "args": ["60"]}, "timeout_ms": 8000}),
+    )
+    .await;
+    assert_eq!(job["error"], "timeout", "{job}");
+    assert!(started.elapsed() < Duration::from_secs(40));
+    assert!(h.vms.list("acme").await.is_empty());
+    assert_eq!(
+        kiln_vm::testing::vm_dirs_in(h.vms.vm_dir()),
+        0,
+        "no VM files left"
+    );
+    stop.cancel();
+    worker.await.unwrap();
+}
+
+/// The lifecycle as queue tasks.
+async fn the_vm_tasks_create_execute_and_delete(db: Db) {
+    let h = harness(db).await;
+    let (stop, worker) = start_worker(&h).await;
+    let (_, created) = call(
+        &h.app,
+        "POST",
+        "/api/v1/run",
+        &h.key,
         json!({"kind": "vm:create", "spec": {"memory_mib": 128}}),
     )
     .await;
@@ -240,106 +676,32 @@ async fn vms_through_the_api_and_the_queue(db: Db) {
         .as_str()
         .unwrap()
         .to_string();
-    let (_, ran) = call(&app, "POST", "/api/v1/run", &key,
-        json!({"kind": "vm:execute", "spec": {"vm_id": vm_id, "command": "sh", "args": ["-c", "echo queued"]}})).await;
-    assert_eq!(ran["result"]["stdout"], "queued\n", "{ran}");
+    for kind in ["vm:execute", "exec"] {
+        let (_, ran) = call(&h.app, "POST", "/api/v1/run", &h.key,
+            json!({"kind": kind, "spec": {"vm_id": vm_id, "command": "sh", "args": ["-c", "echo queued"]}})).await;
+        assert_eq!(ran["result"]["stdout"], "queued\n", "{ran}");
+    }
+    let (_, ran) = call(&h.app, "POST", "/api/v1/run", &h.key,
+        json!({"kind": "vm:execute", "spec": {"vm_id": vm_id, "command": "sh", "args": ["-c", "head -c 2000000 /dev/zero"]}})).await;
+    assert_eq!(ran["result"]["truncated"], true, "{}", ran["status"]);
     let (_, gone) = call(
-        &app,
+        &h.app,
         "POST",
         "/api/v1/run",
-        &key,
+        &h.key,
         json!({"kind": "vm:delete", "spec": {"vm_id": vm_id}}),
     )
     .await;
     assert_eq!(gone["status"], "succeeded", "{gone}");
     let (_, again) = call(
-        &app,
+        &h.app,
         "POST",
         "/api/v1/run",
-        &key,
+        &h.key,
         json!({"kind": "vm:delete", "spec": {"vm_id": vm_id}}),
     )
     .await;
     assert_eq!(again["status"], "failed", "{again}");
-
-    // A job past its timeout: the VM is destroyed all the same.
-    let started = Instant::now();
-    let (_, job) = call(
-        &app,
-        "POST",
-        "/api/v1/run",
-        &key,
-        json!({"kind": "vm", "spec": {"command": "sleep", "args": ["60"]}, "timeout_ms": 8000}),
-    )
-    .await;
-    assert_eq!(job["error"], "timeout", "{job}");
-    assert!(started.elapsed() < Duration::from_secs(20));
-    assert!(vms.list("acme").await.is_empty());
-    assert_eq!(
-        kiln_vm::testing::vm_dirs_in(vms.vm_dir()),
-        0,
-        "no VM files left"
-    );
     stop.cancel();
     worker.await.unwrap();
-}
-
-/// The streamed exec over a real socket: stdin in, output and exit out.
-async fn exec_over_websocket(state: Arc<AppState>, id: &str, key: &str) {
-    use futures::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let server = {
-        let stop = stop.clone();
-        tokio::spawn(kiln_api::serve(listener, state, async move {
-            stop.cancelled().await
-        }))
-    };
-    let mut request = format!("ws://{addr}/api/v1/vms/{id}/exec/ws")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    ws.send(Message::Text(
-        json!({"command": "sh", "args": ["-c", "cat; echo done >&2; exit 4"]})
-            .to_string()
-            .into(),
-    ))
-    .await
-    .unwrap();
-    ws.send(Message::Binary(b"typed ".to_vec().into()))
-        .await
-        .unwrap();
-    ws.send(Message::Text(
-        json!({"stdin": "input", "eof": true}).to_string().into(),
-    ))
-    .await
-    .unwrap();
-    let (mut stdout, mut stderr, mut exit) = (String::new(), String::new(), None);
-    while let Some(Ok(message)) = ws.next().await {
-        let Message::Text(text) = message else {
-            continue;
-        };
-        let event: Value = serde_json::from_str(&text).unwrap();
-        match event["type"].as_str() {
-            Some("stdout") => stdout.push_str(event["data"].as_str().unwrap()),
-            Some("stderr") => stderr.push_str(event["data"].as_str().unwrap()),
-            Some("exit") => {
-                exit = event["exit_code"].as_i64();
-                break;
-            }
-            other => panic!("unexpected {other:?}: {event}"),
-        }
-    }
-    assert_eq!(
-        (stdout.as_str(), stderr.as_str(), exit),
-        ("typed input", "done\n", Some(4))
-    );
-    stop.cancel();
-    let _ = server.await;
 }

@@ -3,9 +3,16 @@
 //!
 //! A frame is `version: u8, header_len: u32 LE, body_len: u32 LE`, then a
 //! JSON header (a [`Request`] or a [`Response`]) and a raw body (file
-//! contents, stdin or output bytes), so bulk data is never re-encoded. A
-//! peer that gets a malformed frame answers with an error; oversized lengths
-//! are refused before anything is allocated.
+//! contents, stdin or output bytes), so bulk data is never re-encoded.
+//!
+//! Every request carries an id and every answer names the id it answers, so
+//! a late answer or an unsolicited frame is never taken for the answer to
+//! another request. Lengths are checked before anything is allocated: the
+//! prefix against [`HEADER_MAX`] and [`BODY_MAX`], then the body against
+//! what its message may carry ([`Message::body_max`]). A frame whose header
+//! is not understood, or whose body is longer than its message allows, is
+//! skipped whole and reported as a recoverable error; a bad prefix leaves
+//! the stream out of step, and nothing after it can be trusted.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -13,39 +20,59 @@ use std::io::{Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER_MAX: usize = 64 << 10;
 pub const BODY_MAX: usize = 16 << 20;
 /// Output is streamed in chunks of at most this many bytes.
 pub const CHUNK: usize = 64 << 10;
+/// The most host entropy one [`Request::AddEntropy`] carries.
+pub const ENTROPY_MAX: usize = 4096;
+/// Length of the fixed prefix of every frame.
+pub const PREFIX: usize = 9;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Ping,
+    Ping {
+        id: u64,
+    },
     /// Starts a process; its stdin is the body (closed after it unless
     /// `stdin_open`, then more comes as `Stdin` frames).
     Exec(Exec),
-    /// More stdin for a running exec; an empty body with `eof` closes it.
+    /// More stdin for a running exec; `eof` closes it after this body.
     Stdin {
         id: u64,
         eof: bool,
     },
-    /// Signals a running exec.
+    /// Signals a running exec's process group.
     Kill {
         id: u64,
         signal: i32,
     },
     /// Writes the body to `path`, creating parent directories.
     WriteFile {
+        id: u64,
         path: String,
         mode: Option<u32>,
     },
     ReadFile {
+        id: u64,
         path: String,
     },
+    /// Credits the body (host random bytes) to the guest's entropy pool and
+    /// reseeds its CRNG at once, so clones of one snapshot part ways.
+    AddEntropy {
+        id: u64,
+    },
+    /// Sets the guest's wall clock (a restored VM wakes at its save time).
+    SetClock {
+        id: u64,
+        unix_ns: u64,
+    },
     /// Syncs filesystems and powers the guest off.
-    Shutdown,
+    Shutdown {
+        id: u64,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -67,6 +94,7 @@ pub struct Exec {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
     Pong {
+        id: u64,
         version: u8,
         agent: String,
     },
@@ -88,13 +116,83 @@ pub enum Response {
     },
     /// The body holds the file.
     FileData {
-        path: String,
+        id: u64,
     },
-    Done,
+    Done {
+        id: u64,
+    },
+    /// Request `id` failed; no id when the frame could not be read.
     Error {
         id: Option<u64>,
+        #[serde(default)]
+        kind: ErrorKind,
         message: String,
     },
+}
+
+/// What kind of failure an [`Response::Error`] reports, for callers that
+/// answer differently (a missing file is not a broken agent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    Denied,
+    TooLarge,
+    Invalid,
+    #[default]
+    Other,
+}
+
+impl ErrorKind {
+    /// The kind of a failed file or process operation.
+    pub fn of(error: &std::io::Error) -> ErrorKind {
+        match error.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::PermissionDenied => ErrorKind::Denied,
+            std::io::ErrorKind::InvalidInput => ErrorKind::Invalid,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+impl Response {
+    /// The request this answers; none for a frame the agent could not read.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Response::Pong { id, .. }
+            | Response::Stdout { id }
+            | Response::Stderr { id }
+            | Response::Exited { id, .. }
+            | Response::FileData { id }
+            | Response::Done { id } => Some(*id),
+            Response::Error { id, .. } => *id,
+        }
+    }
+}
+
+/// A frame header: says how long a body it may carry.
+pub trait Message: Serialize + DeserializeOwned {
+    fn body_max(&self) -> usize;
+}
+
+impl Message for Request {
+    fn body_max(&self) -> usize {
+        match self {
+            Request::Exec(_) | Request::Stdin { .. } | Request::WriteFile { .. } => BODY_MAX,
+            Request::AddEntropy { .. } => ENTROPY_MAX,
+            _ => 0,
+        }
+    }
+}
+
+impl Message for Response {
+    fn body_max(&self) -> usize {
+        match self {
+            Response::Stdout { .. } | Response::Stderr { .. } => CHUNK,
+            Response::FileData { .. } => BODY_MAX,
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,43 +203,65 @@ pub enum ProtoError {
     /// The peer speaks another version.
     #[error("protocol version {0}, expected {VERSION}")]
     Version(u8),
-    /// A length past the limits.
+    /// A length past the limits of any frame.
     #[error("frame too large: header {header} bytes, body {body} bytes")]
     TooLarge { header: usize, body: usize },
-    /// The header is not a message this side knows.
+    /// The header is not a message this side knows (the frame was skipped).
     #[error("bad header: {0}")]
     Header(#[from] serde_json::Error),
+    /// The body is longer than its message may carry (the frame was skipped).
+    #[error("a body of {len} bytes where at most {max} may come")]
+    Body { len: usize, max: usize },
 }
 
 impl ProtoError {
-    /// Whether the stream can still be used: the frame was read whole.
+    /// Whether the stream can still be used: the frame was consumed whole.
     pub fn recoverable(&self) -> bool {
-        matches!(self, ProtoError::Header(_))
+        matches!(self, ProtoError::Header(_) | ProtoError::Body { .. })
     }
 }
 
-/// Encodes one frame into a buffer.
-pub fn encode<T: Serialize>(header: &T, body: &[u8]) -> Vec<u8> {
-    let json = serde_json::to_vec(header).expect("protocol messages serialize");
-    let mut out = Vec::with_capacity(9 + json.len() + body.len());
+/// Encodes one frame into a buffer; refuses lengths the peer would refuse,
+/// since a frame it cannot read puts the stream out of step.
+pub fn encode<T: Serialize>(header: &T, body: &[u8]) -> Result<Vec<u8>, ProtoError> {
+    let json = serde_json::to_vec(header)?;
+    if json.len() > HEADER_MAX || body.len() > BODY_MAX {
+        return Err(ProtoError::TooLarge {
+            header: json.len(),
+            body: body.len(),
+        });
+    }
+    let mut out = Vec::with_capacity(PREFIX + json.len() + body.len());
     out.push(VERSION);
+    // Both lengths are under the limits above, so they fit in a u32.
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&json);
     out.extend_from_slice(body);
-    out
+    Ok(out)
 }
 
-fn parse_prefix(prefix: &[u8; 9]) -> Result<(usize, usize), ProtoError> {
+/// The header and body lengths a prefix announces, within the limits.
+pub fn parse_prefix(prefix: &[u8; PREFIX]) -> Result<(usize, usize), ProtoError> {
     if prefix[0] != VERSION {
         return Err(ProtoError::Version(prefix[0]));
     }
-    let header = u32::from_le_bytes(prefix[1..5].try_into().expect("4 bytes")) as usize;
-    let body = u32::from_le_bytes(prefix[5..9].try_into().expect("4 bytes")) as usize;
+    let header = u32::from_le_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    let body = u32::from_le_bytes([prefix[5], prefix[6], prefix[7], prefix[8]]) as usize;
     if header > HEADER_MAX || body > BODY_MAX {
         return Err(ProtoError::TooLarge { header, body });
     }
     Ok((header, body))
+}
+
+/// Parses a header and checks the announced body length against it.
+fn parse_header<T: Message>(header: &[u8], body_len: usize) -> Result<T, ProtoError> {
+    let message: T = serde_json::from_slice(header)?;
+    let max = message.body_max();
+    if body_len > max {
+        return Err(ProtoError::Body { len: body_len, max });
+    }
+    Ok(message)
 }
 
 pub fn write_frame<T: Serialize>(
@@ -149,35 +269,59 @@ pub fn write_frame<T: Serialize>(
     header: &T,
     body: &[u8],
 ) -> Result<(), ProtoError> {
-    writer.write_all(&encode(header, body))?;
+    writer.write_all(&encode(header, body)?)?;
     writer.flush()?;
     Ok(())
 }
 
-pub fn read_frame<T: DeserializeOwned>(reader: &mut impl Read) -> Result<(T, Vec<u8>), ProtoError> {
-    let mut prefix = [0u8; 9];
+pub fn read_frame<T: Message>(reader: &mut impl Read) -> Result<(T, Vec<u8>), ProtoError> {
+    let mut prefix = [0u8; PREFIX];
     reader.read_exact(&mut prefix)?;
     let (header_len, body_len) = parse_prefix(&prefix)?;
     let mut header = vec![0u8; header_len];
     reader.read_exact(&mut header)?;
-    let mut body = vec![0u8; body_len];
-    reader.read_exact(&mut body)?;
-    Ok((serde_json::from_slice(&header)?, body))
+    match parse_header(&header, body_len) {
+        Ok(message) => {
+            let mut body = vec![0u8; body_len];
+            reader.read_exact(&mut body)?;
+            Ok((message, body))
+        }
+        Err(error) => {
+            // Skip the body without holding it, to stay in step.
+            let skipped = std::io::copy(&mut reader.take(body_len as u64), &mut std::io::sink())?;
+            if skipped < body_len as u64 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+            Err(error)
+        }
+    }
 }
 
 #[cfg(feature = "tokio")]
-pub async fn read_frame_async<T: DeserializeOwned>(
+pub async fn read_frame_async<T: Message>(
     reader: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<(T, Vec<u8>), ProtoError> {
     use tokio::io::AsyncReadExt;
-    let mut prefix = [0u8; 9];
+    let mut prefix = [0u8; PREFIX];
     reader.read_exact(&mut prefix).await?;
     let (header_len, body_len) = parse_prefix(&prefix)?;
     let mut header = vec![0u8; header_len];
     reader.read_exact(&mut header).await?;
-    let mut body = vec![0u8; body_len];
-    reader.read_exact(&mut body).await?;
-    Ok((serde_json::from_slice(&header)?, body))
+    match parse_header(&header, body_len) {
+        Ok(message) => {
+            let mut body = vec![0u8; body_len];
+            reader.read_exact(&mut body).await?;
+            Ok((message, body))
+        }
+        Err(error) => {
+            let skipped =
+                tokio::io::copy(&mut reader.take(body_len as u64), &mut tokio::io::sink()).await?;
+            if skipped < body_len as u64 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+            Err(error)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -185,7 +329,7 @@ mod tests {
     use super::*;
 
     fn round_trip(request: Request, body: &[u8]) {
-        let bytes = encode(&request, body);
+        let bytes = encode(&request, body).unwrap();
         let (back, got): (Request, Vec<u8>) = read_frame(&mut bytes.as_slice()).unwrap();
         assert_eq!(back, request);
         assert_eq!(got, body);
@@ -193,7 +337,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        round_trip(Request::Ping, b"");
+        round_trip(Request::Ping { id: 1 }, b"");
         round_trip(
             Request::Exec(Exec {
                 id: 7,
@@ -205,6 +349,7 @@ mod tests {
         );
         round_trip(
             Request::WriteFile {
+                id: 2,
                 path: "/tmp/x".into(),
                 mode: Some(0o600),
             },
@@ -216,18 +361,49 @@ mod tests {
     fn bad_frames_are_errors_not_panics() {
         let check = |bytes: &[u8]| read_frame::<Request>(&mut &bytes[..]).unwrap_err();
         assert!(matches!(
-            check(&[2, 0, 0, 0, 0, 0, 0, 0, 0]),
-            ProtoError::Version(2)
+            check(&[9, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ProtoError::Version(9)
         ));
         assert!(matches!(
-            check(&[1, 255, 255, 255, 255, 0, 0, 0, 0]),
+            check(&[VERSION, 255, 255, 255, 255, 0, 0, 0, 0]),
             ProtoError::TooLarge { .. }
         ));
-        assert!(matches!(check(&[1, 0]), ProtoError::Io(_)));
-        let garbage = [&[1u8, 3, 0, 0, 0, 0, 0, 0, 0][..], b"{x}"].concat();
+        assert!(matches!(check(&[VERSION, 0]), ProtoError::Io(_)));
+        let garbage = [&[VERSION, 3, 0, 0, 0, 0, 0, 0, 0][..], b"{x}"].concat();
         let error = check(&garbage);
         assert!(error.recoverable(), "{error}");
-        let unknown = encode(&serde_json::json!({"type": "format_disk"}), b"");
+        let unknown = encode(&serde_json::json!({"type": "format_disk"}), b"").unwrap();
         assert!(check(&unknown).recoverable());
+    }
+
+    #[test]
+    fn a_body_longer_than_its_message_allows_is_skipped_whole() {
+        // A ping with a body, then a real ping: the first is refused, and
+        // the reader is in step for the second.
+        let mut bytes = encode(&Request::Ping { id: 1 }, &[7u8; 1000]).unwrap();
+        bytes.extend(encode(&Request::Ping { id: 2 }, b"").unwrap());
+        let mut reader = bytes.as_slice();
+        let error = read_frame::<Request>(&mut reader).unwrap_err();
+        assert!(
+            matches!(error, ProtoError::Body { len: 1000, max: 0 }),
+            "{error}"
+        );
+        let (next, _) = read_frame::<Request>(&mut reader).unwrap();
+        assert_eq!(next, Request::Ping { id: 2 });
+        // Output chunks are bounded tighter than files.
+        let big = encode(&Response::Stdout { id: 1 }, &vec![0u8; CHUNK + 1]).unwrap();
+        assert!(matches!(
+            read_frame::<Response>(&mut big.as_slice()),
+            Err(ProtoError::Body { .. })
+        ));
+    }
+
+    #[test]
+    fn encode_refuses_what_the_peer_would_refuse() {
+        let body = vec![0u8; BODY_MAX + 1];
+        assert!(matches!(
+            encode(&Request::Stdin { id: 1, eof: false }, &body),
+            Err(ProtoError::TooLarge { .. })
+        ));
     }
 }

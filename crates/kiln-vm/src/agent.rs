@@ -1,17 +1,26 @@
 //! The host side of the agent protocol: one connection per VM, any number
-//! of execs at once (routed by exec id), file and control requests one at a
-//! time.
+//! of execs and requests at once, each routed by its id.
+//!
+//! The guest is not trusted. Nothing it sends is held beyond a fixed bound:
+//! one frame at a time is read (its body bounded by what its message may
+//! carry), each exec's frames wait in a small bounded queue (the reader
+//! waits when it is full, and gives up on an exec whose consumer stops
+//! taking them), collected output is capped as it arrives, and a frame
+//! that answers no open request is dropped. Every exec with a timeout also
+//! has a host-side deadline, since a guest may ignore the one it is given.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use kiln_proto::ErrorKind;
 use kiln_proto::{encode, read_frame_async, Exec, Request, Response};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::VmError;
 
@@ -20,13 +29,76 @@ type Frame = (Response, Vec<u8>);
 /// How long one frame may wait for the guest to take it before the
 /// connection is given up (10 MiB files move in well under a second).
 const SEND_STALL: Duration = Duration::from_secs(30);
+/// Frames of one exec waiting for its consumer (each at most one chunk).
+const EXEC_QUEUE: usize = 16;
+/// How long the reader waits for an exec's consumer to make room before it
+/// drops that exec, so one slow consumer cannot stall the whole VM.
+const CONSUMER_STALL: Duration = Duration::from_secs(30);
+/// Past an exec's own timeout, how long the guest has to report its end.
+const EXEC_GRACE: Duration = Duration::from_secs(10);
+/// Output kept per stream by [`AgentConn::exec`]; the rest is dropped and
+/// `truncated` set.
+pub const OUTPUT_CAP: usize = 1 << 20;
+/// Signals a guest may report (Linux has 64).
+const SIGNAL_MAX: i32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The connection to the guest agent is closed.
+    #[error("the guest agent is gone")]
+    Gone,
+    /// The guest stopped taking what the host writes.
+    #[error("the guest agent stopped reading")]
+    Stalled,
+    /// No answer came in time.
+    #[error("the guest agent did not answer in time")]
+    Timeout,
+    /// The output of an exec was not taken in time and was given up.
+    #[error("the command's output was not taken in time")]
+    Abandoned,
+    /// The guest refused the request.
+    #[error("{message}")]
+    Guest { kind: ErrorKind, message: String },
+    /// The guest sent something the protocol does not allow.
+    #[error("the guest agent broke the protocol: {0}")]
+    Protocol(String),
+    /// The request is larger than a frame may be.
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<AgentError> for VmError {
+    fn from(error: AgentError) -> VmError {
+        VmError::Agent(error.to_string())
+    }
+}
+
+/// Where a frame for an id goes.
+enum Route {
+    Exec(mpsc::Sender<Frame>),
+    Control(oneshot::Sender<Frame>),
+}
 
 struct Inner {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
-    execs: Mutex<HashMap<u64, mpsc::UnboundedSender<Frame>>>,
-    control: tokio::sync::Mutex<mpsc::UnboundedReceiver<Frame>>,
+    routes: Mutex<HashMap<u64, Route>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    execs: AtomicUsize,
+}
+
+impl Inner {
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Route>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        // Dropping the senders ends every waiting request and exec.
+        self.routes().clear();
+    }
 }
 
 #[derive(Clone)]
@@ -38,11 +110,27 @@ pub struct AgentConn {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExecOutput {
     pub exit_code: Option<i32>,
+    /// The signal that ended it (1 to 64).
     pub signal: Option<i32>,
     pub timed_out: bool,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Output past [`OUTPUT_CAP`] on either stream was dropped.
+    pub truncated: bool,
     pub duration: Duration,
+}
+
+impl ExecOutput {
+    /// The shell's convention: the exit code, or 128 + the signal.
+    pub fn status(&self) -> i32 {
+        exit_status(self.exit_code, self.signal)
+    }
+}
+
+/// The exit code, or 128 + the signal; signals are checked to be at most
+/// 64 when they arrive, so this cannot overflow.
+pub fn exit_status(code: Option<i32>, signal: Option<i32>) -> i32 {
+    code.unwrap_or_else(|| 128 + signal.unwrap_or(0).clamp(0, SIGNAL_MAX))
 }
 
 /// Streamed pieces of an exec, for callers that forward them live.
@@ -50,19 +138,33 @@ pub struct ExecOutput {
 pub enum ExecEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    /// The end; its output fields are empty.
     Exited(ExecOutput),
+}
+
+/// A running exec. Dropping it before its end kills the command, so a
+/// caller that goes away (a client that disconnects, a job that is killed)
+/// takes its command with it.
+pub struct ExecStream {
+    conn: AgentConn,
+    id: u64,
+    frames: mpsc::Receiver<Frame>,
+    deadline: Option<Instant>,
+    /// The command could not start: its error, reported as stderr, then
+    /// an exit of 127 (as a shell does).
+    failed: Option<ExecOutput>,
+    ended: bool,
 }
 
 impl AgentConn {
     pub fn new(stream: UnixStream) -> AgentConn {
         let (mut reader, writer) = stream.into_split();
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(writer),
-            execs: Mutex::default(),
-            control: tokio::sync::Mutex::new(control_rx),
+            routes: Mutex::default(),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            execs: AtomicUsize::new(0),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -70,30 +172,12 @@ impl AgentConn {
                 let frame = read_frame_async::<Response>(&mut reader).await;
                 let Some(inner) = weak.upgrade() else { return };
                 match frame {
-                    Ok((response, body)) => {
-                        let id = match &response {
-                            Response::Stdout { id }
-                            | Response::Stderr { id }
-                            | Response::Exited { id, .. } => Some(*id),
-                            Response::Error { id: Some(id), .. } => Some(*id),
-                            _ => None,
-                        };
-                        match id {
-                            Some(id) => {
-                                let execs = inner.execs.lock().expect("execs");
-                                if let Some(tx) = execs.get(&id) {
-                                    let _ = tx.send((response, body));
-                                }
-                            }
-                            None => {
-                                let _ = control_tx.send((response, body));
-                            }
-                        }
+                    Ok(frame) => route(&inner, frame).await,
+                    Err(error) if error.recoverable() => {
+                        tracing::debug!(%error, "dropped a bad frame from a guest");
                     }
-                    Err(error) if error.recoverable() => continue,
                     Err(_) => {
-                        inner.closed.store(true, Ordering::SeqCst);
-                        inner.execs.lock().expect("execs").clear();
+                        inner.close();
                         return;
                     }
                 }
@@ -106,7 +190,21 @@ impl AgentConn {
         self.inner.closed.load(Ordering::SeqCst)
     }
 
-    async fn send(&self, request: &Request, body: &[u8]) -> Result<(), VmError> {
+    /// Execs running on this connection (for idle expiry: a VM with a
+    /// running command is in use).
+    pub fn active_execs(&self) -> usize {
+        self.inner.execs.load(Ordering::SeqCst)
+    }
+
+    pub fn busy(&self) -> bool {
+        self.active_execs() > 0
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn send(&self, request: &Request, body: &[u8]) -> Result<(), AgentError> {
         self.send_within(request, body, SEND_STALL).await
     }
 
@@ -118,11 +216,11 @@ impl AgentConn {
         request: &Request,
         body: &[u8],
         limit: Duration,
-    ) -> Result<(), VmError> {
+    ) -> Result<(), AgentError> {
         if self.is_closed() {
-            return Err(VmError::Agent("the guest agent is gone".into()));
+            return Err(AgentError::Gone);
         }
-        let frame = encode(request, body);
+        let frame = encode(request, body).map_err(|e| AgentError::TooLarge(e.to_string()))?;
         let write = async {
             let mut writer = self.inner.writer.lock().await;
             writer.write_all(&frame).await
@@ -131,39 +229,58 @@ impl AgentConn {
             Ok(written) => Ok(written?),
             Err(_) => {
                 // The frame may be half written: nothing after it would parse.
-                self.inner.closed.store(true, Ordering::SeqCst);
-                Err(VmError::Agent("the guest agent stopped reading".into()))
+                self.inner.close();
+                Err(AgentError::Stalled)
             }
         }
     }
 
-    /// One control request and its answer, both within `timeout`.
+    /// One request and its answer, both within `timeout`.
     async fn control(
         &self,
-        request: &Request,
+        request: impl FnOnce(u64) -> Request,
         body: &[u8],
         timeout: Duration,
-    ) -> Result<Frame, VmError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut rx = self.inner.control.lock().await;
-        while rx.try_recv().is_ok() {}
-        self.send_within(request, body, timeout).await?;
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some((Response::Error { message, .. }, _))) => Err(VmError::Agent(message)),
-            Ok(Some(frame)) => Ok(frame),
-            Ok(None) => Err(VmError::Agent("the guest agent is gone".into())),
-            Err(_) => Err(VmError::Agent(
-                "the guest agent did not answer in time".into(),
-            )),
+    ) -> Result<Frame, AgentError> {
+        let deadline = Instant::now() + timeout;
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        self.inner.routes().insert(id, Route::Control(tx));
+        let _route = RouteGuard {
+            inner: &self.inner,
+            id,
+        };
+        self.send_within(&request(id), body, timeout).await?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok((Response::Error { kind, message, .. }, _))) => {
+                Err(AgentError::Guest { kind, message })
+            }
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(_)) => Err(AgentError::Gone),
+            Err(_) => Err(AgentError::Timeout),
         }
     }
 
-    pub async fn ping(&self, timeout: Duration) -> Result<(), VmError> {
-        match self.control(&Request::Ping, b"", timeout).await? {
+    /// A request answered by `Done`.
+    async fn command(
+        &self,
+        request: impl FnOnce(u64) -> Request,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        match self.control(request, body, timeout).await? {
+            (Response::Done { .. }, _) => Ok(()),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn ping(&self, timeout: Duration) -> Result<(), AgentError> {
+        match self
+            .control(|id| Request::Ping { id }, b"", timeout)
+            .await?
+        {
             (Response::Pong { version, .. }, _) if version == kiln_proto::VERSION => Ok(()),
-            (other, _) => Err(VmError::Agent(format!(
-                "unexpected answer to ping: {other:?}"
-            ))),
+            (other, _) => Err(unexpected(&other)),
         }
     }
 
@@ -172,144 +289,280 @@ impl AgentConn {
         path: &str,
         data: &[u8],
         mode: Option<u32>,
-    ) -> Result<(), VmError> {
-        let request = Request::WriteFile {
-            path: path.to_string(),
-            mode,
-        };
-        self.control(&request, data, Duration::from_secs(60))
-            .await
-            .map(|_| ())
+    ) -> Result<(), AgentError> {
+        let path = path.to_string();
+        self.command(
+            |id| Request::WriteFile { id, path, mode },
+            data,
+            Duration::from_secs(60),
+        )
+        .await
     }
 
-    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, VmError> {
-        let request = Request::ReadFile {
-            path: path.to_string(),
-        };
-        match self.control(&request, b"", Duration::from_secs(60)).await? {
+    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
+        let path = path.to_string();
+        match self
+            .control(
+                |id| Request::ReadFile { id, path },
+                b"",
+                Duration::from_secs(60),
+            )
+            .await?
+        {
             (Response::FileData { .. }, body) => Ok(body),
-            (other, _) => Err(VmError::Agent(format!("unexpected answer: {other:?}"))),
+            (other, _) => Err(unexpected(&other)),
         }
     }
 
-    pub async fn shutdown(&self) -> Result<(), VmError> {
-        self.control(&Request::Shutdown, b"", Duration::from_secs(2))
-            .await
-            .map(|_| ())
+    /// Credits `seed` to the guest's entropy pool and reseeds its CRNG.
+    pub async fn add_entropy(&self, seed: &[u8]) -> Result<(), AgentError> {
+        self.command(
+            |id| Request::AddEntropy { id },
+            seed,
+            Duration::from_secs(10),
+        )
+        .await
     }
 
-    /// Starts a command; its output arrives on the returned channel, ending
-    /// with `ExecEvent::Exited`. Returns the exec id (for `kill`).
+    /// Sets the guest's wall clock.
+    pub async fn set_clock(&self, unix_ns: u64) -> Result<(), AgentError> {
+        self.command(
+            |id| Request::SetClock { id, unix_ns },
+            b"",
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        self.command(|id| Request::Shutdown { id }, b"", Duration::from_secs(2))
+            .await
+    }
+
+    /// Starts a command with `stdin` as the first of its input; its events
+    /// come from the returned stream.
     pub async fn exec_stream(
         &self,
         mut exec: Exec,
         stdin: &[u8],
-    ) -> Result<(u64, mpsc::UnboundedReceiver<ExecEvent>), VmError> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<ExecStream, AgentError> {
+        let id = self.next_id();
         exec.id = id;
-        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Frame>();
-        self.inner.execs.lock().expect("execs").insert(id, raw_tx);
+        let deadline = exec
+            .timeout_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms) + EXEC_GRACE);
+        let (tx, frames) = mpsc::channel(EXEC_QUEUE);
+        self.inner.routes().insert(id, Route::Exec(tx));
+        self.inner.execs.fetch_add(1, Ordering::SeqCst);
+        let mut stream = ExecStream {
+            conn: self.clone(),
+            id,
+            frames,
+            deadline,
+            failed: None,
+            ended: false,
+        };
         if let Err(error) = self.send(&Request::Exec(exec), stdin).await {
-            self.inner.execs.lock().expect("execs").remove(&id);
+            // Never started: nothing to kill.
+            stream.ended = true;
             return Err(error);
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let mut output = ExecOutput::default();
-            while let Some((response, body)) = raw_rx.recv().await {
-                match response {
-                    Response::Stdout { .. } => {
-                        output.stdout.extend_from_slice(&body);
-                        let _ = tx.send(ExecEvent::Stdout(body));
-                    }
-                    Response::Stderr { .. } => {
-                        output.stderr.extend_from_slice(&body);
-                        let _ = tx.send(ExecEvent::Stderr(body));
-                    }
-                    Response::Exited {
-                        code,
-                        signal,
-                        timed_out,
-                        duration_us,
-                        ..
-                    } => {
-                        output.exit_code = code;
-                        output.signal = signal;
-                        output.timed_out = timed_out;
-                        output.duration = Duration::from_micros(duration_us);
-                        let _ = tx.send(ExecEvent::Exited(output));
-                        break;
-                    }
-                    Response::Error { message, .. } => {
-                        output.stderr.extend_from_slice(message.as_bytes());
-                        output.exit_code = Some(127);
-                        let _ = tx.send(ExecEvent::Exited(output));
-                        break;
-                    }
-                    _ => {}
+        Ok(stream)
+    }
+
+    /// Runs a command to the end; output past [`OUTPUT_CAP`] per stream is
+    /// dropped as it arrives.
+    pub async fn exec(&self, exec: Exec, stdin: &[u8]) -> Result<ExecOutput, AgentError> {
+        let mut stream = self.exec_stream(exec, stdin).await?;
+        let mut output = ExecOutput::default();
+        loop {
+            match stream.next().await? {
+                ExecEvent::Stdout(data) => {
+                    output.truncated |= append_capped(&mut output.stdout, &data)
+                }
+                ExecEvent::Stderr(data) => {
+                    output.truncated |= append_capped(&mut output.stderr, &data)
+                }
+                ExecEvent::Exited(end) => {
+                    output.exit_code = end.exit_code;
+                    output.signal = end.signal;
+                    output.timed_out = end.timed_out;
+                    output.duration = end.duration;
+                    return Ok(output);
                 }
             }
-            inner.execs.lock().expect("execs").remove(&id);
-        });
-        Ok((id, rx))
+        }
     }
+}
 
-    /// Runs a command to the end and returns everything it printed.
-    pub async fn exec(&self, mut exec: Exec, stdin: &[u8]) -> Result<ExecOutput, VmError> {
-        // Collected here rather than through `exec_stream`: one task hop
-        // less on the path every exec takes.
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        exec.id = id;
-        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Frame>();
-        self.inner.execs.lock().expect("execs").insert(id, raw_tx);
-        let sent = self.send(&Request::Exec(exec), stdin).await;
-        let mut output = ExecOutput::default();
-        let result = match sent {
-            Err(error) => Err(error),
-            Ok(()) => loop {
-                match raw_rx.recv().await {
-                    Some((Response::Stdout { .. }, body)) => output.stdout.extend_from_slice(&body),
-                    Some((Response::Stderr { .. }, body)) => output.stderr.extend_from_slice(&body),
-                    Some((
-                        Response::Exited {
-                            code,
-                            signal,
-                            timed_out,
-                            duration_us,
-                            ..
-                        },
-                        _,
-                    )) => {
-                        output.exit_code = code;
-                        output.signal = signal;
-                        output.timed_out = timed_out;
-                        output.duration = Duration::from_micros(duration_us);
-                        break Ok(output);
-                    }
-                    Some((Response::Error { message, .. }, _)) => {
-                        output.stderr.extend_from_slice(message.as_bytes());
-                        output.exit_code = Some(127);
-                        break Ok(output);
-                    }
-                    Some(_) => {}
-                    None => {
-                        break Err(VmError::Agent(
-                            "the guest agent went away during the command".into(),
-                        ))
-                    }
+/// Appends what fits under [`OUTPUT_CAP`]; true when something was dropped.
+fn append_capped(buffer: &mut Vec<u8>, data: &[u8]) -> bool {
+    let room = OUTPUT_CAP.saturating_sub(buffer.len());
+    buffer.extend_from_slice(&data[..data.len().min(room)]);
+    data.len() > room
+}
+
+fn unexpected(response: &Response) -> AgentError {
+    AgentError::Protocol(format!("unexpected answer: {response:?}"))
+}
+
+/// Hands a frame to whoever waits for its id.
+async fn route(inner: &Inner, frame: Frame) {
+    let Some(id) = frame.0.id() else {
+        tracing::debug!(response = ?frame.0, "dropped a frame that answers nothing");
+        return;
+    };
+    let exec = {
+        let mut routes = inner.routes();
+        match routes.get(&id) {
+            Some(Route::Exec(tx)) => tx.clone(),
+            Some(Route::Control(_)) => {
+                if let Some(Route::Control(tx)) = routes.remove(&id) {
+                    let _ = tx.send(frame);
                 }
+                return;
+            }
+            // A late answer to a request given up on, or an id the host
+            // never used.
+            None => return,
+        }
+    };
+    let frame = match exec.try_send(frame) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+        Err(mpsc::error::TrySendError::Full(frame)) => frame,
+    };
+    // The consumer is behind: wait for room (the guest waits with us), but
+    // not for ever.
+    if tokio::time::timeout(CONSUMER_STALL, exec.send(frame))
+        .await
+        .is_err()
+    {
+        inner.routes().remove(&id);
+    }
+}
+
+/// Removes a request's route when its caller is done or gone.
+struct RouteGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.routes().remove(&self.id);
+    }
+}
+
+impl ExecStream {
+    /// The exec's id on its connection.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next piece of output, or the end. After the end, or an error,
+    /// the stream is over.
+    pub async fn next(&mut self) -> Result<ExecEvent, AgentError> {
+        if let Some(end) = self.failed.take() {
+            self.ended = true;
+            return Ok(ExecEvent::Exited(end));
+        }
+        if self.ended {
+            return Err(AgentError::Gone);
+        }
+        let received = match self.deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, self.frames.recv()).await {
+                Ok(frame) => frame,
+                Err(_) => return Err(AgentError::Timeout),
             },
+            None => self.frames.recv().await,
         };
-        self.inner.execs.lock().expect("execs").remove(&id);
-        result
+        let Some((response, body)) = received else {
+            return Err(if self.conn.is_closed() {
+                AgentError::Gone
+            } else {
+                AgentError::Abandoned
+            });
+        };
+        match response {
+            Response::Stdout { .. } => Ok(ExecEvent::Stdout(body)),
+            Response::Stderr { .. } => Ok(ExecEvent::Stderr(body)),
+            Response::Exited {
+                code,
+                signal,
+                timed_out,
+                duration_us,
+                ..
+            } => {
+                if signal.is_some_and(|s| !(1..=SIGNAL_MAX).contains(&s)) {
+                    return Err(AgentError::Protocol(format!(
+                        "exec ended by signal {signal:?}"
+                    )));
+                }
+                self.ended = true;
+                Ok(ExecEvent::Exited(ExecOutput {
+                    exit_code: code,
+                    signal,
+                    timed_out,
+                    duration: Duration::from_micros(duration_us),
+                    ..ExecOutput::default()
+                }))
+            }
+            Response::Error { message, .. } => {
+                // The command never started, so there is nothing to kill.
+                self.ended = true;
+                self.failed = Some(ExecOutput {
+                    exit_code: Some(127),
+                    ..ExecOutput::default()
+                });
+                Ok(ExecEvent::Stderr(message.into_bytes()))
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
-    pub async fn send_stdin(&self, id: u64, data: &[u8], eof: bool) -> Result<(), VmError> {
-        self.send(&Request::Stdin { id, eof }, data).await
+    /// More stdin (for an exec started with `stdin_open`); `eof` closes it.
+    pub async fn send_stdin(&self, data: &[u8], eof: bool) -> Result<(), AgentError> {
+        self.conn
+            .send(&Request::Stdin { id: self.id, eof }, data)
+            .await
     }
 
-    pub async fn kill(&self, id: u64, signal: i32) -> Result<(), VmError> {
-        self.send(&Request::Kill { id, signal }, b"").await
+    /// Signals the command's process group.
+    pub async fn kill(&self, signal: i32) -> Result<(), AgentError> {
+        self.conn
+            .send(
+                &Request::Kill {
+                    id: self.id,
+                    signal,
+                },
+                b"",
+            )
+            .await
+    }
+}
+
+impl Drop for ExecStream {
+    fn drop(&mut self) {
+        self.conn.inner.routes().remove(&self.id);
+        self.conn.inner.execs.fetch_sub(1, Ordering::SeqCst);
+        if self.ended || self.failed.is_some() || self.conn.is_closed() {
+            return;
+        }
+        // Given up before its end: the command must not run on alone.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let conn = self.conn.clone();
+            let id = self.id;
+            runtime.spawn(async move {
+                let _ = conn
+                    .send(
+                        &Request::Kill {
+                            id,
+                            signal: libc::SIGKILL,
+                        },
+                        b"",
+                    )
+                    .await;
+            });
+        }
     }
 }

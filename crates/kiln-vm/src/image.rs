@@ -17,6 +17,17 @@ use crate::cpio::Cpio;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The name is not an identifier (`[a-z0-9][a-z0-9-]*`), so it could
+    /// leave the images directory or reach a command line.
+    #[error("image name refused: {0}")]
+    BadName(#[from] kiln_core::names::InvalidName),
+    /// No image of that name has been built.
+    #[error("no image {name} (build it with `kiln image build`)")]
+    NotFound { name: String },
+    /// The image's directory resolves outside the images directory (a
+    /// symbolic link).
+    #[error("image {name} lies outside the images directory")]
+    Outside { name: String },
     /// A step of the build failed.
     #[error("{step}: {message}")]
     Step { step: &'static str, message: String },
@@ -95,14 +106,22 @@ impl Image {
         self.manifest.kernel == KernelKind::Cloud
     }
 
+    /// The image `name` under `images_dir`. The name must be an identifier,
+    /// and the directory it names must resolve inside `images_dir`, so no
+    /// name (`../x`, `/tmp/x`, quotes, commas) reaches a path elsewhere.
     pub fn open(images_dir: &Path, name: &str) -> Result<Image, ImageError> {
-        let dir = images_dir.join(name);
-        let text = std::fs::read_to_string(dir.join("image.json")).map_err(|e| {
-            step(
-                "open image",
-                format!("{}: {e} (build it with `kiln image build`)", dir.display()),
-            )
-        })?;
+        kiln_core::names::check_ident("image", name)?;
+        let not_found = || ImageError::NotFound {
+            name: name.to_string(),
+        };
+        let base = images_dir.canonicalize().map_err(|_| not_found())?;
+        let dir = base.join(name).canonicalize().map_err(|_| not_found())?;
+        if dir.parent() != Some(base.as_path()) {
+            return Err(ImageError::Outside {
+                name: name.to_string(),
+            });
+        }
+        let text = std::fs::read_to_string(dir.join("image.json")).map_err(|_| not_found())?;
         let manifest =
             serde_json::from_str(&text).map_err(|e| step("open image", e.to_string()))?;
         Ok(Image { dir, manifest })
@@ -113,7 +132,7 @@ impl Image {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| Image::open(images_dir, &e.file_name().to_string_lossy()).ok())
+            .filter_map(|e| Image::open(images_dir, e.file_name().to_str()?).ok())
             .collect();
         images.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
         images
@@ -185,19 +204,39 @@ fn compile_kernel(
     cache: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), ImageError> {
-    const STEP: &str = "compile the kernel";
     let tarball = std::fs::read_dir(root.join("usr/src"))?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.to_string_lossy().ends_with(".tar.xz"))
-        .ok_or_else(|| step(STEP, "no source tarball in the linux-source package"))?;
+        .ok_or_else(|| step(COMPILE, "no source tarball in the linux-source package"))?;
+    check_build_tools()?;
+    progress("unpacking the kernel source");
+    let src = work.join("src");
+    std::fs::create_dir_all(&src)?;
+    run(
+        COMPILE,
+        Command::new("tar")
+            .arg("-xJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&src)
+            .arg("--strip-components=1"),
+    )?;
+    configure_kernel(&src)?;
+    make_vmlinux(&src, work, progress)?;
+    install_kernel(&src, cache)
+}
+
+const COMPILE: &str = "compile the kernel";
+
+/// Names every missing tool at once, before hours of unpacking.
+fn check_build_tools() -> Result<(), ImageError> {
     let mut missing: Vec<&str> = ["make", "gcc", "flex", "bison", "bc"]
         .into_iter()
         .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
+            !std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
+            })
         })
         .collect();
     // objtool, built along with the kernel, reads ELF through libelf.
@@ -206,40 +245,39 @@ fn compile_kernel(
     }
     if !missing.is_empty() {
         return Err(step(
-            STEP,
+            COMPILE,
             format!(
                 "missing {}: apt-get install build-essential flex bison bc libelf-dev (or build with --kernel cloud)",
                 missing.join(", ")
             ),
         ));
     }
-    progress("unpacking the kernel source");
-    let src = work.join("src");
-    std::fs::create_dir_all(&src)?;
-    run(
-        STEP,
-        Command::new("tar")
-            .arg("-xJf")
-            .arg(&tarball)
-            .arg("-C")
-            .arg(&src)
-            .arg("--strip-components=1"),
-    )?;
+    Ok(())
+}
+
+/// `make tinyconfig` with kiln's fragment merged over it.
+fn configure_kernel(src: &Path) -> Result<(), ImageError> {
     std::fs::write(src.join("kiln.config"), KERNEL_CONFIG)?;
     run(
-        STEP,
-        Command::new("make").arg("tinyconfig").current_dir(&src),
+        COMPILE,
+        Command::new("make").arg("tinyconfig").current_dir(src),
     )?;
     run(
-        STEP,
+        COMPILE,
         Command::new("scripts/kconfig/merge_config.sh")
             .args(["-m", ".config", "kiln.config"])
-            .current_dir(&src),
+            .current_dir(src),
     )?;
     run(
-        STEP,
-        Command::new("make").arg("olddefconfig").current_dir(&src),
+        COMPILE,
+        Command::new("make").arg("olddefconfig").current_dir(src),
     )?;
+    Ok(())
+}
+
+/// `make vmlinux` on every core, counting compiled files for `progress`;
+/// a failure reports the tail of the build log.
+fn make_vmlinux(src: &Path, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
     progress(&format!(
         "compiling the kernel with {jobs} jobs (a few minutes, once)"
@@ -248,11 +286,11 @@ fn compile_kernel(
     let mut child = Command::new("make")
         .arg(format!("-j{jobs}"))
         .arg("vmlinux")
-        .current_dir(&src)
+        .current_dir(src)
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
-        .map_err(|e| step(STEP, format!("make: {e}")))?;
+        .map_err(|e| step(COMPILE, format!("make: {e}")))?;
     let mut compiled = 0usize;
     if let Some(stdout) = child.stdout.take() {
         use std::io::BufRead;
@@ -272,13 +310,19 @@ fn compile_kernel(
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(15).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(step(STEP, tail.join("\n")));
+        return Err(step(COMPILE, tail.join("\n")));
     }
+    Ok(())
+}
+
+/// Puts the compiled kernel and its release into `cache` in one rename, and
+/// drops kernels of other sources or configurations.
+fn install_kernel(src: &Path, cache: &Path) -> Result<(), ImageError> {
     let release = run(
-        STEP,
+        COMPILE,
         Command::new("make")
             .args(["-s", "kernelrelease"])
-            .current_dir(&src),
+            .current_dir(src),
     )?;
     let staging = cache.with_file_name(format!(
         ".{}.partial",
@@ -290,7 +334,6 @@ fn compile_kernel(
     std::fs::write(staging.join("release"), release.trim())?;
     let _ = std::fs::remove_dir_all(cache);
     std::fs::rename(&staging, cache)?;
-    // Kernels of other sources or configurations are not used again.
     if let Some(kernels) = cache.parent() {
         for entry in std::fs::read_dir(kernels)?.flatten() {
             if entry.path() != cache {
@@ -383,151 +426,196 @@ pub fn build(
     agent: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Image, ImageError> {
-    const STEPS: usize = 5;
+    kiln_core::names::check_ident("image", name)?;
     std::fs::create_dir_all(images_dir)?;
-    let debs = images_dir.join(".debs");
-    std::fs::create_dir_all(&debs)?;
     let work = images_dir.join(format!(".build-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = (|| {
-        progress(1, STEPS, "resolving and downloading Debian packages");
-        let kernel_pkg = match kernel {
-            KernelKind::Cloud => depends_on("linux-image-cloud-amd64", "linux-image-")?,
-            KernelKind::Minimal => depends_on("linux-source", "linux-source-")?,
-        };
-        let kernel_deb = download(&debs, &kernel_pkg)?;
-        let busybox_deb = download(&debs, "busybox-static")?;
-        progress(2, STEPS, "unpacking packages");
-        let root = work.join("debs");
-        let unpack = |deb: &Path| {
-            run(
-                "unpack packages",
-                Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root),
-            )
-        };
-        unpack(&busybox_deb)?;
-        let (vmlinux, release) = match kernel {
-            KernelKind::Cloud => {
-                unpack(&kernel_deb)?;
-                let release = kernel_pkg.trim_start_matches("linux-image-").to_string();
-                progress(3, STEPS, "extracting the kernel");
-                let bzimage = std::fs::read(root.join(format!("boot/vmlinuz-{release}")))?;
-                (extract_vmlinux(&bzimage, &work)?, release)
-            }
-            KernelKind::Minimal => {
-                let cache = images_dir.join(".kernels").join(format!(
-                    "{}-{}",
-                    kernel_deb.file_stem().unwrap_or_default().to_string_lossy(),
-                    &{
-                        use sha2::Digest;
-                        hex::encode(sha2::Sha256::digest(KERNEL_CONFIG))
-                    }[..12]
-                ));
-                if !cache.join("vmlinux").exists() {
-                    unpack(&kernel_deb)?;
-                    compile_kernel(&root, &work, &cache, &mut |what| progress(3, STEPS, what))?;
-                } else {
-                    progress(3, STEPS, "kernel already compiled");
-                }
-                (
-                    std::fs::read(cache.join("vmlinux"))?,
-                    std::fs::read_to_string(cache.join("release"))?
-                        .trim()
-                        .to_string(),
-                )
-            }
-        };
-        progress(4, STEPS, "packing the initramfs");
-        let agent_bytes = std::fs::read(agent).map_err(|e| {
-            step("read agent", format!("{}: {e} (build it: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl)", agent.display()))
-        })?;
-        let mut cpio = Cpio::new();
-        for dir in [
-            "bin",
-            "sbin",
-            "usr",
-            "usr/bin",
-            "usr/sbin",
-            "proc",
-            "sys",
-            "dev",
-            "tmp",
-            "root",
-            "etc",
-            "lib",
-            "lib/modules",
-        ] {
-            cpio.dir(dir);
-        }
-        cpio.file(
-            "bin/busybox",
-            0o755,
-            &std::fs::read(root.join("bin/busybox"))?,
-        );
-        cpio.symlink("bin/sh", "busybox");
-        cpio.file("sbin/kiln-agent", 0o755, &agent_bytes);
-        cpio.file("init", 0o755, INIT.as_bytes());
-        for module in MODULES {
-            let path = root.join(format!("lib/modules/{release}/kernel/{module}"));
-            if let Ok(bytes) = std::fs::read(&path) {
-                let file = Path::new(module)
-                    .file_name()
-                    .expect("module name")
-                    .to_string_lossy()
-                    .to_string();
-                cpio.file(&format!("lib/modules/{file}"), 0o644, &bytes);
-            }
-        }
-        progress(5, STEPS, "writing the image");
-        let out = work.join("image");
-        std::fs::create_dir_all(&out)?;
-        std::fs::write(out.join("vmlinux"), vmlinux)?;
-        std::fs::write(out.join("initramfs.cpio"), cpio.finish())?;
-        let manifest = ImageManifest {
-            name: name.to_string(),
-            kernel,
-            kernel_package: kernel_deb
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
-            kernel_release: release,
-            busybox_package: busybox_deb
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
-            agent_sha256: {
-                use sha2::Digest;
-                hex::encode(sha2::Sha256::digest(&agent_bytes))
-            },
-            created_at: format!(
-                "{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            ),
-        };
-        std::fs::write(
-            out.join("image.json"),
-            serde_json::to_vec_pretty(&manifest).expect("manifest"),
-        )?;
-        let target = images_dir.join(name);
-        let old = images_dir.join(format!(".old-{name}-{}", std::process::id()));
-        if target.exists() {
-            std::fs::rename(&target, &old)?;
-        }
-        std::fs::rename(&out, &target)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(Image {
-            dir: target,
-            manifest,
-        })
-    })();
+    let result = build_in(images_dir, &work, name, kernel, agent, progress);
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+const STEPS: usize = 5;
+
+/// The build's steps, in the scratch directory `work`.
+fn build_in(
+    images_dir: &Path,
+    work: &Path,
+    name: &str,
+    kernel: KernelKind,
+    agent: &Path,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Image, ImageError> {
+    progress(1, STEPS, "resolving and downloading Debian packages");
+    let debs = images_dir.join(".debs");
+    std::fs::create_dir_all(&debs)?;
+    let kernel_pkg = match kernel {
+        KernelKind::Cloud => depends_on("linux-image-cloud-amd64", "linux-image-")?,
+        KernelKind::Minimal => depends_on("linux-source", "linux-source-")?,
+    };
+    let kernel_deb = download(&debs, &kernel_pkg)?;
+    let busybox_deb = download(&debs, "busybox-static")?;
+    progress(2, STEPS, "unpacking packages");
+    let root = work.join("debs");
+    unpack(&busybox_deb, &root)?;
+    let (vmlinux, release) = match kernel {
+        KernelKind::Cloud => {
+            unpack(&kernel_deb, &root)?;
+            let release = kernel_pkg.trim_start_matches("linux-image-").to_string();
+            progress(3, STEPS, "extracting the kernel");
+            let bzimage = std::fs::read(root.join(format!("boot/vmlinuz-{release}")))?;
+            (extract_vmlinux(&bzimage, work)?, release)
+        }
+        KernelKind::Minimal => minimal_kernel(images_dir, work, &root, &kernel_deb, &mut |what| {
+            progress(3, STEPS, what)
+        })?,
+    };
+    progress(4, STEPS, "packing the initramfs");
+    let agent_bytes = std::fs::read(agent).map_err(|e| {
+        step("read agent", format!("{}: {e} (build it: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl)", agent.display()))
+    })?;
+    let initramfs = pack_initramfs(&root, &agent_bytes, &release)?;
+    progress(5, STEPS, "writing the image");
+    let file_name = |deb: &Path| {
+        deb.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let manifest = ImageManifest {
+        name: name.to_string(),
+        kernel,
+        kernel_package: file_name(&kernel_deb),
+        kernel_release: release,
+        busybox_package: file_name(&busybox_deb),
+        agent_sha256: {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&agent_bytes))
+        },
+        created_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            .to_string(),
+    };
+    install_image(images_dir, work, &vmlinux, &initramfs, manifest)
+}
+
+fn unpack(deb: &Path, root: &Path) -> Result<String, ImageError> {
+    run(
+        "unpack packages",
+        Command::new("dpkg-deb").arg("-x").arg(deb).arg(root),
+    )
+}
+
+/// The minimal kernel, compiled once per source package and configuration
+/// and kept in `images/.kernels/`: its bytes and its release.
+fn minimal_kernel(
+    images_dir: &Path,
+    work: &Path,
+    root: &Path,
+    kernel_deb: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<u8>, String), ImageError> {
+    let cache = images_dir.join(".kernels").join(format!(
+        "{}-{}",
+        kernel_deb.file_stem().unwrap_or_default().to_string_lossy(),
+        &{
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(KERNEL_CONFIG))
+        }[..12]
+    ));
+    if !cache.join("vmlinux").exists() {
+        unpack(kernel_deb, root)?;
+        compile_kernel(root, work, &cache, progress)?;
+    } else {
+        progress("kernel already compiled");
+    }
+    Ok((
+        std::fs::read(cache.join("vmlinux"))?,
+        std::fs::read_to_string(cache.join("release"))?
+            .trim()
+            .to_string(),
+    ))
+}
+
+/// The initramfs: busybox, the agent as `/sbin/kiln-agent`, `/init`, and
+/// the virtio modules a modular kernel needs.
+fn pack_initramfs(root: &Path, agent: &[u8], release: &str) -> Result<Vec<u8>, ImageError> {
+    let mut cpio = Cpio::new();
+    for dir in [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "etc",
+        "lib",
+        "lib/modules",
+    ] {
+        cpio.dir(dir);
+    }
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read(root.join("bin/busybox"))?,
+    );
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("sbin/kiln-agent", 0o755, agent);
+    cpio.file("init", 0o755, INIT.as_bytes());
+    for module in MODULES {
+        let path = root.join(format!("lib/modules/{release}/kernel/{module}"));
+        if let Ok(bytes) = std::fs::read(&path) {
+            let file = Path::new(module)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            cpio.file(&format!("lib/modules/{file}"), 0o644, &bytes);
+        }
+    }
+    Ok(cpio.finish())
+}
+
+/// Writes the image beside the old one and swaps it in by renames. The
+/// kernel and initramfs are world-readable: QEMU, running as its own user,
+/// reads them through descriptors kiln hands it, and they hold nothing
+/// secret.
+fn install_image(
+    images_dir: &Path,
+    work: &Path,
+    vmlinux: &[u8],
+    initramfs: &[u8],
+    manifest: ImageManifest,
+) -> Result<Image, ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let out = work.join("image");
+    std::fs::create_dir_all(&out)?;
+    for (file, bytes) in [("vmlinux", vmlinux), ("initramfs.cpio", initramfs)] {
+        std::fs::write(out.join(file), bytes)?;
+        std::fs::set_permissions(out.join(file), std::fs::Permissions::from_mode(0o644))?;
+    }
+    std::fs::write(
+        out.join("image.json"),
+        serde_json::to_vec_pretty(&manifest).map_err(|e| step("write image", e.to_string()))?,
+    )?;
+    let target = images_dir.join(&manifest.name);
+    let old = images_dir.join(format!(".old-{}-{}", manifest.name, std::process::id()));
+    if target.exists() {
+        std::fs::rename(&target, &old)?;
+    }
+    std::fs::rename(&out, &target)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(Image {
+        dir: target,
+        manifest,
+    })
 }
 
 /// Where the static agent binary is: `KILN_AGENT_BIN`, or the musl build in
@@ -550,4 +638,74 @@ pub fn find_agent() -> Option<PathBuf> {
         .unwrap_or_else(|| PathBuf::from("target"));
     candidates.push(target.join("x86_64-unknown-linux-musl/agent/kiln-agent"));
     candidates.into_iter().find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An images dir with one image, `default`, and images planted where
+    /// hostile names would lead.
+    fn images() -> (PathBuf, PathBuf) {
+        let work = std::env::temp_dir().join(format!(
+            "kiln-image-names-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        let manifest = ImageManifest {
+            name: "default".into(),
+            kernel: KernelKind::Minimal,
+            kernel_package: String::new(),
+            kernel_release: String::new(),
+            busybox_package: String::new(),
+            agent_sha256: String::new(),
+            created_at: String::new(),
+        };
+        let images = work.join("images");
+        for dir in [
+            images.join("default"),
+            work.join("outside"),
+            work.join("evil"),
+        ] {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("image.json"),
+                serde_json::to_vec(&manifest).unwrap(),
+            )
+            .unwrap();
+        }
+        (work, images)
+    }
+
+    fn check(images: &Path, name: &str, expect: &str) {
+        let got = match Image::open(images, name) {
+            Ok(_) => "ok",
+            Err(ImageError::BadName(_)) => "bad name",
+            Err(ImageError::NotFound { .. }) => "not found",
+            Err(ImageError::Outside { .. }) => "outside",
+            Err(_) => "other",
+        };
+        assert_eq!(got, expect, "{name:?}");
+    }
+
+    #[test]
+    fn image_names_stay_inside_the_images_dir() {
+        let (work, images) = images();
+        std::os::unix::fs::symlink(work.join("outside"), images.join("linked")).unwrap();
+        let absolute = work.join("outside").to_string_lossy().into_owned();
+        check(&images, "default", "ok");
+        check(&images, "missing", "not found");
+        check(&images, "linked", "outside");
+        check(&images, "../outside", "bad name");
+        check(&images, &absolute, "bad name");
+        check(&images, "default/../../outside", "bad name");
+        check(&images, "../evil/x';touch /tmp/pwned;'", "bad name");
+        check(&images, "a'b;touch /tmp/pwned;'", "bad name");
+        check(&images, "with,comma", "bad name");
+        check(&images, "Default", "bad name");
+        check(&images, ".", "bad name");
+        check(&images, "", "bad name");
+        let _ = std::fs::remove_dir_all(&work);
+    }
 }

@@ -1,76 +1,415 @@
-//! The `vm` job kind: a fresh VM per attempt — boot, run one command,
-//! collect the result, tear down — whatever way the attempt ends.
+//! What a VM is asked for and what runs in it, parsed and checked in one
+//! place for the API, the `vm` kind and the `vm:*` tasks: [`VmShape`] (the
+//! machine and its lifetime) and [`ExecRequest`] (one command). Both refuse
+//! unknown fields, bound every number and refuse NUL in every string, so a
+//! bad spec is refused at submit and nothing in one can overflow later.
+//!
+//! Then the kinds themselves: `vm` (a fresh VM per attempt: boot, run one
+//! command, collect the result, tear down, whatever way the attempt ends)
+//! and the lifecycle tasks `vm:create`, `vm:execute` (alias `exec`) and
+//! `vm:delete`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use kiln_core::{AttemptEnd, JobResult, LeasedJob};
+use kiln_core::job::limits::{LABELS_MAX, LABEL_VALUE_MAX};
+use kiln_core::names::{check_guest_path, check_ident, check_name, check_text};
+use kiln_core::{AttemptEnd, JobKinds, JobResult, LeasedJob};
 use kiln_worker::JobHandler;
 use serde::Deserialize;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::ExecOutput;
 use crate::{Exec, VmManager, VmRequest};
 
-/// Output kept inline per stream.
-pub const OUTPUT_CAP: usize = 1 << 20;
+pub const VCPUS_MAX: u8 = 8;
+pub const MEMORY_MIB_MIN: u32 = 64;
+pub const MEMORY_MIB_MAX: u32 = 4096;
+/// The longest a VM may live or idle: a week.
+pub const LIFETIME_S_MAX: u64 = 7 * 24 * 3600;
+pub const DEFAULT_TTL_S: u64 = 600;
+/// The longest a command may run: a day.
+pub const TIMEOUT_MS_MAX: u64 = 24 * 3600 * 1000;
+pub const COMMAND_MAX: usize = 4096;
+pub const ARGS_MAX: usize = 1024;
+pub const ENV_MAX: usize = 256;
+/// Stdin given with the request (more can stream over a WebSocket).
+pub const STDIN_MAX: usize = kiln_proto::BODY_MAX;
 
-#[derive(Clone, Debug, Deserialize, PartialEq, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VmJobSpec {
-    pub command: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<String>,
-    #[serde(default)]
-    pub stdin: String,
-    #[serde(default = "default_image")]
+/// Why a spec was refused; the message names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
+fn refuse(message: impl ToString) -> InvalidSpec {
+    InvalidSpec(message.to_string())
+}
+
+/// The machine a VM runs on and how long it lives.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "RawShape")]
+pub struct VmShape {
+    /// An image under the images directory (`[a-z0-9][a-z0-9-]*`).
     pub image: String,
-    #[serde(default = "default_vcpus")]
+    /// 1 to 8.
     pub vcpus: u8,
-    #[serde(default = "default_memory")]
+    /// 64 to 4096.
     pub memory_mib: u32,
+    /// Deleted this long after creation (1 s to a week; default 600 s).
+    pub ttl_s: u64,
+    /// Deleted after this long without use (1 s to a week).
+    pub idle_timeout_s: Option<u64>,
 }
 
-fn default_image() -> String {
-    "default".into()
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShape {
+    image: Option<String>,
+    vcpus: Option<u8>,
+    memory_mib: Option<u32>,
+    ttl_s: Option<u64>,
+    idle_timeout_s: Option<u64>,
 }
-fn default_vcpus() -> u8 {
-    1
+
+impl VmShape {
+    /// The fields of a shape, for specs that hold one among other fields.
+    pub const FIELDS: [&'static str; 5] =
+        ["image", "vcpus", "memory_mib", "ttl_s", "idle_timeout_s"];
+    /// The machine alone (a `vm` job's VM lives as long as its attempt).
+    pub const MACHINE_FIELDS: [&'static str; 3] = ["image", "vcpus", "memory_mib"];
+
+    pub fn request(&self, tenant: &str, labels: BTreeMap<String, String>) -> VmRequest {
+        VmRequest {
+            tenant: tenant.to_string(),
+            image: self.image.clone(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            ttl: Some(Duration::from_secs(self.ttl_s)),
+            idle_timeout: self.idle_timeout_s.map(Duration::from_secs),
+            labels,
+        }
+    }
 }
-fn default_memory() -> u32 {
-    128
+
+impl Default for VmShape {
+    fn default() -> VmShape {
+        VmShape {
+            image: "default".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            ttl_s: DEFAULT_TTL_S,
+            idle_timeout_s: None,
+        }
+    }
+}
+
+impl TryFrom<RawShape> for VmShape {
+    type Error = InvalidSpec;
+
+    fn try_from(raw: RawShape) -> Result<VmShape, InvalidSpec> {
+        let defaults = VmShape::default();
+        let shape = VmShape {
+            image: raw.image.unwrap_or(defaults.image),
+            vcpus: raw.vcpus.unwrap_or(defaults.vcpus),
+            memory_mib: raw.memory_mib.unwrap_or(defaults.memory_mib),
+            ttl_s: raw.ttl_s.unwrap_or(defaults.ttl_s),
+            idle_timeout_s: raw.idle_timeout_s,
+        };
+        check_ident("image", &shape.image).map_err(refuse)?;
+        if !(1..=VCPUS_MAX).contains(&shape.vcpus) {
+            return Err(refuse(format_args!("vcpus must be 1 to {VCPUS_MAX}")));
+        }
+        if !(MEMORY_MIB_MIN..=MEMORY_MIB_MAX).contains(&shape.memory_mib) {
+            return Err(refuse(format_args!(
+                "memory_mib must be {MEMORY_MIB_MIN} to {MEMORY_MIB_MAX}"
+            )));
+        }
+        for (what, seconds) in [
+            ("ttl_s", Some(shape.ttl_s)),
+            ("idle_timeout_s", shape.idle_timeout_s),
+        ] {
+            if seconds.is_some_and(|s| !(1..=LIFETIME_S_MAX).contains(&s)) {
+                return Err(refuse(format_args!(
+                    "{what} must be 1 to {LIFETIME_S_MAX} seconds"
+                )));
+            }
+        }
+        Ok(shape)
+    }
+}
+
+/// One command to run in a VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "RawExec")]
+pub struct ExecRequest {
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Absolute path inside the VM.
+    pub cwd: Option<String>,
+    pub stdin: String,
+    /// Killed after this long (1 ms to a day).
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    #[serde(default)]
+    stdin: String,
+    timeout_ms: Option<u64>,
+}
+
+impl TryFrom<RawExec> for ExecRequest {
+    type Error = InvalidSpec;
+
+    fn try_from(raw: RawExec) -> Result<ExecRequest, InvalidSpec> {
+        let request = ExecRequest {
+            command: raw.command,
+            args: raw.args,
+            env: raw.env,
+            cwd: raw.cwd,
+            stdin: raw.stdin,
+            timeout_ms: raw.timeout_ms,
+        };
+        request.check()?;
+        Ok(request)
+    }
+}
+
+impl ExecRequest {
+    fn check(&self) -> Result<(), InvalidSpec> {
+        if self.command.is_empty() {
+            return Err(refuse("command must not be empty"));
+        }
+        check_text("command", &self.command, COMMAND_MAX).map_err(refuse)?;
+        if self.args.len() > ARGS_MAX {
+            return Err(refuse(format_args!("at most {ARGS_MAX} args")));
+        }
+        for arg in &self.args {
+            check_text("args", arg, kiln_proto::HEADER_MAX).map_err(refuse)?;
+        }
+        if self.env.len() > ENV_MAX {
+            return Err(refuse(format_args!("at most {ENV_MAX} env variables")));
+        }
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains('=') {
+                return Err(refuse("env names must be non-empty and without '='"));
+            }
+            check_text("env name", name, COMMAND_MAX).map_err(refuse)?;
+            check_text("env value", value, kiln_proto::HEADER_MAX).map_err(refuse)?;
+        }
+        if let Some(cwd) = &self.cwd {
+            check_guest_path("cwd", cwd).map_err(refuse)?;
+        }
+        check_text("stdin", &self.stdin, STDIN_MAX).map_err(refuse)?;
+        if self
+            .timeout_ms
+            .is_some_and(|ms| !(1..=TIMEOUT_MS_MAX).contains(&ms))
+        {
+            return Err(refuse(format_args!(
+                "timeout_ms must be 1 to {TIMEOUT_MS_MAX}"
+            )));
+        }
+        // The whole request must fit in one frame header.
+        let header = serde_json::to_vec(&kiln_proto::Request::Exec(self.exec(None, false)))
+            .map_err(refuse)?;
+        if header.len() > kiln_proto::HEADER_MAX - 256 {
+            return Err(refuse(format_args!(
+                "command, args, env and cwd must encode in under {} bytes",
+                kiln_proto::HEADER_MAX - 256
+            )));
+        }
+        Ok(())
+    }
+
+    /// The agent's exec; `default_timeout_ms` when the request names none,
+    /// and `stdin_open` keeps stdin open for more (streamed exec).
+    pub fn exec(&self, default_timeout_ms: Option<u64>, stdin_open: bool) -> Exec {
+        Exec {
+            command: self.command.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            timeout_ms: self.timeout_ms.or(default_timeout_ms),
+            stdin_open,
+            ..Exec::default()
+        }
+    }
+}
+
+/// Moves the named fields of a JSON object into an object of their own;
+/// the rest stays. Specs that join a shape or an exec with other fields
+/// are parsed as the two parts, each refusing what it does not know.
+fn split(spec: &Value, fields: &[&str]) -> Result<(Value, Value), InvalidSpec> {
+    let Value::Object(all) = spec else {
+        return Err(refuse("spec must be an object"));
+    };
+    let (named, rest): (serde_json::Map<_, _>, serde_json::Map<_, _>) = all
+        .clone()
+        .into_iter()
+        .partition(|(key, _)| fields.contains(&key.as_str()));
+    Ok((Value::Object(named), Value::Object(rest)))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, InvalidSpec> {
+    serde_json::from_value(value).map_err(refuse)
+}
+
+/// Labels on a VM: at most 32, keys by the name grammar, values bounded.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), InvalidSpec> {
+    if labels.len() > LABELS_MAX {
+        return Err(refuse(format_args!("at most {LABELS_MAX} labels")));
+    }
+    for (key, value) in labels {
+        check_name("label key", key).map_err(refuse)?;
+        check_text("label value", value, LABEL_VALUE_MAX).map_err(refuse)?;
+    }
+    Ok(())
+}
+
+/// The `vm` kind: a machine (image, vcpus, memory_mib) and one command.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "Value")]
+pub struct VmJobSpec {
+    #[serde(flatten)]
+    pub shape: VmShape,
+    #[serde(flatten)]
+    pub exec: ExecRequest,
+}
+
+impl TryFrom<Value> for VmJobSpec {
+    type Error = InvalidSpec;
+
+    fn try_from(spec: Value) -> Result<VmJobSpec, InvalidSpec> {
+        VmJobSpec::parse(&spec)
+    }
 }
 
 impl VmJobSpec {
-    pub fn parse(spec: &serde_json::Value) -> Result<VmJobSpec, String> {
-        let spec: VmJobSpec = serde_json::from_value(spec.clone()).map_err(|e| e.to_string())?;
-        if spec.command.is_empty() {
-            return Err("command must not be empty".into());
-        }
-        if !(1..=8).contains(&spec.vcpus) {
-            return Err("vcpus must be 1 to 8".into());
-        }
-        if !(64..=4096).contains(&spec.memory_mib) {
-            return Err("memory_mib must be 64 to 4096".into());
-        }
+    pub fn parse(spec: &Value) -> Result<VmJobSpec, InvalidSpec> {
+        let (shape, exec) = split(spec, &VmShape::MACHINE_FIELDS)?;
+        Ok(VmJobSpec {
+            shape: parse(shape)?,
+            exec: parse(exec)?,
+        })
+    }
+}
+
+/// `POST /vms` and `vm:create`: a shape and labels.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "Value")]
+pub struct CreateVmSpec {
+    #[serde(flatten)]
+    pub shape: VmShape,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateExtras {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl TryFrom<Value> for CreateVmSpec {
+    type Error = InvalidSpec;
+
+    fn try_from(spec: Value) -> Result<CreateVmSpec, InvalidSpec> {
+        let (shape, extras) = split(&spec, &VmShape::FIELDS)?;
+        let extras: CreateExtras = parse(extras)?;
+        check_labels(&extras.labels)?;
+        Ok(CreateVmSpec {
+            shape: parse(shape)?,
+            labels: extras.labels,
+        })
+    }
+}
+
+/// `vm:execute` (and `exec`): a command for a VM that exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecuteVmSpec {
+    pub vm_id: String,
+    pub exec: ExecRequest,
+}
+
+/// `vm:delete`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteVmSpec {
+    pub vm_id: String,
+}
+
+impl ExecuteVmSpec {
+    pub fn parse(spec: &Value) -> Result<ExecuteVmSpec, InvalidSpec> {
+        let (target, exec) = split(spec, &["vm_id"])?;
+        let DeleteVmSpec { vm_id } = DeleteVmSpec::parse(&target)?;
+        Ok(ExecuteVmSpec {
+            vm_id,
+            exec: parse(exec)?,
+        })
+    }
+}
+
+impl DeleteVmSpec {
+    pub fn parse(spec: &Value) -> Result<DeleteVmSpec, InvalidSpec> {
+        let spec: DeleteVmSpec = parse(spec.clone())?;
+        check_name("vm_id", &spec.vm_id).map_err(refuse)?;
         Ok(spec)
     }
 }
 
+fn check_vm(spec: &Value) -> Result<(), String> {
+    VmJobSpec::parse(spec).map(drop).map_err(|e| e.0)
+}
+
+fn check_create(spec: &Value) -> Result<(), String> {
+    parse::<CreateVmSpec>(spec.clone())
+        .map(drop)
+        .map_err(|e| e.0)
+}
+
+fn check_execute(spec: &Value) -> Result<(), String> {
+    ExecuteVmSpec::parse(spec).map(drop).map_err(|e| e.0)
+}
+
+fn check_delete(spec: &Value) -> Result<(), String> {
+    DeleteVmSpec::parse(spec).map(drop).map_err(|e| e.0)
+}
+
+/// Registers the spec check of every VM kind.
+pub fn job_kinds(kinds: &mut JobKinds) {
+    kinds
+        .add("vm", check_vm)
+        .add("vm:create", check_create)
+        .add("vm:execute", check_execute)
+        .add("exec", check_execute)
+        .add("vm:delete", check_delete);
+}
+
+/// Output as a job stores it: text, with NUL (which PostgreSQL refuses in
+/// text and jsonb) replaced.
+fn stored_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
+}
+
 /// The attempt's end for a finished command: success on exit code 0.
-fn exec_end(out: &crate::ExecOutput, started: Instant) -> AttemptEnd {
-    let (stdout, cut_out) = cap(&out.stdout);
-    let (stderr, cut_err) = cap(&out.stderr);
-    let exit_code = out.exit_code.unwrap_or(128 + out.signal.unwrap_or(0));
+fn exec_end(out: &ExecOutput, started: Instant) -> AttemptEnd {
+    let exit_code = out.status();
     let result = JobResult {
         exit_code,
-        stdout,
-        stderr,
-        duration_ms: started.elapsed().as_millis() as i64,
-        truncated: cut_out || cut_err,
+        stdout: stored_text(&out.stdout),
+        stderr: stored_text(&out.stderr),
+        duration_ms: started.elapsed().as_millis().min(i64::MAX as u128) as i64,
+        truncated: out.truncated,
     };
     if exit_code == 0 {
         AttemptEnd::Succeeded(result)
@@ -83,12 +422,30 @@ fn exec_end(out: &crate::ExecOutput, started: Instant) -> AttemptEnd {
     }
 }
 
-pub fn cap(bytes: &[u8]) -> (String, bool) {
-    let truncated = bytes.len() > OUTPUT_CAP;
-    (
-        String::from_utf8_lossy(&bytes[..bytes.len().min(OUTPUT_CAP)]).into_owned(),
-        truncated,
-    )
+fn failed(error: impl std::fmt::Display, permanent: bool) -> AttemptEnd {
+    AttemptEnd::Failed {
+        result: None,
+        error: kiln_core::names::sanitise_message(&error.to_string(), 4096),
+        permanent,
+    }
+}
+
+fn invalid(error: InvalidSpec) -> AttemptEnd {
+    failed(format_args!("invalid spec: {error}"), true)
+}
+
+/// Runs `exec` in the VM until it ends or `kill` fires; output capped as
+/// it arrives. Dropping the stream on a kill kills the command.
+async fn run_exec(
+    agent: &crate::AgentConn,
+    exec: Exec,
+    stdin: &[u8],
+    kill: &CancellationToken,
+) -> Option<Result<ExecOutput, crate::agent::AgentError>> {
+    tokio::select! {
+        out = agent.exec(exec, stdin) => Some(out),
+        _ = kill.cancelled() => None,
+    }
 }
 
 pub struct VmJobHandler(pub Arc<VmManager>);
@@ -98,69 +455,34 @@ impl JobHandler for VmJobHandler {
     async fn run(&self, job: &LeasedJob, kill: CancellationToken) -> AttemptEnd {
         let spec = match VmJobSpec::parse(&job.spec) {
             Ok(spec) => spec,
-            Err(error) => {
-                return AttemptEnd::Failed {
-                    result: None,
-                    error: format!("invalid spec: {error}"),
-                    permanent: true,
-                }
-            }
+            Err(error) => return invalid(error),
         };
         let started = Instant::now();
-        let request = VmRequest {
-            tenant: job.tenant.clone(),
-            image: spec.image.clone(),
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            ttl: Some(std::time::Duration::from_millis(
-                job.timeout_ms.max(1) as u64 + 60_000,
-            )),
-            idle_timeout: None,
-            labels: BTreeMap::from([("job".to_string(), job.id.to_string())]),
-        };
+        let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);
+        let mut request = spec.shape.request(
+            &job.tenant,
+            BTreeMap::from([("job".to_string(), job.id.to_string())]),
+        );
+        request.ttl = Some(Duration::from_millis(job_ms.saturating_add(60_000)));
         let vm = tokio::select! {
             vm = self.0.create(request) => vm,
-            _ = kill.cancelled() => return AttemptEnd::Failed { result: None, error: "killed while booting".into(), permanent: false },
+            _ = kill.cancelled() => return failed("killed while booting", false),
         };
         let vm = match vm {
             Ok(vm) => vm,
-            Err(error) => {
-                return AttemptEnd::Failed {
-                    result: None,
-                    error: error.to_string(),
-                    permanent: false,
-                }
+            Err(error) => return failed(error, false),
+        };
+        let outcome = match self.0.agent(&job.tenant, &vm.id).await {
+            None => Some(Err(crate::agent::AgentError::Gone)),
+            Some(agent) => {
+                let exec = spec.exec.exec(Some(job_ms), false);
+                run_exec(&agent, exec, spec.exec.stdin.as_bytes(), &kill).await
             }
         };
-        let outcome = async {
-            let Some(agent) = self.0.agent(&job.tenant, &vm.id).await else {
-                return Some(Err(crate::VmError::Agent("the VM vanished".into())));
-            };
-            let exec = Exec {
-                command: spec.command.clone(),
-                args: spec.args.clone(),
-                env: spec.env.clone(),
-                cwd: spec.cwd.clone(),
-                ..Exec::default()
-            };
-            tokio::select! {
-                out = agent.exec(exec, spec.stdin.as_bytes()) => Some(out),
-                _ = kill.cancelled() => None,
-            }
-        }
-        .await;
         self.0.delete(&job.tenant, &vm.id).await;
         match outcome {
-            None => AttemptEnd::Failed {
-                result: None,
-                error: "killed".into(),
-                permanent: false,
-            },
-            Some(Err(error)) => AttemptEnd::Failed {
-                result: None,
-                error: error.to_string(),
-                permanent: false,
-            },
+            None => failed("killed", false),
+            Some(Err(error)) => failed(error, false),
             Some(Ok(out)) => exec_end(&out, started),
         }
     }
@@ -181,152 +503,82 @@ pub enum VmTask {
     Delete,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateTask {
-    #[serde(default = "default_image")]
-    image: String,
-    #[serde(default = "default_vcpus")]
-    vcpus: u8,
-    #[serde(default = "default_memory")]
-    memory_mib: u32,
-    ttl_s: Option<u64>,
-    idle_timeout_s: Option<u64>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecuteTask {
-    vm_id: String,
-    command: String,
-    #[serde(default)]
-    args: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    cwd: Option<String>,
-    #[serde(default)]
-    stdin: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeleteTask {
-    vm_id: String,
-}
-
-fn invalid(error: serde_json::Error) -> AttemptEnd {
-    AttemptEnd::Failed {
-        result: None,
-        error: format!("invalid spec: {error}"),
-        permanent: true,
-    }
-}
-
 fn output(stdout: String, started: Instant) -> AttemptEnd {
     AttemptEnd::Succeeded(JobResult {
         exit_code: 0,
         stdout,
         stderr: String::new(),
-        duration_ms: started.elapsed().as_millis() as i64,
+        duration_ms: started.elapsed().as_millis().min(i64::MAX as u128) as i64,
         truncated: false,
     })
 }
 
 fn no_vm(id: &str) -> AttemptEnd {
-    AttemptEnd::Failed {
-        result: None,
-        error: format!("vm {id} not found"),
-        permanent: true,
+    failed(format_args!("vm {id} not found"), true)
+}
+
+impl VmTaskHandler {
+    async fn create(&self, job: &LeasedJob, kill: CancellationToken) -> AttemptEnd {
+        let spec: CreateVmSpec = match parse(job.spec.clone()) {
+            Ok(spec) => spec,
+            Err(error) => return invalid(error),
+        };
+        let started = Instant::now();
+        let request = spec.shape.request(&job.tenant, spec.labels);
+        tokio::select! {
+            created = self.manager.create(request) => match created {
+                Ok(vm) => output(serde_json::json!({"vm_id": vm.id, "boot_ms": vm.boot_ms}).to_string(), started),
+                Err(error) => failed(error, false),
+            },
+            _ = kill.cancelled() => failed("killed while booting", false),
+        }
+    }
+
+    async fn execute(&self, job: &LeasedJob, kill: CancellationToken) -> AttemptEnd {
+        let spec = match ExecuteVmSpec::parse(&job.spec) {
+            Ok(spec) => spec,
+            Err(error) => return invalid(error),
+        };
+        let started = Instant::now();
+        let Some(agent) = self.manager.use_agent(&job.tenant, &spec.vm_id).await else {
+            return no_vm(&spec.vm_id);
+        };
+        let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);
+        // The VM stays; on a kill only the command dies.
+        match run_exec(
+            &agent,
+            spec.exec.exec(Some(job_ms), false),
+            spec.exec.stdin.as_bytes(),
+            &kill,
+        )
+        .await
+        {
+            None => failed("killed", false),
+            Some(Err(error)) => failed(error, false),
+            Some(Ok(out)) => exec_end(&out, started),
+        }
+    }
+
+    async fn delete(&self, job: &LeasedJob) -> AttemptEnd {
+        let spec = match DeleteVmSpec::parse(&job.spec) {
+            Ok(spec) => spec,
+            Err(error) => return invalid(error),
+        };
+        if self.manager.delete(&job.tenant, &spec.vm_id).await {
+            output(String::new(), Instant::now())
+        } else {
+            no_vm(&spec.vm_id)
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl JobHandler for VmTaskHandler {
     async fn run(&self, job: &LeasedJob, kill: CancellationToken) -> AttemptEnd {
-        let started = Instant::now();
-        let tenant = &job.tenant;
         match self.task {
-            VmTask::Create => {
-                let spec: CreateTask = match serde_json::from_value(job.spec.clone()) {
-                    Ok(spec) => spec,
-                    Err(error) => return invalid(error),
-                };
-                let request = VmRequest {
-                    tenant: tenant.clone(),
-                    image: spec.image,
-                    vcpus: spec.vcpus.clamp(1, 8),
-                    memory_mib: spec.memory_mib.clamp(64, 4096),
-                    ttl: Some(std::time::Duration::from_secs(spec.ttl_s.unwrap_or(600))),
-                    idle_timeout: spec.idle_timeout_s.map(std::time::Duration::from_secs),
-                    labels: spec.labels,
-                };
-                tokio::select! {
-                    created = self.manager.create(request) => match created {
-                        Ok(vm) => output(serde_json::json!({"vm_id": vm.id, "boot_ms": vm.boot_ms}).to_string(), started),
-                        Err(error) => AttemptEnd::Failed { result: None, error: error.to_string(), permanent: false },
-                    },
-                    _ = kill.cancelled() => AttemptEnd::Failed { result: None, error: "killed while booting".into(), permanent: false },
-                }
-            }
-            VmTask::Execute => {
-                let spec: ExecuteTask = match serde_json::from_value(job.spec.clone()) {
-                    Ok(spec) => spec,
-                    Err(error) => return invalid(error),
-                };
-                let Some(agent) = self.manager.agent(tenant, &spec.vm_id).await else {
-                    return no_vm(&spec.vm_id);
-                };
-                let (exec_id, mut events) = match agent
-                    .exec_stream(
-                        Exec {
-                            command: spec.command,
-                            args: spec.args,
-                            env: spec.env,
-                            cwd: spec.cwd,
-                            ..Exec::default()
-                        },
-                        spec.stdin.as_bytes(),
-                    )
-                    .await
-                {
-                    Ok(started) => started,
-                    Err(error) => {
-                        return AttemptEnd::Failed {
-                            result: None,
-                            error: error.to_string(),
-                            permanent: false,
-                        }
-                    }
-                };
-                let out = loop {
-                    tokio::select! {
-                        event = events.recv() => match event {
-                            Some(crate::ExecEvent::Exited(out)) => break out,
-                            Some(_) => {}
-                            None => return AttemptEnd::Failed { result: None, error: "the VM went away".into(), permanent: false },
-                        },
-                        _ = kill.cancelled() => {
-                            // The VM stays; only the command dies.
-                            let _ = agent.kill(exec_id, 9).await;
-                            return AttemptEnd::Failed { result: None, error: "killed".into(), permanent: false };
-                        }
-                    }
-                };
-                exec_end(&out, started)
-            }
-            VmTask::Delete => {
-                let spec: DeleteTask = match serde_json::from_value(job.spec.clone()) {
-                    Ok(spec) => spec,
-                    Err(error) => return invalid(error),
-                };
-                if self.manager.delete(tenant, &spec.vm_id).await {
-                    output(String::new(), started)
-                } else {
-                    no_vm(&spec.vm_id)
-                }
-            }
+            VmTask::Create => self.create(job, kill).await,
+            VmTask::Execute => self.execute(job, kill).await,
+            VmTask::Delete => self.delete(job).await,
         }
     }
 }
@@ -348,4 +600,258 @@ pub fn register(
         .with("vm:execute", task(VmTask::Execute))
         .with("exec", task(VmTask::Execute))
         .with("vm:delete", task(VmTask::Delete))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Checks `spec` under `kind`: `Ok` or the start of the error message.
+    fn check(kind: &str, spec: Value, expect: Result<(), &str>) {
+        let shown: String = spec.to_string().chars().take(200).collect();
+        let mut kinds = JobKinds::new();
+        job_kinds(&mut kinds);
+        let got = kinds.check(kind, &spec).map_err(|e| match e {
+            kiln_core::SpecError::Invalid(message) => message,
+            other => panic!("{other}"),
+        });
+        match (got, expect) {
+            (Ok(()), Ok(())) => {}
+            (Err(message), Err(start)) => assert!(
+                message.contains(start),
+                "{kind} {shown}: {message:?} does not say {start:?}"
+            ),
+            (got, expect) => panic!("{kind} {shown}: got {got:?}, expected {expect:?}"),
+        }
+    }
+
+    #[test]
+    fn vm_specs() {
+        let ok = Ok(());
+        check("vm", json!({"command": "true"}), ok);
+        check(
+            "vm",
+            json!({"command": "sh", "args": ["-c", "x"], "image": "default", "vcpus": 2, "memory_mib": 256, "timeout_ms": 5000, "env": {"A": "b"}, "cwd": "/tmp", "stdin": "in"}),
+            ok,
+        );
+        check("vm", json!({"args": []}), Err("missing field `command`"));
+        check(
+            "vm",
+            json!({"command": ""}),
+            Err("command must not be empty"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "nope": 1}),
+            Err("unknown field `nope`"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "a\u{0}": 1}),
+            Err("unknown field"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "ttl_s": 5}),
+            Err("unknown field `ttl_s`"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "image": "../x"}),
+            Err("image must start"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "image": "/tmp/x"}),
+            Err("image must start"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "image": "a'b"}),
+            Err("image may hold only"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "image": ""}),
+            Err("image must be 1 to"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "vcpus": 0}),
+            Err("vcpus must be 1 to 8"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "vcpus": 300}),
+            Err("invalid value"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "memory_mib": 1u64 << 40}),
+            Err("invalid value"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "memory_mib": 8192}),
+            Err("memory_mib must be"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "timeout_ms": 0}),
+            Err("timeout_ms must be"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "timeout_ms": u64::MAX}),
+            Err("timeout_ms must be"),
+        );
+        check(
+            "vm",
+            json!({"command": "a\u{0}b"}),
+            Err("command contains a NUL"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "args": ["\u{0}"]}),
+            Err("args contains a NUL"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "env": {"A\u{0}": "b"}}),
+            Err("env name contains"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "env": {"A=B": "b"}}),
+            Err("env names must"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "env": {"A": "\u{0}"}}),
+            Err("env value contains"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "cwd": "tmp"}),
+            Err("cwd must be an absolute"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "stdin": "\u{0}"}),
+            Err("stdin contains a NUL"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "args": vec!["\u{1}".repeat(20); 1000]}),
+            Err("must encode in under"),
+        );
+        check(
+            "vm",
+            json!({"command": "x", "args": vec!["a"; 2000]}),
+            Err("at most 1024 args"),
+        );
+        check("vm", json!(["command"]), Err("spec must be an object"));
+    }
+
+    #[test]
+    fn vm_task_specs() {
+        let ok = Ok(());
+        check("vm:create", json!({}), ok);
+        check(
+            "vm:create",
+            json!({"image": "default", "vcpus": 1, "memory_mib": 128, "ttl_s": 60, "idle_timeout_s": 30, "labels": {"team": "a"}}),
+            ok,
+        );
+        check(
+            "vm:create",
+            json!({"image": "../x"}),
+            Err("image must start"),
+        );
+        check(
+            "vm:create",
+            json!({"image": "a'b;reboot"}),
+            Err("image may hold only"),
+        );
+        check(
+            "vm:create",
+            json!({"ttl_s": u64::MAX}),
+            Err("ttl_s must be 1 to"),
+        );
+        check("vm:create", json!({"ttl_s": 0}), Err("ttl_s must be 1 to"));
+        check(
+            "vm:create",
+            json!({"idle_timeout_s": 1u64 << 62}),
+            Err("idle_timeout_s must be"),
+        );
+        check(
+            "vm:create",
+            json!({"memory_mib": 1_000_000}),
+            Err("memory_mib must be"),
+        );
+        check(
+            "vm:create",
+            json!({"command": "x"}),
+            Err("unknown field `command`"),
+        );
+        check(
+            "vm:create",
+            json!({"labels": {"a/b": "x"}}),
+            Err("label key may hold"),
+        );
+        check(
+            "vm:create",
+            json!({"labels": {"a": "\u{0}"}}),
+            Err("label value contains"),
+        );
+        check(
+            "vm:execute",
+            json!({"vm_id": "vm-1", "command": "true"}),
+            ok,
+        );
+        check(
+            "exec",
+            json!({"vm_id": "vm-1", "command": "true", "timeout_ms": 1000}),
+            ok,
+        );
+        check(
+            "exec",
+            json!({"command": "true"}),
+            Err("missing field `vm_id`"),
+        );
+        check(
+            "vm:execute",
+            json!({"vm_id": "vm\u{0}", "command": "true"}),
+            Err("vm_id may hold"),
+        );
+        check(
+            "vm:execute",
+            json!({"vm_id": "../vm", "command": "true"}),
+            Err("vm_id must start"),
+        );
+        check(
+            "vm:execute",
+            json!({"vm_id": "vm-1", "command": "x", "timeout_ms": 1u64 << 63}),
+            Err("timeout_ms must be"),
+        );
+        check(
+            "vm:execute",
+            json!({"vm_id": "vm-1", "command": "x", "image": "default"}),
+            Err("unknown field `image`"),
+        );
+        check("vm:delete", json!({"vm_id": "vm-1"}), ok);
+        check(
+            "vm:delete",
+            json!({"vm_id": "vm-1", "force": true}),
+            Err("unknown field `force`"),
+        );
+        check("vm:delete", json!({}), Err("missing field `vm_id`"));
+    }
+
+    #[test]
+    fn defaults_fill_a_shape() {
+        let spec = VmJobSpec::parse(&json!({"command": "true"})).unwrap();
+        assert_eq!(spec.shape, VmShape::default());
+        assert_eq!(spec.exec.exec(Some(5), false).timeout_ms, Some(5));
+    }
 }

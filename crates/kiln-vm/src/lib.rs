@@ -6,25 +6,59 @@
 //! driver without changing callers.
 
 pub mod agent;
+pub mod capacity;
+pub mod config;
 pub mod cpio;
 pub mod image;
+pub mod jail;
 pub mod job;
 pub mod manager;
+pub mod probe;
 pub mod qemu;
 pub mod qmp;
+pub mod run_dir;
 pub mod testing;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use agent::{AgentConn, ExecEvent, ExecOutput};
+pub use config::{AcceleratorChoice, HostCapacity, QemuConfig, VmManagerConfig};
 pub use kiln_proto::Exec;
 pub use manager::{VmInfo, VmManager, VmRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// The VM did not come up.
-    #[error("boot failed: {0}")]
-    Boot(String),
+    /// The image is not there, or its name is not an identifier.
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    /// The tenant holds as many VMs, or as much VM memory, as it may.
+    #[error(transparent)]
+    QuotaExceeded(#[from] kiln_core::QuotaExceeded),
+    /// The host has no room for the VM now; another try may find some.
+    #[error("no capacity for the VM on this host: {reason}")]
+    NoCapacity {
+        reason: &'static str,
+        retry_after_s: u64,
+    },
+    /// QEMU could not be started.
+    #[error("starting {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    /// QEMU exited before the guest answered.
+    #[error("qemu exited during the boot ({status}): {log}")]
+    Exited { status: String, log: String },
+    /// The guest did not answer within the boot timeout.
+    #[error("no answer from the guest agent within {0:?}")]
+    BootTimeout(Duration),
+    /// QEMU's control protocol failed or answered with an error.
+    #[error("qmp: {0}")]
+    Qmp(String),
+    /// The accelerator asked for is not usable on this host.
+    #[error("accelerator {0} is not available on this host")]
+    NoAccelerator(&'static str),
     /// The guest agent failed or misbehaved.
     #[error("guest agent: {0}")]
     Agent(String),
@@ -41,7 +75,8 @@ pub enum VmError {
 pub struct BootSource {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// Added to the driver's own kernel command line.
+    /// Added to the driver's own kernel command line (from configuration,
+    /// never from a request).
     pub extra_cmdline: String,
     /// The kernel finds devices through ACPI tables; without, the driver
     /// lists them on the command line (as Firecracker always does).
@@ -85,7 +120,7 @@ pub struct VmConfig {
 /// A booted VM as a driver hands it over: its VMM process and the
 /// connection to its agent.
 pub struct MicroVm {
-    pub child: tokio::process::Child,
+    pub child: jail::VmProcess,
     pub agent: AgentConn,
     pub run_dir: PathBuf,
     pub booted_in: std::time::Duration,

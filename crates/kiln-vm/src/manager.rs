@@ -1,16 +1,25 @@
 //! Live VMs of this process: create (boot), exec, files, delete; TTL and
-//! idle expiry; and a reaper for what a crashed predecessor left behind.
+//! idle expiry; quotas and the host's capacity; and a reaper for what a
+//! crashed predecessor left behind.
 //!
-//! Every VM lives in `<vm_dir>/<id>/` (sockets, log, `pid`), so after a
-//! crash the next start finds and kills its QEMU processes and removes the
-//! directories.
+//! Every VM lives in `<vm_dir>/<id>/` (sockets, log, `pid` written before
+//! QEMU runs, the name of a state being saved), so after a crash the next
+//! start finds and kills its QEMU processes, removes half-written states
+//! and cgroups, and removes the directories.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::capacity::{lock, Capacity, HostSlot, TenantSlot};
+use crate::config::{AcceleratorChoice, VmManagerConfig};
 use crate::image::Image;
+pub use crate::probe::probe_accelerator;
+use crate::probe::{kvm_device_usable, probe_accelerator_with};
+pub use crate::run_dir::{qemu_pids_under, reap};
+use crate::run_dir::{remove_run_dir, take_dir};
 use crate::{qemu, Accelerator, AgentConn, BootSource, MachineConfig, VmConfig, VmError};
 
 #[derive(Clone, Debug)]
@@ -42,27 +51,37 @@ pub struct VmInfo {
 struct LiveVm {
     info: VmInfo,
     agent: AgentConn,
-    child: tokio::process::Child,
+    child: crate::jail::VmProcess,
     run_dir: PathBuf,
     created: Instant,
-    last_used: Mutex<Instant>,
+    last_used: Arc<Mutex<Instant>>,
+    /// Commands running now (see [`VmManager::use_agent`]): idle expiry
+    /// leaves a busy VM alone.
+    busy: Arc<AtomicUsize>,
     ttl: Option<Duration>,
     idle_timeout: Option<Duration>,
+    /// The VM's room on the host and in its tenant's quota, given back
+    /// when the VM goes.
+    _host: HostSlot,
+    _tenant: Option<TenantSlot>,
 }
+
+type Slot = Arc<tokio::sync::Mutex<Option<LiveVm>>>;
 
 pub struct VmManager {
     images_dir: PathBuf,
     vm_dir: PathBuf,
     accelerator: Accelerator,
     vmm: Arc<dyn crate::Vmm>,
-    vms: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<LiveVm>>>>>,
-    boot_timeout: Duration,
-    snapshots: std::sync::atomic::AtomicBool,
+    config: VmManagerConfig,
+    capacity: Arc<Capacity>,
+    vms: Mutex<HashMap<String, Slot>>,
+    snapshots: AtomicBool,
     warm: Mutex<HashMap<PoolKey, Vec<LiveVm>>>,
     warm_sizes: Mutex<HashMap<PoolKey, usize>>,
     /// One refill at a time: boots compete for the same cores.
     filling: tokio::sync::Mutex<()>,
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
@@ -74,13 +93,12 @@ type PoolKey = (String, u8, u32);
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
 fn new_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -92,53 +110,158 @@ fn new_id() -> String {
     )
 }
 
+/// A VM being booted: its run directory (and a state it was saving) is
+/// removed if the boot fails or its future is dropped, so a cancelled
+/// create leaves nothing behind.
+struct Booting {
+    run_dir: PathBuf,
+    done: bool,
+}
+
+impl Drop for Booting {
+    fn drop(&mut self) {
+        if !self.done {
+            remove_run_dir(&self.run_dir);
+        }
+    }
+}
+
+/// An agent in use for a command: while any is held the VM counts as busy
+/// and idle expiry leaves it alone; the idle clock restarts when the last
+/// one goes.
+pub struct AgentInUse {
+    agent: AgentConn,
+    busy: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+impl std::ops::Deref for AgentInUse {
+    type Target = AgentConn;
+    fn deref(&self) -> &AgentConn {
+        &self.agent
+    }
+}
+
+impl Drop for AgentInUse {
+    fn drop(&mut self) {
+        *lock(&self.last_used) = Instant::now();
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl VmManager {
-    /// With the QEMU `microvm` driver on the given accelerator.
+    /// Starts the manager as configured: takes the directory's lock, reaps
+    /// what a crashed run left, and settles the accelerator (`auto` probes
+    /// KVM with a boot inside `vm_dir`, under the lock, so a crash during
+    /// the probe is reaped too).
+    pub async fn start(
+        images_dir: &Path,
+        vm_dir: &Path,
+        config: VmManagerConfig,
+    ) -> Result<Arc<VmManager>, VmError> {
+        let lock = take_dir(vm_dir)?;
+        let accelerator = match config.accelerator {
+            AcceleratorChoice::Tcg => Accelerator::Tcg,
+            AcceleratorChoice::Kvm if kvm_device_usable() => Accelerator::Kvm,
+            AcceleratorChoice::Kvm => return Err(VmError::NoAccelerator("kvm")),
+            AcceleratorChoice::Auto => match Image::open(images_dir, "default") {
+                Ok(image) => {
+                    let boot = boot_source(&image, &config.extra_cmdline);
+                    probe_accelerator_with(
+                        &config.qemu,
+                        &boot,
+                        vm_dir,
+                        &vm_dir.join(".accelerator"),
+                    )
+                    .await
+                }
+                Err(_) if kvm_device_usable() => Accelerator::Kvm,
+                Err(_) => Accelerator::Tcg,
+            },
+        };
+        let vmm = Arc::new(qemu::QemuVmm::new(accelerator, config.qemu.clone()));
+        Ok(VmManager::assemble(images_dir, vm_dir, config, vmm, lock))
+    }
+
+    /// With the QEMU `microvm` driver on the given accelerator and default
+    /// settings.
     pub fn new(
         images_dir: &Path,
         vm_dir: &Path,
         accelerator: Accelerator,
     ) -> Result<Arc<VmManager>, VmError> {
-        VmManager::with_vmm(
-            images_dir,
-            vm_dir,
-            Arc::new(qemu::QemuVmm::new(accelerator)),
-        )
+        VmManager::with_config(images_dir, vm_dir, accelerator, VmManagerConfig::default())
+    }
+
+    /// With the QEMU `microvm` driver on the given accelerator.
+    pub fn with_config(
+        images_dir: &Path,
+        vm_dir: &Path,
+        accelerator: Accelerator,
+        config: VmManagerConfig,
+    ) -> Result<Arc<VmManager>, VmError> {
+        let lock = take_dir(vm_dir)?;
+        let vmm = Arc::new(qemu::QemuVmm::new(accelerator, config.qemu.clone()));
+        Ok(VmManager::assemble(images_dir, vm_dir, config, vmm, lock))
     }
 
     /// Reaps leftovers in `vm_dir`, then is ready to boot VMs with `vmm`.
     pub fn with_vmm(
         images_dir: &Path,
         vm_dir: &Path,
+        config: VmManagerConfig,
         vmm: Arc<dyn crate::Vmm>,
     ) -> Result<Arc<VmManager>, VmError> {
-        std::fs::create_dir_all(vm_dir)?;
-        let lock = lock_dir(vm_dir)?;
+        let lock = take_dir(vm_dir)?;
+        Ok(VmManager::assemble(images_dir, vm_dir, config, vmm, lock))
+    }
+
+    fn assemble(
+        images_dir: &Path,
+        vm_dir: &Path,
+        config: VmManagerConfig,
+        vmm: Arc<dyn crate::Vmm>,
+        lock: std::fs::File,
+    ) -> Arc<VmManager> {
         let accelerator = vmm.accelerator();
-        let reaped = reap(vm_dir);
-        if reaped > 0 {
-            tracing::info!(reaped, "removed VMs left behind by an earlier run");
+        if accelerator == Accelerator::Tcg {
+            tracing::warn!(
+                "VMs RUN UNDER TCG EMULATION: QEMU's security policy does not cover TCG, so a guest escape there is not treated as a QEMU security bug; use KVM (accelerator = \"kvm\") for code nobody trusts"
+            );
         }
-        Ok(Arc::new(VmManager {
+        let capacity = Capacity::new(
+            config.host.clone(),
+            config.qemu.overhead_mib,
+            config.quotas.clone(),
+        );
+        Arc::new(VmManager {
             images_dir: images_dir.to_path_buf(),
             vm_dir: vm_dir.to_path_buf(),
             accelerator,
             vmm,
+            capacity,
             vms: Mutex::default(),
-            boot_timeout: Duration::from_secs(60),
-            snapshots: std::sync::atomic::AtomicBool::new(
-                std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0"),
-            ),
+            snapshots: AtomicBool::new(config.snapshots),
+            config,
             warm: Mutex::default(),
             warm_sizes: Mutex::default(),
             filling: tokio::sync::Mutex::new(()),
-            closing: std::sync::atomic::AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             _lock: lock,
-        }))
+        })
     }
 
     pub fn accelerator(&self) -> Accelerator {
         self.accelerator
+    }
+
+    /// Gives a tenant limits other than the configured ones.
+    pub fn set_tenant_quotas(&self, tenant: &str, quotas: kiln_core::TenantQuotas) {
+        self.capacity.set_quotas(tenant, quotas);
+    }
+
+    fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.boot_timeout_s)
     }
 
     /// Restores the shape's snapshot when there is one; otherwise boots and
@@ -149,9 +272,13 @@ impl VmManager {
         config: &VmConfig,
         snapshot: &Path,
     ) -> Result<crate::MicroVm, VmError> {
-        let snapshots = self.snapshots.load(std::sync::atomic::Ordering::Relaxed);
+        let snapshots = self.snapshots.load(Ordering::Relaxed);
         if snapshots && snapshot.exists() {
-            match self.vmm.restore(config, snapshot, self.boot_timeout).await {
+            match self
+                .vmm
+                .restore(config, snapshot, self.boot_timeout())
+                .await
+            {
                 Ok(vm) => {
                     freshen(&vm.agent).await?;
                     metrics::histogram!("kiln_vm_start_seconds", "how" => "restore")
@@ -161,11 +288,10 @@ impl VmManager {
                 Err(error) => {
                     tracing::warn!(%error, snapshot = %snapshot.display(), "restore failed; booting and replacing the snapshot");
                     let _ = std::fs::remove_file(snapshot);
-                    let _ = std::fs::remove_dir_all(&config.run_dir);
                 }
             }
         }
-        let vm = match self.vmm.start(config, self.boot_timeout).await {
+        let vm = match self.vmm.start(config, self.boot_timeout()).await {
             Ok(vm) => vm,
             Err(error) => {
                 metrics::counter!("kiln_vm_boot_failures_total").increment(1);
@@ -189,32 +315,33 @@ impl VmManager {
         Ok(vm)
     }
 
-    /// Boots (or restores) a VM of a shape, owned by no one yet.
-    async fn boot(&self, image_name: &str, vcpus: u8, memory_mib: u32) -> Result<LiveVm, VmError> {
-        let image =
-            Image::open(&self.images_dir, image_name).map_err(|e| VmError::Boot(e.to_string()))?;
+    /// Boots (or restores) a VM of a shape, owned by no one yet, in the
+    /// room `host` holds for it.
+    async fn boot(
+        &self,
+        image_name: &str,
+        vcpus: u8,
+        memory_mib: u32,
+        host: HostSlot,
+    ) -> Result<LiveVm, VmError> {
+        let image = Image::open(&self.images_dir, image_name)?;
         let id = new_id();
         let run_dir = self.vm_dir.join(&id);
+        let mut booting = Booting {
+            run_dir: run_dir.clone(),
+            done: false,
+        };
         let config = VmConfig {
             id: id.clone(),
-            boot: boot_source(&image),
+            boot: boot_source(&image, &self.config.extra_cmdline),
             machine: MachineConfig { vcpus, memory_mib },
             drives: Vec::new(),
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
         let snapshot = self.snapshot_file(&image, &config.boot, vcpus, memory_mib);
-        let vm = match self.start_vm(&config, &snapshot).await {
-            Ok(vm) => vm,
-            Err(error) => {
-                let _ = std::fs::remove_dir_all(&run_dir);
-                return Err(error);
-            }
-        };
-        let pid = vm.child.id();
-        if let Some(pid) = pid {
-            std::fs::write(run_dir.join("pid"), pid.to_string())?;
-        }
+        let vm = self.start_vm(&config, &snapshot).await?;
+        booting.done = true;
         Ok(LiveVm {
             info: VmInfo {
                 id,
@@ -226,64 +353,71 @@ impl VmManager {
                 labels: BTreeMap::new(),
                 created_at_ms: now_ms(),
                 expires_at_ms: None,
-                boot_ms: vm.booted_in.as_millis() as u64,
-                pid,
+                boot_ms: u64::try_from(vm.booted_in.as_millis()).unwrap_or(u64::MAX),
+                pid: vm.child.id(),
             },
             agent: vm.agent,
             child: vm.child,
             run_dir,
             created: Instant::now(),
-            last_used: Mutex::new(Instant::now()),
+            last_used: Arc::new(Mutex::new(Instant::now())),
+            busy: Arc::default(),
             ttl: None,
             idle_timeout: None,
+            _host: host,
+            _tenant: None,
         })
     }
 
     /// A running VM for the request: from the warm pool when one of its
-    /// shape is ready, else booted (or restored) now.
+    /// shape is ready, else booted (or restored) now. Refused before any
+    /// boot when the image name is not an identifier or names no image,
+    /// when the tenant is at its quota (`QuotaExceeded`), or when the host
+    /// has no room (`NoCapacity`).
     pub async fn create(self: &Arc<Self>, request: VmRequest) -> Result<VmInfo, VmError> {
         let started = Instant::now();
+        Image::open(&self.images_dir, &request.image)?;
+        let tenant_slot = self
+            .capacity
+            .reserve_tenant(&request.tenant, request.memory_mib)?;
         let key = (request.image.clone(), request.vcpus, request.memory_mib);
-        let pooled = self
-            .warm
-            .lock()
-            .expect("warm pool")
-            .get_mut(&key)
-            .and_then(|pool| pool.pop());
+        let pooled = lock(&self.warm).get_mut(&key).and_then(|pool| pool.pop());
         let from_pool = pooled.is_some();
         let mut live = match pooled {
             Some(live) => live,
             None => {
-                self.boot(&request.image, request.vcpus, request.memory_mib)
+                let host = self.capacity.reserve_host(request.memory_mib)?;
+                self.boot(&request.image, request.vcpus, request.memory_mib, host)
                     .await?
             }
         };
-        if self
-            .warm_sizes
-            .lock()
-            .expect("warm sizes")
-            .contains_key(&key)
-        {
+        if lock(&self.warm_sizes).contains_key(&key) {
             self.refill(key);
         }
         let created_at_ms = now_ms();
+        // A TTL past the configured maximum is cut to it, so the expiry
+        // time cannot overflow.
+        let ttl = request
+            .ttl
+            .map(|ttl| ttl.min(Duration::from_secs(self.config.ttl_max_s)));
         live.info.tenant = request.tenant;
         live.info.labels = request.labels;
         live.info.created_at_ms = created_at_ms;
-        live.info.expires_at_ms = request
-            .ttl
-            .map(|ttl| created_at_ms + ttl.as_millis() as i64);
+        live.info.expires_at_ms = ttl.map(|ttl| {
+            created_at_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+        });
         if from_pool {
-            live.info.boot_ms = started.elapsed().as_millis() as u64;
+            live.info.boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             metrics::histogram!("kiln_vm_start_seconds", "how" => "pool")
                 .record(started.elapsed().as_secs_f64());
         }
         live.created = Instant::now();
-        live.last_used = Mutex::new(Instant::now());
-        live.ttl = request.ttl;
+        *lock(&live.last_used) = Instant::now();
+        live.ttl = ttl;
         live.idle_timeout = request.idle_timeout;
+        live._tenant = Some(tenant_slot);
         let info = live.info.clone();
-        self.vms.lock().expect("vms").insert(
+        lock(&self.vms).insert(
             info.id.clone(),
             Arc::new(tokio::sync::Mutex::new(Some(live))),
         );
@@ -293,39 +427,27 @@ impl VmManager {
     /// Keeps `size` ready VMs of this shape (booted in the background).
     pub fn keep_warm(self: &Arc<Self>, image: &str, vcpus: u8, memory_mib: u32, size: usize) {
         let key = (image.to_string(), vcpus, memory_mib);
-        self.warm_sizes
-            .lock()
-            .expect("warm sizes")
-            .insert(key.clone(), size);
+        lock(&self.warm_sizes).insert(key.clone(), size);
         self.refill(key);
     }
 
-    fn refill(self: &Arc<Self>, key: (String, u8, u32)) {
+    fn refill(self: &Arc<Self>, key: PoolKey) {
         let manager = self.clone();
         tokio::spawn(async move {
             let _filling = manager.filling.lock().await;
             loop {
-                let want = manager
-                    .warm_sizes
-                    .lock()
-                    .expect("warm sizes")
-                    .get(&key)
-                    .copied()
-                    .unwrap_or(0);
-                let have = manager
-                    .warm
-                    .lock()
-                    .expect("warm pool")
-                    .get(&key)
-                    .map_or(0, Vec::len);
-                if have >= want || manager.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                let want = lock(&manager.warm_sizes).get(&key).copied().unwrap_or(0);
+                let have = lock(&manager.warm).get(&key).map_or(0, Vec::len);
+                if have >= want || manager.closing.load(Ordering::SeqCst) {
                     return;
                 }
-                match manager.boot(&key.0, key.1, key.2).await {
-                    Ok(live) => manager
-                        .warm
-                        .lock()
-                        .expect("warm pool")
+                // Warm VMs take host room like any other; a full host
+                // simply has a smaller pool.
+                let Ok(host) = manager.capacity.reserve_host(key.2) else {
+                    return;
+                };
+                match manager.boot(&key.0, key.1, key.2, host).await {
+                    Ok(live) => lock(&manager.warm)
                         .entry(key.clone())
                         .or_default()
                         .push(live),
@@ -338,24 +460,19 @@ impl VmManager {
         });
     }
 
-    /// Ready VMs waiting in the warm pool.
     /// VMs handed out and not yet deleted, across tenants.
     pub fn live_count(&self) -> usize {
-        self.vms.lock().expect("vms").len()
+        lock(&self.vms).len()
     }
 
+    /// Ready VMs waiting in the warm pool.
     pub fn warm_count(&self) -> usize {
-        self.warm
-            .lock()
-            .expect("warm pool")
-            .values()
-            .map(Vec::len)
-            .sum()
+        lock(&self.warm).values().map(Vec::len).sum()
     }
 
     /// A VM's slot by id; callers check the tenant under the slot's lock.
-    fn slot(&self, id: &str) -> Option<Arc<tokio::sync::Mutex<Option<LiveVm>>>> {
-        self.vms.lock().expect("vms").get(id).cloned()
+    fn slot(&self, id: &str) -> Option<Slot> {
+        lock(&self.vms).get(id).cloned()
     }
 
     /// The agent of a tenant's VM, marking it used.
@@ -363,8 +480,23 @@ impl VmManager {
         let slot = self.slot(id)?;
         let guard = slot.lock().await;
         let live = guard.as_ref().filter(|vm| vm.info.tenant == tenant)?;
-        *live.last_used.lock().expect("last used") = Instant::now();
+        *lock(&live.last_used) = Instant::now();
         Some(live.agent.clone())
+    }
+
+    /// The agent of a tenant's VM for a command: the VM counts as busy
+    /// (idle expiry skips it) until the returned guard is dropped.
+    pub async fn use_agent(&self, tenant: &str, id: &str) -> Option<AgentInUse> {
+        let slot = self.slot(id)?;
+        let guard = slot.lock().await;
+        let live = guard.as_ref().filter(|vm| vm.info.tenant == tenant)?;
+        live.busy.fetch_add(1, Ordering::SeqCst);
+        *lock(&live.last_used) = Instant::now();
+        Some(AgentInUse {
+            agent: live.agent.clone(),
+            busy: live.busy.clone(),
+            last_used: live.last_used.clone(),
+        })
     }
 
     pub async fn get(&self, tenant: &str, id: &str) -> Option<VmInfo> {
@@ -377,7 +509,7 @@ impl VmManager {
     }
 
     pub async fn list(&self, tenant: &str) -> Vec<VmInfo> {
-        let slots: Vec<_> = self.vms.lock().expect("vms").values().cloned().collect();
+        let slots: Vec<Slot> = lock(&self.vms).values().cloned().collect();
         let mut out = Vec::new();
         for slot in slots {
             if let Some(vm) = slot.lock().await.as_ref() {
@@ -396,36 +528,26 @@ impl VmManager {
             return false;
         };
         let mut guard = slot.lock().await;
-        if guard.as_ref().is_none_or(|vm| vm.info.tenant != tenant) {
+        let Some(vm) = guard.take_if(|vm| vm.info.tenant == tenant) else {
             return false;
-        }
-        let vm = guard.take().expect("checked");
-        self.vms.lock().expect("vms").remove(id);
+        };
+        lock(&self.vms).remove(id);
         destroy(vm).await;
         true
     }
 
-    /// Deletes VMs past their TTL or idle timeout; returns how many.
+    /// Deletes VMs past their TTL, and idle VMs past their idle timeout
+    /// (a VM running a command is not idle); returns how many.
     pub async fn expire(&self) -> usize {
-        let slots: Vec<(String, Arc<tokio::sync::Mutex<Option<LiveVm>>>)> = self
-            .vms
-            .lock()
-            .expect("vms")
+        let slots: Vec<(String, Slot)> = lock(&self.vms)
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let mut n = 0;
         for (id, slot) in slots {
             let mut guard = slot.lock().await;
-            let expired = guard.as_ref().is_some_and(|vm| {
-                vm.ttl.is_some_and(|ttl| vm.created.elapsed() >= ttl)
-                    || vm.idle_timeout.is_some_and(|idle| {
-                        vm.last_used.lock().expect("last used").elapsed() >= idle
-                    })
-            });
-            if expired {
-                let vm = guard.take().expect("checked");
-                self.vms.lock().expect("vms").remove(&id);
+            if let Some(vm) = guard.take_if(|vm| vm.expired()) {
+                lock(&self.vms).remove(&id);
                 destroy(vm).await;
                 n += 1;
             }
@@ -435,26 +557,13 @@ impl VmManager {
 
     /// Deletes every VM, pooled ones included (at shutdown).
     pub async fn shutdown(&self) {
-        self.closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.closing.store(true, Ordering::SeqCst);
         let _filling = self.filling.lock().await;
-        let pooled: Vec<LiveVm> = self
-            .warm
-            .lock()
-            .expect("warm pool")
-            .drain()
-            .flat_map(|(_, v)| v)
-            .collect();
+        let pooled: Vec<LiveVm> = lock(&self.warm).drain().flat_map(|(_, v)| v).collect();
         for vm in pooled {
             destroy(vm).await;
         }
-        let slots: Vec<_> = self
-            .vms
-            .lock()
-            .expect("vms")
-            .drain()
-            .map(|(_, v)| v)
-            .collect();
+        let slots: Vec<Slot> = lock(&self.vms).drain().map(|(_, v)| v).collect();
         for slot in slots {
             if let Some(vm) = slot.lock().await.take() {
                 destroy(vm).await;
@@ -462,11 +571,10 @@ impl VmManager {
         }
     }
 
-    /// Whether new VMs restore from (and first boots save) snapshots; on
-    /// unless `KILN_VM_SNAPSHOTS=0`.
+    /// Whether new VMs restore from (and first boots save) snapshots; set
+    /// by the configuration, changed here by benchmarks.
     pub fn use_snapshots(&self, on: bool) {
-        self.snapshots
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.snapshots.store(on, Ordering::Relaxed);
     }
 
     pub fn vm_dir(&self) -> &Path {
@@ -497,19 +605,30 @@ impl VmManager {
         vcpus: u8,
         memory_mib: u32,
     ) -> Result<PathBuf, VmError> {
-        let image =
-            Image::open(&self.images_dir, image_name).map_err(|e| VmError::Boot(e.to_string()))?;
-        let boot = boot_source(&image);
+        let image = Image::open(&self.images_dir, image_name)?;
+        let boot = boot_source(&image, &self.config.extra_cmdline);
         Ok(self.snapshot_file(&image, &boot, vcpus, memory_mib))
     }
 }
 
-/// How every VM of an image boots (`KILN_VM_CMDLINE` adds kernel words).
-fn boot_source(image: &Image) -> BootSource {
+impl LiveVm {
+    fn expired(&self) -> bool {
+        let past_ttl = self.ttl.is_some_and(|ttl| self.created.elapsed() >= ttl);
+        let idle = self.busy.load(Ordering::SeqCst) == 0
+            && self
+                .idle_timeout
+                .is_some_and(|idle| lock(&self.last_used).elapsed() >= idle);
+        past_ttl || idle
+    }
+}
+
+/// How every VM of an image boots; `extra_cmdline` comes from the
+/// configuration.
+pub(crate) fn boot_source(image: &Image, extra_cmdline: &str) -> BootSource {
     BootSource {
         kernel: image.kernel(),
         initrd: Some(image.initramfs()),
-        extra_cmdline: std::env::var("KILN_VM_CMDLINE").unwrap_or_default(),
+        extra_cmdline: extra_cmdline.to_string(),
         acpi: image.acpi(),
     }
 }
@@ -549,145 +668,31 @@ async fn settle_clock(agent: &AgentConn) {
     }
 }
 
-/// A restored VM starts as a copy of its snapshot: mix fresh host entropy
-/// into its pool and set its clock, so no two VMs share either.
+/// A restored VM starts as a copy of its snapshot: credit fresh host
+/// entropy to its pool and reseed its CRNG at once (a write to
+/// /dev/urandom would only mix the pool, and clones would draw the same
+/// bytes until the kernel's next scheduled reseed), then set its clock, so
+/// no two VMs share either.
 async fn freshen(agent: &AgentConn) -> Result<(), VmError> {
-    let mut seed = vec![0u8; 512];
-    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut random, &mut seed);
-    }
+    let mut seed = [0u8; 256];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    agent
+        .add_entropy(&seed)
+        .await
+        .map_err(|e| VmError::Agent(format!("freshening a restored VM: {e}")))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_nanos().min(u64::MAX as u128) as u64)
         .unwrap_or(0);
-    let exec = crate::Exec {
-        command: "sh".into(),
-        args: vec![
-            "-c".into(),
-            format!("cat > /dev/urandom; date -u -s @{now} > /dev/null"),
-        ],
-        ..crate::Exec::default()
-    };
-    let out = agent.exec(exec, &seed).await?;
-    if out.exit_code != Some(0) {
-        return Err(VmError::Agent(format!(
-            "freshening a restored VM failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
+    agent
+        .set_clock(now)
+        .await
+        .map_err(|e| VmError::Agent(format!("setting a restored VM's clock: {e}")))?;
     Ok(())
 }
 
 async fn destroy(mut vm: LiveVm) {
     let _ = tokio::time::timeout(Duration::from_millis(200), vm.agent.shutdown()).await;
-    let _ = vm.child.start_kill();
-    let _ = tokio::time::timeout(Duration::from_secs(5), vm.child.wait()).await;
-    let _ = std::fs::remove_dir_all(&vm.run_dir);
-}
-
-/// An exclusive lock on `<vm_dir>/.lock`; the kernel drops it when the
-/// process dies, however it dies.
-fn lock_dir(vm_dir: &Path) -> Result<std::fs::File, VmError> {
-    use std::os::unix::io::AsRawFd;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(vm_dir.join(".lock"))?;
-    // SAFETY: flock(2) on a descriptor this function owns.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(VmError::InUse(format!(
-            "{} is in use by another kiln process (one data dir per kiln serve or worker host)",
-            vm_dir.display()
-        )));
-    }
-    Ok(file)
-}
-
-/// Kills the QEMU processes recorded under `vm_dir` (checking that each pid
-/// still belongs to a QEMU started for that directory) and removes the
-/// directories. Returns how many directories were removed.
-pub fn reap(vm_dir: &Path) -> usize {
-    let mut n = 0;
-    for entry in std::fs::read_dir(vm_dir).into_iter().flatten().flatten() {
-        let dir = entry.path();
-        if !dir.is_dir() {
-            continue;
-        }
-        if let Some(pid) = std::fs::read_to_string(dir.join("pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains(&*dir.to_string_lossy()) {
-                // SAFETY: kill(2) on a pid whose command line names this VM's
-                // own directory, so it is the QEMU kiln started for it.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        if std::fs::remove_dir_all(&dir).is_ok() {
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Uses KVM when a tiny boot under it answers, else TCG; the answer is
-/// cached in `cache_file` so each host pays for the probe once.
-pub async fn probe_accelerator(image: &Image, work_dir: &Path, cache_file: &Path) -> Accelerator {
-    match std::fs::read_to_string(cache_file)
-        .ok()
-        .as_deref()
-        .map(str::trim)
-    {
-        Some("kvm") => return Accelerator::Kvm,
-        Some("tcg") => return Accelerator::Tcg,
-        _ => {}
-    }
-    let mut found = Accelerator::Tcg;
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        let config = VmConfig {
-            id: "probe".into(),
-            boot: boot_source(image),
-            machine: MachineConfig {
-                vcpus: 1,
-                memory_mib: 128,
-            },
-            drives: Vec::new(),
-            network: Vec::new(),
-            run_dir: work_dir.join(format!("probe-{}", std::process::id())),
-        };
-        if let Ok(vm) = qemu::start(&config, Accelerator::Kvm, Duration::from_secs(8)).await {
-            if vm
-                .agent
-                .exec(
-                    crate::Exec {
-                        command: "true".into(),
-                        ..crate::Exec::default()
-                    },
-                    b"",
-                )
-                .await
-                .is_ok_and(|o| o.exit_code == Some(0))
-            {
-                found = Accelerator::Kvm;
-            }
-            let mut child = vm.child;
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-        }
-        let _ = std::fs::remove_dir_all(&config.run_dir);
-    }
-    tracing::info!(
-        accelerator = found.as_str(),
-        "microVM accelerator chosen by a probe boot"
-    );
-    let _ = std::fs::write(cache_file, found.as_str());
-    found
+    vm.child.kill().await;
+    remove_run_dir(&vm.run_dir);
 }

@@ -1,8 +1,13 @@
 //! A minimal QMP client: QEMU's JSON control protocol on a Unix socket,
-//! used to save and restore VM state.
+//! used to save and restore VM state. A state is saved to a descriptor
+//! handed over with `getfd` (`SCM_RIGHTS`), never to a shell command, so
+//! no path reaches a shell.
 
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -17,7 +22,7 @@ pub struct Qmp {
 }
 
 fn qmp_error(message: impl Into<String>) -> VmError {
-    VmError::Boot(format!("qmp: {}", message.into()))
+    VmError::Qmp(message.into())
 }
 
 impl Qmp {
@@ -57,6 +62,11 @@ impl Qmp {
         self.writer
             .write_all(format!("{request}\n").as_bytes())
             .await?;
+        self.read_return(command).await
+    }
+
+    /// Reads up to the answer of the command just sent (events are skipped).
+    async fn read_return(&mut self, command: &str) -> Result<Value, VmError> {
         loop {
             let message = self.read_message().await?;
             if let Some(value) = message.get("return") {
@@ -73,10 +83,42 @@ impl Qmp {
         Ok(status["status"].as_str().unwrap_or("").to_string())
     }
 
-    /// Saves the whole machine state to `file` (the VM is paused afterwards).
-    pub async fn save(&mut self, file: &Path, timeout: Duration) -> Result<(), VmError> {
-        let uri = format!("exec:cat > '{}'", file.display());
-        self.execute("migrate", json!({"uri": uri})).await?;
+    /// Hands QEMU a descriptor under `name` (QMP `getfd`, the descriptor
+    /// riding along as `SCM_RIGHTS`).
+    pub async fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), VmError> {
+        let request = json!({"execute": "getfd", "arguments": {"fdname": name}});
+        let line = format!("{request}\n");
+        let socket: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        let mut sent = 0;
+        while sent < line.len() {
+            socket.writable().await?;
+            let result = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(&line.as_bytes()[sent..])];
+                // The descriptor goes with the first byte only.
+                let rights = [ControlMessage::ScmRights(&fds)];
+                let cmsgs: &[ControlMessage] = if sent == 0 { &rights } else { &[] };
+                sendmsg::<()>(socket.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)
+                    .map_err(std::io::Error::from)
+            });
+            match result {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.read_return("getfd").await?;
+        Ok(())
+    }
+
+    /// Saves the whole machine state into `file` (the VM is paused
+    /// afterwards).
+    pub async fn save(&mut self, file: std::fs::File, timeout: Duration) -> Result<(), VmError> {
+        self.send_fd("snapshot", file.as_fd()).await?;
+        // QEMU holds its own copy now.
+        drop(file);
+        self.execute("migrate", json!({"uri": "fd:snapshot"}))
+            .await?;
         let deadline = Instant::now() + timeout;
         loop {
             let state = self.execute("query-migrate", json!({})).await?;

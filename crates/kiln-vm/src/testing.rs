@@ -50,3 +50,20 @@ pub fn vm_dirs_in(vm_dir: &std::path::Path) -> usize {
         .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).count())
         .unwrap_or(0)
 }
+
+/// Whether `pid` is a live process (a zombie waiting for its reaper is
+/// not): how tests see that a QEMU died.
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
+}

@@ -63,25 +63,33 @@ pub fn wasm_runtime(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Ar
     Ok(WasmRuntime::new(config, blobs.clone())?)
 }
 
+/// The VM host's settings from `KILN_VM_ACCELERATOR` (`auto|kvm|tcg`),
+/// `KILN_VM_SNAPSHOTS`, `KILN_VM_CMDLINE`, `KILN_QEMU` and `KILN_QEMU_CPU`.
+pub fn vm_config_from_env() -> anyhow::Result<kiln_vm::VmManagerConfig> {
+    let mut config = kiln_vm::VmManagerConfig::default();
+    if let Ok(choice) = std::env::var("KILN_VM_ACCELERATOR") {
+        config.accelerator = kiln_vm::AcceleratorChoice::parse(&choice)
+            .ok_or_else(|| anyhow::anyhow!("KILN_VM_ACCELERATOR must be auto, kvm or tcg"))?;
+    }
+    config.snapshots = std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0");
+    config.extra_cmdline = std::env::var("KILN_VM_CMDLINE").unwrap_or_default();
+    if let Some(qemu) = std::env::var_os("KILN_QEMU") {
+        config.qemu.binary = qemu.into();
+    }
+    config.qemu.cpu = std::env::var("KILN_QEMU_CPU").ok();
+    Ok(config)
+}
+
 /// MicroVMs are offered when a `default` image exists in the data dir; the
 /// accelerator is probed once per host.
 async fn vm_manager(settings: &Settings) -> anyhow::Result<Option<Arc<kiln_vm::VmManager>>> {
     let images = settings.data_dir.join("images");
-    let image = match kiln_vm::image::Image::open(&images, "default") {
-        Ok(image) => image,
-        Err(_) => {
-            tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
-            return Ok(None);
-        }
-    };
+    if kiln_vm::image::Image::open(&images, "default").is_err() {
+        tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
+        return Ok(None);
+    }
     let vm_dir = settings.data_dir.join("vms");
-    let accelerator = kiln_vm::manager::probe_accelerator(
-        &image,
-        &vm_dir,
-        &settings.data_dir.join("accelerator"),
-    )
-    .await;
-    match kiln_vm::VmManager::new(&images, &vm_dir, accelerator) {
+    match kiln_vm::VmManager::start(&images, &vm_dir, vm_config_from_env()?).await {
         Ok(manager) => {
             if settings.vm_warm > 0 {
                 manager.keep_warm("default", 1, 128, settings.vm_warm);
