@@ -1,11 +1,14 @@
-//! kiln's blob store: content such as WebAssembly modules and full logs,
-//! kept through the `object_store` crate on a local directory (the
-//! embedded default) or on S3-compatible storage such as MinIO.
+//! kiln's blob store: content such as WebAssembly modules, kept on a local
+//! directory (the embedded default), on S3-compatible storage such as MinIO
+//! (through the `object_store` crate), or in the database itself, so that
+//! every node sharing a PostgreSQL database reads what any node stored.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use kiln_db::Db;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
@@ -18,14 +21,22 @@ pub enum BlobError {
     /// The store failed.
     #[error("blob store: {0}")]
     Store(#[from] object_store::Error),
+    /// The database holding the blobs failed.
+    #[error("blob store: {0}")]
+    Database(#[from] kiln_db::DbError),
+    /// A blob changed or vanished while it was being read.
+    #[error("blob {0} changed while it was read")]
+    Changed(String),
     /// The local directory could not be created.
     #[error("blob directory: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// Where blobs live.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlobConfig {
+    /// A directory on this host: right for one process (`kiln serve`), or
+    /// for many hosts only when they all mount the same directory.
     Local(std::path::PathBuf),
     S3 {
         endpoint: String,
@@ -34,20 +45,27 @@ pub enum BlobConfig {
         secret_key: String,
         region: String,
     },
+    /// The `blobs` tables of the deployment's database.
+    Database,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Objects(Arc<dyn ObjectStore>),
+    Database(Db),
 }
 
 #[derive(Clone)]
 pub struct BlobStore {
-    store: Arc<dyn ObjectStore>,
+    backend: Backend,
 }
 
 impl BlobStore {
-    pub fn open(config: &BlobConfig) -> Result<BlobStore, BlobError> {
+    /// Opens the configured store; `db` serves [`BlobConfig::Database`].
+    pub fn open(config: &BlobConfig, db: &Db) -> Result<BlobStore, BlobError> {
         let store: Arc<dyn ObjectStore> = match config {
-            BlobConfig::Local(dir) => {
-                std::fs::create_dir_all(dir)?;
-                Arc::new(LocalFileSystem::new_with_prefix(dir)?)
-            }
+            BlobConfig::Local(dir) => return BlobStore::local(dir),
+            BlobConfig::Database => return Ok(BlobStore::database(db.clone())),
             BlobConfig::S3 {
                 endpoint,
                 bucket,
@@ -65,75 +83,140 @@ impl BlobStore {
                     .build()?,
             ),
         };
-        Ok(BlobStore { store })
+        Ok(BlobStore {
+            backend: Backend::Objects(store),
+        })
     }
 
     pub fn local(dir: &Path) -> Result<BlobStore, BlobError> {
-        BlobStore::open(&BlobConfig::Local(dir.to_path_buf()))
+        std::fs::create_dir_all(dir)?;
+        Ok(BlobStore {
+            backend: Backend::Objects(Arc::new(LocalFileSystem::new_with_prefix(dir)?)),
+        })
+    }
+
+    pub fn database(db: Db) -> BlobStore {
+        BlobStore {
+            backend: Backend::Database(db),
+        }
+    }
+
+    /// Which kind of store this is, for logs.
+    pub fn describe(&self) -> &'static str {
+        match &self.backend {
+            Backend::Objects(_) => "object store",
+            Backend::Database(_) => "database",
+        }
     }
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
-        self.store
-            .put(&ObjectPath::from(key), PutPayload::from_bytes(bytes))
-            .await?;
+        match &self.backend {
+            Backend::Objects(store) => {
+                store
+                    .put(&ObjectPath::from(key), PutPayload::from_bytes(bytes))
+                    .await?;
+            }
+            Backend::Database(db) => db.blob_put(key, &bytes, now_millis()).await?,
+        }
         Ok(())
     }
 
+    /// The whole blob in memory.
     pub async fn get(&self, key: &str) -> Result<Bytes, BlobError> {
-        match self.store.get(&ObjectPath::from(key)).await {
-            Ok(found) => Ok(found.bytes().await?),
-            Err(object_store::Error::NotFound { .. }) => Err(BlobError::NotFound(key.to_string())),
-            Err(error) => Err(error.into()),
+        match &self.backend {
+            Backend::Objects(store) => match store.get(&ObjectPath::from(key)).await {
+                Ok(found) => Ok(found.bytes().await?),
+                Err(object_store::Error::NotFound { .. }) => {
+                    Err(BlobError::NotFound(key.to_string()))
+                }
+                Err(error) => Err(error.into()),
+            },
+            Backend::Database(db) => {
+                let info = db
+                    .blob_info(key)
+                    .await?
+                    .ok_or_else(|| BlobError::NotFound(key.to_string()))?;
+                let mut all = BytesMut::with_capacity(info.size.max(0) as usize);
+                let mut chunks = self.stream(key).await?;
+                while let Some(chunk) = chunks.try_next().await? {
+                    all.extend_from_slice(&chunk);
+                }
+                Ok(all.freeze())
+            }
+        }
+    }
+
+    /// The blob piece by piece, so a reader need not hold all of it at once.
+    /// `NotFound` comes before the first piece.
+    pub async fn stream(
+        &self,
+        key: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, BlobError>>, BlobError> {
+        match &self.backend {
+            Backend::Objects(store) => match store.get(&ObjectPath::from(key)).await {
+                Ok(found) => Ok(found.into_stream().map_err(BlobError::from).boxed()),
+                Err(object_store::Error::NotFound { .. }) => {
+                    Err(BlobError::NotFound(key.to_string()))
+                }
+                Err(error) => Err(error.into()),
+            },
+            Backend::Database(db) => {
+                let info = db
+                    .blob_info(key)
+                    .await?
+                    .ok_or_else(|| BlobError::NotFound(key.to_string()))?;
+                let (db, key) = (db.clone(), key.to_string());
+                Ok(futures::stream::try_unfold(0, move |n| {
+                    let (db, key) = (db.clone(), key.clone());
+                    async move {
+                        if n >= info.chunks {
+                            return Ok(None);
+                        }
+                        match db.blob_chunk(&key, n).await? {
+                            Some(data) => Ok(Some((Bytes::from(data), n + 1))),
+                            None => Err(BlobError::Changed(key)),
+                        }
+                    }
+                })
+                .boxed())
+            }
         }
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, BlobError> {
-        match self.store.head(&ObjectPath::from(key)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(error) => Err(error.into()),
+        match &self.backend {
+            Backend::Objects(store) => match store.head(&ObjectPath::from(key)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(error) => Err(error.into()),
+            },
+            Backend::Database(db) => Ok(db.blob_info(key).await?.is_some()),
         }
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
-        match self.store.delete(&ObjectPath::from(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(error) => Err(error.into()),
+        match &self.backend {
+            Backend::Objects(store) => match store.delete(&ObjectPath::from(key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(error) => Err(error.into()),
+            },
+            Backend::Database(db) => {
+                db.blob_delete(key).await?;
+                Ok(())
+            }
         }
     }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// `sha256:<hex>` of some bytes: the id of content-addressed blobs.
 pub fn content_id(bytes: &[u8]) -> String {
     use sha2::Digest;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn local_round_trip() {
-        let dir = std::env::temp_dir().join(format!("kiln-blob-{}", std::process::id()));
-        let store = BlobStore::local(&dir).unwrap();
-        store
-            .put("modules/abc", Bytes::from_static(b"\0asm"))
-            .await
-            .unwrap();
-        assert!(store.exists("modules/abc").await.unwrap());
-        assert_eq!(
-            store.get("modules/abc").await.unwrap(),
-            Bytes::from_static(b"\0asm")
-        );
-        store.delete("modules/abc").await.unwrap();
-        assert!(matches!(
-            store.get("modules/abc").await,
-            Err(BlobError::NotFound(_))
-        ));
-        assert_eq!(
-            content_id(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-    }
 }

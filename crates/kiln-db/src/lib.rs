@@ -2,6 +2,8 @@
 //! database driver (`sqlite`, `postgres`) behind the one `Db` interface, and
 //! one queue test suite (`tests/queue.rs`) runs against both.
 
+mod blobs;
+mod bootstrap;
 mod lease;
 mod postgres;
 mod rows;
@@ -32,6 +34,7 @@ fn lock_waiters(
 /// completer fires them) cannot pile up.
 const WATCHED_JOBS_PRUNE: usize = 256;
 
+pub use blobs::{BlobInfo, BLOB_CHUNK_BYTES};
 pub use lease::LeaseRequest;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

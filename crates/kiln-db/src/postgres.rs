@@ -23,7 +23,7 @@ use crate::{
 
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     pub(crate) wakeup: Arc<Notify>,
     pub(crate) waiters: Arc<crate::Waiters>,
 }

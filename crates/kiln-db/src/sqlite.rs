@@ -26,8 +26,8 @@ use crate::{
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    write: SqlitePool,
-    read: SqlitePool,
+    pub(crate) write: SqlitePool,
+    pub(crate) read: SqlitePool,
     pub(crate) wakeup: Arc<Notify>,
     pub(crate) waiters: Arc<crate::Waiters>,
 }
@@ -276,8 +276,8 @@ impl SqliteStore {
             Some(floor) => lease::rooms(
                 request.tenant_running_max,
                 sqlx::query_as(
-                    "SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running' \
-                     GROUP BY tenant HAVING COUNT(*) > ?",
+                    "SELECT tenant, COUNT(*) FROM jobs INDEXED BY jobs_running \
+                     WHERE status = 'running' GROUP BY tenant HAVING COUNT(*) > ?",
                 )
                 .bind(floor)
                 .fetch_all(&mut *tx)
@@ -286,7 +286,10 @@ impl SqliteStore {
             None => Default::default(),
         };
         let full = json_list(&lease::full_tenants(&rooms));
-        // One arm per kind, each walking the fetch index in order and
+        // Running jobs are counted through `jobs_running` only (named, as
+        // SQLite's planner would rather walk a tenant's whole history in
+        // `jobs_tenant_id` to save a sort). One arm per kind, each walking
+        // the fetch index in order and
         // stopping at the limit: SQLite would otherwise collect and sort
         // every waiting job of the listed kinds.
         let arm = "SELECT * FROM (SELECT j.id, j.tenant, j.priority, j.run_at FROM jobs j \
@@ -309,6 +312,7 @@ impl SqliteStore {
         let mut candidates = query.fetch_all(&mut *tx).await?;
         let limited: Vec<(String, String, i64, i64)> = sqlx::query_as(
             "SELECT q.tenant, q.name, q.concurrency_limit, (SELECT COUNT(*) FROM jobs r \
+               INDEXED BY jobs_running \
                WHERE r.tenant = q.tenant AND r.queue = q.name AND r.status = 'running') \
              FROM queues q WHERE NOT q.paused AND q.concurrency_limit IS NOT NULL \
              AND q.tenant NOT IN (SELECT value FROM json_each(?2)) \

@@ -217,6 +217,21 @@ async fn a_vm_takes_a_mebibyte_of_stdin_and_answers_during_a_flood() {
     // A command printing without end: the host keeps 1 MiB, reports the
     // rest dropped, and its memory stays bounded; meanwhile the agent
     // answers pings and runs other commands.
+    // How fast this guest floods (for the record): 3 s of it, counted.
+    let mut sample = sh("cat /dev/zero");
+    sample.timeout_ms = Some(3_000);
+    let mut stream = agent.exec_stream(sample, b"").await.unwrap();
+    let mut flowed = 0usize;
+    while let Ok(event) = stream.next().await {
+        match event {
+            kiln_vm::ExecEvent::Stdout(data) => flowed += data.len(),
+            kiln_vm::ExecEvent::Stderr(_) => {}
+            kiln_vm::ExecEvent::Exited(_) => break,
+        }
+    }
+    drop(stream);
+    eprintln!("the guest printed {} KiB in 3 s", flowed >> 10);
+
     let before = memory_kib();
     let mut flood = sh("cat /dev/zero");
     flood.timeout_ms = Some(20_000);

@@ -36,6 +36,8 @@ pub struct VmArgs {
     /// Most VMs to start at once.
     #[arg(long, default_value_t = 16)]
     max_vms: usize,
+    #[command(flatten)]
+    host: crate::config::VmHostArgs,
 }
 
 #[derive(Args)]
@@ -411,10 +413,34 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
         .await?;
     runtime.prepare(&id).await?;
     println!("| kiln wasm | value |\n|---|---|");
+    wasm_cached_runs(&runtime, &id).await?;
+    wasm_live_instances(&runtime, &id, args.instances).await?;
+    let db = Db::connect(&format!("sqlite://{}", root.join("kiln.db").display())).await?;
+    db.module_insert(
+        "bench",
+        &kiln_db::ModuleInfo {
+            id: id.clone(),
+            size: hello.len() as i64,
+            created_at: now_millis(),
+        },
+    )
+    .await?;
+    let handlers = Handlers::new().with("wasm", Arc::new(WasmHandler(runtime.clone())));
+    let (stop, task) = worker(&db, handlers, args.slots);
+    let state = kiln_api::AppState::new(db.clone(), blobs.clone(), Some(runtime.clone()));
+    wasm_through_the_api(&db, state, &id, args.requests).await?;
+    wasm_through_the_queue(&db, &id, args.jobs, args.slots).await?;
+    stop.cancel();
+    task.await?;
+    wasm_peer(&root.join("hello.wasm"), &hello)?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
 
-    // 1. Instantiate + run of a cached module, in-process.
+/// Instantiate + run of a cached module, in-process.
+async fn wasm_cached_runs(runtime: &WasmRuntime, id: &str) -> anyhow::Result<()> {
     let spec = WasmSpec {
-        module: id.clone(),
+        module: id.to_string(),
         ..WasmSpec::default()
     };
     let kill = CancellationToken::new();
@@ -438,43 +464,45 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
         us(percentile(&samples, 0.5)),
         us(percentile(&samples, 0.99))
     );
+    Ok(())
+}
 
-    // 2. Host memory for live instances.
+/// Host memory for live instances.
+async fn wasm_live_instances(
+    runtime: &WasmRuntime,
+    id: &str,
+    instances: usize,
+) -> anyhow::Result<()> {
     let before = rss_kib();
-    let mut live = Vec::with_capacity(args.instances);
-    for _ in 0..args.instances {
-        live.push(runtime.instantiate_idle(&id).await?);
+    let mut live = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        live.push(runtime.instantiate_idle(id).await?);
     }
     let after = rss_kib();
     println!(
         "| {} live instances | {} KiB RSS added ({:.1} KiB each) |",
-        args.instances,
+        instances,
         after.saturating_sub(before),
-        after.saturating_sub(before) as f64 / args.instances as f64
+        after.saturating_sub(before) as f64 / instances as f64
     );
-    drop(live);
+    Ok(())
+}
 
-    // 3. Embedded kiln: SQLite, worker and API in this process.
-    let db = Db::connect(&format!("sqlite://{}", root.join("kiln.db").display())).await?;
-    db.module_insert(
-        "bench",
-        &kiln_db::ModuleInfo {
-            id: id.clone(),
-            size: hello.len() as i64,
-            created_at: now_millis(),
-        },
-    )
-    .await?;
+/// Embedded kiln (SQLite, worker and API in this process): submit→result
+/// over HTTP, one request at a time.
+async fn wasm_through_the_api(
+    db: &Db,
+    state: Arc<kiln_api::AppState>,
+    id: &str,
+    requests: usize,
+) -> anyhow::Result<()> {
     let (_, secret) = kiln_api::issue_key(
-        &db,
+        db,
         "bench",
         "bench",
         kiln_core::Scopes(vec![kiln_core::Scope::Write]),
     )
     .await?;
-    let handlers = Handlers::new().with("wasm", Arc::new(WasmHandler(runtime.clone())));
-    let (stop, task) = worker(&db, handlers, args.slots);
-    let state = kiln_api::AppState::new(db.clone(), blobs.clone(), Some(runtime.clone()));
     // As `kiln serve` runs by default: every request passes the limiter.
     state.limit_rate(crate::config::DEFAULT_RATE_LIMIT, 0);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -489,8 +517,8 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let body = json!({"kind": "wasm", "spec": {"module": id}});
     let url = format!("http://{addr}/api/v1/run");
-    let mut samples = Vec::with_capacity(args.requests);
-    for i in 0..args.requests + 100 {
+    let mut samples = Vec::with_capacity(requests);
+    for i in 0..requests + 100 {
         let t = Instant::now();
         let job: serde_json::Value = http
             .post(&url)
@@ -516,62 +544,68 @@ async fn wasm(args: WasmArgs) -> anyhow::Result<()> {
         ms(percentile(&samples, 0.5)),
         ms(percentile(&samples, 0.99))
     );
+    server_stop.cancel();
+    let _ = server.await;
+    Ok(())
+}
 
-    // 4. Sustained jobs/s through the queue.
+/// Sustained jobs/s through the queue.
+async fn wasm_through_the_queue(
+    db: &Db,
+    id: &str,
+    jobs: usize,
+    slots: usize,
+) -> anyhow::Result<()> {
     let already = db.job_count_by_status(None).await?.values().sum::<i64>() as usize;
     let now = now_millis();
-    for chunk in (0..args.jobs).collect::<Vec<_>>().chunks(1_000) {
+    for chunk in (0..jobs).collect::<Vec<_>>().chunks(1_000) {
         let batch: Vec<NewJob> = chunk
             .iter()
             .map(|_| NewJob::new("bench", "wasm", json!({"module": id})))
             .collect();
         db.job_insert_many(&batch, now).await?;
     }
-    wait_drained(&db, Duration::from_secs(600)).await?;
+    wait_drained(db, Duration::from_secs(600)).await?;
     let last = db.job_last_finished_at().await?.unwrap_or(now);
     let took = Duration::from_millis((last - now).max(1) as u64);
     let counts = db.job_count_by_status(None).await?;
     println!(
         "| {} hello-world wasm jobs, enqueue + drain, {} slots | {:.0} jobs/s (succeeded: {}) |",
-        args.jobs,
-        args.slots,
-        args.jobs as f64 / took.as_secs_f64(),
+        jobs,
+        slots,
+        jobs as f64 / took.as_secs_f64(),
         counts.get("succeeded").copied().unwrap_or(0) as usize - already
     );
-    stop.cancel();
-    task.await?;
-    server_stop.cancel();
-    let _ = server.await;
+    Ok(())
+}
 
-    // 5. The peer: one wasmtime process per run, if it is installed.
-    let file = root.join("hello.wasm");
-    std::fs::write(&file, &hello)?;
-    match which("wasmtime") {
-        Some(wasmtime) => {
-            let version = std::process::Command::new(&wasmtime)
-                .arg("--version")
-                .output()?;
-            let mut samples = Vec::new();
-            for _ in 0..50 {
-                let t = Instant::now();
-                let out = std::process::Command::new(&wasmtime)
-                    .arg("run")
-                    .arg(&file)
-                    .output()?;
-                samples.push(t.elapsed());
-                anyhow::ensure!(out.stdout == b"hello world\n", "wasmtime run failed");
-            }
-            samples.sort();
-            println!(
-                "| peer: `wasmtime run hello.wasm` ({}), 50 runs | p50 {} · p99 {} |",
-                String::from_utf8_lossy(&version.stdout).trim(),
-                ms(percentile(&samples, 0.5)),
-                ms(percentile(&samples, 0.99))
-            );
-        }
-        None => println!("| peer: `wasmtime run` | not installed here |"),
+/// The peer: one wasmtime process per run, if it is installed.
+fn wasm_peer(file: &std::path::Path, hello: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(file, hello)?;
+    let Some(wasmtime) = which("wasmtime") else {
+        println!("| peer: `wasmtime run` | not installed here |");
+        return Ok(());
+    };
+    let version = std::process::Command::new(&wasmtime)
+        .arg("--version")
+        .output()?;
+    let mut samples = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let out = std::process::Command::new(&wasmtime)
+            .arg("run")
+            .arg(file)
+            .output()?;
+        samples.push(t.elapsed());
+        anyhow::ensure!(out.stdout == b"hello world\n", "wasmtime run failed");
     }
-    let _ = std::fs::remove_dir_all(&root);
+    samples.sort();
+    println!(
+        "| peer: `wasmtime run hello.wasm` ({}), 50 runs | p50 {} · p99 {} |",
+        String::from_utf8_lossy(&version.stdout).trim(),
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.99))
+    );
     Ok(())
 }
 
@@ -583,17 +617,8 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-async fn vm(args: VmArgs) -> anyhow::Result<()> {
-    use kiln_vm::{Exec, VmManager, VmRequest};
-    let images = args
-        .images
-        .unwrap_or_else(|| crate::config::default_data_dir().join("images"));
-    let image = kiln_vm::image::Image::open(&images, "default")?;
-    let work = std::env::temp_dir().join(format!("kiln-bench-vm-{}", now_millis()));
-    let accelerator =
-        kiln_vm::manager::probe_accelerator(&image, &work, &work.join("accelerator")).await;
-    let vms = VmManager::new(&images, &work.join("vms"), accelerator)?;
-    let request = || VmRequest {
+fn bench_vm() -> kiln_vm::VmRequest {
+    kiln_vm::VmRequest {
         tenant: "bench".into(),
         image: "default".into(),
         vcpus: 1,
@@ -601,24 +626,47 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         ttl: None,
         idle_timeout: None,
         labels: Default::default(),
-    };
-    let truth = || Exec {
+    }
+}
+
+fn run_true() -> kiln_vm::Exec {
+    kiln_vm::Exec {
         command: "true".into(),
-        ..Exec::default()
-    };
+        ..kiln_vm::Exec::default()
+    }
+}
+
+async fn vm(args: VmArgs) -> anyhow::Result<()> {
+    let images = args
+        .images
+        .unwrap_or_else(|| crate::config::default_data_dir().join("images"));
+    kiln_vm::image::Image::open(&images, "default")?;
+    let work = std::env::temp_dir().join(format!("kiln-bench-vm-{}", now_millis()));
+    let config = crate::config::vm_config(&args.host, None, &kiln_core::TenantQuotas::default())?;
+    let vms = kiln_vm::VmManager::start(&images, &work.join("vms"), config).await?;
     println!(
         "| kiln microVM ({}) | value |\n|---|---|",
-        accelerator.as_str()
+        vms.accelerator().as_str()
     );
+    vm_starts(&vms, args.boots).await?;
+    vm_execs(&vms, args.execs).await?;
+    vm_capacity(&vms, args.max_vms).await?;
+    vms.shutdown().await;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
 
+/// Create → first exec: the first VM of a shape, snapshot restores, full
+/// boots and the warm pool. Leaves one warm VM in the pool.
+async fn vm_starts(vms: &Arc<kiln_vm::VmManager>, boots: usize) -> anyhow::Result<()> {
     // A fresh snapshot for the bench's shape: the first create boots.
     let snapshot = vms.snapshot_path("default", 1, 128)?;
     let _ = std::fs::remove_file(&snapshot);
-    let time_create = |vms: Arc<VmManager>| async move {
+    let time_create = |vms: Arc<kiln_vm::VmManager>| async move {
         let t = Instant::now();
-        let vm = vms.create(request()).await?;
+        let vm = vms.create(bench_vm()).await?;
         let agent = vms.agent("bench", &vm.id).await.context("vm vanished")?;
-        agent.exec(truth(), b"").await?;
+        agent.exec(run_true(), b"").await?;
         let took = t.elapsed();
         vms.delete("bench", &vm.id).await;
         anyhow::Ok(took)
@@ -629,7 +677,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         ms(first)
     );
     let mut cold = Vec::new();
-    for _ in 0..args.boots {
+    for _ in 0..boots {
         cold.push(time_create(vms.clone()).await?);
     }
     print_p50_max(
@@ -638,7 +686,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     );
     vms.use_snapshots(false);
     let mut full = Vec::new();
-    for _ in 0..args.boots {
+    for _ in 0..boots {
         full.push(time_create(vms.clone()).await?);
     }
     vms.use_snapshots(true);
@@ -648,7 +696,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     );
     vms.keep_warm("default", 1, 128, 1);
     let mut warm = Vec::new();
-    for _ in 0..args.boots {
+    for _ in 0..boots {
         while vms.warm_count() < 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -658,24 +706,29 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     while vms.warm_count() < 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
+}
 
-    let vm = vms.create(request()).await?;
+/// Round trips to one VM's agent: pings and execs of `true`, and the host
+/// memory of the idle VM.
+async fn vm_execs(vms: &Arc<kiln_vm::VmManager>, execs: usize) -> anyhow::Result<()> {
+    let vm = vms.create(bench_vm()).await?;
     let agent = vms.agent("bench", &vm.id).await.context("vm vanished")?;
     for _ in 0..20 {
-        agent.exec(truth(), b"").await?;
+        agent.exec(run_true(), b"").await?;
     }
     let mut round = Vec::new();
     let mut inside = Vec::new();
-    for _ in 0..args.execs {
+    for _ in 0..execs {
         let t = Instant::now();
-        let out = agent.exec(truth(), b"").await?;
+        let out = agent.exec(run_true(), b"").await?;
         round.push(t.elapsed());
         inside.push(out.duration);
     }
     inside.sort();
     round.sort();
     let mut pings = Vec::new();
-    for _ in 0..args.execs {
+    for _ in 0..execs {
         let t = Instant::now();
         agent.ping(Duration::from_secs(5)).await?;
         pings.push(t.elapsed());
@@ -701,11 +754,15 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
         rss / 1024
     );
     vms.delete("bench", &vm.id).await;
+    Ok(())
+}
 
+/// How many VMs start and answer at once, up to `max_vms`.
+async fn vm_capacity(vms: &Arc<kiln_vm::VmManager>, max_vms: usize) -> anyhow::Result<()> {
     let mut alive = Vec::new();
     let mut failure = None;
-    for _ in 0..args.max_vms {
-        match vms.create(request()).await {
+    for _ in 0..max_vms {
+        match vms.create(bench_vm()).await {
             Ok(vm) => alive.push(vm),
             Err(error) => {
                 failure = Some(error.to_string());
@@ -717,7 +774,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     for vm in &alive {
         if let Some(agent) = vms.agent("bench", &vm.id).await {
             if agent
-                .exec(truth(), b"")
+                .exec(run_true(), b"")
                 .await
                 .is_ok_and(|o| o.exit_code == Some(0))
             {
@@ -727,14 +784,12 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     }
     println!(
         "| VMs alive at once (stopped at --max-vms {}) | {} started, {} answering{} |",
-        args.max_vms,
+        max_vms,
         alive.len(),
         answering,
         failure
             .map(|f| format!("; first failure: {f}"))
             .unwrap_or_default()
     );
-    vms.shutdown().await;
-    let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use clap::Args;
 use serde_json::{json, Value};
 
@@ -59,37 +60,55 @@ impl Client {
         })
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    /// Sends with the key; a non-2xx answer becomes an error naming its
+    /// status and the API's error code and message.
+    async fn respond(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Bytes> {
         let response = request
             .bearer_auth(&self.key)
             .send()
             .await
             .with_context(|| format!("cannot reach kiln at {}", self.base))?;
         let status = response.status();
-        let text = response.text().await?;
-        let body: Value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
+        let body = response.bytes().await?;
         if !status.is_success() {
-            let message = body["error"]["message"]
+            let error: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let message = error["error"]["message"]
                 .as_str()
                 .unwrap_or("request failed");
-            let code = body["error"]["code"].as_str().unwrap_or("error");
+            let code = error["error"]["code"].as_str().unwrap_or("error");
             bail!("{status} {code}: {message}");
         }
         Ok(body)
     }
 
+    /// A JSON answer (`null` for an empty body).
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let body = self.respond(request).await?;
+        if body.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned())))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-            .await
+        self.send(self.http.get(self.url(path))).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send(self.http.put(self.url(path)).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.delete(self.url(path))).await
     }
 
     pub async fn post_bytes(
@@ -98,24 +117,15 @@ impl Client {
         content_type: &str,
         bytes: Vec<u8>,
     ) -> anyhow::Result<Value> {
-        self.send(
-            self.http
-                .post(format!("{}{path}", self.base))
-                .header("content-type", content_type)
-                .body(bytes),
-        )
-        .await
-    }
-
-    pub async fn send_put(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send(self.http.put(format!("{}{path}", self.base)).json(body))
+        let request = self.http.post(self.url(path));
+        self.send(request.header("content-type", content_type).body(bytes))
             .await
     }
 
     pub async fn put_bytes(&self, path: &str, bytes: Vec<u8>) -> anyhow::Result<Value> {
+        let request = self.http.put(self.url(path));
         self.send(
-            self.http
-                .put(format!("{}{path}", self.base))
+            request
                 .header("content-type", "application/octet-stream")
                 .body(bytes),
         )
@@ -124,30 +134,7 @@ impl Client {
 
     /// A raw body (file downloads).
     pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.key)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach kiln at {}", self.base))?;
-        let status = response.status();
-        let bytes = response.bytes().await?;
-        if !status.is_success() {
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            bail!(
-                "{status}: {}",
-                body["error"]["message"]
-                    .as_str()
-                    .unwrap_or("request failed")
-            );
-        }
-        Ok(bytes.to_vec())
-    }
-
-    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(self.http.delete(format!("{}{path}", self.base)))
-            .await
+        Ok(self.respond(self.http.get(self.url(path))).await?.to_vec())
     }
 }
 

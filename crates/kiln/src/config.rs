@@ -5,13 +5,28 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use clap::Args;
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use kiln_blob::BlobConfig;
+use kiln_core::TenantQuotas;
+use kiln_vm::{AcceleratorChoice, VmManagerConfig};
 use serde::Deserialize;
 
 /// Requests a second per API key unless configured: high enough not to
 /// cap one key below the measured throughput of `POST /api/v1/run`.
 pub const DEFAULT_RATE_LIMIT: u32 = 10_000;
+
+/// Where blobs (WebAssembly modules) are kept.
+#[derive(ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobStoreKind {
+    /// A directory on this host (`blob_dir`).
+    Local,
+    /// An S3-compatible service (`s3_*`).
+    S3,
+    /// The database's own `blobs` tables.
+    Database,
+}
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct ServerArgs {
@@ -36,16 +51,22 @@ pub struct ServerArgs {
     /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
     #[arg(long, env = "KILN_VM_WARM")]
     pub vm_warm: Option<usize>,
+    #[command(flatten)]
+    pub vm: VmHostArgs,
     /// Requests a second allowed per API key, per API process (0: no limit).
     #[arg(long, env = "KILN_RATE_LIMIT")]
     pub rate_limit: Option<u32>,
     /// Requests a key may send at once above its rate (default: twice the rate).
     #[arg(long, env = "KILN_RATE_BURST")]
     pub rate_burst: Option<u32>,
-    /// Blob store: a local directory (default: <data-dir>/blobs) ...
+    /// Where blobs live (default: s3 when an endpoint is set, local when a
+    /// blob dir is set, else database on PostgreSQL and local on SQLite).
+    #[arg(long, env = "KILN_BLOB_STORE", value_enum)]
+    pub blob_store: Option<BlobStoreKind>,
+    /// Blob directory of the local store (default: <data-dir>/blobs).
     #[arg(long, env = "KILN_BLOB_DIR")]
     pub blob_dir: Option<PathBuf>,
-    /// ... or an S3-compatible endpoint such as http://127.0.0.1:9000 (MinIO).
+    /// An S3-compatible endpoint such as http://127.0.0.1:9000 (MinIO).
     #[arg(long, env = "KILN_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
     #[arg(long, env = "KILN_S3_BUCKET")]
@@ -56,9 +77,38 @@ pub struct ServerArgs {
     pub s3_secret_key: Option<String>,
     #[arg(long, env = "KILN_S3_REGION")]
     pub s3_region: Option<String>,
+    /// Where wasm jobs' scratch directories are made; emptied when a worker
+    /// starts, so each process that runs jobs needs its own (default: a
+    /// directory under the system temp dir named after the data dir).
+    #[arg(long, env = "KILN_SCRATCH_DIR")]
+    pub scratch_dir: Option<PathBuf>,
 }
 
-/// The TOML file's shape: the same names as the flags, with underscores.
+/// The VM host's flags (the rest of its settings are in the TOML file's
+/// `[vm]` section).
+#[derive(Args, Debug, Clone, Default)]
+pub struct VmHostArgs {
+    /// `auto` (KVM when a probe boot under it works, else TCG with a
+    /// warning), `kvm` (refuse to start without it) or `tcg`.
+    #[arg(long, env = "KILN_VM_ACCELERATOR", value_parser = ["auto", "kvm", "tcg"])]
+    pub vm_accelerator: Option<String>,
+    /// Restore new VMs from snapshots, saved by the first boot of a shape;
+    /// `0` boots every VM.
+    #[arg(long, env = "KILN_VM_SNAPSHOTS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub vm_snapshots: Option<bool>,
+    /// Words added to every guest's kernel command line.
+    #[arg(long, env = "KILN_VM_CMDLINE")]
+    pub vm_cmdline: Option<String>,
+    /// The QEMU binary.
+    #[arg(long, env = "KILN_QEMU")]
+    pub qemu: Option<PathBuf>,
+    /// The guest CPU model (default: the host's under KVM, qemu64 under TCG).
+    #[arg(long, env = "KILN_QEMU_CPU")]
+    pub qemu_cpu: Option<String>,
+}
+
+/// The TOML file's shape: the same names as the flags, with underscores,
+/// plus sections for what has no flag.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -70,12 +120,18 @@ struct FileConfig {
     vm_warm: Option<usize>,
     rate_limit: Option<u32>,
     rate_burst: Option<u32>,
+    blob_store: Option<BlobStoreKind>,
     blob_dir: Option<PathBuf>,
     s3_endpoint: Option<String>,
     s3_bucket: Option<String>,
     s3_access_key: Option<String>,
     s3_secret_key: Option<String>,
     s3_region: Option<String>,
+    scratch_dir: Option<PathBuf>,
+    /// Per-tenant limits; every field optional, defaults in kiln-core.
+    quotas: Option<TenantQuotas>,
+    /// The VM host: `[vm]`, `[vm.qemu]`, `[vm.host]`.
+    vm: Option<VmManagerConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,7 +144,11 @@ pub struct Settings {
     pub vm_warm: usize,
     pub rate_limit: u32,
     pub rate_burst: u32,
-    pub blobs: kiln_blob::BlobConfig,
+    pub blobs: BlobConfig,
+    pub scratch_dir: PathBuf,
+    pub quotas: TenantQuotas,
+    /// Everything the VM manager is configured with, quotas included.
+    pub vm: VmManagerConfig,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -99,6 +159,8 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 impl ServerArgs {
+    /// Reads the TOML file (if any) and merges it under the flags and
+    /// environment. Touches nothing on disk.
     pub fn settings(&self) -> anyhow::Result<Settings> {
         let data_dir_hint = self.data_dir.clone().unwrap_or_else(default_data_dir);
         let file_path = self
@@ -113,66 +175,407 @@ impl ServerArgs {
             }
             None => FileConfig::default(),
         };
-        let data_dir = self
-            .data_dir
-            .clone()
-            .or(file.data_dir)
-            .unwrap_or(data_dir_hint);
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-        let database_url = self
-            .database_url
-            .clone()
-            .or(file.database_url)
-            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("kiln.db").display()));
-        let s3_endpoint = self.s3_endpoint.clone().or(file.s3_endpoint);
-        let blobs = match s3_endpoint {
-            Some(endpoint) => kiln_blob::BlobConfig::S3 {
+        merge(self, file)
+    }
+}
+
+/// Flags (and environment) over the file over the defaults.
+fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(default_data_dir);
+    let database_url = args
+        .database_url
+        .clone()
+        .or(file.database_url.clone())
+        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("kiln.db").display()));
+    let blobs = blob_config(args, &file, &data_dir, &database_url)?;
+    let scratch_dir = args
+        .scratch_dir
+        .clone()
+        .or(file.scratch_dir)
+        .unwrap_or_else(|| default_scratch_dir(&data_dir));
+    let quotas = file.quotas.unwrap_or_default();
+    let vm = vm_config(&args.vm, file.vm, &quotas)?;
+    Ok(Settings {
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("static address")),
+        slots: args.slots.or(file.slots).unwrap_or(64),
+        lease_ms: args.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
+        vm_warm: args.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
+        rate_limit: args
+            .rate_limit
+            .or(file.rate_limit)
+            .unwrap_or(DEFAULT_RATE_LIMIT),
+        rate_burst: args.rate_burst.or(file.rate_burst).unwrap_or(0),
+        quotas,
+        vm,
+        database_url,
+        blobs,
+        scratch_dir,
+        data_dir,
+    })
+}
+
+/// The VM host's settings: flags over the `[vm]` section over the defaults,
+/// with the tenant quotas of `[quotas]`, their one place.
+pub fn vm_config(
+    args: &VmHostArgs,
+    file: Option<VmManagerConfig>,
+    quotas: &TenantQuotas,
+) -> anyhow::Result<VmManagerConfig> {
+    let mut vm = file.unwrap_or_default();
+    if vm.quotas != TenantQuotas::default() {
+        bail!("tenant quotas are set in [quotas], not in [vm.quotas]");
+    }
+    if let Some(choice) = &args.vm_accelerator {
+        vm.accelerator = AcceleratorChoice::parse(choice)
+            .with_context(|| format!("vm_accelerator {choice:?}: use auto, kvm or tcg"))?;
+    }
+    if let Some(snapshots) = args.vm_snapshots {
+        vm.snapshots = snapshots;
+    }
+    if let Some(words) = &args.vm_cmdline {
+        vm.extra_cmdline = words.clone();
+    }
+    if let Some(binary) = &args.qemu {
+        vm.qemu.binary = binary.clone();
+    }
+    if let Some(cpu) = &args.qemu_cpu {
+        vm.qemu.cpu = Some(cpu.clone());
+    }
+    vm.quotas = quotas.clone();
+    Ok(vm)
+}
+
+pub fn is_postgres(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
+}
+
+/// Chooses the blob store. Without an explicit choice, nodes sharing a
+/// PostgreSQL database share their blobs through it too: a module stored by
+/// one node is never left on that node's disk alone.
+fn blob_config(
+    args: &ServerArgs,
+    file: &FileConfig,
+    data_dir: &Path,
+    database_url: &str,
+) -> anyhow::Result<BlobConfig> {
+    let endpoint = args.s3_endpoint.clone().or(file.s3_endpoint.clone());
+    let dir = args.blob_dir.clone().or(file.blob_dir.clone());
+    let kind = match args.blob_store.or(file.blob_store) {
+        Some(kind) => kind,
+        None if endpoint.is_some() => BlobStoreKind::S3,
+        None if dir.is_some() => BlobStoreKind::Local,
+        None if is_postgres(database_url) => BlobStoreKind::Database,
+        None => BlobStoreKind::Local,
+    };
+    Ok(match kind {
+        BlobStoreKind::Local => BlobConfig::Local(dir.unwrap_or_else(|| data_dir.join("blobs"))),
+        BlobStoreKind::Database => BlobConfig::Database,
+        BlobStoreKind::S3 => {
+            let Some(endpoint) = endpoint else {
+                bail!("blob_store is s3 but no s3_endpoint is set");
+            };
+            let pick = |flag: &Option<String>, toml: &Option<String>, default: &str| {
+                flag.clone()
+                    .or(toml.clone())
+                    .unwrap_or_else(|| default.to_string())
+            };
+            BlobConfig::S3 {
                 endpoint,
-                bucket: self
-                    .s3_bucket
-                    .clone()
-                    .or(file.s3_bucket)
-                    .unwrap_or_else(|| "kiln".into()),
-                access_key: self
-                    .s3_access_key
-                    .clone()
-                    .or(file.s3_access_key)
-                    .unwrap_or_default(),
-                secret_key: self
-                    .s3_secret_key
-                    .clone()
-                    .or(file.s3_secret_key)
-                    .unwrap_or_default(),
-                region: self
-                    .s3_region
-                    .clone()
-                    .or(file.s3_region)
-                    .unwrap_or_else(|| "us-east-1".into()),
-            },
-            None => kiln_blob::BlobConfig::Local(
-                self.blob_dir
-                    .clone()
-                    .or(file.blob_dir)
-                    .unwrap_or_else(|| data_dir.join("blobs")),
+                bucket: pick(&args.s3_bucket, &file.s3_bucket, "kiln"),
+                access_key: pick(&args.s3_access_key, &file.s3_access_key, ""),
+                secret_key: pick(&args.s3_secret_key, &file.s3_secret_key, ""),
+                region: pick(&args.s3_region, &file.s3_region, "us-east-1"),
+            }
+        }
+    })
+}
+
+/// Outside the data dir, one per data dir: the wasm runtime empties its
+/// scratch root at start, so two data dirs on one host must not share one.
+fn default_scratch_dir(data_dir: &Path) -> PathBuf {
+    let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let id = kiln_blob::content_id(absolute.as_os_str().as_encoded_bytes());
+    let hash = id.trim_start_matches("sha256:");
+    std::env::temp_dir().join(format!("kiln-scratch-{}", &hash[..16]))
+}
+
+impl Settings {
+    /// Makes the data dir readable by its owner only: it holds the
+    /// database, the admin key and the VMs' control sockets.
+    pub fn create_data_dir(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.data_dir)
+            .with_context(|| format!("creating data dir {}", self.data_dir.display()))
+    }
+
+    /// The settings as `name = value` lines, secrets hidden.
+    pub fn describe(&self) -> Vec<(&'static str, String)> {
+        let mut lines = vec![
+            ("data_dir", self.data_dir.display().to_string()),
+            ("listen", self.listen.to_string()),
+            ("database_url", redact(&self.database_url)),
+            ("slots", self.slots.to_string()),
+            ("lease_ms", self.lease_ms.to_string()),
+            ("vm_warm", self.vm_warm.to_string()),
+            ("rate_limit", self.rate_limit.to_string()),
+            ("rate_burst", self.rate_burst.to_string()),
+            ("scratch_dir", self.scratch_dir.display().to_string()),
+            ("quotas", format!("{:?}", self.quotas)),
+            (
+                "vm_accelerator",
+                format!("{:?}", self.vm.accelerator).to_lowercase(),
             ),
+            ("vm_snapshots", self.vm.snapshots.to_string()),
+            ("vm_cmdline", self.vm.extra_cmdline.clone()),
+            ("qemu", self.vm.qemu.binary.display().to_string()),
+            ("qemu_cpu", self.vm.qemu.cpu.clone().unwrap_or_default()),
+            ("vm", format!("{:?}", self.vm)),
+        ];
+        match &self.blobs {
+            BlobConfig::Local(dir) => {
+                lines.push(("blob_store", "local".into()));
+                lines.push(("blob_dir", dir.display().to_string()));
+            }
+            BlobConfig::Database => lines.push(("blob_store", "database".into())),
+            BlobConfig::S3 {
+                endpoint,
+                bucket,
+                region,
+                ..
+            } => {
+                lines.push(("blob_store", "s3".into()));
+                lines.push(("s3_endpoint", endpoint.clone()));
+                lines.push(("s3_bucket", bucket.clone()));
+                lines.push(("s3_region", region.clone()));
+            }
+        }
+        lines
+    }
+}
+
+/// Hides the password in a database URL, given as user:password@ or as a
+/// `password=` query parameter.
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme) = out.find("://") {
+        let authority_end = out[scheme + 3..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| scheme + 3 + i);
+        // The last '@' before the path ends the credentials, even when the
+        // password holds an unescaped '@'.
+        if let Some(at) = out[..authority_end].rfind('@') {
+            if let Some(colon) = out[scheme + 3..at].find(':') {
+                out.replace_range(scheme + 3 + colon + 1..at, "***");
+            }
+        }
+    }
+    if let Some(query) = out.find('?') {
+        let (head, tail) = out.split_at(query + 1);
+        let hidden: Vec<String> = tail
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", hidden.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(toml: &str) -> FileConfig {
+        toml::from_str(toml).unwrap()
+    }
+
+    /// One row per rule: flags (or their environment variables, which clap
+    /// folds into the same field) over the file over the defaults.
+    #[test]
+    fn precedence() {
+        let flags = ServerArgs {
+            data_dir: Some("/flag".into()),
+            slots: Some(3),
+            lease_ms: Some(5_000),
+            ..ServerArgs::default()
         };
-        Ok(Settings {
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("static address")),
-            slots: self.slots.or(file.slots).unwrap_or(64),
-            lease_ms: self.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
-            vm_warm: self.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
-            rate_limit: self
-                .rate_limit
-                .or(file.rate_limit)
-                .unwrap_or(DEFAULT_RATE_LIMIT),
-            rate_burst: self.rate_burst.or(file.rate_burst).unwrap_or(0),
-            database_url,
-            blobs,
-            data_dir,
-        })
+        let toml = file(
+            "data_dir = '/toml'\nslots = 7\nrate_limit = 9\nlisten = '0.0.0.0:9000'\n\
+             [quotas]\nvms_live_max = 2\n",
+        );
+        let s = merge(&flags, toml).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/flag"), "flag over file");
+        assert_eq!(s.slots, 3, "flag over file");
+        assert_eq!(s.lease_ms, 5_000, "flag over default");
+        assert_eq!(s.rate_limit, 9, "file over default");
+        assert_eq!(s.listen.to_string(), "0.0.0.0:9000", "file over default");
+        assert_eq!(s.rate_burst, 0, "default");
+        assert_eq!(
+            s.database_url, "sqlite:///flag/kiln.db",
+            "derived from data dir"
+        );
+        assert_eq!(s.quotas.vms_live_max, 2, "quota from the file");
+        assert_eq!(
+            s.quotas.modules_max,
+            TenantQuotas::default().modules_max,
+            "other quotas keep their defaults"
+        );
+
+        let s = merge(&ServerArgs::default(), file("data_dir = '/toml'")).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/toml"), "file over default");
+        assert_eq!(s.blobs, BlobConfig::Local("/toml/blobs".into()));
+        assert_eq!(s.quotas, TenantQuotas::default());
+        assert_ne!(
+            s.scratch_dir,
+            merge(&ServerArgs::default(), file("data_dir = '/other'"))
+                .unwrap()
+                .scratch_dir,
+            "each data dir has its own scratch root"
+        );
+        assert!(
+            !s.scratch_dir.starts_with("/toml"),
+            "scratch is outside the data dir"
+        );
+    }
+
+    #[test]
+    fn vm_settings() {
+        let toml = file(
+            "[quotas]\nvms_live_max = 3\n[vm]\naccelerator = 'tcg'\nsnapshots = false\n\
+             [vm.qemu]\ncpu = 'max'\nbinary = '/opt/qemu'\n[vm.host]\nvms_max = 9\n",
+        );
+        let flags = ServerArgs {
+            vm: VmHostArgs {
+                qemu_cpu: Some("qemu64".into()),
+                vm_snapshots: Some(true),
+                ..VmHostArgs::default()
+            },
+            ..ServerArgs::default()
+        };
+        let vm = merge(&flags, toml).unwrap().vm;
+        assert_eq!(vm.accelerator, AcceleratorChoice::Tcg, "file over default");
+        assert_eq!(vm.qemu.cpu.as_deref(), Some("qemu64"), "flag over file");
+        assert!(vm.snapshots, "flag over file");
+        assert_eq!(
+            vm.qemu.binary,
+            PathBuf::from("/opt/qemu"),
+            "file over default"
+        );
+        assert_eq!(vm.host.vms_max, 9);
+        assert_eq!(vm.quotas.vms_live_max, 3, "the quotas of [quotas]");
+        assert_eq!(vm.extra_cmdline, "", "default");
+
+        let error = merge(
+            &ServerArgs::default(),
+            file("[vm.quotas]\nvms_live_max = 3\n"),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("[quotas]"), "{error}");
+        let flags = ServerArgs {
+            vm: VmHostArgs {
+                vm_accelerator: Some("hvf".into()),
+                ..VmHostArgs::default()
+            },
+            ..ServerArgs::default()
+        };
+        assert!(merge(&flags, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        assert!(toml::from_str::<FileConfig>("slotz = 3").is_err());
+        assert!(toml::from_str::<FileConfig>("[quotas]\nvms = 3").is_err());
+        assert!(toml::from_str::<FileConfig>("[vm.qemu]\nsandbx = false").is_err());
+    }
+
+    #[test]
+    fn blob_store_choice() {
+        let check = |args: ServerArgs, toml: &str, expect: Result<BlobConfig, &str>| {
+            let got = merge(&args, file(toml)).map(|s| s.blobs);
+            match (got, expect) {
+                (Ok(got), Ok(expect)) => assert_eq!(got, expect, "{toml}"),
+                (Err(error), Err(expect)) => {
+                    assert!(error.to_string().contains(expect), "{error}")
+                }
+                (got, expect) => panic!("{toml}: got {got:?}, expected {expect:?}"),
+            }
+        };
+        let pg = "data_dir = '/d'\ndatabase_url = 'postgres://u@h/db'";
+        let sqlite = "data_dir = '/d'";
+        let none = ServerArgs::default;
+        check(none(), sqlite, Ok(BlobConfig::Local("/d/blobs".into())));
+        check(none(), pg, Ok(BlobConfig::Database));
+        check(
+            none(),
+            &format!("{pg}\nblob_dir = '/shared'"),
+            Ok(BlobConfig::Local("/shared".into())),
+        );
+        check(
+            ServerArgs {
+                blob_store: Some(BlobStoreKind::Database),
+                ..none()
+            },
+            sqlite,
+            Ok(BlobConfig::Database),
+        );
+        check(
+            ServerArgs {
+                blob_store: Some(BlobStoreKind::Local),
+                ..none()
+            },
+            pg,
+            Ok(BlobConfig::Local("/d/blobs".into())),
+        );
+        check(
+            none(),
+            &format!("{pg}\ns3_endpoint = 'http://minio:9000'\ns3_secret_key = 's'"),
+            Ok(BlobConfig::S3 {
+                endpoint: "http://minio:9000".into(),
+                bucket: "kiln".into(),
+                access_key: "".into(),
+                secret_key: "s".into(),
+                region: "us-east-1".into(),
+            }),
+        );
+        check(none(), "blob_store = 's3'", Err("no s3_endpoint"));
+    }
+
+    #[test]
+    fn redact_hides_passwords() {
+        let check = |url: &str, expect: &str| assert_eq!(redact(url), expect, "{url}");
+        check(
+            "postgres://kiln:secret@db:5432/kiln",
+            "postgres://kiln:***@db:5432/kiln",
+        );
+        check(
+            "postgres://kiln:p@ss@db/kiln",
+            "postgres://kiln:***@db/kiln",
+        );
+        check("postgres://kiln@db/kiln", "postgres://kiln@db/kiln");
+        check(
+            "postgres://db/kiln?user=kiln&password=secret&sslmode=require",
+            "postgres://db/kiln?user=kiln&password=***&sslmode=require",
+        );
+        check(
+            "postgres://u:pw@db/kiln?options=-c%20search_path%3Dx",
+            "postgres://u:***@db/kiln?options=-c%20search_path%3Dx",
+        );
+        check(
+            "sqlite:///var/lib/kiln/kiln.db",
+            "sqlite:///var/lib/kiln/kiln.db",
+        );
+        check("sqlite://a@b/kiln.db", "sqlite://a@b/kiln.db");
     }
 }

@@ -8,7 +8,7 @@ mod serve;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use client::{Client, ClientArgs};
@@ -38,6 +38,8 @@ enum Command {
     Worker(ServerArgs),
     /// The scheduler alone: takes back expired leases.
     Scheduler(ServerArgs),
+    /// Print the settings a server would run with (passwords hidden).
+    Config(ServerArgs),
     /// Manage API keys directly in the database.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -135,21 +137,8 @@ enum JobCommand {
         /// The spec as JSON.
         #[arg(long, default_value = "{}")]
         spec: String,
-        #[arg(long)]
-        queue: Option<String>,
-        #[arg(long)]
-        priority: Option<String>,
-        #[arg(long)]
-        max_attempts: Option<i32>,
-        #[arg(long)]
-        timeout_ms: Option<i64>,
-        #[arg(long)]
-        delay_ms: Option<i64>,
-        #[arg(long)]
-        idempotency_key: Option<String>,
-        /// key=value, repeatable.
-        #[arg(long = "label")]
-        labels: Vec<String>,
+        #[command(flatten)]
+        options: SubmitOptions,
         /// Wait for the result.
         #[arg(long)]
         wait: bool,
@@ -157,21 +146,7 @@ enum JobCommand {
     Get {
         id: String,
     },
-    Ls {
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long)]
-        kind: Option<String>,
-        #[arg(long)]
-        queue: Option<String>,
-        /// key:value
-        #[arg(long)]
-        label: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
-        #[arg(long)]
-        cursor: Option<String>,
-    },
+    Ls(JobFilterArgs),
     Cancel {
         id: String,
     },
@@ -187,6 +162,43 @@ enum JobCommand {
         #[arg(long, default_value_t = 600_000)]
         timeout_ms: u64,
     },
+}
+
+/// What a submitted job may set besides its kind and spec.
+#[derive(Args)]
+struct SubmitOptions {
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    priority: Option<String>,
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    #[arg(long)]
+    timeout_ms: Option<i64>,
+    #[arg(long)]
+    delay_ms: Option<i64>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// key=value, repeatable.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+}
+
+#[derive(Args)]
+struct JobFilterArgs {
+    #[arg(long)]
+    status: Option<String>,
+    #[arg(long)]
+    kind: Option<String>,
+    #[arg(long)]
+    queue: Option<String>,
+    /// key:value
+    #[arg(long)]
+    label: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
+    #[arg(long)]
+    cursor: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -327,43 +339,17 @@ async fn main() {
 }
 
 async fn run(command: Command) -> anyhow::Result<i32> {
-    let all = serve::Roles {
-        api: true,
-        worker: true,
-        scheduler: true,
-    };
     match command {
-        Command::Serve(args) => serve::run(args.settings()?, all).await.map(|_| 0),
-        Command::Api(args) => serve::run(
-            args.settings()?,
-            serve::Roles {
-                api: true,
-                worker: false,
-                scheduler: false,
-            },
-        )
-        .await
-        .map(|_| 0),
-        Command::Worker(args) => serve::run(
-            args.settings()?,
-            serve::Roles {
-                api: false,
-                worker: true,
-                scheduler: false,
-            },
-        )
-        .await
-        .map(|_| 0),
-        Command::Scheduler(args) => serve::run(
-            args.settings()?,
-            serve::Roles {
-                api: false,
-                worker: false,
-                scheduler: true,
-            },
-        )
-        .await
-        .map(|_| 0),
+        Command::Serve(args) => serve_as(args, serve::Role::All).await,
+        Command::Api(args) => serve_as(args, serve::Role::Api).await,
+        Command::Worker(args) => serve_as(args, serve::Role::Worker).await,
+        Command::Scheduler(args) => serve_as(args, serve::Role::Scheduler).await,
+        Command::Config(args) => {
+            for (name, value) in args.settings()?.describe() {
+                println!("{name} = {value}");
+            }
+            Ok(0)
+        }
         Command::Keys(command) => keys(command).await,
         Command::Job { client, command } => job(Client::new(&client)?, command).await,
         Command::Queue { client, command } => queue(Client::new(&client)?, command).await,
@@ -374,6 +360,17 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Bench(command) => bench::run(command).await.map(|_| 0),
         Command::Gc(args) => gc(args).await,
     }
+}
+
+async fn serve_as(args: ServerArgs, role: serve::Role) -> anyhow::Result<i32> {
+    serve::run(args.settings()?, role).await.map(|_| 0)
+}
+
+/// Settings for a command that works on the data dir directly.
+fn local_settings(args: &ServerArgs) -> anyhow::Result<config::Settings> {
+    let settings = args.settings()?;
+    settings.create_data_dir()?;
+    Ok(settings)
 }
 
 async fn gc(args: GcArgs) -> anyhow::Result<i32> {
@@ -401,7 +398,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             name,
             scopes,
         } => {
-            let db = serve::open_db(&server.settings()?).await?;
+            let db = serve::open_db(&local_settings(&server)?).await?;
             let scopes = kiln_core::Scopes::parse(&scopes)
                 .filter(|s| !s.0.is_empty())
                 .context("scopes are a comma-separated list of read, write, admin")?;
@@ -416,7 +413,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             println!("{secret}");
         }
         KeysCommand::List { server, tenant } => {
-            let db = serve::open_db(&server.settings()?).await?;
+            let db = serve::open_db(&local_settings(&server)?).await?;
             for key in db.key_list(tenant.as_deref()).await? {
                 println!(
                     "{}\t{}\t{}\t{}\t{}",
@@ -433,7 +430,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             }
         }
         KeysCommand::Revoke { server, id } => {
-            let db = serve::open_db(&server.settings()?).await?;
+            let db = serve::open_db(&local_settings(&server)?).await?;
             if !db.key_revoke(None, &id, kiln_worker::now_millis()).await? {
                 anyhow::bail!("no active key {id}");
             }
@@ -448,33 +445,10 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
         JobCommand::Submit {
             kind,
             spec,
-            queue,
-            priority,
-            max_attempts,
-            timeout_ms,
-            delay_ms,
-            idempotency_key,
-            labels,
+            options,
             wait,
         } => {
-            let spec: Value = serde_json::from_str(&spec).context("--spec is not JSON")?;
-            let mut body = json!({"kind": kind, "spec": spec});
-            let fields = [
-                ("queue", queue.map(Value::from)),
-                ("priority", priority.map(Value::from)),
-                ("max_attempts", max_attempts.map(Value::from)),
-                ("timeout_ms", timeout_ms.map(Value::from)),
-                ("delay_ms", delay_ms.map(Value::from)),
-                ("idempotency_key", idempotency_key.map(Value::from)),
-            ];
-            for (name, value) in fields {
-                if let Some(value) = value {
-                    body[name] = value;
-                }
-            }
-            if !labels.is_empty() {
-                body["labels"] = json!(client::parse_labels(&labels)?);
-            }
+            let body = submit_body(&kind, &spec, options)?;
             let path = if wait {
                 "/api/v1/jobs?wait=true"
             } else {
@@ -483,44 +457,7 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
             client::print(&client.post(path, &body).await?);
         }
         JobCommand::Get { id } => client::print(&client.get(&format!("/api/v1/jobs/{id}")).await?),
-        JobCommand::Ls {
-            status,
-            kind,
-            queue,
-            label,
-            limit,
-            cursor,
-        } => {
-            let mut query = vec![format!("limit={limit}")];
-            for (name, value) in [
-                ("status", status),
-                ("kind", kind),
-                ("queue", queue),
-                ("label", label),
-                ("cursor", cursor),
-            ] {
-                if let Some(value) = value {
-                    query.push(format!("{name}={}", urlencode(&value)));
-                }
-            }
-            let list = client
-                .get(&format!("/api/v1/jobs?{}", query.join("&")))
-                .await?;
-            for job in list["jobs"].as_array().into_iter().flatten() {
-                println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}",
-                    job["id"].as_str().unwrap_or(""),
-                    job["status"].as_str().unwrap_or(""),
-                    job["kind"].as_str().unwrap_or(""),
-                    job["queue"].as_str().unwrap_or(""),
-                    job["attempts"],
-                    job["created_at"].as_str().unwrap_or("")
-                );
-            }
-            if let Some(next) = list["next_cursor"].as_str() {
-                eprintln!("more: --cursor {next}");
-            }
-        }
+        JobCommand::Ls(filter) => list_jobs(&client, filter).await?,
         JobCommand::Cancel { id } => client::print(
             &client
                 .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
@@ -534,24 +471,83 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
         JobCommand::Attempts { id } => {
             client::print(&client.get(&format!("/api/v1/jobs/{id}/attempts")).await?)
         }
-        JobCommand::Wait { id, timeout_ms } => {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
-            loop {
-                let job = client.get(&format!("/api/v1/jobs/{id}")).await?;
-                let status = job["status"].as_str().unwrap_or("");
-                if ["succeeded", "failed", "cancelled", "dead"].contains(&status) {
-                    client::print(&job);
-                    return Ok(if status == "succeeded" { 0 } else { 1 });
-                }
-                if std::time::Instant::now() > deadline {
-                    client::print(&job);
-                    anyhow::bail!("job {id} still {status} after {timeout_ms} ms");
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
+        JobCommand::Wait { id, timeout_ms } => return wait_for_job(&client, &id, timeout_ms).await,
     }
     Ok(0)
+}
+
+/// The body of `POST /api/v1/jobs`: only the options given.
+fn submit_body(kind: &str, spec: &str, options: SubmitOptions) -> anyhow::Result<Value> {
+    let spec: Value = serde_json::from_str(spec).context("--spec is not JSON")?;
+    let mut body = json!({"kind": kind, "spec": spec});
+    let fields = [
+        ("queue", options.queue.map(Value::from)),
+        ("priority", options.priority.map(Value::from)),
+        ("max_attempts", options.max_attempts.map(Value::from)),
+        ("timeout_ms", options.timeout_ms.map(Value::from)),
+        ("delay_ms", options.delay_ms.map(Value::from)),
+        ("idempotency_key", options.idempotency_key.map(Value::from)),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            body[name] = value;
+        }
+    }
+    if !options.labels.is_empty() {
+        body["labels"] = json!(client::parse_labels(&options.labels)?);
+    }
+    Ok(body)
+}
+
+async fn list_jobs(client: &Client, filter: JobFilterArgs) -> anyhow::Result<()> {
+    let mut query = vec![format!("limit={}", filter.limit)];
+    for (name, value) in [
+        ("status", filter.status),
+        ("kind", filter.kind),
+        ("queue", filter.queue),
+        ("label", filter.label),
+        ("cursor", filter.cursor),
+    ] {
+        if let Some(value) = value {
+            query.push(format!("{name}={}", urlencode(&value)));
+        }
+    }
+    let list = client
+        .get(&format!("/api/v1/jobs?{}", query.join("&")))
+        .await?;
+    for job in list["jobs"].as_array().into_iter().flatten() {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            job["id"].as_str().unwrap_or(""),
+            job["status"].as_str().unwrap_or(""),
+            job["kind"].as_str().unwrap_or(""),
+            job["queue"].as_str().unwrap_or(""),
+            job["attempts"],
+            job["created_at"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(next) = list["next_cursor"].as_str() {
+        eprintln!("more: --cursor {next}");
+    }
+    Ok(())
+}
+
+/// Polls until the job finishes; prints it; 0 only if it succeeded.
+async fn wait_for_job(client: &Client, id: &str, timeout_ms: u64) -> anyhow::Result<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms);
+    loop {
+        let job = client.get(&format!("/api/v1/jobs/{id}")).await?;
+        let status = job["status"].as_str().unwrap_or("");
+        if ["succeeded", "failed", "cancelled", "dead"].contains(&status) {
+            client::print(&job);
+            return Ok(if status == "succeeded" { 0 } else { 1 });
+        }
+        if std::time::Instant::now() > deadline {
+            client::print(&job);
+            anyhow::bail!("job {id} still {status} after {timeout_ms} ms");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 fn urlencode(text: &str) -> String {
@@ -597,9 +593,7 @@ async fn queue(client: Client, command: QueueCommand) -> anyhow::Result<i32> {
         QueueCommand::Limit { name, limit } => {
             let limit = if limit > 0 { json!(limit) } else { Value::Null };
             let body = json!({ "concurrency_limit": limit });
-            let response = client
-                .send_put(&format!("/api/v1/queues/{name}"), &body)
-                .await?;
+            let response = client.put(&format!("/api/v1/queues/{name}"), &body).await?;
             client::print(&response);
         }
     }
@@ -685,7 +679,7 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             kernel,
         } => {
             let kernel = kiln_vm::image::KernelKind::parse(&kernel).context("--kernel")?;
-            let settings = server.settings()?;
+            let settings = local_settings(&server)?;
             kiln_core::validate_name("image", &name)?;
             let agent = agent.or_else(kiln_vm::image::find_agent).context(
                 "no agent binary: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl, or pass --agent",

@@ -1,4 +1,6 @@
 //! The server roles: `serve` (all in one), `api`, `worker`, `scheduler`.
+//! Each role builds only what it uses: the API neither boots VMs nor keeps
+//! compiled modules, the scheduler only takes back expired leases.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -6,19 +8,37 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_api::AppState;
-use kiln_blob::BlobStore;
+use kiln_blob::{BlobConfig, BlobStore};
 use kiln_core::{Scope, Scopes};
 use kiln_db::Db;
 use kiln_wasm::{WasmConfig, WasmHandler, WasmRuntime};
 use kiln_worker::{Handlers, NoopHandler, Worker, WorkerConfig};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{redact, Settings};
 
-pub struct Roles {
-    pub api: bool,
-    pub worker: bool,
-    pub scheduler: bool,
+/// What one process does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// API, worker and scheduler in one process (`kiln serve`).
+    All,
+    /// The HTTP API alone.
+    Api,
+    /// Runs jobs (and, like every worker, takes back expired leases).
+    Worker,
+    /// Takes back expired leases and nothing else.
+    Scheduler,
+}
+
+impl Role {
+    fn serves_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+
+    fn runs_jobs(self) -> bool {
+        matches!(self, Role::All | Role::Worker)
+    }
 }
 
 pub async fn open_db(settings: &Settings) -> anyhow::Result<Db> {
@@ -40,44 +60,45 @@ pub async fn open_db(settings: &Settings) -> anyhow::Result<Db> {
     }
 }
 
-/// Hides a password in a database URL.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
+/// The blob store every node of the deployment shares.
+pub fn open_blobs(settings: &Settings, db: &Db) -> anyhow::Result<BlobStore> {
+    if let (BlobConfig::Local(dir), Db::Postgres(_)) = (&settings.blobs, db) {
+        tracing::warn!(
+            blob_dir = %dir.display(),
+            "blobs are kept in a local directory while the database is PostgreSQL: every node \
+             must mount this same directory, or modules stored by one node are missing on others"
+        );
     }
+    let blobs = BlobStore::open(&settings.blobs, db).context("opening the blob store")?;
+    tracing::info!(store = blobs.describe(), "blob store open");
+    Ok(blobs)
 }
 
+/// The runtime that runs wasm jobs, with its compiled-module cache in the
+/// data dir and its scratch directories under the configured root.
 pub fn wasm_runtime(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Arc<WasmRuntime>> {
     let config = WasmConfig {
         cache_dir: Some(settings.data_dir.join("wasm-cache")),
-        scratch_dir: settings.data_dir.join("scratch"),
+        scratch_dir: settings.scratch_dir.clone(),
+        quotas: settings.quotas.clone(),
         ..WasmConfig::default()
     };
     Ok(WasmRuntime::new(config, blobs.clone())?)
 }
 
-/// The VM host's settings from `KILN_VM_ACCELERATOR` (`auto|kvm|tcg`),
-/// `KILN_VM_SNAPSHOTS`, `KILN_VM_CMDLINE`, `KILN_QEMU` and `KILN_QEMU_CPU`.
-pub fn vm_config_from_env() -> anyhow::Result<kiln_vm::VmManagerConfig> {
-    let mut config = kiln_vm::VmManagerConfig::default();
-    if let Ok(choice) = std::env::var("KILN_VM_ACCELERATOR") {
-        config.accelerator = kiln_vm::AcceleratorChoice::parse(&choice)
-            .ok_or_else(|| anyhow::anyhow!("KILN_VM_ACCELERATOR must be auto, kvm or tcg"))?;
-    }
-    config.snapshots = std::env::var_os("KILN_VM_SNAPSHOTS").is_none_or(|v| v != "0");
-    config.extra_cmdline = std::env::var("KILN_VM_CMDLINE").unwrap_or_default();
-    if let Some(qemu) = std::env::var_os("KILN_QEMU") {
-        config.qemu.binary = qemu.into();
-    }
-    config.qemu.cpu = std::env::var("KILN_QEMU_CPU").ok();
-    Ok(config)
+/// What the API needs to accept modules: their validation (which compiles
+/// nothing) and the module quotas. It keeps no compiled modules, room for
+/// one instance only, and a scratch root of its own that it never uses, so
+/// it cannot empty the root of a worker on the same host.
+fn module_validator(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Arc<WasmRuntime>> {
+    let config = WasmConfig {
+        cache_dir: None,
+        scratch_dir: settings.scratch_dir.join("api"),
+        max_instances: 1,
+        quotas: settings.quotas.clone(),
+        ..WasmConfig::default()
+    };
+    Ok(WasmRuntime::new(config, blobs.clone())?)
 }
 
 /// MicroVMs are offered when a `default` image exists in the data dir; the
@@ -89,7 +110,7 @@ async fn vm_manager(settings: &Settings) -> anyhow::Result<Option<Arc<kiln_vm::V
         return Ok(None);
     }
     let vm_dir = settings.data_dir.join("vms");
-    match kiln_vm::VmManager::start(&images, &vm_dir, vm_config_from_env()?).await {
+    match kiln_vm::VmManager::start(&images, &vm_dir, settings.vm.clone()).await {
         Ok(manager) => {
             if settings.vm_warm > 0 {
                 manager.keep_warm("default", 1, 128, settings.vm_warm);
@@ -105,13 +126,27 @@ async fn vm_manager(settings: &Settings) -> anyhow::Result<Option<Arc<kiln_vm::V
 }
 
 /// The first start of an empty database makes an admin key and writes it
-/// where the CLI will find it.
+/// where the CLI will find it. Of several nodes starting together, exactly
+/// one makes it.
 async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
     if db.key_count().await? > 0 {
         return Ok(());
     }
-    let (_, secret) =
-        kiln_api::issue_key(db, "default", "admin", Scopes(vec![Scope::System])).await?;
+    let (id, secret) = kiln_db::generate_key();
+    let key = kiln_db::ApiKey {
+        id,
+        tenant: "default".into(),
+        name: "admin".into(),
+        scopes: Scopes(vec![Scope::System]),
+        created_at: kiln_worker::now_millis(),
+        revoked_at: None,
+    };
+    if !db
+        .key_insert_first(&key, &kiln_db::hash_key(&secret))
+        .await?
+    {
+        return Ok(());
+    }
     let path = data_dir.join("admin.key");
     write_secret(&path, &secret)?;
     println!(
@@ -121,66 +156,158 @@ async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes a secret readable by its owner only, whatever mode the file had:
+/// the mode is set before the old content is cut and the new one written.
 pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    file.set_len(0)?;
     writeln!(file, "{secret}")?;
     Ok(())
 }
 
-pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
-    let db = open_db(&settings).await?;
-    tracing::info!(backend = db.backend(), data_dir = %settings.data_dir.display(), "store open");
-    let blobs = BlobStore::open(&settings.blobs)?;
-    let wasm = wasm_runtime(&settings, &blobs)?;
+/// Everything a role needs, built before any role starts so that a failure
+/// to build one leaves nothing running.
+struct Parts {
+    db: Db,
+    vms: Option<Arc<kiln_vm::VmManager>>,
+    api: Option<(tokio::net::TcpListener, Arc<AppState>)>,
+    worker: Option<Worker>,
+}
+
+/// The fallible steps come first and the VM manager, which may boot VMs at
+/// once, last: no step after it can fail and leave its VMs running.
+async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts> {
+    let mut parts = Parts {
+        db: db.clone(),
+        vms: None,
+        api: None,
+        worker: None,
+    };
+    if role == Role::Scheduler {
+        return Ok(parts);
+    }
+    let listener = if role.serves_api() {
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listening on {}", settings.listen))?;
+        ensure_admin_key(&db, &settings.data_dir).await?;
+        Some(listener)
+    } else {
+        None
+    };
+    let blobs = open_blobs(settings, &db)?;
+    let runtime = if role.runs_jobs() {
+        Some(wasm_runtime(settings, &blobs)?)
+    } else {
+        None
+    };
+    // All in one process, the API shares the worker's runtime, so a module
+    // pushed is compiled once, for the jobs that will run it.
+    let validator = match (&runtime, &listener) {
+        (Some(runtime), _) => Some(runtime.clone()),
+        (None, Some(_)) => Some(module_validator(settings, &blobs)?),
+        (None, None) => None,
+    };
+    if let Some(runtime) = runtime {
+        parts.vms = vm_manager(settings).await?;
+        parts.worker = Some(worker(settings, &db, runtime, parts.vms.as_ref()));
+    }
+    if let Some(listener) = listener {
+        let state = AppState::with_vms(db.clone(), blobs, validator, parts.vms.clone());
+        state.limit_rate(settings.rate_limit, settings.rate_burst);
+        parts.api = Some((listener, state));
+    }
+    Ok(parts)
+}
+
+fn worker(
+    settings: &Settings,
+    db: &Db,
+    wasm: Arc<WasmRuntime>,
+    vms: Option<&Arc<kiln_vm::VmManager>>,
+) -> Worker {
+    let mut config = WorkerConfig::new(&format!(
+        "{}-{}",
+        kiln_worker::hostname(),
+        std::process::id()
+    ));
+    config.slots = settings.slots;
+    config.lease = Duration::from_millis(settings.lease_ms);
+    config.heartbeat_every = (config.lease / 4).min(Duration::from_millis(500));
+    let mut handlers = Handlers::new()
+        .with("wasm", Arc::new(WasmHandler(wasm)))
+        .with("noop", Arc::new(NoopHandler));
+    if let Some(vms) = vms {
+        handlers = kiln_vm::job::register(handlers, vms);
+    }
+    Worker::new(db.clone(), handlers, config)
+}
+
+pub async fn run(settings: Settings, role: Role) -> anyhow::Result<()> {
+    settings.create_data_dir()?;
+    // Listening from the start: a signal during a long start-up (a probe
+    // boot) stops the roles as soon as they run.
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
-    let vms = vm_manager(&settings).await?;
-
-    let mut tasks = tokio::task::JoinSet::new();
-    if roles.worker {
-        let mut config = WorkerConfig::new(&format!(
-            "{}-{}",
-            kiln_worker::hostname(),
-            std::process::id()
-        ));
-        config.slots = settings.slots;
-        config.lease = Duration::from_millis(settings.lease_ms);
-        config.heartbeat_every = (config.lease / 4).min(Duration::from_millis(500));
-        let mut handlers = Handlers::new()
-            .with("wasm", Arc::new(WasmHandler(wasm.clone())))
-            .with("noop", Arc::new(NoopHandler));
-        if let Some(vms) = &vms {
-            handlers = kiln_vm::job::register(handlers, vms);
+    let db = tokio::select! {
+        db = open_db(&settings) => db?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    tracing::info!(backend = db.backend(), data_dir = %settings.data_dir.display(), ?role, "store open");
+    let mut parts = match build(&settings, role, db.clone()).await {
+        Ok(parts) => parts,
+        Err(error) => {
+            db.close().await;
+            return Err(error);
         }
-        let worker = Worker::new(db.clone(), handlers, config);
+    };
+    let tasks = start(&mut parts, role, &shutdown);
+    tracing::info!(?role, "roles started");
+    let outcome = supervise(tasks, &shutdown).await;
+    if let Some(vms) = parts.vms {
+        vms.shutdown().await;
+    }
+    parts.db.close().await;
+    outcome
+}
+
+/// Spawns one task per role (and the VM expiry), taking the API and the
+/// worker out of `parts`.
+fn start(
+    parts: &mut Parts,
+    role: Role,
+    shutdown: &CancellationToken,
+) -> JoinSet<anyhow::Result<()>> {
+    let mut tasks = JoinSet::new();
+    if let Some(worker) = parts.worker.take() {
         let stop = shutdown.clone();
         tasks.spawn(async move {
             worker.run(stop).await;
             Ok(())
         });
-    } else if roles.scheduler {
-        let rescue = kiln_worker::rescue_loop(db.clone(), Duration::from_secs(1), shutdown.clone());
+    }
+    if role == Role::Scheduler {
+        let rescue =
+            kiln_worker::rescue_loop(parts.db.clone(), Duration::from_secs(1), shutdown.clone());
         tasks.spawn(async move {
             rescue.await;
             Ok(())
         });
     }
-    if roles.api {
-        ensure_admin_key(&db, &settings.data_dir).await?;
-        let state = AppState::with_vms(db.clone(), blobs.clone(), Some(wasm.clone()), vms.clone());
-        state.limit_rate(settings.rate_limit, settings.rate_burst);
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("listening on {}", settings.listen))?;
-        println!("kiln: listening on http://{}", listener.local_addr()?);
+    if let Some((listener, state)) = parts.api.take() {
+        if let Ok(address) = listener.local_addr() {
+            println!("kiln: listening on http://{address}");
+        }
         let stop = shutdown.clone();
         tasks.spawn(async move {
             kiln_api::serve(listener, state, async move { stop.cancelled().await })
@@ -188,30 +315,53 @@ pub async fn run(settings: Settings, roles: Roles) -> anyhow::Result<()> {
                 .context("HTTP server")
         });
     }
-    if let Some(vms) = vms.clone() {
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = stop.cancelled() => return Ok(()),
-                }
-                let n = vms.expire().await;
-                if n > 0 {
-                    tracing::info!(n, "deleted VMs past their TTL or idle timeout");
-                }
-            }
-        });
+    if let Some(vms) = parts.vms.clone() {
+        tasks.spawn(expire_vms(vms, shutdown.clone()));
     }
+    tasks
+}
+
+async fn expire_vms(vms: Arc<kiln_vm::VmManager>, stop: CancellationToken) -> anyhow::Result<()> {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        let n = vms.expire().await;
+        if n > 0 {
+            tracing::info!(n, "deleted VMs past their TTL or idle timeout");
+        }
+    }
+}
+
+/// Waits for every role to end. The first to fail (or to end before
+/// shutdown was asked for) stops the others the graceful way, so running
+/// jobs are handed back; its error is the answer.
+async fn supervise(
+    mut tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut first_error = None;
     while let Some(done) = tasks.join_next().await {
-        done??;
+        let outcome = done
+            .map_err(|e| anyhow::anyhow!("a role task failed: {e}"))
+            .and_then(|ended| ended);
+        match outcome {
+            Err(error) if first_error.is_none() => {
+                tracing::error!(error = %format!("{error:#}"), "a role failed: shutting down");
+                first_error = Some(error);
+                shutdown.cancel();
+            }
+            Err(error) => tracing::error!(error = %format!("{error:#}"), "a role failed"),
+            Ok(()) if !shutdown.is_cancelled() => {
+                tracing::warn!("a role ended on its own: shutting down");
+                shutdown.cancel();
+            }
+            Ok(()) => {}
+        }
     }
-    if let Some(vms) = vms {
-        vms.shutdown().await;
-    }
-    db.close().await;
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 async fn signal_shutdown(token: CancellationToken) {
@@ -220,7 +370,83 @@ async fn signal_shutdown(token: CancellationToken) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = token.cancelled() => return,
     }
     tracing::info!("shutting down: finishing running jobs");
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::{JobStatus, NewJob};
+    use serde_json::json;
+
+    /// A role that fails while a worker holds a running job: the worker is
+    /// stopped the graceful way and hands the job back without spending an
+    /// attempt, and the failure is what `supervise` answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_role_stops_the_others_gracefully() {
+        let dir = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-supervise"));
+        let db = Db::connect(&format!("sqlite://{}", dir.join("kiln.db").display()))
+            .await
+            .unwrap();
+        let (job, _) = db
+            .job_insert(
+                &NewJob::new("acme", "noop", json!({"sleep_ms": 600_000})),
+                kiln_worker::now_millis(),
+            )
+            .await
+            .unwrap();
+        let mut config = WorkerConfig::new("supervised");
+        config.shutdown_grace = Duration::from_millis(100);
+        let worker = Worker::new(
+            db.clone(),
+            Handlers::new().with("noop", Arc::new(NoopHandler)),
+            config,
+        );
+        let shutdown = CancellationToken::new();
+        let mut parts = Parts {
+            db: db.clone(),
+            vms: None,
+            api: None,
+            worker: Some(worker),
+        };
+        let mut tasks = start(&mut parts, Role::Worker, &shutdown);
+        let watch = db.clone();
+        let id = job.id;
+        tasks.spawn(async move {
+            loop {
+                let job = watch.job_get("acme", id).await?.expect("the job");
+                if job.status == JobStatus::Running {
+                    anyhow::bail!("the role broke");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let outcome = tokio::time::timeout(Duration::from_secs(60), supervise(tasks, &shutdown))
+            .await
+            .expect("supervise returns once every role has stopped");
+        assert_eq!(outcome.unwrap_err().to_string(), "the role broke");
+        let job = db.job_get("acme", id).await.unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Queued, "handed back: {job:?}");
+        assert!(job.lease_expires_at.is_none(), "no lease left: {job:?}");
+        db.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn admin_key_is_private_even_when_the_file_was_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-secret"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.key");
+        std::fs::write(&path, "an older, longer secret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret(&path, "kiln_new").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "mode {mode:o}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "kiln_new\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

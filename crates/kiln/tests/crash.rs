@@ -2,57 +2,16 @@
 //! holds many leases, and a PostgreSQL server stopped and started again
 //! under load. Nothing acknowledged may be lost; nothing may succeed twice.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{free_port, kiln, wait_until, PgSchema, TempDir};
 use kiln_core::{JobStatus, NewJob};
 use kiln_db::Db;
 use serde_json::json;
-
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn temp_dir(prefix: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(kiln_db::testing::unique_name(prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn kiln(args: &[&str], data_dir: &Path, log: &str) -> Proc {
-    let log = std::fs::File::create(data_dir.join(log)).unwrap();
-    Proc(
-        Command::new(KILN)
-            .args(args)
-            .env("KILN_DATA_DIR", data_dir)
-            .env("KILN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn count(db: &Db, status: &str) -> i64 {
     db.job_count_by_status(None)
@@ -65,7 +24,7 @@ async fn count(db: &Db, status: &str) -> i64 {
 
 /// Runs the SIGKILL scenario against a database URL both processes share.
 async fn killed_worker_loses_nothing(db: Db, url: String) {
-    let dir = temp_dir("kiln-crash");
+    let dir = TempDir::new("kiln-crash");
     let jobs: Vec<NewJob> = (0..1_500)
         .map(|_| {
             let mut job = NewJob::new("acme", "noop", json!({"sleep_ms": 300}));
@@ -86,7 +45,7 @@ async fn killed_worker_loses_nothing(db: Db, url: String) {
         "--lease-ms",
         "1500",
     ];
-    let mut doomed = kiln(&args, &dir, "doomed.log");
+    let mut doomed = kiln(&args, dir.path(), dir.path(), "doomed.log");
     wait_until(
         "the first worker to hold many leases",
         Duration::from_secs(30),
@@ -97,7 +56,7 @@ async fn killed_worker_loses_nothing(db: Db, url: String) {
     doomed.0.wait().unwrap();
     let held = count(&db, "running").await;
     assert!(held >= 300, "the killed worker held {held} leases");
-    let _survivor = kiln(&args, &dir, "survivor.log");
+    let _survivor = kiln(&args, dir.path(), dir.path(), "survivor.log");
     wait_until("every job to finish", Duration::from_secs(90), || async {
         count(&db, "succeeded").await == ids.len() as i64
     })
@@ -118,24 +77,18 @@ async fn killed_worker_loses_nothing(db: Db, url: String) {
         lost_attempts as i64 >= held,
         "{lost_attempts} lost attempts recorded for {held} leases"
     );
+    db.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_worker_on_postgres() {
-    let schema = kiln_db::testing::unique_name("kiln_crash");
-    let db = Db::connect_postgres_schema(&kiln_db::testing::postgres_url(), &schema)
-        .await
-        .unwrap();
-    let url = format!(
-        "{}?options=-c%20search_path%3D{schema}",
-        kiln_db::testing::postgres_url()
-    );
-    killed_worker_loses_nothing(db, url).await;
+    let (schema, db) = PgSchema::new("kiln_crash").await;
+    killed_worker_loses_nothing(db, schema.url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_worker_on_sqlite() {
-    let dir = temp_dir("kiln-crash-sqlite");
+    let dir = TempDir::new("kiln-crash-sqlite");
     let url = format!("sqlite://{}", dir.join("kiln.db").display());
     let db = Db::connect(&url).await.unwrap();
     killed_worker_loses_nothing(db, url).await;
@@ -157,7 +110,9 @@ impl PrivatePostgres {
             .map(|e| e.path().join("bin"))
             .find(|p| p.join("initdb").exists())
             .expect("initdb");
-        let dir = temp_dir("kiln-pg");
+        // Removed by this server's Drop, after the server has stopped.
+        let dir = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-pg"));
+        std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
         as_postgres(&["chown", "-R", "postgres", dir.to_str().unwrap()], true);
         let data = dir.join("data");
@@ -213,14 +168,6 @@ impl Drop for PrivatePostgres {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn as_postgres(args: &[&str], as_root: bool) {
     let status = if as_root {
         Command::new(args[0]).args(&args[1..]).status().unwrap()
@@ -243,7 +190,7 @@ fn run_as_postgres(program: &Path, args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_under_load_loses_nothing() {
     let server = std::sync::Arc::new(PrivatePostgres::start());
-    let dir = temp_dir("kiln-restart");
+    let dir = TempDir::new("kiln-restart");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let _kiln = kiln(
@@ -256,7 +203,8 @@ async fn postgres_restart_under_load_loses_nothing() {
             "--lease-ms",
             "3000",
         ],
-        &dir,
+        dir.path(),
+        dir.path(),
         "serve.log",
     );
     let base = format!("http://{listen}");
@@ -268,10 +216,7 @@ async fn postgres_restart_under_load_loses_nothing() {
             .is_ok_and(|r| r.status().is_success())
     })
     .await;
-    let key = std::fs::read_to_string(dir.join("admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = common::read_key(dir.path());
 
     let total = 300;
     let mut acknowledged = Vec::new();
@@ -354,13 +299,8 @@ fn qemus_under(dir: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_server_leaves_no_vm_behind_after_restart() {
-    let image = kiln_vm::testing::test_image().await;
-    let dir = temp_dir("kiln-vm-crash");
-    let images = dir.join("images/default");
-    std::fs::create_dir_all(&images).unwrap();
-    for file in ["vmlinux", "initramfs.cpio", "image.json"] {
-        std::fs::copy(image.dir.join(file), images.join(file)).unwrap();
-    }
+    let dir = TempDir::new("kiln-vm-crash");
+    common::install_test_image(dir.path()).await;
     let listen = format!("127.0.0.1:{}", free_port());
     let args = ["serve", "--listen", &listen, "--vm-warm", "0"];
     let http = reqwest::Client::new();
@@ -374,12 +314,9 @@ async fn sigkilled_server_leaves_no_vm_behind_after_restart() {
         })
         .await;
     };
-    let mut first = kiln(&args, &dir, "first.log");
+    let mut first = kiln(&args, dir.path(), dir.path(), "first.log");
     up(http.clone(), base.clone()).await;
-    let key = std::fs::read_to_string(dir.join("admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = common::read_key(dir.path());
     let vm: serde_json::Value = http
         .post(format!("{base}/api/v1/vms"))
         .bearer_auth(&key)
@@ -401,7 +338,7 @@ async fn sigkilled_server_leaves_no_vm_behind_after_restart() {
         qemus_under(&vms_dir) == 0
     })
     .await;
-    let _second = kiln(&args, &dir, "second.log");
+    let _second = kiln(&args, dir.path(), dir.path(), "second.log");
     up(http.clone(), base.clone()).await;
     wait_until(
         "the orphan to be reaped",

@@ -32,6 +32,10 @@ CREATE INDEX jobs_fetch ON jobs (kind, priority, run_at, id)
 -- Leasing a paused-or-limited queue, and pausing one, go through its jobs.
 CREATE INDEX jobs_queue ON jobs (tenant, queue, priority, run_at, id)
     WHERE status IN ('queued','scheduled','running');
+-- Running jobs by tenant and queue: the tenant quota and the queue limits
+-- count them on every lease, and must not walk a queue's backlog to do so.
+DROP INDEX jobs_running;
+CREATE INDEX jobs_running ON jobs (tenant, queue, lease_expires_at) WHERE status = 'running';
 -- Retention deletes the oldest finished jobs first.
 CREATE INDEX jobs_finished ON jobs (finished_at)
     WHERE status IN ('succeeded','failed','cancelled','dead');

@@ -1,0 +1,289 @@
+//! Many nodes, one truth, with real processes: an API node and workers on
+//! one PostgreSQL database, each with its own data dir as on separate hosts;
+//! roles that build only what they use; the first start of a deployment.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{free_port, kiln, mode_of, read_key, until_up, wait_until, PgSchema, TempDir};
+use serde_json::{json, Value};
+
+/// A module pushed through the API node runs on workers that share nothing
+/// with it but the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_modules_pushed_through_another_node() {
+    let (schema, db) = PgSchema::new("kiln_nodes").await;
+    let url = schema.url();
+    let logs = TempDir::new("kiln-nodes-logs");
+    let (api_dir, worker_a, worker_b) = (
+        TempDir::new("kiln-node-api"),
+        TempDir::new("kiln-node-worker-a"),
+        TempDir::new("kiln-node-worker-b"),
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let _api = kiln(
+        &["api", "--database-url", &url, "--listen", &listen],
+        api_dir.path(),
+        logs.path(),
+        "api.log",
+    );
+    let worker_args = ["worker", "--database-url", &url, "--slots", "4"];
+    let _a = kiln(&worker_args, worker_a.path(), logs.path(), "worker-a.log");
+    let _b = kiln(&worker_args, worker_b.path(), logs.path(), "worker-b.log");
+    until_up(&base, Duration::from_secs(60)).await;
+    wait_until(
+        "both workers to register",
+        Duration::from_secs(60),
+        || async { db.worker_list().await.unwrap().len() == 2 },
+    )
+    .await;
+
+    let http = reqwest::Client::new();
+    let key = read_key(api_dir.path());
+    let module: Value = http
+        .post(format!("{base}/api/v1/modules"))
+        .bearer_auth(&key)
+        .header("content-type", "text/plain")
+        .body(kiln_wasm::fixtures::hello())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = module["id"].as_str().unwrap_or_else(|| panic!("{module}"));
+
+    let mut ran_on = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let job: Value = http
+            .post(format!("{base}/api/v1/jobs?wait=true"))
+            .bearer_auth(&key)
+            .json(&json!({"kind": "wasm", "spec": {"module": id}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let job = finished(&http, &base, &key, &job).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["result"]["stdout"], "hello world\n", "{job}");
+        ran_on.insert(job["worker_id"].as_str().unwrap_or("").to_string());
+    }
+    assert!(
+        ran_on.iter().all(|w| !w.is_empty()),
+        "every job names its worker: {ran_on:?}"
+    );
+    assert!(
+        !api_dir.join("wasm-cache").exists(),
+        "the API node keeps no compiled modules"
+    );
+    for dir in [&api_dir, &worker_a, &worker_b] {
+        assert!(
+            !dir.join("blobs").exists(),
+            "no node keeps blobs on its own disk"
+        );
+    }
+    db.close().await;
+}
+
+/// The job once it has finished (`?wait=true` may answer before).
+async fn finished(http: &reqwest::Client, base: &str, key: &str, job: &Value) -> Value {
+    let id = job["id"].as_str().unwrap_or_else(|| panic!("{job}"));
+    let mut job = job.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !["succeeded", "failed", "dead", "cancelled"]
+        .contains(&job["status"].as_str().unwrap_or(""))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never finished: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        job = http
+            .get(format!("{base}/api/v1/jobs/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    }
+    job
+}
+
+/// Several API nodes starting together on an empty database make one
+/// admin key between them, written by the node that made it. The test holds
+/// the key table locked until every node waits on it, so all of them find
+/// the database empty at the same moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_nodes_starting_together_make_one_admin_key() {
+    use sqlx::Connection;
+    let (schema, db) = PgSchema::new("kiln_first_key").await;
+    let url = schema.url();
+    let mut gate = sqlx::PgConnection::connect(&kiln_db::testing::postgres_url())
+        .await
+        .unwrap();
+    let mut held = gate.begin().await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE \"{}\".api_keys IN ACCESS EXCLUSIVE MODE",
+        schema.name
+    ))
+    .execute(&mut *held)
+    .await
+    .unwrap();
+
+    let logs = TempDir::new("kiln-first-key-logs");
+    let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new("kiln-first-key")).collect();
+    let bases: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let _nodes: Vec<common::Proc> = dirs
+        .iter()
+        .zip(&bases)
+        .enumerate()
+        .map(|(i, (dir, listen))| {
+            kiln(
+                &["api", "--database-url", &url, "--listen", listen],
+                dir.path(),
+                logs.path(),
+                &format!("api-{i}.log"),
+            )
+        })
+        .collect();
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         WHERE c.relname = 'api_keys' AND c.relnamespace = '\"{}\"'::regnamespace \
+         AND NOT l.granted",
+        schema.name
+    );
+    let mut watch = sqlx::PgConnection::connect(&kiln_db::testing::postgres_url())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar(&waiting)
+            .fetch_one(&mut watch)
+            .await
+            .unwrap();
+        if n == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} nodes wait on the key table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held.rollback().await.unwrap();
+
+    for listen in &bases {
+        until_up(&format!("http://{listen}"), Duration::from_secs(60)).await;
+    }
+    assert_eq!(db.key_count().await.unwrap(), 1);
+    let written: Vec<_> = dirs
+        .iter()
+        .filter(|d| d.join("admin.key").exists())
+        .collect();
+    assert_eq!(written.len(), 1, "one node wrote admin.key");
+    let key = read_key(written[0].path());
+    for listen in &bases {
+        let status = reqwest::Client::new()
+            .get(format!("http://{listen}/api/v1/jobs"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success(), "the key works on every node: {status}");
+    }
+    db.close().await;
+}
+
+/// `kiln api` and `kiln scheduler` build no VM manager, so they do not take
+/// the VM directory's lock: they can share a data dir holding a guest image
+/// with the worker that runs its VMs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_worker_share_a_data_dir() {
+    let dir = TempDir::new("kiln-shared-dir");
+    let logs = TempDir::new("kiln-shared-dir-logs");
+    let data = dir.join("data");
+    common::install_test_image(&data).await;
+    let mut worker = kiln(
+        &["worker", "--vm-warm", "0"],
+        &data,
+        logs.path(),
+        "worker.log",
+    );
+    // The worker owns the VM dir once its lock file exists.
+    wait_until(
+        "the worker to take the VM dir",
+        Duration::from_secs(300),
+        || async { data.join("vms/.lock").exists() },
+    )
+    .await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let mut api = kiln(&["api", "--listen", &listen], &data, logs.path(), "api.log");
+    let mut scheduler = kiln(&["scheduler"], &data, logs.path(), "scheduler.log");
+    until_up(&base, Duration::from_secs(60)).await;
+    let key = read_key(&data);
+    let http = reqwest::Client::new();
+    let pushed = http
+        .post(format!("{base}/api/v1/modules"))
+        .bearer_auth(&key)
+        .header("content-type", "text/plain")
+        .body(kiln_wasm::fixtures::hello())
+        .send()
+        .await
+        .unwrap();
+    assert!(pushed.status().is_success(), "{}", pushed.status());
+    let vms = http
+        .get(format!("{base}/api/v1/vms"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(vms.status(), 503, "the API node runs no VMs");
+    assert!(api.0.try_wait().unwrap().is_none(), "the API is running");
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker is running"
+    );
+    let scheduler_log = logs.join("scheduler.log");
+    wait_until(
+        "the scheduler to start or stop",
+        Duration::from_secs(60),
+        || async {
+            let log = std::fs::read_to_string(&scheduler_log).unwrap_or_default();
+            log.contains("roles started") || log.contains("kiln:")
+        },
+    )
+    .await;
+    assert!(
+        scheduler.0.try_wait().unwrap().is_none(),
+        "the scheduler is running: {}",
+        std::fs::read_to_string(&scheduler_log).unwrap_or_default()
+    );
+}
+
+/// A new data dir is private to its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_data_dir_is_private() {
+    let dir = TempDir::new("kiln-private");
+    let logs = TempDir::new("kiln-private-logs");
+    let data = dir.join("nested/data");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _serve = kiln(
+        &["serve", "--listen", &listen],
+        &data,
+        logs.path(),
+        "serve.log",
+    );
+    until_up(&format!("http://{listen}"), Duration::from_secs(60)).await;
+    assert_eq!(mode_of(&data), 0o700, "data dir mode {:o}", mode_of(&data));
+    assert_eq!(mode_of(&data.join("admin.key")), 0o600);
+}
