@@ -12,10 +12,8 @@ pub struct TenantQuotas {
     pub vms_live_max: u32,
     /// Sum of the memory of a tenant's live VMs.
     pub vm_memory_mib_max: u64,
-    /// Jobs `running` at once.
+    /// Jobs `running` at once (checked by the lease).
     pub jobs_running_max: u32,
-    /// Jobs not yet finished (queued, scheduled, running).
-    pub jobs_active_max: u64,
     /// Largest `output_limit_bytes` a wasm job may ask for, per stream.
     pub wasm_output_bytes_max: u64,
     /// Disk a wasm job's scratch directory may fill.
@@ -32,7 +30,6 @@ impl Default for TenantQuotas {
             vms_live_max: 32,
             vm_memory_mib_max: 16 * 1024,
             jobs_running_max: 1_000,
-            jobs_active_max: 1_000_000,
             wasm_output_bytes_max: 16 * 1024 * 1024,
             wasm_scratch_bytes_max: 256 * 1024 * 1024,
             modules_max: 1_000,

@@ -48,6 +48,9 @@ pub struct ServerArgs {
     /// Visibility timeout of a lease, in ms: a worker silent this long loses its jobs.
     #[arg(long, env = "KILN_LEASE_MS")]
     pub lease_ms: Option<u64>,
+    /// How long finished jobs are kept, in hours, before retention deletes them.
+    #[arg(long, env = "KILN_RETENTION_HOURS")]
+    pub retention_hours: Option<u64>,
     /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
     #[arg(long, env = "KILN_VM_WARM")]
     pub vm_warm: Option<usize>,
@@ -117,6 +120,7 @@ struct FileConfig {
     database_url: Option<String>,
     slots: Option<usize>,
     lease_ms: Option<u64>,
+    retention_hours: Option<u64>,
     vm_warm: Option<usize>,
     rate_limit: Option<u32>,
     rate_burst: Option<u32>,
@@ -141,6 +145,8 @@ pub struct Settings {
     pub database_url: String,
     pub slots: usize,
     pub lease_ms: u64,
+    /// Finished jobs older than this are deleted in batches.
+    pub retention_hours: u64,
     pub vm_warm: usize,
     pub rate_limit: u32,
     pub rate_burst: u32,
@@ -206,6 +212,11 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("static address")),
         slots: args.slots.or(file.slots).unwrap_or(64),
         lease_ms: args.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
+        retention_hours: args
+            .retention_hours
+            .or(file.retention_hours)
+            .unwrap_or(7 * 24)
+            .clamp(1, 10 * 365 * 24),
         vm_warm: args.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
         rate_limit: args
             .rate_limit
@@ -326,6 +337,7 @@ impl Settings {
             ("database_url", redact(&self.database_url)),
             ("slots", self.slots.to_string()),
             ("lease_ms", self.lease_ms.to_string()),
+            ("retention_hours", self.retention_hours.to_string()),
             ("vm_warm", self.vm_warm.to_string()),
             ("rate_limit", self.rate_limit.to_string()),
             ("rate_burst", self.rate_burst.to_string()),

@@ -182,6 +182,7 @@ struct Parts {
     vms: Option<Arc<kiln_vm::VmManager>>,
     api: Option<(tokio::net::TcpListener, Arc<AppState>)>,
     worker: Option<Worker>,
+    retention: kiln_worker::Retention,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
@@ -192,6 +193,10 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         vms: None,
         api: None,
         worker: None,
+        retention: kiln_worker::Retention {
+            finished_jobs: Duration::from_secs(settings.retention_hours.saturating_mul(3600)),
+            ..kiln_worker::Retention::default()
+        },
     };
     if role == Role::Scheduler {
         return Ok(parts);
@@ -244,6 +249,7 @@ fn worker(
     config.slots = settings.slots;
     config.lease = Duration::from_millis(settings.lease_ms);
     config.heartbeat_every = (config.lease / 4).min(Duration::from_millis(500));
+    config.tenant_running_max = Some(settings.quotas.jobs_running_max);
     let mut handlers = Handlers::new()
         .with("wasm", Arc::new(WasmHandler(wasm)))
         .with("noop", Arc::new(NoopHandler));
@@ -301,6 +307,15 @@ fn start(
             kiln_worker::rescue_loop(parts.db.clone(), Duration::from_secs(1), shutdown.clone());
         tasks.spawn(async move {
             rescue.await;
+            Ok(())
+        });
+    }
+    // Retention runs wherever leases are recovered; several passes at once
+    // only share the deleting.
+    if role != Role::Api {
+        let gc = kiln_worker::gc_loop(parts.db.clone(), parts.retention.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            gc.await;
             Ok(())
         });
     }
@@ -411,6 +426,7 @@ mod tests {
             vms: None,
             api: None,
             worker: Some(worker),
+            retention: kiln_worker::Retention::default(),
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();
