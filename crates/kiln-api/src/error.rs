@@ -97,6 +97,16 @@ impl From<kiln_db::DbError> for ApiError {
                 "the database is unavailable; retry shortly",
             );
         }
+        // Two requests racing to create the same thing: the loser is told
+        // so, as a conflict, not as our failure.
+        if let kiln_db::DbError::Sqlx(sqlx_error) = &error {
+            if sqlx_error
+                .as_database_error()
+                .is_some_and(|e| e.is_unique_violation())
+            {
+                return ApiError::conflict("it already exists");
+            }
+        }
         ApiError::internal(error)
     }
 }

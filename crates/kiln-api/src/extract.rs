@@ -1,10 +1,14 @@
 //! Extractors that turn every rejection into kiln's own error body, and the
 //! authenticated caller.
 
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -81,6 +85,64 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
     ApiError::bad_request(rejection.body_text())
 }
 
+/// Path parameters, with kiln's error on any rejection (a segment that is
+/// not valid UTF-8 once decoded, a number that does not parse).
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: PathRejection) -> ApiError {
+    match rejection {
+        PathRejection::FailedToDeserializePathParams(e) => ApiError::bad_request(e.body_text()),
+        // A handler asking for parameters its route does not have is our bug.
+        other => ApiError::internal(other.body_text()),
+    }
+}
+
+/// A WebSocket handshake, with kiln's error when the request is not one.
+pub struct WebSocketUpgrade(pub axum::extract::ws::WebSocketUpgrade);
+
+impl<S> FromRequestParts<S> for WebSocketUpgrade
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::ws::WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map(WebSocketUpgrade)
+            .map_err(upgrade_rejection)
+    }
+}
+
+fn upgrade_rejection(rejection: WebSocketUpgradeRejection) -> ApiError {
+    let status = rejection.status();
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        _ => "bad_request",
+    };
+    ApiError::new(
+        status,
+        code,
+        format!("open a WebSocket here: {}", rejection.body_text()),
+    )
+}
+
 /// Who is calling: resolved from `Authorization: Bearer <key>`.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -123,19 +185,88 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <key>"))?;
+        // Keys the cache does not know cost a hash and a query: those
+        // look-ups are limited per source address, so a stream of made-up
+        // keys is throttled like a stream of requests with a real one.
+        let source = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip().to_string())
+            .unwrap_or_else(|| "local".to_string());
+        let may_look_up = || throttle(state, format!("source:{source}"));
         let caller = state
             .keys
-            .resolve(&state.db, key)
+            .resolve(&state.db, key, may_look_up)
             .await?
             .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
-        if let Some(limiter) = state.rate_limit.get() {
-            if let Err(not_until) = limiter.check_key(&caller.key_id) {
-                use governor::clock::Clock;
-                let now = governor::clock::DefaultClock::default().now();
-                return Err(ApiError::rate_limited(not_until.wait_time_from(now)));
-            }
-        }
+        throttle(state, format!("key:{}", caller.key_id))?;
         parts.extensions.insert(caller.clone());
         Ok(caller)
+    }
+}
+
+/// Takes one request from `bucket`'s allowance, or says when to come back.
+fn throttle(state: &AppState, bucket: String) -> Result<(), ApiError> {
+    let Some(limiter) = state.rate_limit.get() else {
+        return Ok(());
+    };
+    limiter.check_key(&bucket).map_err(|not_until| {
+        use governor::clock::Clock;
+        let now = governor::clock::DefaultClock::default().now();
+        ApiError::rate_limited(not_until.wait_time_from(now))
+    })
+}
+
+/// The scope a route needs, as a type, so the check runs while the request
+/// is extracted: before any body is read.
+pub trait NeededScope {
+    const SCOPE: Scope;
+}
+
+/// The scope markers for [`Authorized`].
+pub mod needs {
+    use super::{NeededScope, Scope};
+
+    pub struct Read;
+    pub struct Write;
+    pub struct Admin;
+    pub struct System;
+
+    impl NeededScope for Read {
+        const SCOPE: Scope = Scope::Read;
+    }
+    impl NeededScope for Write {
+        const SCOPE: Scope = Scope::Write;
+    }
+    impl NeededScope for Admin {
+        const SCOPE: Scope = Scope::Admin;
+    }
+    impl NeededScope for System {
+        const SCOPE: Scope = Scope::System;
+    }
+}
+
+/// A caller whose key holds scope `S`. Put it before the body extractor:
+/// a key without the scope is refused before a byte of the body is read.
+pub struct Authorized<S>(pub Caller, PhantomData<S>);
+
+impl<S> Deref for Authorized<S> {
+    type Target = Caller;
+
+    fn deref(&self) -> &Caller {
+        &self.0
+    }
+}
+
+impl<S: NeededScope> FromRequestParts<Arc<AppState>> for Authorized<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require(S::SCOPE)?;
+        Ok(Authorized(caller, PhantomData))
     }
 }

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use kiln_blob::BlobStore;
+use kiln_core::JobKinds;
 use kiln_db::Db;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -32,33 +34,57 @@ pub struct AppState {
     pub blobs: BlobStore,
     pub wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
     pub vms: Option<Arc<kiln_vm::VmManager>>,
+    /// The job kinds this deployment runs, each with the check of its spec:
+    /// a job of another kind, or with a spec its kind refuses, is refused at
+    /// submit.
+    pub kinds: JobKinds,
     pub keys: KeyCache,
-    /// Requests per API key (GCRA, per process); unset: no limit.
+    /// Requests per API key, and key look-ups per source address (GCRA, per
+    /// process); unset: no limit.
     pub rate_limit: std::sync::OnceLock<governor::DefaultKeyedRateLimiter<String>>,
+    /// Gauge label sets `/metrics` set last time, so groups that drained
+    /// are set to zero instead of keeping their last value.
+    pub(crate) gauges: std::sync::Mutex<routes::system::GaugeLabels>,
 }
 
 impl AppState {
+    /// An API that accepts the kinds of [`builtin_kinds`].
     pub fn new(
         db: Db,
         blobs: BlobStore,
         wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
     ) -> Arc<AppState> {
-        AppState::with_vms(db, blobs, wasm, None)
+        AppState::with_kinds(db, blobs, wasm, None, builtin_kinds())
     }
 
+    /// An API with microVMs that accepts the kinds of [`builtin_kinds`].
     pub fn with_vms(
         db: Db,
         blobs: BlobStore,
         wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
         vms: Option<Arc<kiln_vm::VmManager>>,
     ) -> Arc<AppState> {
+        AppState::with_kinds(db, blobs, wasm, vms, builtin_kinds())
+    }
+
+    /// An API that accepts exactly `kinds`, for a deployment that runs a
+    /// different set than [`builtin_kinds`].
+    pub fn with_kinds(
+        db: Db,
+        blobs: BlobStore,
+        wasm: Option<Arc<kiln_wasm::WasmRuntime>>,
+        vms: Option<Arc<kiln_vm::VmManager>>,
+        kinds: JobKinds,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             db,
             blobs,
             wasm,
             vms,
+            kinds,
             keys: KeyCache::default(),
             rate_limit: std::sync::OnceLock::new(),
+            gauges: Default::default(),
         })
     }
 
@@ -82,6 +108,17 @@ impl AppState {
     }
 }
 
+/// Every kind kiln ships, each with its spec check: `wasm`, the microVM
+/// kinds and the diagnostic `noop`. An API node checks specs without a
+/// runtime: the checks are pure.
+pub fn builtin_kinds() -> JobKinds {
+    let mut kinds = JobKinds::new();
+    kinds.add("noop", kiln_worker::noop::check_spec);
+    kinds.add("wasm", kiln_wasm::check_spec);
+    kiln_vm::job::job_kinds(&mut kinds);
+    kinds
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "kiln", description = "Run untrusted code in microVMs and WebAssembly sandboxes, durably."),
@@ -93,7 +130,8 @@ impl AppState {
         routes::keys::list_keys, routes::keys::create_key, routes::keys::revoke_key,
         routes::modules::push_module, routes::modules::list_modules, routes::modules::get_module,
         routes::modules::delete_module,
-        routes::system::list_workers,
+        routes::system::list_workers, routes::system::health, routes::system::metrics_text,
+        routes::system::openapi,
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
         routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
     ),
@@ -145,7 +183,17 @@ async fn record_http(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let method = request.method().to_string();
+    // Methods outside the standard set would each be a new label value.
+    let method = match *request.method() {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::PATCH
+        | Method::HEAD
+        | Method::OPTIONS => request.method().to_string(),
+        _ => "other".to_string(),
+    };
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
@@ -179,13 +227,15 @@ pub fn parse_time(text: &str) -> Option<i64> {
 }
 
 /// Serves the API on a bound listener until `shutdown` resolves, letting
-/// requests in flight finish.
+/// requests in flight finish. Each request knows its peer's address, which
+/// limits key look-ups per source.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

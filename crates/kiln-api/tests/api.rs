@@ -1,203 +1,36 @@
 //! The HTTP API end to end, on SQLite and on PostgreSQL: requests go through
 //! the real router, jobs through the real queue and worker, wasm jobs
-//! through wasmtime.
+//! through wasmtime. Hostile input, tenancy and the OpenAPI document have
+//! their own suites (`edge.rs`, `openapi.rs`).
+
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use axum::Router;
+use common::{error_code, finished, harness};
 use http_body_util::BodyExt;
-use kiln_api::AppState;
-use kiln_blob::BlobStore;
-use kiln_core::{Scope, Scopes};
 use kiln_db::Db;
-use kiln_wasm::{fixtures, WasmConfig, WasmHandler, WasmRuntime};
-use kiln_worker::{Handlers, NoopHandler, Worker, WorkerConfig};
+use kiln_wasm::{fixtures, WasmRuntime};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 kiln_db::on_both_databases!(
     health_is_open_and_everything_else_needs_a_key,
     submit_get_and_idempotency,
     scopes_are_enforced,
-    tenants_never_see_each_other,
-    bad_input_gets_a_clear_4xx,
+    keys_are_minted_within_the_callers_reach,
     wasm_modules_and_runs,
     wasm_limits_end_jobs_with_reasons,
     cancel_and_retry_through_the_api,
     list_filters_and_cursor,
     paused_queues_hold_jobs,
     a_thousand_concurrent_wasm_jobs,
-    openapi_and_metrics,
+    metrics_count_queues_and_requests,
     rate_limits_hold_each_key_apart,
 );
-
-struct Harness {
-    app: Router,
-    state: Arc<AppState>,
-    admin: String,
-    reader: String,
-    other: String,
-    stop: CancellationToken,
-    worker: tokio::task::JoinHandle<()>,
-}
-
-async fn harness(db: Db) -> Harness {
-    let root = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-api"));
-    let blobs = BlobStore::local(&root.join("blobs")).unwrap();
-    let wasm = WasmRuntime::new(
-        WasmConfig {
-            cache_dir: Some(root.join("cache")),
-            scratch_dir: root.join("scratch"),
-            max_instances: 128,
-            ..WasmConfig::default()
-        },
-        blobs.clone(),
-    )
-    .unwrap();
-    let key = |tenant: &'static str, scope: Scope| {
-        let db = db.clone();
-        async move {
-            kiln_api::issue_key(&db, tenant, "test", Scopes(vec![scope]))
-                .await
-                .unwrap()
-                .1
-        }
-    };
-    let admin = key("acme", Scope::Admin).await;
-    let reader = key("acme", Scope::Read).await;
-    let other = key("globex", Scope::Admin).await;
-    let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("w"));
-    config.slots = 32;
-    config.poll_every = Duration::from_millis(200);
-    let handlers = Handlers::new()
-        .with("wasm", Arc::new(WasmHandler(wasm.clone())))
-        .with("noop", Arc::new(NoopHandler));
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(Worker::new(db.clone(), handlers, config).run(stop.clone()));
-    let state = AppState::new(db, blobs, Some(wasm));
-    let app = kiln_api::app(state.clone());
-    Harness {
-        app,
-        state,
-        admin,
-        reader,
-        other,
-        stop,
-        worker,
-    }
-}
-
-impl Harness {
-    async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
-        let response = self.app.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        (status, body)
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        key: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("authorization", format!("Bearer {key}"));
-        let body = match body {
-            Some(body) => {
-                request = request.header("content-type", "application/json");
-                Body::from(body.to_string())
-            }
-            None => Body::empty(),
-        };
-        self.send(request.body(body).unwrap()).await
-    }
-
-    async fn raw(
-        &self,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        content_type: &str,
-        body: impl Into<Body>,
-    ) -> (StatusCode, Value) {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("content-type", content_type);
-        if let Some(key) = key {
-            request = request.header("authorization", format!("Bearer {key}"));
-        }
-        self.send(request.body(body.into()).unwrap()).await
-    }
-
-    async fn push(&self, wat: &str) -> String {
-        let (status, body) = self
-            .raw(
-                "POST",
-                "/api/v1/modules",
-                Some(&self.admin),
-                "text/plain",
-                wat.to_string(),
-            )
-            .await;
-        assert!(status.is_success(), "{status} {body}");
-        body["id"].as_str().unwrap().to_string()
-    }
-
-    async fn submit(&self, body: Value) -> Value {
-        let (status, job) = self
-            .call("POST", "/api/v1/jobs", &self.admin, Some(body))
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{job}");
-        job
-    }
-
-    async fn wait(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (_, job) = self
-                .call("GET", &format!("/api/v1/jobs/{id}"), &self.admin, None)
-                .await;
-            if done(&job) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job {id} stuck: {job}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.worker.await.unwrap();
-    }
-}
-
-fn finished(job: &Value) -> bool {
-    matches!(
-        job["status"].as_str(),
-        Some("succeeded" | "failed" | "cancelled" | "dead")
-    )
-}
-
-fn error_code(body: &Value) -> &str {
-    body["error"]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("not an error body: {body}"))
-}
 
 async fn health_is_open_and_everything_else_needs_a_key(db: Db) {
     let h = harness(db).await;
@@ -246,7 +79,18 @@ async fn submit_get_and_idempotency(db: Db) {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(attempts["attempts"][0]["outcome"], "succeeded");
+    let attempt = &attempts["attempts"][0];
+    assert_eq!(attempt["outcome"], "succeeded");
+    // Attempts speak RFC 3339 like the job itself, never epoch numbers.
+    for field in ["started_at", "finished_at"] {
+        let text = attempt[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{attempt}"));
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(text).is_ok() && text.ends_with('Z'),
+            "{field}: {text}"
+        );
+    }
     // Waiting in the request returns the finished job.
     let (status, waited) = h
         .call(
@@ -321,275 +165,64 @@ async fn scopes_are_enforced(db: Db) {
     h.stop().await;
 }
 
-async fn tenants_never_see_each_other(db: Db) {
+async fn keys_are_minted_within_the_callers_reach(db: Db) {
     let h = harness(db).await;
-    let job = h
-        .submit(json!({"kind": "noop", "spec": {"sleep_ms": 60_000}}))
-        .await;
-    let id = job["id"].as_str().unwrap();
-    for (method, path) in [
-        ("GET", format!("/api/v1/jobs/{id}")),
-        ("GET", format!("/api/v1/jobs/{id}/attempts")),
-        ("POST", format!("/api/v1/jobs/{id}/cancel")),
-        ("POST", format!("/api/v1/jobs/{id}/retry")),
-    ] {
-        let (status, body) = h.call(method, &path, &h.other, None).await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}");
-        assert_eq!(error_code(&body), "not_found");
-    }
-    let (_, list) = h.call("GET", "/api/v1/jobs", &h.other, None).await;
-    assert_eq!(list["jobs"], json!([]));
-    let module = h.push(&fixtures::hello()).await;
-    let (status, _) = h
-        .call("GET", &format!("/api/v1/modules/{module}"), &h.other, None)
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, body) = h
+    let mint = |key: &str, body: Value| {
+        let key = key.to_string();
+        let h = &h;
+        async move { h.call("POST", "/api/v1/keys", &key, Some(body)).await }
+    };
+    // Never above one's own scope, never for another tenant without system.
+    let (status, body) = mint(&h.admin, json!({"name": "up", "scopes": ["system"]})).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let (status, body) = mint(
+        &h.admin,
+        json!({"name": "x", "scopes": ["read"], "tenant": "globex"}),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let (status, body) = mint(&h.reader, json!({"name": "x", "scopes": ["read"]})).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    // At one's own scope, for one's own tenant: fine.
+    let (status, body) = mint(&h.admin, json!({"name": "peer", "scopes": ["admin"]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["tenant"], "acme");
+    // The system key mints for any tenant; the key acts there.
+    let (status, body) = mint(
+        &h.system,
+        json!({"name": "for-globex", "scopes": ["write"], "tenant": "globex"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["tenant"], "globex");
+    let globex = body["secret"].as_str().unwrap().to_string();
+    let (status, job) = h
         .call(
             "POST",
             "/api/v1/jobs",
-            &h.other,
-            Some(json!({"kind": "wasm", "spec": {"module": module}})),
+            &globex,
+            Some(json!({"kind": "noop"})),
         )
         .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    h.call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None)
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = h
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{}", job["id"].as_str().unwrap()),
+            &h.other,
+            None,
+        )
         .await;
-    h.stop().await;
-}
-
-async fn bad_input_gets_a_clear_4xx(db: Db) {
-    let h = harness(db).await;
-    let key = Some(h.admin.as_str());
-    let cases: Vec<(&str, &str, &str, String, StatusCode)> = vec![
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            "{bad".into(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            "[]".into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","zzz":1}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","priority":"urgent"}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","max_attempts":0}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","timeout_ms":-5}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"no such kind!"}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","run_at":"tomorrow"}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","run_at":"2030-01-01T00:00:00Z","delay_ms":5}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","spec":"text"}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"wasm","spec":{"module":"nope"}}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            r#"{"kind":"noop","max_attempts":99999999999}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "text/plain",
-            r#"{"kind":"noop"}"#.into(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ),
-        (
-            "POST",
-            "/api/v1/jobs",
-            "application/json",
-            format!(
-                r#"{{"kind":"noop","spec":{{"x":"{}"}}}}"#,
-                "a".repeat(2 << 20)
-            ),
-            StatusCode::PAYLOAD_TOO_LARGE,
-        ),
-        (
-            "GET",
-            "/api/v1/jobs/abc",
-            "application/json",
-            String::new(),
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            "GET",
-            "/api/v1/jobs/99999999",
-            "application/json",
-            String::new(),
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            "GET",
-            "/api/v1/jobs?status=bogus",
-            "application/json",
-            String::new(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "GET",
-            "/api/v1/jobs?limit=0",
-            "application/json",
-            String::new(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "GET",
-            "/api/v1/jobs?label=nocolon",
-            "application/json",
-            String::new(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "GET",
-            "/api/v1/jobs?cursor=zz",
-            "application/json",
-            String::new(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "GET",
-            "/api/v1/nowhere",
-            "application/json",
-            String::new(),
-            StatusCode::NOT_FOUND,
-        ),
-        (
-            "DELETE",
-            "/api/v1/jobs",
-            "application/json",
-            String::new(),
-            StatusCode::METHOD_NOT_ALLOWED,
-        ),
-        (
-            "PUT",
-            "/api/v1/queues/default",
-            "application/json",
-            r#"{"concurrency_limit":0}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "PUT",
-            "/api/v1/queues/bad%20name",
-            "application/json",
-            r#"{"paused":true}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/modules",
-            "application/wasm",
-            "not wasm".into(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "POST",
-            "/api/v1/modules",
-            "text/plain",
-            "(module (func".into(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "POST",
-            "/api/v1/modules",
-            "image/png",
-            "x".into(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        ),
-        (
-            "POST",
-            "/api/v1/keys",
-            "application/json",
-            r#"{"name":"x","scopes":["root"]}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-        (
-            "POST",
-            "/api/v1/keys",
-            "application/json",
-            r#"{"name":"x","scopes":[]}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
-        ),
-    ];
-    for (method, path, content_type, body, expect) in cases {
-        let (status, answer) = h.raw(method, path, key, content_type, body.clone()).await;
-        assert_eq!(
-            status,
-            expect,
-            "{method} {path} {}: {answer}",
-            &body[..body.len().min(80)]
-        );
-        assert!(
-            answer["error"]["code"].is_string(),
-            "{method} {path}: {answer}"
-        );
-        assert!(
-            answer["error"]["message"].is_string(),
-            "{method} {path}: {answer}"
-        );
-    }
-    // Nothing accepted was lost along the way, and the server still answers.
-    let (status, list) = h.call("GET", "/api/v1/jobs", &h.admin, None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(list["jobs"], json!([]));
+    assert_eq!(status, StatusCode::OK, "the job is globex's");
     h.stop().await;
 }
 
@@ -700,8 +333,12 @@ async fn wasm_limits_end_jobs_with_reasons(db: Db) {
             None,
         )
         .await;
-    let took = attempts["attempts"][0]["duration_ms"].as_i64().unwrap();
-    assert!((500..=600).contains(&took), "killed after {took} ms");
+    // Killed at its timeout, not before; how long after depends on the
+    // machine's load, so only the outcome is asserted beyond that.
+    let attempt = &attempts["attempts"][0];
+    assert_eq!(attempt["outcome"], "timeout", "{attempt}");
+    let took = attempt["duration_ms"].as_i64().unwrap();
+    assert!(took >= 500, "killed after {took} ms, before its timeout");
 
     for (wat, spec, expect) in [
         (
@@ -741,14 +378,26 @@ async fn cancel_and_retry_through_the_api(db: Db) {
         .await;
     let id = job["id"].as_str().unwrap().to_string();
     h.wait(&id, |j| j["status"] == "running").await;
-    let asked = Instant::now();
     let (status, _) = h
         .call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None)
         .await;
     assert_eq!(status, StatusCode::OK);
+    // The sandbox was killed: the job ends long before its 60 s sleep (the
+    // wait gives up after 30 s), and the attempt is recorded as cancelled.
     let done = h.wait(&id, finished).await;
-    assert!(asked.elapsed() < Duration::from_secs(1));
     assert_eq!(done["status"], "cancelled");
+    let (_, attempts) = h
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{id}/attempts"),
+            &h.admin,
+            None,
+        )
+        .await;
+    assert_eq!(
+        attempts["attempts"][0]["outcome"], "cancelled",
+        "{attempts}"
+    );
     let (status, body) = h
         .call("POST", &format!("/api/v1/jobs/{id}/cancel"), &h.admin, None)
         .await;
@@ -837,7 +486,10 @@ async fn paused_queues_hold_jobs(db: Db) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(queue["paused"], true);
     let job = h.submit(json!({"kind": "noop", "queue": "mail"})).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A job the worker would take after the held one, were it not held:
+    // once it has run, the worker has passed the held one over.
+    let later = h.submit(json!({"kind": "noop", "priority": "low"})).await;
+    h.wait(later["id"].as_str().unwrap(), finished).await;
     let (_, held) = h
         .call(
             "GET",
@@ -903,34 +555,59 @@ async fn a_thousand_concurrent_wasm_jobs(db: Db) {
     Arc::into_inner(h).unwrap().stop().await;
 }
 
-async fn openapi_and_metrics(db: Db) {
+async fn metrics_count_queues_and_requests(db: Db) {
     let h = harness(db).await;
-    let (status, doc) = h.call("GET", "/api/v1/openapi.json", &h.reader, None).await;
-    assert_eq!(status, StatusCode::OK);
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
-    for path in [
-        "/api/v1/jobs",
-        "/api/v1/jobs/{id}",
-        "/api/v1/run",
-        "/api/v1/modules",
-        "/api/v1/queues",
-    ] {
-        assert!(
-            doc["paths"][path].is_object(),
-            "{path} missing from the OpenAPI document"
-        );
-    }
-    h.submit(json!({"kind": "noop", "queue": "metered", "delay_ms": 60_000, "priority": "low"}))
+    // Queue names are the gauge's label only for configured queues, and
+    // this one is unique to the run: the recorder is shared by every test
+    // in this process.
+    let metered = format!("metered-{}", h.db.backend());
+    let (status, _) = h
+        .call(
+            "PUT",
+            &format!("/api/v1/queues/{metered}"),
+            &h.system,
+            Some(json!({"paused": false})),
+        )
         .await;
-    let (status, text) = h.call("GET", "/metrics", &h.reader, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let job = h
+        .submit(json!({"kind": "noop", "queue": metered, "delay_ms": 60_000, "priority": "low"}))
+        .await;
+    let unconfigured = format!("tenant-chosen-{}", h.db.backend());
+    h.submit(json!({"kind": "noop", "queue": unconfigured, "delay_ms": 60_000}))
+        .await;
+    let gauge = format!(r#"kiln_queue_depth{{queue="{metered}",priority="low"}}"#);
+    let (status, text) = h.call("GET", "/metrics", &h.system, None).await;
     assert_eq!(status, StatusCode::OK);
     let text = text.as_str().unwrap().to_string();
-    assert!(
-        text.contains(r#"kiln_queue_depth{queue="metered",priority="low"} 1"#),
-        "{text}"
-    );
+    assert!(text.contains(&format!("{gauge} 1\n")), "{text}");
     assert!(text.contains("kiln_http_requests_total"));
-    let (_, workers) = h.call("GET", "/api/v1/workers", &h.reader, None).await;
+    assert!(!text.contains(&unconfigured), "{text}");
+    assert!(text.contains(r#"queue="other""#), "{text}");
+    // Drained: the gauge says 0, not its last value.
+    h.call(
+        "POST",
+        &format!("/api/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
+        &h.admin,
+        None,
+    )
+    .await;
+    let (_, text) = h.call("GET", "/metrics", &h.system, None).await;
+    let text = text.as_str().unwrap().to_string();
+    assert!(text.contains(&format!("{gauge} 0\n")), "{text}");
+    // Made-up methods are one label value, not one each.
+    h.raw(
+        "FROBNICATE",
+        "/api/v1/jobs",
+        Some(&h.admin),
+        "text/plain",
+        "",
+    )
+    .await;
+    let (_, text) = h.call("GET", "/metrics", &h.system, None).await;
+    let text = text.as_str().unwrap().to_string();
+    assert!(!text.contains("FROBNICATE"), "{text}");
+    let (_, workers) = h.call("GET", "/api/v1/workers", &h.system, None).await;
     assert!(workers["workers"]
         .as_array()
         .unwrap()
@@ -969,9 +646,42 @@ async fn rate_limits_hold_each_key_apart(db: Db) {
     assert_eq!(status, StatusCode::OK);
     let (status, _) = h.call("GET", "/api/v1/jobs", "kiln_nope_nope", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    // The allowance comes back at the rate: one request per 200 ms.
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    let (status, _) = h.call("GET", "/api/v1/jobs", &h.admin, None).await;
-    assert_eq!(status, StatusCode::OK);
+    // The allowance comes back at the rate (one request per 200 ms); the
+    // deadline only guards against a hang.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = h.call("GET", "/api/v1/jobs", &h.admin, None).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(Instant::now() < deadline, "the allowance never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Made-up keys are looked up at the same rate per source, so a stream
+    // of them is throttled too (each new one costs a hash and a query);
+    // until then each is told it is unknown.
+    let mut answers = Vec::new();
+    for i in 0..50 {
+        let (status, body) = h
+            .call("GET", "/api/v1/jobs", &format!("kiln_made_up_{i}"), None)
+            .await;
+        answers.push((status, error_code(&body).to_string()));
+    }
+    assert!(
+        answers
+            .iter()
+            .all(
+                |(status, code)| (*status == StatusCode::UNAUTHORIZED && code == "unauthorized")
+                    || (*status == StatusCode::TOO_MANY_REQUESTS && code == "rate_limited")
+            ),
+        "{answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .any(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS),
+        "unknown keys were never throttled: {answers:?}"
+    );
     h.stop().await;
 }

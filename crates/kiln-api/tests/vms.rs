@@ -416,12 +416,17 @@ async fn execute_and_files_through_the_api() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body["error"]["message"].is_string(), "{body}");
 
-    // The accelerator, live VMs and start times are in /metrics.
+    // The accelerator, live VMs and start times are in /metrics, which is
+    // the deployment's: a system key reads it.
+    let system = kiln_api::issue_key(&h.db, "default", "t", Scopes(vec![Scope::System]))
+        .await
+        .unwrap()
+        .1;
     let (status, text) = send(
         &h.app,
         "GET",
         "/metrics",
-        &h.key,
+        &system,
         "text/plain",
         Body::empty(),
     )

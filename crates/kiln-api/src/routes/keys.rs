@@ -1,19 +1,25 @@
-//! `/api/v1/keys`: API keys of the caller's tenant (admin scope).
+//! `/api/v1/keys`: API keys of the caller's tenant (admin scope). A key
+//! never mints one above its own scopes, and only a `system` key mints
+//! keys for another tenant.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::Router;
+use kiln_core::names::{check_name, check_text};
 use kiln_core::{Scope, Scopes};
 use kiln_db::ApiKey;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{Caller, Json};
+use crate::extract::{needs, Authorized, Caller, Json, Path};
 use crate::{now_millis, render_time, AppState};
+
+/// Longest key name.
+pub const KEY_NAME_MAX: usize = 128;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -52,8 +58,50 @@ pub struct KeyList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
+    #[schema(min_length = 1, max_length = 128)]
     pub name: String,
+    /// None above the caller's own.
+    #[schema(min_items = 1)]
     pub scopes: Vec<Scope>,
+    /// The tenant the key acts for; another tenant than the caller's needs
+    /// the system scope. Default: the caller's.
+    pub tenant: Option<String>,
+}
+
+impl CreateKey {
+    /// Checks the request against the caller's own key; the tenant the new
+    /// key belongs to.
+    fn check(&self, caller: &Caller) -> ApiResult<String> {
+        if self.name.is_empty() {
+            return Err(ApiError::invalid(format!(
+                "name must be 1 to {KEY_NAME_MAX} bytes"
+            )));
+        }
+        check_text("name", &self.name, KEY_NAME_MAX)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        if self.scopes.is_empty() {
+            return Err(ApiError::invalid(
+                "give at least one scope: read, write or admin",
+            ));
+        }
+        if let Some(above) = self.scopes.iter().find(|s| !caller.scopes.allows(**s)) {
+            return Err(ApiError::forbidden(format!(
+                "a key cannot mint a key with the {} scope, which it lacks",
+                above.as_str()
+            )));
+        }
+        let tenant = match &self.tenant {
+            Some(tenant) => {
+                check_name("tenant", tenant).map_err(|e| ApiError::invalid(e.to_string()))?;
+                tenant.clone()
+            }
+            None => caller.tenant.clone(),
+        };
+        if tenant != caller.tenant {
+            caller.require(Scope::System)?;
+        }
+        Ok(tenant)
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -89,34 +137,26 @@ pub async fn issue_key(
     responses((status = 200, body = KeyList)), security(("bearer" = [])))]
 pub async fn list_keys(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    caller: Authorized<needs::Admin>,
 ) -> ApiResult<Json<KeyList>> {
-    caller.require(Scope::Admin)?;
     let keys = state.db.key_list(Some(&caller.tenant)).await?;
     Ok(Json(KeyList {
         keys: keys.into_iter().map(KeyView::from).collect(),
     }))
 }
 
-/// A new key for the caller's tenant.
+/// A new key, for the caller's tenant unless a system key names another.
 #[utoipa::path(post, path = "/api/v1/keys", tag = "keys", request_body = CreateKey,
-    responses((status = 201, body = CreatedKey), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = CreatedKey), (status = 403, body = ErrorBody),
+              (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn create_key(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    caller: Authorized<needs::Admin>,
     Json(body): Json<CreateKey>,
 ) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
-    caller.require(Scope::Admin)?;
-    if body.name.is_empty() || body.name.len() > 128 {
-        return Err(ApiError::invalid("name must be 1 to 128 bytes"));
-    }
-    if body.scopes.is_empty() {
-        return Err(ApiError::invalid(
-            "give at least one scope: read, write or admin",
-        ));
-    }
-    let (key, secret) =
-        issue_key(&state.db, &caller.tenant, &body.name, Scopes(body.scopes)).await?;
+    let tenant = body.check(&caller)?;
+    let (key, secret) = issue_key(&state.db, &tenant, &body.name, Scopes(body.scopes)).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {
@@ -131,10 +171,13 @@ pub async fn create_key(
     responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn revoke_key(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    caller: Authorized<needs::Admin>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    caller.require(Scope::Admin)?;
+    // Key ids are letters and digits; anything else names no key.
+    if check_name("key id", &id).is_err() {
+        return Err(ApiError::not_found("key"));
+    }
     if !state
         .db
         .key_revoke(Some(&caller.tenant), &id, now_millis())
