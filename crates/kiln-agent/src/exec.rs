@@ -239,6 +239,12 @@ fn pump(
     let mut timed_out = false;
     let mut buffer = vec![0u8; CHUNK];
     while raw.iter().any(|p| p.fd >= 0) {
+        // Checked on every turn: a command whose output never pauses keeps
+        // `poll` from ever timing out.
+        if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
+            timed_out = true;
+            kill_group(pid, libc::SIGKILL);
+        }
         let wait_ms = match deadline {
             Some(deadline) if !timed_out => deadline
                 .saturating_duration_since(Instant::now())
