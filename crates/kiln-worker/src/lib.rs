@@ -655,6 +655,10 @@ async fn complete_loop(
             running.forget(completion.id, completion.attempt);
         }
         batch.clear();
+        // Finished jobs give their tenants room under the running quota; a
+        // lease that came back short for want of it should try again now,
+        // not at the next poll.
+        db.wakeup().notify_waiters();
     }
 }
 
