@@ -1,0 +1,7 @@
+//! Pipelines and schedules as pure rules: what a definition may say, how
+//! templates pull data from params and upstream steps, the gate expression
+//! language, when a cron schedule fires, and what a run does next when one
+//! of its steps ends. No I/O: the store and the worker call these.
+
+pub mod expr;
+pub mod schedule;
