@@ -1245,6 +1245,8 @@ impl Machine {
     }
 
     /// Takes ownership, paying for a copy of a borrowed value by its size.
+    /// The copy is serde_json's recursive clone, bounded by the depth of the
+    /// context (at most 128 levels when it was parsed from JSON text).
     fn own(&mut self, v: Cow<'_, Value>, pos: usize) -> R<Value> {
         match v {
             Cow::Owned(v) => Ok(v),
@@ -1695,6 +1697,9 @@ impl Machine {
             },
             Func::String => match a {
                 Value::String(s) => {
+                    if s.len() > MAX_STRING_LEN {
+                        return err(pos, string_too_long(s.len()));
+                    }
                     self.scan(s.len(), pos)?;
                     Ok(Value::String(s.clone()))
                 }
@@ -2411,6 +2416,34 @@ mod tests {
     }
 
     #[test]
+    fn deep_context_values_compare_without_recursion() {
+        let nest = |leaf: Value| {
+            let mut v = leaf;
+            for _ in 0..500 {
+                // Built by hand: json!() would copy `v` through Serialize.
+                let mut m = Map::new();
+                m.insert("k".to_string(), Value::Null);
+                v = Value::Array(vec![v, Value::Object(m)]);
+            }
+            v
+        };
+        let c = json!({"deep": nest(json!(1)), "same": nest(json!(1.0)), "other": nest(json!(2))});
+        // A recursive comparison of 500 levels would not fit in this stack.
+        let out = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn_scoped(scope, || {
+                    ["deep == same", "deep == other", "deep != other"]
+                        .map(|src| Expr::parse(src).and_then(|e| e.eval(&c)))
+                })
+                .unwrap()
+                .join()
+                .unwrap()
+        });
+        assert_eq!(out, [Ok(json!(true)), Ok(json!(false)), Ok(json!(true))]);
+    }
+
+    #[test]
     fn result_sizes_are_bounded() {
         let c = big_ctx();
         let run = |src: &str| Expr::parse(src).unwrap().eval(&c);
@@ -2419,6 +2452,9 @@ mod tests {
         assert!(e.message.contains("longer than the limit of 65536"), "{e}");
         let e = run("size(s40k + 'y' + s40k) > 0").unwrap_err();
         assert!(e.message.contains("longer than the limit"), "{e}");
+        let e = run("string(s70k)").unwrap_err();
+        assert!(e.message.contains("longer than the limit"), "{e}");
+        assert_eq!(run("size(string(s40k))"), Ok(json!(40_000)));
         let e = run("lower(s70k)").unwrap_err();
         assert!(e.message.contains("longer than the limit"), "{e}");
         assert_eq!(run("size(l6k + l1k)"), Ok(json!(7000)));
