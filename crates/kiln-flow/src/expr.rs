@@ -611,6 +611,10 @@ impl Parser {
         &self.toks[self.i].tok
     }
 
+    fn peek2(&self) -> &Tok {
+        self.toks.get(self.i + 1).map_or(&Tok::Eof, |t| &t.tok)
+    }
+
     fn pos(&self) -> usize {
         self.toks[self.i].pos
     }
@@ -655,15 +659,7 @@ impl Parser {
         }
         let cond = self.binary(1)?;
         let node = if self.is("?") {
-            let pos = self.pos();
-            self.advance();
-            let then = self.expr()?;
-            self.expect(":")?;
-            let other = self.expr()?;
-            mk(
-                Kind::Cond(Box::new(cond), Box::new(then), Box::new(other)),
-                pos,
-            )?
+            self.ternary(cond)?
         } else {
             cond
         };
@@ -671,28 +667,23 @@ impl Parser {
         Ok(node)
     }
 
+    fn ternary(&mut self, cond: Node) -> R<Node> {
+        let pos = self.pos();
+        self.advance();
+        let then = self.expr()?;
+        self.expect(":")?;
+        let other = self.expr()?;
+        mk(
+            Kind::Cond(Box::new(cond), Box::new(then), Box::new(other)),
+            pos,
+        )
+    }
+
     /// Binary operators by CEL precedence: 1 `||`, 2 `&&`, 3 relations and
     /// `in`, 4 `+ -`, 5 `* / %`; all left-associative.
     fn binary(&mut self, min: u8) -> R<Node> {
         let mut lhs = self.unary()?;
-        loop {
-            let (prec, op) = match self.peek() {
-                Tok::P("||") => (1, None),
-                Tok::P("&&") => (2, None),
-                Tok::P("==") => (3, Some(BinOp::Eq)),
-                Tok::P("!=") => (3, Some(BinOp::Ne)),
-                Tok::P("<") => (3, Some(BinOp::Lt)),
-                Tok::P("<=") => (3, Some(BinOp::Le)),
-                Tok::P(">") => (3, Some(BinOp::Gt)),
-                Tok::P(">=") => (3, Some(BinOp::Ge)),
-                Tok::Ident(s) if s == "in" => (3, Some(BinOp::In)),
-                Tok::P("+") => (4, Some(BinOp::Add)),
-                Tok::P("-") => (4, Some(BinOp::Sub)),
-                Tok::P("*") => (5, Some(BinOp::Mul)),
-                Tok::P("/") => (5, Some(BinOp::Div)),
-                Tok::P("%") => (5, Some(BinOp::Rem)),
-                _ => break,
-            };
+        while let Some((prec, op)) = binop(self.peek()) {
             if prec < min {
                 break;
             }
@@ -794,81 +785,113 @@ impl Parser {
         }
     }
 
+    /// The recursive forms come first and the rest live in their own
+    /// functions, so the frames on the recursion path stay small.
     fn primary(&mut self) -> R<Node> {
         let pos = self.pos();
-        let tok = self.peek().clone();
-        match tok {
-            Tok::Int(v) => {
-                self.advance();
-                match i64::try_from(v) {
-                    Ok(v) => mk(Kind::Lit(Value::from(v)), pos),
-                    Err(_) => err(pos, "integer is out of range"),
-                }
-            }
-            Tok::Float(f) => {
-                self.advance();
-                match Number::from_f64(f) {
-                    Some(n) => mk(Kind::Lit(Value::Number(n)), pos),
-                    None => err(pos, "number is out of range"),
-                }
-            }
-            Tok::Str(s) => {
-                self.advance();
-                mk(Kind::Lit(Value::String(s)), pos)
-            }
-            Tok::Ident(name) => {
-                let lit = match name.as_str() {
-                    "null" => Some(Value::Null),
-                    "true" => Some(Value::Bool(true)),
-                    "false" => Some(Value::Bool(false)),
-                    "in" => return err(pos, "unexpected 'in'"),
-                    _ => None,
-                };
-                self.advance();
-                if let Some(v) = lit {
-                    return mk(Kind::Lit(v), pos);
-                }
-                if self.is("(") {
-                    self.advance();
-                    let args = self.args()?;
-                    return call(&name, pos, None, args);
-                }
-                mk(Kind::Ident(name), pos)
-            }
-            Tok::P("(") => {
-                self.advance();
-                let inner = self.expr()?;
-                self.expect(")")?;
-                Ok(inner)
-            }
-            Tok::P("[") => {
-                self.advance();
-                let mut items = Vec::new();
-                while !self.eat("]") {
-                    items.push(self.expr()?);
-                    if !self.is("]") {
-                        self.expect(",")?;
-                    }
-                }
-                mk(Kind::List(items), pos)
-            }
-            Tok::P("{") => {
-                self.advance();
-                let mut entries = Vec::new();
-                while !self.eat("}") {
-                    let k = self.expr()?;
-                    self.expect(":")?;
-                    let v = self.expr()?;
-                    entries.push((k, v));
-                    if !self.is("}") {
-                        self.expect(",")?;
-                    }
-                }
-                mk(Kind::Map(entries), pos)
-            }
-            other => err(pos, format!("unexpected {}", describe(&other))),
+        if self.eat("(") {
+            let inner = self.expr()?;
+            self.expect(")")?;
+            return Ok(inner);
         }
+        if self.eat("[") {
+            return self.list(pos);
+        }
+        if self.eat("{") {
+            return self.map(pos);
+        }
+        if matches!(self.peek(), Tok::Ident(_)) && matches!(self.peek2(), Tok::P("(")) {
+            return self.global_call(pos);
+        }
+        self.atom(pos)
     }
+
+    fn list(&mut self, pos: usize) -> R<Node> {
+        let mut items = Vec::new();
+        while !self.eat("]") {
+            items.push(self.expr()?);
+            if !self.is("]") {
+                self.expect(",")?;
+            }
+        }
+        mk(Kind::List(items), pos)
+    }
+
+    fn map(&mut self, pos: usize) -> R<Node> {
+        let mut entries = Vec::new();
+        while !self.eat("}") {
+            let k = self.expr()?;
+            self.expect(":")?;
+            let v = self.expr()?;
+            entries.push((k, v));
+            if !self.is("}") {
+                self.expect(",")?;
+            }
+        }
+        mk(Kind::Map(entries), pos)
+    }
+
+    fn global_call(&mut self, pos: usize) -> R<Node> {
+        let name = match self.peek() {
+            Tok::Ident(name) => name.clone(),
+            other => return err(pos, format!("unexpected {}", describe(other))),
+        };
+        self.advance();
+        self.advance();
+        let args = self.args()?;
+        call(&name, pos, None, args)
+    }
+
+    /// Literals and plain identifiers.
+    fn atom(&mut self, pos: usize) -> R<Node> {
+        let lit = match self.peek() {
+            Tok::Int(v) => match i64::try_from(*v) {
+                Ok(v) => Value::from(v),
+                Err(_) => return err(pos, "integer is out of range"),
+            },
+            Tok::Float(f) => match Number::from_f64(*f) {
+                Some(n) => Value::Number(n),
+                None => return err(pos, "number is out of range"),
+            },
+            Tok::Str(s) => Value::String(s.clone()),
+            Tok::Ident(name) => match name.as_str() {
+                "null" => Value::Null,
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                "in" => return err(pos, "unexpected 'in'"),
+                _ => {
+                    let name = name.clone();
+                    self.advance();
+                    return mk(Kind::Ident(name), pos);
+                }
+            },
+            other => return err(pos, format!("unexpected {}", describe(other))),
+        };
+        self.advance();
+        mk(Kind::Lit(lit), pos)
+    }
+}
+
+/// Precedence and operator of a binary operator token; no operator for
+/// `||` (1) and `&&` (2), which become n-ary nodes.
+fn binop(t: &Tok) -> Option<(u8, Option<BinOp>)> {
+    Some(match t {
+        Tok::P("||") => (1, None),
+        Tok::P("&&") => (2, None),
+        Tok::P("==") => (3, Some(BinOp::Eq)),
+        Tok::P("!=") => (3, Some(BinOp::Ne)),
+        Tok::P("<") => (3, Some(BinOp::Lt)),
+        Tok::P("<=") => (3, Some(BinOp::Le)),
+        Tok::P(">") => (3, Some(BinOp::Gt)),
+        Tok::P(">=") => (3, Some(BinOp::Ge)),
+        Tok::Ident(s) if s == "in" => (3, Some(BinOp::In)),
+        Tok::P("+") => (4, Some(BinOp::Add)),
+        Tok::P("-") => (4, Some(BinOp::Sub)),
+        Tok::P("*") => (5, Some(BinOp::Mul)),
+        Tok::P("/") => (5, Some(BinOp::Div)),
+        Tok::P("%") => (5, Some(BinOp::Rem)),
+        _ => return None,
+    })
 }
 
 /// Builds `&&` / `||`, flattening chains into one n-ary node.
@@ -1222,6 +1245,8 @@ impl Machine {
     }
 
     /// Takes ownership, paying for a copy of a borrowed value by its size.
+    /// The copy is serde_json's recursive clone, bounded by the depth of the
+    /// context (at most 128 levels when it was parsed from JSON text).
     fn own(&mut self, v: Cow<'_, Value>, pos: usize) -> R<Value> {
         match v {
             Cow::Owned(v) => Ok(v),
@@ -1284,171 +1309,228 @@ impl Machine {
         Ok(true)
     }
 
+    /// Kept a thin dispatcher: each arm lives in its own function so the
+    /// frame that recurses once per tree level stays small.
     fn eval<'s>(&mut self, n: &'s Node, sc: &Scope<'s>) -> R<Cow<'s, Value>> {
         self.tick(n.pos)?;
         match &n.kind {
             Kind::Lit(v) => Ok(Cow::Borrowed(v)),
             Kind::Ident(name) => Ok(sc.lookup(name)),
-            Kind::Field(base, name) => {
-                let b = self.eval(base, sc)?;
-                Ok(field(b, name))
-            }
-            Kind::Index(base, idx) => {
-                let b = self.eval(base, sc)?;
-                let i = self.eval(idx, sc)?;
-                index(b, &i, n.pos)
-            }
-            Kind::List(items) => {
-                if items.len() > MAX_LIST_LEN {
-                    return err(n.pos, list_too_long());
-                }
-                let mut out = Vec::with_capacity(items.len());
-                for it in items {
-                    let v = self.eval(it, sc)?;
-                    out.push(self.own(v, it.pos)?);
-                }
-                Ok(Cow::Owned(Value::Array(out)))
-            }
-            Kind::Map(entries) => {
-                let mut out = Map::new();
-                for (k, v) in entries {
-                    let key = match self.eval(k, sc)?.into_owned() {
-                        Value::String(s) => s,
-                        other => {
-                            return err(
-                                k.pos,
-                                format!("map keys must be strings, got {}", type_name(&other)),
-                            )
-                        }
-                    };
-                    if out.contains_key(&key) {
-                        return err(k.pos, format!("duplicate map key '{}'", clip(&key)));
-                    }
-                    let value = self.eval(v, sc)?;
-                    let value = self.own(value, v.pos)?;
-                    out.insert(key, value);
-                }
-                Ok(Cow::Owned(Value::Object(out)))
-            }
-            Kind::Not(x) => {
-                let v = self.eval(x, sc)?;
-                match &*v {
-                    Value::Bool(b) => Ok(Cow::Owned(Value::Bool(!b))),
-                    other => err(n.pos, format!("'!' needs a bool, got {}", type_name(other))),
-                }
-            }
-            Kind::Neg(x) => {
-                let v = self.eval(x, sc)?;
-                match num(&v) {
-                    Some(Num::I(i)) => match i.checked_neg() {
-                        Some(r) => Ok(Cow::Owned(Value::from(r))),
-                        None => err(n.pos, "integer overflow"),
-                    },
-                    Some(Num::F(f)) => Ok(Cow::Owned(float_value(-f, n.pos)?)),
-                    None => err(n.pos, format!("'-' needs a number, got {}", type_name(&v))),
-                }
-            }
-            Kind::And(xs) | Kind::Or(xs) => {
-                let and = matches!(n.kind, Kind::And(_));
-                for x in xs {
-                    let v = self.eval(x, sc)?;
-                    match &*v {
-                        Value::Bool(b) if *b != and => return Ok(Cow::Owned(Value::Bool(*b))),
-                        Value::Bool(_) => {}
-                        other => {
-                            return err(
-                                x.pos,
-                                format!(
-                                    "'{}' needs bools, got {}",
-                                    if and { "&&" } else { "||" },
-                                    type_name(other)
-                                ),
-                            )
-                        }
-                    }
-                }
-                Ok(Cow::Owned(Value::Bool(and)))
-            }
-            Kind::Cond(c, a, b) => {
-                let v = self.eval(c, sc)?;
-                match &*v {
-                    Value::Bool(true) => self.eval(a, sc),
-                    Value::Bool(false) => self.eval(b, sc),
-                    other => err(
-                        n.pos,
-                        format!(
-                            "the condition of '?' must be a bool, got {}",
-                            type_name(other)
-                        ),
-                    ),
-                }
-            }
-            Kind::Binary(op, a, b) => {
-                let a = self.eval(a, sc)?;
-                let b = self.eval(b, sc)?;
-                Ok(Cow::Owned(self.binary(*op, a, b, n.pos)?))
-            }
-            Kind::Call(f, args) => {
-                let mut vals = Vec::with_capacity(args.len());
-                for a in args {
-                    vals.push(self.eval(a, sc)?);
-                }
-                Ok(Cow::Owned(self.call(*f, &vals, n.pos)?))
-            }
+            Kind::Field(base, name) => Ok(field(self.eval(base, sc)?, name)),
+            Kind::Index(base, idx) => self.eval_index(base, idx, n.pos, sc),
+            Kind::List(items) => self.eval_list(items, n.pos, sc),
+            Kind::Map(entries) => self.eval_map(entries, sc),
+            Kind::Not(x) => self.eval_not(x, n.pos, sc),
+            Kind::Neg(x) => self.eval_neg(x, n.pos, sc),
+            Kind::And(xs) => self.eval_logical(true, xs, sc),
+            Kind::Or(xs) => self.eval_logical(false, xs, sc),
+            Kind::Cond(c, a, b) => self.eval_cond(c, a, b, n.pos, sc),
+            Kind::Binary(op, a, b) => self.eval_binary(*op, a, b, n.pos, sc),
+            Kind::Call(f, args) => self.eval_call(*f, args, n.pos, sc),
             Kind::Macro {
                 quant,
                 list,
                 var,
                 body,
-            } => {
-                let l = self.eval(list, sc)?;
-                let keys: Vec<Value>;
-                let items: Vec<&Value> = match &*l {
-                    Value::Array(a) => a.iter().collect(),
-                    Value::Object(m) => {
-                        self.charge(m.len() as u64, n.pos)?;
-                        keys = m.keys().map(|k| Value::String(k.clone())).collect();
-                        keys.iter().collect()
-                    }
-                    other => {
-                        return err(
-                            n.pos,
-                            format!(
-                                "{}() needs a list or a map, got {}",
-                                quant.name(),
-                                type_name(other)
-                            ),
-                        )
-                    }
-                };
-                let want = *quant == Quant::Exists;
-                for item in items {
-                    self.tick(n.pos)?;
-                    let inner = Scope {
-                        ctx: sc.ctx,
-                        var: Some((var.as_str(), item)),
-                        parent: Some(sc),
-                    };
-                    match &*self.eval(body, &inner)? {
-                        Value::Bool(b) if *b == want => return Ok(Cow::Owned(Value::Bool(want))),
-                        Value::Bool(_) => {}
-                        other => {
-                            return err(
-                                body.pos,
-                                format!(
-                                    "the condition of {}() must be a bool, got {}",
-                                    quant.name(),
-                                    type_name(other)
-                                ),
-                            )
-                        }
-                    }
-                }
-                Ok(Cow::Owned(Value::Bool(!want)))
-            }
+            } => self.eval_macro(*quant, list, var, body, n.pos, sc),
         }
     }
 
+    fn eval_index<'s>(
+        &mut self,
+        base: &'s Node,
+        idx: &'s Node,
+        pos: usize,
+        sc: &Scope<'s>,
+    ) -> R<Cow<'s, Value>> {
+        let b = self.eval(base, sc)?;
+        let i = self.eval(idx, sc)?;
+        index(b, &i, pos)
+    }
+
+    fn eval_list<'s>(
+        &mut self,
+        items: &'s [Node],
+        pos: usize,
+        sc: &Scope<'s>,
+    ) -> R<Cow<'s, Value>> {
+        if items.len() > MAX_LIST_LEN {
+            return err(pos, list_too_long());
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            let v = self.eval(it, sc)?;
+            out.push(self.own(v, it.pos)?);
+        }
+        Ok(Cow::Owned(Value::Array(out)))
+    }
+
+    fn eval_map<'s>(&mut self, entries: &'s [(Node, Node)], sc: &Scope<'s>) -> R<Cow<'s, Value>> {
+        let mut out = Map::new();
+        for (k, v) in entries {
+            let key = match self.eval(k, sc)?.into_owned() {
+                Value::String(s) => s,
+                other => {
+                    return err(
+                        k.pos,
+                        format!("map keys must be strings, got {}", type_name(&other)),
+                    )
+                }
+            };
+            if out.contains_key(&key) {
+                return err(k.pos, format!("duplicate map key '{}'", clip(&key)));
+            }
+            let value = self.eval(v, sc)?;
+            let value = self.own(value, v.pos)?;
+            out.insert(key, value);
+        }
+        Ok(Cow::Owned(Value::Object(out)))
+    }
+
+    fn eval_not<'s>(&mut self, x: &'s Node, pos: usize, sc: &Scope<'s>) -> R<Cow<'s, Value>> {
+        let v = self.eval(x, sc)?;
+        match &*v {
+            Value::Bool(b) => Ok(Cow::Owned(Value::Bool(!b))),
+            other => err(pos, format!("'!' needs a bool, got {}", type_name(other))),
+        }
+    }
+
+    fn eval_neg<'s>(&mut self, x: &'s Node, pos: usize, sc: &Scope<'s>) -> R<Cow<'s, Value>> {
+        let v = self.eval(x, sc)?;
+        match num(&v) {
+            Some(Num::I(i)) => match i.checked_neg() {
+                Some(r) => Ok(Cow::Owned(Value::from(r))),
+                None => err(pos, "integer overflow"),
+            },
+            Some(Num::F(f)) => Ok(Cow::Owned(float_value(-f, pos)?)),
+            None => err(pos, format!("'-' needs a number, got {}", type_name(&v))),
+        }
+    }
+
+    fn eval_logical<'s>(&mut self, and: bool, xs: &'s [Node], sc: &Scope<'s>) -> R<Cow<'s, Value>> {
+        for x in xs {
+            let v = self.eval(x, sc)?;
+            match &*v {
+                Value::Bool(b) if *b != and => return Ok(Cow::Owned(Value::Bool(*b))),
+                Value::Bool(_) => {}
+                other => {
+                    return err(
+                        x.pos,
+                        format!(
+                            "'{}' needs bools, got {}",
+                            if and { "&&" } else { "||" },
+                            type_name(other)
+                        ),
+                    )
+                }
+            }
+        }
+        Ok(Cow::Owned(Value::Bool(and)))
+    }
+
+    fn eval_cond<'s>(
+        &mut self,
+        c: &'s Node,
+        a: &'s Node,
+        b: &'s Node,
+        pos: usize,
+        sc: &Scope<'s>,
+    ) -> R<Cow<'s, Value>> {
+        let v = self.eval(c, sc)?;
+        match &*v {
+            Value::Bool(true) => self.eval(a, sc),
+            Value::Bool(false) => self.eval(b, sc),
+            other => err(
+                pos,
+                format!(
+                    "the condition of '?' must be a bool, got {}",
+                    type_name(other)
+                ),
+            ),
+        }
+    }
+
+    fn eval_binary<'s>(
+        &mut self,
+        op: BinOp,
+        a: &'s Node,
+        b: &'s Node,
+        pos: usize,
+        sc: &Scope<'s>,
+    ) -> R<Cow<'s, Value>> {
+        let a = self.eval(a, sc)?;
+        let b = self.eval(b, sc)?;
+        Ok(Cow::Owned(self.binary(op, a, b, pos)?))
+    }
+
+    fn eval_call<'s>(
+        &mut self,
+        f: Func,
+        args: &'s [Node],
+        pos: usize,
+        sc: &Scope<'s>,
+    ) -> R<Cow<'s, Value>> {
+        let mut vals = Vec::with_capacity(args.len());
+        for a in args {
+            vals.push(self.eval(a, sc)?);
+        }
+        Ok(Cow::Owned(self.call(f, &vals, pos)?))
+    }
+
+    fn eval_macro<'s>(
+        &mut self,
+        quant: Quant,
+        list: &'s Node,
+        var: &'s str,
+        body: &'s Node,
+        pos: usize,
+        sc: &Scope<'s>,
+    ) -> R<Cow<'s, Value>> {
+        let l = self.eval(list, sc)?;
+        let keys: Vec<Value>;
+        let items: Vec<&Value> = match &*l {
+            Value::Array(a) => a.iter().collect(),
+            Value::Object(m) => {
+                self.charge(m.len() as u64, pos)?;
+                keys = m.keys().map(|k| Value::String(k.clone())).collect();
+                keys.iter().collect()
+            }
+            other => {
+                return err(
+                    pos,
+                    format!(
+                        "{}() needs a list or a map, got {}",
+                        quant.name(),
+                        type_name(other)
+                    ),
+                )
+            }
+        };
+        let want = quant == Quant::Exists;
+        for item in items {
+            self.tick(pos)?;
+            let inner = Scope {
+                ctx: sc.ctx,
+                var: Some((var, item)),
+                parent: Some(sc),
+            };
+            match &*self.eval(body, &inner)? {
+                Value::Bool(b) if *b == want => return Ok(Cow::Owned(Value::Bool(want))),
+                Value::Bool(_) => {}
+                other => {
+                    return err(
+                        body.pos,
+                        format!(
+                            "the condition of {}() must be a bool, got {}",
+                            quant.name(),
+                            type_name(other)
+                        ),
+                    )
+                }
+            }
+        }
+        Ok(Cow::Owned(Value::Bool(!want)))
+    }
     fn binary(&mut self, op: BinOp, a: Cow<'_, Value>, b: Cow<'_, Value>, pos: usize) -> R<Value> {
         let mismatch = |what: &str| -> R<Value> {
             err(
@@ -1615,6 +1697,9 @@ impl Machine {
             },
             Func::String => match a {
                 Value::String(s) => {
+                    if s.len() > MAX_STRING_LEN {
+                        return err(pos, string_too_long(s.len()));
+                    }
                     self.scan(s.len(), pos)?;
                     Ok(Value::String(s.clone()))
                 }
@@ -2258,6 +2343,32 @@ mod tests {
     }
 
     #[test]
+    fn deepest_accepted_input_fits_a_small_stack() {
+        // The depth bound, not the stack size, is what stops deep input: the
+        // deepest accepted expressions parse and evaluate in half the 2 MiB a
+        // spawned thread gets by default, even in a debug build.
+        let worker = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(|| {
+                let d = MAX_DEPTH - 1;
+                let parens = format!("{}s{}", "(".repeat(d), ")".repeat(d));
+                let sizes = format!("{}s{}", "size(string(".repeat(d / 2), "))".repeat(d / 2));
+                let macros = format!("{}true{}", "[1].all(x,".repeat(d - 2), ")".repeat(d - 2));
+                let mut out = Vec::new();
+                for src in [parens, sizes, macros, "(".repeat(4000)] {
+                    out.push(Expr::parse(&src).and_then(|e| e.eval(&ctx())));
+                }
+                out
+            })
+            .unwrap();
+        let out = worker.join().unwrap();
+        assert_eq!(out[0], Ok(json!("hello")));
+        assert!(out[1].is_ok(), "{:?}", out[1]);
+        assert_eq!(out[2], Ok(json!(true)));
+        assert!(out[3].is_err());
+    }
+
+    #[test]
     fn source_length_is_bounded() {
         let exact = format!("1{}", " ".repeat(MAX_SOURCE_LEN - 1));
         assert_eq!(Expr::parse(&exact).unwrap().eval(&ctx()), Ok(json!(1)));
@@ -2305,6 +2416,34 @@ mod tests {
     }
 
     #[test]
+    fn deep_context_values_compare_without_recursion() {
+        let nest = |leaf: Value| {
+            let mut v = leaf;
+            for _ in 0..500 {
+                // Built by hand: json!() would copy `v` through Serialize.
+                let mut m = Map::new();
+                m.insert("k".to_string(), Value::Null);
+                v = Value::Array(vec![v, Value::Object(m)]);
+            }
+            v
+        };
+        let c = json!({"deep": nest(json!(1)), "same": nest(json!(1.0)), "other": nest(json!(2))});
+        // A recursive comparison of 500 levels would not fit in this stack.
+        let out = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn_scoped(scope, || {
+                    ["deep == same", "deep == other", "deep != other"]
+                        .map(|src| Expr::parse(src).and_then(|e| e.eval(&c)))
+                })
+                .unwrap()
+                .join()
+                .unwrap()
+        });
+        assert_eq!(out, [Ok(json!(true)), Ok(json!(false)), Ok(json!(true))]);
+    }
+
+    #[test]
     fn result_sizes_are_bounded() {
         let c = big_ctx();
         let run = |src: &str| Expr::parse(src).unwrap().eval(&c);
@@ -2313,6 +2452,9 @@ mod tests {
         assert!(e.message.contains("longer than the limit of 65536"), "{e}");
         let e = run("size(s40k + 'y' + s40k) > 0").unwrap_err();
         assert!(e.message.contains("longer than the limit"), "{e}");
+        let e = run("string(s70k)").unwrap_err();
+        assert!(e.message.contains("longer than the limit"), "{e}");
+        assert_eq!(run("size(string(s40k))"), Ok(json!(40_000)));
         let e = run("lower(s70k)").unwrap_err();
         assert!(e.message.contains("longer than the limit"), "{e}");
         assert_eq!(run("size(l6k + l1k)"), Ok(json!(7000)));
