@@ -4,6 +4,7 @@
 
 mod blobs;
 mod bootstrap;
+pub mod flow;
 mod lease;
 mod postgres;
 mod rows;
@@ -388,6 +389,12 @@ impl Db {
         tenant: Option<&str>,
     ) -> DbResult<BTreeMap<String, i64>> {
         dispatch!(self, s => s.job_count_by_status(tenant).await)
+    }
+
+    /// Running jobs per tenant as the database keeps them (triggers on
+    /// `jobs`); tenants with none are left out. The lease's quota reads it.
+    pub async fn tenant_running(&self) -> DbResult<BTreeMap<String, i64>> {
+        dispatch!(self, s => s.tenant_running().await)
     }
 
     /// Attempts started across all jobs: with every job succeeded, equal to

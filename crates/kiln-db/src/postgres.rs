@@ -26,6 +26,8 @@ pub struct PgStore {
     pub(crate) pool: PgPool,
     pub(crate) wakeup: Arc<Notify>,
     pub(crate) waiters: Arc<crate::Waiters>,
+    pub(crate) flow_wakeup: Arc<Notify>,
+    pub(crate) defs: Arc<crate::flow::DefCache>,
 }
 
 /// Appends one attempt record (JSON text) to a job's history with jsonb's
@@ -72,11 +74,14 @@ impl PgStore {
         migrated?;
         drop(conn);
         let wakeup = Arc::new(Notify::new());
-        tokio::spawn(listen(pool.clone(), wakeup.clone()));
+        let flow_wakeup = Arc::new(Notify::new());
+        tokio::spawn(listen(pool.clone(), wakeup.clone(), flow_wakeup.clone()));
         Ok(PgStore {
             pool,
             wakeup,
             waiters: Arc::default(),
+            flow_wakeup,
+            defs: Arc::default(),
         })
     }
 
@@ -263,15 +268,20 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
+    pub async fn tenant_running(&self) -> DbResult<std::collections::BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n <> 0 ORDER BY tenant")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     pub async fn job_lease(&self, request: &LeaseRequest<'_>) -> DbResult<Vec<LeasedJob>> {
         let mut tx = self.pool.begin().await?;
         let rooms = match request.quota_floor() {
             Some(floor) => lease::rooms(
                 request.tenant_running_max,
-                sqlx::query_as(
-                    "SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running' \
-                     GROUP BY tenant HAVING COUNT(*) > $1",
-                )
+                sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n > $1")
                 .bind(floor)
                 .fetch_all(&mut *tx)
                 .await?,
@@ -770,7 +780,11 @@ fn lock_in_id_order(ids: &str) -> String {
 
 /// Forwards NOTIFYs to the in-process wake-up. When the connection drops,
 /// workers are woken anyway so that they poll while it reconnects.
-async fn listen(pool: PgPool, wakeup: Arc<Notify>) {
+async fn listen(pool: PgPool, wakeup: Arc<Notify>, flow_wakeup: Arc<Notify>) {
+    let wake_all = || {
+        wakeup.notify_waiters();
+        flow_wakeup.notify_waiters();
+    };
     loop {
         if pool.is_closed() {
             return;
@@ -779,12 +793,12 @@ async fn listen(pool: PgPool, wakeup: Arc<Notify>) {
             Ok(listener) => listener,
             Err(error) => {
                 tracing::debug!(%error, "LISTEN connection failed; retrying");
-                wakeup.notify_waiters();
+                wake_all();
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
-        if listener.listen("kiln_jobs").await.is_err() {
+        if listener.listen_all(["kiln_jobs", "kiln_flow"]).await.is_err() {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
@@ -799,16 +813,17 @@ async fn listen(pool: PgPool, wakeup: Arc<Notify>) {
                 }
             };
             match received {
+                Ok(Some(n)) if n.channel() == "kiln_flow" => flow_wakeup.notify_waiters(),
                 Ok(Some(_)) => wakeup.notify_waiters(),
                 Ok(None) => {
                     // The connection was lost and will be re-established.
-                    wakeup.notify_waiters();
+                    wake_all();
                     if pool.is_closed() {
                         return;
                     }
                 }
                 Err(_) => {
-                    wakeup.notify_waiters();
+                    wake_all();
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }

@@ -30,6 +30,8 @@ pub struct SqliteStore {
     pub(crate) read: SqlitePool,
     pub(crate) wakeup: Arc<Notify>,
     pub(crate) waiters: Arc<crate::Waiters>,
+    pub(crate) flow_wakeup: Arc<Notify>,
+    pub(crate) defs: Arc<crate::flow::DefCache>,
 }
 
 /// One writer connection serialises every write, so `held` read here cannot
@@ -101,6 +103,8 @@ impl SqliteStore {
             read,
             wakeup: Arc::new(Notify::new()),
             waiters: Arc::default(),
+            flow_wakeup: Arc::new(Notify::new()),
+            defs: Arc::default(),
         })
     }
 
@@ -270,15 +274,20 @@ impl SqliteStore {
         Ok(done.rows_affected())
     }
 
+    pub async fn tenant_running(&self) -> DbResult<std::collections::BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n <> 0 ORDER BY tenant")
+                .fetch_all(&self.read)
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     pub async fn job_lease(&self, request: &LeaseRequest<'_>) -> DbResult<Vec<LeasedJob>> {
         let mut tx = self.write.begin().await?;
         let rooms = match request.quota_floor() {
             Some(floor) => lease::rooms(
                 request.tenant_running_max,
-                sqlx::query_as(
-                    "SELECT tenant, COUNT(*) FROM jobs INDEXED BY jobs_running \
-                     WHERE status = 'running' GROUP BY tenant HAVING COUNT(*) > ?",
-                )
+                sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n > ?")
                 .bind(floor)
                 .fetch_all(&mut *tx)
                 .await?,

@@ -40,6 +40,7 @@ kiln_db::on_both_databases!(
     tenants_queues_are_their_own,
     jobs_submitted_to_a_paused_queue_wait_for_resume,
     tenant_running_quota_caps_leases,
+    the_running_count_follows_every_path,
     concurrent_leasers_respect_a_concurrency_limit,
     retention_deletes_old_finished_jobs_in_batches,
     an_attempt_without_a_result_shows_none,
@@ -954,6 +955,60 @@ async fn tenant_running_quota_caps_leases(db: Db) {
     let next = db.job_lease_with(&request(10, T0 + 5)).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].tenant, first[0].tenant);
+}
+
+/// The per-tenant running count the quota reads is kept by triggers; every
+/// way a job enters or leaves `running` must move it, and a heartbeat must not.
+async fn the_running_count_follows_every_path(db: Db) {
+    for tenant in ["acme", "globex"] {
+        let jobs: Vec<NewJob> = (0..6)
+            .map(|_| NewJob::new(tenant, "noop", json!({})))
+            .collect();
+        db.job_insert_many(&jobs, T0).await.unwrap();
+    }
+    let actual = |db: Db| async move {
+        let mut counts = BTreeMap::new();
+        for tenant in ["acme", "globex"] {
+            let filter = JobFilter {
+                status: Some(JobStatus::Running),
+                limit: 100,
+                ..JobFilter::default()
+            };
+            let n = db.job_list(tenant, &filter).await.unwrap().len() as i64;
+            if n > 0 {
+                counts.insert(tenant.to_string(), n);
+            }
+        }
+        counts
+    };
+    let leased = lease(&db, 12, T0 + 1).await;
+    assert_eq!(leased.len(), 12);
+    assert_eq!(db.tenant_running().await.unwrap(), actual(db.clone()).await);
+    assert_eq!(db.tenant_running().await.unwrap()["acme"], 6);
+    let held: Vec<(i64, i32)> = leased.iter().map(|j| (j.id, j.attempt)).collect();
+    db.job_heartbeat("w1", &held, T0 + 2 + LEASE).await.unwrap();
+    assert_eq!(db.tenant_running().await.unwrap()["acme"], 6);
+    // Completion (success and retry), release, cancel-then-complete, rescue.
+    let mut retry = done(leased[1].id, 1, JobStatus::Scheduled, T0 + 3);
+    retry.run_at = Some(T0 + 1_000_000);
+    db.job_complete_many(&[done(leased[0].id, 1, JobStatus::Succeeded, T0 + 3), retry])
+        .await
+        .unwrap();
+    db.job_release("w1", &[(leased[2].id, 1)], T0 + 4).await.unwrap();
+    db.job_cancel(&leased[3].tenant, leased[3].id, T0 + 5)
+        .await
+        .unwrap();
+    assert_eq!(db.tenant_running().await.unwrap(), actual(db.clone()).await);
+    db.job_complete_many(&[done(leased[3].id, 1, JobStatus::Cancelled, T0 + 6)])
+        .await
+        .unwrap();
+    assert_eq!(db.tenant_running().await.unwrap(), actual(db.clone()).await);
+    assert_eq!(db.job_rescue_expired(T0 + 3 * LEASE).await.unwrap(), 8);
+    assert_eq!(db.tenant_running().await.unwrap(), BTreeMap::new());
+    // Rescued jobs lease again and count again.
+    let again = lease(&db, 20, T0 + 3 * LEASE + 1).await;
+    assert!(!again.is_empty());
+    assert_eq!(db.tenant_running().await.unwrap(), actual(db.clone()).await);
 }
 
 async fn concurrent_leasers_respect_a_concurrency_limit(db: Db) {

@@ -1,0 +1,1489 @@
+//! Pipelines in the store. A run advances in transactions of its own,
+//! driven by `flow_outbox`: a trigger on `jobs` writes a row there in the
+//! very transaction that records a step job's end, and [`Db::flow_advance`]
+//! consumes rows in the transaction that moves the run on (step states,
+//! instances, the next steps' jobs). A crash before that commit leaves the
+//! outbox row for the next advancer; a crash after it leaves nothing to redo.
+//! The run's row is locked first in every transaction that changes it, so
+//! advancers, cancels, retries and approvals of one run never interleave.
+//!
+//! The rules themselves are `kiln_flow`'s pure functions; this module loads
+//! state, calls them and writes what they decided, through [`FlowTx`], the
+//! handful of statements each driver implements.
+
+mod pg;
+mod schedules;
+mod sqlite;
+
+pub use schedules::{FireRecord, ScheduleRecord};
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kiln_core::{JobKinds, JobStatus, Millis, NewJob, SpecError};
+use kiln_flow::advance::{self, Mode, RunStatus, StepState, StepStatus};
+use kiln_flow::def::{Checked, PipelineDef, StepDef};
+use kiln_flow::template;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::{Db, DbError, DbResult};
+
+macro_rules! dispatch_flow {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            Db::Sqlite($store) => $call,
+            Db::Postgres($store) => $call,
+        }
+    };
+}
+pub(crate) use dispatch_flow;
+
+/// Most stdout kept per instance for dependants' templates.
+pub const INSTANCE_STDOUT_MAX: usize = 256 * 1024;
+/// Largest rendered spec of a step job.
+pub const RENDERED_SPEC_MAX: usize = 1024 * 1024;
+/// Outbox rows one advance transaction takes.
+const OUTBOX_BATCH: i64 = 2_000;
+
+/// One version of a pipeline as stored.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PipelineRecord {
+    pub name: String,
+    pub version: i32,
+    pub definition: Value,
+    pub created_at: Millis,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    #[serde(skip)]
+    pub tenant: String,
+    pub pipeline: String,
+    pub version: i32,
+    pub status: RunStatus,
+    #[serde(skip)]
+    pub mode: RunMode,
+    pub params: Value,
+    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    pub trigger: String,
+    /// Bumped by each retry of the run; part of every step job's unique key.
+    pub attempt: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+/// The stored form of [`Mode`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RunMode {
+    #[default]
+    Normal,
+    Stopping,
+    Cancelling,
+}
+
+impl RunMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunMode::Normal => "normal",
+            RunMode::Stopping => "stopping",
+            RunMode::Cancelling => "cancelling",
+        }
+    }
+
+    pub fn parse(text: &str) -> RunMode {
+        match text {
+            "stopping" => RunMode::Stopping,
+            "cancelling" => RunMode::Cancelling,
+            _ => RunMode::Normal,
+        }
+    }
+
+    fn mode(self) -> Mode {
+        match self {
+            RunMode::Normal => Mode::Normal,
+            RunMode::Stopping => Mode::Stopping,
+            RunMode::Cancelling => Mode::Cancelling,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepRecord {
+    pub step: String,
+    pub status: StepStatus,
+    pub total: i32,
+    pub succeeded: i32,
+    pub failed: i32,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<Millis>,
+    /// A gate's condition and values, an approval's decision, an error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+}
+
+impl StepRecord {
+    fn pending(step: &str) -> StepRecord {
+        StepRecord {
+            step: step.to_string(),
+            status: StepStatus::Pending,
+            total: 0,
+            succeeded: 0,
+            failed: 0,
+            started_at: None,
+            finished_at: None,
+            deadline_at: None,
+            detail: None,
+        }
+    }
+
+    fn state(&self) -> StepState {
+        StepState {
+            status: self.status,
+            total: self.total.max(0) as u32,
+            succeeded: self.succeeded.max(0) as u32,
+            failed: self.failed.max(0) as u32,
+        }
+    }
+
+    fn set_state(&mut self, state: StepState) {
+        self.status = state.status;
+        self.total = state.total as i32;
+        self.succeeded = state.succeeded as i32;
+        self.failed = state.failed as i32;
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InstanceRecord {
+    pub step: String,
+    pub index: i32,
+    /// The run attempt that made its current job.
+    pub attempt: i32,
+    pub job_id: Option<i64>,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(skip)]
+    pub stdout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+/// A step job's end as the jobs table has it.
+#[derive(Clone, Debug)]
+pub struct JobEnd {
+    pub job_id: i64,
+    pub status: JobStatus,
+    pub exit_code: Option<i32>,
+    pub stdout: Option<String>,
+    pub error: Option<String>,
+    pub finished_at: Option<Millis>,
+}
+
+/// A run with everything about it, as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunView {
+    #[serde(flatten)]
+    pub run: RunRecord,
+    pub steps: Vec<StepView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepView {
+    #[serde(flatten)]
+    pub step: StepRecord,
+    pub instances: Vec<InstanceRecord>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunFilter {
+    pub pipeline: Option<String>,
+    pub status: Option<RunStatus>,
+    pub label: Option<(String, String)>,
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+/// What a new run asks for.
+#[derive(Clone, Debug)]
+pub struct NewRun {
+    pub tenant: String,
+    pub pipeline: String,
+    pub params: serde_json::Map<String, Value>,
+    pub labels: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
+    pub trigger: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum FlowError {
+    NotFound(&'static str),
+    /// The request does not fit the run's state (cancel a finished run, …).
+    Conflict(String),
+    /// The params or the definition were refused.
+    Invalid(String),
+}
+
+/// The outcome of a flow call: the store failed, or the request was refused.
+pub type FlowResult<T> = Result<Result<T, FlowError>, DbError>;
+
+/// A run's row as a driver reads it.
+pub(crate) struct NewRunRow<'a> {
+    pub tenant: &'a str,
+    pub pipeline: &'a str,
+    pub version: i32,
+    pub status: RunStatus,
+    pub params: String,
+    pub labels: String,
+    pub idempotency_key: Option<&'a str>,
+    pub trigger: &'a str,
+    pub now: Millis,
+}
+
+/// The statements the flow engine needs inside one transaction; each driver
+/// implements them.
+#[async_trait::async_trait]
+pub(crate) trait FlowTx: Send {
+    async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>>;
+    async fn get_run(&mut self, tenant: &str, id: i64) -> DbResult<Option<RunRecord>>;
+    async fn insert_run(&mut self, run: &NewRunRow<'_>) -> DbResult<Option<i64>>;
+    async fn run_by_key(&mut self, tenant: &str, pipeline: &str, key: &str)
+        -> DbResult<Option<i64>>;
+    async fn update_run(&mut self, run: &RunRecord) -> DbResult<()>;
+    /// Runs of this pipeline running now, and the oldest queued one.
+    async fn active_runs(&mut self, tenant: &str, pipeline: &str) -> DbResult<(i64, Option<i64>)>;
+    async fn steps(&mut self, run_id: i64) -> DbResult<Vec<StepRecord>>;
+    async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()>;
+    async fn instances(&mut self, run_id: i64, steps: Option<&[String]>)
+        -> DbResult<Vec<InstanceRecord>>;
+    async fn instances_of_jobs(&mut self, run_id: i64, job_ids: &[i64])
+        -> DbResult<Vec<InstanceRecord>>;
+    async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()>;
+    /// The ends of these jobs, with the instance each belongs to.
+    async fn job_ends(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<JobEnd>>;
+    async fn insert_jobs(&mut self, jobs: &[NewJob], run_id: Option<i64>, now: Millis)
+        -> DbResult<Vec<i64>>;
+    async fn cancel_jobs(&mut self, ids: &[i64], now: Millis) -> DbResult<()>;
+    async fn take_outbox(&mut self, limit: i64) -> DbResult<Vec<(i64, i64, i64)>>;
+    async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()>;
+    async fn definition(&mut self, tenant: &str, name: &str, version: Option<i32>)
+        -> DbResult<Option<PipelineRecord>>;
+    async fn waiting_past(&mut self, now: Millis, limit: i64) -> DbResult<Vec<(i64, String)>>;
+    async fn schedule_put(&mut self, s: &ScheduleRecord) -> DbResult<()>;
+    async fn schedule_get(&mut self, tenant: &str, name: &str) -> DbResult<Option<ScheduleRecord>>;
+    async fn schedule_list(&mut self, tenant: &str) -> DbResult<Vec<ScheduleRecord>>;
+    async fn schedule_delete(&mut self, tenant: &str, name: &str) -> DbResult<bool>;
+    /// Unpaused schedules whose next tick is due, locked for this
+    /// transaction (skipping those another scheduler holds).
+    async fn schedules_due(&mut self, now: Millis, limit: i64) -> DbResult<Vec<ScheduleRecord>>;
+    async fn schedule_moved(&mut self, s: &ScheduleRecord) -> DbResult<()>;
+    /// False when this tick already has a fire: another scheduler made it.
+    async fn fire_insert(&mut self, fire: &FireRecord) -> DbResult<bool>;
+    async fn fire_update(&mut self, fire: &FireRecord) -> DbResult<()>;
+    async fn fires(&mut self, tenant: &str, name: &str, limit: i64) -> DbResult<Vec<FireRecord>>;
+    /// The newest fire that started something.
+    async fn last_fire(&mut self, tenant: &str, name: &str) -> DbResult<Option<FireRecord>>;
+    async fn job_active(&mut self, id: i64) -> DbResult<bool>;
+    async fn run_active(&mut self, id: i64) -> DbResult<bool>;
+    /// Makes a queue limited to one job at a time unless it has settings.
+    async fn queue_serial(&mut self, tenant: &str, name: &str, now: Millis) -> DbResult<()>;
+    async fn commit(self: Box<Self>) -> DbResult<()>;
+}
+
+/// Parsed definitions by (tenant, name, version): versions never change, so
+/// a cached one is always right. Bounded; cleared whole when full.
+#[derive(Default)]
+pub struct DefCache {
+    map: Mutex<HashMap<(String, String, i32), Arc<Checked>>>,
+}
+
+const DEF_CACHE_MAX: usize = 512;
+
+impl DefCache {
+    fn get(&self, tenant: &str, name: &str, version: i32) -> Option<Arc<Checked>> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(tenant.to_string(), name.to_string(), version))
+            .cloned()
+    }
+
+    fn put(&self, tenant: &str, name: &str, version: i32, checked: Arc<Checked>) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= DEF_CACHE_MAX {
+            map.clear();
+        }
+        map.insert((tenant.to_string(), name.to_string(), version), checked);
+    }
+}
+
+/// Kinds that check every spec: stored definitions were checked when they
+/// were applied, so reading one back needs no kind.
+fn trusting_kinds(def: &PipelineDef) -> JobKinds {
+    let mut kinds = JobKinds::new();
+    for step in &def.steps {
+        kinds.add(&step.kind, |_| Ok(()));
+    }
+    kinds
+}
+
+async fn load_def(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    tenant: &str,
+    name: &str,
+    version: i32,
+) -> DbResult<Arc<Checked>> {
+    if let Some(checked) = cache.get(tenant, name, version) {
+        return Ok(checked);
+    }
+    let record = tx
+        .definition(tenant, name, Some(version))
+        .await?
+        .ok_or_else(|| DbError::Corrupt(format!("pipeline {name} version {version} is missing")))?;
+    let def: PipelineDef = serde_json::from_value(record.definition)
+        .map_err(|e| DbError::Corrupt(format!("pipeline {name} version {version}: {e}")))?;
+    let kinds = trusting_kinds(&def);
+    let checked = Arc::new(
+        def.check(&kinds)
+            .map_err(|e| DbError::Corrupt(format!("pipeline {name} version {version}: {e}")))?,
+    );
+    cache.put(tenant, name, version, checked.clone());
+    Ok(checked)
+}
+
+/// Everything one advance works on: the run, its definition, its steps.
+struct Advance<'a> {
+    run: RunRecord,
+    checked: Arc<Checked>,
+    steps: Vec<StepRecord>,
+    changed: BTreeSet<usize>,
+    kinds: &'a JobKinds,
+    now: Millis,
+    /// Jobs were inserted: workers should look.
+    made_jobs: bool,
+    run_changed: bool,
+}
+
+impl Advance<'_> {
+    fn index(&self, id: &str) -> Option<usize> {
+        self.checked.def.steps.iter().position(|s| s.id == id)
+    }
+
+    /// Decides and applies until nothing more settles at once (gates,
+    /// approvals decided, empty fan-outs, steps that failed to render).
+    async fn settle(&mut self, tx: &mut dyn FlowTx) -> DbResult<()> {
+        for _ in 0..=self.steps.len() + 1 {
+            if self.run.status != RunStatus::Running {
+                return Ok(());
+            }
+            let states: Vec<StepState> = self.steps.iter().map(StepRecord::state).collect();
+            let decision = advance::decide(&self.checked, &states, self.run.mode.mode());
+            for &i in &decision.skip {
+                self.steps[i].status = StepStatus::Skipped;
+                self.steps[i].finished_at = Some(self.now);
+                self.changed.insert(i);
+            }
+            let mut settled_now = false;
+            for &i in &decision.start {
+                self.start(tx, i).await?;
+                settled_now |= self.steps[i].status.is_settled();
+            }
+            if let Some(status) = decision.finished.filter(|_| decision.start.is_empty()) {
+                self.finish(status);
+                return Ok(());
+            }
+            if !settled_now && decision.skip.is_empty() {
+                // Nothing moved without waiting on a job or a person.
+                let states: Vec<StepState> = self.steps.iter().map(StepRecord::state).collect();
+                if let Some(status) =
+                    advance::decide(&self.checked, &states, self.run.mode.mode()).finished
+                {
+                    self.finish(status);
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, status: RunStatus) {
+        self.run.status = status;
+        self.run.finished_at = Some(self.now);
+        if status == RunStatus::Failed && self.run.reason.is_none() {
+            let failed: Vec<&str> = self
+                .steps
+                .iter()
+                .filter(|s| matches!(s.status, StepStatus::Failed))
+                .map(|s| s.step.as_str())
+                .collect();
+            self.run.reason = Some(format!("step failed: {}", failed.join(", ")));
+        }
+        self.run_changed = true;
+    }
+
+    async fn start(&mut self, tx: &mut dyn FlowTx, i: usize) -> DbResult<()> {
+        let step = self.checked.def.steps[i].clone();
+        self.changed.insert(i);
+        self.steps[i].started_at = Some(self.now);
+        self.steps[i].detail = None;
+        match step.kind.as_str() {
+            kiln_flow::def::GATE => self.decide_gate(tx, i, &step).await,
+            kiln_flow::def::APPROVAL => {
+                let deadline_s = step.approval.as_ref().map_or(24 * 3600, |a| a.deadline_s);
+                self.steps[i].status = StepStatus::Waiting;
+                self.steps[i].deadline_at = Some(self.now.saturating_add(deadline_s * 1000));
+                Ok(())
+            }
+            _ => self.start_jobs(tx, i, &step).await,
+        }
+    }
+
+    async fn decide_gate(&mut self, tx: &mut dyn FlowTx, i: usize, step: &StepDef) -> DbResult<()> {
+        let Some(condition) = &step.condition else {
+            return self.fail_step(i, "a gate without a condition".into());
+        };
+        let context = self.context(tx, step, None).await?;
+        let values = condition.bindings(&context);
+        let (passed, error) = match condition.eval_bool(&context) {
+            Ok(passed) => (passed, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        let mut detail = json!({
+            "condition": condition.source(),
+            "values": values,
+            "result": passed,
+        });
+        if let Some(error) = &error {
+            detail["error"] = json!(error);
+        }
+        self.steps[i].detail = Some(detail.clone());
+        self.steps[i].finished_at = Some(self.now);
+        if passed {
+            self.steps[i].status = StepStatus::Succeeded;
+        } else {
+            self.steps[i].status = StepStatus::Failed;
+            if self.run.mode == RunMode::Normal {
+                self.run.mode = RunMode::Stopping;
+                self.run.reason = Some("policy".into());
+                self.run.detail = Some(json!({"step": step.id, "gate": detail}));
+                self.run_changed = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_step(&mut self, i: usize, error: String) -> DbResult<()> {
+        self.steps[i].status = StepStatus::Failed;
+        self.steps[i].finished_at = Some(self.now);
+        self.steps[i].detail = Some(json!({ "error": error }));
+        Ok(())
+    }
+
+    async fn start_jobs(&mut self, tx: &mut dyn FlowTx, i: usize, step: &StepDef) -> DbResult<()> {
+        let base = self.context(tx, step, None).await?;
+        let items: Vec<Option<Value>> = match &step.for_each {
+            None => vec![None],
+            Some(text) => {
+                let rendered = match template::Template::parse(text) {
+                    Ok(Some(t)) => t.render(&base),
+                    Ok(None) => Err("for_each is not a template".into()),
+                    Err(e) => Err(e),
+                };
+                match rendered {
+                    Ok(Value::Array(items)) if items.len() <= kiln_flow::def::FOR_EACH_MAX => {
+                        items.into_iter().map(Some).collect()
+                    }
+                    Ok(Value::Array(items)) => {
+                        return self.fail_step(
+                            i,
+                            format!(
+                                "for_each made {} items; at most {}",
+                                items.len(),
+                                kiln_flow::def::FOR_EACH_MAX
+                            ),
+                        )
+                    }
+                    Ok(other) => {
+                        return self.fail_step(
+                            i,
+                            format!("for_each must be a list, not {}", type_name(&other)),
+                        )
+                    }
+                    Err(e) => return self.fail_step(i, format!("for_each: {e}")),
+                }
+            }
+        };
+        // Instances that succeeded on an earlier attempt of the run are kept.
+        let kept: HashMap<i32, InstanceRecord> = tx
+            .instances(self.run.id, Some(std::slice::from_ref(&step.id)))
+            .await?
+            .into_iter()
+            .filter(|r| r.status == "succeeded")
+            .map(|r| (r.index, r))
+            .collect();
+        let mut jobs = Vec::new();
+        let mut rows = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let index = index as i32;
+            if kept.contains_key(&index) {
+                continue;
+            }
+            let mut context = base.clone();
+            if let Some(item) = item {
+                context["item"] = item.clone();
+                context["item_index"] = json!(index);
+            }
+            let spec = match template::render_value(&step.spec, &context) {
+                Ok(spec) => spec,
+                Err(e) => return self.fail_step(i, format!("spec{e}")),
+            };
+            if spec.to_string().len() > RENDERED_SPEC_MAX {
+                return self.fail_step(
+                    i,
+                    format!("the rendered spec is over {RENDERED_SPEC_MAX} bytes; pass large values as artifacts"),
+                );
+            }
+            match self.kinds.check(&step.kind, &spec) {
+                Ok(()) => {}
+                Err(SpecError::UnknownKind(kind)) => {
+                    return self.fail_step(i, format!("unknown kind {kind:?}"))
+                }
+                Err(SpecError::Invalid(message)) => {
+                    return self.fail_step(i, format!("invalid spec: {message}"))
+                }
+            }
+            jobs.push(self.job_of(step, index, spec));
+            rows.push(InstanceRecord {
+                step: step.id.clone(),
+                index,
+                attempt: self.run.attempt,
+                job_id: None,
+                status: "running".into(),
+                item: item.clone(),
+                exit_code: None,
+                stdout: None,
+                error: None,
+                started_at: Some(self.now),
+                finished_at: None,
+            });
+        }
+        let ids = tx.insert_jobs(&jobs, Some(self.run.id), self.now).await?;
+        for (row, id) in rows.iter_mut().zip(ids) {
+            row.job_id = Some(id);
+        }
+        tx.put_instances(self.run.id, &rows).await?;
+        self.made_jobs |= !rows.is_empty();
+        let mut state = StepState::started(items.len() as u32);
+        state.succeeded = kept.len() as u32;
+        if state.total > 0 && state.succeeded >= state.total {
+            state.status = StepStatus::Succeeded;
+        }
+        self.steps[i].set_state(state);
+        if state.status.is_settled() {
+            self.steps[i].finished_at = Some(self.now);
+        }
+        Ok(())
+    }
+
+    fn job_of(&self, step: &StepDef, index: i32, spec: Value) -> NewJob {
+        let mut job = NewJob::new(&self.run.tenant, &step.kind, spec);
+        if let Some(queue) = &step.queue {
+            job.queue = queue.clone();
+        }
+        if let Some(priority) = step.priority {
+            job.priority = priority;
+        }
+        // A step runs once unless it asks for retries: a pipeline's author
+        // says which steps are safe to repeat.
+        job.max_attempts = step.retry.as_ref().map_or(1, |r| r.max_attempts);
+        if let Some(backoff) = step.retry.as_ref().and_then(|r| r.backoff) {
+            job.backoff = backoff;
+        }
+        if let Some(timeout) = step.timeout_ms {
+            job.timeout_ms = timeout;
+        }
+        job.labels = self.run.labels.clone();
+        job.labels.extend(step.labels.clone());
+        job.labels.insert("kiln.run".into(), self.run.id.to_string());
+        job.labels.insert("kiln.pipeline".into(), self.run.pipeline.clone());
+        job.labels.insert("kiln.step".into(), step.id.clone());
+        job.idempotency_key = Some(format!(
+            "run:{}:{}:{}:{}",
+            self.run.id, step.id, index, self.run.attempt
+        ));
+        job
+    }
+
+    /// What templates of `step` may read: params, the run, and each upstream
+    /// step it names (one value, or a list for a fanned-out step).
+    async fn context(
+        &mut self,
+        tx: &mut dyn FlowTx,
+        step: &StepDef,
+        _item: Option<&Value>,
+    ) -> DbResult<Value> {
+        let mut named: BTreeSet<String> = BTreeSet::new();
+        let mut collect = |expr: &kiln_flow::Expr| {
+            for path in expr.references() {
+                if path.first().map(String::as_str) == Some("steps") {
+                    if let Some(id) = path.get(1) {
+                        named.insert(id.clone());
+                    }
+                }
+            }
+        };
+        if let Ok(templates) = template::templates_in(&step.spec) {
+            for (_, t) in &templates {
+                t.exprs().for_each(&mut collect);
+            }
+        }
+        if let Some(Ok(Some(t))) = step.for_each.as_deref().map(template::Template::parse) {
+            t.exprs().for_each(&mut collect);
+        }
+        if let Some(condition) = &step.condition {
+            collect(condition);
+        }
+        let mut steps = serde_json::Map::new();
+        let job_steps: Vec<String> = named
+            .iter()
+            .filter(|id| {
+                self.checked
+                    .def
+                    .step(id)
+                    .is_some_and(|s| s.is_job())
+            })
+            .cloned()
+            .collect();
+        let mut instances: BTreeMap<String, Vec<InstanceRecord>> = BTreeMap::new();
+        if !job_steps.is_empty() {
+            for row in tx.instances(self.run.id, Some(&job_steps)).await? {
+                instances.entry(row.step.clone()).or_default().push(row);
+            }
+        }
+        for id in &named {
+            let Some(i) = self.index(id) else { continue };
+            let def = &self.checked.def.steps[i];
+            let status = self.steps[i].status.as_str();
+            let mut rows = instances.remove(id).unwrap_or_default();
+            rows.sort_by_key(|r| r.index);
+            let value = if def.for_each.is_some() {
+                json!({
+                    "status": status,
+                    "exit_code": rows.iter().map(|r| json!(r.exit_code)).collect::<Vec<_>>(),
+                    "stdout": rows.iter().map(|r| json!(r.stdout)).collect::<Vec<_>>(),
+                    "output": rows.iter().map(|r| output_of(r.stdout.as_deref())).collect::<Vec<_>>(),
+                    "items": rows.iter().map(|r| r.item.clone().unwrap_or(Value::Null)).collect::<Vec<_>>(),
+                })
+            } else {
+                let row = rows.first();
+                json!({
+                    "status": status,
+                    "exit_code": row.and_then(|r| r.exit_code),
+                    "stdout": row.and_then(|r| r.stdout.clone()),
+                    "output": output_of(row.and_then(|r| r.stdout.as_deref())),
+                })
+            };
+            steps.insert(id.clone(), value);
+        }
+        Ok(json!({
+            "params": self.run.params,
+            "run": {
+                "id": self.run.id,
+                "attempt": self.run.attempt,
+                "pipeline": self.run.pipeline,
+                "version": self.run.version,
+            },
+            "steps": steps,
+        }))
+    }
+
+    async fn write(self, tx: &mut dyn FlowTx) -> DbResult<bool> {
+        let changed: Vec<&StepRecord> = self.changed.iter().map(|&i| &self.steps[i]).collect();
+        if !changed.is_empty() {
+            tx.put_steps(self.run.id, &changed).await?;
+        }
+        if self.run_changed {
+            tx.update_run(&self.run).await?;
+        }
+        Ok(self.made_jobs)
+    }
+}
+
+/// Stdout read as JSON when it is JSON (a step's structured output), else null.
+fn output_of(stdout: Option<&str>) -> Value {
+    stdout
+        .and_then(|s| serde_json::from_str(s.trim()).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a bool",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+async fn load_advance<'a>(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    kinds: &'a JobKinds,
+    run: RunRecord,
+    now: Millis,
+) -> DbResult<Advance<'a>> {
+    let checked = load_def(tx, cache, &run.tenant, &run.pipeline, run.version).await?;
+    let stored: HashMap<String, StepRecord> = tx
+        .steps(run.id)
+        .await?
+        .into_iter()
+        .map(|s| (s.step.clone(), s))
+        .collect();
+    let steps = checked
+        .def
+        .steps
+        .iter()
+        .map(|s| stored.get(&s.id).cloned().unwrap_or_else(|| StepRecord::pending(&s.id)))
+        .collect();
+    Ok(Advance {
+        run,
+        checked,
+        steps,
+        changed: BTreeSet::new(),
+        kinds,
+        now,
+        made_jobs: false,
+        run_changed: false,
+    })
+}
+
+/// Starts the oldest queued run of a pipeline when one of its runs ended and
+/// its run concurrency leaves room.
+async fn promote_queued(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    kinds: &JobKinds,
+    tenant: &str,
+    pipeline: &str,
+    concurrency: Option<u32>,
+    now: Millis,
+) -> DbResult<bool> {
+    let Some(limit) = concurrency else {
+        return Ok(false);
+    };
+    let (running, next) = tx.active_runs(tenant, pipeline).await?;
+    let Some(next) = next.filter(|_| running < limit as i64) else {
+        return Ok(false);
+    };
+    let Some(mut run) = tx.lock_run(next).await? else {
+        return Ok(false);
+    };
+    if run.status != RunStatus::Queued {
+        return Ok(false);
+    }
+    run.status = RunStatus::Running;
+    run.started_at = Some(now);
+    let mut advance = load_advance(tx, cache, kinds, run, now).await?;
+    advance.run_changed = true;
+    advance.changed.extend(0..advance.steps.len());
+    advance.settle(tx).await?;
+    advance.write(tx).await
+}
+
+impl Db {
+    pub(crate) async fn flow_tx(&self, write: bool) -> DbResult<Box<dyn FlowTx>> {
+        Ok(match self {
+            Db::Postgres(s) => Box::new(pg::PgFlowTx::begin(&s.pool).await?),
+            Db::Sqlite(s) => {
+                Box::new(sqlite::SqliteFlowTx::begin(if write { &s.write } else { &s.read }).await?)
+            }
+        })
+    }
+
+    fn defs(&self) -> &DefCache {
+        match self {
+            Db::Postgres(s) => &s.defs,
+            Db::Sqlite(s) => &s.defs,
+        }
+    }
+
+    /// Signalled when step jobs may have ended (in this process, or on
+    /// PostgreSQL anywhere): the advancer's wake-up.
+    pub fn flow_wakeup(&self) -> Arc<tokio::sync::Notify> {
+        match self {
+            Db::Postgres(s) => s.flow_wakeup.clone(),
+            Db::Sqlite(s) => s.flow_wakeup.clone(),
+        }
+    }
+
+    /// Stores a new version of a pipeline (already checked by the caller)
+    /// and returns it.
+    pub async fn pipeline_put(
+        &self,
+        tenant: &str,
+        def: &PipelineDef,
+        now: Millis,
+    ) -> DbResult<PipelineRecord> {
+        let definition = serde_json::to_value(def)
+            .map_err(|e| DbError::Invalid(format!("definition: {e}")))?;
+        dispatch_flow!(self, s => s.pipeline_put(tenant, &def.name, &definition, now).await)
+    }
+
+    /// A pipeline's newest version, or the one asked for; deleted pipelines
+    /// are found only by version (their runs still show them).
+    pub async fn pipeline_get(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<i32>,
+    ) -> DbResult<Option<PipelineRecord>> {
+        let mut tx = self.flow_tx(false).await?;
+        let found = tx.definition(tenant, name, version).await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    /// Newest version of each pipeline not deleted.
+    pub async fn pipeline_list(&self, tenant: &str) -> DbResult<Vec<PipelineRecord>> {
+        dispatch_flow!(self, s => s.pipeline_list(tenant).await)
+    }
+
+    pub async fn pipeline_versions(&self, tenant: &str, name: &str) -> DbResult<Vec<(i32, Millis)>> {
+        dispatch_flow!(self, s => s.pipeline_versions(tenant, name).await)
+    }
+
+    /// Deletes a pipeline: no new runs; its runs and their versions stay.
+    pub async fn pipeline_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
+        dispatch_flow!(self, s => s.pipeline_delete(tenant, name).await)
+    }
+
+    /// Starts a run of a pipeline's newest version: its params resolved,
+    /// its first steps' jobs queued, all in one transaction. The same
+    /// idempotency key gives back the run it made before (`false`).
+    pub async fn run_create(
+        &self,
+        new: &NewRun,
+        kinds: &JobKinds,
+        now: Millis,
+    ) -> FlowResult<(RunView, bool)> {
+        let mut tx = self.flow_tx(true).await?;
+        let made = run_create_in(tx.as_mut(), self.defs(), kinds, new, now).await?;
+        let (id, fresh, jobs) = match made {
+            Ok(made) => made,
+            Err(e) => return Ok(Err(e)),
+        };
+        tx.commit().await?;
+        if jobs {
+            self.wakeup().notify_waiters();
+        }
+        let view = self.run_get(&new.tenant, id).await?;
+        Ok(view.map(|v| (v, fresh)).ok_or(FlowError::NotFound("run")))
+    }
+
+    pub async fn run_get(&self, tenant: &str, id: i64) -> DbResult<Option<RunView>> {
+        let mut tx = self.flow_tx(false).await?;
+        let Some(run) = tx.get_run(tenant, id).await? else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let checked = load_def(tx.as_mut(), self.defs(), &run.tenant, &run.pipeline, run.version).await?;
+        let stored: HashMap<String, StepRecord> = tx
+            .steps(id)
+            .await?
+            .into_iter()
+            .map(|s| (s.step.clone(), s))
+            .collect();
+        let mut instances: HashMap<String, Vec<InstanceRecord>> = HashMap::new();
+        for row in tx.instances(id, None).await? {
+            instances.entry(row.step.clone()).or_default().push(row);
+        }
+        tx.commit().await?;
+        let steps = checked
+            .def
+            .steps
+            .iter()
+            .map(|s| {
+                let mut rows = instances.remove(&s.id).unwrap_or_default();
+                rows.sort_by_key(|r| r.index);
+                StepView {
+                    step: stored
+                        .get(&s.id)
+                        .cloned()
+                        .unwrap_or_else(|| StepRecord::pending(&s.id)),
+                    instances: rows,
+                }
+            })
+            .collect();
+        Ok(Some(RunView { run, steps }))
+    }
+
+    pub async fn run_list(&self, tenant: &str, filter: &RunFilter) -> DbResult<Vec<RunRecord>> {
+        dispatch_flow!(self, s => s.run_list(tenant, filter).await)
+    }
+
+    /// Consumes step ends from the outbox and advances their runs, one
+    /// transaction per batch. Returns how many ends were taken.
+    pub async fn flow_advance(&self, kinds: &JobKinds, now: Millis) -> DbResult<usize> {
+        let mut tx = self.flow_tx(true).await?;
+        let rows = tx.take_outbox(OUTBOX_BATCH).await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let mut by_run: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        for (_, run_id, job_id) in &rows {
+            by_run.entry(*run_id).or_default().push(*job_id);
+        }
+        let mut made_jobs = false;
+        for (run_id, job_ids) in by_run {
+            made_jobs |= advance_run(tx.as_mut(), self.defs(), kinds, run_id, &job_ids, now).await?;
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        tx.delete_outbox(&ids).await?;
+        tx.commit().await?;
+        if made_jobs {
+            self.wakeup().notify_waiters();
+        }
+        Ok(rows.len())
+    }
+
+    /// Cancels a run: its running jobs are cancelled, its pending steps
+    /// skipped, its waiting approvals closed.
+    pub async fn run_cancel(&self, tenant: &str, id: i64, now: Millis) -> FlowResult<RunView> {
+        let mut tx = self.flow_tx(true).await?;
+        let Some(mut run) = tx.lock_run(id).await?.filter(|r| r.tenant == tenant) else {
+            return Ok(Err(FlowError::NotFound("run")));
+        };
+        if run.status.is_terminal() {
+            return Ok(Err(FlowError::Conflict(format!(
+                "run {id} has already ended ({})",
+                run.status.as_str()
+            ))));
+        }
+        run.mode = RunMode::Cancelling;
+        run.reason = Some("cancelled".into());
+        if run.status == RunStatus::Queued {
+            run.status = RunStatus::Running;
+        }
+        let running: Vec<i64> = tx
+            .instances(id, None)
+            .await?
+            .into_iter()
+            .filter(|r| r.status == "running")
+            .filter_map(|r| r.job_id)
+            .collect();
+        tx.cancel_jobs(&running, now).await?;
+        let no_kinds = JobKinds::new();
+        let mut advance = load_advance(tx.as_mut(), self.defs(), &no_kinds, run, now).await?;
+        for (i, step) in advance.steps.iter_mut().enumerate() {
+            if step.status == StepStatus::Waiting {
+                step.status = StepStatus::Cancelled;
+                step.finished_at = Some(now);
+                advance.changed.insert(i);
+            }
+        }
+        advance.run_changed = true;
+        advance.settle(tx.as_mut()).await?;
+        let finished = advance.run.status.is_terminal();
+        let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+        advance.write(tx.as_mut()).await?;
+        if finished {
+            promote_queued(tx.as_mut(), self.defs(), &no_kinds, tenant, &pipeline, concurrency, now)
+                .await?;
+        }
+        tx.commit().await?;
+        self.flow_wakeup().notify_waiters();
+        Ok(self.run_get(tenant, id).await?.ok_or(FlowError::NotFound("run")))
+    }
+
+    /// Runs a failed or cancelled run again from the steps that did not
+    /// succeed; succeeded steps (and succeeded instances of a fan-out) stay.
+    pub async fn run_retry(
+        &self,
+        tenant: &str,
+        id: i64,
+        kinds: &JobKinds,
+        now: Millis,
+    ) -> FlowResult<RunView> {
+        let mut tx = self.flow_tx(true).await?;
+        let Some(mut run) = tx.lock_run(id).await?.filter(|r| r.tenant == tenant) else {
+            return Ok(Err(FlowError::NotFound("run")));
+        };
+        if !matches!(run.status, RunStatus::Failed | RunStatus::Cancelled) {
+            return Ok(Err(FlowError::Conflict(format!(
+                "only a failed or cancelled run can be retried; run {id} is {}",
+                run.status.as_str()
+            ))));
+        }
+        run.status = RunStatus::Running;
+        run.mode = RunMode::Normal;
+        run.attempt += 1;
+        run.reason = None;
+        run.detail = None;
+        run.finished_at = None;
+        let mut advance = load_advance(tx.as_mut(), self.defs(), kinds, run, now).await?;
+        let mut states: Vec<StepState> = advance.steps.iter().map(StepRecord::state).collect();
+        for i in advance::reset_for_retry(&mut states) {
+            advance.steps[i] = StepRecord::pending(&advance.steps[i].step);
+            advance.changed.insert(i);
+        }
+        advance.run_changed = true;
+        advance.settle(tx.as_mut()).await?;
+        let made = advance.write(tx.as_mut()).await?;
+        tx.commit().await?;
+        if made {
+            self.wakeup().notify_waiters();
+        }
+        Ok(self.run_get(tenant, id).await?.ok_or(FlowError::NotFound("run")))
+    }
+
+    /// Records an approval step's decision (who and why) and moves the run on.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_decide(
+        &self,
+        tenant: &str,
+        id: i64,
+        step: &str,
+        approve: bool,
+        by: &str,
+        comment: Option<&str>,
+        kinds: &JobKinds,
+        now: Millis,
+    ) -> FlowResult<RunView> {
+        let mut tx = self.flow_tx(true).await?;
+        let Some(run) = tx.lock_run(id).await?.filter(|r| r.tenant == tenant) else {
+            return Ok(Err(FlowError::NotFound("run")));
+        };
+        let mut advance = load_advance(tx.as_mut(), self.defs(), kinds, run, now).await?;
+        let Some(i) = advance.index(step) else {
+            return Ok(Err(FlowError::NotFound("step")));
+        };
+        if advance.checked.def.steps[i].kind != kiln_flow::def::APPROVAL {
+            return Ok(Err(FlowError::Conflict(format!("step {step:?} is not an approval"))));
+        }
+        if advance.steps[i].status != StepStatus::Waiting {
+            return Ok(Err(FlowError::Conflict(format!(
+                "step {step:?} is {}, not waiting for a decision",
+                advance.steps[i].status.as_str()
+            ))));
+        }
+        decide_approval(&mut advance, i, approve, by, comment);
+        advance.settle(tx.as_mut()).await?;
+        let finished = advance.run.status.is_terminal();
+        let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+        let made = advance.write(tx.as_mut()).await?;
+        if finished {
+            promote_queued(tx.as_mut(), self.defs(), kinds, tenant, &pipeline, concurrency, now).await?;
+        }
+        tx.commit().await?;
+        if made {
+            self.wakeup().notify_waiters();
+        }
+        Ok(self.run_get(tenant, id).await?.ok_or(FlowError::NotFound("run")))
+    }
+
+    /// Rejects approvals whose deadline passed; returns how many.
+    pub async fn flow_expire_approvals(&self, kinds: &JobKinds, now: Millis) -> DbResult<usize> {
+        let mut tx = self.flow_tx(true).await?;
+        let due = tx.waiting_past(now, 100).await?;
+        let mut n = 0;
+        let mut made = false;
+        for (run_id, step) in due {
+            let Some(run) = tx.lock_run(run_id).await? else { continue };
+            let tenant = run.tenant.clone();
+            let mut advance = load_advance(tx.as_mut(), self.defs(), kinds, run, now).await?;
+            let Some(i) = advance.index(&step) else { continue };
+            if advance.steps[i].status != StepStatus::Waiting {
+                continue;
+            }
+            decide_approval(&mut advance, i, false, "deadline", Some("no decision before the deadline"));
+            advance.settle(tx.as_mut()).await?;
+            let finished = advance.run.status.is_terminal();
+            let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+            made |= advance.write(tx.as_mut()).await?;
+            if finished {
+                made |= promote_queued(tx.as_mut(), self.defs(), kinds, &tenant, &pipeline, concurrency, now).await?;
+            }
+            n += 1;
+        }
+        tx.commit().await?;
+        if made {
+            self.wakeup().notify_waiters();
+        }
+        Ok(n)
+    }
+}
+
+fn decide_approval(advance: &mut Advance<'_>, i: usize, approve: bool, by: &str, comment: Option<&str>) {
+    let now = advance.now;
+    let step = &mut advance.steps[i];
+    step.status = if approve {
+        StepStatus::Succeeded
+    } else {
+        StepStatus::Failed
+    };
+    step.finished_at = Some(now);
+    step.deadline_at = None;
+    step.detail = Some(json!({
+        "decision": if approve { "approved" } else { "rejected" },
+        "by": by,
+        "comment": comment,
+        "at": now,
+    }));
+    advance.changed.insert(i);
+    if !approve && advance.run.reason.is_none() {
+        advance.run.reason = Some(format!("rejected at {}", advance.steps[i].step));
+        advance.run_changed = true;
+    }
+}
+
+/// Creates a run inside a transaction (the API's and the scheduler's).
+/// Returns the run id, whether it is new, and whether jobs were queued.
+pub(crate) async fn run_create_in(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    kinds: &JobKinds,
+    new: &NewRun,
+    now: Millis,
+) -> DbResult<Result<(i64, bool, bool), FlowError>> {
+    if let Some(key) = &new.idempotency_key {
+        if let Some(id) = tx.run_by_key(&new.tenant, &new.pipeline, key).await? {
+            return Ok(Ok((id, false, false)));
+        }
+    }
+    let Some(record) = tx.definition(&new.tenant, &new.pipeline, None).await? else {
+        return Ok(Err(FlowError::NotFound("pipeline")));
+    };
+    let checked = load_def(tx, cache, &new.tenant, &new.pipeline, record.version).await?;
+    let params = match kiln_flow::def::resolve_params(&checked.def, &new.params) {
+        Ok(params) => params,
+        Err(e) => return Ok(Err(FlowError::Invalid(e.to_string()))),
+    };
+    let status = match checked.def.concurrency {
+        Some(limit) => {
+            let (running, _) = tx.active_runs(&new.tenant, &new.pipeline).await?;
+            if running >= limit as i64 {
+                RunStatus::Queued
+            } else {
+                RunStatus::Running
+            }
+        }
+        None => RunStatus::Running,
+    };
+    let mut labels = checked.def.labels.clone();
+    labels.extend(new.labels.clone());
+    let row = NewRunRow {
+        tenant: &new.tenant,
+        pipeline: &new.pipeline,
+        version: record.version,
+        status,
+        params: Value::Object(params).to_string(),
+        labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
+        idempotency_key: new.idempotency_key.as_deref(),
+        trigger: &new.trigger,
+        now,
+    };
+    let Some(id) = tx.insert_run(&row).await? else {
+        // A concurrent request with the same key won.
+        let key = new.idempotency_key.as_deref().unwrap_or_default();
+        return match tx.run_by_key(&new.tenant, &new.pipeline, key).await? {
+            Some(id) => Ok(Ok((id, false, false))),
+            None => Err(DbError::Corrupt("a run's idempotency key conflicted but no run has it".into())),
+        };
+    };
+    let run = tx
+        .lock_run(id)
+        .await?
+        .ok_or_else(|| DbError::Corrupt("a run just made is missing".into()))?;
+    let mut advance = load_advance(tx, cache, kinds, run, now).await?;
+    advance.changed.extend(0..advance.steps.len());
+    if status == RunStatus::Running {
+        advance.settle(tx).await?;
+    }
+    let made = advance.write(tx).await?;
+    Ok(Ok((id, true, made)))
+}
+
+/// One run's share of an outbox batch: each ended job folded into its
+/// instance and step, then the run decided on.
+async fn advance_run(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    kinds: &JobKinds,
+    run_id: i64,
+    job_ids: &[i64],
+    now: Millis,
+) -> DbResult<bool> {
+    let Some(run) = tx.lock_run(run_id).await? else {
+        return Ok(false);
+    };
+    let tenant = run.tenant.clone();
+    let ended: HashMap<i64, JobEnd> = tx
+        .job_ends(run_id, job_ids)
+        .await?
+        .into_iter()
+        .map(|e| (e.job_id, e))
+        .collect();
+    // Only instances still on the job that ended: a job of an earlier
+    // attempt of the run, ending late, changes nothing.
+    let mine: Vec<InstanceRecord> = tx
+        .instances_of_jobs(run_id, job_ids)
+        .await?
+        .into_iter()
+        .filter(|r| r.status == "running" && r.job_id.is_some_and(|j| ended.contains_key(&j)))
+        .collect();
+    let mut advance = load_advance(tx, cache, kinds, run, now).await?;
+    let mut updated = Vec::with_capacity(mine.len());
+    for mut row in mine {
+        let Some(end) = row.job_id.and_then(|j| ended.get(&j)) else {
+            continue;
+        };
+        let ok = end.status == JobStatus::Succeeded;
+        row.status = match end.status {
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Cancelled => "cancelled",
+            _ => "failed",
+        }
+        .into();
+        row.exit_code = end.exit_code;
+        row.stdout = end.stdout.as_deref().map(|s| truncate(s, INSTANCE_STDOUT_MAX));
+        row.error = end.error.clone();
+        row.finished_at = end.finished_at.or(Some(now));
+        if let Some(i) = advance.index(&row.step) {
+            let mut state = advance.steps[i].state();
+            state.instance_ended(ok);
+            if state.status == StepStatus::Failed && advance.run.mode == RunMode::Cancelling {
+                state.status = StepStatus::Cancelled;
+            }
+            advance.steps[i].set_state(state);
+            if state.status.is_settled() {
+                advance.steps[i].finished_at = Some(now);
+            }
+            advance.changed.insert(i);
+        }
+        updated.push(row);
+    }
+    tx.put_instances(run_id, &updated).await?;
+    if advance.run.status == RunStatus::Running {
+        advance.settle(tx).await?;
+    }
+    let finished = advance.run.status.is_terminal();
+    let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+    let mut made = advance.write(tx).await?;
+    if finished {
+        made |= promote_queued(tx, cache, kinds, &tenant, &pipeline, concurrency, now).await?;
+    }
+    Ok(made)
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+
+pub(crate) const RUN_COLUMNS: &str = "id, tenant, pipeline, version, status, mode, params, labels, \
+     idempotency_key, trigger, attempt, reason, detail, created_at, started_at, finished_at";
+pub(crate) const STEP_COLUMNS: &str =
+    "step, status, total, succeeded, failed, started_at, finished_at, deadline_at, detail";
+pub(crate) const INSTANCE_COLUMNS: &str = "step, idx, attempt, job_id, status, item, exit_code, \
+     stdout, error, started_at, finished_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RunRow {
+    id: i64,
+    tenant: String,
+    pipeline: String,
+    version: i32,
+    status: String,
+    mode: String,
+    params: String,
+    labels: String,
+    idempotency_key: Option<String>,
+    trigger: String,
+    attempt: i32,
+    reason: Option<String>,
+    detail: Option<String>,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+fn json_column(what: &str, text: &str) -> DbResult<Value> {
+    serde_json::from_str(text).map_err(|e| DbError::Corrupt(format!("{what}: {e}")))
+}
+
+impl TryFrom<RunRow> for RunRecord {
+    type Error = DbError;
+    fn try_from(r: RunRow) -> DbResult<RunRecord> {
+        Ok(RunRecord {
+            id: r.id,
+            status: RunStatus::parse(&r.status)
+                .ok_or_else(|| DbError::Corrupt(format!("run {} status {:?}", r.id, r.status)))?,
+            mode: RunMode::parse(&r.mode),
+            params: json_column("run params", &r.params)?,
+            labels: serde_json::from_str(&r.labels)
+                .map_err(|e| DbError::Corrupt(format!("run labels: {e}")))?,
+            detail: r.detail.as_deref().map(|d| json_column("run detail", d)).transpose()?,
+            tenant: r.tenant,
+            pipeline: r.pipeline,
+            version: r.version,
+            idempotency_key: r.idempotency_key,
+            trigger: r.trigger,
+            attempt: r.attempt,
+            reason: r.reason,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct StepRow {
+    step: String,
+    status: String,
+    total: i32,
+    succeeded: i32,
+    failed: i32,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    deadline_at: Option<i64>,
+    detail: Option<String>,
+}
+
+impl TryFrom<StepRow> for StepRecord {
+    type Error = DbError;
+    fn try_from(r: StepRow) -> DbResult<StepRecord> {
+        Ok(StepRecord {
+            status: StepStatus::parse(&r.status)
+                .ok_or_else(|| DbError::Corrupt(format!("step {} status {:?}", r.step, r.status)))?,
+            detail: r.detail.as_deref().map(|d| json_column("step detail", d)).transpose()?,
+            step: r.step,
+            total: r.total,
+            succeeded: r.succeeded,
+            failed: r.failed,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            deadline_at: r.deadline_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct InstanceRow {
+    step: String,
+    idx: i32,
+    attempt: i32,
+    job_id: Option<i64>,
+    status: String,
+    item: Option<String>,
+    exit_code: Option<i32>,
+    stdout: Option<String>,
+    error: Option<String>,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+impl TryFrom<InstanceRow> for InstanceRecord {
+    type Error = DbError;
+    fn try_from(r: InstanceRow) -> DbResult<InstanceRecord> {
+        Ok(InstanceRecord {
+            item: r.item.as_deref().map(|d| json_column("instance item", d)).transpose()?,
+            step: r.step,
+            index: r.idx,
+            attempt: r.attempt,
+            job_id: r.job_id,
+            status: r.status,
+            exit_code: r.exit_code,
+            stdout: r.stdout,
+            error: r.error,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct PipelineRow {
+    name: String,
+    version: i32,
+    definition: String,
+    created_at: i64,
+}
+
+impl TryFrom<PipelineRow> for PipelineRecord {
+    type Error = DbError;
+    fn try_from(r: PipelineRow) -> DbResult<PipelineRecord> {
+        Ok(PipelineRecord {
+            definition: json_column("pipeline definition", &r.definition)?,
+            name: r.name,
+            version: r.version,
+            created_at: r.created_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobEndRow {
+    id: i64,
+    status: String,
+    result: Option<String>,
+    error: Option<String>,
+    finished_at: Option<i64>,
+}
+
+impl From<JobEndRow> for JobEnd {
+    fn from(r: JobEndRow) -> JobEnd {
+        let result: Option<kiln_core::JobResult> =
+            r.result.as_deref().and_then(|t| serde_json::from_str(t).ok());
+        JobEnd {
+            job_id: r.id,
+            status: JobStatus::parse(&r.status).unwrap_or(JobStatus::Failed),
+            exit_code: result.as_ref().map(|r| r.exit_code),
+            stdout: result.map(|r| r.stdout),
+            error: r.error,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
+/// Text columns of a step row as written.
+pub(crate) fn step_detail(step: &StepRecord) -> Option<String> {
+    step.detail.as_ref().map(Value::to_string)
+}
+
+pub(crate) fn instance_item(row: &InstanceRecord) -> Option<String> {
+    row.item.as_ref().map(Value::to_string)
+}
+
+/// Stored text cannot hold NUL on PostgreSQL; output copied from a job
+/// is made storable the same way results are.
+pub(crate) fn storable(text: &Option<String>) -> Option<String> {
+    text.as_ref().map(|t| t.replace('\0', "\u{FFFD}"))
+}

@@ -1,0 +1,621 @@
+//! The flow statements on PostgreSQL: batched through `unnest` arrays, the
+//! run row locked `FOR UPDATE`, the outbox taken `FOR UPDATE SKIP LOCKED` so
+//! advancers on many hosts share it.
+
+use kiln_core::{Millis, NewJob};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::{
+    instance_item, step_detail, storable, FlowTx, InstanceRecord, InstanceRow, JobEnd, JobEndRow,
+    NewRunRow, PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
+    INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
+};
+use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
+use super::{FireRecord, ScheduleRecord};
+use crate::rows::{rows_to, EncodedJob};
+use crate::{DbResult, PgStore};
+
+pub(crate) struct PgFlowTx {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl PgFlowTx {
+    pub(crate) async fn begin(pool: &PgPool) -> DbResult<PgFlowTx> {
+        Ok(PgFlowTx {
+            tx: pool.begin().await?,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl FlowTx for PgFlowTx {
+    async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
+        let row: Option<RunRow> =
+            sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE"))
+                .bind(id)
+                .fetch_optional(&mut *self.tx)
+                .await?;
+        row.map(RunRecord::try_from).transpose()
+    }
+
+    async fn get_run(&mut self, tenant: &str, id: i64) -> DbResult<Option<RunRecord>> {
+        let row: Option<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND tenant = $2"
+        ))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(RunRecord::try_from).transpose()
+    }
+
+    async fn insert_run(&mut self, run: &NewRunRow<'_>) -> DbResult<Option<i64>> {
+        let started = (run.status == kiln_flow::RunStatus::Running).then_some(run.now);
+        Ok(sqlx::query_scalar(
+            "INSERT INTO runs (tenant, pipeline, version, status, params, labels, idempotency_key, \
+             trigger, created_at, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (tenant, pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL \
+             DO NOTHING RETURNING id",
+        )
+        .bind(run.tenant)
+        .bind(run.pipeline)
+        .bind(run.version)
+        .bind(run.status.as_str())
+        .bind(&run.params)
+        .bind(&run.labels)
+        .bind(run.idempotency_key)
+        .bind(run.trigger)
+        .bind(run.now)
+        .bind(started)
+        .fetch_optional(&mut *self.tx)
+        .await?)
+    }
+
+    async fn run_by_key(
+        &mut self,
+        tenant: &str,
+        pipeline: &str,
+        key: &str,
+    ) -> DbResult<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM runs WHERE tenant = $1 AND pipeline = $2 AND idempotency_key = $3",
+        )
+        .bind(tenant)
+        .bind(pipeline)
+        .bind(key)
+        .fetch_optional(&mut *self.tx)
+        .await?)
+    }
+
+    async fn update_run(&mut self, run: &RunRecord) -> DbResult<()> {
+        sqlx::query(
+            "UPDATE runs SET status = $2, mode = $3, attempt = $4, reason = $5, detail = $6, \
+             started_at = $7, finished_at = $8 WHERE id = $1",
+        )
+        .bind(run.id)
+        .bind(run.status.as_str())
+        .bind(run.mode.as_str())
+        .bind(run.attempt)
+        .bind(&run.reason)
+        .bind(run.detail.as_ref().map(|d| d.to_string()))
+        .bind(run.started_at)
+        .bind(run.finished_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn active_runs(&mut self, tenant: &str, pipeline: &str) -> DbResult<(i64, Option<i64>)> {
+        Ok(sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE status = 'running'), MIN(id) FILTER (WHERE status = 'queued') \
+             FROM runs WHERE tenant = $1 AND pipeline = $2 AND status IN ('queued', 'running')",
+        )
+        .bind(tenant)
+        .bind(pipeline)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
+    async fn steps(&mut self, run_id: i64) -> DbResult<Vec<StepRecord>> {
+        let rows: Vec<StepRow> = sqlx::query_as(&format!(
+            "SELECT {STEP_COLUMNS} FROM run_steps WHERE run_id = $1"
+        ))
+        .bind(run_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows_to(rows)
+    }
+
+    async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
+               finished_at, deadline_at, detail) \
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int4[], $5::int4[], $6::int4[], \
+               $7::int8[], $8::int8[], $9::int8[], $10::text[]) \
+             ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
+               total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
+               started_at = excluded.started_at, finished_at = excluded.finished_at, \
+               deadline_at = excluded.deadline_at, detail = excluded.detail",
+        )
+        .bind(run_id)
+        .bind(steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.status.as_str()).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.total).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.succeeded).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.failed).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.started_at).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.finished_at).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.deadline_at).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| storable(&step_detail(s))).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn instances(
+        &mut self,
+        run_id: i64,
+        steps: Option<&[String]>,
+    ) -> DbResult<Vec<InstanceRecord>> {
+        let rows: Vec<InstanceRow> = sqlx::query_as(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM run_instances WHERE run_id = $1 \
+             AND ($2::text[] IS NULL OR step = ANY($2)) ORDER BY step, idx"
+        ))
+        .bind(run_id)
+        .bind(steps)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows_to(rows)
+    }
+
+    async fn instances_of_jobs(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+    ) -> DbResult<Vec<InstanceRecord>> {
+        let rows: Vec<InstanceRow> = sqlx::query_as(&format!(
+            "SELECT {INSTANCE_COLUMNS} FROM run_instances WHERE run_id = $1 AND job_id = ANY($2)"
+        ))
+        .bind(run_id)
+        .bind(job_ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows_to(rows)
+    }
+
+    async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, exit_code, \
+               stdout, error, started_at, finished_at) \
+             SELECT $1, * FROM unnest($2::text[], $3::int4[], $4::int4[], $5::int8[], $6::text[], \
+               $7::text[], $8::int4[], $9::text[], $10::text[], $11::int8[], $12::int8[]) \
+             ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
+               job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
+               exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
+               started_at = excluded.started_at, finished_at = excluded.finished_at",
+        )
+        .bind(run_id)
+        .bind(rows.iter().map(|r| r.step.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.index).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.job_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| storable(&instance_item(r))).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.exit_code).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| storable(&r.stdout)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| storable(&r.error)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn job_ends(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<JobEnd>> {
+        let rows: Vec<JobEndRow> = sqlx::query_as(
+            "SELECT id, status, result, error, finished_at FROM jobs \
+             WHERE id = ANY($1) AND run_id = $2",
+        )
+        .bind(job_ids)
+        .bind(run_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows.into_iter().map(JobEnd::from).collect())
+    }
+
+    async fn insert_jobs(
+        &mut self,
+        jobs: &[NewJob],
+        run_id: Option<i64>,
+        now: Millis,
+    ) -> DbResult<Vec<i64>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for job in jobs {
+            crate::storable_job(job)?;
+        }
+        let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
+        let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
+        // No ON CONFLICT: a step job made twice is a broken invariant, and
+        // the unique key refuses it by aborting the whole advance.
+        Ok(sqlx::query_scalar(
+            "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
+             timeout_ms, backoff, permanent_exit_codes, run_at, idempotency_key, created_at, run_id, held) \
+             SELECT t.*, $14, $15, EXISTS (SELECT 1 FROM queues q WHERE q.tenant = t.tenant \
+               AND q.name = t.queue AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], \
+               $6::text[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[], \
+               $13::text[]) \
+               AS t(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
+                    backoff, permanent_exit_codes, run_at, idempotency_key) \
+             RETURNING id",
+        )
+        .bind(col(|e| e.job.tenant.clone()))
+        .bind(col(|e| e.job.kind.clone()))
+        .bind(col(|e| e.job.queue.clone()))
+        .bind(encoded.iter().map(|e| e.job.priority.rank()).collect::<Vec<i16>>())
+        .bind(col(|e| e.status.to_string()))
+        .bind(col(|e| e.spec.clone()))
+        .bind(col(|e| e.labels.clone()))
+        .bind(encoded.iter().map(|e| e.job.max_attempts).collect::<Vec<i32>>())
+        .bind(encoded.iter().map(|e| e.job.timeout_ms).collect::<Vec<i64>>())
+        .bind(col(|e| e.backoff.clone()))
+        .bind(col(|e| e.permanent_exit_codes.clone()))
+        .bind(encoded.iter().map(|e| e.run_at).collect::<Vec<i64>>())
+        .bind(
+            encoded
+                .iter()
+                .map(|e| e.job.idempotency_key.clone())
+                .collect::<Vec<Option<String>>>(),
+        )
+        .bind(now)
+        .bind(run_id)
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
+    async fn cancel_jobs(&mut self, ids: &[i64], now: Millis) -> DbResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sqlx::query(&format!(
+            "UPDATE jobs SET {} WHERE id IN (SELECT id FROM jobs WHERE id = ANY($2) \
+             AND status IN ('queued','scheduled','running') ORDER BY id FOR UPDATE)",
+            crate::rows::CANCEL_SET
+        ))
+        .bind(now)
+        .bind(&sorted)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_outbox(&mut self, limit: i64) -> DbResult<Vec<(i64, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, run_id, job_id FROM flow_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
+    async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()> {
+        sqlx::query("DELETE FROM flow_outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn definition(
+        &mut self,
+        tenant: &str,
+        name: &str,
+        version: Option<i32>,
+    ) -> DbResult<Option<PipelineRecord>> {
+        let row: Option<PipelineRow> = sqlx::query_as(
+            "SELECT name, version, definition, created_at FROM pipelines \
+             WHERE tenant = $1 AND name = $2 AND ($3::int4 IS NULL OR version = $3) \
+             AND ($3::int4 IS NOT NULL OR NOT deleted) ORDER BY version DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .bind(name)
+        .bind(version)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(PipelineRecord::try_from).transpose()
+    }
+
+    async fn waiting_past(&mut self, now: Millis, limit: i64) -> DbResult<Vec<(i64, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, step FROM run_steps WHERE status = 'waiting' AND deadline_at < $1 \
+             ORDER BY deadline_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
+    async fn schedule_put(&mut self, s: &ScheduleRecord) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO schedules (tenant, name, cron, timezone, target, overlap, catch_up, paused, \
+               next_fire_at, last_fire_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (tenant, name) DO UPDATE SET cron = excluded.cron, \
+               timezone = excluded.timezone, target = excluded.target, overlap = excluded.overlap, \
+               catch_up = excluded.catch_up, paused = excluded.paused, \
+               next_fire_at = excluded.next_fire_at, updated_at = excluded.updated_at",
+        )
+        .bind(&s.tenant)
+        .bind(&s.name)
+        .bind(&s.cron)
+        .bind(&s.timezone)
+        .bind(s.target.to_string())
+        .bind(as_text(&s.overlap))
+        .bind(as_text(&s.catch_up))
+        .bind(s.paused)
+        .bind(s.next_fire_at)
+        .bind(s.last_fire_at)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn schedule_get(&mut self, tenant: &str, name: &str) -> DbResult<Option<ScheduleRecord>> {
+        let row: Option<ScheduleRow> = sqlx::query_as(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE tenant = $1 AND name = $2"
+        ))
+        .bind(tenant)
+        .bind(name)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(ScheduleRecord::try_from).transpose()
+    }
+
+    async fn schedule_list(&mut self, tenant: &str) -> DbResult<Vec<ScheduleRecord>> {
+        let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE tenant = $1 ORDER BY name"
+        ))
+        .bind(tenant)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows_to(rows)
+    }
+
+    async fn schedule_delete(&mut self, tenant: &str, name: &str) -> DbResult<bool> {
+        let done = sqlx::query("DELETE FROM schedules WHERE tenant = $1 AND name = $2")
+            .bind(tenant)
+            .bind(name)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn schedules_due(&mut self, now: Millis, limit: i64) -> DbResult<Vec<ScheduleRecord>> {
+        let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
+            "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE NOT paused AND next_fire_at <= $1 \
+             ORDER BY next_fire_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows_to(rows)
+    }
+
+    async fn schedule_moved(&mut self, s: &ScheduleRecord) -> DbResult<()> {
+        sqlx::query(
+            "UPDATE schedules SET paused = $3, next_fire_at = $4, last_fire_at = $5, updated_at = $6 \
+             WHERE tenant = $1 AND name = $2",
+        )
+        .bind(&s.tenant)
+        .bind(&s.name)
+        .bind(s.paused)
+        .bind(s.next_fire_at)
+        .bind(s.last_fire_at)
+        .bind(s.updated_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn fire_insert(&mut self, f: &FireRecord) -> DbResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO schedule_fires (tenant, schedule, tick, fired_at, outcome) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, schedule, tick) DO NOTHING",
+        )
+        .bind(&f.tenant)
+        .bind(&f.schedule)
+        .bind(f.tick)
+        .bind(f.fired_at)
+        .bind(&f.outcome)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn fire_update(&mut self, f: &FireRecord) -> DbResult<()> {
+        sqlx::query(
+            "UPDATE schedule_fires SET outcome = $4, job_id = $5, run_id = $6, error = $7 \
+             WHERE tenant = $1 AND schedule = $2 AND tick = $3",
+        )
+        .bind(&f.tenant)
+        .bind(&f.schedule)
+        .bind(f.tick)
+        .bind(&f.outcome)
+        .bind(f.job_id)
+        .bind(f.run_id)
+        .bind(f.error.as_deref().map(|e| e.replace('\0', "\u{FFFD}")))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn fires(&mut self, tenant: &str, name: &str, limit: i64) -> DbResult<Vec<FireRecord>> {
+        let rows: Vec<FireRow> = sqlx::query_as(&format!(
+            "SELECT {FIRE_COLUMNS} FROM schedule_fires WHERE tenant = $1 AND schedule = $2 \
+             ORDER BY tick DESC LIMIT $3"
+        ))
+        .bind(tenant)
+        .bind(name)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows.into_iter().map(FireRecord::from).collect())
+    }
+
+    async fn last_fire(&mut self, tenant: &str, name: &str) -> DbResult<Option<FireRecord>> {
+        let row: Option<FireRow> = sqlx::query_as(&format!(
+            "SELECT {FIRE_COLUMNS} FROM schedule_fires WHERE tenant = $1 AND schedule = $2 \
+             AND (job_id IS NOT NULL OR run_id IS NOT NULL) ORDER BY tick DESC LIMIT 1"
+        ))
+        .bind(tenant)
+        .bind(name)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(row.map(FireRecord::from))
+    }
+
+    async fn job_active(&mut self, id: i64) -> DbResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1 \
+             AND status IN ('queued','scheduled','running'))",
+        )
+        .bind(id)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
+    async fn run_active(&mut self, id: i64) -> DbResult<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1 AND status IN ('queued','running'))",
+        )
+        .bind(id)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
+    async fn queue_serial(&mut self, tenant: &str, name: &str, now: Millis) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO queues (tenant, name, paused, concurrency_limit, updated_at) \
+             VALUES ($1, $2, FALSE, 1, $3) ON CONFLICT (tenant, name) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(name)
+        .bind(now)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> DbResult<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl PgStore {
+    pub(crate) async fn pipeline_put(
+        &self,
+        tenant: &str,
+        name: &str,
+        definition: &serde_json::Value,
+        now: Millis,
+    ) -> DbResult<PipelineRecord> {
+        let mut tx = self.pool.begin().await?;
+        // Applies of one pipeline take turns, so versions never collide.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))")
+            .bind(tenant)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let row: PipelineRow = sqlx::query_as(
+            "INSERT INTO pipelines (tenant, name, version, definition, created_at) \
+             SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4 FROM pipelines \
+             WHERE tenant = $1 AND name = $2 \
+             RETURNING name, version, definition, created_at",
+        )
+        .bind(tenant)
+        .bind(name)
+        .bind(definition.to_string())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        PipelineRecord::try_from(row)
+    }
+
+    pub(crate) async fn schedule_next_due(&self) -> DbResult<Option<Millis>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_fire_at) FROM schedules WHERE NOT paused")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub(crate) async fn pipeline_list(&self, tenant: &str) -> DbResult<Vec<PipelineRecord>> {
+        let rows: Vec<PipelineRow> = sqlx::query_as(
+            "SELECT DISTINCT ON (name) name, version, definition, created_at FROM pipelines \
+             WHERE tenant = $1 AND NOT deleted ORDER BY name, version DESC",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows_to(rows)
+    }
+
+    pub(crate) async fn pipeline_versions(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> DbResult<Vec<(i32, Millis)>> {
+        Ok(sqlx::query_as(
+            "SELECT version, created_at FROM pipelines WHERE tenant = $1 AND name = $2 ORDER BY version",
+        )
+        .bind(tenant)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn pipeline_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
+        let done = sqlx::query(
+            "UPDATE pipelines SET deleted = TRUE WHERE tenant = $1 AND name = $2 AND NOT deleted",
+        )
+        .bind(tenant)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub(crate) async fn run_list(&self, tenant: &str, f: &RunFilter) -> DbResult<Vec<RunRecord>> {
+        let (label_key, label_value) = match &f.label {
+            Some((k, v)) => (Some(k.as_str()), Some(v.as_str())),
+            None => (None, None),
+        };
+        let rows: Vec<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE tenant = $1 \
+             AND ($2::text IS NULL OR pipeline = $2) AND ($3::text IS NULL OR status = $3) \
+             AND ($4::text IS NULL OR (labels::jsonb ->> $4::text) = $5::text) \
+             AND ($6::int8 IS NULL OR id < $6) ORDER BY id DESC LIMIT $7"
+        ))
+        .bind(tenant)
+        .bind(&f.pipeline)
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(label_key)
+        .bind(label_value)
+        .bind(f.before_id)
+        .bind(f.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows_to(rows)
+    }
+}
