@@ -186,30 +186,21 @@ pub struct Decision {
 /// caller, which decides again afterwards).
 pub fn decide(checked: &Checked, states: &[StepState], mode: Mode) -> Decision {
     let steps = &checked.def.steps;
-    let index: std::collections::HashMap<&str, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.id.as_str(), i))
-        .collect();
     let mut status: Vec<StepStatus> = states.iter().map(|s| s.status).collect();
     let mut decision = Decision::default();
     for &i in &checked.order {
         if status[i] != StepStatus::Pending {
             continue;
         }
-        let deps: Vec<StepStatus> = steps[i]
-            .depends_on
-            .iter()
-            .map(|d| status[index[d.as_str()]])
-            .collect();
-        if !deps.iter().all(|s| s.is_settled()) {
+        let deps = &checked.parents[i];
+        if !deps.iter().all(|&d| status[d].is_settled()) {
             if mode == Mode::Cancelling {
                 status[i] = StepStatus::Skipped;
                 decision.skip.push(i);
             }
             continue;
         }
-        let upstream_ok = deps.iter().all(|s| *s == StepStatus::Succeeded);
+        let upstream_ok = deps.iter().all(|&d| status[d] == StepStatus::Succeeded);
         let runs = match steps[i].when {
             When::Success => upstream_ok,
             When::Failure => !upstream_ok,

@@ -231,6 +231,17 @@ pub struct Checked {
     pub def: PipelineDef,
     /// Step indices, each after all of its dependencies.
     pub order: Vec<usize>,
+    /// Step index by id.
+    pub index: HashMap<String, usize>,
+    /// Each step's dependencies and dependants, by index.
+    pub parents: Vec<Vec<usize>>,
+    pub children: Vec<Vec<usize>>,
+}
+
+impl Checked {
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
 }
 
 impl PipelineDef {
@@ -327,7 +338,25 @@ impl PipelineDef {
         for (i, step) in self.steps.iter().enumerate() {
             self.check_step(i, step, kinds, &params, &ancestors[i])?;
         }
-        Ok(Checked { def: self, order })
+        let parents: Vec<Vec<usize>> = self
+            .steps
+            .iter()
+            .map(|s| s.depends_on.iter().map(|d| index[d.as_str()]).collect())
+            .collect();
+        let mut children = vec![Vec::new(); self.steps.len()];
+        for (i, ps) in parents.iter().enumerate() {
+            for &p in ps {
+                children[p].push(i);
+            }
+        }
+        let index = index.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        Ok(Checked {
+            def: self,
+            order,
+            index,
+            parents,
+            children,
+        })
     }
 
     fn check_step(

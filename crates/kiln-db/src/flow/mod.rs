@@ -273,6 +273,10 @@ pub(crate) trait FlowTx: Send {
     /// Runs of this pipeline running now, and the oldest queued one.
     async fn active_runs(&mut self, tenant: &str, pipeline: &str) -> DbResult<(i64, Option<i64>)>;
     async fn steps(&mut self, run_id: i64) -> DbResult<Vec<StepRecord>>;
+    async fn steps_named(&mut self, run_id: i64, names: &[String]) -> DbResult<Vec<StepRecord>>;
+    /// Steps of the run that have ended, and how many of those failed or
+    /// were cancelled.
+    async fn step_counts(&mut self, run_id: i64) -> DbResult<(i64, i64)>;
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()>;
     async fn instances(
         &mut self,
@@ -400,45 +404,116 @@ struct Advance<'a> {
     /// Jobs were inserted: workers should look.
     made_jobs: bool,
     run_changed: bool,
+    /// Which steps' states were read. An advance after a step job ends reads
+    /// only the steps it can move (the ended steps, their dependants and
+    /// those dependants' other dependencies), so a long run costs the same
+    /// per step at its end as at its start; the others stand as unknown.
+    known: Vec<bool>,
 }
 
 impl Advance<'_> {
     fn index(&self, id: &str) -> Option<usize> {
-        self.checked.def.steps.iter().position(|s| s.id == id)
+        self.checked.position(id)
+    }
+
+    fn partial(&self) -> bool {
+        !self.known.iter().all(|k| *k)
+    }
+
+    /// Reads the states of these steps (and marks them known).
+    async fn know(&mut self, tx: &mut dyn FlowTx, wanted: BTreeSet<usize>) -> DbResult<()> {
+        let missing: Vec<usize> = wanted.into_iter().filter(|&i| !self.known[i]).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = missing
+            .iter()
+            .map(|&i| self.checked.def.steps[i].id.clone())
+            .collect();
+        let mut stored: HashMap<String, StepRecord> = tx
+            .steps_named(self.run.id, &names)
+            .await?
+            .into_iter()
+            .map(|s| (s.step.clone(), s))
+            .collect();
+        for (i, name) in missing.into_iter().zip(names) {
+            self.steps[i] = stored
+                .remove(&name)
+                .unwrap_or_else(|| StepRecord::pending(&name));
+            self.known[i] = true;
+        }
+        Ok(())
+    }
+
+    /// The steps whose decision may change once `settled` have settled:
+    /// their dependants, and those dependants' dependencies.
+    fn around(&self, settled: impl IntoIterator<Item = usize>) -> BTreeSet<usize> {
+        let mut wanted = BTreeSet::new();
+        for i in settled {
+            wanted.insert(i);
+            for &c in &self.checked.children[i] {
+                wanted.insert(c);
+                wanted.extend(self.checked.parents[c].iter().copied());
+            }
+        }
+        wanted
+    }
+
+    fn states(&self) -> Vec<StepState> {
+        self.steps
+            .iter()
+            .zip(&self.known)
+            .map(|(s, known)| {
+                if *known {
+                    s.state()
+                } else {
+                    // Unknown stands as running: neither decided on nor
+                    // settled, so nothing starts or ends because of it.
+                    StepState {
+                        status: StepStatus::Running,
+                        ..StepState::pending()
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Decides and applies until nothing more settles at once (gates,
     /// approvals decided, empty fan-outs, steps that failed to render).
     async fn settle(&mut self, tx: &mut dyn FlowTx) -> DbResult<()> {
-        for _ in 0..=self.steps.len() + 1 {
+        for _ in 0..=2 * self.steps.len() + 2 {
             if self.run.status != RunStatus::Running {
                 return Ok(());
             }
-            let states: Vec<StepState> = self.steps.iter().map(StepRecord::state).collect();
-            let decision = advance::decide(&self.checked, &states, self.run.mode.mode());
+            let decision = advance::decide(&self.checked, &self.states(), self.run.mode.mode());
+            let mut settled = Vec::new();
             for &i in &decision.skip {
                 self.steps[i].status = StepStatus::Skipped;
                 self.steps[i].finished_at = Some(self.now);
                 self.changed.insert(i);
+                settled.push(i);
             }
-            let mut settled_now = false;
             for &i in &decision.start {
                 self.start(tx, i).await?;
-                settled_now |= self.steps[i].status.is_settled();
+                if self.steps[i].status.is_settled() {
+                    settled.push(i);
+                }
             }
-            if let Some(status) = decision.finished.filter(|_| decision.start.is_empty()) {
-                self.finish(status);
-                return Ok(());
-            }
-            if !settled_now && decision.skip.is_empty() {
+            if settled.is_empty() {
                 // Nothing moved without waiting on a job or a person.
-                let states: Vec<StepState> = self.steps.iter().map(StepRecord::state).collect();
-                if let Some(status) =
-                    advance::decide(&self.checked, &states, self.run.mode.mode()).finished
-                {
-                    self.finish(status);
+                if !self.partial() {
+                    let states: Vec<StepState> = self.steps.iter().map(StepRecord::state).collect();
+                    if let Some(status) =
+                        advance::decide(&self.checked, &states, self.run.mode.mode()).finished
+                    {
+                        self.finish(status);
+                    }
                 }
                 return Ok(());
+            }
+            if self.partial() {
+                let wanted = self.around(settled);
+                self.know(tx, wanted).await?;
             }
         }
         Ok(())
@@ -454,7 +529,11 @@ impl Advance<'_> {
                 .filter(|s| matches!(s.status, StepStatus::Failed))
                 .map(|s| s.step.as_str())
                 .collect();
-            self.run.reason = Some(format!("step failed: {}", failed.join(", ")));
+            self.run.reason = Some(if failed.is_empty() {
+                "a step failed".to_string()
+            } else {
+                format!("step failed: {}", failed.join(", "))
+            });
         }
         self.run_changed = true;
     }
@@ -510,7 +589,16 @@ impl Advance<'_> {
         Ok(())
     }
 
+    /// The run's reason names the first step that failed.
+    fn note_failure(&mut self, i: usize) {
+        if self.run.reason.is_none() {
+            self.run.reason = Some(format!("step failed: {}", self.steps[i].step));
+            self.run_changed = true;
+        }
+    }
+
     fn fail_step(&mut self, i: usize, error: String) -> DbResult<()> {
+        self.note_failure(i);
         self.steps[i].status = StepStatus::Failed;
         self.steps[i].finished_at = Some(self.now);
         self.steps[i].detail = Some(json!({ "error": error }));
@@ -683,6 +771,8 @@ impl Advance<'_> {
         if let Some(condition) = &step.condition {
             collect(condition);
         }
+        let wanted: BTreeSet<usize> = named.iter().filter_map(|id| self.index(id)).collect();
+        self.know(tx, wanted).await?;
         let mut steps = serde_json::Map::new();
         let job_steps: Vec<String> = named
             .iter()
@@ -732,10 +822,23 @@ impl Advance<'_> {
         }))
     }
 
-    async fn write(self, tx: &mut dyn FlowTx) -> DbResult<bool> {
+    async fn write(mut self, tx: &mut dyn FlowTx) -> DbResult<bool> {
         let changed: Vec<&StepRecord> = self.changed.iter().map(|&i| &self.steps[i]).collect();
         if !changed.is_empty() {
             tx.put_steps(self.run.id, &changed).await?;
+        }
+        if self.run.status == RunStatus::Running && self.partial() {
+            // Written first, so the count includes what this advance settled.
+            let (settled, bad) = tx.step_counts(self.run.id).await?;
+            if settled >= self.steps.len() as i64 {
+                let status = match self.run.mode {
+                    RunMode::Cancelling => RunStatus::Cancelled,
+                    RunMode::Stopping => RunStatus::Failed,
+                    RunMode::Normal if bad > 0 => RunStatus::Failed,
+                    RunMode::Normal => RunStatus::Succeeded,
+                };
+                self.finish(status);
+            }
         }
         if self.run_changed {
             tx.update_run(&self.run).await?;
@@ -769,24 +872,28 @@ async fn load_advance<'a>(
     run: RunRecord,
     now: Millis,
 ) -> DbResult<Advance<'a>> {
+    let mut advance = new_advance(tx, cache, kinds, run, now).await?;
+    let all: BTreeSet<usize> = (0..advance.steps.len()).collect();
+    advance.know(tx, all).await?;
+    Ok(advance)
+}
+
+/// An advance that knows no step's state yet: callers read what they need.
+async fn new_advance<'a>(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    kinds: &'a JobKinds,
+    run: RunRecord,
+    now: Millis,
+) -> DbResult<Advance<'a>> {
     let checked = load_def(tx, cache, &run.tenant, &run.pipeline, run.version).await?;
-    let stored: HashMap<String, StepRecord> = tx
-        .steps(run.id)
-        .await?
-        .into_iter()
-        .map(|s| (s.step.clone(), s))
-        .collect();
-    let steps = checked
+    let steps: Vec<StepRecord> = checked
         .def
         .steps
         .iter()
-        .map(|s| {
-            stored
-                .get(&s.id)
-                .cloned()
-                .unwrap_or_else(|| StepRecord::pending(&s.id))
-        })
+        .map(|s| StepRecord::pending(&s.id))
         .collect();
+    let n = steps.len();
     Ok(Advance {
         run,
         checked,
@@ -796,6 +903,7 @@ async fn load_advance<'a>(
         now,
         made_jobs: false,
         run_changed: false,
+        known: vec![false; n],
     })
 }
 
@@ -1366,7 +1474,9 @@ pub(crate) async fn run_create_in(
         .lock_run(id)
         .await?
         .ok_or_else(|| DbError::Corrupt("a run just made is missing".into()))?;
-    let mut advance = load_advance(tx, cache, kinds, run, now).await?;
+    // A new run has no step rows yet: every step is known pending.
+    let mut advance = new_advance(tx, cache, kinds, run, now).await?;
+    advance.known.iter_mut().for_each(|k| *k = true);
     advance.changed.extend(0..advance.steps.len());
     if status == RunStatus::Running {
         advance.settle(tx).await?;
@@ -1403,7 +1513,10 @@ async fn advance_run(
         .into_iter()
         .filter(|r| r.status == "running" && r.job_id.is_some_and(|j| ended.contains_key(&j)))
         .collect();
-    let mut advance = load_advance(tx, cache, kinds, run, now).await?;
+    let mut advance = new_advance(tx, cache, kinds, run, now).await?;
+    let ended_steps: BTreeSet<usize> = mine.iter().filter_map(|r| advance.index(&r.step)).collect();
+    let wanted = advance.around(ended_steps);
+    advance.know(tx, wanted).await?;
     let mut updated = Vec::with_capacity(mine.len());
     for mut row in mine {
         let Some(end) = row.job_id.and_then(|j| ended.get(&j)) else {
@@ -1432,6 +1545,9 @@ async fn advance_run(
             advance.steps[i].set_state(state);
             if state.status.is_settled() {
                 advance.steps[i].finished_at = Some(now);
+            }
+            if state.status == StepStatus::Failed {
+                advance.note_failure(i);
             }
             advance.changed.insert(i);
         }

@@ -127,6 +127,27 @@ impl FlowTx for PgFlowTx {
         rows_to(rows)
     }
 
+    async fn steps_named(&mut self, run_id: i64, names: &[String]) -> DbResult<Vec<StepRecord>> {
+        let rows: Vec<StepRow> = sqlx::query_as(&format!(
+            "SELECT {STEP_COLUMNS} FROM run_steps WHERE run_id = $1 AND step = ANY($2)"
+        ))
+        .bind(run_id)
+        .bind(names)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows_to(rows)
+    }
+
+    async fn step_counts(&mut self, run_id: i64) -> DbResult<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT COUNT(*) FILTER (WHERE status IN ('succeeded','failed','skipped','cancelled')), \
+             COUNT(*) FILTER (WHERE status IN ('failed','cancelled')) FROM run_steps WHERE run_id = $1",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()> {
         sqlx::query(
             "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \

@@ -130,6 +130,28 @@ impl FlowTx for SqliteFlowTx {
         rows_to(rows)
     }
 
+    async fn steps_named(&mut self, run_id: i64, names: &[String]) -> DbResult<Vec<StepRecord>> {
+        let rows: Vec<StepRow> = sqlx::query_as(&format!(
+            "SELECT {STEP_COLUMNS} FROM run_steps WHERE run_id = ? \
+             AND step IN (SELECT value FROM json_each(?))"
+        ))
+        .bind(run_id)
+        .bind(serde_json::to_string(names).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows_to(rows)
+    }
+
+    async fn step_counts(&mut self, run_id: i64) -> DbResult<(i64, i64)> {
+        Ok(sqlx::query_as(
+            "SELECT COALESCE(SUM(status IN ('succeeded','failed','skipped','cancelled')), 0), \
+             COALESCE(SUM(status IN ('failed','cancelled')), 0) FROM run_steps WHERE run_id = ?",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *self.tx)
+        .await?)
+    }
+
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()> {
         for s in steps {
             sqlx::query(
