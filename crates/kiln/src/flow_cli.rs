@@ -982,7 +982,7 @@ fn describe_run(run: &Value, now: i64) -> String {
         let instances: Vec<&Value> = items(step, "instances").collect();
         let shown = instances
             .iter()
-            .filter(|i| !i["error"].is_null() || !i["item"].is_null());
+            .filter(|i| !i["error"].is_null() || !i["item"].is_null() || i["status"] == "failed");
         for instance in shown.take(PER_STEP_MAX) {
             let mut note = format!("{id}[{}]", text(&instance["index"]));
             if !instance["item"].is_null() {

@@ -272,6 +272,90 @@ async fn pipelines_apply_list_run_and_fail() {
     assert!(stderr(&missing).contains("404"), "{}", stderr(&missing));
 }
 
+/// Reads the run until `step` is `status` (bounded: ten seconds).
+fn until_step(server: &Server, id: &str, step: &str, status: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        let got = ok(&server.run(&["run", "get", id, "--json"]));
+        let run: serde_json::Value = serde_json::from_str(&got).unwrap();
+        let now = run["steps"]
+            .as_array()
+            .and_then(|steps| steps.iter().find(|s| s["step"] == step))
+            .map(|s| s["status"].clone());
+        if now.as_ref().and_then(|s| s.as_str()) == Some(status) {
+            return run;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("run {id}: step {step} never became {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_cancel_and_retry() {
+    let server = Server::start("kiln-cli-approve").await;
+    let release = server.write(
+        "release.yaml",
+        "\
+name: release
+steps:
+  - id: build
+    kind: noop
+  - id: ship
+    kind: approval
+    depends_on: [build]
+  - id: announce
+    kind: noop
+    depends_on: [ship]
+",
+    );
+    ok(&server.run(&["pipeline", "apply", "-f", &release]));
+
+    // Approved: the run goes on and succeeds.
+    let id = ok(&server.run(&["pipeline", "run", "release"]))
+        .trim()
+        .to_string();
+    until_step(&server, &id, "ship", "waiting");
+    let shown = ok(&server.run(&["run", "get", &id]));
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("ship ") && l.contains("waiting")),
+        "{shown}"
+    );
+    let approved = ok(&server.run(&["run", "approve", &id, "ship", "--comment", "looks good"]));
+    assert!(approved.contains("step ship succeeded"), "{approved}");
+    let waited = server.run(&["run", "wait", &id]);
+    assert!(ok(&waited).contains("step announce succeeded"));
+
+    // Rejected: the run fails, and waiting on it says so with exit 1.
+    let id = ok(&server.run(&["pipeline", "run", "release"]))
+        .trim()
+        .to_string();
+    until_step(&server, &id, "ship", "waiting");
+    ok(&server.run(&["run", "reject", &id, "ship"]));
+    let waited = server.run(&["run", "wait", &id]);
+    assert_eq!(waited.status.code(), Some(1), "{}", stdout(&waited));
+    assert!(!stdout(&waited).contains("step announce succeeded"));
+
+    // Cancelled: exit 3; retried: a new attempt of the same run.
+    let id = ok(&server.run(&["pipeline", "run", "release"]))
+        .trim()
+        .to_string();
+    until_step(&server, &id, "ship", "waiting");
+    let cancelled = ok(&server.run(&["run", "cancel", &id]));
+    assert_eq!(cancelled.trim(), format!("run {id} cancelled (attempt 1)"));
+    let waited = server.run(&["run", "wait", &id]);
+    assert_eq!(waited.status.code(), Some(3), "{}", stderr(&waited));
+    let again = server.run(&["run", "cancel", &id]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(stderr(&again).contains("409"), "{}", stderr(&again));
+    let retried = ok(&server.run(&["run", "retry", &id]));
+    assert!(retried.contains("(attempt 2)"), "{retried}");
+    until_step(&server, &id, "ship", "waiting");
+    ok(&server.run(&["run", "approve", &id, "ship"]));
+    let waited = server.run(&["run", "wait", &id]);
+    assert_eq!(waited.status.code(), Some(0), "{}", stderr(&waited));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedules_round_trip() {
     let server = Server::start("kiln-cli-schedule").await;
