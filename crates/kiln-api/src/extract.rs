@@ -229,6 +229,7 @@ pub mod needs {
 
     pub struct Read;
     pub struct Write;
+    pub struct Approve;
     pub struct Admin;
     pub struct System;
 
@@ -237,6 +238,9 @@ pub mod needs {
     }
     impl NeededScope for Write {
         const SCOPE: Scope = Scope::Write;
+    }
+    impl NeededScope for Approve {
+        const SCOPE: Scope = Scope::Approve;
     }
     impl NeededScope for Admin {
         const SCOPE: Scope = Scope::Admin;

@@ -134,6 +134,13 @@ pub fn builtin_kinds() -> JobKinds {
         routes::system::openapi,
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
         routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
+        routes::flow::apply_pipeline, routes::flow::list_pipelines, routes::flow::get_pipeline,
+        routes::flow::pipeline_versions, routes::flow::delete_pipeline, routes::flow::start_run,
+        routes::flow::list_runs, routes::flow::get_run, routes::flow::cancel_run, routes::flow::retry_run,
+        routes::flow::approve_step, routes::flow::reject_step,
+        routes::flow::put_schedule, routes::flow::list_schedules, routes::flow::get_schedule,
+        routes::flow::schedule_fires, routes::flow::pause_schedule, routes::flow::resume_schedule,
+        routes::flow::delete_schedule,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),
@@ -161,7 +168,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::keys::router())
         .merge(routes::modules::router())
         .merge(routes::system::router())
-        .merge(routes::vms::router());
+        .merge(routes::vms::router())
+        .merge(routes::flow::router());
     Router::new()
         .route("/health", get(routes::system::health))
         .route("/metrics", get(routes::system::metrics_text))

@@ -13,6 +13,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     /// The blob does not exist.

@@ -1,6 +1,8 @@
 //! API key scopes. Each scope includes the ones below it.
 //!
-//! `read`, `write` and `admin` act inside the key's tenant. `system` is the
+//! `read`, `write`, `approve` and `admin` act inside the key's tenant:
+//! `approve` decides pipeline approval steps (and can write), so who may
+//! release is kept apart from who may submit. `system` is the
 //! deployment's own scope (shared queues, `/metrics`, the worker list, other
 //! tenants' keys): only the key kiln makes at first start holds it, and only
 //! a `system` key can mint another.
@@ -15,6 +17,7 @@ use utoipa::ToSchema;
 pub enum Scope {
     Read,
     Write,
+    Approve,
     Admin,
     System,
 }
@@ -24,6 +27,7 @@ impl Scope {
         match self {
             Scope::Read => "read",
             Scope::Write => "write",
+            Scope::Approve => "approve",
             Scope::Admin => "admin",
             Scope::System => "system",
         }
@@ -33,6 +37,7 @@ impl Scope {
         match text {
             "read" => Some(Scope::Read),
             "write" => Some(Scope::Write),
+            "approve" => Some(Scope::Approve),
             "admin" => Some(Scope::Admin),
             "system" => Some(Scope::System),
             _ => None,
@@ -77,6 +82,9 @@ mod tests {
         assert!(write.allows(Scope::Read));
         assert!(write.allows(Scope::Write));
         assert!(!write.allows(Scope::Admin));
+        assert!(!write.allows(Scope::Approve));
+        assert!(Scopes(vec![Scope::Approve]).allows(Scope::Write));
+        assert!(Scopes(vec![Scope::Admin]).allows(Scope::Approve));
         assert!(Scopes(vec![Scope::Admin]).allows(Scope::Write));
         assert!(!Scopes(vec![Scope::Admin]).allows(Scope::System));
         assert!(Scopes(vec![Scope::System]).allows(Scope::Admin));

@@ -516,6 +516,8 @@ impl Db {
         };
         self.fire_watchers(&completed.applied);
         self.fire_watchers(&completed.quarantined);
+        // A step job may have ended: the advancer looks at the outbox.
+        self.flow_wakeup().notify_waiters();
         if done.iter().any(|c| c.status == JobStatus::Scheduled) {
             self.wakeup().notify_waiters();
         }
@@ -550,6 +552,7 @@ impl Db {
         let out = dispatch!(self, s => s.job_cancel(tenant, id, now).await)?;
         if let CancelOutcome::Cancelled(job) = &out {
             self.fire_watchers(&[job.id]);
+            self.flow_wakeup().notify_waiters();
         }
         Ok(out)
     }
@@ -569,6 +572,7 @@ impl Db {
         let n = dispatch!(self, s => s.job_rescue_expired(now).await)?;
         if n > 0 {
             self.wakeup().notify_waiters();
+            self.flow_wakeup().notify_waiters();
         }
         Ok(n)
     }

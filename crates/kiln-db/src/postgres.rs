@@ -282,9 +282,9 @@ impl PgStore {
             Some(floor) => lease::rooms(
                 request.tenant_running_max,
                 sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n > $1")
-                .bind(floor)
-                .fetch_all(&mut *tx)
-                .await?,
+                    .bind(floor)
+                    .fetch_all(&mut *tx)
+                    .await?,
             ),
             None => Default::default(),
         };
@@ -798,7 +798,11 @@ async fn listen(pool: PgPool, wakeup: Arc<Notify>, flow_wakeup: Arc<Notify>) {
                 continue;
             }
         };
-        if listener.listen_all(["kiln_jobs", "kiln_flow"]).await.is_err() {
+        if listener
+            .listen_all(["kiln_jobs", "kiln_flow"])
+            .await
+            .is_err()
+        {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }

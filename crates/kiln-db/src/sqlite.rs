@@ -288,9 +288,9 @@ impl SqliteStore {
             Some(floor) => lease::rooms(
                 request.tenant_running_max,
                 sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n > ?")
-                .bind(floor)
-                .fetch_all(&mut *tx)
-                .await?,
+                    .bind(floor)
+                    .fetch_all(&mut *tx)
+                    .await?,
             ),
             None => Default::default(),
         };

@@ -994,7 +994,9 @@ async fn the_running_count_follows_every_path(db: Db) {
     db.job_complete_many(&[done(leased[0].id, 1, JobStatus::Succeeded, T0 + 3), retry])
         .await
         .unwrap();
-    db.job_release("w1", &[(leased[2].id, 1)], T0 + 4).await.unwrap();
+    db.job_release("w1", &[(leased[2].id, 1)], T0 + 4)
+        .await
+        .unwrap();
     db.job_cancel(&leased[3].tenant, leased[3].id, T0 + 5)
         .await
         .unwrap();

@@ -54,7 +54,10 @@ impl StepStatus {
     pub fn is_settled(self) -> bool {
         matches!(
             self,
-            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped | StepStatus::Cancelled
+            StepStatus::Succeeded
+                | StepStatus::Failed
+                | StepStatus::Skipped
+                | StepStatus::Cancelled
         )
     }
 }
@@ -292,13 +295,29 @@ mod tests {
             {"id": "c", "kind": "noop", "depends_on": ["a"]},
             {"id": "d", "kind": "noop", "depends_on": ["b", "c"]},
         ]));
-        let d = decide(&c, &states(&[Pending, Pending, Pending, Pending]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Pending, Pending, Pending, Pending]),
+            Mode::Normal,
+        );
         assert_eq!(d.start, vec![0]);
-        let d = decide(&c, &states(&[Succeeded, Pending, Pending, Pending]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Succeeded, Pending, Pending, Pending]),
+            Mode::Normal,
+        );
         assert_eq!(d.start, vec![1, 2]);
-        let d = decide(&c, &states(&[Succeeded, Succeeded, Running, Pending]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Succeeded, Succeeded, Running, Pending]),
+            Mode::Normal,
+        );
         assert!(d.start.is_empty() && d.finished.is_none());
-        let d = decide(&c, &states(&[Succeeded, Succeeded, Succeeded, Pending]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Succeeded, Succeeded, Succeeded, Pending]),
+            Mode::Normal,
+        );
         assert_eq!(d.start, vec![3]);
         let d = decide(&c, &states(&[Succeeded; 4]), Mode::Normal);
         assert_eq!(d.finished, Some(RunStatus::Succeeded));
@@ -313,15 +332,31 @@ mod tests {
             {"id": "on_fail", "kind": "noop", "depends_on": ["a"], "when": "failure"},
             {"id": "cleanup", "kind": "noop", "depends_on": ["c"], "when": "always"},
         ]));
-        let d = decide(&c, &states(&[Failed, Pending, Pending, Pending, Pending]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Failed, Pending, Pending, Pending, Pending]),
+            Mode::Normal,
+        );
         assert_eq!(d.skip, vec![1, 2]);
         assert_eq!(d.start, vec![3, 4]);
-        let d = decide(&c, &states(&[Failed, Skipped, Skipped, Succeeded, Succeeded]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Failed, Skipped, Skipped, Succeeded, Succeeded]),
+            Mode::Normal,
+        );
         assert_eq!(d.finished, Some(RunStatus::Failed));
         // All well: the failure handler is skipped and the run succeeds.
-        let d = decide(&c, &states(&[Succeeded, Succeeded, Succeeded, Pending, Pending]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Succeeded, Succeeded, Succeeded, Pending, Pending]),
+            Mode::Normal,
+        );
         assert_eq!((d.start, d.skip), (vec![4], vec![3]));
-        let d = decide(&c, &states(&[Succeeded, Succeeded, Succeeded, Skipped, Succeeded]), Mode::Normal);
+        let d = decide(
+            &c,
+            &states(&[Succeeded, Succeeded, Succeeded, Skipped, Succeeded]),
+            Mode::Normal,
+        );
         assert_eq!(d.finished, Some(RunStatus::Succeeded));
     }
 
@@ -333,12 +368,24 @@ mod tests {
             {"id": "c", "kind": "noop", "depends_on": ["a"]},
             {"id": "cleanup", "kind": "noop", "depends_on": ["a"], "when": "always"},
         ]));
-        let d = decide(&c, &states(&[Succeeded, Pending, Pending, Pending]), Mode::Stopping);
+        let d = decide(
+            &c,
+            &states(&[Succeeded, Pending, Pending, Pending]),
+            Mode::Stopping,
+        );
         assert_eq!((d.start, d.skip.clone()), (vec![3], vec![1, 2]));
-        let d = decide(&c, &states(&[Running, Pending, Pending, Pending]), Mode::Cancelling);
+        let d = decide(
+            &c,
+            &states(&[Running, Pending, Pending, Pending]),
+            Mode::Cancelling,
+        );
         assert_eq!(d.skip, vec![1, 2, 3]);
         assert_eq!(d.finished, None, "a is still running");
-        let d = decide(&c, &states(&[Cancelled, Skipped, Skipped, Skipped]), Mode::Cancelling);
+        let d = decide(
+            &c,
+            &states(&[Cancelled, Skipped, Skipped, Skipped]),
+            Mode::Cancelling,
+        );
         assert_eq!(d.finished, Some(RunStatus::Cancelled));
     }
 

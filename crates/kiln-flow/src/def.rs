@@ -242,7 +242,11 @@ impl PipelineDef {
     pub fn from_json(value: Value, kinds: &JobKinds) -> Result<Checked, DefError> {
         let def: PipelineDef = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            let path = if path == "." { "definition".to_string() } else { path };
+            let path = if path == "." {
+                "definition".to_string()
+            } else {
+                path
+            };
             refuse(path, e.into_inner().to_string())
         })?;
         def.check(kinds)
@@ -350,7 +354,10 @@ impl PipelineDef {
                 scope.check_expr(&at("condition"), condition)?;
             }
             APPROVAL => {
-                let deadline = step.approval.as_ref().map_or(default_deadline(), |a| a.deadline_s);
+                let deadline = step
+                    .approval
+                    .as_ref()
+                    .map_or(default_deadline(), |a| a.deadline_s);
                 if !(1..=APPROVAL_DEADLINE_MAX_S).contains(&deadline) {
                     return Err(refuse(
                         at("approval.deadline_s"),
@@ -395,7 +402,10 @@ impl PipelineDef {
                 ("retry", step.retry.is_some()),
             ] {
                 if set {
-                    return Err(refuse(at(field), format!("a {} step has no {field}", step.kind)));
+                    return Err(refuse(
+                        at(field),
+                        format!("a {} step has no {field}", step.kind),
+                    ));
                 }
             }
         }
@@ -404,7 +414,10 @@ impl PipelineDef {
                 .map_err(|e| refuse(at("for_each"), e))?
                 .filter(Template::is_whole)
                 .ok_or_else(|| {
-                    refuse(at("for_each"), "must be one template, as in ${params.files}")
+                    refuse(
+                        at("for_each"),
+                        "must be one template, as in ${params.files}",
+                    )
                 })?;
             // `item` is what the for_each makes; it cannot feed itself.
             let outer = Scope {
@@ -422,10 +435,7 @@ impl PipelineDef {
             }
             if let Some(backoff) = &retry.backoff {
                 if backoff.base_ms < 0 || backoff.max_ms < backoff.base_ms {
-                    return Err(refuse(
-                        at("retry.backoff"),
-                        "needs 0 <= base_ms <= max_ms",
-                    ));
+                    return Err(refuse(at("retry.backoff"), "needs 0 <= base_ms <= max_ms"));
                 }
             }
         }
@@ -458,7 +468,10 @@ impl PipelineDef {
             if !declared {
                 return Err(refuse(
                     format!("{path}.path"),
-                    format!("step {:?} declares no artifact {:?}", input.step, input.path),
+                    format!(
+                        "step {:?} declares no artifact {:?}",
+                        input.step, input.path
+                    ),
                 ));
             }
         }
@@ -520,9 +533,8 @@ impl Scope<'_> {
 
     fn check_expr(&self, at: &str, expr: &Expr) -> Result<(), DefError> {
         for reference in expr.references() {
-            self.check_reference(at, &reference).map_err(|message| {
-                refuse(at, format!("{message} in {:?}", expr.source()))
-            })?;
+            self.check_reference(at, &reference)
+                .map_err(|message| refuse(at, format!("{message} in {:?}", expr.source())))?;
         }
         Ok(())
     }
@@ -574,7 +586,10 @@ impl Scope<'_> {
 
 /// Kahn's algorithm, lowest index first among the ready, so the order is
 /// stable; a cycle is named from one of its steps back to itself.
-fn topological_order(steps: &[StepDef], index: &HashMap<&str, usize>) -> Result<Vec<usize>, DefError> {
+fn topological_order(
+    steps: &[StepDef],
+    index: &HashMap<&str, usize>,
+) -> Result<Vec<usize>, DefError> {
     let mut pending: Vec<usize> = steps.iter().map(|s| s.depends_on.len()).collect();
     let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
     for (i, step) in steps.iter().enumerate() {
@@ -728,61 +743,107 @@ mod tests {
             assert!(message.contains(id), "{message}");
         }
         assert!(!message.contains('z'), "{message}");
-        assert!(error(json!({"name": "c", "steps": [{"id": "a", "kind": "noop", "depends_on": ["a"]}]}))
-            .contains("depends on itself"));
+        assert!(error(
+            json!({"name": "c", "steps": [{"id": "a", "kind": "noop", "depends_on": ["a"]}]})
+        )
+        .contains("depends on itself"));
     }
 
     #[test]
     fn every_refusal_names_its_path() {
         let cases = [
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop"}, {"id": "a", "kind": "noop"}]}),
-             "steps[1].id: duplicate step id"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "depends_on": ["b"]}]}),
-             "steps[0].depends_on[0]: unknown step \"b\""),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "nope"}]}),
-             "steps[0].kind: unknown kind"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "spec": {"bad": 1}}]}),
-             "steps[0].spec: unknown field"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "spec": {"args": ["${params.q}"]}}]}),
-             "steps[0].spec.args[0]: unknown param \"q\""),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop"},
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop"}, {"id": "a", "kind": "noop"}]}),
+                "steps[1].id: duplicate step id",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "depends_on": ["b"]}]}),
+                "steps[0].depends_on[0]: unknown step \"b\"",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "nope"}]}),
+                "steps[0].kind: unknown kind",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "spec": {"bad": 1}}]}),
+                "steps[0].spec: unknown field",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "spec": {"args": ["${params.q}"]}}]}),
+                "steps[0].spec.args[0]: unknown param \"q\"",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop"},
                 {"id": "b", "kind": "noop", "spec": {"args": ["${steps.a.stdout}"]}}]}),
-             "steps[1].spec.args[0]: step \"a\" is not upstream"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop"},
+                "steps[1].spec.args[0]: step \"a\" is not upstream",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop"},
                 {"id": "b", "kind": "noop", "depends_on": ["a"], "spec": {"args": ["${steps.a.nope}"]}}]}),
-             "unknown step field \"nope\""),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "spec": {"args": ["${item}"]}}]}),
-             "item exists only in a for_each step"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "gate"}]}),
-             "steps[0].condition: a gate needs a condition"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "gate", "condition": "params.z == 1"}]}),
-             "steps[0].condition: unknown param \"z\""),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "gate", "condition": "1 +"}]}),
-             "condition"),
-            (json!({"name": "p", "steps": [{"id": "A", "kind": "noop"}]}),
-             "steps[0].id"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "artifacts": ["../x"]}]}),
-             "steps[0].artifacts[0]"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop"},
+                "unknown step field \"nope\"",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "spec": {"args": ["${item}"]}}]}),
+                "item exists only in a for_each step",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "gate"}]}),
+                "steps[0].condition: a gate needs a condition",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "gate", "condition": "params.z == 1"}]}),
+                "steps[0].condition: unknown param \"z\"",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "gate", "condition": "1 +"}]}),
+                "condition",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "A", "kind": "noop"}]}),
+                "steps[0].id",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "artifacts": ["../x"]}]}),
+                "steps[0].artifacts[0]",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop"},
                 {"id": "b", "kind": "noop", "depends_on": ["a"], "inputs": [{"step": "a", "path": "x"}]}]}),
-             "steps[1].inputs[0].path: step \"a\" declares no artifact"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "for_each": "x${params.l}"}],
+                "steps[1].inputs[0].path: step \"a\" declares no artifact",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "for_each": "x${params.l}"}],
                 "params": [{"name": "l", "type": "list", "default": []}]}),
-             "steps[0].for_each: must be one template"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "for_each": "${item}"}]}),
-             "steps[0].for_each: item exists only"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "retry": {"max_attempts": 0}}]}),
-             "steps[0].retry.max_attempts"),
-            (json!({"name": "p", "params": [{"name": "n", "type": "int", "default": "x"}],
+                "steps[0].for_each: must be one template",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "for_each": "${item}"}]}),
+                "steps[0].for_each: item exists only",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "retry": {"max_attempts": 0}}]}),
+                "steps[0].retry.max_attempts",
+            ),
+            (
+                json!({"name": "p", "params": [{"name": "n", "type": "int", "default": "x"}],
                 "steps": [{"id": "a", "kind": "noop"}]}),
-             "params[0].default: is not of type int"),
-            (json!({"name": "p", "steps": []}), "steps: a pipeline needs at least one step"),
-            (json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "extra": 1}]}),
-             "steps[0].extra: unknown field `extra`"),
+                "params[0].default: is not of type int",
+            ),
+            (
+                json!({"name": "p", "steps": []}),
+                "steps: a pipeline needs at least one step",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "extra": 1}]}),
+                "steps[0].extra: unknown field `extra`",
+            ),
         ];
         for (def, expected) in cases {
             let message = error(def.clone());
-            assert!(message.contains(expected), "{def}\n  got: {message}\n  want: {expected}");
+            assert!(
+                message.contains(expected),
+                "{def}\n  got: {message}\n  want: {expected}"
+            );
         }
     }
 
@@ -807,8 +868,17 @@ mod tests {
             Value::Object(resolve_params(&def, &given(json!({"a": 2}))).unwrap()),
             json!({"a": 2, "b": "x"})
         );
-        assert!(resolve_params(&def, &given(json!({}))).unwrap_err().to_string().contains("params.a: is required"));
-        assert!(resolve_params(&def, &given(json!({"a": "2"}))).unwrap_err().to_string().contains("int"));
-        assert!(resolve_params(&def, &given(json!({"a": 1, "c": 1}))).unwrap_err().to_string().contains("params.c: unknown"));
+        assert!(resolve_params(&def, &given(json!({})))
+            .unwrap_err()
+            .to_string()
+            .contains("params.a: is required"));
+        assert!(resolve_params(&def, &given(json!({"a": "2"})))
+            .unwrap_err()
+            .to_string()
+            .contains("int"));
+        assert!(resolve_params(&def, &given(json!({"a": 1, "c": 1})))
+            .unwrap_err()
+            .to_string()
+            .contains("params.c: unknown"));
     }
 }

@@ -58,7 +58,9 @@ impl JobTemplate {
     /// The job's own rules and its kind's spec check.
     pub fn check(&self, kinds: &JobKinds) -> Result<(), String> {
         self.to_job("check").validate().map_err(|e| e.to_string())?;
-        kinds.check(&self.kind, &self.spec).map_err(|e| e.to_string())
+        kinds
+            .check(&self.kind, &self.spec)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -135,12 +137,18 @@ mod tests {
         .unwrap();
         def.check(&kinds).unwrap();
         assert_eq!(def.overlap, Overlap::Skip);
-        assert_eq!(def.target, Target::Job(serde_json::from_value(json!({"kind": "noop", "queue": "night"})).unwrap()));
+        assert_eq!(
+            def.target,
+            Target::Job(serde_json::from_value(json!({"kind": "noop", "queue": "night"})).unwrap())
+        );
         let bad_kind: ScheduleDef = serde_json::from_value(json!({
             "name": "n", "cron": "* * * * *", "target": {"job": {"kind": "nope"}}
         }))
         .unwrap();
-        assert!(bad_kind.check(&kinds).unwrap_err().contains("target.job: unknown kind"));
+        assert!(bad_kind
+            .check(&kinds)
+            .unwrap_err()
+            .contains("target.job: unknown kind"));
         let bad_cron: ScheduleDef = serde_json::from_value(json!({
             "name": "n", "cron": "61 * * * *", "target": {"pipeline": {"name": "p"}}
         }))

@@ -192,7 +192,12 @@ pub fn render_value(value: &Value, context: &Value) -> Result<Value, String> {
     render_at(value, context, &mut String::new(), 0)
 }
 
-fn render_at(value: &Value, context: &Value, path: &mut String, depth: usize) -> Result<Value, String> {
+fn render_at(
+    value: &Value,
+    context: &Value,
+    path: &mut String,
+    depth: usize,
+) -> Result<Value, String> {
     if depth > 64 {
         return Err(format!("{path}: nested too deeply"));
     }
@@ -252,9 +257,15 @@ mod tests {
         assert_eq!(render("${params.files}"), json!(["a.txt", "b.txt"]));
         assert_eq!(render("hello ${params.name}!"), json!("hello world!"));
         assert_eq!(render("run-${run.id}-${params.n}"), json!("run-42-3"));
-        assert_eq!(render("tags=${steps.scan.output.tags}"), json!("tags=[\"x\"]"));
+        assert_eq!(
+            render("tags=${steps.scan.output.tags}"),
+            json!("tags=[\"x\"]")
+        );
         assert_eq!(render("${ {\"a\": \"}\"}.a }"), json!("}"));
-        assert_eq!(render("cost $${literal} ${params.n}"), json!("cost ${literal} 3"));
+        assert_eq!(
+            render("cost $${literal} ${params.n}"),
+            json!("cost ${literal} 3")
+        );
         assert_eq!(render("$${not a template}"), json!("${not a template}"));
         assert_eq!(render("no templates"), json!("no templates"));
         assert_eq!(render("${steps.scan.output.missing}x"), json!("x"));
@@ -267,7 +278,11 @@ mod tests {
             render_value(&spec, &context()).unwrap(),
             json!({"args": ["-n", 3], "env": {"WHO": "a.txt"}, "k": 1})
         );
-        let paths: Vec<String> = templates_in(&spec).unwrap().into_iter().map(|(p, _)| p).collect();
+        let paths: Vec<String> = templates_in(&spec)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         assert_eq!(paths, vec![".args[1]", ".env.WHO"]);
     }
 

@@ -5,6 +5,7 @@
 //! Sandbox crates plug in by implementing [`JobHandler`]; the queue never
 //! learns about them.
 
+pub mod flow;
 mod gc;
 pub mod noop;
 

@@ -27,7 +27,7 @@ pub enum Role {
     Api,
     /// Runs jobs (and, like every worker, takes back expired leases).
     Worker,
-    /// Takes back expired leases and nothing else.
+    /// Takes back expired leases, advances pipeline runs and fires schedules.
     Scheduler,
 }
 
@@ -316,6 +316,29 @@ fn start(
         let gc = kiln_worker::gc_loop(parts.db.clone(), parts.retention.clone(), shutdown.clone());
         tasks.spawn(async move {
             gc.await;
+            Ok(())
+        });
+    }
+    // Pipelines advance and schedules fire wherever jobs run or leases are
+    // recovered; the store makes each transition and each tick happen once,
+    // however many processes do this.
+    if role != Role::Api {
+        let advance = kiln_worker::flow::advance_loop(
+            parts.db.clone(),
+            kiln_api::builtin_kinds(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            advance.await;
+            Ok(())
+        });
+        let fire = kiln_worker::flow::schedule_loop(
+            parts.db.clone(),
+            kiln_api::builtin_kinds(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            fire.await;
             Ok(())
         });
     }

@@ -1,3 +1,4 @@
+pub mod flow;
 pub mod jobs;
 pub mod keys;
 pub mod modules;

@@ -35,6 +35,7 @@ pub struct Harness {
     root: PathBuf,
     stop: CancellationToken,
     worker: tokio::task::JoinHandle<()>,
+    flow: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// The kinds the API accepts.
@@ -76,6 +77,18 @@ pub async fn harness(db: Db) -> Harness {
         .with("noop", Arc::new(NoopHandler));
     let stop = CancellationToken::new();
     let worker = tokio::spawn(Worker::new(db.clone(), handlers, config).run(stop.clone()));
+    let flow = vec![
+        tokio::spawn(kiln_worker::flow::advance_loop(
+            db.clone(),
+            kinds(),
+            stop.clone(),
+        )),
+        tokio::spawn(kiln_worker::flow::schedule_loop(
+            db.clone(),
+            kinds(),
+            stop.clone(),
+        )),
+    ];
     let state = AppState::with_kinds(db.clone(), blobs, Some(wasm), None, kinds());
     let app = kiln_api::app(state.clone());
     Harness {
@@ -89,6 +102,7 @@ pub async fn harness(db: Db) -> Harness {
         root,
         stop,
         worker,
+        flow,
     }
 }
 
@@ -186,6 +200,9 @@ impl Harness {
     pub async fn stop(self) {
         self.stop.cancel();
         self.worker.await.unwrap();
+        for task in self.flow {
+            task.await.unwrap();
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }

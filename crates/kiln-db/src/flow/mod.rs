@@ -263,27 +263,48 @@ pub(crate) trait FlowTx: Send {
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>>;
     async fn get_run(&mut self, tenant: &str, id: i64) -> DbResult<Option<RunRecord>>;
     async fn insert_run(&mut self, run: &NewRunRow<'_>) -> DbResult<Option<i64>>;
-    async fn run_by_key(&mut self, tenant: &str, pipeline: &str, key: &str)
-        -> DbResult<Option<i64>>;
+    async fn run_by_key(
+        &mut self,
+        tenant: &str,
+        pipeline: &str,
+        key: &str,
+    ) -> DbResult<Option<i64>>;
     async fn update_run(&mut self, run: &RunRecord) -> DbResult<()>;
     /// Runs of this pipeline running now, and the oldest queued one.
     async fn active_runs(&mut self, tenant: &str, pipeline: &str) -> DbResult<(i64, Option<i64>)>;
     async fn steps(&mut self, run_id: i64) -> DbResult<Vec<StepRecord>>;
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()>;
-    async fn instances(&mut self, run_id: i64, steps: Option<&[String]>)
-        -> DbResult<Vec<InstanceRecord>>;
-    async fn instances_of_jobs(&mut self, run_id: i64, job_ids: &[i64])
-        -> DbResult<Vec<InstanceRecord>>;
+    async fn instances(
+        &mut self,
+        run_id: i64,
+        steps: Option<&[String]>,
+    ) -> DbResult<Vec<InstanceRecord>>;
+    async fn instances_of_jobs(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+    ) -> DbResult<Vec<InstanceRecord>>;
     async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()>;
     /// The ends of these jobs, with the instance each belongs to.
     async fn job_ends(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<JobEnd>>;
-    async fn insert_jobs(&mut self, jobs: &[NewJob], run_id: Option<i64>, now: Millis)
-        -> DbResult<Vec<i64>>;
+    async fn insert_jobs(
+        &mut self,
+        jobs: &[NewJob],
+        run_id: Option<i64>,
+        now: Millis,
+    ) -> DbResult<Vec<i64>>;
     async fn cancel_jobs(&mut self, ids: &[i64], now: Millis) -> DbResult<()>;
-    async fn take_outbox(&mut self, limit: i64) -> DbResult<Vec<(i64, i64, i64)>>;
+    /// Step ends waiting in the outbox (of one run, or of any), oldest
+    /// first, locked for this transaction.
+    async fn take_outbox(&mut self, run: Option<i64>, limit: i64)
+        -> DbResult<Vec<(i64, i64, i64)>>;
     async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()>;
-    async fn definition(&mut self, tenant: &str, name: &str, version: Option<i32>)
-        -> DbResult<Option<PipelineRecord>>;
+    async fn definition(
+        &mut self,
+        tenant: &str,
+        name: &str,
+        version: Option<i32>,
+    ) -> DbResult<Option<PipelineRecord>>;
     async fn waiting_past(&mut self, now: Millis, limit: i64) -> DbResult<Vec<(i64, String)>>;
     async fn schedule_put(&mut self, s: &ScheduleRecord) -> DbResult<()>;
     async fn schedule_get(&mut self, tenant: &str, name: &str) -> DbResult<Option<ScheduleRecord>>;
@@ -621,8 +642,10 @@ impl Advance<'_> {
         }
         job.labels = self.run.labels.clone();
         job.labels.extend(step.labels.clone());
-        job.labels.insert("kiln.run".into(), self.run.id.to_string());
-        job.labels.insert("kiln.pipeline".into(), self.run.pipeline.clone());
+        job.labels
+            .insert("kiln.run".into(), self.run.id.to_string());
+        job.labels
+            .insert("kiln.pipeline".into(), self.run.pipeline.clone());
         job.labels.insert("kiln.step".into(), step.id.clone());
         job.idempotency_key = Some(format!(
             "run:{}:{}:{}:{}",
@@ -663,12 +686,7 @@ impl Advance<'_> {
         let mut steps = serde_json::Map::new();
         let job_steps: Vec<String> = named
             .iter()
-            .filter(|id| {
-                self.checked
-                    .def
-                    .step(id)
-                    .is_some_and(|s| s.is_job())
-            })
+            .filter(|id| self.checked.def.step(id).is_some_and(|s| s.is_job()))
             .cloned()
             .collect();
         let mut instances: BTreeMap<String, Vec<InstanceRecord>> = BTreeMap::new();
@@ -762,7 +780,12 @@ async fn load_advance<'a>(
         .def
         .steps
         .iter()
-        .map(|s| stored.get(&s.id).cloned().unwrap_or_else(|| StepRecord::pending(&s.id)))
+        .map(|s| {
+            stored
+                .get(&s.id)
+                .cloned()
+                .unwrap_or_else(|| StepRecord::pending(&s.id))
+        })
         .collect();
     Ok(Advance {
         run,
@@ -843,8 +866,8 @@ impl Db {
         def: &PipelineDef,
         now: Millis,
     ) -> DbResult<PipelineRecord> {
-        let definition = serde_json::to_value(def)
-            .map_err(|e| DbError::Invalid(format!("definition: {e}")))?;
+        let definition =
+            serde_json::to_value(def).map_err(|e| DbError::Invalid(format!("definition: {e}")))?;
         dispatch_flow!(self, s => s.pipeline_put(tenant, &def.name, &definition, now).await)
     }
 
@@ -867,7 +890,11 @@ impl Db {
         dispatch_flow!(self, s => s.pipeline_list(tenant).await)
     }
 
-    pub async fn pipeline_versions(&self, tenant: &str, name: &str) -> DbResult<Vec<(i32, Millis)>> {
+    pub async fn pipeline_versions(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> DbResult<Vec<(i32, Millis)>> {
         dispatch_flow!(self, s => s.pipeline_versions(tenant, name).await)
     }
 
@@ -905,7 +932,14 @@ impl Db {
             tx.commit().await?;
             return Ok(None);
         };
-        let checked = load_def(tx.as_mut(), self.defs(), &run.tenant, &run.pipeline, run.version).await?;
+        let checked = load_def(
+            tx.as_mut(),
+            self.defs(),
+            &run.tenant,
+            &run.pipeline,
+            run.version,
+        )
+        .await?;
         let stored: HashMap<String, StepRecord> = tx
             .steps(id)
             .await?
@@ -941,10 +975,28 @@ impl Db {
     }
 
     /// Consumes step ends from the outbox and advances their runs, one
-    /// transaction per batch. Returns how many ends were taken.
+    /// transaction per batch. Returns how many ends were taken. A batch the
+    /// store refuses (a run whose state cannot be read, say) is retried run
+    /// by run, and a run that still fails ends `failed` with the reason, so
+    /// one bad run never holds up the others.
     pub async fn flow_advance(&self, kinds: &JobKinds, now: Millis) -> DbResult<usize> {
+        match self.flow_advance_batch(kinds, now, None).await {
+            Err(error) if !error.is_unavailable() => {
+                tracing::warn!(%error, "a batch of step ends was refused; advancing run by run");
+                self.flow_advance_each(kinds, now).await
+            }
+            other => other,
+        }
+    }
+
+    async fn flow_advance_batch(
+        &self,
+        kinds: &JobKinds,
+        now: Millis,
+        run: Option<i64>,
+    ) -> DbResult<usize> {
         let mut tx = self.flow_tx(true).await?;
-        let rows = tx.take_outbox(OUTBOX_BATCH).await?;
+        let rows = tx.take_outbox(run, OUTBOX_BATCH).await?;
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(0);
@@ -955,7 +1007,8 @@ impl Db {
         }
         let mut made_jobs = false;
         for (run_id, job_ids) in by_run {
-            made_jobs |= advance_run(tx.as_mut(), self.defs(), kinds, run_id, &job_ids, now).await?;
+            made_jobs |=
+                advance_run(tx.as_mut(), self.defs(), kinds, run_id, &job_ids, now).await?;
         }
         let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
         tx.delete_outbox(&ids).await?;
@@ -964,6 +1017,41 @@ impl Db {
             self.wakeup().notify_waiters();
         }
         Ok(rows.len())
+    }
+
+    async fn flow_advance_each(&self, kinds: &JobKinds, now: Millis) -> DbResult<usize> {
+        let mut tx = self.flow_tx(false).await?;
+        let rows = tx.take_outbox(None, OUTBOX_BATCH).await?;
+        tx.commit().await?;
+        let runs: BTreeSet<i64> = rows.iter().map(|r| r.1).collect();
+        let mut taken = 0;
+        for run_id in runs {
+            match self.flow_advance_batch(kinds, now, Some(run_id)).await {
+                Ok(n) => taken += n,
+                Err(error) if error.is_unavailable() => return Err(error),
+                Err(error) => {
+                    tracing::error!(run_id, %error, "a run cannot be advanced; it ends failed");
+                    let mut tx = self.flow_tx(true).await?;
+                    let gone = tx.take_outbox(Some(run_id), i64::MAX).await?;
+                    if let Some(mut run) = tx.lock_run(run_id).await? {
+                        if !run.status.is_terminal() {
+                            run.status = RunStatus::Failed;
+                            run.finished_at = Some(now);
+                            run.reason = Some(kiln_core::names::sanitise_message(
+                                &format!("the run could not be advanced: {error}"),
+                                crate::lease::ERROR_MAX,
+                            ));
+                            tx.update_run(&run).await?;
+                        }
+                    }
+                    let ids: Vec<i64> = gone.iter().map(|r| r.0).collect();
+                    tx.delete_outbox(&ids).await?;
+                    tx.commit().await?;
+                    taken += gone.len();
+                }
+            }
+        }
+        Ok(taken)
     }
 
     /// Cancels a run: its running jobs are cancelled, its pending steps
@@ -1004,15 +1092,29 @@ impl Db {
         advance.run_changed = true;
         advance.settle(tx.as_mut()).await?;
         let finished = advance.run.status.is_terminal();
-        let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+        let (pipeline, concurrency) = (
+            advance.run.pipeline.clone(),
+            advance.checked.def.concurrency,
+        );
         advance.write(tx.as_mut()).await?;
         if finished {
-            promote_queued(tx.as_mut(), self.defs(), &no_kinds, tenant, &pipeline, concurrency, now)
-                .await?;
+            promote_queued(
+                tx.as_mut(),
+                self.defs(),
+                &no_kinds,
+                tenant,
+                &pipeline,
+                concurrency,
+                now,
+            )
+            .await?;
         }
         tx.commit().await?;
         self.flow_wakeup().notify_waiters();
-        Ok(self.run_get(tenant, id).await?.ok_or(FlowError::NotFound("run")))
+        Ok(self
+            .run_get(tenant, id)
+            .await?
+            .ok_or(FlowError::NotFound("run")))
     }
 
     /// Runs a failed or cancelled run again from the steps that did not
@@ -1053,7 +1155,10 @@ impl Db {
         if made {
             self.wakeup().notify_waiters();
         }
-        Ok(self.run_get(tenant, id).await?.ok_or(FlowError::NotFound("run")))
+        Ok(self
+            .run_get(tenant, id)
+            .await?
+            .ok_or(FlowError::NotFound("run")))
     }
 
     /// Records an approval step's decision (who and why) and moves the run on.
@@ -1078,7 +1183,9 @@ impl Db {
             return Ok(Err(FlowError::NotFound("step")));
         };
         if advance.checked.def.steps[i].kind != kiln_flow::def::APPROVAL {
-            return Ok(Err(FlowError::Conflict(format!("step {step:?} is not an approval"))));
+            return Ok(Err(FlowError::Conflict(format!(
+                "step {step:?} is not an approval"
+            ))));
         }
         if advance.steps[i].status != StepStatus::Waiting {
             return Ok(Err(FlowError::Conflict(format!(
@@ -1089,16 +1196,31 @@ impl Db {
         decide_approval(&mut advance, i, approve, by, comment);
         advance.settle(tx.as_mut()).await?;
         let finished = advance.run.status.is_terminal();
-        let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+        let (pipeline, concurrency) = (
+            advance.run.pipeline.clone(),
+            advance.checked.def.concurrency,
+        );
         let made = advance.write(tx.as_mut()).await?;
         if finished {
-            promote_queued(tx.as_mut(), self.defs(), kinds, tenant, &pipeline, concurrency, now).await?;
+            promote_queued(
+                tx.as_mut(),
+                self.defs(),
+                kinds,
+                tenant,
+                &pipeline,
+                concurrency,
+                now,
+            )
+            .await?;
         }
         tx.commit().await?;
         if made {
             self.wakeup().notify_waiters();
         }
-        Ok(self.run_get(tenant, id).await?.ok_or(FlowError::NotFound("run")))
+        Ok(self
+            .run_get(tenant, id)
+            .await?
+            .ok_or(FlowError::NotFound("run")))
     }
 
     /// Rejects approvals whose deadline passed; returns how many.
@@ -1108,20 +1230,42 @@ impl Db {
         let mut n = 0;
         let mut made = false;
         for (run_id, step) in due {
-            let Some(run) = tx.lock_run(run_id).await? else { continue };
+            let Some(run) = tx.lock_run(run_id).await? else {
+                continue;
+            };
             let tenant = run.tenant.clone();
             let mut advance = load_advance(tx.as_mut(), self.defs(), kinds, run, now).await?;
-            let Some(i) = advance.index(&step) else { continue };
+            let Some(i) = advance.index(&step) else {
+                continue;
+            };
             if advance.steps[i].status != StepStatus::Waiting {
                 continue;
             }
-            decide_approval(&mut advance, i, false, "deadline", Some("no decision before the deadline"));
+            decide_approval(
+                &mut advance,
+                i,
+                false,
+                "deadline",
+                Some("no decision before the deadline"),
+            );
             advance.settle(tx.as_mut()).await?;
             let finished = advance.run.status.is_terminal();
-            let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+            let (pipeline, concurrency) = (
+                advance.run.pipeline.clone(),
+                advance.checked.def.concurrency,
+            );
             made |= advance.write(tx.as_mut()).await?;
             if finished {
-                made |= promote_queued(tx.as_mut(), self.defs(), kinds, &tenant, &pipeline, concurrency, now).await?;
+                made |= promote_queued(
+                    tx.as_mut(),
+                    self.defs(),
+                    kinds,
+                    &tenant,
+                    &pipeline,
+                    concurrency,
+                    now,
+                )
+                .await?;
             }
             n += 1;
         }
@@ -1133,7 +1277,13 @@ impl Db {
     }
 }
 
-fn decide_approval(advance: &mut Advance<'_>, i: usize, approve: bool, by: &str, comment: Option<&str>) {
+fn decide_approval(
+    advance: &mut Advance<'_>,
+    i: usize,
+    approve: bool,
+    by: &str,
+    comment: Option<&str>,
+) {
     let now = advance.now;
     let step = &mut advance.steps[i];
     step.status = if approve {
@@ -1207,7 +1357,9 @@ pub(crate) async fn run_create_in(
         let key = new.idempotency_key.as_deref().unwrap_or_default();
         return match tx.run_by_key(&new.tenant, &new.pipeline, key).await? {
             Some(id) => Ok(Ok((id, false, false))),
-            None => Err(DbError::Corrupt("a run's idempotency key conflicted but no run has it".into())),
+            None => Err(DbError::Corrupt(
+                "a run's idempotency key conflicted but no run has it".into(),
+            )),
         };
     };
     let run = tx
@@ -1265,7 +1417,10 @@ async fn advance_run(
         }
         .into();
         row.exit_code = end.exit_code;
-        row.stdout = end.stdout.as_deref().map(|s| truncate(s, INSTANCE_STDOUT_MAX));
+        row.stdout = end
+            .stdout
+            .as_deref()
+            .map(|s| truncate(s, INSTANCE_STDOUT_MAX));
         row.error = end.error.clone();
         row.finished_at = end.finished_at.or(Some(now));
         if let Some(i) = advance.index(&row.step) {
@@ -1287,7 +1442,10 @@ async fn advance_run(
         advance.settle(tx).await?;
     }
     let finished = advance.run.status.is_terminal();
-    let (pipeline, concurrency) = (advance.run.pipeline.clone(), advance.checked.def.concurrency);
+    let (pipeline, concurrency) = (
+        advance.run.pipeline.clone(),
+        advance.checked.def.concurrency,
+    );
     let mut made = advance.write(tx).await?;
     if finished {
         made |= promote_queued(tx, cache, kinds, &tenant, &pipeline, concurrency, now).await?;
@@ -1306,8 +1464,8 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_string()
 }
 
-
-pub(crate) const RUN_COLUMNS: &str = "id, tenant, pipeline, version, status, mode, params, labels, \
+pub(crate) const RUN_COLUMNS: &str =
+    "id, tenant, pipeline, version, status, mode, params, labels, \
      idempotency_key, trigger, attempt, reason, detail, created_at, started_at, finished_at";
 pub(crate) const STEP_COLUMNS: &str =
     "step, status, total, succeeded, failed, started_at, finished_at, deadline_at, detail";
@@ -1349,7 +1507,11 @@ impl TryFrom<RunRow> for RunRecord {
             params: json_column("run params", &r.params)?,
             labels: serde_json::from_str(&r.labels)
                 .map_err(|e| DbError::Corrupt(format!("run labels: {e}")))?,
-            detail: r.detail.as_deref().map(|d| json_column("run detail", d)).transpose()?,
+            detail: r
+                .detail
+                .as_deref()
+                .map(|d| json_column("run detail", d))
+                .transpose()?,
             tenant: r.tenant,
             pipeline: r.pipeline,
             version: r.version,
@@ -1381,9 +1543,14 @@ impl TryFrom<StepRow> for StepRecord {
     type Error = DbError;
     fn try_from(r: StepRow) -> DbResult<StepRecord> {
         Ok(StepRecord {
-            status: StepStatus::parse(&r.status)
-                .ok_or_else(|| DbError::Corrupt(format!("step {} status {:?}", r.step, r.status)))?,
-            detail: r.detail.as_deref().map(|d| json_column("step detail", d)).transpose()?,
+            status: StepStatus::parse(&r.status).ok_or_else(|| {
+                DbError::Corrupt(format!("step {} status {:?}", r.step, r.status))
+            })?,
+            detail: r
+                .detail
+                .as_deref()
+                .map(|d| json_column("step detail", d))
+                .transpose()?,
             step: r.step,
             total: r.total,
             succeeded: r.succeeded,
@@ -1414,7 +1581,11 @@ impl TryFrom<InstanceRow> for InstanceRecord {
     type Error = DbError;
     fn try_from(r: InstanceRow) -> DbResult<InstanceRecord> {
         Ok(InstanceRecord {
-            item: r.item.as_deref().map(|d| json_column("instance item", d)).transpose()?,
+            item: r
+                .item
+                .as_deref()
+                .map(|d| json_column("instance item", d))
+                .transpose()?,
             step: r.step,
             index: r.idx,
             attempt: r.attempt,
@@ -1460,8 +1631,10 @@ pub(crate) struct JobEndRow {
 
 impl From<JobEndRow> for JobEnd {
     fn from(r: JobEndRow) -> JobEnd {
-        let result: Option<kiln_core::JobResult> =
-            r.result.as_deref().and_then(|t| serde_json::from_str(t).ok());
+        let result: Option<kiln_core::JobResult> = r
+            .result
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok());
         JobEnd {
             job_id: r.id,
             status: JobStatus::parse(&r.status).unwrap_or(JobStatus::Failed),

@@ -5,12 +5,12 @@
 use kiln_core::{Millis, NewJob};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
     instance_item, step_detail, storable, FlowTx, InstanceRecord, InstanceRow, JobEnd, JobEndRow,
     NewRunRow, PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
     INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
-use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{FireRecord, ScheduleRecord};
 use crate::rows::{rows_to, EncodedJob};
 use crate::{DbResult, PgStore};
@@ -30,11 +30,12 @@ impl PgFlowTx {
 #[async_trait::async_trait]
 impl FlowTx for PgFlowTx {
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
-        let row: Option<RunRow> =
-            sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE"))
-                .bind(id)
-                .fetch_optional(&mut *self.tx)
-                .await?;
+        let row: Option<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
         row.map(RunRecord::try_from).transpose()
     }
 
@@ -146,7 +147,12 @@ impl FlowTx for PgFlowTx {
         .bind(steps.iter().map(|s| s.started_at).collect::<Vec<_>>())
         .bind(steps.iter().map(|s| s.finished_at).collect::<Vec<_>>())
         .bind(steps.iter().map(|s| s.deadline_at).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| storable(&step_detail(s))).collect::<Vec<_>>())
+        .bind(
+            steps
+                .iter()
+                .map(|s| storable(&step_detail(s)))
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -296,10 +302,16 @@ impl FlowTx for PgFlowTx {
         Ok(())
     }
 
-    async fn take_outbox(&mut self, limit: i64) -> DbResult<Vec<(i64, i64, i64)>> {
+    async fn take_outbox(
+        &mut self,
+        run: Option<i64>,
+        limit: i64,
+    ) -> DbResult<Vec<(i64, i64, i64)>> {
         Ok(sqlx::query_as(
-            "SELECT id, run_id, job_id FROM flow_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "SELECT id, run_id, job_id FROM flow_outbox WHERE ($1::int8 IS NULL OR run_id = $1) \
+             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
+        .bind(run)
         .bind(limit)
         .fetch_all(&mut *self.tx)
         .await?)
@@ -555,9 +567,11 @@ impl PgStore {
     }
 
     pub(crate) async fn schedule_next_due(&self) -> DbResult<Option<Millis>> {
-        Ok(sqlx::query_scalar("SELECT MIN(next_fire_at) FROM schedules WHERE NOT paused")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT MIN(next_fire_at) FROM schedules WHERE NOT paused")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     pub(crate) async fn pipeline_list(&self, tenant: &str) -> DbResult<Vec<PipelineRecord>> {

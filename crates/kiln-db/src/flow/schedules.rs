@@ -172,7 +172,8 @@ impl Db {
         };
         tx.schedule_put(&record).await?;
         if def.overlap == Overlap::Queue && matches!(def.target, Target::Job(_)) {
-            tx.queue_serial(tenant, &serial_queue(&def.name), now).await?;
+            tx.queue_serial(tenant, &serial_queue(&def.name), now)
+                .await?;
         }
         let stored = tx.schedule_get(tenant, &def.name).await?;
         tx.commit().await?;
@@ -262,7 +263,9 @@ impl Db {
                     continue;
                 }
             };
-            let Some(next) = record.next_fire_at else { continue };
+            let Some(next) = record.next_fire_at else {
+                continue;
+            };
             let due = schedule::due(&spec, next, now, record.catch_up, GRACE_MS, CATCH_UP_MAX);
             let target: Target = match serde_json::from_value(record.target.clone()) {
                 Ok(target) => target,
@@ -288,7 +291,8 @@ impl Db {
                 if !tx.fire_insert(&claim).await? {
                     continue;
                 }
-                let (fire, jobs) = fire_one(tx.as_mut(), self, kinds, &record, &target, tick, now).await?;
+                let (fire, jobs) =
+                    fire_one(tx.as_mut(), self, kinds, &record, &target, tick, now).await?;
                 tx.fire_update(&fire).await?;
                 written += 1;
                 made_jobs |= jobs;
@@ -332,8 +336,12 @@ async fn fire_one(
         error: None,
     };
     let previous_running = match tx.last_fire(&record.tenant, &record.name).await? {
-        Some(FireRecord { job_id: Some(id), .. }) => tx.job_active(id).await?,
-        Some(FireRecord { run_id: Some(id), .. }) => tx.run_active(id).await?,
+        Some(FireRecord {
+            job_id: Some(id), ..
+        }) => tx.job_active(id).await?,
+        Some(FireRecord {
+            run_id: Some(id), ..
+        }) => tx.run_active(id).await?,
         _ => false,
     };
     if schedule::overlap(record.overlap, previous_running) == OverlapDecision::Skip {
@@ -348,7 +356,8 @@ async fn fire_one(
                 job.queue = serial_queue(&record.name);
             }
             job.idempotency_key = Some(key);
-            job.labels.insert("kiln.schedule".into(), record.name.clone());
+            job.labels
+                .insert("kiln.schedule".into(), record.name.clone());
             job.run_at = None;
             match tx.insert_jobs(std::slice::from_ref(&job), None, now).await {
                 Ok(ids) => {

@@ -5,12 +5,12 @@
 use kiln_core::{Millis, NewJob};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
+use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
     instance_item, step_detail, FlowTx, InstanceRecord, InstanceRow, JobEnd, JobEndRow, NewRunRow,
     PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
     INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
-use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{FireRecord, ScheduleRecord};
 use crate::rows::{rows_to, EncodedJob};
 use crate::{DbResult, SqliteStore};
@@ -287,13 +287,19 @@ impl FlowTx for SqliteFlowTx {
         Ok(())
     }
 
-    async fn take_outbox(&mut self, limit: i64) -> DbResult<Vec<(i64, i64, i64)>> {
-        Ok(
-            sqlx::query_as("SELECT id, run_id, job_id FROM flow_outbox ORDER BY id LIMIT ?")
-                .bind(limit)
-                .fetch_all(&mut *self.tx)
-                .await?,
+    async fn take_outbox(
+        &mut self,
+        run: Option<i64>,
+        limit: i64,
+    ) -> DbResult<Vec<(i64, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, run_id, job_id FROM flow_outbox WHERE (?1 IS NULL OR run_id = ?1) \
+             ORDER BY id LIMIT ?2",
         )
+        .bind(run)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?)
     }
 
     async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()> {
@@ -538,9 +544,11 @@ impl SqliteStore {
     }
 
     pub(crate) async fn schedule_next_due(&self) -> DbResult<Option<Millis>> {
-        Ok(sqlx::query_scalar("SELECT MIN(next_fire_at) FROM schedules WHERE NOT paused")
-            .fetch_one(&self.read)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT MIN(next_fire_at) FROM schedules WHERE NOT paused")
+                .fetch_one(&self.read)
+                .await?,
+        )
     }
 
     pub(crate) async fn pipeline_list(&self, tenant: &str) -> DbResult<Vec<PipelineRecord>> {
