@@ -723,7 +723,7 @@ fn finish(run: &Value) -> i32 {
         why.push_str(&format!(": {}", clean(reason)));
     }
     eprintln!("{why}");
-    for line in instance_errors(run) {
+    for line in failure_lines(run) {
         eprintln!("  {line}");
     }
     if status == "cancelled" {
@@ -733,15 +733,19 @@ fn finish(run: &Value) -> i32 {
     }
 }
 
-/// `step[index]: error` for the failed instances, a few per step.
-fn instance_errors(run: &Value) -> Vec<String> {
+/// What failed: each failed step's detail (a gate's values, a spec the
+/// kind refused) and its failed instances' errors, a few per step.
+fn failure_lines(run: &Value) -> Vec<String> {
     let mut lines = Vec::new();
-    for step in items(run, "steps") {
+    for step in items(run, "steps").filter(|s| s["status"] == "failed") {
+        let id = text(&step["step"]);
+        if !step["detail"].is_null() {
+            lines.push(format!("{id}: {}", compact(&step["detail"])));
+        }
         let failed = items(step, "instances").filter(|i| !i["error"].is_null());
         for instance in failed.take(PER_STEP_MAX) {
             lines.push(format!(
-                "{}[{}]: {}",
-                text(&step["step"]),
+                "{id}[{}]: {}",
                 text(&instance["index"]),
                 text(&instance["error"])
             ));
@@ -1344,6 +1348,20 @@ mod tests {
         assert_eq!(finish(&run_view(&[("a", "succeeded")], "succeeded")), 0);
         assert_eq!(finish(&run_view(&[("a", "failed")], "failed")), 1);
         assert_eq!(finish(&run_view(&[("a", "cancelled")], "cancelled")), 3);
+    }
+
+    #[test]
+    fn a_failure_names_what_failed() {
+        let run = json!({"id": "4", "status": "failed", "reason": "policy", "steps": [
+            {"step": "gate", "status": "failed", "detail": {"result": false}, "instances": []},
+            {"step": "fine", "status": "succeeded", "detail": {"decision": "approved"},
+             "instances": [{"index": 0, "error": null}]},
+            {"step": "job", "status": "failed", "instances": [
+                {"index": 0, "error": null}, {"index": 1, "error": "exit code 3"}]}]});
+        assert_eq!(
+            failure_lines(&run),
+            strings(&["gate: {\"result\":false}", "job[1]: exit code 3"])
+        );
     }
 
     #[test]
