@@ -136,6 +136,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
         routes::flow::apply_pipeline, routes::flow::list_pipelines, routes::flow::get_pipeline,
         routes::flow::pipeline_versions, routes::flow::delete_pipeline, routes::flow::start_run,
+        routes::flow::trigger_run,
         routes::flow::list_runs, routes::flow::get_run, routes::flow::cancel_run, routes::flow::retry_run,
         routes::flow::approve_step, routes::flow::reject_step,
         routes::flow::put_schedule, routes::flow::list_schedules, routes::flow::get_schedule,

@@ -22,7 +22,12 @@ pub enum BenchCommand {
     Wasm(WasmArgs),
     /// MicroVMs: cold create→first exec, exec round trip, memory per VM, VMs at once.
     Vm(VmArgs),
+    /// Pipelines: a chain of no-op steps, a fan-out with fan-in, diamonds at once.
+    Pipeline(flow::PipelineArgs),
 }
+
+#[path = "bench_flow.rs"]
+mod flow;
 
 #[derive(Args)]
 pub struct VmArgs {
@@ -75,6 +80,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Queue(args) => queue(args).await,
         BenchCommand::Wasm(args) => wasm(args).await,
         BenchCommand::Vm(args) => vm(args).await,
+        BenchCommand::Pipeline(args) => flow::pipeline(args).await,
     }
 }
 

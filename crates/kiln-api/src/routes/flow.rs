@@ -36,7 +36,7 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         .route("/pipelines/{name}/versions", get(pipeline_versions))
         .route("/pipelines/{name}/runs", post(start_run))
-        .route("/pipelines/{name}/trigger", post(start_run))
+        .route("/pipelines/{name}/trigger", post(trigger_run))
         .route("/runs", get(list_runs))
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/cancel", post(cancel_run))
@@ -447,6 +447,21 @@ pub async fn start_run(
         StatusCode::OK
     };
     Ok((status, axum::Json(view_json(view))))
+}
+
+/// The same as `POST /pipelines/{name}/runs`.
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/trigger", tag = "runs",
+    params(("name" = String, Path)), request_body = StartRun,
+    responses((status = 201, body = RunJson), (status = 200, body = RunJson),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn trigger_run(
+    state: State<Arc<AppState>>,
+    caller: Authorized<needs::Write>,
+    name: Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, axum::Json<RunJson>)> {
+    start_run(state, caller, name, body).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
