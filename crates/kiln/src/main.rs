@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod config;
+mod flow_cli;
 mod serve;
 
 use std::path::PathBuf;
@@ -64,12 +65,27 @@ enum Command {
         #[command(subcommand)]
         command: ModuleCommand,
     },
-    /// Run something once and print its output; exits with its exit code.
+    /// Pipelines: DAGs of job steps, versioned; `pipeline run` starts one.
+    Pipeline {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: flow_cli::PipelineCommand,
+    },
+    /// Run something once and print its output (exits with its exit code),
+    /// or look after pipeline runs.
     Run {
         #[command(flatten)]
         client: ClientArgs,
         #[command(subcommand)]
         command: RunCommand,
+    },
+    /// Cron schedules that fire a job or a pipeline run.
+    Schedule {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: flow_cli::ScheduleCommand,
     },
     /// Guest images for microVMs.
     #[command(subcommand)]
@@ -309,6 +325,8 @@ enum RunCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    #[command(flatten)]
+    Pipeline(flow_cli::RunsCommand),
 }
 
 fn init_logging(json: bool) {
@@ -354,7 +372,13 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Job { client, command } => job(Client::new(&client)?, command).await,
         Command::Queue { client, command } => queue(Client::new(&client)?, command).await,
         Command::Module { client, command } => module(Client::new(&client)?, command).await,
+        Command::Pipeline { client, command } => {
+            flow_cli::pipeline(Client::new(&client)?, command).await
+        }
         Command::Run { client, command } => run_once(Client::new(&client)?, command).await,
+        Command::Schedule { client, command } => {
+            flow_cli::schedule(Client::new(&client)?, command).await
+        }
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),
@@ -667,6 +691,7 @@ async fn run_once(client: Client, command: RunCommand) -> anyhow::Result<i32> {
                 .await?;
             Ok(client::finish_like_the_program(&job))
         }
+        RunCommand::Pipeline(command) => flow_cli::runs(client, command).await,
     }
 }
 
