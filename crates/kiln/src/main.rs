@@ -37,7 +37,7 @@ enum Command {
     Api(ServerArgs),
     /// A worker alone: runs jobs from the shared database.
     Worker(ServerArgs),
-    /// The scheduler alone: takes back expired leases.
+    /// The scheduler alone: takes back expired leases, advances pipeline runs, fires schedules.
     Scheduler(ServerArgs),
     /// Print the settings a server would run with (passwords hidden).
     Config(ServerArgs),
@@ -127,7 +127,7 @@ enum KeysCommand {
         tenant: String,
         #[arg(long, default_value = "cli")]
         name: String,
-        /// Comma-separated: read, write, admin.
+        /// Comma-separated: read, write, approve, admin.
         #[arg(long, default_value = "write")]
         scopes: String,
     },
@@ -425,7 +425,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             let db = serve::open_db(&local_settings(&server)?).await?;
             let scopes = kiln_core::Scopes::parse(&scopes)
                 .filter(|s| !s.0.is_empty())
-                .context("scopes are a comma-separated list of read, write, admin")?;
+                .context("scopes are a comma-separated list of read, write, approve, admin")?;
             kiln_core::validate_name("tenant", &tenant)?;
             let (key, secret) = kiln_api::issue_key(&db, &tenant, &name, scopes).await?;
             eprintln!(
