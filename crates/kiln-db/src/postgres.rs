@@ -270,7 +270,7 @@ impl PgStore {
 
     pub async fn tenant_running(&self) -> DbResult<std::collections::BTreeMap<String, i64>> {
         let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n <> 0 ORDER BY tenant")
+            sqlx::query_as("SELECT tenant, SUM(n)::int8 FROM tenant_running GROUP BY tenant HAVING SUM(n) <> 0 ORDER BY tenant")
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows.into_iter().collect())
@@ -281,7 +281,9 @@ impl PgStore {
         let rooms = match request.quota_floor() {
             Some(floor) => lease::rooms(
                 request.tenant_running_max,
-                sqlx::query_as("SELECT tenant, n FROM tenant_running WHERE n > $1")
+                sqlx::query_as(
+                    "SELECT tenant, SUM(n)::int8 FROM tenant_running GROUP BY tenant HAVING SUM(n) > $1",
+                )
                     .bind(floor)
                     .fetch_all(&mut *tx)
                     .await?,

@@ -4,33 +4,37 @@
 -- one upsert per tenant whose count moved, so every path that starts or
 -- ends a run (lease, completion, rescue, release, delete, any later one)
 -- keeps it exact, and a heartbeat (running before and after) writes nothing.
+-- Spread over 16 rows per tenant by connection, so leases and completions on
+-- different connections never wait on one counter row; readers sum them.
 CREATE TABLE tenant_running (
-    tenant TEXT PRIMARY KEY,
-    n BIGINT NOT NULL DEFAULT 0
+    tenant TEXT NOT NULL,
+    shard SMALLINT NOT NULL,
+    n BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant, shard)
 );
-INSERT INTO tenant_running (tenant, n)
-    SELECT tenant, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY tenant;
+INSERT INTO tenant_running (tenant, shard, n)
+    SELECT tenant, 0, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY tenant;
 
 CREATE FUNCTION kiln_tenant_running_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     -- Sorted by tenant, so two statements that touch the same tenants lock
     -- their rows in the same order.
-    INSERT INTO tenant_running AS t (tenant, n)
-        SELECT tenant, SUM(d) FROM (
+    INSERT INTO tenant_running AS t (tenant, shard, n)
+        SELECT tenant, (pg_backend_pid() % 16)::smallint, SUM(d) FROM (
             SELECT tenant, 1 AS d FROM new_rows WHERE status = 'running'
             UNION ALL
             SELECT tenant, -1 AS d FROM old_rows WHERE status = 'running') AS moved
         GROUP BY tenant HAVING SUM(d) <> 0 ORDER BY tenant
-    ON CONFLICT (tenant) DO UPDATE SET n = t.n + excluded.n;
+    ON CONFLICT (tenant, shard) DO UPDATE SET n = t.n + excluded.n;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION kiln_tenant_running_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE tenant_running AS t SET n = t.n - gone.c FROM (
-        SELECT tenant, COUNT(*) AS c FROM old_rows WHERE status = 'running'
-        GROUP BY tenant ORDER BY tenant) AS gone
-    WHERE t.tenant = gone.tenant;
+    INSERT INTO tenant_running AS t (tenant, shard, n)
+        SELECT tenant, (pg_backend_pid() % 16)::smallint, -COUNT(*) FROM old_rows
+        WHERE status = 'running' GROUP BY tenant ORDER BY tenant
+    ON CONFLICT (tenant, shard) DO UPDATE SET n = t.n + excluded.n;
     RETURN NULL;
 END $$;
 
