@@ -114,7 +114,7 @@ impl AppState {
 pub fn builtin_kinds() -> JobKinds {
     let mut kinds = JobKinds::new();
     kinds.add("noop", kiln_worker::noop::check_spec);
-    kinds.add("wasm", kiln_wasm::check_spec);
+    kinds.add_with_files("wasm", kiln_wasm::check_spec);
     kiln_vm::job::job_kinds(&mut kinds);
     kinds
 }
@@ -142,6 +142,8 @@ pub fn builtin_kinds() -> JobKinds {
         routes::flow::put_schedule, routes::flow::list_schedules, routes::flow::get_schedule,
         routes::flow::schedule_fires, routes::flow::pause_schedule, routes::flow::resume_schedule,
         routes::flow::delete_schedule,
+        routes::files::list_run_artifacts, routes::files::get_run_artifact,
+        routes::files::list_job_files, routes::files::get_job_file,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),
@@ -170,7 +172,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::modules::router())
         .merge(routes::system::router())
         .merge(routes::vms::router())
-        .merge(routes::flow::router());
+        .merge(routes::flow::router())
+        .merge(routes::files::router());
     Router::new()
         .route("/health", get(routes::system::health))
         .route("/metrics", get(routes::system::metrics_text))

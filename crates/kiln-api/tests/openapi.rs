@@ -82,6 +82,8 @@ async fn every_route_is_in_the_document() {
             let status = router.clone().oneshot(request).await.unwrap().status();
             assert_ne!(status, StatusCode::NOT_FOUND, "{method} {uri}");
             if status != StatusCode::METHOD_NOT_ALLOWED {
+                // A wildcard `{*name}` is written `{name}` in OpenAPI.
+                let path = path.replace("{*", "{");
                 routed.insert(format!("{} {path}", method.as_str().to_lowercase()));
             }
         }

@@ -625,7 +625,7 @@ async fn start_worker(h: &Harness) -> (CancellationToken, tokio::task::JoinHandl
     let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("w"));
     config.poll_every = Duration::from_millis(200);
     let stop = CancellationToken::new();
-    let handlers = kiln_vm::job::register(Handlers::new(), &h.vms);
+    let handlers = kiln_vm::job::register(Handlers::new(), &h.vms, &h.state.blobs);
     let worker = tokio::spawn(Worker::new(h.db.clone(), handlers, config).run(stop.clone()));
     (stop, worker)
 }

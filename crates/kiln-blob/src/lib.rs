@@ -218,6 +218,38 @@ fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
+/// Job files (`outputs` kept, `inputs` placed) in the store, under keys
+/// built from the job's tenant (see [`kiln_core::files`]).
+impl BlobStore {
+    /// Keeps one output of a job's attempt.
+    pub async fn keep_file(
+        &self,
+        tenant: &str,
+        job: i64,
+        path: &str,
+        bytes: Bytes,
+    ) -> Result<kiln_core::files::FileRef, BlobError> {
+        let file = kiln_core::files::FileRef {
+            path: path.to_string(),
+            size: bytes.len() as u64,
+            digest: content_id(&bytes),
+        };
+        self.put(&kiln_core::files::blob_key(tenant, job, path), bytes)
+            .await?;
+        Ok(file)
+    }
+
+    /// Reads a file of an earlier job of `tenant` for a job that takes it.
+    pub async fn input_file(
+        &self,
+        tenant: &str,
+        input: &kiln_core::files::FileInput,
+    ) -> Result<Bytes, BlobError> {
+        self.get(&kiln_core::files::blob_key(tenant, input.job, &input.path))
+            .await
+    }
+}
+
 /// `sha256:<hex>` of some bytes: the id of content-addressed blobs.
 pub fn content_id(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -171,6 +171,9 @@ pub struct JobResult {
     /// True when stdout or stderr went past the cap and the rest was dropped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// Files the attempt kept (the spec's `outputs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<crate::files::FileRef>,
 }
 
 /// One finished attempt, kept in the job's history.

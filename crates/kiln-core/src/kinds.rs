@@ -4,7 +4,7 @@
 //! failure at run time. Each sandbox crate exports its checks; the binary
 //! gathers them, so `kiln api` validates `vm` specs without booting a VM.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Checks one kind's spec: unknown fields refused, every number bounded,
 /// every name in its grammar. No I/O.
@@ -23,6 +23,8 @@ pub enum SpecError {
 #[derive(Clone, Debug, Default)]
 pub struct JobKinds {
     checks: BTreeMap<String, CheckSpec>,
+    /// Kinds whose specs take `outputs` and `inputs` (see `crate::files`).
+    files: BTreeSet<String>,
 }
 
 impl JobKinds {
@@ -33,6 +35,16 @@ impl JobKinds {
     pub fn add(&mut self, kind: &str, check: CheckSpec) -> &mut JobKinds {
         self.checks.insert(kind.to_string(), check);
         self
+    }
+
+    /// A kind whose sandbox takes and keeps files (`outputs`, `inputs`).
+    pub fn add_with_files(&mut self, kind: &str, check: CheckSpec) -> &mut JobKinds {
+        self.files.insert(kind.to_string());
+        self.add(kind, check)
+    }
+
+    pub fn takes_files(&self, kind: &str) -> bool {
+        self.files.contains(kind)
     }
 
     pub fn check(&self, kind: &str, spec: &serde_json::Value) -> Result<(), SpecError> {

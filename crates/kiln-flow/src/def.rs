@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use kiln_core::files::JobFiles;
 use kiln_core::{Backoff, JobKinds, Priority, SpecError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -245,6 +246,16 @@ impl Checked {
 }
 
 impl PipelineDef {
+    /// Where an input lands in the step that takes it: at its path, or,
+    /// from a fanned-out step, at `<step>/<index>/<path>` for each instance
+    /// (`*` standing for the index).
+    pub fn input_place(&self, input: &InputRef) -> String {
+        match self.step(&input.step) {
+            Some(s) if s.for_each.is_some() => format!("{}/*/{}", input.step, input.path),
+            _ => input.path.clone(),
+        }
+    }
+
     pub fn step(&self, id: &str) -> Option<&StepDef> {
         self.steps.iter().find(|s| s.id == id)
     }
@@ -420,6 +431,26 @@ impl PipelineDef {
                     }
                     Err(SpecError::Invalid(_)) => {}
                 }
+                for (field, set) in [
+                    ("artifacts", !step.artifacts.is_empty()),
+                    ("inputs", !step.inputs.is_empty()),
+                ] {
+                    if set && !kinds.takes_files(kind) {
+                        return Err(refuse(
+                            at(field),
+                            format!("a {kind} step keeps and takes no files"),
+                        ));
+                    }
+                }
+                if let Some(field) = JobFiles::FIELDS
+                    .iter()
+                    .find(|f| step.spec.get(**f).is_some())
+                {
+                    return Err(refuse(
+                        at(&format!("spec.{field}")),
+                        "a step names its files as the step's artifacts and inputs",
+                    ));
+                }
             }
         }
         if !step.is_job() {
@@ -480,11 +511,30 @@ impl PipelineDef {
             kiln_core::names::check_name("queue", queue)
                 .map_err(|e| refuse(at("queue"), e.to_string()))?;
         }
+        if step.artifacts.len() > kiln_core::files::OUTPUTS_MAX {
+            return Err(refuse(
+                at("artifacts"),
+                format!("at most {} artifacts", kiln_core::files::OUTPUTS_MAX),
+            ));
+        }
         for (j, path) in step.artifacts.iter().enumerate() {
             check_artifact_path(&at(&format!("artifacts[{j}]")), path)?;
+            if step.artifacts[..j].contains(path) {
+                return Err(refuse(
+                    at(&format!("artifacts[{j}]")),
+                    format!("{path:?} is named twice"),
+                ));
+            }
         }
+        let mut placed = BTreeSet::new();
         for (j, input) in step.inputs.iter().enumerate() {
             let path = at(&format!("inputs[{j}]"));
+            if !placed.insert(self.input_place(input)) {
+                return Err(refuse(
+                    path,
+                    format!("another input is placed at {:?}", self.input_place(input)),
+                ));
+            }
             if !ancestors.contains(input.step.as_str()) {
                 return Err(refuse(
                     format!("{path}.step"),
@@ -521,23 +571,7 @@ impl PipelineDef {
 /// Artefact paths are relative, normal and bounded: they become object keys
 /// under the run and paths inside a sandbox, never a way out of either.
 pub fn check_artifact_path(at: &str, path: &str) -> Result<(), DefError> {
-    let bad = path.is_empty()
-        || path.len() > 1024
-        || path.starts_with('/')
-        || path.ends_with('/')
-        || path
-            .split('/')
-            .any(|part| part.is_empty() || part == "." || part == "..")
-        || !path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-'));
-    if bad {
-        return Err(refuse(
-            at,
-            format!("{path:?} must be a relative path of letters, digits and / . _ - without . or .. parts"),
-        ));
-    }
-    Ok(())
+    kiln_core::files::check_path("the path", path).map_err(|e| refuse(at, e.0))
 }
 
 /// What a template or condition of one step may read.

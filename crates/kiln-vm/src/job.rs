@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_core::files::{FileRef, JobFiles, BYTES_MAX, FILE_BYTES_MAX};
 use kiln_core::job::limits::{LABELS_MAX, LABEL_VALUE_MAX};
 use kiln_core::names::{check_guest_path, check_ident, check_name, check_text};
 use kiln_core::{AttemptEnd, JobKinds, JobResult, LeasedJob};
@@ -276,7 +277,8 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), InvalidSpec
     Ok(())
 }
 
-/// The `vm` kind: a machine (image, vcpus, memory_mib) and one command.
+/// The `vm` kind: a machine (image, vcpus, memory_mib), one command, and
+/// the files it takes and keeps (paths relative to `cwd`, or to `/`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(try_from = "Value")]
 pub struct VmJobSpec {
@@ -284,6 +286,8 @@ pub struct VmJobSpec {
     pub shape: VmShape,
     #[serde(flatten)]
     pub exec: ExecRequest,
+    #[serde(flatten)]
+    pub files: JobFiles,
 }
 
 impl TryFrom<Value> for VmJobSpec {
@@ -296,11 +300,26 @@ impl TryFrom<Value> for VmJobSpec {
 
 impl VmJobSpec {
     pub fn parse(spec: &Value) -> Result<VmJobSpec, InvalidSpec> {
-        let (shape, exec) = split(spec, &VmShape::MACHINE_FIELDS)?;
+        let (shape, rest) = split(spec, &VmShape::MACHINE_FIELDS)?;
+        let (files, exec) = split(&rest, &JobFiles::FIELDS)?;
+        let files: JobFiles = parse(files)?;
+        files.check().map_err(refuse)?;
         Ok(VmJobSpec {
             shape: parse(shape)?,
             exec: parse(exec)?,
+            files,
         })
+    }
+
+    /// Where a file path of the spec is in the guest.
+    fn guest_path(&self, rel: &str) -> String {
+        let base = self
+            .exec
+            .cwd
+            .as_deref()
+            .unwrap_or("/")
+            .trim_end_matches('/');
+        format!("{base}/{rel}")
     }
 }
 
@@ -388,7 +407,7 @@ fn check_delete(spec: &Value) -> Result<(), String> {
 /// Registers the spec check of every VM kind.
 pub fn job_kinds(kinds: &mut JobKinds) {
     kinds
-        .add("vm", check_vm)
+        .add_with_files("vm", check_vm)
         .add("vm:create", check_create)
         .add("vm:execute", check_execute)
         .add("exec", check_execute)
@@ -410,6 +429,7 @@ fn exec_end(out: &ExecOutput, started: Instant) -> AttemptEnd {
         stderr: stored_text(&out.stderr),
         duration_ms: started.elapsed().as_millis().min(i64::MAX as u128) as i64,
         truncated: out.truncated,
+        ..Default::default()
     };
     if exit_code == 0 {
         AttemptEnd::Succeeded(result)
@@ -448,7 +468,78 @@ async fn run_exec(
     }
 }
 
-pub struct VmJobHandler(pub Arc<VmManager>);
+pub struct VmJobHandler {
+    pub manager: Arc<VmManager>,
+    /// Where job files are kept and fetched.
+    pub blobs: kiln_blob::BlobStore,
+}
+
+impl VmJobHandler {
+    /// Writes the spec's inputs into the guest before the command runs.
+    async fn place_inputs(
+        &self,
+        job: &LeasedJob,
+        spec: &VmJobSpec,
+        agent: &crate::AgentConn,
+    ) -> Result<(), String> {
+        let mut total = 0u64;
+        for input in &spec.files.inputs {
+            let bytes = self
+                .blobs
+                .input_file(&job.tenant, input)
+                .await
+                .map_err(|e| format!("input {} of job {}: {e}", input.path, input.job))?;
+            total += bytes.len() as u64;
+            if total > BYTES_MAX {
+                return Err(format!("inputs are over {BYTES_MAX} bytes"));
+            }
+            let to = spec.guest_path(input.destination());
+            agent
+                .write_file(&to, &bytes, None)
+                .await
+                .map_err(|e| format!("input {}: {e}", input.destination()))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the declared outputs from the guest and keeps them.
+    async fn keep_outputs(
+        &self,
+        job: &LeasedJob,
+        spec: &VmJobSpec,
+        agent: &crate::AgentConn,
+    ) -> Result<Vec<FileRef>, String> {
+        let mut files = Vec::with_capacity(spec.files.outputs.len());
+        let mut total = 0u64;
+        for path in &spec.files.outputs {
+            let bytes = agent
+                .read_file(&spec.guest_path(path))
+                .await
+                .map_err(|e| match e {
+                    crate::agent::AgentError::Guest {
+                        kind: kiln_proto::ErrorKind::NotFound,
+                        ..
+                    } => {
+                        format!("output {path} was not produced")
+                    }
+                    other => format!("output {path}: {other}"),
+                })?;
+            total += bytes.len() as u64;
+            if bytes.len() as u64 > FILE_BYTES_MAX || total > BYTES_MAX {
+                return Err(format!(
+                    "output {path} takes the outputs over their size limit"
+                ));
+            }
+            files.push(
+                self.blobs
+                    .keep_file(&job.tenant, job.id, path, bytes::Bytes::from(bytes))
+                    .await
+                    .map_err(|e| format!("output {path}: {e}"))?,
+            );
+        }
+        Ok(files)
+    }
+}
 
 #[async_trait::async_trait]
 impl JobHandler for VmJobHandler {
@@ -465,26 +556,70 @@ impl JobHandler for VmJobHandler {
         );
         request.ttl = Some(Duration::from_millis(job_ms.saturating_add(60_000)));
         let vm = tokio::select! {
-            vm = self.0.create(request) => vm,
+            vm = self.manager.create(request) => vm,
             _ = kill.cancelled() => return failed("killed while booting", false),
         };
         let vm = match vm {
             Ok(vm) => vm,
             Err(error) => return failed(error, false),
         };
-        let outcome = match self.0.agent(&job.tenant, &vm.id).await {
-            None => Some(Err(crate::agent::AgentError::Gone)),
+        let end = match self.manager.agent(&job.tenant, &vm.id).await {
+            None => failed(crate::agent::AgentError::Gone, false),
             Some(agent) => {
-                let exec = spec.exec.exec(Some(job_ms), false);
-                run_exec(&agent, exec, spec.exec.stdin.as_bytes(), &kill).await
+                self.exec_in(job, &spec, &agent, job_ms, started, &kill)
+                    .await
             }
         };
-        self.0.delete(&job.tenant, &vm.id).await;
-        match outcome {
-            None => failed("killed", false),
-            Some(Err(error)) => failed(error, false),
-            Some(Ok(out)) => exec_end(&out, started),
+        self.manager.delete(&job.tenant, &vm.id).await;
+        end
+    }
+}
+
+impl VmJobHandler {
+    /// The attempt inside a booted VM: inputs, the command, outputs.
+    async fn exec_in(
+        &self,
+        job: &LeasedJob,
+        spec: &VmJobSpec,
+        agent: &crate::AgentConn,
+        job_ms: u64,
+        started: Instant,
+        kill: &CancellationToken,
+    ) -> AttemptEnd {
+        if !spec.files.inputs.is_empty() {
+            let placed = tokio::select! {
+                placed = self.place_inputs(job, spec, agent) => placed,
+                _ = kill.cancelled() => return failed("killed", false),
+            };
+            if let Err(error) = placed {
+                return failed(error, false);
+            }
         }
+        let exec = spec.exec.exec(Some(job_ms), false);
+        let mut end = match run_exec(agent, exec, spec.exec.stdin.as_bytes(), kill).await {
+            None => return failed("killed", false),
+            Some(Err(error)) => return failed(error, false),
+            Some(Ok(out)) => exec_end(&out, started),
+        };
+        if let AttemptEnd::Succeeded(result) = &mut end {
+            if !spec.files.outputs.is_empty() {
+                let kept = tokio::select! {
+                    kept = self.keep_outputs(job, spec, agent) => kept,
+                    _ = kill.cancelled() => Err("killed".to_string()),
+                };
+                match kept {
+                    Ok(files) => result.files = files,
+                    Err(error) => {
+                        return AttemptEnd::Failed {
+                            result: Some(result.clone()),
+                            error,
+                            permanent: false,
+                        }
+                    }
+                }
+            }
+        }
+        end
     }
 }
 
@@ -510,6 +645,7 @@ fn output(stdout: String, started: Instant) -> AttemptEnd {
         stderr: String::new(),
         duration_ms: started.elapsed().as_millis().min(i64::MAX as u128) as i64,
         truncated: false,
+        ..Default::default()
     })
 }
 
@@ -587,6 +723,7 @@ impl JobHandler for VmTaskHandler {
 pub fn register(
     handlers: kiln_worker::Handlers,
     manager: &Arc<VmManager>,
+    blobs: &kiln_blob::BlobStore,
 ) -> kiln_worker::Handlers {
     let task = |task| {
         Arc::new(VmTaskHandler {
@@ -595,7 +732,13 @@ pub fn register(
         })
     };
     handlers
-        .with("vm", Arc::new(VmJobHandler(manager.clone())))
+        .with(
+            "vm",
+            Arc::new(VmJobHandler {
+                manager: manager.clone(),
+                blobs: blobs.clone(),
+            }),
+        )
         .with("vm:create", task(VmTask::Create))
         .with("vm:execute", task(VmTask::Execute))
         .with("exec", task(VmTask::Execute))

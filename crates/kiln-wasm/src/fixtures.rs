@@ -161,6 +161,61 @@ pub fn symlink_out(target: &str) -> String {
     ))
 }
 
+/// Reads `from` (up to 60,000 bytes) in the first preopened directory,
+/// prints it and writes it to a new file `to` there. Exits 1 when `from`
+/// cannot be opened, 2 when `to` cannot be created.
+pub fn cat_to(from: &str, to: &str) -> String {
+    copy_into(
+        &format!(
+            r#"(if (call $path_open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const {})
+                  (i32.const 0) (i64.const 0x7ffffff) (i64.const 0x7ffffff) (i32.const 0) (i32.const 128))
+                (then (call $proc_exit (i32.const 1))))
+              (local.set $in (i32.load (i32.const 128)))"#,
+            from.len()
+        ),
+        from,
+        to,
+    )
+}
+
+/// Copies stdin (up to 60,000 bytes) to stdout and to a new file `to` in
+/// the first preopened directory. Exits 2 when `to` cannot be created.
+pub fn stdin_to(to: &str) -> String {
+    copy_into("(local.set $in (i32.const 0))", "", to)
+}
+
+fn copy_into(open_input: &str, from: &str, to: &str) -> String {
+    let to_len = to.len();
+    module(&format!(
+        r#"(data (i32.const 64) "{from}")
+           (data (i32.const 1024) "{to}")
+           (func (export "_start") (local $in i32) (local $n i32)
+             {open_input}
+             (i32.store (i32.const 16) (i32.const 4096))
+             (i32.store (i32.const 20) (i32.const 60000))
+             (drop (call $fd_read (local.get $in) (i32.const 16) (i32.const 1) (i32.const 24)))
+             (local.set $n (i32.load (i32.const 24)))
+             (call $write (i32.const 1) (i32.const 4096) (local.get $n))
+             (if (call $path_open (i32.const 3) (i32.const 0) (i32.const 1024) (i32.const {to_len})
+                   (i32.const 9) (i64.const 0x7ffffff) (i64.const 0x7ffffff) (i32.const 0) (i32.const 132))
+               (then (call $proc_exit (i32.const 2))))
+             (call $write (i32.load (i32.const 132)) (i32.const 4096) (local.get $n)))"#
+    ))
+}
+
+/// Makes a symlink `link` to `target` in the first preopened directory and
+/// exits with the WASI errno (0 when it was made).
+pub fn symlink_to(target: &str) -> String {
+    let len = target.len();
+    module(&format!(
+        r#"(data (i32.const 64) "link")
+           (data (i32.const 256) "{target}")
+           (func (export "_start")
+             (call $proc_exit
+               (call $path_symlink (i32.const 256) (i32.const {len}) (i32.const 3) (i32.const 64) (i32.const 4))))"#
+    ))
+}
+
 /// Takes a long time to compile: `functions` functions of arithmetic.
 pub fn slow_to_compile(functions: u32) -> String {
     let body =

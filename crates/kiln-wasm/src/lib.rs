@@ -173,6 +173,8 @@ pub struct WasmRuntime {
     modules: Arc<ModuleCache>,
     scratch: ScratchRoot,
     config: WasmConfig,
+    /// Where job files are kept and fetched.
+    blobs: BlobStore,
 }
 
 impl WasmRuntime {
@@ -193,7 +195,7 @@ impl WasmRuntime {
         let modules = ModuleCache::new(
             engine.clone(),
             linker.clone(),
-            blobs,
+            blobs.clone(),
             CacheBounds {
                 memory_bytes: config.memory_cache_bytes,
                 disk_dir: config.cache_dir.clone(),
@@ -209,6 +211,7 @@ impl WasmRuntime {
             modules: Arc::new(modules),
             scratch,
             config,
+            blobs,
         }))
     }
 
@@ -260,6 +263,26 @@ impl WasmRuntime {
     /// A kill ends the run at once, also while the module is fetched or
     /// compiled (the compile finishes for later runs).
     pub async fn run(&self, spec: &WasmSpec, kill: &CancellationToken) -> AttemptEnd {
+        self.run_as(None, spec, kill).await
+    }
+
+    /// Runs a job: as [`WasmRuntime::run`], and with its files, the inputs
+    /// placed under `/scratch` first and the outputs kept once it succeeds.
+    pub async fn run_job(
+        &self,
+        job: &LeasedJob,
+        spec: &WasmSpec,
+        kill: &CancellationToken,
+    ) -> AttemptEnd {
+        self.run_as(Some((&job.tenant, job.id)), spec, kill).await
+    }
+
+    async fn run_as(
+        &self,
+        owner: Option<(&str, i64)>,
+        spec: &WasmSpec,
+        kill: &CancellationToken,
+    ) -> AttemptEnd {
         let started = Instant::now();
         let pre = tokio::select! {
             pre = self.modules.get(&spec.module) => pre,
@@ -276,12 +299,92 @@ impl WasmRuntime {
             Ok(sandbox) => sandbox,
             Err(error) => return failed(error.to_string(), None, false),
         };
+        if let (Some((tenant, _)), Some(dir)) = (owner, &sandbox.scratch) {
+            let placed = tokio::select! {
+                placed = self.place_inputs(tenant, &spec.inputs, dir.path()) => placed,
+                _ = kill.cancelled() => Err("killed".to_string()),
+            };
+            if let Err(error) = placed {
+                return failed(error, None, false);
+            }
+        }
         let outcome = tokio::select! {
             outcome = call_start(&sandbox.pre, &mut sandbox.store) => Some(outcome),
             _ = kill.cancelled() => None,
         };
+        let mut end = classify(&sandbox, outcome, started, !spec.retry_traps);
+        if let (Some((tenant, job)), Some(dir), AttemptEnd::Succeeded(result)) =
+            (owner, &sandbox.scratch, &mut end)
+        {
+            match self
+                .keep_outputs(tenant, job, &spec.outputs, dir.path())
+                .await
+            {
+                Ok(files) => result.files = files,
+                Err(error) => {
+                    let result = Some(result.clone());
+                    end = failed(error, result, false);
+                }
+            }
+        }
         drop(sandbox.scratch.take());
-        classify(&sandbox, outcome, started, !spec.retry_traps)
+        end
+    }
+
+    /// Fetches a job's inputs and writes them under its scratch directory,
+    /// within the tenant's scratch quota.
+    async fn place_inputs(
+        &self,
+        tenant: &str,
+        inputs: &[kiln_core::files::FileInput],
+        dir: &Path,
+    ) -> Result<(), String> {
+        let max = kiln_core::files::BYTES_MAX.min(self.config.quotas.wasm_scratch_bytes_max);
+        let mut total = 0u64;
+        for input in inputs {
+            let bytes = self
+                .blobs
+                .input_file(tenant, input)
+                .await
+                .map_err(|e| format!("input {} of job {}: {e}", input.path, input.job))?;
+            total += bytes.len() as u64;
+            if total > max {
+                return Err(format!("inputs are over {max} bytes"));
+            }
+            let (dir, to) = (dir.to_path_buf(), input.destination().to_string());
+            tokio::task::spawn_blocking(move || scratch::place(&dir, &to, &bytes))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("input {}: {e}", input.destination()))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the declared outputs (never through a symlink) and keeps them.
+    async fn keep_outputs(
+        &self,
+        tenant: &str,
+        job: i64,
+        outputs: &[String],
+        dir: &Path,
+    ) -> Result<Vec<kiln_core::files::FileRef>, String> {
+        let mut files = Vec::with_capacity(outputs.len());
+        let mut left = kiln_core::files::BYTES_MAX;
+        for path in outputs {
+            let (root, rel) = (dir.to_path_buf(), path.clone());
+            let max = left.min(kiln_core::files::FILE_BYTES_MAX);
+            let bytes = tokio::task::spawn_blocking(move || scratch::collect(&root, &rel, max))
+                .await
+                .map_err(|e| e.to_string())??;
+            left -= bytes.len() as u64;
+            let kept = self
+                .blobs
+                .keep_file(tenant, job, path, bytes::Bytes::from(bytes))
+                .await
+                .map_err(|e| format!("output {path}: {e}"))?;
+            files.push(kept);
+        }
+        Ok(files)
     }
 
     /// The store for one run: WASI context, limits, fuel and, when asked
@@ -302,7 +405,7 @@ impl WasmRuntime {
         for (key, value) in &spec.env {
             wasi.env(key, value);
         }
-        let (scratch, budget, pre) = if spec.scratch {
+        let (scratch, budget, pre) = if spec.wants_scratch() {
             let dir = self.scratch.create()?;
             wasi.preopened_dir(dir.path(), "/scratch", DirPerms::all(), FilePerms::all())
                 .map_err(|e| WasmError::io("scratch directory", std::io::Error::other(e)))?;
@@ -472,6 +575,7 @@ fn classify(
         stderr: sandbox.stderr.text(),
         duration_ms: started.elapsed().as_millis() as i64,
         truncated: sandbox.stdout.truncated() || sandbox.stderr.truncated(),
+        ..Default::default()
     };
     let aborted = JobResult {
         exit_code: -1,
@@ -525,7 +629,7 @@ pub struct WasmHandler(pub Arc<WasmRuntime>);
 impl JobHandler for WasmHandler {
     async fn run(&self, job: &LeasedJob, kill: CancellationToken) -> AttemptEnd {
         match WasmSpec::parse_within(&job.spec, &self.0.config.quotas) {
-            Ok(spec) => self.0.run(&spec, &kill).await,
+            Ok(spec) => self.0.run_job(job, &spec, &kill).await,
             Err(error) => failed(format!("invalid spec: {error}"), None, true),
         }
     }

@@ -87,6 +87,53 @@ impl ScratchDir {
     }
 }
 
+/// Writes an input file under a scratch directory before the guest starts
+/// (`rel` is a checked relative path, see `kiln_core::files::check_path`).
+pub(crate) fn place(dir: &Path, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let path = dir.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    std::fs::write(&path, bytes)
+}
+
+/// Reads an output once the guest has ended. Every component must be a
+/// real directory and the last a regular file: a symlink the guest made is
+/// never followed, so nothing outside the directory can be read.
+pub(crate) fn collect(dir: &Path, rel: &str, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let parts: Vec<&str> = rel.split('/').collect();
+    let mut at = dir.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        at.push(part);
+        let meta = match std::fs::symlink_metadata(&at) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("output {rel} was not produced"))
+            }
+            Err(e) => return Err(format!("output {rel}: {e}")),
+        };
+        let last = i + 1 == parts.len();
+        if (!last && !meta.is_dir()) || (last && !meta.is_file()) {
+            return Err(format!("output {rel} is not a regular file"));
+        }
+        if last && meta.len() > max {
+            return Err(format!("output {rel} is over {max} bytes"));
+        }
+    }
+    let mut data = Vec::new();
+    std::fs::File::open(&at)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut data))
+        .map_err(|e| format!("output {rel}: {e}"))?;
+    if data.len() as u64 > max {
+        return Err(format!("output {rel} is over {max} bytes"));
+    }
+    Ok(data)
+}
+
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         if let Err(error) = std::fs::remove_dir_all(&self.0) {

@@ -45,9 +45,20 @@ pub struct WasmSpec {
     /// Retry traps and limit breaches like ordinary failures.
     #[serde(default)]
     pub retry_traps: bool,
+    /// Paths under `/scratch` kept when the run succeeds (implies `scratch`).
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    /// Files of earlier jobs placed under `/scratch` (implies `scratch`).
+    #[serde(default)]
+    pub inputs: Vec<kiln_core::files::FileInput>,
 }
 
 impl WasmSpec {
+    /// Whether the run gets a scratch directory.
+    pub fn wants_scratch(&self) -> bool {
+        self.scratch || !self.outputs.is_empty() || !self.inputs.is_empty()
+    }
+
     /// Parses and checks a spec against the default quotas.
     pub fn parse(spec: &serde_json::Value) -> Result<WasmSpec, String> {
         WasmSpec::parse_within(spec, &TenantQuotas::default())
@@ -83,6 +94,7 @@ impl WasmSpec {
             check_text("each env value", value, ARG_BYTES_MAX).map_err(invalid)?;
         }
         check_text("stdin", &self.stdin, STDIN_BYTES_MAX).map_err(invalid)?;
+        kiln_core::files::check(&self.outputs, &self.inputs).map_err(|e| e.to_string())?;
         if let Some(memory) = self.memory_mib {
             if !(1..=MEMORY_MIB_MAX).contains(&memory) {
                 return Err(format!("memory_mib must be 1 to {MEMORY_MIB_MAX}"));

@@ -96,6 +96,35 @@ impl Sandbox {
     }
 }
 
+/// A job of `tenant` with id `id`, as the worker hands it (the spec is
+/// passed beside it).
+fn leased(tenant: &str, id: i64) -> kiln_core::LeasedJob {
+    kiln_core::LeasedJob {
+        id,
+        tenant: tenant.into(),
+        kind: "wasm".into(),
+        queue: "default".into(),
+        priority: kiln_core::Priority::Default,
+        spec: serde_json::Value::Null,
+        attempt: 1,
+        max_attempts: 1,
+        retry_from: 0,
+        timeout_ms: 30_000,
+        backoff: kiln_core::Backoff::default(),
+        permanent_exit_codes: vec![],
+        run_at: 0,
+        created_at: 0,
+        started_at: 0,
+    }
+}
+
+impl Sandbox {
+    async fn run_job(&self, tenant: &str, id: i64, spec: &WasmSpec) -> AttemptEnd {
+        let kill = CancellationToken::new();
+        self.runtime.run_job(&leased(tenant, id), spec, &kill).await
+    }
+}
+
 fn succeeded(end: AttemptEnd) -> kiln_core::JobResult {
     match end {
         AttemptEnd::Succeeded(result) => result,
@@ -678,4 +707,85 @@ async fn a_kill_during_a_long_compile_returns_at_once() {
     // The compile finishes for the next run, which does not compile again.
     succeeded(sandbox.run_spec(&spec, Duration::from_secs(600)).await);
     assert_eq!(sandbox.runtime.cache_stats().compiles, 1);
+}
+
+/// Inputs of an earlier job of the tenant are placed under `/scratch`
+/// before the guest starts; declared outputs are kept in the blob store
+/// under the job once it succeeds. Another tenant naming the same job gets
+/// nothing.
+#[tokio::test]
+async fn job_files_go_in_and_come_out() {
+    use kiln_core::files::{blob_key, FileInput};
+    let sandbox = Sandbox::new();
+    sandbox
+        .blobs
+        .put(
+            &blob_key("acme", 5, "in.txt"),
+            Bytes::from_static(b"from job 5"),
+        )
+        .await
+        .unwrap();
+    let spec = WasmSpec {
+        module: sandbox.push(&fixtures::cat_to("a/b.txt", "out.txt")).await,
+        inputs: vec![FileInput {
+            job: 5,
+            path: "in.txt".into(),
+            to: Some("a/b.txt".into()),
+        }],
+        outputs: vec!["out.txt".into()],
+        ..WasmSpec::default()
+    };
+    let result = succeeded(sandbox.run_job("acme", 9, &spec).await);
+    assert_eq!(result.stdout, "from job 5");
+    assert_eq!(result.files.len(), 1, "{result:?}");
+    assert_eq!(result.files[0].path, "out.txt");
+    assert_eq!(result.files[0].size, 10);
+    assert_eq!(result.files[0].digest, content_id(b"from job 5"));
+    let kept = sandbox
+        .blobs
+        .get(&blob_key("acme", 9, "out.txt"))
+        .await
+        .unwrap();
+    assert_eq!(&kept[..], b"from job 5");
+
+    let (error, _, _) = failed(sandbox.run_job("globex", 10, &spec).await);
+    assert!(error.contains("input in.txt of job 5"), "{error}");
+    assert!(!sandbox
+        .blobs
+        .exists(&blob_key("globex", 10, "out.txt"))
+        .await
+        .unwrap());
+    assert!(sandbox.scratch_entries().is_empty());
+}
+
+/// An output is read only as a regular file reached through real
+/// directories: a symlink the guest made (here one climbing out of its
+/// directory to a host file) fails the attempt and nothing is kept; an
+/// output never written fails it too.
+#[tokio::test]
+async fn outputs_never_follow_a_symlink() {
+    let sandbox = Sandbox::new();
+    std::fs::write(sandbox.root.join("outside"), "host file").unwrap();
+    for target in ["../outside", "../../outside", "../../../outside"] {
+        let spec = WasmSpec {
+            module: sandbox.push(&fixtures::symlink_to(target)).await,
+            outputs: vec!["link".into()],
+            ..WasmSpec::default()
+        };
+        let (error, result, _) = failed(sandbox.run_job("acme", 11, &spec).await);
+        assert_eq!(result.map(|r| r.exit_code), Some(0), "{target}: {error}");
+        assert!(error.contains("not a regular file"), "{target}: {error}");
+    }
+    let key = kiln_core::files::blob_key("acme", 11, "link");
+    assert!(!sandbox.blobs.exists(&key).await.unwrap());
+    let spec = WasmSpec {
+        module: sandbox.push(&fixtures::hello()).await,
+        outputs: vec!["never.txt".into()],
+        ..WasmSpec::default()
+    };
+    let (error, _, _) = failed(sandbox.run_job("acme", 12, &spec).await);
+    assert!(
+        error.contains("output never.txt was not produced"),
+        "{error}"
+    );
 }

@@ -79,6 +79,7 @@ impl JobHandler for NoopHandler {
             stderr: String::new(),
             duration_ms: started.elapsed().as_millis().min(i64::MAX as u128) as i64,
             truncated: false,
+            ..Default::default()
         };
         if result.exit_code == 0 {
             AttemptEnd::Succeeded(result)

@@ -225,7 +225,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     };
     if let Some(runtime) = runtime {
         parts.vms = vm_manager(settings).await?;
-        parts.worker = Some(worker(settings, &db, runtime, parts.vms.as_ref()));
+        parts.worker = Some(worker(settings, &db, &blobs, runtime, parts.vms.as_ref()));
     }
     if let Some(listener) = listener {
         let state = AppState::with_vms(db.clone(), blobs, validator, parts.vms.clone());
@@ -238,6 +238,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
 fn worker(
     settings: &Settings,
     db: &Db,
+    blobs: &BlobStore,
     wasm: Arc<WasmRuntime>,
     vms: Option<&Arc<kiln_vm::VmManager>>,
 ) -> Worker {
@@ -254,7 +255,7 @@ fn worker(
         .with("wasm", Arc::new(WasmHandler(wasm)))
         .with("noop", Arc::new(NoopHandler));
     if let Some(vms) = vms {
-        handlers = kiln_vm::job::register(handlers, vms);
+        handlers = kiln_vm::job::register(handlers, vms, blobs);
     }
     Worker::new(db.clone(), handlers, config)
 }

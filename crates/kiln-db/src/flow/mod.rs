@@ -22,6 +22,7 @@ pub use schedules::{FireRecord, ScheduleRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use kiln_core::files::{FileInput, JobFiles};
 use kiln_core::{JobKinds, JobStatus, Millis, NewJob, SpecError};
 use kiln_flow::advance::{self, Mode, RunStatus, StepState, StepStatus};
 use kiln_flow::def::{Checked, PipelineDef, StepDef};
@@ -196,6 +197,23 @@ pub struct JobEnd {
     pub stdout: Option<String>,
     pub error: Option<String>,
     pub finished_at: Option<Millis>,
+    /// Files the job kept.
+    pub files: Vec<kiln_core::files::FileRef>,
+}
+
+/// A file a run's step kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunFile {
+    /// Its place under the run: `<step>/<path>`, or `<step>/<index>/<path>`
+    /// for an instance of a fanned-out step (where dependants find it too).
+    pub name: String,
+    pub step: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<i32>,
+    pub path: String,
+    pub size: u64,
+    pub digest: String,
+    pub job_id: i64,
 }
 
 /// A run with everything about it, as the API shows it.
@@ -649,6 +667,7 @@ impl Advance<'_> {
             .filter(|r| r.status == "succeeded")
             .map(|r| (r.index, r))
             .collect();
+        let files = self.files_of(tx, step).await?;
         let mut jobs = Vec::new();
         let mut rows = Vec::new();
         for (index, item) in items.iter().enumerate() {
@@ -671,6 +690,13 @@ impl Advance<'_> {
                     format!("the rendered spec is over {RENDERED_SPEC_MAX} bytes; pass large values as artifacts"),
                 );
             }
+            let spec = match (spec, &files) {
+                (Value::Object(mut map), Some(Value::Object(files))) => {
+                    map.extend(files.clone());
+                    Value::Object(map)
+                }
+                (spec, _) => spec,
+            };
             match self.kinds.check(&step.kind, &spec) {
                 Ok(()) => {}
                 Err(SpecError::UnknownKind(kind)) => {
@@ -711,6 +737,48 @@ impl Advance<'_> {
             self.steps[i].finished_at = Some(self.now);
         }
         Ok(())
+    }
+
+    /// The files a step's jobs keep and take, as spec fields: its artifacts
+    /// as `outputs`; for each input, the file of every instance of the
+    /// producer that succeeded, at the place `PipelineDef::input_place`
+    /// gives. Only job ids and paths travel in the spec, never content.
+    async fn files_of(&mut self, tx: &mut dyn FlowTx, step: &StepDef) -> DbResult<Option<Value>> {
+        if step.artifacts.is_empty() && step.inputs.is_empty() {
+            return Ok(None);
+        }
+        let mut files = JobFiles {
+            outputs: step.artifacts.clone(),
+            inputs: Vec::new(),
+        };
+        if !step.inputs.is_empty() {
+            let names: BTreeSet<String> = step.inputs.iter().map(|i| i.step.clone()).collect();
+            let names: Vec<String> = names.into_iter().collect();
+            let producers = tx.instances(self.run.id, Some(&names)).await?;
+            for input in &step.inputs {
+                let fanned = self
+                    .checked
+                    .def
+                    .step(&input.step)
+                    .is_some_and(|s| s.for_each.is_some());
+                for row in &producers {
+                    let Some(job) = row
+                        .job_id
+                        .filter(|_| row.step == input.step && row.status == "succeeded")
+                    else {
+                        continue;
+                    };
+                    files.inputs.push(FileInput {
+                        job,
+                        path: input.path.clone(),
+                        to: fanned.then(|| format!("{}/{}/{}", input.step, row.index, input.path)),
+                    });
+                }
+            }
+        }
+        Ok(Some(
+            serde_json::to_value(files).map_err(|e| DbError::Corrupt(e.to_string()))?,
+        ))
     }
 
     fn job_of(&self, step: &StepDef, index: i32, spec: Value) -> NewJob {
@@ -1011,6 +1079,47 @@ impl Db {
     /// Deletes a pipeline: no new runs; its runs and their versions stay.
     pub async fn pipeline_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
         dispatch_flow!(self, s => s.pipeline_delete(tenant, name).await)
+    }
+
+    /// The files a run's steps kept, from each step instance's latest job;
+    /// `None` when the tenant has no such run.
+    pub async fn run_files(&self, tenant: &str, id: i64) -> DbResult<Option<Vec<RunFile>>> {
+        let mut tx = self.flow_tx(false).await?;
+        if tx.get_run(tenant, id).await?.is_none() {
+            return Ok(None);
+        }
+        let rows = tx.instances(id, None).await?;
+        let ids: Vec<i64> = rows.iter().filter_map(|r| r.job_id).collect();
+        let mut ends: HashMap<i64, JobEnd> = tx
+            .job_ends(id, &ids)
+            .await?
+            .into_iter()
+            .map(|e| (e.job_id, e))
+            .collect();
+        tx.commit().await?;
+        let mut files = Vec::new();
+        for row in rows {
+            let Some(end) = row.job_id.and_then(|job| ends.remove(&job)) else {
+                continue;
+            };
+            // A fanned-out step's instances carry their item.
+            let index = row.item.is_some().then_some(row.index);
+            for file in end.files {
+                files.push(RunFile {
+                    name: match index {
+                        Some(i) => format!("{}/{i}/{}", row.step, file.path),
+                        None => format!("{}/{}", row.step, file.path),
+                    },
+                    step: row.step.clone(),
+                    index,
+                    path: file.path,
+                    size: file.size,
+                    digest: file.digest,
+                    job_id: end.job_id,
+                });
+            }
+        }
+        Ok(Some(files))
     }
 
     /// Starts a run of a pipeline's newest version: its params resolved,
