@@ -18,24 +18,12 @@ kiln_db::on_both_databases!(
     runs_are_listed_cancelled_and_retried,
     approvals_need_the_approve_scope,
     schedules_through_the_api,
+    artifacts_travel_from_a_fan_out_into_a_fan_in,
+    artifacts_go_from_a_vm_step_into_a_wasm_step,
 );
 
 async fn wait_run(h: &Harness, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, run) = h
-            .call("GET", &format!("/api/v1/runs/{id}"), &h.admin, None)
-            .await;
-        assert_eq!(status, StatusCode::OK, "{run}");
-        if matches!(
-            run["status"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            return run;
-        }
-        assert!(Instant::now() < deadline, "run {id} stuck: {run}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_run_for(h, id, Duration::from_secs(30)).await
 }
 
 fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
@@ -389,4 +377,233 @@ async fn schedules_through_the_api(db: Db) {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     h.stop().await;
+}
+
+/// Each instance of a fanned-out wasm step keeps a file; the fan-in step
+/// finds every one at `<step>/<index>/<path>` under its scratch directory
+/// and keeps a file of its own. The run lists them all and serves each;
+/// another tenant sees none. Steps of kinds that keep no files, and specs
+/// that name files themselves, are refused at apply.
+async fn artifacts_travel_from_a_fan_out_into_a_fan_in(db: Db) {
+    let h = harness(db).await;
+    let write = h.push(&fixtures::stdin_to("out.txt")).await;
+    let read = h
+        .push(&fixtures::cat_to("gen/1/out.txt", "joined.txt"))
+        .await;
+    let def = json!({"name": "files", "params": [{"name": "items", "type": "list", "default": ["a", "bb", "ccc"]}],
+    "steps": [
+        {"id": "gen", "kind": "wasm", "for_each": "${params.items}",
+         "spec": {"module": write, "stdin": "${item}"}, "artifacts": ["out.txt"]},
+        {"id": "join", "kind": "wasm", "depends_on": ["gen"],
+         "spec": {"module": read}, "inputs": [{"step": "gen", "path": "out.txt"}],
+         "artifacts": ["joined.txt"]},
+    ]});
+    let (status, body) = h
+        .call("POST", "/api/v1/pipelines", &h.admin, Some(def))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, run) = h
+        .call("POST", "/api/v1/pipelines/files/runs", &h.admin, None)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    let run = wait_run(&h, &id).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let join_job = step(&run, "join")["instances"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, job) = h
+        .call("GET", &format!("/api/v1/jobs/{join_job}"), &h.admin, None)
+        .await;
+    assert_eq!(job["result"]["stdout"], "bb", "{job}");
+    assert_eq!(
+        job["spec"]["inputs"].as_array().map(Vec::len),
+        Some(3),
+        "{job}"
+    );
+
+    let (status, list) = h
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}/artifacts"),
+            &h.admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let mut names: Vec<(String, u64)> = list["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap().to_string(),
+                a["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("gen/0/out.txt".to_string(), 1),
+            ("gen/1/out.txt".to_string(), 2),
+            ("gen/2/out.txt".to_string(), 3),
+            ("join/joined.txt".to_string(), 2),
+        ]
+    );
+    for (name, content) in [("gen/2/out.txt", "ccc"), ("join/joined.txt", "bb")] {
+        let (status, body) = h
+            .call(
+                "GET",
+                &format!("/api/v1/runs/{id}/artifacts/{name}"),
+                &h.admin,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{name}");
+        assert_eq!(body, json!(content), "{name}");
+    }
+    let (status, files) = h
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{join_job}/files"),
+            &h.admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(files["files"][0]["path"], "joined.txt", "{files}");
+    let (status, body) = h
+        .call(
+            "GET",
+            &format!("/api/v1/jobs/{join_job}/files/joined.txt"),
+            &h.admin,
+            None,
+        )
+        .await;
+    assert_eq!((status, body), (StatusCode::OK, json!("bb")));
+    for path in [
+        format!("/api/v1/runs/{id}/artifacts"),
+        format!("/api/v1/runs/{id}/artifacts/gen/0/out.txt"),
+        format!("/api/v1/jobs/{join_job}/files/joined.txt"),
+    ] {
+        let (status, body) = h.call("GET", &path, &h.other, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    for path in [
+        format!("/api/v1/runs/{id}/artifacts/gen/9/out.txt"),
+        format!("/api/v1/runs/{id}/artifacts/gen/0/../../join/joined.txt"),
+        format!("/api/v1/jobs/{join_job}/files/out.txt"),
+    ] {
+        let (status, body) = h.call("GET", &path, &h.admin, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        assert_eq!(error_code(&body), "not_found", "{path}: {body}");
+    }
+
+    for (def, needle) in [
+        (
+            json!({"name": "x", "steps": [{"id": "a", "kind": "noop", "artifacts": ["out"]}]}),
+            "steps[0].artifacts: a noop step keeps and takes no files",
+        ),
+        (
+            json!({"name": "x", "steps": [{"id": "a", "kind": "wasm", "spec": {"module": write, "outputs": ["x"]}}]}),
+            "steps[0].spec.outputs",
+        ),
+        (
+            json!({"name": "x", "steps": [{"id": "a", "kind": "wasm", "spec": {"module": write}, "artifacts": ["o", "o"]}]}),
+            "steps[0].artifacts[1]",
+        ),
+    ] {
+        let (status, body) = h
+            .call("POST", "/api/v1/pipelines", &h.admin, Some(def))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{message} lacks {needle}");
+    }
+    h.stop().await;
+}
+
+/// A `vm` step builds a file in a real microVM; kiln keeps it and places it
+/// in the wasm step that takes it as an input, whose own file is kept too.
+async fn artifacts_go_from_a_vm_step_into_a_wasm_step(db: Db) {
+    let mut h = harness(db).await;
+    let vms = h.start_vm_worker().await;
+    let read = h
+        .push(&fixtures::cat_to("out/report.txt", "copy.txt"))
+        .await;
+    let def = json!({"name": "vm-files", "steps": [
+        {"id": "build", "kind": "vm", "timeout_ms": 120000,
+         "spec": {"command": "sh", "args": ["-c", "mkdir -p out && echo built-in-vm > out/report.txt"],
+                  "cwd": "/tmp"},
+         "artifacts": ["out/report.txt"]},
+        {"id": "read", "kind": "wasm", "depends_on": ["build"], "spec": {"module": read},
+         "inputs": [{"step": "build", "path": "out/report.txt"}], "artifacts": ["copy.txt"]},
+    ]});
+    let (status, body) = h
+        .call("POST", "/api/v1/pipelines", &h.admin, Some(def))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, run) = h
+        .call("POST", "/api/v1/pipelines/vm-files/runs", &h.admin, None)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    let run = wait_run_for(&h, &id, Duration::from_secs(240)).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let (_, list) = h
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}/artifacts"),
+            &h.admin,
+            None,
+        )
+        .await;
+    let names: Vec<&str> = list["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{list}");
+    assert!(
+        names.contains(&"build/out/report.txt") && names.contains(&"read/copy.txt"),
+        "{list}"
+    );
+    for name in ["build/out/report.txt", "read/copy.txt"] {
+        let (status, body) = h
+            .call(
+                "GET",
+                &format!("/api/v1/runs/{id}/artifacts/{name}"),
+                &h.admin,
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, json!("built-in-vm\n")),
+            "{name}"
+        );
+    }
+    assert_eq!(vms.live_count(), 0, "the step's VM is gone");
+    h.stop().await;
+}
+
+async fn wait_run_for(h: &Harness, id: &str, guard: Duration) -> Value {
+    let deadline = Instant::now() + guard;
+    loop {
+        let (_, run) = h
+            .call("GET", &format!("/api/v1/runs/{id}"), &h.admin, None)
+            .await;
+        if matches!(
+            run["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return run;
+        }
+        assert!(Instant::now() < deadline, "run {id} stuck: {run}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -118,8 +118,17 @@ pub enum RunsCommand {
         #[arg(long)]
         comment: Option<String>,
     },
-    /// The artifacts a pipeline run kept.
-    Artifacts { id: String },
+    /// The artifacts a pipeline run kept: the list (name, size, digest),
+    /// one by name (to stdout or `-o FILE`), or all into `--dir DIR`.
+    Artifacts {
+        id: String,
+        /// `<step>/<path>` or `<step>/<index>/<path>`, as the list shows.
+        name: Option<String>,
+        #[arg(short = 'o', long, requires = "name")]
+        output: Option<std::path::PathBuf>,
+        #[arg(long, conflicts_with = "name")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -359,12 +368,12 @@ pub async fn runs(client: Client, command: RunsCommand) -> anyhow::Result<i32> {
         RunsCommand::Reject { id, step, comment } => {
             decide(&client, &id, &step, "reject", comment).await?;
         }
-        RunsCommand::Artifacts { id } => {
-            let list = client.get(&run_path(&id, "/artifacts")?).await?;
-            for line in artifact_lines(&list) {
-                println!("{line}");
-            }
-        }
+        RunsCommand::Artifacts {
+            id,
+            name,
+            output,
+            dir,
+        } => artifacts(&client, &id, name, output, dir).await?,
     }
     Ok(0)
 }
@@ -389,6 +398,51 @@ async fn decide(
         .find(|s| s["step"].as_str() == Some(step))
         .map_or_else(|| "-".to_string(), |s| text(&s["status"]));
     println!("{}; step {} {status}", run_line(&run), clean(step));
+    Ok(())
+}
+
+async fn artifacts(
+    client: &Client,
+    id: &str,
+    name: Option<String>,
+    output: Option<std::path::PathBuf>,
+    dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let fetch = |name: String| async move {
+        // Names are relative paths of plain segments; checked before they
+        // become a URL or a path on this machine.
+        kiln_core::files::check_path("the artifact name", &name)?;
+        client
+            .get_bytes(&run_path(id, &format!("/artifacts/{name}"))?)
+            .await
+    };
+    if let Some(name) = name {
+        let bytes = fetch(name).await?;
+        match output {
+            Some(path) => std::fs::write(&path, bytes)
+                .with_context(|| format!("writing {}", path.display()))?,
+            None => std::io::Write::write_all(&mut std::io::stdout(), &bytes)?,
+        }
+        return Ok(());
+    }
+    let list = client.get(&run_path(id, "/artifacts")?).await?;
+    let Some(dir) = dir else {
+        for line in artifact_lines(&list) {
+            println!("{line}");
+        }
+        return Ok(());
+    };
+    for artifact in items(&list, "artifacts") {
+        let name = text(&artifact["name"]);
+        let bytes = fetch(name.clone()).await?;
+        let path = dir.join(&name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}\t{}", path.display(), bytes.len());
+    }
     Ok(())
 }
 
@@ -1047,27 +1101,17 @@ fn trigger(trigger: &Value) -> String {
     }
 }
 
-/// The paths of `GET /api/v1/runs/{id}/artifacts`, whether it lists
-/// strings or objects with a path (and maybe the step and size).
+/// One line per artifact of `GET /api/v1/runs/{id}/artifacts`: name,
+/// size and digest, tab-separated.
 fn artifact_lines(list: &Value) -> Vec<String> {
-    let all = match list {
-        Value::Array(all) => all.iter().collect::<Vec<_>>(),
-        _ => items(list, "artifacts").collect(),
-    };
-    all.into_iter()
-        .map(|a| match a {
-            Value::Object(map) => {
-                let mut line = String::new();
-                if let Some(step) = map.get("step").filter(|s| !s.is_null()) {
-                    line.push_str(&format!("{}\t", text(step)));
-                }
-                line.push_str(&text(map.get("path").unwrap_or(&Value::Null)));
-                if let Some(size) = map.get("size").filter(|s| !s.is_null()) {
-                    line.push_str(&format!("\t{}", text(size)));
-                }
-                line
-            }
-            other => text(other),
+    items(list, "artifacts")
+        .map(|a| {
+            format!(
+                "{}\t{}\t{}",
+                text(&a["name"]),
+                text(&a["size"]),
+                text(&a["digest"])
+            )
         })
         .collect()
 }
@@ -1438,12 +1482,12 @@ mod tests {
     }
 
     #[test]
-    fn artifacts_print_their_paths() {
+    fn artifacts_print_name_size_and_digest() {
         assert_eq!(
-            artifact_lines(&json!({"artifacts": [{"step": "a", "path": "out/x", "size": 3}, "y"]})),
-            strings(&["a\tout/x\t3", "y"])
+            artifact_lines(&json!({"artifacts": [
+                {"name": "a/out/x", "step": "a", "path": "out/x", "size": 3, "digest": "sha256:ab"}]})),
+            strings(&["a/out/x\t3\tsha256:ab"])
         );
-        assert_eq!(artifact_lines(&json!(["z"])), strings(&["z"]));
         assert!(artifact_lines(&json!({})).is_empty());
     }
 

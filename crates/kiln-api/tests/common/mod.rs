@@ -196,6 +196,32 @@ impl Harness {
         }
     }
 
+    /// Starts a second worker that runs the VM kinds on real microVMs (the
+    /// image `.ci/run` builds), sharing the store and the blob store.
+    pub async fn start_vm_worker(&mut self) -> Arc<kiln_vm::VmManager> {
+        let image = kiln_vm::testing::test_image().await;
+        let accelerator = kiln_vm::manager::probe_accelerator(
+            image,
+            &self.root,
+            &kiln_vm::testing::images_dir().join("accelerator"),
+        )
+        .await;
+        let vms = kiln_vm::VmManager::new(
+            &kiln_vm::testing::images_dir(),
+            &self.root.join("vms"),
+            accelerator,
+        )
+        .unwrap();
+        let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("vm-w"));
+        config.slots = 4;
+        config.poll_every = Duration::from_millis(200);
+        let handlers = kiln_vm::job::register(Handlers::new(), &vms, &self.state.blobs);
+        self.flow.push(tokio::spawn(
+            Worker::new(self.db.clone(), handlers, config).run(self.stop.clone()),
+        ));
+        vms
+    }
+
     /// Stops the worker and removes the harness's files.
     pub async fn stop(self) {
         self.stop.cancel();

@@ -383,7 +383,8 @@ impl DefCache {
 fn trusting_kinds(def: &PipelineDef) -> JobKinds {
     let mut kinds = JobKinds::new();
     for step in &def.steps {
-        kinds.add(&step.kind, |_| Ok(()));
+        // Whether the kind takes files was checked at apply as well.
+        kinds.add_with_files(&step.kind, |_| Ok(()));
     }
     kinds
 }
