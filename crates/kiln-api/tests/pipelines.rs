@@ -19,6 +19,7 @@ kiln_db::on_both_databases!(
     approvals_need_the_approve_scope,
     schedules_through_the_api,
     artifacts_travel_from_a_fan_out_into_a_fan_in,
+    artifacts_live_on_s3,
     artifacts_go_from_a_vm_step_into_a_wasm_step,
 );
 
@@ -386,6 +387,38 @@ async fn schedules_through_the_api(db: Db) {
 /// that name files themselves, are refused at apply.
 async fn artifacts_travel_from_a_fan_out_into_a_fan_in(db: Db) {
     let h = harness(db).await;
+    fan_out_and_in(&h).await;
+    h.stop().await;
+}
+
+/// The same on S3-compatible storage: a real S3 server over HTTP holds
+/// every artefact, under the tenant and the job that kept it.
+async fn artifacts_live_on_s3(db: Db) {
+    let s3 = kiln_blob::testing::start_s3().await;
+    let blobs = kiln_blob::BlobStore::open(&s3.config, &db).unwrap();
+    let h = common::harness_with_blobs(db, blobs).await;
+    let (id, join_job) = fan_out_and_in(&h).await;
+    let key = kiln_core::files::blob_key("acme", join_job.parse().unwrap(), "joined.txt");
+    assert_eq!(std::fs::read(s3.object_path(&key)).unwrap(), b"bb");
+    let (_, list) = h
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}/artifacts"),
+            &h.admin,
+            None,
+        )
+        .await;
+    assert_eq!(
+        list["artifacts"].as_array().map(Vec::len),
+        Some(4),
+        "{list}"
+    );
+    h.stop().await;
+}
+
+/// Runs the fan-out/fan-in pipeline and checks its artefacts; the run's id
+/// and the fan-in job's.
+async fn fan_out_and_in(h: &Harness) -> (String, String) {
     let write = h.push(&fixtures::stdin_to("out.txt")).await;
     let read = h
         .push(&fixtures::cat_to("gen/1/out.txt", "joined.txt"))
@@ -407,7 +440,7 @@ async fn artifacts_travel_from_a_fan_out_into_a_fan_in(db: Db) {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{run}");
     let id = run["id"].as_str().unwrap().to_string();
-    let run = wait_run(&h, &id).await;
+    let run = wait_run(h, &id).await;
     assert_eq!(run["status"], "succeeded", "{run}");
     let join_job = step(&run, "join")["instances"][0]["job_id"]
         .as_str()
@@ -523,7 +556,7 @@ async fn artifacts_travel_from_a_fan_out_into_a_fan_in(db: Db) {
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(needle), "{message} lacks {needle}");
     }
-    h.stop().await;
+    (id, join_job)
 }
 
 /// A `vm` step builds a file in a real microVM; kiln keeps it and places it

@@ -414,6 +414,15 @@ impl PipelineDef {
                 if step.approval.is_some() {
                     return Err(refuse(at("approval"), "only an approval step has one"));
                 }
+                if let Some(field) = JobFiles::FIELDS
+                    .iter()
+                    .find(|f| step.spec.get(**f).is_some())
+                {
+                    return Err(refuse(
+                        at(&format!("spec.{field}")),
+                        "a step names its files as the step's artifacts and inputs",
+                    ));
+                }
                 let templates = templates_in(&step.spec)
                     .map_err(|(path, e)| refuse(format!("steps[{i}].spec{path}"), e))?;
                 for (path, template) in &templates {
@@ -441,15 +450,6 @@ impl PipelineDef {
                             format!("a {kind} step keeps and takes no files"),
                         ));
                     }
-                }
-                if let Some(field) = JobFiles::FIELDS
-                    .iter()
-                    .find(|f| step.spec.get(**f).is_some())
-                {
-                    return Err(refuse(
-                        at(&format!("spec.{field}")),
-                        "a step names its files as the step's artifacts and inputs",
-                    ));
                 }
             }
         }
@@ -765,6 +765,7 @@ mod tests {
         }
         let mut kinds = JobKinds::new();
         kinds.add("noop", any_object);
+        kinds.add_with_files("files", any_object);
         kinds
     }
 
@@ -866,13 +867,28 @@ mod tests {
                 "steps[0].id",
             ),
             (
-                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "artifacts": ["../x"]}]}),
+                json!({"name": "p", "steps": [{"id": "a", "kind": "files", "artifacts": ["../x"]}]}),
                 "steps[0].artifacts[0]",
             ),
             (
-                json!({"name": "p", "steps": [{"id": "a", "kind": "noop"},
-                {"id": "b", "kind": "noop", "depends_on": ["a"], "inputs": [{"step": "a", "path": "x"}]}]}),
+                json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "artifacts": ["x"]}]}),
+                "steps[0].artifacts: a noop step keeps and takes no files",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "files", "spec": {"inputs": []}}]}),
+                "steps[0].spec.inputs",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "files"},
+                {"id": "b", "kind": "files", "depends_on": ["a"], "inputs": [{"step": "a", "path": "x"}]}]}),
                 "steps[1].inputs[0].path: step \"a\" declares no artifact",
+            ),
+            (
+                json!({"name": "p", "steps": [{"id": "a", "kind": "files", "artifacts": ["x"]},
+                {"id": "b", "kind": "files", "artifacts": ["x"]},
+                {"id": "c", "kind": "files", "depends_on": ["a", "b"],
+                 "inputs": [{"step": "a", "path": "x"}, {"step": "b", "path": "x"}]}]}),
+                "steps[2].inputs[1]: another input is placed at \"x\"",
             ),
             (
                 json!({"name": "p", "steps": [{"id": "a", "kind": "noop", "for_each": "x${params.l}"}],

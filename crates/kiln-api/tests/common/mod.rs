@@ -46,6 +46,16 @@ pub fn kinds() -> JobKinds {
 pub async fn harness(db: Db) -> Harness {
     let root = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-api"));
     let blobs = BlobStore::local(&root.join("blobs")).unwrap();
+    harness_with(db, root, blobs).await
+}
+
+/// The harness over a blob store of the test's choosing (S3, say).
+pub async fn harness_with_blobs(db: Db, blobs: BlobStore) -> Harness {
+    let root = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-api"));
+    harness_with(db, root, blobs).await
+}
+
+async fn harness_with(db: Db, root: PathBuf, blobs: BlobStore) -> Harness {
     let wasm = WasmRuntime::new(
         WasmConfig {
             cache_dir: Some(root.join("cache")),
