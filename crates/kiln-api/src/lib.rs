@@ -45,6 +45,9 @@ pub struct AppState {
     /// Gauge label sets `/metrics` set last time, so groups that drained
     /// are set to zero instead of keeping their last value.
     pub(crate) gauges: std::sync::Mutex<routes::system::GaugeLabels>,
+    /// The process's one tail of the event log, started by the first
+    /// reader.
+    events: tokio::sync::OnceCell<Arc<kiln_events::EventHub>>,
 }
 
 impl AppState {
@@ -85,7 +88,16 @@ impl AppState {
             keys: KeyCache::default(),
             rate_limit: std::sync::OnceLock::new(),
             gauges: Default::default(),
+            events: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The event hub, started on first use.
+    pub async fn event_hub(&self) -> Result<Arc<kiln_events::EventHub>, kiln_db::DbError> {
+        self.events
+            .get_or_try_init(|| kiln_events::EventHub::start(self.db.clone()))
+            .await
+            .cloned()
     }
 
     /// Limits every API key to `per_second` requests a second on average,
@@ -144,6 +156,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::flow::delete_schedule,
         routes::files::list_run_artifacts, routes::files::get_run_artifact,
         routes::files::list_job_files, routes::files::get_job_file,
+        routes::events::events, routes::events::events_ws, routes::events::job_events,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),
@@ -173,7 +186,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::system::router())
         .merge(routes::vms::router())
         .merge(routes::flow::router())
-        .merge(routes::files::router());
+        .merge(routes::files::router())
+        .merge(routes::events::router());
     Router::new()
         .route("/health", get(routes::system::health))
         .route("/metrics", get(routes::system::metrics_text))

@@ -4,6 +4,7 @@
 
 mod blobs;
 mod bootstrap;
+pub mod events;
 pub mod flow;
 mod lease;
 mod postgres;
@@ -354,6 +355,7 @@ impl Db {
         let out = dispatch!(self, s => s.job_insert(job, now).await)?;
         if out.1 {
             self.wakeup().notify_waiters();
+            self.events_written();
         }
         Ok(out)
     }
@@ -363,6 +365,7 @@ impl Db {
         jobs.iter().try_for_each(storable_job)?;
         let ids = dispatch!(self, s => s.job_insert_many(jobs, now).await)?;
         self.wakeup().notify_waiters();
+        self.events_written();
         Ok(ids)
     }
 
@@ -455,6 +458,9 @@ impl Db {
             return Ok(Vec::new());
         }
         let mut jobs = dispatch!(self, s => s.job_lease(request).await)?;
+        if !jobs.is_empty() {
+            self.events_written();
+        }
         jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(jobs)
     }
@@ -518,6 +524,7 @@ impl Db {
         self.fire_watchers(&completed.quarantined);
         // A step job may have ended: the advancer looks at the outbox.
         self.flow_wakeup().notify_waiters();
+        self.events_written();
         if done.iter().any(|c| c.status == JobStatus::Scheduled) {
             self.wakeup().notify_waiters();
         }
@@ -553,6 +560,7 @@ impl Db {
         if let CancelOutcome::Cancelled(job) = &out {
             self.fire_watchers(&[job.id]);
             self.flow_wakeup().notify_waiters();
+            self.events_written();
         }
         Ok(out)
     }
@@ -561,6 +569,7 @@ impl Db {
         let out = dispatch!(self, s => s.job_retry(tenant, id, now).await)?;
         if matches!(out, RetryOutcome::Requeued(_)) {
             self.wakeup().notify_waiters();
+            self.events_written();
         }
         Ok(out)
     }
@@ -573,6 +582,7 @@ impl Db {
         if n > 0 {
             self.wakeup().notify_waiters();
             self.flow_wakeup().notify_waiters();
+            self.events_written();
         }
         Ok(n)
     }
@@ -591,6 +601,7 @@ impl Db {
         let held = in_id_order(held);
         let n = dispatch!(self, s => s.job_release(worker_id, &held, now).await)?;
         self.wakeup().notify_waiters();
+        self.events_written();
         Ok(n)
     }
 
@@ -640,7 +651,9 @@ impl Db {
         storable("key name", &key.name)?;
         storable("tenant", &key.tenant)?;
         storable("key id", &key.id)?;
-        dispatch!(self, s => s.key_insert(key, hash).await)
+        dispatch!(self, s => s.key_insert(key, hash).await)?;
+        self.events_written();
+        Ok(())
     }
 
     /// The live (not revoked) key with this hash.
@@ -654,7 +667,11 @@ impl Db {
 
     /// Returns false when no live key had this id (in this tenant, if given).
     pub async fn key_revoke(&self, tenant: Option<&str>, id: &str, now: Millis) -> DbResult<bool> {
-        dispatch!(self, s => s.key_revoke(tenant, id, now).await)
+        let revoked = dispatch!(self, s => s.key_revoke(tenant, id, now).await)?;
+        if revoked {
+            self.events_written();
+        }
+        Ok(revoked)
     }
 
     pub async fn key_count(&self) -> DbResult<i64> {

@@ -28,6 +28,10 @@ pub struct PgStore {
     pub(crate) waiters: Arc<crate::Waiters>,
     pub(crate) flow_wakeup: Arc<Notify>,
     pub(crate) defs: Arc<crate::flow::DefCache>,
+    /// Wakes the sequencer (see `events.rs`).
+    pub(crate) events_kick: Arc<Notify>,
+    /// Fires when events were numbered, here or in another process.
+    pub(crate) events_ready: Arc<Notify>,
 }
 
 /// Appends one attempt record (JSON text) to a job's history with jsonb's
@@ -75,13 +79,30 @@ impl PgStore {
         drop(conn);
         let wakeup = Arc::new(Notify::new());
         let flow_wakeup = Arc::new(Notify::new());
-        tokio::spawn(listen(pool.clone(), wakeup.clone(), flow_wakeup.clone()));
+        let events_kick = Arc::new(Notify::new());
+        let events_ready = Arc::new(Notify::new());
+        tokio::spawn(listen(
+            pool.clone(),
+            Wakeups {
+                jobs: wakeup.clone(),
+                flow: flow_wakeup.clone(),
+                events_kick: events_kick.clone(),
+                events_ready: events_ready.clone(),
+            },
+        ));
+        tokio::spawn(crate::events::sequence_loop(
+            pool.clone(),
+            events_kick.clone(),
+            events_ready.clone(),
+        ));
         Ok(PgStore {
             pool,
             wakeup,
             waiters: Arc::default(),
             flow_wakeup,
             defs: Arc::default(),
+            events_kick,
+            events_ready,
         })
     }
 
@@ -780,12 +801,22 @@ fn lock_in_id_order(ids: &str) -> String {
     format!("locked AS (SELECT id FROM jobs WHERE id = ANY({ids}) ORDER BY id FOR UPDATE)")
 }
 
-/// Forwards NOTIFYs to the in-process wake-up. When the connection drops,
-/// workers are woken anyway so that they poll while it reconnects.
-async fn listen(pool: PgPool, wakeup: Arc<Notify>, flow_wakeup: Arc<Notify>) {
+/// The in-process wake-ups NOTIFYs are forwarded to.
+struct Wakeups {
+    jobs: Arc<Notify>,
+    flow: Arc<Notify>,
+    events_kick: Arc<Notify>,
+    events_ready: Arc<Notify>,
+}
+
+/// Forwards NOTIFYs to the in-process wake-ups. When the connection drops,
+/// everyone is woken anyway so that they poll while it reconnects.
+async fn listen(pool: PgPool, wakeups: Wakeups) {
     let wake_all = || {
-        wakeup.notify_waiters();
-        flow_wakeup.notify_waiters();
+        wakeups.jobs.notify_waiters();
+        wakeups.flow.notify_waiters();
+        wakeups.events_kick.notify_one();
+        wakeups.events_ready.notify_waiters();
     };
     loop {
         if pool.is_closed() {
@@ -801,7 +832,7 @@ async fn listen(pool: PgPool, wakeup: Arc<Notify>, flow_wakeup: Arc<Notify>) {
             }
         };
         if listener
-            .listen_all(["kiln_jobs", "kiln_flow"])
+            .listen_all(["kiln_jobs", "kiln_flow", "kiln_events", "kiln_events_ready"])
             .await
             .is_err()
         {
@@ -819,8 +850,12 @@ async fn listen(pool: PgPool, wakeup: Arc<Notify>, flow_wakeup: Arc<Notify>) {
                 }
             };
             match received {
-                Ok(Some(n)) if n.channel() == "kiln_flow" => flow_wakeup.notify_waiters(),
-                Ok(Some(_)) => wakeup.notify_waiters(),
+                Ok(Some(n)) => match n.channel() {
+                    "kiln_flow" => wakeups.flow.notify_waiters(),
+                    "kiln_events" => wakeups.events_kick.notify_one(),
+                    "kiln_events_ready" => wakeups.events_ready.notify_waiters(),
+                    _ => wakeups.jobs.notify_waiters(),
+                },
                 Ok(None) => {
                     // The connection was lost and will be re-established.
                     wake_all();

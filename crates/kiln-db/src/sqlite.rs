@@ -32,6 +32,8 @@ pub struct SqliteStore {
     pub(crate) waiters: Arc<crate::Waiters>,
     pub(crate) flow_wakeup: Arc<Notify>,
     pub(crate) defs: Arc<crate::flow::DefCache>,
+    /// Fires after a write that may have appended events.
+    pub(crate) events_ready: Arc<Notify>,
 }
 
 /// One writer connection serialises every write, so `held` read here cannot
@@ -104,6 +106,7 @@ impl SqliteStore {
             wakeup: Arc::new(Notify::new()),
             waiters: Arc::default(),
             flow_wakeup: Arc::new(Notify::new()),
+            events_ready: Arc::new(Notify::new()),
             defs: Arc::default(),
         })
     }

@@ -1061,6 +1061,7 @@ impl Db {
         let mut tx = self.flow_tx(false).await?;
         let found = tx.definition(tenant, name, version).await?;
         tx.commit().await?;
+        self.events_written();
         Ok(found)
     }
 
@@ -1098,6 +1099,7 @@ impl Db {
             .map(|e| (e.job_id, e))
             .collect();
         tx.commit().await?;
+        self.events_written();
         let mut files = Vec::new();
         for row in rows {
             let Some(end) = row.job_id.and_then(|job| ends.remove(&job)) else {
@@ -1139,6 +1141,7 @@ impl Db {
             Err(e) => return Ok(Err(e)),
         };
         tx.commit().await?;
+        self.events_written();
         if jobs {
             self.wakeup().notify_waiters();
         }
@@ -1150,6 +1153,7 @@ impl Db {
         let mut tx = self.flow_tx(false).await?;
         let Some(run) = tx.get_run(tenant, id).await? else {
             tx.commit().await?;
+            self.events_written();
             return Ok(None);
         };
         let checked = load_def(
@@ -1171,6 +1175,7 @@ impl Db {
             instances.entry(row.step.clone()).or_default().push(row);
         }
         tx.commit().await?;
+        self.events_written();
         let steps = checked
             .def
             .steps
@@ -1219,6 +1224,7 @@ impl Db {
         let rows = tx.take_outbox(run, OUTBOX_BATCH).await?;
         if rows.is_empty() {
             tx.commit().await?;
+            self.events_written();
             return Ok(0);
         }
         let mut by_run: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
@@ -1233,6 +1239,7 @@ impl Db {
         let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
         tx.delete_outbox(&ids).await?;
         tx.commit().await?;
+        self.events_written();
         if made_jobs {
             self.wakeup().notify_waiters();
         }
@@ -1243,6 +1250,7 @@ impl Db {
         let mut tx = self.flow_tx(false).await?;
         let rows = tx.take_outbox(None, OUTBOX_BATCH).await?;
         tx.commit().await?;
+        self.events_written();
         let runs: BTreeSet<i64> = rows.iter().map(|r| r.1).collect();
         let mut taken = 0;
         for run_id in runs {
@@ -1267,6 +1275,7 @@ impl Db {
                     let ids: Vec<i64> = gone.iter().map(|r| r.0).collect();
                     tx.delete_outbox(&ids).await?;
                     tx.commit().await?;
+                    self.events_written();
                     taken += gone.len();
                 }
             }
@@ -1330,6 +1339,7 @@ impl Db {
             .await?;
         }
         tx.commit().await?;
+        self.events_written();
         self.flow_wakeup().notify_waiters();
         Ok(self
             .run_get(tenant, id)
@@ -1372,6 +1382,7 @@ impl Db {
         advance.settle(tx.as_mut()).await?;
         let made = advance.write(tx.as_mut()).await?;
         tx.commit().await?;
+        self.events_written();
         if made {
             self.wakeup().notify_waiters();
         }
@@ -1434,6 +1445,7 @@ impl Db {
             .await?;
         }
         tx.commit().await?;
+        self.events_written();
         if made {
             self.wakeup().notify_waiters();
         }
@@ -1490,6 +1502,7 @@ impl Db {
             n += 1;
         }
         tx.commit().await?;
+        self.events_written();
         if made {
             self.wakeup().notify_waiters();
         }

@@ -177,6 +177,7 @@ impl Db {
         }
         let stored = tx.schedule_get(tenant, &def.name).await?;
         tx.commit().await?;
+        self.events_written();
         stored.ok_or_else(|| DbError::Corrupt("a schedule just written is missing".into()))
     }
 
@@ -184,6 +185,7 @@ impl Db {
         let mut tx = self.flow_tx(false).await?;
         let found = tx.schedule_get(tenant, name).await?;
         tx.commit().await?;
+        self.events_written();
         Ok(found)
     }
 
@@ -191,6 +193,7 @@ impl Db {
         let mut tx = self.flow_tx(false).await?;
         let found = tx.schedule_list(tenant).await?;
         tx.commit().await?;
+        self.events_written();
         Ok(found)
     }
 
@@ -198,6 +201,7 @@ impl Db {
         let mut tx = self.flow_tx(true).await?;
         let gone = tx.schedule_delete(tenant, name).await?;
         tx.commit().await?;
+        self.events_written();
         Ok(gone)
     }
 
@@ -225,6 +229,7 @@ impl Db {
             tx.schedule_moved(&record).await?;
         }
         tx.commit().await?;
+        self.events_written();
         Ok(Some(record))
     }
 
@@ -237,6 +242,7 @@ impl Db {
         let mut tx = self.flow_tx(false).await?;
         let found = tx.fires(tenant, name, limit).await?;
         tx.commit().await?;
+        self.events_written();
         Ok(found)
     }
 
@@ -305,6 +311,7 @@ impl Db {
             tx.schedule_moved(&record).await?;
         }
         tx.commit().await?;
+        self.events_written();
         if made_jobs {
             self.wakeup().notify_waiters();
         }

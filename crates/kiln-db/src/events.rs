@@ -1,0 +1,342 @@
+//! The event log: rows the triggers of migration 0006 append in the
+//! transaction of each state change, read in `position` order.
+//!
+//! On SQLite the one writer gives positions in commit order as it inserts.
+//! On PostgreSQL transactions commit out of insert order, so rows arrive
+//! without a position and the sequencer (`sequence_loop`, one at a time per
+//! database under an advisory lock) numbers those whose transaction has
+//! ended; see the migration for why no position is ever filled in late.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::Millis;
+use serde::Serialize;
+use sqlx::postgres::PgPool;
+use tokio::sync::Notify;
+
+use crate::flow::dispatch_flow as dispatch;
+use crate::{Db, DbResult};
+
+/// Most events one read returns.
+pub const PAGE_MAX: i64 = 1000;
+
+/// One event as readers see it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    /// The event's position: increasing, never reused, never filled in late.
+    pub id: i64,
+    pub time: Millis,
+    pub tenant: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub resource: Resource,
+    pub labels: BTreeMap<String, String>,
+    pub data: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Resource {
+    pub kind: String,
+    pub id: String,
+}
+
+/// What a read selects; the rest of a filter (labels) is applied by callers.
+#[derive(Clone, Debug, Default)]
+pub struct EventQuery<'a> {
+    /// `None`: every tenant (the deployment's own readers).
+    pub tenant: Option<&'a str>,
+    /// Exact types, or prefixes ending in `.` for patterns such as `job.*`.
+    pub types: &'a [String],
+    pub resource: Option<(&'a str, &'a str)>,
+    pub after: i64,
+    pub limit: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    position: i64,
+    time: i64,
+    tenant: String,
+    #[sqlx(rename = "type")]
+    kind: String,
+    resource_kind: String,
+    resource_id: String,
+    labels: String,
+    data: String,
+}
+
+impl From<EventRow> for Event {
+    fn from(r: EventRow) -> Event {
+        Event {
+            id: r.position,
+            time: r.time,
+            tenant: r.tenant,
+            kind: r.kind,
+            resource: Resource {
+                kind: r.resource_kind,
+                id: r.resource_id,
+            },
+            labels: serde_json::from_str(&r.labels).unwrap_or_default(),
+            data: serde_json::from_str(&r.data).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// The `WHERE` of a read, with `?` or `$n` placeholders from `next`.
+fn conditions(query: &EventQuery<'_>, mut next: impl FnMut() -> String) -> String {
+    let mut sql = format!("position > {}", next());
+    if query.tenant.is_some() {
+        sql.push_str(&format!(" AND tenant = {}", next()));
+    }
+    if query.resource.is_some() {
+        sql.push_str(&format!(
+            " AND resource_kind = {} AND resource_id = {}",
+            next(),
+            next()
+        ));
+    }
+    if !query.types.is_empty() {
+        let alternatives: Vec<String> = query
+            .types
+            .iter()
+            .map(|t| {
+                if t.ends_with('.') {
+                    format!("type LIKE {}", next())
+                } else {
+                    format!("type = {}", next())
+                }
+            })
+            .collect();
+        sql.push_str(&format!(" AND ({})", alternatives.join(" OR ")));
+    }
+    sql
+}
+
+/// `job.` → `job.%`, with LIKE's own characters escaped (types are names of
+/// `[a-z0-9._-]`, so only `_` can occur).
+fn like_prefix(prefix: &str) -> String {
+    format!("{}%", prefix.replace('_', "\\_"))
+}
+
+macro_rules! bind_query {
+    ($q:expr, $query:expr) => {{
+        let mut q = $q.bind($query.after);
+        if let Some(tenant) = $query.tenant {
+            q = q.bind(tenant.to_string());
+        }
+        if let Some((kind, id)) = $query.resource {
+            q = q.bind(kind.to_string()).bind(id.to_string());
+        }
+        for t in $query.types {
+            q = q.bind(if t.ends_with('.') {
+                like_prefix(t)
+            } else {
+                t.clone()
+            });
+        }
+        q.bind($query.limit.clamp(1, PAGE_MAX))
+    }};
+}
+
+impl crate::SqliteStore {
+    async fn event_read(&self, query: &EventQuery<'_>) -> DbResult<Vec<Event>> {
+        let sql = format!(
+            "SELECT position, time, tenant, type, resource_kind, resource_id, labels, data \
+             FROM events WHERE {} ORDER BY position LIMIT ?",
+            conditions(query, || "?".to_string())
+        )
+        .replace("LIKE ?", "LIKE ? ESCAPE '\\'");
+        let rows: Vec<EventRow> = bind_query!(sqlx::query_as(&sql), query)
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    async fn event_last(&self) -> DbResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
+
+    async fn event_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM events WHERE position IN \
+             (SELECT position FROM events WHERE time < ?1 ORDER BY position LIMIT ?2)",
+        )
+        .bind(before)
+        .bind(batch)
+        .execute(&self.write)
+        .await?
+        .rows_affected())
+    }
+}
+
+impl crate::PgStore {
+    async fn event_read(&self, query: &EventQuery<'_>) -> DbResult<Vec<Event>> {
+        let mut n = 0;
+        let sql = format!(
+            "SELECT position, time, tenant, type, resource_kind, resource_id, labels, data \
+             FROM events WHERE {} ORDER BY position LIMIT {}",
+            conditions(query, || {
+                n += 1;
+                format!("${n}")
+            }),
+            format_args!("${}", n + 1)
+        );
+        let rows: Vec<EventRow> = bind_query!(sqlx::query_as(&sql), query)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Event::from).collect())
+    }
+
+    async fn event_last(&self) -> DbResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0)::BIGINT FROM events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn event_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events \
+             WHERE time < $1 AND position IS NOT NULL ORDER BY position LIMIT $2)",
+        )
+        .bind(before)
+        .bind(batch)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+}
+
+/// Numbers settled events, a batch at a time; returns how many. Only one
+/// sequencer per database works at once (the others find the lock taken).
+pub(crate) async fn sequence(pool: &PgPool) -> DbResult<u64> {
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(4243)")
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(0);
+    }
+    // The snapshot that finds the rows also says which transactions have
+    // ended: a row whose xid is below its xmin can no longer change.
+    let numbered = sqlx::query(
+        "WITH settled AS ( \
+             SELECT seq, row_number() OVER (ORDER BY seq) AS n FROM ( \
+                 SELECT seq FROM events WHERE position IS NULL \
+                 AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
+                 ORDER BY seq LIMIT 10000) s), \
+         base AS (SELECT COALESCE(MAX(position), 0) AS p FROM events) \
+         UPDATE events e SET position = base.p + settled.n \
+         FROM settled, base WHERE e.seq = settled.seq",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if numbered > 0 {
+        sqlx::query("SELECT pg_notify('kiln_events_ready', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(numbered)
+}
+
+/// Keeps numbering events: woken by this process's writes and by the
+/// triggers' NOTIFY, and every 100 ms (a transaction still open holds the
+/// numbering back; polling picks up where it stood).
+pub(crate) async fn sequence_loop(pool: PgPool, kick: Arc<Notify>, ready: Arc<Notify>) {
+    loop {
+        if pool.is_closed() {
+            return;
+        }
+        let notified = kick.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match sequence(&pool).await {
+            Ok(n) if n > 0 => {
+                ready.notify_waiters();
+                continue;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                if pool.is_closed() {
+                    return;
+                }
+                tracing::debug!(%error, "numbering events failed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+impl Db {
+    /// Events after `query.after` in position order, at most `query.limit`
+    /// (capped at [`PAGE_MAX`]).
+    pub async fn event_read(&self, query: &EventQuery<'_>) -> DbResult<Vec<Event>> {
+        dispatch!(self, s => s.event_read(query).await)
+    }
+
+    /// The newest position readers can see (0 when there is none).
+    pub async fn event_last(&self) -> DbResult<i64> {
+        dispatch!(self, s => s.event_last().await)
+    }
+
+    /// Retention: deletes up to `batch` of the oldest events older than
+    /// `before`.
+    pub async fn event_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
+        dispatch!(self, s => s.event_delete_before(before, batch).await)
+    }
+
+    /// Fires when new events may be readable: written by this process (on
+    /// SQLite), or numbered by any sequencer (on PostgreSQL).
+    pub fn events_ready(&self) -> Arc<Notify> {
+        dispatch!(self, s => s.events_ready.clone())
+    }
+
+    /// Tells the readers (SQLite) or the sequencer (PostgreSQL) that a write
+    /// may have appended events.
+    pub(crate) fn events_written(&self) {
+        match self {
+            Db::Sqlite(s) => s.events_ready.notify_waiters(),
+            Db::Postgres(s) => s.events_kick.notify_one(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_number_their_placeholders_in_bind_order() {
+        let types = vec!["job.".to_string(), "run.succeeded".to_string()];
+        let query = EventQuery {
+            tenant: Some("acme"),
+            types: &types,
+            resource: Some(("job", "7")),
+            after: 0,
+            limit: 10,
+        };
+        let mut n = 0;
+        let sql = conditions(&query, || {
+            n += 1;
+            format!("${n}")
+        });
+        assert_eq!(
+            sql,
+            "position > $1 AND tenant = $2 AND resource_kind = $3 AND resource_id = $4 \
+             AND (type LIKE $5 OR type = $6)"
+        );
+        assert_eq!(like_prefix("vm_x."), "vm\\_x.%");
+    }
+}
