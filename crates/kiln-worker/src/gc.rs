@@ -17,6 +17,8 @@ pub struct Retention {
     pub finished_jobs: Duration,
     /// How long a worker that stopped heartbeating stays listed.
     pub silent_workers: Duration,
+    /// How long an event stays in the log (and a stream can resume from it).
+    pub events: Duration,
     /// Most rows one delete statement removes; a pass loops until done.
     pub batch: i64,
     /// How often the background task runs a pass.
@@ -28,6 +30,7 @@ impl Default for Retention {
         Retention {
             finished_jobs: Duration::from_secs(7 * 24 * 3600),
             silent_workers: Duration::from_secs(24 * 3600),
+            events: Duration::from_secs(7 * 24 * 3600),
             batch: 1_000,
             every: Duration::from_secs(60),
         }
@@ -39,6 +42,7 @@ impl Default for Retention {
 pub struct Collected {
     pub jobs: u64,
     pub workers: u64,
+    pub events: u64,
     /// Delete statements run: one more than the full batches.
     pub batches: u64,
 }
@@ -69,6 +73,15 @@ pub async fn collect_garbage(
         // Give the queue's own statements room between batches.
         tokio::task::yield_now().await;
     }
+    let cutoff = before(now, retention.events);
+    while !stop.is_cancelled() {
+        let n = db.event_delete_before(cutoff, batch).await?;
+        collected.events += n;
+        if (n as i64) < batch {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     collected.workers = db
         .worker_delete_stale(before(now, retention.silent_workers))
         .await?;
@@ -87,12 +100,14 @@ pub async fn gc_loop(db: Db, retention: Retention, stop: CancellationToken) {
             Ok(Collected {
                 jobs: 0,
                 workers: 0,
+                events: 0,
                 ..
             }) => {}
             Ok(collected) => tracing::info!(
                 jobs = collected.jobs,
                 workers = collected.workers,
-                "deleted finished jobs and silent workers past retention"
+                events = collected.events,
+                "deleted finished jobs, silent workers and events past retention"
             ),
             Err(error) => tracing::warn!(%error, "retention pass failed"),
         }

@@ -275,21 +275,37 @@ async fn retention_keeps_recent_and_unfinished_jobs(db: Db) {
     let waiting = submit(&db, json!({}), |_| {}).await;
     let retention = Retention {
         finished_jobs: Duration::from_secs(3600),
+        events: Duration::from_secs(3600),
         batch: 2,
         ..Retention::default()
     };
+    // Five jobs' lives (queued, started, succeeded) and one queued job.
+    let all_events = kiln_db::events::EventQuery {
+        tenant: Some("acme"),
+        limit: 1000,
+        ..Default::default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while db.event_read(&all_events).await.unwrap().len() < 16 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events never numbered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let stop = CancellationToken::new();
     // An hour from now, nothing has been finished for an hour yet.
     let now = now_millis();
     let pass = kiln_worker::collect_garbage(&db, &retention, now, &stop)
         .await
         .unwrap();
-    assert_eq!(pass.jobs, 0);
+    assert_eq!((pass.jobs, pass.events), (0, 0));
     let later = now + 3_600_000 + 60_000;
     let pass = kiln_worker::collect_garbage(&db, &retention, later, &stop)
         .await
         .unwrap();
-    assert_eq!((pass.jobs, pass.batches), (5, 3));
+    assert_eq!((pass.jobs, pass.batches, pass.events), (5, 3, 16));
+    assert!(db.event_read(&all_events).await.unwrap().is_empty());
     for id in finished {
         assert!(db.job_get("acme", id).await.unwrap().is_none());
     }

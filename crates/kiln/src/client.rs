@@ -95,6 +95,36 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
+    /// A streamed answer (Server-Sent Events), resuming after `last_id`.
+    pub async fn stream(
+        &self,
+        path: &str,
+        last_id: Option<i64>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let mut request = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.key)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach kiln at {}", self.base))?;
+        let status = response.status();
+        if !status.is_success() {
+            let error: Value = response.json().await.unwrap_or(Value::Null);
+            let message = error["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
+            let code = error["error"]["code"].as_str().unwrap_or("error");
+            bail!("{status} {code}: {message}");
+        }
+        Ok(response)
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.send(self.http.get(self.url(path))).await
     }

@@ -51,6 +51,9 @@ pub struct ServerArgs {
     /// How long finished jobs are kept, in hours, before retention deletes them.
     #[arg(long, env = "KILN_RETENTION_HOURS")]
     pub retention_hours: Option<u64>,
+    /// How long events are kept, in hours (streams resume within this).
+    #[arg(long, env = "KILN_EVENT_RETENTION_HOURS")]
+    pub event_retention_hours: Option<u64>,
     /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
     #[arg(long, env = "KILN_VM_WARM")]
     pub vm_warm: Option<usize>,
@@ -121,6 +124,7 @@ struct FileConfig {
     slots: Option<usize>,
     lease_ms: Option<u64>,
     retention_hours: Option<u64>,
+    event_retention_hours: Option<u64>,
     vm_warm: Option<usize>,
     rate_limit: Option<u32>,
     rate_burst: Option<u32>,
@@ -147,6 +151,8 @@ pub struct Settings {
     pub lease_ms: u64,
     /// Finished jobs older than this are deleted in batches.
     pub retention_hours: u64,
+    /// Events older than this are deleted in batches.
+    pub event_retention_hours: u64,
     pub vm_warm: usize,
     pub rate_limit: u32,
     pub rate_burst: u32,
@@ -215,6 +221,11 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
         retention_hours: args
             .retention_hours
             .or(file.retention_hours)
+            .unwrap_or(7 * 24)
+            .clamp(1, 10 * 365 * 24),
+        event_retention_hours: args
+            .event_retention_hours
+            .or(file.event_retention_hours)
             .unwrap_or(7 * 24)
             .clamp(1, 10 * 365 * 24),
         vm_warm: args.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
@@ -338,6 +349,10 @@ impl Settings {
             ("slots", self.slots.to_string()),
             ("lease_ms", self.lease_ms.to_string()),
             ("retention_hours", self.retention_hours.to_string()),
+            (
+                "event_retention_hours",
+                self.event_retention_hours.to_string(),
+            ),
             ("vm_warm", self.vm_warm.to_string()),
             ("rate_limit", self.rate_limit.to_string()),
             ("rate_burst", self.rate_burst.to_string()),

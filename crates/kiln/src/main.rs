@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod config;
+mod events_cli;
 mod flow_cli;
 mod serve;
 
@@ -86,6 +87,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: flow_cli::ScheduleCommand,
+    },
+    /// The event log: `events tail` follows it.
+    Events {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: events_cli::EventsCommand,
     },
     /// Guest images for microVMs.
     #[command(subcommand)]
@@ -379,6 +387,9 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Schedule { client, command } => {
             flow_cli::schedule(Client::new(&client)?, command).await
         }
+        Command::Events { client, command } => {
+            events_cli::events(Client::new(&client)?, command).await
+        }
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),
@@ -399,8 +410,10 @@ fn local_settings(args: &ServerArgs) -> anyhow::Result<config::Settings> {
 
 async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let db = serve::open_db(&args.server.settings()?).await?;
+    let settings = args.server.settings()?;
     let retention = kiln_worker::Retention {
         finished_jobs: std::time::Duration::from_secs(args.keep_hours.saturating_mul(3600)),
+        events: std::time::Duration::from_secs(settings.event_retention_hours.saturating_mul(3600)),
         batch: args.batch.max(1),
         ..kiln_worker::Retention::default()
     };
@@ -408,8 +421,8 @@ async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let stop = tokio_util::sync::CancellationToken::new();
     let done = kiln_worker::collect_garbage(&db, &retention, now, &stop).await?;
     eprintln!(
-        "deleted {} finished jobs ({} statements) and {} silent workers",
-        done.jobs, done.batches, done.workers
+        "deleted {} finished jobs ({} statements), {} silent workers and {} events",
+        done.jobs, done.batches, done.workers, done.events
     );
     Ok(0)
 }

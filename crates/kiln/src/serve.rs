@@ -195,6 +195,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         worker: None,
         retention: kiln_worker::Retention {
             finished_jobs: Duration::from_secs(settings.retention_hours.saturating_mul(3600)),
+            events: Duration::from_secs(settings.event_retention_hours.saturating_mul(3600)),
             ..kiln_worker::Retention::default()
         },
     };

@@ -455,3 +455,50 @@ async fn schedules_round_trip() {
     let gone = server.run(&["schedule", "get", "nightly"]);
     assert_eq!(gone.status.code(), Some(2));
 }
+
+/// `kiln events tail` prints the log from an id on, filtered, and follows
+/// it live: a run started after the tail began shows up in it.
+#[tokio::test]
+async fn events_tail_follows_the_log() {
+    let server = Server::start("kiln-cli-events").await;
+    let file = server.write("diamond.yaml", DIAMOND);
+    ok(&server.run(&["pipeline", "apply", "-f", &file]));
+    ok(&server.run(&["pipeline", "run", "diamond", "--wait"]));
+    let history = ok(&server.run(&[
+        "events", "tail", "--type", "run.*", "--after", "0", "--count", "2", "--json",
+    ]));
+    let types: Vec<String> = history
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].to_string())
+        .collect();
+    assert_eq!(types, ["\"run.running\"", "\"run.succeeded\""], "{history}");
+
+    // Live: three step ends of a run started once the tail is listening.
+    let mut tail = server
+        .command(&["events", "tail", "--type", "step.succeeded", "--count", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ok(&server.run(&["pipeline", "run", "diamond", "--wait"]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tail.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tail never saw three steps"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = tail.wait_with_output().unwrap();
+    let text = ok(&output);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.lines().all(|l| l.contains(" step.succeeded step:")),
+        "{text}"
+    );
+
+    let bad = server.run(&["events", "tail", "--type", "Bad!"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("422"), "{}", stderr(&bad));
+}
