@@ -214,44 +214,40 @@ impl crate::PgStore {
     }
 }
 
-/// Numbers settled events, a batch at a time; returns how many. Only one
-/// sequencer per database works at once (the others find the lock taken).
-pub(crate) async fn sequence(pool: &PgPool) -> DbResult<u64> {
-    let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(4243)")
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        return Ok(0);
-    }
-    // The snapshot that finds the rows also says which transactions have
-    // ended: a row whose xid is below its xmin can no longer change.
-    let numbered = sqlx::query(
+/// Numbers settled events, a batch at a time, in one statement; returns
+/// how many. Runs only on the connection that holds the sequencer's lock,
+/// so passes never overlap and each sees the numbers the last one gave.
+async fn sequence(conn: &mut sqlx::PgConnection) -> DbResult<u64> {
+    // The statement's snapshot finds the rows and says which transactions
+    // have ended: a row whose xid is below its xmin can no longer change.
+    let numbered: i64 = sqlx::query_scalar(
         "WITH settled AS ( \
              SELECT seq, row_number() OVER (ORDER BY seq) AS n FROM ( \
                  SELECT seq FROM events WHERE position IS NULL \
                  AND xid < pg_snapshot_xmin(pg_current_snapshot()) \
                  ORDER BY seq LIMIT 10000) s), \
-         base AS (SELECT COALESCE(MAX(position), 0) AS p FROM events) \
-         UPDATE events e SET position = base.p + settled.n \
-         FROM settled, base WHERE e.seq = settled.seq",
+         base AS (SELECT COALESCE(MAX(position), 0) AS p FROM events), \
+         done AS (UPDATE events e SET position = base.p + settled.n \
+             FROM settled, base WHERE e.seq = settled.seq RETURNING 1) \
+         SELECT COUNT(*) FROM done",
     )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .fetch_one(&mut *conn)
+    .await?;
     if numbered > 0 {
         sqlx::query("SELECT pg_notify('kiln_events_ready', '')")
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     }
-    tx.commit().await?;
-    Ok(numbered)
+    Ok(numbered as u64)
 }
 
-/// Keeps numbering events: woken by this process's writes and by the
-/// triggers' NOTIFY, and every 100 ms (a transaction still open holds the
-/// numbering back; polling picks up where it stood).
+/// Keeps numbering events. One process per database (per schema) is the
+/// sequencer: the one whose connection holds the session lock; the others wait to take
+/// over when its connection ends. Woken by this process's writes and by
+/// the triggers' NOTIFY, and every 100 ms (a transaction still open holds
+/// the numbering back; polling picks up where it stood).
 pub(crate) async fn sequence_loop(pool: PgPool, kick: Arc<Notify>, ready: Arc<Notify>) {
+    let mut leader: Option<sqlx::pool::PoolConnection<sqlx::Postgres>> = None;
     loop {
         if pool.is_closed() {
             return;
@@ -259,22 +255,51 @@ pub(crate) async fn sequence_loop(pool: PgPool, kick: Arc<Notify>, ready: Arc<No
         let notified = kick.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        match sequence(&pool).await {
-            Ok(n) if n > 0 => {
-                ready.notify_waiters();
-                continue;
-            }
-            Ok(_) => {}
-            Err(error) => {
-                if pool.is_closed() {
-                    return;
+        if leader.is_none() {
+            // Not the sequencer: ask for the lock once a second, however
+            // many writes kick.
+            leader = match pool.acquire().await {
+                Ok(mut conn) => {
+                    match sqlx::query_scalar::<_, bool>(
+                        "SELECT pg_try_advisory_lock(4243, hashtext(current_schema()))",
+                    )
+                    .fetch_one(&mut *conn)
+                    .await
+                    {
+                        Ok(true) => Some(conn),
+                        // Another process sequences; look again later.
+                        _ => None,
+                    }
                 }
-                tracing::debug!(%error, "numbering events failed; retrying");
+                Err(_) => None,
+            };
+        }
+        let wait = Duration::from_millis(100);
+        if let Some(conn) = leader.as_mut() {
+            match sequence(conn).await {
+                Ok(n) if n > 0 => {
+                    ready.notify_waiters();
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    // The lock goes with the connection.
+                    if let Some(conn) = leader.take() {
+                        drop(conn.detach());
+                    }
+                    if pool.is_closed() {
+                        return;
+                    }
+                    tracing::debug!(%error, "numbering events failed; retrying");
+                }
             }
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
         }
         tokio::select! {
             _ = &mut notified => {}
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -295,6 +320,22 @@ impl Db {
     /// `before`.
     pub async fn event_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
         dispatch!(self, s => s.event_delete_before(before, batch).await)
+    }
+
+    /// Stops this database writing job events, for good: only for the
+    /// benchmark that measures what they cost, on a database made for it.
+    pub async fn event_job_triggers_drop(&self) -> DbResult<()> {
+        let sql = match self {
+            Db::Sqlite(_) => "DROP TRIGGER jobs_events_insert; DROP TRIGGER jobs_events_update;",
+            Db::Postgres(_) => {
+                "DROP TRIGGER jobs_events_insert ON jobs; DROP TRIGGER jobs_events_update ON jobs;"
+            }
+        };
+        match self {
+            Db::Sqlite(s) => sqlx::raw_sql(sql).execute(&s.write).await.map(drop)?,
+            Db::Postgres(s) => sqlx::raw_sql(sql).execute(&s.pool).await.map(drop)?,
+        }
+        Ok(())
     }
 
     /// Fires when new events may be readable: written by this process (on

@@ -24,10 +24,15 @@ pub enum BenchCommand {
     Vm(VmArgs),
     /// Pipelines: a chain of no-op steps, a fan-out with fan-in, diamonds at once.
     Pipeline(flow::PipelineArgs),
+    /// Events: commit → SSE client latency, and one event to many clients.
+    Events(events::EventsArgs),
 }
 
 #[path = "bench_flow.rs"]
 mod flow;
+
+#[path = "bench_events.rs"]
+mod events;
 
 #[derive(Args)]
 pub struct VmArgs {
@@ -61,6 +66,10 @@ pub struct QueueArgs {
     /// handles, to show that leasing does not slow down beside them (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     backlog: usize,
+    /// Write no job events (drops the triggers in the fresh bench database),
+    /// to measure what the event log costs the queue.
+    #[arg(long)]
+    no_events: bool,
 }
 
 #[derive(Args)]
@@ -81,6 +90,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Wasm(args) => wasm(args).await,
         BenchCommand::Vm(args) => vm(args).await,
         BenchCommand::Pipeline(args) => flow::pipeline(args).await,
+        BenchCommand::Events(args) => events::events(args).await,
     }
 }
 
@@ -184,7 +194,15 @@ impl JobHandler for StartProbe {
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let (db, other) = fresh_db(args.database_url.as_deref()).await?;
     let backend = db.backend();
-    println!("| kiln {backend} | value |\n|---|---|");
+    if args.no_events {
+        db.event_job_triggers_drop().await?;
+    }
+    let events = if args.no_events {
+        "events off"
+    } else {
+        "events on"
+    };
+    println!("| kiln {backend}, {events} | value |\n|---|---|");
 
     let started = Instant::now();
     let now = now_millis();

@@ -1,0 +1,155 @@
+//! `kiln bench events`: how long an event takes from the commit of its
+//! change to a Server-Sent Events client, and how long one event takes to
+//! reach many clients at once, through the real API on a socket, on SQLite
+//! or PostgreSQL.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use kiln_blob::BlobStore;
+use kiln_core::{NewJob, Scope, Scopes};
+use kiln_worker::now_millis;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// postgres://... (a fresh schema is used) or omit for a fresh SQLite file.
+    #[arg(long, env = "KILN_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Events timed one at a time, commit → client.
+    #[arg(long, default_value_t = 500)]
+    samples: usize,
+    /// Clients streaming at once.
+    #[arg(long, default_value_t = 1_000)]
+    clients: usize,
+    /// Events each of them must receive.
+    #[arg(long, default_value_t = 100)]
+    fan_events: usize,
+}
+
+/// One SSE connection, read frame by frame.
+struct Stream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Stream {
+    async fn open(http: &reqwest::Client, base: &str, key: &str) -> anyhow::Result<Stream> {
+        let response = http
+            .get(format!("{base}/api/v1/events?type=job.queued"))
+            .bearer_auth(key)
+            .header("accept", "text/event-stream")
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(Stream {
+            response,
+            buffer: String::new(),
+        })
+    }
+
+    /// The next event's id.
+    async fn next(&mut self) -> anyhow::Result<i64> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let frame: String = self.buffer.drain(..end + 2).collect();
+                if let Some(id) = frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix("id:"))
+                    .and_then(|v| v.trim().parse().ok())
+                {
+                    return Ok(id);
+                }
+                continue;
+            }
+            let chunk = self.response.chunk().await?.context("the stream ended")?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
+    let (db, _) = super::fresh_db(args.database_url.as_deref()).await?;
+    let backend = db.backend();
+    let root = std::env::temp_dir().join(format!("{}-events", super::bench_schema()));
+    let blobs = BlobStore::local(&root.join("blobs"))?;
+    let state = kiln_api::AppState::new(db.clone(), blobs, None);
+    let (_, key) = kiln_api::issue_key(&db, "bench", "bench", Scopes(vec![Scope::Admin])).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let done = stop.clone();
+    let server = tokio::spawn(kiln_api::serve(listener, state, async move {
+        done.cancelled().await
+    }));
+    let http = reqwest::Client::new();
+    println!("| kiln {backend}, events | value |\n|---|---|");
+
+    let mut stream = Stream::open(&http, &base, &key).await?;
+    let mut samples = Vec::with_capacity(args.samples);
+    for _ in 0..args.samples {
+        let sent = Instant::now();
+        db.job_insert(&NewJob::new("bench", "nobody", json!({})), now_millis())
+            .await?;
+        tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .context("an event did not arrive within 10 s")??;
+        samples.push(sent.elapsed());
+    }
+    samples.sort();
+    println!(
+        "| job insert commit → SSE client, {} samples | p50 {:.2} ms, p99 {:.2} ms |",
+        args.samples,
+        ms(super::percentile(&samples, 0.5)),
+        ms(super::percentile(&samples, 0.99))
+    );
+    drop(stream);
+
+    let mut clients = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        clients.push(Stream::open(&http, &base, &key).await?);
+    }
+    // Every stream is registered once its response headers came back.
+    let started = Instant::now();
+    let jobs: Vec<NewJob> = (0..args.fan_events)
+        .map(|_| NewJob::new("bench", "nobody", json!({})))
+        .collect();
+    db.job_insert_many(&jobs, now_millis()).await?;
+    let fan_events = args.fan_events;
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                for _ in 0..fan_events {
+                    stream.next().await?;
+                }
+                anyhow::Ok(Instant::now())
+            })
+        })
+        .collect();
+    let mut last = started;
+    for reader in readers {
+        let at = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .context("a client did not get every event within 60 s")???;
+        last = last.max(at);
+    }
+    let took = last.duration_since(started);
+    println!(
+        "| {} events to each of {} SSE clients | all delivered in {:.0} ms ({:.0} deliveries/s) |",
+        args.fan_events,
+        args.clients,
+        ms(took),
+        (args.fan_events * args.clients) as f64 / took.as_secs_f64()
+    );
+    stop.cancel();
+    let _ = server.await;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
