@@ -10,7 +10,7 @@
 -- already given, so a reader resuming after position N misses nothing.
 CREATE TABLE events (
     seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    position BIGINT UNIQUE,
+    position BIGINT,
     xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     time BIGINT NOT NULL,
     tenant TEXT NOT NULL,
@@ -20,27 +20,33 @@ CREATE TABLE events (
     labels TEXT NOT NULL DEFAULT '{}',
     data TEXT NOT NULL DEFAULT '{}'
 );
+-- The insert that a state change pays for touches only the primary key, the
+-- small index of rows waiting for a number and a BRIN index on time; the
+-- indexes readers use cover numbered rows, written when the sequencer
+-- numbers them, off the writer's path.
 CREATE INDEX events_unpositioned ON events (seq) WHERE position IS NULL;
-CREATE INDEX events_tenant ON events (tenant, position);
-CREATE INDEX events_resource ON events (tenant, resource_kind, resource_id, position);
-CREATE INDEX events_time ON events (time);
+CREATE UNIQUE INDEX events_position ON events (position) WHERE position IS NOT NULL;
+CREATE INDEX events_tenant ON events (tenant, position) WHERE position IS NOT NULL;
+CREATE INDEX events_resource ON events (tenant, resource_kind, resource_id, position)
+    WHERE position IS NOT NULL;
+CREATE INDEX events_time ON events USING brin (time);
 
 CREATE FUNCTION kiln_now_ms() RETURNS BIGINT LANGUAGE sql AS
     $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT $$;
 
 -- Job events come from statement-level triggers, one INSERT per statement
--- however many rows it moved (a batch of completions is one statement).
-CREATE FUNCTION kiln_job_data(j jobs) RETURNS TEXT LANGUAGE sql IMMUTABLE AS $$
-    SELECT json_strip_nulls(json_build_object(
-        'kind', j.kind, 'queue', j.queue, 'status', j.status, 'attempt', j.attempt,
-        'run_id', j.run_id, 'error', left(j.error, 512)))::text
-$$;
+-- however many rows it moved (a batch of completions is one statement);
+-- the data is built inline, which costs a third of a function call per row.
 
 CREATE FUNCTION kiln_events_jobs_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    now_ms BIGINT := kiln_now_ms();
 BEGIN
     INSERT INTO events (time, tenant, type, resource_kind, resource_id, labels, data)
-        SELECT kiln_now_ms(), n.tenant, 'job.queued', 'job', n.id::text, n.labels, kiln_job_data(n)
-        FROM new_rows n ORDER BY n.id;
+        SELECT now_ms, n.tenant, 'job.queued', 'job', n.id::text, n.labels,
+            json_build_object('kind', n.kind, 'queue', n.queue, 'status', n.status,
+                'attempt', n.attempt, 'run_id', n.run_id)::text
+        FROM new_rows n;
     IF FOUND THEN
         PERFORM pg_notify('kiln_events', '');
     END IF;
@@ -48,16 +54,19 @@ BEGIN
 END $$;
 
 CREATE FUNCTION kiln_events_jobs_update() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    now_ms BIGINT := kiln_now_ms();
 BEGIN
     INSERT INTO events (time, tenant, type, resource_kind, resource_id, labels, data)
-        SELECT kiln_now_ms(), n.tenant,
+        SELECT now_ms, n.tenant,
             CASE WHEN n.status = 'running' THEN 'job.started'
                  WHEN n.status IN ('queued', 'scheduled') THEN 'job.retried'
                  ELSE 'job.' || n.status END,
-            'job', n.id::text, n.labels, kiln_job_data(n)
+            'job', n.id::text, n.labels,
+            json_build_object('kind', n.kind, 'queue', n.queue, 'status', n.status,
+                'attempt', n.attempt, 'run_id', n.run_id, 'error', left(n.error, 512))::text
         FROM new_rows n JOIN old_rows o ON o.id = n.id
-        WHERE o.status IS DISTINCT FROM n.status
-        ORDER BY n.id;
+        WHERE o.status IS DISTINCT FROM n.status;
     IF FOUND THEN
         PERFORM pg_notify('kiln_events', '');
     END IF;
