@@ -338,6 +338,56 @@ impl Db {
         Ok(())
     }
 
+    /// Where the reader `name` stands in the log (0 before its first).
+    pub async fn event_cursor(&self, name: &str) -> DbResult<i64> {
+        let found: Option<i64> = match self {
+            Db::Sqlite(s) => {
+                sqlx::query_scalar("SELECT position FROM event_cursors WHERE name = ?")
+                    .bind(name)
+                    .fetch_optional(&s.read)
+                    .await?
+            }
+            Db::Postgres(s) => {
+                sqlx::query_scalar("SELECT position FROM event_cursors WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&s.pool)
+                    .await?
+            }
+        };
+        Ok(found.unwrap_or(0))
+    }
+
+    /// Moves the reader `name` forward to `position` (never back).
+    pub async fn event_cursor_put(&self, name: &str, position: i64, now: Millis) -> DbResult<()> {
+        match self {
+            Db::Sqlite(s) => {
+                sqlx::query(
+                    "INSERT INTO event_cursors (name, position, updated_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (name) DO UPDATE SET position = max(position, excluded.position), \
+                     updated_at = excluded.updated_at",
+                )
+                .bind(name)
+                .bind(position)
+                .bind(now)
+                .execute(&s.write)
+                .await?;
+            }
+            Db::Postgres(s) => {
+                sqlx::query(
+                    "INSERT INTO event_cursors AS c (name, position, updated_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET \
+                     position = GREATEST(c.position, excluded.position), updated_at = excluded.updated_at",
+                )
+                .bind(name)
+                .bind(position)
+                .bind(now)
+                .execute(&s.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Fires when new events may be readable: written by this process (on
     /// SQLite), or numbered by any sequencer (on PostgreSQL).
     pub fn events_ready(&self) -> Arc<Notify> {

@@ -20,6 +20,15 @@ use kiln_db::events::{Event, EventQuery};
 use kiln_db::{Db, DbResult};
 use tokio::sync::broadcast;
 
+pub mod nats;
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Events a subscriber may fall behind the newest before it is dropped.
 pub const BUFFER: usize = 4096;
 /// Most type patterns and labels in a filter.

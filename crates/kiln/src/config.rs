@@ -42,6 +42,10 @@ pub struct ServerArgs {
     /// sqlite://PATH or postgres://... (default: SQLite in the data dir).
     #[arg(long, env = "KILN_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// nats://HOST:PORT: publish every event to JetStream (stream KILN,
+    /// subjects kiln.<tenant>.<family>.<action>); `serve` and `scheduler`.
+    #[arg(long, env = "KILN_NATS_URL")]
+    pub nats_url: Option<String>,
     /// Jobs one worker runs at once.
     #[arg(long, env = "KILN_WORKER_SLOTS")]
     pub slots: Option<usize>,
@@ -121,6 +125,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     database_url: Option<String>,
+    nats_url: Option<String>,
     slots: Option<usize>,
     lease_ms: Option<u64>,
     retention_hours: Option<u64>,
@@ -147,6 +152,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub database_url: String,
+    pub nats_url: Option<String>,
     pub slots: usize,
     pub lease_ms: u64,
     /// Finished jobs older than this are deleted in batches.
@@ -236,6 +242,7 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
         rate_burst: args.rate_burst.or(file.rate_burst).unwrap_or(0),
         quotas,
         vm,
+        nats_url: args.nats_url.clone().or(file.nats_url.clone()),
         database_url,
         blobs,
         scratch_dir,
@@ -346,6 +353,12 @@ impl Settings {
             ("data_dir", self.data_dir.display().to_string()),
             ("listen", self.listen.to_string()),
             ("database_url", redact(&self.database_url)),
+            (
+                "nats_url",
+                self.nats_url
+                    .as_deref()
+                    .map_or_else(|| "-".to_string(), redact),
+            ),
             ("slots", self.slots.to_string()),
             ("lease_ms", self.lease_ms.to_string()),
             ("retention_hours", self.retention_hours.to_string()),

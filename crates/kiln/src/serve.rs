@@ -183,6 +183,7 @@ struct Parts {
     api: Option<(tokio::net::TcpListener, Arc<AppState>)>,
     worker: Option<Worker>,
     retention: kiln_worker::Retention,
+    nats_url: Option<String>,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
@@ -198,6 +199,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
             events: Duration::from_secs(settings.event_retention_hours.saturating_mul(3600)),
             ..kiln_worker::Retention::default()
         },
+        nats_url: settings.nats_url.clone(),
     };
     if role == Role::Scheduler {
         return Ok(parts);
@@ -301,6 +303,15 @@ fn start(
         let stop = shutdown.clone();
         tasks.spawn(async move {
             worker.run(stop).await;
+            Ok(())
+        });
+    }
+    // The NATS bridge runs beside the scheduler's loops; its cursor and
+    // JetStream's deduplication make several bridges harmless.
+    if let (Some(url), Role::All | Role::Scheduler) = (parts.nats_url.clone(), role) {
+        let bridge = kiln_events::nats::bridge(parts.db.clone(), url, shutdown.clone());
+        tasks.spawn(async move {
+            bridge.await;
             Ok(())
         });
     }
@@ -452,6 +463,7 @@ mod tests {
             api: None,
             worker: Some(worker),
             retention: kiln_worker::Retention::default(),
+            nats_url: None,
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();

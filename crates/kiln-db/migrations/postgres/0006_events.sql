@@ -145,3 +145,11 @@ BEGIN
 END $$;
 CREATE TRIGGER api_keys_events AFTER INSERT OR UPDATE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION kiln_events_api_keys();
+
+-- Where each reader of the log that keeps its place in the database (the
+-- NATS bridge) stands: the last position it delivered.
+CREATE TABLE event_cursors (
+    name TEXT PRIMARY KEY,
+    position BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);

@@ -106,3 +106,11 @@ BEGIN
     VALUES (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), NEW.tenant,
         'key.revoked', 'key', NEW.id, json_object('name', NEW.name));
 END;
+
+-- Where each reader of the log that keeps its place in the database (the
+-- NATS bridge) stands: the last position it delivered.
+CREATE TABLE event_cursors (
+    name TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
