@@ -1,0 +1,97 @@
+//! `kiln serve --nats-url`: a job submitted through the API shows up in
+//! JetStream as its events, published by the real binary to a real
+//! `nats-server` the test starts.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, kiln, read_key, until_up, TempDir};
+
+#[tokio::test]
+async fn serve_publishes_events_to_jetstream() {
+    let dir = TempDir::new("kiln-serve-nats");
+    let nats_port = free_port();
+    let mut nats = Command::new("nats-server")
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(dir.join("nats"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server (Debian's nats-server package; .ci/run installs it)");
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let data = dir.join("data");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let _serve = kiln(
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--vm-warm",
+            "0",
+            "--nats-url",
+            &nats_url,
+        ],
+        &data,
+        dir.path(),
+        "serve.log",
+    );
+    until_up(&base, Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    let job: serde_json::Value = http
+        .post(format!("{base}/api/v1/jobs"))
+        .bearer_auth(read_key(&data))
+        .json(&serde_json::json!({"kind": "noop", "spec": {}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let subjects = loop {
+        let mut subjects = Vec::new();
+        if let Ok(client) = async_nats::connect(&nats_url).await {
+            let js = async_nats::jetstream::new(client);
+            if let Ok(mut stream) = js.get_stream("KILN").await {
+                let n = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
+                for seq in 1..=n {
+                    let message = stream.get_raw_message(seq).await.unwrap();
+                    let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+                    if body["resource"]["id"] == serde_json::json!(id) {
+                        subjects.push(message.subject.to_string());
+                    }
+                }
+            }
+        }
+        if subjects.len() >= 3 {
+            break subjects;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events of job {id} not in JetStream: {subjects:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        subjects,
+        [
+            "kiln.default.job.queued",
+            "kiln.default.job.started",
+            "kiln.default.job.succeeded"
+        ]
+    );
+    let _ = nats.kill();
+    let _ = nats.wait();
+}
