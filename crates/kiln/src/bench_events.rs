@@ -27,6 +27,13 @@ pub struct EventsArgs {
     /// Events each of them must receive.
     #[arg(long, default_value_t = 100)]
     fan_events: usize,
+    /// A NATS server of the bench's own (its stream KILN is deleted first):
+    /// times the bridge publishing the log to JetStream.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Events the bridge publishes.
+    #[arg(long, default_value_t = 100_000)]
+    nats_events: usize,
 }
 
 /// One SSE connection, read frame by frame.
@@ -144,9 +151,70 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         ms(took),
         (args.fan_events * args.clients) as f64 / took.as_secs_f64()
     );
+    if let Some(url) = &args.nats_url {
+        nats(&db, url, args.nats_events).await?;
+    }
     stop.cancel();
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// The bridge from a cursor at 0 over a log of `n` more events: time until
+/// JetStream acknowledged every one.
+async fn nats(db: &kiln_db::Db, url: &str, n: usize) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let _ = js.delete_stream(kiln_events::nats::STREAM).await;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+        let jobs: Vec<NewJob> = chunk
+            .iter()
+            .map(|_| NewJob::new("bench", "nobody", json!({})))
+            .collect();
+        db.job_insert_many(&jobs, now_millis()).await?;
+    }
+    // Wait until the log (numbered, on PostgreSQL) holds every event.
+    let expected = loop {
+        let last = db.event_last().await?;
+        let first_page = db
+            .event_read(&kiln_db::events::EventQuery {
+                after: last,
+                limit: 1,
+                ..Default::default()
+            })
+            .await?;
+        if first_page.is_empty() && last as usize >= n {
+            break last as u64;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let bridge = tokio::spawn(kiln_events::nats::bridge(
+        db.clone(),
+        url.to_string(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(mut stream) = js.get_stream(kiln_events::nats::STREAM).await {
+            if stream.info().await?.state.messages >= expected {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the bridge did not finish in 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    stop.cancel();
+    bridge.await?;
+    println!(
+        "| NATS bridge: {expected} events to JetStream, each acknowledged | {:.0} events/s ({:.2} s) |",
+        expected as f64 / took.as_secs_f64(),
+        took.as_secs_f64()
+    );
     Ok(())
 }
 
