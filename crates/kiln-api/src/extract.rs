@@ -206,7 +206,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 }
 
 /// Takes one request from `bucket`'s allowance, or says when to come back.
-fn throttle(state: &AppState, bucket: String) -> Result<(), ApiError> {
+pub(crate) fn throttle(state: &AppState, bucket: String) -> Result<(), ApiError> {
     let Some(limiter) = state.rate_limit.get() else {
         return Ok(());
     };

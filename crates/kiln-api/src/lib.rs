@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod intake;
 mod keys;
 pub mod routes;
 

@@ -355,6 +355,13 @@ fn start(
             Ok(())
         });
     }
+    if let (Some(url), Some((_, state))) = (parts.nats_url.clone(), parts.api.as_ref()) {
+        let intake = kiln_api::intake::nats_intake(state.clone(), url, shutdown.clone());
+        tasks.spawn(async move {
+            intake.await;
+            Ok(())
+        });
+    }
     if let Some((listener, state)) = parts.api.take() {
         if let Ok(address) = listener.local_addr() {
             println!("kiln: listening on http://{address}");

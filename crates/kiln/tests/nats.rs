@@ -1,6 +1,7 @@
 //! `kiln serve --nats-url`: a job submitted through the API shows up in
 //! JetStream as its events, published by the real binary to a real
-//! `nats-server` the test starts.
+//! `nats-server` the test starts; a request on `kiln.submit.<queue>`
+//! submits a job, and a bad one is answered with the API's error.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{free_port, kiln, read_key, until_up, TempDir};
 
 #[tokio::test]
-async fn serve_publishes_events_to_jetstream() {
+async fn serve_publishes_events_and_takes_submissions() {
     let dir = TempDir::new("kiln-serve-nats");
     let nats_port = free_port();
     let mut nats = Command::new("nats-server")
@@ -92,6 +93,61 @@ async fn serve_publishes_events_to_jetstream() {
             "kiln.default.job.succeeded"
         ]
     );
+
+    // Intake: a request on kiln.submit.<queue> with a job and a key.
+    let client = async_nats::connect(&nats_url).await.unwrap();
+    let submit = |headers: Option<(&'static str, String)>, body: &str| {
+        let client = client.clone();
+        let body = body.to_string();
+        async move {
+            let mut map = async_nats::HeaderMap::new();
+            if let Some((name, value)) = headers {
+                map.insert(name, value.as_str());
+            }
+            let reply = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.request_with_headers("kiln.submit.intake", map, body.into()),
+            )
+            .await
+            .expect("no answer")
+            .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap()
+        }
+    };
+    let bearer = || Some(("Authorization", format!("Bearer {}", read_key(&data))));
+    let made = submit(bearer(), r#"{"kind": "noop", "spec": {}}"#).await;
+    let job_id = made["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{made}"))
+        .to_string();
+    let job: serde_json::Value = http
+        .get(format!("{base}/api/v1/jobs/{job_id}"))
+        .bearer_auth(read_key(&data))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["queue"], "intake", "{job}");
+    for (headers, body, code) in [
+        (bearer(), "not json", "bad_request"),
+        (bearer(), r#"{"kind": "nope", "spec": {}}"#, "unknown_kind"),
+        (
+            bearer(),
+            r#"{"kind": "noop", "spec": {}, "queue": "other"}"#,
+            "invalid",
+        ),
+        (None, r#"{"kind": "noop", "spec": {}}"#, "unauthorized"),
+        (
+            Some(("Authorization", "Bearer kiln_not_a_key".to_string())),
+            r#"{"kind": "noop", "spec": {}}"#,
+            "unauthorized",
+        ),
+    ] {
+        let answer = submit(headers, body).await;
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+    }
     let _ = nats.kill();
     let _ = nats.wait();
 }

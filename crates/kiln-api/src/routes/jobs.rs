@@ -321,7 +321,7 @@ async fn check_spec(state: &AppState, job: &NewJob) -> ApiResult<()> {
     Ok(())
 }
 
-async fn submit(
+pub(crate) async fn submit(
     state: &AppState,
     caller: &Caller,
     body: SubmitJob,

@@ -1,0 +1,157 @@
+//! Job submissions that arrive through a broker instead of HTTP. A message
+//! is the body of `POST /api/v1/jobs`, with the sender's kiln API key in an
+//! `Authorization: Bearer <key>` header; it goes through the same key, scope,
+//! rate, kind and spec checks and gets the same errors.
+//!
+//! NATS: a request on `kiln.submit.<queue>` (queue group `kiln-intake`, so
+//! each request is taken by one kiln) is answered with `{"id", "status"}` or
+//! `{"error": {"code", "message"}}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_core::Scope;
+
+use crate::error::ApiError;
+use crate::routes::jobs::{SubmitJob, SubmitParams};
+use crate::{AppState, JSON_BYTES_MAX};
+
+/// Requests handled at once by one process.
+const CONCURRENCY: usize = 64;
+
+/// Submits one message's job as the holder of `authorization` would through
+/// the API; the job's id.
+pub async fn submit_message(
+    state: &AppState,
+    authorization: Option<&str>,
+    queue: Option<&str>,
+    body: &[u8],
+) -> Result<(String, bool), ApiError> {
+    let key = authorization
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("send an Authorization: Bearer <key> header"))?;
+    let caller = state
+        .keys
+        .resolve(&state.db, key, || {
+            crate::extract::throttle(state, "source:broker".into())
+        })
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+    crate::extract::throttle(state, format!("key:{}", caller.key_id))?;
+    caller.require(Scope::Write)?;
+    if body.len() > JSON_BYTES_MAX {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a job is at most {JSON_BYTES_MAX} bytes of JSON"),
+        ));
+    }
+    let mut job: SubmitJob = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the message is not a job: {e}")))?;
+    if let Some(queue) = queue {
+        match &job.queue {
+            Some(named) if named != queue => {
+                return Err(ApiError::invalid(format!(
+                    "the message names queue {named:?} but was sent to {queue:?}"
+                )))
+            }
+            _ => job.queue = Some(queue.to_string()),
+        }
+    }
+    let params = SubmitParams {
+        wait: false,
+        wait_ms: None,
+    };
+    let (status, view) = crate::routes::jobs::submit(
+        state,
+        &caller,
+        job,
+        &params,
+        kiln_core::limits::DEFAULT_MAX_ATTEMPTS,
+    )
+    .await?;
+    Ok((view.0.id.clone(), status == axum::http::StatusCode::CREATED))
+}
+
+fn answer(result: Result<(String, bool), ApiError>) -> serde_json::Value {
+    match result {
+        Ok((id, created)) => serde_json::json!({"id": id, "created": created}),
+        Err(error) => {
+            serde_json::json!({"error": {"code": error.code, "message": error.message}})
+        }
+    }
+}
+
+/// Takes `kiln.submit.<queue>` requests until `stop`, reconnecting after a
+/// lost connection (requests sent meanwhile get no answer: NATS requests
+/// are not durable, and the sender's timeout tells it to send again).
+pub async fn nats_intake(
+    state: Arc<AppState>,
+    url: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        match serve_nats(&state, &url, &stop).await {
+            Ok(()) => return,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(%error, "NATS intake stopped; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200 << failures.min(5))) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn serve_nats(
+    state: &Arc<AppState>,
+    url: &str,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await?;
+    let requests = client
+        .queue_subscribe("kiln.submit.*", "kiln-intake".to_string())
+        .await?;
+    tracing::info!("NATS intake taking kiln.submit.<queue>");
+    let handled =
+        requests
+            .take_until(stop.cancelled())
+            .for_each_concurrent(CONCURRENCY, |message| {
+                let client = client.clone();
+                async move {
+                    let queue = message.subject.as_str().strip_prefix("kiln.submit.");
+                    let authorization = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Authorization"))
+                        .map(|v| v.as_str().to_string());
+                    let result =
+                        submit_message(state, authorization.as_deref(), queue, &message.payload)
+                            .await;
+                    if let Err(error) = &result {
+                        tracing::debug!(code = error.code, "a NATS submission was refused");
+                    }
+                    if let Some(reply) = message.reply {
+                        let body = answer(result).to_string();
+                        if let Err(error) = client.publish(reply, body.into()).await {
+                            tracing::warn!(%error, "could not answer a NATS submission");
+                        }
+                    }
+                }
+            });
+    handled.await;
+    if stop.is_cancelled() {
+        Ok(())
+    } else {
+        Err("the subscription ended".into())
+    }
+}
