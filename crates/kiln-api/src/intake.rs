@@ -3,7 +3,8 @@
 //! `Authorization: Bearer <key>` header; it goes through the same key, scope,
 //! rate, kind and spec checks and gets the same errors.
 //!
-//! NATS: a request on `kiln.submit.<queue>` (queue group `kiln-intake`, so
+//! NATS: a request on `kiln.submit.<queue>` (the queue may hold dots; queue
+//! group `kiln-intake`, so
 //! each request is taken by one kiln) is answered with `{"id", "status"}` or
 //! `{"error": {"code", "message"}}`.
 
@@ -119,7 +120,7 @@ async fn serve_nats(
         .connect(url)
         .await?;
     let requests = client
-        .queue_subscribe("kiln.submit.*", "kiln-intake".to_string())
+        .queue_subscribe("kiln.submit.>", "kiln-intake".to_string())
         .await?;
     tracing::info!("NATS intake taking kiln.submit.<queue>");
     let handled =

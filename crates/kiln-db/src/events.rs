@@ -165,7 +165,9 @@ impl crate::SqliteStore {
     async fn event_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
         Ok(sqlx::query(
             "DELETE FROM events WHERE position IN \
-             (SELECT position FROM events WHERE time < ?1 ORDER BY position LIMIT ?2)",
+             (SELECT e.position FROM events e WHERE e.time < ?1 \
+              AND NOT EXISTS (SELECT 1 FROM event_cursors c WHERE c.position < e.position) \
+              ORDER BY e.position LIMIT ?2)",
         )
         .bind(before)
         .bind(batch)
@@ -203,8 +205,11 @@ impl crate::PgStore {
 
     async fn event_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
         Ok(sqlx::query(
-            "DELETE FROM events WHERE seq IN (SELECT seq FROM events \
-             WHERE time < $1 AND position IS NOT NULL ORDER BY position LIMIT $2)",
+            "DELETE FROM events WHERE seq IN (SELECT e.seq FROM events e \
+             WHERE e.time < $1 AND e.position IS NOT NULL \
+             AND e.position < (SELECT MAX(position) FROM events) \
+             AND NOT EXISTS (SELECT 1 FROM event_cursors c WHERE c.position < e.position) \
+             ORDER BY e.position LIMIT $2)",
         )
         .bind(before)
         .bind(batch)
@@ -317,7 +322,9 @@ impl Db {
     }
 
     /// Retention: deletes up to `batch` of the oldest events older than
-    /// `before`.
+    /// `before`, never one a cursor (the NATS bridge) has not passed, and on
+    /// PostgreSQL never the newest: the sequencer numbers on from it, so an
+    /// emptied log would hand out its ids again.
     pub async fn event_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
         dispatch!(self, s => s.event_delete_before(before, batch).await)
     }

@@ -1,5 +1,6 @@
 //! The NATS bridge: every event published to JetStream on
-//! `kiln.<tenant>.<family>.<action>` (the type's two parts), with
+//! `kiln.events.<tenant>.<family>.<action>` (the type's two parts; a `.` in
+//! the tenant's name written `%2E`, so the tenant is one token), with
 //! `Nats-Msg-Id` set to the event's id, from a cursor kept in the database.
 //! The cursor moves only once JetStream acknowledged everything before it,
 //! so a kiln restart or a NATS outage resumes from the last acknowledged
@@ -13,14 +14,16 @@ use kiln_db::events::{EventQuery, PAGE_MAX};
 use kiln_db::Db;
 use tokio_util::sync::CancellationToken;
 
-/// The stream kiln publishes to, made if missing. Its subjects have four
-/// tokens, so `kiln.submit.<queue>` requests are never captured by it.
+/// The stream kiln publishes to, made if missing. Its subjects have a root
+/// of their own, so `kiln.submit.>` requests (and the keys in their
+/// headers) are never captured by it.
 pub const STREAM: &str = "KILN";
-pub const SUBJECTS: &str = "kiln.*.*.*";
+pub const SUBJECTS: &str = "kiln.events.>";
 /// The cursor's name in `event_cursors`.
 pub const CURSOR: &str = "nats";
 
-/// The subject of one event; `None` for a type that is not two names.
+/// The subject of one event; `None` only for a type that is not two plain
+/// names (the triggers write none such).
 pub fn subject(tenant: &str, kind: &str) -> Option<String> {
     let (family, action) = kind.split_once('.')?;
     let plain = |t: &str| {
@@ -28,8 +31,18 @@ pub fn subject(tenant: &str, kind: &str) -> Option<String> {
             && t.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     };
-    (plain(tenant) && plain(family) && plain(action))
-        .then(|| format!("kiln.{tenant}.{family}.{action}"))
+    // Tenant names are `[A-Za-z0-9][A-Za-z0-9_.:@-]*`: only `.` needs writing
+    // differently to stay one token.
+    let tenant_ok = !tenant.is_empty()
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b));
+    (tenant_ok && plain(family) && plain(action)).then(|| {
+        format!(
+            "kiln.events.{}.{family}.{action}",
+            tenant.replace('.', "%2E")
+        )
+    })
 }
 
 /// Publishes the log until `stop`, reconnecting with a growing pause.
@@ -88,6 +101,7 @@ async fn publish_from_cursor(
             let mut acks = Vec::with_capacity(events.len());
             for event in &events {
                 let Some(subject) = subject(&event.tenant, &event.kind) else {
+                    tracing::warn!(id = event.id, kind = %event.kind, "an event without a subject was not published");
                     continue;
                 };
                 let mut headers = async_nats::HeaderMap::new();
@@ -131,10 +145,14 @@ mod tests {
     fn subjects_have_four_plain_tokens() {
         assert_eq!(
             subject("acme", "job.succeeded").as_deref(),
-            Some("kiln.acme.job.succeeded")
+            Some("kiln.events.acme.job.succeeded")
+        );
+        assert_eq!(
+            subject("acme.eu", "job.queued").as_deref(),
+            Some("kiln.events.acme%2Eeu.job.queued")
         );
         assert_eq!(subject("acme", "job"), None);
-        assert_eq!(subject("a.b", "job.queued"), None);
+        assert_eq!(subject("a b", "job.queued"), None);
         assert_eq!(subject("acme", "job.*"), None);
         assert_eq!(subject("acme", "job.a.b"), None);
     }

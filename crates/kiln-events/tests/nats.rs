@@ -92,7 +92,7 @@ async fn stream_ids(url: &str, n: u64) -> Vec<i64> {
                             .get(async_nats::header::NATS_MESSAGE_ID)
                             .map(|v| v.as_str().parse::<i64>().unwrap())
                             .unwrap();
-                        assert!(message.subject.starts_with("kiln.acme.job."));
+                        assert!(message.subject.starts_with("kiln.events.acme.job."));
                         ids.push(id);
                     }
                     return ids;

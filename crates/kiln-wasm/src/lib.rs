@@ -307,6 +307,23 @@ impl WasmRuntime {
             if let Err(error) = placed {
                 return failed(error, None, false);
             }
+            if !spec.inputs.is_empty() {
+                let limit = self.config.quotas.wasm_scratch_bytes_max;
+                let root = dir.path().to_path_buf();
+                let used = tokio::task::spawn_blocking(move || scratch::disk_use(&root, limit + 1))
+                    .await
+                    .unwrap_or(u64::MAX);
+                if used > limit {
+                    return failed(
+                        format!("the inputs take more than the scratch quota ({limit} bytes)"),
+                        None,
+                        true,
+                    );
+                }
+                if let Some(budget) = sandbox.store.data_mut().scratch.as_mut() {
+                    budget.start_at(used);
+                }
+            }
         }
         let outcome = tokio::select! {
             outcome = call_start(&sandbox.pre, &mut sandbox.store) => Some(outcome),

@@ -156,6 +156,13 @@ pub(crate) struct ScratchBudget {
 }
 
 impl ScratchBudget {
+    /// Counts what is already in the directory (the job's inputs) against
+    /// the quota.
+    pub(crate) fn start_at(&mut self, used: u64) {
+        self.measured = used;
+        self.charged = 0;
+    }
+
     pub(crate) fn new(dir: &Path, limit: u64) -> ScratchBudget {
         ScratchBudget {
             dir: dir.to_path_buf(),

@@ -304,8 +304,11 @@ async fn retention_keeps_recent_and_unfinished_jobs(db: Db) {
     let pass = kiln_worker::collect_garbage(&db, &retention, later, &stop)
         .await
         .unwrap();
-    assert_eq!((pass.jobs, pass.batches, pass.events), (5, 3, 16));
-    assert!(db.event_read(&all_events).await.unwrap().is_empty());
+    // PostgreSQL keeps the newest event: its sequencer numbers on from it.
+    let kept = usize::from(db.backend() == "postgres");
+    assert_eq!((pass.jobs, pass.batches), (5, 3));
+    assert_eq!(pass.events as usize, 16 - kept);
+    assert_eq!(db.event_read(&all_events).await.unwrap().len(), kept);
     for id in finished {
         assert!(db.job_get("acme", id).await.unwrap().is_none());
     }

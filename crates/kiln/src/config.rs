@@ -43,7 +43,7 @@ pub struct ServerArgs {
     #[arg(long, env = "KILN_DATABASE_URL")]
     pub database_url: Option<String>,
     /// nats://HOST:PORT: publish every event to JetStream (stream KILN,
-    /// subjects kiln.<tenant>.<family>.<action>; `serve`, `scheduler`) and
+    /// subjects kiln.events.<tenant>.<family>.<action>; `serve`, `scheduler`) and
     /// take job submissions on kiln.submit.<queue> (`serve`, `api`).
     #[arg(long, env = "KILN_NATS_URL")]
     pub nats_url: Option<String>,

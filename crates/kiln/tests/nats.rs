@@ -88,9 +88,9 @@ async fn serve_publishes_events_and_takes_submissions() {
     assert_eq!(
         subjects,
         [
-            "kiln.default.job.queued",
-            "kiln.default.job.started",
-            "kiln.default.job.succeeded"
+            "kiln.events.default.job.queued",
+            "kiln.events.default.job.started",
+            "kiln.events.default.job.succeeded"
         ]
     );
 
@@ -106,7 +106,7 @@ async fn serve_publishes_events_and_takes_submissions() {
             }
             let reply = tokio::time::timeout(
                 Duration::from_secs(10),
-                client.request_with_headers("kiln.submit.intake", map, body.into()),
+                client.request_with_headers("kiln.submit.intake.eu", map, body.into()),
             )
             .await
             .expect("no answer")
@@ -129,7 +129,7 @@ async fn serve_publishes_events_and_takes_submissions() {
         .json()
         .await
         .unwrap();
-    assert_eq!(job["queue"], "intake", "{job}");
+    assert_eq!(job["queue"], "intake.eu", "{job}");
     for (headers, body, code) in [
         (bearer(), "not json", "bad_request"),
         (bearer(), r#"{"kind": "nope", "spec": {}}"#, "unknown_kind"),

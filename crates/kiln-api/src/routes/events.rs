@@ -221,7 +221,11 @@ pub async fn events_ws(
         )
     })?;
     let subscription = subscribe(&state, &caller.tenant, filter, after).await?;
-    Ok(upgrade.on_upgrade(move |socket| feed(socket, subscription)))
+    // Readers send nothing but pings and a close.
+    Ok(upgrade
+        .max_message_size(4096)
+        .max_frame_size(4096)
+        .on_upgrade(move |socket| feed(socket, subscription)))
 }
 
 async fn feed(mut socket: WebSocket, mut subscription: Subscription) {

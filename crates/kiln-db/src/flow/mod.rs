@@ -197,8 +197,6 @@ pub struct JobEnd {
     pub stdout: Option<String>,
     pub error: Option<String>,
     pub finished_at: Option<Millis>,
-    /// Files the job kept.
-    pub files: Vec<kiln_core::files::FileRef>,
 }
 
 /// A file a run's step kept.
@@ -311,6 +309,9 @@ pub(crate) trait FlowTx: Send {
     async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()>;
     /// The ends of these jobs, with the instance each belongs to.
     async fn job_ends(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<JobEnd>>;
+    /// The `files` of the jobs' results (JSON text), without the rest of
+    /// the result: a run's artefact list never reads its output.
+    async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>>;
     async fn insert_jobs(
         &mut self,
         jobs: &[NewJob],
@@ -685,12 +686,6 @@ impl Advance<'_> {
                 Ok(spec) => spec,
                 Err(e) => return self.fail_step(i, format!("spec{e}")),
             };
-            if spec.to_string().len() > RENDERED_SPEC_MAX {
-                return self.fail_step(
-                    i,
-                    format!("the rendered spec is over {RENDERED_SPEC_MAX} bytes; pass large values as artifacts"),
-                );
-            }
             let spec = match (spec, &files) {
                 (Value::Object(mut map), Some(Value::Object(files))) => {
                     map.extend(files.clone());
@@ -698,6 +693,14 @@ impl Advance<'_> {
                 }
                 (spec, _) => spec,
             };
+            // Checked with the inputs in: a fan-out taking every file of
+            // another fan-out would otherwise write specs without bound.
+            if spec.to_string().len() > RENDERED_SPEC_MAX {
+                return self.fail_step(
+                    i,
+                    format!("the rendered spec with its inputs is over {RENDERED_SPEC_MAX} bytes; pass large values as artifacts"),
+                );
+            }
             match self.kinds.check(&step.kind, &spec) {
                 Ok(()) => {}
                 Err(SpecError::UnknownKind(kind)) => {
@@ -1092,22 +1095,25 @@ impl Db {
         }
         let rows = tx.instances(id, None).await?;
         let ids: Vec<i64> = rows.iter().filter_map(|r| r.job_id).collect();
-        let mut ends: HashMap<i64, JobEnd> = tx
-            .job_ends(id, &ids)
+        let mut kept: HashMap<i64, Vec<kiln_core::files::FileRef>> = tx
+            .job_files(id, &ids)
             .await?
             .into_iter()
-            .map(|e| (e.job_id, e))
+            .map(|(job, files)| (job, serde_json::from_str(&files).unwrap_or_default()))
             .collect();
         tx.commit().await?;
         self.events_written();
         let mut files = Vec::new();
         for row in rows {
-            let Some(end) = row.job_id.and_then(|job| ends.remove(&job)) else {
+            let Some((job_id, job_files)) = row
+                .job_id
+                .and_then(|job| kept.remove(&job).map(|files| (job, files)))
+            else {
                 continue;
             };
             // A fanned-out step's instances carry their item.
             let index = row.item.is_some().then_some(row.index);
-            for file in end.files {
+            for file in job_files {
                 files.push(RunFile {
                     name: match index {
                         Some(i) => format!("{}/{i}/{}", row.step, file.path),
@@ -1118,7 +1124,7 @@ impl Db {
                     path: file.path,
                     size: file.size,
                     digest: file.digest,
-                    job_id: end.job_id,
+                    job_id,
                 });
             }
         }

@@ -253,6 +253,17 @@ impl FlowTx for PgFlowTx {
         Ok(rows.into_iter().map(JobEnd::from).collect())
     }
 
+    async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, COALESCE((result::jsonb -> 'files')::text, '[]') FROM jobs \
+             WHERE id = ANY($1) AND run_id = $2",
+        )
+        .bind(job_ids)
+        .bind(run_id)
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
     async fn insert_jobs(
         &mut self,
         jobs: &[NewJob],

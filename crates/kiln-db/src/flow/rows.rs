@@ -183,7 +183,6 @@ impl From<JobEndRow> for JobEnd {
             job_id: r.id,
             status: JobStatus::parse(&r.status).unwrap_or(JobStatus::Failed),
             exit_code: result.as_ref().map(|r| r.exit_code),
-            files: result.as_ref().map(|r| r.files.clone()).unwrap_or_default(),
             stdout: result.map(|r| r.stdout),
             error: r.error,
             finished_at: r.finished_at,

@@ -252,6 +252,17 @@ impl FlowTx for SqliteFlowTx {
         Ok(rows.into_iter().map(JobEnd::from).collect())
     }
 
+    async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, COALESCE(json_extract(result, '$.files'), '[]') FROM jobs \
+             WHERE id IN (SELECT value FROM json_each(?)) AND run_id = ?",
+        )
+        .bind(ids_json(job_ids))
+        .bind(run_id)
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
     async fn insert_jobs(
         &mut self,
         jobs: &[NewJob],
