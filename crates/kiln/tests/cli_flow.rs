@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{free_port, kiln, until_up, Proc, TempDir, KILN};
+use common::{Proc, TempDir, KILN};
 
 /// A server of the test's own and the client's settings for it.
 struct Server {
@@ -20,17 +20,7 @@ struct Server {
 
 impl Server {
     async fn start(prefix: &str) -> Server {
-        let dir = TempDir::new(prefix);
-        let data = dir.join("data");
-        let listen = format!("127.0.0.1:{}", free_port());
-        let base = format!("http://{listen}");
-        let serve = kiln(
-            &["serve", "--listen", &listen, "--vm-warm", "0"],
-            &data,
-            dir.path(),
-            "serve.log",
-        );
-        until_up(&base, Duration::from_secs(60)).await;
+        let (dir, data, base, serve) = common::serve(prefix, false).await;
         Server {
             dir,
             data,

@@ -6,9 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
-use common::{free_port, install_test_image, kiln, until_up, Proc, TempDir, KILN};
+use common::{Proc, TempDir, KILN};
 
 struct Server {
     dir: TempDir,
@@ -19,18 +18,7 @@ struct Server {
 
 impl Server {
     async fn start(prefix: &str) -> Server {
-        let dir = TempDir::new(prefix);
-        let data = dir.join("data");
-        install_test_image(&data).await;
-        let listen = format!("127.0.0.1:{}", free_port());
-        let base = format!("http://{listen}");
-        let serve = kiln(
-            &["serve", "--listen", &listen, "--vm-warm", "0"],
-            &data,
-            dir.path(),
-            "serve.log",
-        );
-        until_up(&base, Duration::from_secs(60)).await;
+        let (dir, data, base, serve) = common::serve(prefix, true).await;
         Server {
             dir,
             data,

@@ -159,3 +159,24 @@ pub async fn install_test_image(data_dir: &Path) {
         std::fs::copy(image.dir.join(file), images.join(file)).unwrap();
     }
 }
+
+/// A `kiln serve` of the test's own: SQLite in a temporary data dir (with
+/// the test guest image installed when `image`), on a free port, up.
+/// Returns the directory, the data dir, the base URL and the process.
+pub async fn serve(prefix: &str, image: bool) -> (TempDir, PathBuf, String, Proc) {
+    let dir = TempDir::new(prefix);
+    let data = dir.join("data");
+    if image {
+        install_test_image(&data).await;
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let serve = kiln(
+        &["serve", "--listen", &listen, "--vm-warm", "0"],
+        &data,
+        dir.path(),
+        "serve.log",
+    );
+    until_up(&base, Duration::from_secs(60)).await;
+    (dir, data, base, serve)
+}
