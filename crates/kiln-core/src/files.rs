@@ -145,6 +145,15 @@ pub fn check(outputs: &[String], inputs: &[FileInput]) -> Result<(), InvalidFile
             )));
         }
     }
+    // A file cannot also be a directory of another input (`a` and `a/b`).
+    for dest in &placed {
+        let (from, to) = (format!("{dest}/"), format!("{dest}0"));
+        if let Some(inner) = placed.range(from.as_str()..to.as_str()).next() {
+            return Err(InvalidFiles(format!(
+                "input {dest:?} would be the directory of input {inner:?}"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -190,6 +199,8 @@ mod tests {
         assert!(check(&["a".into(), "a".into()], &[]).is_err());
         assert!(check(&[], &[input(1, "a", None), input(2, "a", None)]).is_err());
         assert!(check(&[], &[input(1, "a", None), input(2, "a", Some("1/a"))]).is_ok());
+        assert!(check(&[], &[input(1, "a", None), input(2, "b", Some("a/b"))]).is_err());
+        assert!(check(&[], &[input(1, "a", None), input(2, "b", Some("a-x/b"))]).is_ok());
         assert!(check(&[], &[input(0, "a", None)]).is_err());
         assert!(check(&[], &[input(1, "a", Some("../x"))]).is_err());
         let many: Vec<String> = (0..=OUTPUTS_MAX).map(|i| format!("f{i}")).collect();
