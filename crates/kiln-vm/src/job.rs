@@ -475,29 +475,37 @@ pub struct VmJobHandler {
 }
 
 impl VmJobHandler {
-    /// Writes the spec's inputs into the guest before the command runs.
+    /// Writes the spec's inputs into the guest before the command runs. The
+    /// error says whether another attempt could do better: an input that
+    /// does not exist never will.
     async fn place_inputs(
         &self,
         job: &LeasedJob,
         spec: &VmJobSpec,
         agent: &crate::AgentConn,
-    ) -> Result<(), String> {
+    ) -> Result<(), (String, bool)> {
         let mut total = 0u64;
         for input in &spec.files.inputs {
             let bytes = self
                 .blobs
                 .input_file(&job.tenant, input)
                 .await
-                .map_err(|e| format!("input {} of job {}: {e}", input.path, input.job))?;
+                .map_err(|e| {
+                    let missing = matches!(e, kiln_blob::BlobError::NotFound(_));
+                    (
+                        format!("input {} of job {}: {e}", input.path, input.job),
+                        missing,
+                    )
+                })?;
             total += bytes.len() as u64;
             if total > BYTES_MAX {
-                return Err(format!("inputs are over {BYTES_MAX} bytes"));
+                return Err((format!("inputs are over {BYTES_MAX} bytes"), true));
             }
             let to = spec.guest_path(input.destination());
             agent
                 .write_file(&to, &bytes, None)
                 .await
-                .map_err(|e| format!("input {}: {e}", input.destination()))?;
+                .map_err(|e| (format!("input {}: {e}", input.destination()), false))?;
         }
         Ok(())
     }
@@ -591,8 +599,8 @@ impl VmJobHandler {
                 placed = self.place_inputs(job, spec, agent) => placed,
                 _ = kill.cancelled() => return failed("killed", false),
             };
-            if let Err(error) = placed {
-                return failed(error, false);
+            if let Err((error, permanent)) = placed {
+                return failed(error, permanent);
             }
         }
         let exec = spec.exec.exec(Some(job_ms), false);

@@ -302,10 +302,10 @@ impl WasmRuntime {
         if let (Some((tenant, _)), Some(dir)) = (owner, &sandbox.scratch) {
             let placed = tokio::select! {
                 placed = self.place_inputs(tenant, &spec.inputs, dir.path()) => placed,
-                _ = kill.cancelled() => Err("killed".to_string()),
+                _ = kill.cancelled() => Err(("killed".to_string(), false)),
             };
-            if let Err(error) = placed {
-                return failed(error, None, false);
+            if let Err((error, permanent)) = placed {
+                return failed(error, None, permanent);
             }
             if !spec.inputs.is_empty() {
                 let limit = self.config.quotas.wasm_scratch_bytes_max;
@@ -349,30 +349,33 @@ impl WasmRuntime {
     }
 
     /// Fetches a job's inputs and writes them under its scratch directory,
-    /// within the tenant's scratch quota.
+    /// within the tenant's scratch quota. The error says whether another
+    /// attempt could do better: an input that does not exist never will.
     async fn place_inputs(
         &self,
         tenant: &str,
         inputs: &[kiln_core::files::FileInput],
         dir: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), (String, bool)> {
         let max = kiln_core::files::BYTES_MAX.min(self.config.quotas.wasm_scratch_bytes_max);
         let mut total = 0u64;
         for input in inputs {
-            let bytes = self
-                .blobs
-                .input_file(tenant, input)
-                .await
-                .map_err(|e| format!("input {} of job {}: {e}", input.path, input.job))?;
+            let bytes = self.blobs.input_file(tenant, input).await.map_err(|e| {
+                let missing = matches!(e, kiln_blob::BlobError::NotFound(_));
+                (
+                    format!("input {} of job {}: {e}", input.path, input.job),
+                    missing,
+                )
+            })?;
             total += bytes.len() as u64;
             if total > max {
-                return Err(format!("inputs are over {max} bytes"));
+                return Err((format!("inputs are over {max} bytes"), true));
             }
             let (dir, to) = (dir.to_path_buf(), input.destination().to_string());
             tokio::task::spawn_blocking(move || scratch::place(&dir, &to, &bytes))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("input {}: {e}", input.destination()))?;
+                .map_err(|e| (e.to_string(), false))?
+                .map_err(|e| (format!("input {}: {e}", input.destination()), false))?;
         }
         Ok(())
     }

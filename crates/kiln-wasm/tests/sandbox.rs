@@ -748,8 +748,10 @@ async fn job_files_go_in_and_come_out() {
         .unwrap();
     assert_eq!(&kept[..], b"from job 5");
 
-    let (error, _, _) = failed(sandbox.run_job("globex", 10, &spec).await);
+    // Nothing to retry: the input does not exist for this tenant.
+    let (error, _, permanent) = failed(sandbox.run_job("globex", 10, &spec).await);
     assert!(error.contains("input in.txt of job 5"), "{error}");
+    assert!(permanent, "a missing input is not retried");
     assert!(!sandbox
         .blobs
         .exists(&blob_key("globex", 10, "out.txt"))
