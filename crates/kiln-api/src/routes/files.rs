@@ -60,24 +60,10 @@ pub struct FileList {
     files: Vec<FileRef>,
 }
 
-fn run_id(id: &str) -> ApiResult<i64> {
-    id.parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::not_found("run"))
-}
-
-fn job_id(id: &str) -> ApiResult<i64> {
-    id.parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::not_found("job"))
-}
-
 async fn run_files(state: &AppState, tenant: &str, id: &str) -> ApiResult<Vec<RunFile>> {
     state
         .db
-        .run_files(tenant, run_id(id)?)
+        .run_files(tenant, crate::routes::flow::run_id(id)?)
         .await?
         .ok_or_else(|| ApiError::not_found("run"))
 }
@@ -134,7 +120,7 @@ pub async fn get_run_artifact(
 }
 
 async fn job_files(state: &AppState, tenant: &str, id: &str) -> ApiResult<(i64, Vec<FileRef>)> {
-    let id = job_id(id)?;
+    let id = crate::routes::jobs::parse_id(id)?;
     let job = state
         .db
         .job_get(tenant, id)

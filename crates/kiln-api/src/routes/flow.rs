@@ -73,7 +73,7 @@ fn name_of(what: &str, name: &str) -> ApiResult<()> {
     check_name(what, name).map_err(|_| ApiError::not_found(what))
 }
 
-fn run_id(id: &str) -> ApiResult<i64> {
+pub(crate) fn run_id(id: &str) -> ApiResult<i64> {
     id.parse::<i64>()
         .ok()
         .filter(|id| *id > 0)
