@@ -8,6 +8,7 @@ pub mod events;
 pub mod flow;
 mod lease;
 mod postgres;
+pub mod replies;
 mod rows;
 mod sqlite;
 #[cfg(feature = "testing")]

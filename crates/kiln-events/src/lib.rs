@@ -20,6 +20,7 @@ use kiln_db::events::{Event, EventQuery};
 use kiln_db::{Db, DbResult};
 use tokio::sync::broadcast;
 
+pub mod amqp;
 pub mod nats;
 
 fn now_millis() -> i64 {

@@ -47,6 +47,20 @@ pub struct ServerArgs {
     /// take job submissions on kiln.submit.<queue> (`serve`, `api`).
     #[arg(long, env = "KILN_NATS_URL")]
     pub nats_url: Option<String>,
+    /// amqp://USER:PASS@HOST:PORT/VHOST: take job submissions from a durable
+    /// RabbitMQ queue (`serve`, `api`), refusals dead-lettered to <queue>.dead.
+    #[arg(long, env = "KILN_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// The RabbitMQ queue the intake consumes (default: jobs).
+    #[arg(long, env = "KILN_AMQP_QUEUE")]
+    pub amqp_queue: Option<String>,
+    /// Unacknowledged messages the intake holds at once (default: 512).
+    #[arg(long, env = "KILN_AMQP_PREFETCH")]
+    pub amqp_prefetch: Option<u16>,
+    /// A kiln API key that RabbitMQ messages without an Authorization header
+    /// are submitted as (default: such messages are refused).
+    #[arg(long, env = "KILN_AMQP_KEY", hide_env_values = true)]
+    pub amqp_key: Option<String>,
     /// Jobs one worker runs at once.
     #[arg(long, env = "KILN_WORKER_SLOTS")]
     pub slots: Option<usize>,
@@ -127,6 +141,10 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     database_url: Option<String>,
     nats_url: Option<String>,
+    amqp_url: Option<String>,
+    amqp_queue: Option<String>,
+    amqp_prefetch: Option<u16>,
+    amqp_key: Option<String>,
     slots: Option<usize>,
     lease_ms: Option<u64>,
     retention_hours: Option<u64>,
@@ -154,6 +172,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub database_url: String,
     pub nats_url: Option<String>,
+    pub amqp: Option<kiln_api::intake::amqp::AmqpIntake>,
     pub slots: usize,
     pub lease_ms: u64,
     /// Finished jobs older than this are deleted in batches.
@@ -244,6 +263,29 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
         quotas,
         vm,
         nats_url: args.nats_url.clone().or(file.nats_url.clone()),
+        amqp: match args.amqp_url.clone().or(file.amqp_url.clone()) {
+            Some(url) => {
+                let queue = args
+                    .amqp_queue
+                    .clone()
+                    .or(file.amqp_queue.clone())
+                    .unwrap_or_else(|| "jobs".to_string());
+                if queue.is_empty() || queue.len() > 200 {
+                    anyhow::bail!("amqp_queue must be 1 to 200 bytes");
+                }
+                Some(kiln_api::intake::amqp::AmqpIntake {
+                    url,
+                    queue,
+                    prefetch: args
+                        .amqp_prefetch
+                        .or(file.amqp_prefetch)
+                        .unwrap_or(512)
+                        .clamp(1, 10_000),
+                    default_key: args.amqp_key.clone().or(file.amqp_key.clone()),
+                })
+            }
+            None => None,
+        },
         database_url,
         blobs,
         scratch_dir,
@@ -359,6 +401,18 @@ impl Settings {
                 self.nats_url
                     .as_deref()
                     .map_or_else(|| "-".to_string(), redact),
+            ),
+            (
+                "amqp_url",
+                self.amqp
+                    .as_ref()
+                    .map_or_else(|| "-".to_string(), |a| redact(&a.url)),
+            ),
+            (
+                "amqp_queue",
+                self.amqp
+                    .as_ref()
+                    .map_or_else(|| "-".to_string(), |a| a.queue.clone()),
             ),
             ("slots", self.slots.to_string()),
             ("lease_ms", self.lease_ms.to_string()),

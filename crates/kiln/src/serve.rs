@@ -184,6 +184,7 @@ struct Parts {
     worker: Option<Worker>,
     retention: kiln_worker::Retention,
     nats_url: Option<String>,
+    amqp: Option<kiln_api::intake::amqp::AmqpIntake>,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
@@ -200,6 +201,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
             ..kiln_worker::Retention::default()
         },
         nats_url: settings.nats_url.clone(),
+        amqp: settings.amqp.clone(),
     };
     if role == Role::Scheduler {
         return Ok(parts);
@@ -362,6 +364,13 @@ fn start(
             Ok(())
         });
     }
+    if let (Some(config), Some((_, state))) = (parts.amqp.clone(), parts.api.as_ref()) {
+        let intake = kiln_api::intake::amqp::amqp_intake(state.clone(), config, shutdown.clone());
+        tasks.spawn(async move {
+            intake.await;
+            Ok(())
+        });
+    }
     if let Some((listener, state)) = parts.api.take() {
         if let Ok(address) = listener.local_addr() {
             println!("kiln: listening on http://{address}");
@@ -471,6 +480,7 @@ mod tests {
             worker: Some(worker),
             retention: kiln_worker::Retention::default(),
             nats_url: None,
+            amqp: None,
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();

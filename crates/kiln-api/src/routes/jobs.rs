@@ -321,6 +321,20 @@ async fn check_spec(state: &AppState, job: &NewJob) -> ApiResult<()> {
     Ok(())
 }
 
+/// Checks a submission as `POST /api/v1/jobs` does and makes its row,
+/// for paths that store jobs in batches (broker intake).
+pub(crate) async fn prepare(
+    state: &AppState,
+    caller: &Caller,
+    body: SubmitJob,
+    default_attempts: i32,
+    now: i64,
+) -> ApiResult<NewJob> {
+    let new = body.into_new_job(&caller.tenant, now, default_attempts)?;
+    check_spec(state, &new).await?;
+    Ok(new)
+}
+
 pub(crate) async fn submit(
     state: &AppState,
     caller: &Caller,
@@ -329,8 +343,7 @@ pub(crate) async fn submit(
     default_attempts: i32,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
     let now = now_millis();
-    let new = body.into_new_job(&caller.tenant, now, default_attempts)?;
-    check_spec(state, &new).await?;
+    let new = prepare(state, caller, body, default_attempts, now).await?;
     let (mut job, created) = state.db.job_insert(&new, now).await?;
     metrics::counter!("kiln_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
     if params.wait {

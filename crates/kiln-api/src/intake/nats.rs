@@ -1,81 +1,18 @@
-//! Job submissions that arrive through a broker instead of HTTP. A message
-//! is the body of `POST /api/v1/jobs`, with the sender's kiln API key in an
-//! `Authorization: Bearer <key>` header; it goes through the same key, scope,
-//! rate, kind and spec checks and gets the same errors.
-//!
-//! NATS: a request on `kiln.submit.<queue>` (the queue may hold dots; queue
-//! group `kiln-intake`, so
-//! each request is taken by one kiln) is answered with `{"id", "status"}` or
-//! `{"error": {"code", "message"}}`.
+//! NATS intake: a request on `kiln.submit.<queue>` (the queue may hold
+//! dots; queue group `kiln-intake`, so each request is taken by one kiln) is
+//! answered with `{"id", "created"}` or `{"error": {"code", "message"}}`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln_core::Scope;
 
+use super::submit_message;
 use crate::error::ApiError;
-use crate::routes::jobs::{SubmitJob, SubmitParams};
-use crate::{AppState, JSON_BYTES_MAX};
+use crate::AppState;
 
 /// Requests handled at once by one process.
 const CONCURRENCY: usize = 64;
-
-/// Submits one message's job as the holder of `authorization` would through
-/// the API; the job's id.
-pub async fn submit_message(
-    state: &AppState,
-    authorization: Option<&str>,
-    queue: Option<&str>,
-    body: &[u8],
-) -> Result<(String, bool), ApiError> {
-    let key = authorization
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("send an Authorization: Bearer <key> header"))?;
-    let caller = state
-        .keys
-        .resolve(&state.db, key, || {
-            crate::extract::throttle(state, "source:broker".into())
-        })
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
-    crate::extract::throttle(state, format!("key:{}", caller.key_id))?;
-    caller.require(Scope::Write)?;
-    if body.len() > JSON_BYTES_MAX {
-        return Err(ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("a job is at most {JSON_BYTES_MAX} bytes of JSON"),
-        ));
-    }
-    let mut job: SubmitJob = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the message is not a job: {e}")))?;
-    if let Some(queue) = queue {
-        match &job.queue {
-            Some(named) if named != queue => {
-                return Err(ApiError::invalid(format!(
-                    "the message names queue {named:?} but was sent to {queue:?}"
-                )))
-            }
-            _ => job.queue = Some(queue.to_string()),
-        }
-    }
-    let params = SubmitParams {
-        wait: false,
-        wait_ms: None,
-    };
-    let (status, view) = crate::routes::jobs::submit(
-        state,
-        &caller,
-        job,
-        &params,
-        kiln_core::limits::DEFAULT_MAX_ATTEMPTS,
-    )
-    .await?;
-    Ok((view.0.id.clone(), status == axum::http::StatusCode::CREATED))
-}
 
 fn answer(result: Result<(String, bool), ApiError>) -> serde_json::Value {
     match result {
