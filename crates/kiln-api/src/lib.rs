@@ -49,6 +49,8 @@ pub struct AppState {
     /// The process's one tail of the event log, started by the first
     /// reader.
     events: tokio::sync::OnceCell<Arc<kiln_events::EventHub>>,
+    /// Non-public networks notification destinations may reach.
+    notify_allow: std::sync::OnceLock<kiln_events::notify::AllowList>,
 }
 
 impl AppState {
@@ -90,6 +92,7 @@ impl AppState {
             rate_limit: std::sync::OnceLock::new(),
             gauges: Default::default(),
             events: tokio::sync::OnceCell::new(),
+            notify_allow: std::sync::OnceLock::new(),
         })
     }
 
@@ -104,6 +107,15 @@ impl AppState {
     /// Limits every API key to `per_second` requests a second on average,
     /// with bursts of up to `burst` (0: twice the rate); a rate of 0 leaves
     /// requests unlimited. Set once, at start-up.
+    pub fn allow_notify(&self, allow: kiln_events::notify::AllowList) {
+        let _ = self.notify_allow.set(allow);
+    }
+
+    /// Where notifications may go besides public addresses (none unless set).
+    pub fn notify_allow(&self) -> kiln_events::notify::AllowList {
+        self.notify_allow.get().cloned().unwrap_or_default()
+    }
+
     pub fn limit_rate(&self, per_second: u32, burst: u32) {
         let burst = if burst == 0 {
             per_second.saturating_mul(2)
@@ -121,12 +133,46 @@ impl AppState {
     }
 }
 
+/// Records the VMs' lifecycle (`vm.created`, `vm.deleted`, `vm.expired`) in
+/// the event log, in the order the manager reports it, for as long as the
+/// manager lives.
+pub fn record_vm_lifecycle(db: Db, vms: &Arc<kiln_vm::VmManager>) -> tokio::task::JoinHandle<()> {
+    let mut changes = vms.lifecycle();
+    tokio::spawn(async move {
+        while let Some(change) = changes.recv().await {
+            let info = &change.info;
+            let data = serde_json::json!({
+                "image": info.image,
+                "vcpus": info.vcpus,
+                "memory_mib": info.memory_mib,
+                "accelerator": info.accelerator.as_str(),
+                "expires_at_ms": info.expires_at_ms,
+                "reason": change.reason,
+            });
+            let written = db
+                .event_append(
+                    &info.tenant,
+                    change.kind,
+                    ("vm", &info.id),
+                    &info.labels,
+                    &data,
+                    now_millis(),
+                )
+                .await;
+            if let Err(error) = written {
+                tracing::warn!(%error, vm = %info.id, "could not record a VM event");
+            }
+        }
+    })
+}
+
 /// Every kind kiln ships, each with its spec check: `wasm`, the microVM
 /// kinds and the diagnostic `noop`. An API node checks specs without a
 /// runtime: the checks are pure.
 pub fn builtin_kinds() -> JobKinds {
     let mut kinds = JobKinds::new();
     kinds.add("noop", kiln_worker::noop::check_spec);
+    kinds.add(kiln_events::notify::KIND, kiln_events::notify::check_spec);
     kinds.add_with_files("wasm", kiln_wasm::check_spec);
     kiln_vm::job::job_kinds(&mut kinds);
     kinds
@@ -158,6 +204,9 @@ pub fn builtin_kinds() -> JobKinds {
         routes::files::list_run_artifacts, routes::files::get_run_artifact,
         routes::files::list_job_files, routes::files::get_job_file,
         routes::events::events, routes::events::events_ws, routes::events::job_events,
+        routes::subscriptions::create_subscription, routes::subscriptions::list_subscriptions,
+        routes::subscriptions::get_subscription, routes::subscriptions::delete_subscription,
+        routes::subscriptions::list_deliveries,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),
@@ -188,7 +237,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::vms::router())
         .merge(routes::flow::router())
         .merge(routes::files::router())
-        .merge(routes::events::router());
+        .merge(routes::events::router())
+        .merge(routes::subscriptions::router());
     Router::new()
         .route("/health", get(routes::system::health))
         .route("/metrics", get(routes::system::metrics_text))

@@ -60,6 +60,7 @@ async fn harness(db: Db) -> Harness {
     let other = issue("globex", Scope::Write).await;
     let reader = issue("acme", Scope::Read).await;
     let state = AppState::with_vms(db.clone(), blobs, None, Some(vms.clone()));
+    kiln_api::record_vm_lifecycle(db.clone(), &vms);
     Harness {
         app: kiln_api::app(state.clone()),
         db,
@@ -290,6 +291,47 @@ async fn another_tenant_finds_no_vm_on_any_route() {
     assert_eq!(h.sh(&id, "echo mine").await["stdout"], "mine\n");
     stop.cancel();
     assert!(h.vms.delete("acme", &id).await);
+    // The VM's life is in its tenant's event log, and only there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let (status, page) = call(
+            &h.app,
+            "GET",
+            "/api/v1/events?type=vm.*&after=0",
+            &h.reader,
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        if page["events"].as_array().unwrap().len() >= 2 || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let seen: Vec<(&str, &str)> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["resource"]["id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("vm.created", id.as_str()), ("vm.deleted", id.as_str())]
+    );
+    let (_, theirs) = call(
+        &h.app,
+        "GET",
+        "/api/v1/events?type=vm.*&after=0",
+        &h.other,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(theirs["events"], json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -395,6 +395,45 @@ impl Db {
         Ok(())
     }
 
+    /// Appends an event for a change the database does not hold (a VM's
+    /// life lives in its host's memory), in a transaction of its own.
+    pub async fn event_append(
+        &self,
+        tenant: &str,
+        kind: &str,
+        resource: (&str, &str),
+        labels: &BTreeMap<String, String>,
+        data: &serde_json::Value,
+        now: Millis,
+    ) -> DbResult<()> {
+        let sql =
+            "INSERT INTO events (time, tenant, type, resource_kind, resource_id, labels, data) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        let data = data.to_string();
+        macro_rules! append {
+            ($pool:expr) => {
+                sqlx::query(sql)
+                    .bind(now)
+                    .bind(tenant)
+                    .bind(kind)
+                    .bind(resource.0)
+                    .bind(resource.1)
+                    .bind(&labels)
+                    .bind(&data)
+                    .execute($pool)
+                    .await
+                    .map(drop)?
+            };
+        }
+        match self {
+            Db::Sqlite(s) => append!(&s.write),
+            Db::Postgres(s) => append!(&s.pool),
+        }
+        self.events_written();
+        Ok(())
+    }
+
     /// Fires when new events may be readable: written by this process (on
     /// SQLite), or numbered by any sequencer (on PostgreSQL).
     pub fn events_ready(&self) -> Arc<Notify> {

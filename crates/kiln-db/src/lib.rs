@@ -11,6 +11,7 @@ mod postgres;
 pub mod replies;
 mod rows;
 mod sqlite;
+pub mod subscriptions;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -22,6 +22,7 @@ use tokio::sync::broadcast;
 
 pub mod amqp;
 pub mod nats;
+pub mod notify;
 
 fn now_millis() -> i64 {
     std::time::SystemTime::now()

@@ -25,7 +25,7 @@ use std::time::Duration;
 pub use agent::{AgentConn, ExecEvent, ExecOutput};
 pub use config::{AcceleratorChoice, HostCapacity, QemuConfig, VmManagerConfig};
 pub use kiln_proto::Exec;
-pub use manager::{VmInfo, VmManager, VmRequest};
+pub use manager::{VmInfo, VmLifecycle, VmManager, VmRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -82,10 +82,26 @@ pub struct VmManager {
     /// One refill at a time: boots compete for the same cores.
     filling: tokio::sync::Mutex<()>,
     closing: AtomicBool,
+    /// Where lifecycle changes go (the event log), once someone listens.
+    lifecycle: Mutex<Option<tokio::sync::mpsc::Sender<VmLifecycle>>>,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
 }
+
+/// A VM's life as the event log records it: `vm.created`, `vm.deleted`,
+/// `vm.expired` (its TTL or idle timeout ran out).
+#[derive(Clone, Debug)]
+pub struct VmLifecycle {
+    pub kind: &'static str,
+    pub info: VmInfo,
+    /// For `vm.expired`: `ttl` or `idle`.
+    pub reason: Option<&'static str>,
+}
+
+/// Lifecycle changes waiting for the listener; past this (a stalled
+/// database) newer ones are dropped with a warning rather than held.
+const LIFECYCLE_BUFFER: usize = 4096;
 
 /// Image, vCPUs, memory: what makes VMs interchangeable.
 type PoolKey = (String, u8, u32);
@@ -247,6 +263,7 @@ impl VmManager {
             warm_sizes: Mutex::default(),
             filling: tokio::sync::Mutex::new(()),
             closing: AtomicBool::new(false),
+            lifecycle: Mutex::new(None),
             _lock: lock,
         })
     }
@@ -421,7 +438,30 @@ impl VmManager {
             info.id.clone(),
             Arc::new(tokio::sync::Mutex::new(Some(live))),
         );
+        self.tell("vm.created", &info, None);
         Ok(info)
+    }
+
+    /// The VMs' lifecycle changes from now on (one listener: a second call
+    /// replaces the first).
+    pub fn lifecycle(&self) -> tokio::sync::mpsc::Receiver<VmLifecycle> {
+        let (tx, rx) = tokio::sync::mpsc::channel(LIFECYCLE_BUFFER);
+        *lock(&self.lifecycle) = Some(tx);
+        rx
+    }
+
+    fn tell(&self, kind: &'static str, info: &VmInfo, reason: Option<&'static str>) {
+        let Some(tx) = lock(&self.lifecycle).clone() else {
+            return;
+        };
+        let change = VmLifecycle {
+            kind,
+            info: info.clone(),
+            reason,
+        };
+        if tx.try_send(change).is_err() {
+            tracing::warn!(vm = %info.id, kind, "a VM lifecycle event was dropped: its listener is behind");
+        }
     }
 
     /// Keeps `size` ready VMs of this shape (booted in the background).
@@ -532,7 +572,9 @@ impl VmManager {
             return false;
         };
         lock(&self.vms).remove(id);
+        let info = vm.info.clone();
         destroy(vm).await;
+        self.tell("vm.deleted", &info, None);
         true
     }
 
@@ -548,7 +590,10 @@ impl VmManager {
             let mut guard = slot.lock().await;
             if let Some(vm) = guard.take_if(|vm| vm.expired()) {
                 lock(&self.vms).remove(&id);
+                let info = vm.info.clone();
+                let reason = if vm.past_ttl() { "ttl" } else { "idle" };
                 destroy(vm).await;
+                self.tell("vm.expired", &info, Some(reason));
                 n += 1;
             }
         }
@@ -612,8 +657,12 @@ impl VmManager {
 }
 
 impl LiveVm {
+    fn past_ttl(&self) -> bool {
+        self.ttl.is_some_and(|ttl| self.created.elapsed() >= ttl)
+    }
+
     fn expired(&self) -> bool {
-        let past_ttl = self.ttl.is_some_and(|ttl| self.created.elapsed() >= ttl);
+        let past_ttl = self.past_ttl();
         let idle = self.busy.load(Ordering::SeqCst) == 0
             && self
                 .idle_timeout

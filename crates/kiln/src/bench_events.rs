@@ -34,6 +34,13 @@ pub struct EventsArgs {
     /// Events the bridge publishes.
     #[arg(long, default_value_t = 100_000)]
     nats_events: usize,
+    /// A RabbitMQ broker: times the AMQP intake storing job messages (on a
+    /// queue of the bench's own, deleted afterwards).
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// Messages published for each AMQP phase.
+    #[arg(long, default_value_t = 50_000)]
+    amqp_messages: usize,
 }
 
 /// One SSE connection, read frame by frame.
@@ -83,6 +90,7 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     let root = std::env::temp_dir().join(format!("{}-events", super::bench_schema()));
     let blobs = BlobStore::local(&root.join("blobs"))?;
     let state = kiln_api::AppState::new(db.clone(), blobs, None);
+    let state_for_amqp = state.clone();
     let (_, key) = kiln_api::issue_key(&db, "bench", "bench", Scopes(vec![Scope::Admin])).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -154,6 +162,9 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.nats_url {
         nats(&db, url, args.nats_events).await?;
     }
+    if let Some(url) = &args.amqp_url {
+        amqp(&db, &state_for_amqp, url, args.amqp_messages).await?;
+    }
     stop.cancel();
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&root);
@@ -214,6 +225,131 @@ async fn nats(db: &kiln_db::Db, url: &str, n: usize) -> anyhow::Result<()> {
         "| NATS bridge: {expected} events to JetStream, each acknowledged | {:.0} events/s ({:.2} s) |",
         expected as f64 / took.as_secs_f64(),
         took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Publishes `n` no-op jobs to `queue` with confirms, pipelined.
+async fn amqp_publish(
+    channel: &kiln_events::amqp::lapin::Channel,
+    queue: &str,
+    key: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    use kiln_events::amqp::lapin::types::{AMQPValue, FieldTable};
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "Authorization".into(),
+        AMQPValue::LongString(format!("Bearer {key}").into()),
+    );
+    let properties = kiln_events::amqp::lapin::BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let body = json!({"kind": "noop", "spec": {}}).to_string();
+    let mut sent = 0;
+    while sent < n {
+        let window = (n - sent).min(1_000);
+        let mut confirms = Vec::with_capacity(window);
+        for _ in 0..window {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "",
+                        queue,
+                        Default::default(),
+                        body.as_bytes(),
+                        properties.clone(),
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            anyhow::ensure!(confirm.await?.is_ack(), "the broker refused a message");
+        }
+        sent += window;
+    }
+    Ok(())
+}
+
+/// The AMQP intake: a backlog of `n` messages taken into durable jobs, then
+/// `n` more taken while they are being published.
+async fn amqp(
+    db: &kiln_db::Db,
+    state: &std::sync::Arc<kiln_api::AppState>,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    use kiln_events::amqp;
+    let tenant = "amqp-bench";
+    let (_, key) = kiln_api::issue_key(db, tenant, "bench", Scopes(vec![Scope::Write])).await?;
+    let queue = format!("kiln-bench-{}", super::bench_schema());
+    let connection = amqp::connect(url).await?;
+    let channel = amqp::confirmed_channel(&connection).await?;
+    let topology = amqp::Topology::new(&queue);
+    topology.declare(&channel).await?;
+    let count = || async {
+        anyhow::Ok(
+            db.job_count_by_status(Some(tenant))
+                .await?
+                .values()
+                .sum::<i64>() as usize,
+        )
+    };
+    let wait_for = |target: usize| async move {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while count().await? < target {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the intake did not finish in 600 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(Instant::now())
+    };
+
+    let started = Instant::now();
+    amqp_publish(&channel, &queue, &key, n).await?;
+    let published = started.elapsed();
+    let stop = CancellationToken::new();
+    let config = kiln_api::intake::amqp::AmqpIntake {
+        url: url.to_string(),
+        queue: queue.clone(),
+        prefetch: 512,
+        default_key: None,
+    };
+    let started = Instant::now();
+    let intake = tokio::spawn(kiln_api::intake::amqp::amqp_intake(
+        state.clone(),
+        config,
+        stop.clone(),
+    ));
+    let backlog = wait_for(n).await?.duration_since(started);
+
+    let started = Instant::now();
+    amqp_publish(&channel, &queue, &key, n).await?;
+    let live = wait_for(2 * n).await?.duration_since(started);
+    stop.cancel();
+    intake.await?;
+    for name in [&topology.queue, &topology.dead_queue] {
+        channel.queue_delete(name, Default::default()).await?;
+    }
+    channel
+        .exchange_delete(&topology.dead_exchange, Default::default())
+        .await?;
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!(
+        "| RabbitMQ: {n} persistent messages published, each confirmed | {:.0} msgs/s |",
+        rate(published)
+    );
+    println!(
+        "| AMQP intake: backlog of {n} messages → durable jobs, acknowledged | {:.0} msgs/s ({:.2} s) |",
+        rate(backlog),
+        backlog.as_secs_f64()
+    );
+    println!(
+        "| AMQP intake: {n} messages published and taken at once | {:.0} msgs/s end to end ({:.2} s) |",
+        rate(live),
+        live.as_secs_f64()
     );
     Ok(())
 }

@@ -84,6 +84,10 @@ pub struct ServerArgs {
     /// Requests a key may send at once above its rate (default: twice the rate).
     #[arg(long, env = "KILN_RATE_BURST")]
     pub rate_burst: Option<u32>,
+    /// Networks notification deliveries may reach although not public
+    /// (comma-separated addresses or CIDRs, e.g. 10.0.0.0/8,127.0.0.1).
+    #[arg(long, env = "KILN_NOTIFY_ALLOW")]
+    pub notify_allow: Option<String>,
     /// Where blobs live (default: s3 when an endpoint is set, local when a
     /// blob dir is set, else database on PostgreSQL and local on SQLite).
     #[arg(long, env = "KILN_BLOB_STORE", value_enum)]
@@ -152,6 +156,7 @@ struct FileConfig {
     vm_warm: Option<usize>,
     rate_limit: Option<u32>,
     rate_burst: Option<u32>,
+    notify_allow: Option<String>,
     blob_store: Option<BlobStoreKind>,
     blob_dir: Option<PathBuf>,
     s3_endpoint: Option<String>,
@@ -182,6 +187,7 @@ pub struct Settings {
     pub vm_warm: usize,
     pub rate_limit: u32,
     pub rate_burst: u32,
+    pub notify_allow: kiln_events::notify::AllowList,
     pub blobs: BlobConfig,
     pub scratch_dir: PathBuf,
     pub quotas: TenantQuotas,
@@ -260,6 +266,13 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .or(file.rate_limit)
             .unwrap_or(DEFAULT_RATE_LIMIT),
         rate_burst: args.rate_burst.or(file.rate_burst).unwrap_or(0),
+        notify_allow: kiln_events::notify::AllowList::parse(
+            args.notify_allow
+                .as_deref()
+                .or(file.notify_allow.as_deref())
+                .unwrap_or(""),
+        )
+        .map_err(|e| anyhow::anyhow!("notify_allow: {e}"))?,
         quotas,
         vm,
         nats_url: args.nats_url.clone().or(file.nats_url.clone()),
@@ -424,6 +437,15 @@ impl Settings {
             ("vm_warm", self.vm_warm.to_string()),
             ("rate_limit", self.rate_limit.to_string()),
             ("rate_burst", self.rate_burst.to_string()),
+            (
+                "notify_allow",
+                self.notify_allow
+                    .0
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
             ("scratch_dir", self.scratch_dir.display().to_string()),
             ("quotas", format!("{:?}", self.quotas)),
             (

@@ -230,11 +230,15 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     };
     if let Some(runtime) = runtime {
         parts.vms = vm_manager(settings).await?;
+        if let Some(vms) = &parts.vms {
+            kiln_api::record_vm_lifecycle(db.clone(), vms);
+        }
         parts.worker = Some(worker(settings, &db, &blobs, runtime, parts.vms.as_ref()));
     }
     if let Some(listener) = listener {
         let state = AppState::with_vms(db.clone(), blobs, validator, parts.vms.clone());
         state.limit_rate(settings.rate_limit, settings.rate_burst);
+        state.allow_notify(settings.notify_allow.clone());
         parts.api = Some((listener, state));
     }
     Ok(parts)
@@ -258,7 +262,14 @@ fn worker(
     config.tenant_running_max = Some(settings.quotas.jobs_running_max);
     let mut handlers = Handlers::new()
         .with("wasm", Arc::new(WasmHandler(wasm)))
-        .with("noop", Arc::new(NoopHandler));
+        .with("noop", Arc::new(NoopHandler))
+        .with(
+            kiln_events::notify::KIND,
+            Arc::new(kiln_events::notify::NotifyHandler {
+                db: db.clone(),
+                allow: settings.notify_allow.clone(),
+            }),
+        );
     if let Some(vms) = vms {
         handlers = kiln_vm::job::register(handlers, vms, blobs);
     }
@@ -314,6 +325,15 @@ fn start(
         let bridge = kiln_events::nats::bridge(parts.db.clone(), url, shutdown.clone());
         tasks.spawn(async move {
             bridge.await;
+            Ok(())
+        });
+    }
+    // The notification matcher too: idempotency keys make a second one
+    // harmless.
+    if matches!(role, Role::All | Role::Scheduler) {
+        let matcher = kiln_events::notify::match_loop(parts.db.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            matcher.await;
             Ok(())
         });
     }

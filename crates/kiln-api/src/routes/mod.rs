@@ -5,5 +5,6 @@ pub mod jobs;
 pub mod keys;
 pub mod modules;
 pub mod queues;
+pub mod subscriptions;
 pub mod system;
 pub mod vms;
