@@ -12,6 +12,7 @@ mod rows;
 mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, MutexGuard, PoisonError};
