@@ -158,6 +158,8 @@ pub fn builtin_kinds() -> JobKinds {
         routes::files::list_run_artifacts, routes::files::get_run_artifact,
         routes::files::list_job_files, routes::files::get_job_file,
         routes::events::events, routes::events::events_ws, routes::events::job_events,
+        routes::webhooks::put_webhook, routes::webhooks::list_webhooks, routes::webhooks::get_webhook,
+        routes::webhooks::delete_webhook, routes::webhooks::webhook_deliveries, routes::webhooks::receive,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),
@@ -188,7 +190,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::vms::router())
         .merge(routes::flow::router())
         .merge(routes::files::router())
-        .merge(routes::events::router());
+        .merge(routes::events::router())
+        .merge(routes::webhooks::router());
     Router::new()
         .route("/health", get(routes::system::health))
         .route("/metrics", get(routes::system::metrics_text))

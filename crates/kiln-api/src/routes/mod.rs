@@ -7,3 +7,4 @@ pub mod modules;
 pub mod queues;
 pub mod system;
 pub mod vms;
+pub mod webhooks;
