@@ -343,6 +343,16 @@ async fn bad_signatures_are_refused_and_start_nothing(db: kiln_db::Db) {
         .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{other}: {answer}");
     }
+    // Unsigned, even to an id that does not exist: 401, nothing looked up.
+    let (status, answer) = post(
+        &h,
+        "/api/v1/hooks/wh_00000000000000000000000000000000",
+        &[event.clone()],
+        "application/json",
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
     assert!(jobs_of(&h, &h.admin, "gh").await.is_empty());
     let (_, log) = h
         .call("GET", "/api/v1/webhooks/gh/deliveries", &h.admin, None)

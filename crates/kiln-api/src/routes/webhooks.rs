@@ -326,6 +326,13 @@ pub async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    // Unsigned requests are refused before any look-up, so they learn
+    // nothing of which ids exist and cost no query.
+    if !SIGNATURE_HEADERS.iter().any(|h| headers.contains_key(*h)) {
+        return Err(ApiError::unauthorized(
+            "sign the request: X-Hub-Signature-256, X-Slack-Signature or X-Kiln-Signature",
+        ));
+    }
     if !is_webhook_id(&id) {
         return Err(ApiError::not_found("webhook"));
     }
@@ -349,6 +356,12 @@ pub async fn receive(
         Provider::Generic => delivery.generic(&headers, &body).await,
     }
 }
+
+const SIGNATURE_HEADERS: [&str; 3] = [
+    "x-hub-signature-256",
+    "x-slack-signature",
+    "x-kiln-signature",
+];
 
 fn too_large() -> ApiError {
     ApiError::new(
