@@ -347,7 +347,7 @@ async fn bad_signatures_are_refused_and_start_nothing(db: kiln_db::Db) {
     let (status, answer) = post(
         &h,
         "/api/v1/hooks/wh_00000000000000000000000000000000",
-        &[event.clone()],
+        std::slice::from_ref(&event),
         "application/json",
         body.clone(),
     )

@@ -454,11 +454,11 @@ pub(crate) async fn create_run(
         idempotency_key: body.idempotency_key,
         trigger,
     };
-    Ok(state
+    state
         .db
         .run_create(&new, &state.kinds, now_millis())
         .await?
-        .map_err(flow_error)?)
+        .map_err(flow_error)
 }
 
 /// The same as `POST /pipelines/{name}/runs`.
