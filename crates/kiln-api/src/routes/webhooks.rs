@@ -9,6 +9,7 @@
 //! `POST /jobs` and `POST /pipelines/{name}/runs`, as the trigger's tenant.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -928,31 +929,19 @@ async fn follow_up(
     }
 }
 
-/// How a job ended, or `None` if it has not within [`REPLY_WAIT`].
-async fn job_end(state: &AppState, tenant: &str, id: i64) -> Option<String> {
-    let job = state.db.job_get(tenant, id).await.ok()??;
-    let job = crate::routes::jobs::wait_for_end(state, tenant, job, REPLY_WAIT)
-        .await
-        .ok()?;
-    if !job.status.is_terminal() {
-        return None;
-    }
-    let mut text = format!("job {id} {}", job.status.as_str());
-    if let Some(result) = &job.result {
-        text.push_str(&format!(" (exit code {})", result.exit_code));
-        let stdout: String = result.stdout.chars().take(2000).collect();
-        if !stdout.trim().is_empty() {
-            text.push_str(&format!("\n```{stdout}```"));
-        }
-    } else if let Some(error) = &job.error {
-        text.push_str(&format!(": {error}"));
-    }
-    Some(text)
-}
+/// Reads at most this often per waiting follow-up, however busy the log.
+const REPLY_READ_EVERY: Duration = Duration::from_millis(250);
+/// And at least this often, in case a wake-up was missed.
+const REPLY_POLL_EVERY: Duration = Duration::from_secs(2);
 
-/// How a run ended, or `None` if it has not within [`REPLY_WAIT`]. Woken
-/// by the event log, polled as a guard.
-async fn run_end(state: &AppState, tenant: &str, id: i64) -> Option<String> {
+/// Calls `read` until it breaks (the end as text; `None` when the job or
+/// run is gone or the store fails) or [`REPLY_WAIT`] passes. Woken by the
+/// event log, which every end of a job or run writes to; polled as a guard.
+async fn wait_end<F, Fut>(state: &AppState, mut read: F) -> Option<String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ControlFlow<Option<String>>>,
+{
     let deadline = tokio::time::Instant::now() + REPLY_WAIT;
     let ready = state.db.events_ready();
     loop {
@@ -960,23 +949,62 @@ async fn run_end(state: &AppState, tenant: &str, id: i64) -> Option<String> {
         let notified = ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let view = state.db.run_get(tenant, id).await.ok()??;
-        if view.run.status.is_terminal() {
-            let mut text = format!("run {id} {}", view.run.status.as_str());
-            if let Some(reason) = &view.run.reason {
-                text.push_str(&format!(" ({reason})"));
-            }
-            return Some(text);
+        if let ControlFlow::Break(end) = read().await {
+            return end;
         }
         if tokio::time::Instant::now() >= deadline {
             return None;
         }
         tokio::select! {
-            _ = notified => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = notified => tokio::time::sleep(REPLY_READ_EVERY).await,
+            _ = tokio::time::sleep(REPLY_POLL_EVERY) => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }
+}
+
+/// How a job ended, or `None` if it has not within [`REPLY_WAIT`].
+async fn job_end(state: &AppState, tenant: &str, id: i64) -> Option<String> {
+    wait_end(state, || async move {
+        let job = match state.db.job_get(tenant, id).await {
+            Ok(Some(job)) => job,
+            _ => return ControlFlow::Break(None),
+        };
+        if !job.status.is_terminal() {
+            return ControlFlow::Continue(());
+        }
+        let mut text = format!("job {id} {}", job.status.as_str());
+        if let Some(result) = &job.result {
+            text.push_str(&format!(" (exit code {})", result.exit_code));
+            let stdout: String = result.stdout.chars().take(2000).collect();
+            if !stdout.trim().is_empty() {
+                text.push_str(&format!("\n```{stdout}```"));
+            }
+        } else if let Some(error) = &job.error {
+            text.push_str(&format!(": {error}"));
+        }
+        ControlFlow::Break(Some(text))
+    })
+    .await
+}
+
+/// How a run ended, or `None` if it has not within [`REPLY_WAIT`].
+async fn run_end(state: &AppState, tenant: &str, id: i64) -> Option<String> {
+    wait_end(state, || async move {
+        let view = match state.db.run_get(tenant, id).await {
+            Ok(Some(view)) => view,
+            _ => return ControlFlow::Break(None),
+        };
+        if !view.run.status.is_terminal() {
+            return ControlFlow::Continue(());
+        }
+        let mut text = format!("run {id} {}", view.run.status.as_str());
+        if let Some(reason) = &view.run.reason {
+            text.push_str(&format!(" ({reason})"));
+        }
+        ControlFlow::Break(Some(text))
+    })
+    .await
 }
 
 #[cfg(test)]
