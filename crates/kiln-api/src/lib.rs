@@ -207,6 +207,8 @@ pub fn builtin_kinds() -> JobKinds {
         routes::subscriptions::create_subscription, routes::subscriptions::list_subscriptions,
         routes::subscriptions::get_subscription, routes::subscriptions::delete_subscription,
         routes::subscriptions::list_deliveries,
+        routes::webhooks::put_webhook, routes::webhooks::list_webhooks, routes::webhooks::get_webhook,
+        routes::webhooks::delete_webhook, routes::webhooks::webhook_deliveries, routes::webhooks::receive,
     ),
     components(schemas(kiln_wasm::WasmSpec, kiln_vm::job::VmJobSpec)),
     modifiers(&BearerAuth),
@@ -238,7 +240,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::flow::router())
         .merge(routes::files::router())
         .merge(routes::events::router())
-        .merge(routes::subscriptions::router());
+        .merge(routes::subscriptions::router())
+        .merge(routes::webhooks::router());
     Router::new()
         .route("/health", get(routes::system::health))
         .route("/metrics", get(routes::system::metrics_text))

@@ -14,6 +14,7 @@ mod sqlite;
 pub mod subscriptions;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, MutexGuard, PoisonError};

@@ -9,6 +9,7 @@ pub mod expr;
 pub mod schedule;
 pub mod target;
 pub mod template;
+pub mod webhook;
 
 pub use advance::{decide, Decision, Mode, RunStatus, StepState, StepStatus};
 pub use def::{Checked, DefError, PipelineDef, StepDef};

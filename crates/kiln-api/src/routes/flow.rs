@@ -150,7 +150,7 @@ pub struct RunJson {
     pub labels: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
-    /// `api` or `schedule:<name>`.
+    /// `api`, `schedule:<name>` or `webhook:<name>`.
     pub trigger: String,
     /// 1, plus one per retry of the run.
     pub attempt: i32,
@@ -256,7 +256,7 @@ fn instance_json(i: InstanceRecord) -> InstanceJson {
     }
 }
 
-fn view_json(view: RunView) -> RunJson {
+pub(crate) fn view_json(view: RunView) -> RunJson {
     run_json(view.run, Some(view.steps))
 }
 
@@ -404,6 +404,24 @@ pub async fn start_run(
 ) -> ApiResult<(StatusCode, axum::Json<RunJson>)> {
     name_of("pipeline", &name)?;
     let body: StartRun = optional_json(&body)?;
+    let (view, fresh) = create_run(&state, &caller.tenant, name, body, "api".into()).await?;
+    let status = if fresh {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(view_json(view))))
+}
+
+/// Starts a run of `pipeline` for `tenant` with the checks every way of
+/// starting one shares (this API, webhooks); the flag says whether it is new.
+pub(crate) async fn create_run(
+    state: &AppState,
+    tenant: &str,
+    pipeline: String,
+    body: StartRun,
+    trigger: String,
+) -> ApiResult<(RunView, bool)> {
     if json_has_nul(&serde_json::Value::Object(body.params.clone())) {
         return Err(ApiError::invalid(
             "params: a string or key holds a NUL character",
@@ -429,24 +447,18 @@ pub async fn start_run(
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     }
     let new = NewRun {
-        tenant: caller.tenant.clone(),
-        pipeline: name,
+        tenant: tenant.to_string(),
+        pipeline,
         params: body.params,
         labels: body.labels,
         idempotency_key: body.idempotency_key,
-        trigger: "api".into(),
+        trigger,
     };
-    let (view, fresh) = state
+    state
         .db
         .run_create(&new, &state.kinds, now_millis())
         .await?
-        .map_err(flow_error)?;
-    let status = if fresh {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, axum::Json(view_json(view))))
+        .map_err(flow_error)
 }
 
 /// The same as `POST /pipelines/{name}/runs`.

@@ -8,3 +8,4 @@ pub mod queues;
 pub mod subscriptions;
 pub mod system;
 pub mod vms;
+pub mod webhooks;
