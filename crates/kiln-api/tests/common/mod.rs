@@ -38,6 +38,11 @@ pub struct Harness {
     flow: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Tests' notification receivers listen on 127.0.0.1.
+pub fn loopback() -> kiln_events::notify::AllowList {
+    kiln_events::notify::AllowList::parse("127.0.0.1").unwrap()
+}
+
 /// The kinds the API accepts.
 pub fn kinds() -> JobKinds {
     kiln_api::builtin_kinds()
@@ -84,7 +89,14 @@ async fn harness_with(db: Db, root: PathBuf, blobs: BlobStore) -> Harness {
     config.poll_every = Duration::from_millis(200);
     let handlers = Handlers::new()
         .with("wasm", Arc::new(WasmHandler(wasm.clone())))
-        .with("noop", Arc::new(NoopHandler));
+        .with("noop", Arc::new(NoopHandler))
+        .with(
+            kiln_events::notify::KIND,
+            Arc::new(kiln_events::notify::NotifyHandler {
+                db: db.clone(),
+                allow: loopback(),
+            }),
+        );
     let stop = CancellationToken::new();
     let worker = tokio::spawn(Worker::new(db.clone(), handlers, config).run(stop.clone()));
     let flow = vec![
@@ -98,8 +110,10 @@ async fn harness_with(db: Db, root: PathBuf, blobs: BlobStore) -> Harness {
             kinds(),
             stop.clone(),
         )),
+        tokio::spawn(kiln_events::notify::match_loop(db.clone(), stop.clone())),
     ];
     let state = AppState::with_kinds(db.clone(), blobs, Some(wasm), None, kinds());
+    state.allow_notify(loopback());
     let app = kiln_api::app(state.clone());
     Harness {
         app,
