@@ -109,8 +109,16 @@ impl Db {
     pub async fn broker_reply_done(&self, job_id: i64) -> DbResult<()> {
         let sql = "DELETE FROM broker_replies WHERE job_id = $1";
         match self {
-            Db::Sqlite(s) => drop(sqlx::query(sql).bind(job_id).execute(&s.write).await?),
-            Db::Postgres(s) => drop(sqlx::query(sql).bind(job_id).execute(&s.pool).await?),
+            Db::Sqlite(s) => sqlx::query(sql)
+                .bind(job_id)
+                .execute(&s.write)
+                .await
+                .map(drop)?,
+            Db::Postgres(s) => sqlx::query(sql)
+                .bind(job_id)
+                .execute(&s.pool)
+                .await
+                .map(drop)?,
         }
         Ok(())
     }

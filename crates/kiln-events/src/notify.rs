@@ -482,12 +482,15 @@ fn slack_text(event: &Value) -> String {
     text
 }
 
-/// The commit status request for an event: `(url, body, headers)`.
+/// A POST to make: `(url, body, headers)`.
+type Request = (String, String, Vec<(&'static str, String)>);
+
+/// The commit status request for an event.
 fn github_status(
     destination: &Value,
     event: &Value,
     token: &str,
-) -> Result<(String, String, Vec<(&'static str, String)>), String> {
+) -> Result<Request, String> {
     let label = |name: &str| -> Result<String, String> {
         let key = destination[name]
             .as_str()

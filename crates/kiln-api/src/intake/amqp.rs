@@ -156,7 +156,7 @@ async fn consume(
 
 /// What became of one delivery.
 enum Fate {
-    Store(NewJob, Option<(String, Option<String>)>),
+    Store(Box<NewJob>, Option<(String, Option<String>)>),
     Refuse(ApiError),
     Retry,
 }
@@ -182,7 +182,7 @@ async fn take_batch(
                         .map(|id| id.as_str().to_string());
                     (to.as_str().to_string(), correlation)
                 });
-                Fate::Store(job, reply)
+                Fate::Store(Box::new(job), reply)
             }
             Err(error) if transient(&error, delivery.redelivered) => Fate::Retry,
             Err(error) => Fate::Refuse(error),
@@ -246,7 +246,7 @@ async fn store(state: &AppState, fates: &mut [Fate], now: i64) -> usize {
     for (i, fate) in fates.iter().enumerate() {
         if let Fate::Store(job, _) = fate {
             if job.idempotency_key.is_none() {
-                keyless.push(job.clone());
+                keyless.push((**job).clone());
                 keyless_at.push(i);
             } else {
                 match state.db.job_insert(job, now).await {
