@@ -486,11 +486,7 @@ fn slack_text(event: &Value) -> String {
 type Request = (String, String, Vec<(&'static str, String)>);
 
 /// The commit status request for an event.
-fn github_status(
-    destination: &Value,
-    event: &Value,
-    token: &str,
-) -> Result<Request, String> {
+fn github_status(destination: &Value, event: &Value, token: &str) -> Result<Request, String> {
     let label = |name: &str| -> Result<String, String> {
         let key = destination[name]
             .as_str()
