@@ -172,7 +172,6 @@ pub fn record_vm_lifecycle(db: Db, vms: &Arc<kiln_vm::VmManager>) -> tokio::task
 pub fn builtin_kinds() -> JobKinds {
     let mut kinds = JobKinds::new();
     kinds.add("noop", kiln_worker::noop::check_spec);
-    kinds.add(kiln_events::notify::KIND, kiln_events::notify::check_spec);
     kinds.add_with_files("wasm", kiln_wasm::check_spec);
     kiln_vm::job::job_kinds(&mut kinds);
     kinds

@@ -127,7 +127,7 @@ async fn stores_acknowledges_dead_letters_and_replies(db: kiln_db::Db) {
     // The same message again, as a broker redelivers it after a lost ack.
     publish(&channel, &queue, good.as_bytes(), asking).await;
 
-    let refused: [(&str, Vec<u8>, FieldTable); 5] = [
+    let refused: [(&str, Vec<u8>, FieldTable); 6] = [
         ("bad_request", b"{not json".to_vec(), auth(&h.admin)),
         (
             "unknown_kind",
@@ -140,6 +140,8 @@ async fn stores_acknowledges_dead_letters_and_replies(db: kiln_db::Db) {
             FieldTable::default(),
         ),
         ("forbidden", good.clone().into_bytes(), auth(&h.reader)),
+        // A reply_to naming another tenant's queue.
+        ("invalid", good.clone().into_bytes(), auth(&h.admin)),
         (
             "too_large",
             format!(
@@ -150,8 +152,11 @@ async fn stores_acknowledges_dead_letters_and_replies(db: kiln_db::Db) {
             auth(&h.admin),
         ),
     ];
-    for (_, body, headers) in &refused {
-        let properties = BasicProperties::default().with_headers(headers.clone());
+    for (code, body, headers) in &refused {
+        let mut properties = BasicProperties::default().with_headers(headers.clone());
+        if *code == "invalid" {
+            properties = properties.with_reply_to("globex.results".into());
+        }
         publish(&channel, &queue, body, properties).await;
     }
 
@@ -196,12 +201,12 @@ async fn stores_acknowledges_dead_letters_and_replies(db: kiln_db::Db) {
     // Every refusal lands in the dead-letter queue, once, with its reason
     // and without the key it was sent with.
     let dead_queue = format!("{queue}.dead");
-    wait_for("five dead letters", 20, async || {
-        (depth(&connection, &dead_queue).await? == 5).then_some(())
+    wait_for("six dead letters", 20, async || {
+        (depth(&connection, &dead_queue).await? == 6).then_some(())
     })
     .await;
     let mut reasons = BTreeMap::new();
-    for _ in 0..5 {
+    for _ in 0..6 {
         let message = channel
             .basic_get(&dead_queue, BasicGetOptions::default())
             .await

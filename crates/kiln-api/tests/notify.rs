@@ -261,6 +261,33 @@ async fn subscriptions_refuse_private_destinations_and_hide_secrets(db: kiln_db:
             .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     }
+    // Deliveries are the matcher's alone: no tenant submits one, nor takes
+    // the idempotency key of one in advance.
+    for (job, code) in [
+        (
+            json!({"kind": "notify", "spec": {"subscription": "sub_1", "event": {}}}),
+            "unknown_kind",
+        ),
+        (
+            json!({"kind": "noop", "spec": {}, "idempotency_key": "kiln:notify:sub_1:9"}),
+            "invalid",
+        ),
+    ] {
+        let (status, body) = h.call("POST", "/api/v1/jobs", &h.admin, Some(job)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(error_code(&body), code, "{body}");
+    }
+    for base in ["http://127.0.0.1:1/x?y=1", "http://127.0.0.1:1/#frag"] {
+        let (status, body) = h
+            .call(
+                "POST",
+                "/api/v1/subscriptions",
+                &h.admin,
+                Some(json!({"name": "gh", "destination": {"kind": "github_status", "url": base, "token": "t"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{base}: {body}");
+    }
     let (status, body) = h
         .call(
             "POST",

@@ -181,6 +181,9 @@ pub fn is_webhook_id(id: &str) -> bool {
     })
 }
 
+/// A claim older than this whose handler never finished may be taken again.
+const STALE_CLAIM_MS: i64 = 60_000;
+
 impl Db {
     /// Creates or replaces a trigger (checked by the caller). A replaced
     /// trigger keeps its public id and delivery log; the flag says whether
@@ -283,7 +286,10 @@ impl Db {
 
     /// Claims a delivery before it is handled. Without a delivery id every
     /// delivery is fresh. A delivery that ended in `error` may be claimed
-    /// again (the sender's redelivery after a fix); any other is `Seen`.
+    /// again (the sender's redelivery after a fix), and so may one left
+    /// `received` for over a minute (its handler died before it finished;
+    /// the job's idempotency key still keeps it from starting twice); any
+    /// other is `Seen`.
     pub async fn webhook_delivery_claim(
         &self,
         webhook_id: &str,
@@ -315,13 +321,16 @@ impl Db {
             let retried: Option<i64> = on_pool!(self, write, pool, sql =
                 "UPDATE webhook_deliveries SET outcome = 'received', event = $3, \
                  received_at = $4, job_id = NULL, run_id = NULL, detail = NULL \
-                 WHERE webhook_id = $1 AND delivery = $2 AND outcome = 'error' RETURNING seq";
+                 WHERE webhook_id = $1 AND delivery = $2 \
+                   AND (outcome = 'error' OR (outcome = 'received' AND received_at < $5)) \
+                 RETURNING seq";
             {
                 sqlx::query_scalar(&sql)
                     .bind(webhook_id)
                     .bind(delivery)
                     .bind(event)
                     .bind(now)
+                    .bind(now.saturating_sub(STALE_CLAIM_MS))
                     .fetch_optional(pool)
                     .await?
             });

@@ -88,15 +88,36 @@ fn public(ip: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
                 || (a == 198 && (b == 18 || b == 19)) // benchmarking
+                || (a == 192 && b == 0 && v4.octets()[2] == 0) // IETF protocol assignments
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
+            let seg = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                ))
+            };
+            // Forms that carry an IPv4 address reach it: judge that one.
+            if seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return public(embedded(seg[6], seg[7])); // IPv4-compatible ::a.b.c.d
+            }
+            if seg[0] == 0x64 && seg[1] == 0xff9b {
+                return public(embedded(seg[6], seg[7])); // NAT64 64:ff9b::/96 and /48
+            }
+            if seg[0] == 0x2002 {
+                return public(embedded(seg[1], seg[2])); // 6to4
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80) // link-local
+                || (seg[0] & 0xfe00) == 0xfc00 // unique local
+                || (seg[0] & 0xffc0) == 0xfe80 // link-local
+                || (seg[0] & 0xffc0) == 0xfec0 // site-local
+                || (seg[0] == 0x2001 && seg[1] == 0x0db8)) // documentation
         }
     }
 }
@@ -163,7 +184,12 @@ impl Destination {
                 context,
             } => {
                 let base = url.unwrap_or_else(|| "https://api.github.com".to_string());
-                check_url(&base, allow)?;
+                let parsed = check_url(&base, allow)?;
+                // Paths are appended to the base: no query or fragment that
+                // would turn them into something else.
+                if parsed.query().is_some() || parsed.fragment().is_some() {
+                    return Err("the API base takes no query or fragment".into());
+                }
                 check_secret("token", &token)?;
                 if let Some(context) = &context {
                     if context.is_empty() || context.len() > 255 {
@@ -338,7 +364,9 @@ fn delivery_job(subscription: &Subscription, event: &Event) -> NewJob {
     let mut job = NewJob::new(&subscription.tenant, KIND, spec);
     job.queue = KIND.to_string();
     job.max_attempts = ATTEMPTS;
-    job.idempotency_key = Some(format!("notify:{}:{}", subscription.id, event.id));
+    // `kiln:` keys are refused at the API, so no tenant can take this one
+    // first and swallow the delivery.
+    job.idempotency_key = Some(format!("kiln:notify:{}:{}", subscription.id, event.id));
     job.labels = BTreeMap::from([
         ("subscription".to_string(), subscription.id.clone()),
         ("event_type".to_string(), event.kind.clone()),
@@ -351,19 +379,6 @@ fn delivery_job(subscription: &Subscription, event: &Event) -> NewJob {
 struct NotifySpec {
     subscription: String,
     event: Value,
-}
-
-/// The `notify` kind's spec check.
-pub fn check_spec(spec: &Value) -> Result<(), String> {
-    let spec: NotifySpec =
-        serde_json::from_value(spec.clone()).map_err(|e| format!("invalid notify spec: {e}"))?;
-    if spec.subscription.is_empty() || spec.subscription.len() > 64 {
-        return Err("subscription must be a subscription id".into());
-    }
-    if !spec.event.is_object() {
-        return Err("event must be an object".into());
-    }
-    Ok(())
 }
 
 /// Delivers `notify` jobs.
@@ -581,12 +596,14 @@ async fn post(
     }
     let client = match reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy would resolve the name again, undoing the pinning.
+        .no_proxy()
         .timeout(TIMEOUT)
         .resolve(&lookup_host, first)
         .build()
     {
         Ok(client) => client,
-        Err(error) => return Outcome::Retry(format!("HTTP client: {error}")),
+        Err(error) => return Outcome::Retry(format!("HTTP client: {}", error.without_url())),
     };
     let mut request = client
         .post(parsed)
@@ -597,7 +614,8 @@ async fn post(
     }
     let response = match request.send().await {
         Ok(response) => response,
-        Err(error) => return Outcome::Retry(format!("POST {host}: {error}")),
+        // Without the URL: a Slack webhook's URL is its secret.
+        Err(error) => return Outcome::Retry(format!("POST {host}: {}", error.without_url())),
     };
     let status = response.status();
     let mut answer = Vec::new();
@@ -637,6 +655,11 @@ mod tests {
             "169.254.169.254",
             "0.0.0.0",
             "100.64.0.1",
+            "64:ff9b::a00:1",
+            "::10.0.0.1",
+            "2002:a00:1::1",
+            "fec0::1",
+            "192.0.0.1",
             "::1",
             "fe80::1",
             "fd00::1",

@@ -41,6 +41,9 @@ pub struct EventsArgs {
     /// Messages published for each AMQP phase.
     #[arg(long, default_value_t = 50_000)]
     amqp_messages: usize,
+    /// The intake's prefetch window.
+    #[arg(long, default_value_t = 1_024)]
+    amqp_prefetch: u16,
 }
 
 /// One SSE connection, read frame by frame.
@@ -163,7 +166,14 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         nats(&db, url, args.nats_events).await?;
     }
     if let Some(url) = &args.amqp_url {
-        amqp(&db, &state_for_amqp, url, args.amqp_messages).await?;
+        amqp(
+            &db,
+            &state_for_amqp,
+            url,
+            args.amqp_messages,
+            args.amqp_prefetch,
+        )
+        .await?;
     }
     stop.cancel();
     let _ = server.await;
@@ -278,6 +288,7 @@ async fn amqp(
     state: &std::sync::Arc<kiln_api::AppState>,
     url: &str,
     n: usize,
+    prefetch: u16,
 ) -> anyhow::Result<()> {
     use kiln_events::amqp;
     let tenant = "amqp-bench";
@@ -314,7 +325,7 @@ async fn amqp(
     let config = kiln_api::intake::amqp::AmqpIntake {
         url: url.to_string(),
         queue: queue.clone(),
-        prefetch: 512,
+        prefetch,
         default_key: None,
     };
     let started = Instant::now();

@@ -54,7 +54,7 @@ pub struct ServerArgs {
     /// The RabbitMQ queue the intake consumes (default: jobs).
     #[arg(long, env = "KILN_AMQP_QUEUE")]
     pub amqp_queue: Option<String>,
-    /// Unacknowledged messages the intake holds at once (default: 512).
+    /// Unacknowledged messages the intake holds at once (default: 1024).
     #[arg(long, env = "KILN_AMQP_PREFETCH")]
     pub amqp_prefetch: Option<u16>,
     /// A kiln API key that RabbitMQ messages without an Authorization header
@@ -292,8 +292,8 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
                     prefetch: args
                         .amqp_prefetch
                         .or(file.amqp_prefetch)
-                        .unwrap_or(512)
-                        .clamp(1, 10_000),
+                        .unwrap_or(1_024)
+                        .clamp(2, 10_000),
                     default_key: args.amqp_key.clone().or(file.amqp_key.clone()),
                 })
             }

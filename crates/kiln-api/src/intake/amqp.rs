@@ -2,7 +2,8 @@
 //! are job submissions.
 //!
 //! - A message is acknowledged only after its job is committed. Deliveries
-//!   are taken in batches (up to the prefetch window) and stored with one
+//!   are taken in batches (up to half the prefetch window, so the broker
+//!   sends the next batch while one is stored) and stored with one
 //!   statement per batch, then acknowledged with one `multiple` ack.
 //! - A refused message (bad JSON, unknown kind, bad spec, too large, bad
 //!   key) is republished, confirmed, to the dead-letter exchange with an
@@ -20,6 +21,7 @@
 //! Memory is bounded by the prefetch window times the broker's
 //! `max_message_size`: a delivery is read whole before its size is checked.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +32,9 @@ use kiln_events::amqp::lapin::message::Delivery;
 use kiln_events::amqp::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
+use kiln_events::amqp::lapin::types::AMQPValue;
 use kiln_events::amqp::lapin::types::FieldTable;
-use kiln_events::amqp::lapin::{BasicProperties, Channel};
+use kiln_events::amqp::lapin::{BasicProperties, Channel, Connection};
 use kiln_events::amqp::{self, Topology};
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +47,8 @@ const BROKER: &str = "amqp";
 /// How long a claimed reply is this process's before another may take it.
 const REPLY_LEASE_MS: i64 = 30_000;
 const REPLY_BATCH: i64 = 256;
+/// Publishes of one result before it is given up.
+const REPLY_TRIES: u32 = 3;
 /// The pause before requeueing messages kiln could not take now.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -106,7 +111,6 @@ async fn serve(
         .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
         .await?;
     let dead = amqp::confirmed_channel(&connection).await?;
-    let replies = amqp::confirmed_channel(&connection).await?;
     let consumer = channel
         .basic_consume(
             &config.queue,
@@ -119,7 +123,7 @@ async fn serve(
     tracing::info!(queue = %config.queue, "AMQP intake consuming");
     let outcome = tokio::select! {
         result = consume(state, config, &topology, &channel, &dead, consumer, stop) => result,
-        result = reply_loop(state, &replies) => result,
+        result = reply_loop(state, &connection) => result,
     };
     let _ = connection.close(200, "kiln stopping").await;
     outcome
@@ -134,7 +138,9 @@ async fn consume(
     mut consumer: amqp::lapin::Consumer,
     stop: &CancellationToken,
 ) -> Result<(), BoxError> {
-    let batch_max = usize::from(config.prefetch.max(1));
+    // Half the window per batch: while one half is being stored, the
+    // broker is already sending the other.
+    let batch_max = usize::from(config.prefetch.max(2) / 2);
     loop {
         // Stop only between batches: a batch once begun is stored and
         // acknowledged (or requeued) whole.
@@ -156,9 +162,11 @@ async fn consume(
 
 /// What became of one delivery.
 enum Fate {
-    Store(Box<NewJob>, Option<(String, Option<String>)>),
+    Store(Box<NewJob>, Reply),
     Refuse(ApiError),
     Retry,
+    /// The database refused it (not merely unreachable): retried once.
+    Unstored,
 }
 
 async fn take_batch(
@@ -173,61 +181,59 @@ async fn take_batch(
     let mut fates = Vec::with_capacity(batch.len());
     for delivery in &batch {
         let fate = match check(state, config, delivery, now).await {
-            Ok(job) => {
-                let reply = delivery.properties.reply_to().as_ref().map(|to| {
-                    let correlation = delivery
-                        .properties
-                        .correlation_id()
-                        .as_ref()
-                        .map(|id| id.as_str().to_string());
-                    (to.as_str().to_string(), correlation)
-                });
-                Fate::Store(Box::new(job), reply)
-            }
+            Ok((job, reply)) => Fate::Store(Box::new(job), reply),
             Err(error) if transient(&error, delivery.redelivered) => Fate::Retry,
             Err(error) => Fate::Refuse(error),
         };
         fates.push(fate);
     }
     let stored = store(state, &mut fates, now).await;
-    let mut all_acked = true;
-    let mut retry = false;
-    for (delivery, fate) in batch.iter().zip(&fates) {
-        match fate {
-            Fate::Store(..) => {}
-            Fate::Refuse(error) => {
-                all_acked = false;
-                dead_letter(topology, dead, delivery, error).await?;
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-            }
-            Fate::Retry => {
-                all_acked = false;
-                retry = true;
-            }
+    // A message that could not be stored twice is not retried a third
+    // time: whatever refuses it (a value the database will not take) would
+    // refuse it forever, and a keyless one would make a job each round.
+    for (delivery, fate) in batch.iter().zip(fates.iter_mut()) {
+        if matches!(fate, Fate::Unstored) {
+            *fate = if delivery.redelivered {
+                Fate::Refuse(ApiError::internal("the job could not be stored"))
+            } else {
+                Fate::Retry
+            };
         }
     }
-    if retry {
-        tokio::time::sleep(RETRY_PAUSE).await;
-    }
+    let all_stored = fates.iter().all(|f| matches!(f, Fate::Store(..)));
     let last = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
-    if all_acked {
+    if all_stored {
         channel
             .basic_ack(last, BasicAckOptions { multiple: true })
             .await?;
     } else {
+        // Stored ones first: nothing below may lose their acknowledgement.
         for (delivery, fate) in batch.iter().zip(&fates) {
-            match fate {
-                Fate::Store(..) => delivery.acker.ack(BasicAckOptions::default()).await?,
-                Fate::Retry => {
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await?
-                }
-                Fate::Refuse(_) => {}
+            if matches!(fate, Fate::Store(..)) {
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+        }
+        for (delivery, fate) in batch.iter().zip(&fates) {
+            if let Fate::Refuse(error) = fate {
+                dead_letter(topology, dead, delivery, error).await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+        }
+        if fates
+            .iter()
+            .any(|f| matches!(f, Fate::Retry | Fate::Unstored))
+        {
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        for (delivery, fate) in batch.iter().zip(&fates) {
+            if matches!(fate, Fate::Retry | Fate::Unstored) {
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await?;
             }
         }
     }
@@ -240,19 +246,25 @@ async fn take_batch(
 /// their reply addresses; jobs that could not be stored become retries.
 /// How many were stored.
 async fn store(state: &AppState, fates: &mut [Fate], now: i64) -> usize {
+    // Per delivery: its job id, or whether the failure was the database
+    // being away (retry) rather than refusing this job (retry once).
+    let mut ids: Vec<Result<i64, bool>> = vec![Err(true); fates.len()];
+    let insert_one = async |job: &NewJob| match state.db.job_insert(job, now).await {
+        Ok((stored, _)) => Ok(stored.id),
+        Err(error) => {
+            tracing::warn!(%error, "AMQP intake could not store a job");
+            Err(error.is_unavailable())
+        }
+    };
     let mut keyless = Vec::new();
     let mut keyless_at = Vec::new();
-    let mut ids = vec![None; fates.len()];
     for (i, fate) in fates.iter().enumerate() {
         if let Fate::Store(job, _) = fate {
             if job.idempotency_key.is_none() {
                 keyless.push((**job).clone());
                 keyless_at.push(i);
             } else {
-                match state.db.job_insert(job, now).await {
-                    Ok((stored, _)) => ids[i] = Some(stored.id),
-                    Err(error) => tracing::warn!(%error, "AMQP intake could not store a job"),
-                }
+                ids[i] = insert_one(job).await;
             }
         }
     }
@@ -260,10 +272,18 @@ async fn store(state: &AppState, fates: &mut [Fate], now: i64) -> usize {
         match state.db.job_insert_many(&keyless, now).await {
             Ok(new) => {
                 for (i, id) in keyless_at.into_iter().zip(new) {
-                    ids[i] = Some(id);
+                    ids[i] = Ok(id);
                 }
             }
-            Err(error) => tracing::warn!(%error, "AMQP intake could not store jobs"),
+            Err(error) if error.is_unavailable() => {
+                tracing::warn!(%error, "AMQP intake could not store jobs");
+            }
+            // One job the database refuses must not hold back the rest.
+            Err(_) => {
+                for (i, job) in keyless_at.into_iter().zip(&keyless) {
+                    ids[i] = insert_one(job).await;
+                }
+            }
         }
     }
     let mut stored = 0;
@@ -271,9 +291,16 @@ async fn store(state: &AppState, fates: &mut [Fate], now: i64) -> usize {
         let Fate::Store(job, reply) = fate else {
             continue;
         };
-        let Some(id) = id else {
-            *fate = Fate::Retry;
-            continue;
+        let id = match id {
+            Ok(id) => id,
+            Err(unavailable) => {
+                *fate = if unavailable {
+                    Fate::Retry
+                } else {
+                    Fate::Unstored
+                };
+                continue;
+            }
         };
         if let Some((reply_to, correlation_id)) = reply {
             let row = BrokerReply {
@@ -286,7 +313,11 @@ async fn store(state: &AppState, fates: &mut [Fate], now: i64) -> usize {
                 // The job is stored; redelivery finds it by message_id and
                 // writes the reply row then.
                 tracing::warn!(%error, "AMQP intake could not keep a reply address");
-                *fate = Fate::Retry;
+                *fate = if error.is_unavailable() {
+                    Fate::Retry
+                } else {
+                    Fate::Unstored
+                };
                 continue;
             }
         }
@@ -295,12 +326,48 @@ async fn store(state: &AppState, fates: &mut [Fate], now: i64) -> usize {
     stored
 }
 
+/// Where a stored job's result goes: `reply_to` and `correlation_id`.
+type Reply = Option<(String, Option<String>)>;
+
+/// `reply_to` must name a queue only its sender can read: RabbitMQ's direct
+/// reply-to, a server-named (exclusive) queue, or one under the tenant's
+/// own prefix. Otherwise kiln, with its broker rights, would publish into
+/// whatever queue a sender named (another tenant's results queue).
+fn reply_of(delivery: &Delivery, tenant: &str) -> Result<Reply, ApiError> {
+    let Some(to) = delivery.properties.reply_to().as_ref() else {
+        return Ok(None);
+    };
+    let to = to.as_str();
+    let plain =
+        |s: &str| !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| b.is_ascii_graphic());
+    let owned = to.starts_with("amq.rabbitmq.reply-to")
+        || to.starts_with("amq.gen-")
+        || to
+            .strip_prefix(tenant)
+            .is_some_and(|rest| rest.starts_with('.'));
+    if !plain(to) || !owned {
+        return Err(ApiError::invalid(format!(
+            "reply_to must be amq.rabbitmq.reply-to, a server-named queue (amq.gen-…) or \
+             a queue named {tenant}.<name>"
+        )));
+    }
+    let correlation = match delivery.properties.correlation_id().as_ref() {
+        Some(id) if !plain(id.as_str()) => {
+            return Err(ApiError::invalid(
+                "correlation_id must be 1 to 255 printable ASCII characters",
+            ))
+        }
+        id => id.map(|id| id.as_str().to_string()),
+    };
+    Ok(Some((to.to_string(), correlation)))
+}
+
 async fn check(
     state: &AppState,
     config: &AmqpIntake,
     delivery: &Delivery,
     now: i64,
-) -> Result<NewJob, ApiError> {
+) -> Result<(NewJob, Reply), ApiError> {
     let headers = delivery.properties.headers().as_ref();
     let authorization = amqp::header_text(headers, "authorization").or_else(|| {
         config
@@ -308,7 +375,8 @@ async fn check(
             .as_ref()
             .map(|key| format!("Bearer {key}"))
     });
-    let caller = super::caller_of(state, authorization.as_deref()).await?;
+    let caller = super::caller_of(state, authorization.as_deref(), false).await?;
+    let reply = reply_of(delivery, &caller.tenant)?;
     let mut job = super::parse_job(&delivery.data)?;
     if job.idempotency_key.is_none() {
         job.idempotency_key = delivery
@@ -317,14 +385,15 @@ async fn check(
             .as_ref()
             .map(|id| id.as_str().to_string());
     }
-    crate::routes::jobs::prepare(
+    let job = crate::routes::jobs::prepare(
         state,
         &caller,
         job,
         kiln_core::limits::DEFAULT_MAX_ATTEMPTS,
         now,
     )
-    .await
+    .await?;
+    Ok((job, reply))
 }
 
 /// Refusals that say "not now" rather than "never". An internal error is
@@ -372,9 +441,13 @@ async fn dead_letter(
 }
 
 /// Publishes the results of ended jobs to their `reply_to`, woken by new
-/// events and at least twice a second.
-async fn reply_loop(state: &AppState, channel: &Channel) -> Result<(), BoxError> {
+/// events and at least twice a second. A result the broker will not take
+/// (a nack, a channel it closes) is tried again after its lease, three
+/// times in all, then given up with a warning; it never stops the others.
+async fn reply_loop(state: &AppState, connection: &Connection) -> Result<(), BoxError> {
     let ready = state.db.events_ready();
+    let mut channel: Option<Channel> = None;
+    let mut failures: HashMap<i64, u32> = HashMap::new();
     loop {
         let wake = ready.notified();
         let due = state
@@ -390,7 +463,28 @@ async fn reply_loop(state: &AppState, channel: &Channel) -> Result<(), BoxError>
         };
         let full = due.len() as i64 == REPLY_BATCH;
         for reply in due {
-            publish_reply(state, channel, &reply).await?;
+            let open = match &channel {
+                Some(open) if open.status().connected() => open,
+                _ => channel.insert(amqp::confirmed_channel(connection).await?),
+            };
+            match publish_reply(state, open, &reply).await {
+                Ok(()) => {
+                    failures.remove(&reply.job_id);
+                }
+                Err(error) => {
+                    let tries = failures.entry(reply.job_id).or_default();
+                    *tries += 1;
+                    tracing::warn!(%error, job = reply.job_id, tries = *tries, "could not publish a job's result");
+                    if *tries >= REPLY_TRIES {
+                        failures.remove(&reply.job_id);
+                        let _ = state.db.broker_reply_done(reply.job_id).await;
+                    }
+                    channel = None;
+                }
+            }
+        }
+        if failures.len() > 10_000 {
+            failures.clear();
         }
         if !full {
             tokio::select! {
@@ -415,9 +509,19 @@ async fn publish_reply(
     };
     if let Some(job) = job {
         let body = serde_json::to_vec(&JobView::from_job(job, now_millis()))?;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-kiln-tenant".into(),
+            AMQPValue::LongString(reply.tenant.clone().into()),
+        );
+        headers.insert(
+            "x-kiln-job".into(),
+            AMQPValue::LongString(reply.job_id.to_string().into()),
+        );
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_type("kiln.job.result".into());
+            .with_type("kiln.job.result".into())
+            .with_headers(headers);
         if let Some(id) = &reply.correlation_id {
             properties = properties.with_correlation_id(id.as_str().into());
         }

@@ -213,6 +213,11 @@ impl SubmitJob {
             check_name("queue", queue).map_err(invalid)?;
         }
         if let Some(key) = &self.idempotency_key {
+            if key.starts_with("kiln:") {
+                return Err(ApiError::invalid(
+                    "idempotency keys starting with kiln: are kiln's own",
+                ));
+            }
             check_text(
                 "idempotency_key",
                 key,

@@ -308,12 +308,13 @@ pub async fn receive(
     if !is_webhook_id(&id) {
         return Err(ApiError::not_found("webhook"));
     }
-    crate::extract::throttle(&state, format!("webhook:{id}"))?;
     let hook = state
         .db
         .webhook_find(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook"))?;
+    // Only triggers that exist get a bucket: random ids cannot grow the map.
+    crate::extract::throttle(&state, format!("webhook:{id}"))?;
     let body = read_body(&headers, body).await?;
     let provider = Provider::parse(&hook.provider).ok_or_else(|| {
         ApiError::internal(format!("webhook {id} has provider {:?}", hook.provider))

@@ -101,7 +101,7 @@ fn bad_signature() -> ApiError {
 fn fresh_timestamp<'a>(headers: &'a HeaderMap, name: &str) -> ApiResult<&'a str> {
     let text = header(headers, name).ok_or_else(|| missing(name))?;
     let seconds: i64 = text.parse().map_err(|_| missing(name))?;
-    if (now_millis() / 1000 - seconds).abs() > TIMESTAMP_WINDOW_S {
+    if (now_millis() / 1000).abs_diff(seconds) > TIMESTAMP_WINDOW_S.unsigned_abs() {
         return Err(ApiError::unauthorized(format!(
             "{name} is more than {TIMESTAMP_WINDOW_S} s from the server's clock"
         )));
