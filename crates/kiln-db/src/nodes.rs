@@ -273,18 +273,8 @@ impl Db {
         );
         let status = status.map(NodeStatus::as_str);
         let rows: Vec<NodeRow> = match self {
-            Db::Sqlite(s) => {
-                sqlx::query_as(&sql)
-                    .bind(status)
-                    .fetch_all(&s.read)
-                    .await?
-            }
-            Db::Postgres(s) => {
-                sqlx::query_as(&sql)
-                    .bind(status)
-                    .fetch_all(&s.pool)
-                    .await?
-            }
+            Db::Sqlite(s) => sqlx::query_as(&sql).bind(status).fetch_all(&s.read).await?,
+            Db::Postgres(s) => sqlx::query_as(&sql).bind(status).fetch_all(&s.pool).await?,
         };
         rows.into_iter().map(NodeInfo::try_from).collect()
     }
@@ -295,8 +285,18 @@ impl Db {
         }
         let sql = format!("SELECT {COLUMNS} FROM nodes WHERE id = $1");
         let row: Option<NodeRow> = match self {
-            Db::Sqlite(s) => sqlx::query_as(&sql).bind(id).fetch_optional(&s.read).await?,
-            Db::Postgres(s) => sqlx::query_as(&sql).bind(id).fetch_optional(&s.pool).await?,
+            Db::Sqlite(s) => {
+                sqlx::query_as(&sql)
+                    .bind(id)
+                    .fetch_optional(&s.read)
+                    .await?
+            }
+            Db::Postgres(s) => {
+                sqlx::query_as(&sql)
+                    .bind(id)
+                    .fetch_optional(&s.pool)
+                    .await?
+            }
         };
         row.map(NodeInfo::try_from).transpose()
     }

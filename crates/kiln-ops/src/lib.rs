@@ -168,7 +168,9 @@ const PRUNE_BATCH: i64 = 1_000;
 /// One pass: marks silent nodes lost and prunes what is past keeping;
 /// returns the nodes marked lost.
 pub async fn detect_lost(db: &Db, config: &DetectorConfig, now: Millis) -> DbResult<Vec<String>> {
-    let lost = db.node_mark_lost(now - millis(config.deadline), now).await?;
+    let lost = db
+        .node_mark_lost(now - millis(config.deadline), now)
+        .await?;
     for id in &lost {
         tracing::warn!(node = %id, deadline_ms = millis(config.deadline), "node lost: no heartbeat");
     }

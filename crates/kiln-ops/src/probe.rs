@@ -101,7 +101,8 @@ mod tests {
 
     #[test]
     fn loadavg() {
-        let check = |text: &str, expect: Option<f64>| assert_eq!(parse_loadavg(text), expect, "{text:?}");
+        let check =
+            |text: &str, expect: Option<f64>| assert_eq!(parse_loadavg(text), expect, "{text:?}");
         check("0.52 0.58 0.59 2/713 12345\n", Some(0.52));
         check("12.00 1 1 1/1 1", Some(12.0));
         check("", None);
@@ -112,7 +113,9 @@ mod tests {
 
     #[test]
     fn stat() {
-        let check = |text: &str, expect: Option<(u64, u64)>| assert_eq!(parse_stat(text), expect, "{text:?}");
+        let check = |text: &str, expect: Option<(u64, u64)>| {
+            assert_eq!(parse_stat(text), expect, "{text:?}")
+        };
         // user nice system idle iowait irq softirq steal guest guest_nice
         check(
             "cpu  100 0 50 800 50 0 0 0 30 0\ncpu0 1 2 3 4\n",
@@ -127,7 +130,8 @@ mod tests {
 
     #[test]
     fn cpu_usage_between_readings() {
-        let check = |a, b, expect: Option<f64>| assert_eq!(cpu_between(a, b), expect, "{a:?} {b:?}");
+        let check =
+            |a, b, expect: Option<f64>| assert_eq!(cpu_between(a, b), expect, "{a:?} {b:?}");
         check((100, 1000), (150, 1100), Some(0.5));
         check((100, 1000), (100, 1100), Some(0.0));
         check((100, 1000), (300, 1100), Some(1.0));
@@ -137,12 +141,17 @@ mod tests {
 
     #[test]
     fn meminfo() {
-        let check = |text: &str, expect: Option<(f64, i64)>| assert_eq!(parse_meminfo(text), expect, "{text:?}");
+        let check = |text: &str, expect: Option<(f64, i64)>| {
+            assert_eq!(parse_meminfo(text), expect, "{text:?}")
+        };
         check(
             "MemTotal:       1000 kB\nMemFree:  10 kB\nMemAvailable:    250 kB\n",
             Some((0.75, 1_024_000)),
         );
-        check("MemTotal: 1000 kB\nMemAvailable: 2000 kB\n", Some((0.0, 1_024_000)));
+        check(
+            "MemTotal: 1000 kB\nMemAvailable: 2000 kB\n",
+            Some((0.0, 1_024_000)),
+        );
         check("MemTotal: 0 kB\nMemAvailable: 0 kB\n", None);
         check("MemTotal: 1000 kB\n", None);
         check("", None);
@@ -154,7 +163,10 @@ mod tests {
         let first = sampler.sample();
         assert!(first.cpu.is_none(), "nothing to compare with yet");
         assert!(first.load1.is_some_and(|l| l >= 0.0), "{first:?}");
-        assert!(first.mem_used.is_some_and(|m| (0.0..=1.0).contains(&m)), "{first:?}");
+        assert!(
+            first.mem_used.is_some_and(|m| (0.0..=1.0).contains(&m)),
+            "{first:?}"
+        );
         assert!(first.mem_total_bytes.is_some_and(|m| m > 0), "{first:?}");
         // Spend a few ticks so the counters move.
         let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
@@ -162,7 +174,10 @@ mod tests {
             std::hint::black_box(0u64);
         }
         let second = sampler.sample();
-        assert!(second.cpu.is_some_and(|c| (0.0..=1.0).contains(&c)), "{second:?}");
+        assert!(
+            second.cpu.is_some_and(|c| (0.0..=1.0).contains(&c)),
+            "{second:?}"
+        );
     }
 
     #[test]
