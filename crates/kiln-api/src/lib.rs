@@ -188,7 +188,8 @@ pub fn builtin_kinds() -> JobKinds {
         routes::keys::list_keys, routes::keys::create_key, routes::keys::revoke_key,
         routes::modules::push_module, routes::modules::list_modules, routes::modules::get_module,
         routes::modules::delete_module,
-        routes::system::list_workers, routes::system::health, routes::system::metrics_text,
+        routes::system::list_workers, routes::nodes::list_nodes, routes::nodes::get_node,
+        routes::nodes::drain_node, routes::nodes::resume_node, routes::system::health, routes::system::metrics_text,
         routes::system::openapi,
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
         routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
@@ -235,6 +236,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::keys::router())
         .merge(routes::modules::router())
         .merge(routes::system::router())
+        .merge(routes::nodes::router())
         .merge(routes::vms::router())
         .merge(routes::flow::router())
         .merge(routes::files::router())

@@ -7,6 +7,7 @@ mod bootstrap;
 pub mod events;
 pub mod flow;
 mod lease;
+pub mod nodes;
 mod postgres;
 pub mod replies;
 mod rows;

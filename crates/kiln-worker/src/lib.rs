@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{decide_outcome, AttemptEnd, AttemptRecord, LeasedJob, Millis};
 use kiln_db::{Completion, Db, LeaseRequest, WorkerInfo};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -163,6 +163,61 @@ pub struct Worker {
     db: Db,
     handlers: Handlers,
     config: WorkerConfig,
+    control: WorkerControl,
+}
+
+/// What the node a worker runs on shares with it: the slots in use, and
+/// the operator's drain request (no new leases; running jobs finish).
+#[derive(Clone)]
+pub struct WorkerControl(Arc<ControlInner>);
+
+struct ControlInner {
+    kinds: Vec<String>,
+    slots_total: usize,
+    /// Set once the worker runs.
+    slots: std::sync::OnceLock<Arc<Semaphore>>,
+    draining: watch::Sender<bool>,
+}
+
+impl WorkerControl {
+    fn new(kinds: Vec<String>, slots_total: usize) -> WorkerControl {
+        WorkerControl(Arc::new(ControlInner {
+            kinds,
+            slots_total,
+            slots: std::sync::OnceLock::new(),
+            draining: watch::Sender::new(false),
+        }))
+    }
+
+    /// The kinds the worker has handlers for.
+    pub fn kinds(&self) -> &[String] {
+        &self.0.kinds
+    }
+
+    /// Jobs running now and the most that may run at once.
+    pub fn slots(&self) -> (usize, usize) {
+        let total = self.0.slots_total;
+        let free = self
+            .0
+            .slots
+            .get()
+            .map_or(total, |slots| slots.available_permits());
+        (total.saturating_sub(free), total)
+    }
+
+    /// Stops (`true`) or restarts (`false`) leasing; jobs already leased
+    /// run to their end either way.
+    pub fn set_draining(&self, draining: bool) {
+        self.0.draining.send_if_modified(|now| {
+            let changed = *now != draining;
+            *now = draining;
+            changed
+        });
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.0.draining.borrow()
+    }
 }
 
 /// What the lease loop shares with the tasks it starts.
@@ -198,11 +253,18 @@ enum Round {
 
 impl Worker {
     pub fn new(db: Db, handlers: Handlers, config: WorkerConfig) -> Worker {
+        let control = WorkerControl::new(handlers.kinds(), config.slots);
         Worker {
             db,
             handlers,
             config,
+            control,
         }
+    }
+
+    /// The handle its node drains it and reads its slots through.
+    pub fn control(&self) -> WorkerControl {
+        self.control.clone()
     }
 
     /// Runs until `shutdown` fires, then lets running jobs finish within the
@@ -210,9 +272,12 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
         let (release_tx, release_rx) = mpsc::unbounded_channel::<(i64, i32)>();
+        let slots = Arc::new(Semaphore::new(self.config.slots));
+        let _ = self.control.0.slots.set(slots.clone());
+        let mut draining = self.control.0.draining.subscribe();
         let shared = Shared {
             kinds: self.handlers.kinds(),
-            slots: Arc::new(Semaphore::new(self.config.slots)),
+            slots,
             running: RunningMap::default(),
             done: done_tx,
             release: release_tx,
@@ -227,6 +292,14 @@ impl Worker {
         let mut failures = 0u32;
         let mut got_full_batch = false;
         while !shutdown.is_cancelled() {
+            if *draining.borrow_and_update() {
+                tracing::info!(worker = %shared.config.id, "draining: leasing nothing new");
+                tokio::select! {
+                    _ = draining.wait_for(|draining| !*draining) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                tracing::info!(worker = %shared.config.id, "resumed: leasing again");
+            }
             let notified = wakeup.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -246,6 +319,7 @@ impl Worker {
                     tokio::select! {
                         _ = &mut notified => {}
                         _ = tokio::time::sleep(idle_for) => {}
+                        _ = draining.changed() => {}
                         _ = shutdown.cancelled() => break,
                     }
                 }

@@ -67,6 +67,12 @@ pub struct ServerArgs {
     /// Visibility timeout of a lease, in ms: a worker silent this long loses its jobs.
     #[arg(long, env = "KILN_LEASE_MS")]
     pub lease_ms: Option<u64>,
+    /// How often each process heartbeats its node row, in ms (default 3000).
+    #[arg(long, env = "KILN_NODE_HEARTBEAT_MS")]
+    pub node_heartbeat_ms: Option<u64>,
+    /// A node silent this long, in ms, is marked lost (default 15000).
+    #[arg(long, env = "KILN_NODE_LOST_MS")]
+    pub node_lost_ms: Option<u64>,
     /// How long finished jobs are kept, in hours, before retention deletes them.
     #[arg(long, env = "KILN_RETENTION_HOURS")]
     pub retention_hours: Option<u64>,
@@ -151,6 +157,8 @@ struct FileConfig {
     amqp_key: Option<String>,
     slots: Option<usize>,
     lease_ms: Option<u64>,
+    node_heartbeat_ms: Option<u64>,
+    node_lost_ms: Option<u64>,
     retention_hours: Option<u64>,
     event_retention_hours: Option<u64>,
     vm_warm: Option<usize>,
@@ -180,6 +188,9 @@ pub struct Settings {
     pub amqp: Option<kiln_api::intake::amqp::AmqpIntake>,
     pub slots: usize,
     pub lease_ms: u64,
+    /// Node heartbeat period and the silence after which a node is lost.
+    pub node_heartbeat_ms: u64,
+    pub node_lost_ms: u64,
     /// Finished jobs older than this are deleted in batches.
     pub retention_hours: u64,
     /// Events older than this are deleted in batches.
@@ -241,6 +252,11 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
         .clone()
         .or(file.scratch_dir)
         .unwrap_or_else(|| default_scratch_dir(&data_dir));
+    let heartbeat_ms = args
+        .node_heartbeat_ms
+        .or(file.node_heartbeat_ms)
+        .unwrap_or(3_000)
+        .clamp(50, 60_000);
     let quotas = file.quotas.unwrap_or_default();
     let vm = vm_config(&args.vm, file.vm, &quotas)?;
     Ok(Settings {
@@ -250,6 +266,13 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("static address")),
         slots: args.slots.or(file.slots).unwrap_or(64),
         lease_ms: args.lease_ms.or(file.lease_ms).unwrap_or(30_000).max(100),
+        node_heartbeat_ms: heartbeat_ms,
+        // Three missed heartbeats at least, so one slow beat is no loss.
+        node_lost_ms: args
+            .node_lost_ms
+            .or(file.node_lost_ms)
+            .unwrap_or(15_000)
+            .max(heartbeat_ms.saturating_mul(3)),
         retention_hours: args
             .retention_hours
             .or(file.retention_hours)
@@ -429,6 +452,8 @@ impl Settings {
             ),
             ("slots", self.slots.to_string()),
             ("lease_ms", self.lease_ms.to_string()),
+            ("node_heartbeat_ms", self.node_heartbeat_ms.to_string()),
+            ("node_lost_ms", self.node_lost_ms.to_string()),
             ("retention_hours", self.retention_hours.to_string()),
             (
                 "event_retention_hours",

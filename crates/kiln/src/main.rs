@@ -5,6 +5,7 @@ mod client;
 mod config;
 mod events_cli;
 mod flow_cli;
+mod node_cli;
 mod serve;
 
 use std::path::PathBuf;
@@ -94,6 +95,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: events_cli::EventsCommand,
+    },
+    /// The fleet: every kiln process, its load, drain and resume.
+    Node {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: node_cli::NodeCommand,
     },
     /// Guest images for microVMs.
     #[command(subcommand)]
@@ -390,6 +398,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Events { client, command } => {
             events_cli::events(Client::new(&client)?, command).await
         }
+        Command::Node { client, command } => node_cli::node(Client::new(&client)?, command).await,
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),

@@ -39,6 +39,22 @@ impl Role {
     fn runs_jobs(self) -> bool {
         matches!(self, Role::All | Role::Worker)
     }
+
+    /// The role names a node reports.
+    fn names(self) -> &'static [&'static str] {
+        match self {
+            Role::All => &["api", "worker", "scheduler"],
+            Role::Api => &["api"],
+            Role::Worker => &["worker"],
+            Role::Scheduler => &["scheduler"],
+        }
+    }
+}
+
+/// This process's id in the fleet; its worker leases under the same id, so
+/// a node's leases are the jobs whose `worker_id` it is.
+fn node_id() -> String {
+    format!("{}-{}", kiln_worker::hostname(), std::process::id())
 }
 
 pub async fn open_db(settings: &Settings) -> anyhow::Result<Db> {
@@ -185,6 +201,10 @@ struct Parts {
     retention: kiln_worker::Retention,
     nats_url: Option<String>,
     amqp: Option<kiln_api::intake::amqp::AmqpIntake>,
+    /// This process as a node, and (where the scheduler's loops run) when
+    /// nodes count as lost.
+    node: kiln_ops::NodeConfig,
+    detector: kiln_ops::DetectorConfig,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
@@ -202,6 +222,14 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         },
         nats_url: settings.nats_url.clone(),
         amqp: settings.amqp.clone(),
+        node: kiln_ops::NodeConfig {
+            heartbeat_every: Duration::from_millis(settings.node_heartbeat_ms),
+            ..kiln_ops::NodeConfig::new(&node_id(), role.names())
+        },
+        detector: kiln_ops::DetectorConfig {
+            deadline: Duration::from_millis(settings.node_lost_ms),
+            ..kiln_ops::DetectorConfig::default()
+        },
     };
     if role == Role::Scheduler {
         return Ok(parts);
@@ -232,8 +260,15 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         parts.vms = vm_manager(settings).await?;
         if let Some(vms) = &parts.vms {
             kiln_api::record_vm_lifecycle(db.clone(), vms);
+            parts.node.accelerator = Some(vms.accelerator().as_str().to_string());
+            let live = Arc::downgrade(vms);
+            parts.node.vms_live = Some(Arc::new(move || {
+                live.upgrade().map_or(0, |vms| vms.live_count())
+            }));
         }
-        parts.worker = Some(worker(settings, &db, &blobs, runtime, parts.vms.as_ref()));
+        let worker = worker(settings, &db, &blobs, runtime, parts.vms.as_ref());
+        parts.node.worker = Some(worker.control());
+        parts.worker = Some(worker);
     }
     if let Some(listener) = listener {
         let state = AppState::with_vms(db.clone(), blobs, validator, parts.vms.clone());
@@ -251,11 +286,7 @@ fn worker(
     wasm: Arc<WasmRuntime>,
     vms: Option<&Arc<kiln_vm::VmManager>>,
 ) -> Worker {
-    let mut config = WorkerConfig::new(&format!(
-        "{}-{}",
-        kiln_worker::hostname(),
-        std::process::id()
-    ));
+    let mut config = WorkerConfig::new(&node_id());
     config.slots = settings.slots;
     config.lease = Duration::from_millis(settings.lease_ms);
     config.heartbeat_every = (config.lease / 4).min(Duration::from_millis(500));
@@ -312,6 +343,23 @@ fn start(
     shutdown: &CancellationToken,
 ) -> JoinSet<anyhow::Result<()>> {
     let mut tasks = JoinSet::new();
+    // Every process is a node. Its row goes when the heartbeat stops, which
+    // is at shutdown, while the worker may still be finishing its jobs: their
+    // leases, not the node row, keep them.
+    let heartbeat =
+        kiln_ops::heartbeat_loop(parts.db.clone(), parts.node.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        heartbeat.await;
+        Ok(())
+    });
+    if matches!(role, Role::All | Role::Scheduler) {
+        let detector =
+            kiln_ops::detector_loop(parts.db.clone(), parts.detector.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            detector.await;
+            Ok(())
+        });
+    }
     if let Some(worker) = parts.worker.take() {
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -501,6 +549,8 @@ mod tests {
             retention: kiln_worker::Retention::default(),
             nats_url: None,
             amqp: None,
+            node: kiln_ops::NodeConfig::new("supervised", &["worker"]),
+            detector: kiln_ops::DetectorConfig::default(),
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();

@@ -4,6 +4,7 @@ pub mod flow;
 pub mod jobs;
 pub mod keys;
 pub mod modules;
+pub mod nodes;
 pub mod queues;
 pub mod subscriptions;
 pub mod system;
