@@ -163,10 +163,22 @@ async fn a_vm_runs_commands_and_moves_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttls_expire_and_idle_expiry_spares_a_vm_running_a_command() {
     let vms = manager("expiry").await;
+    let mut life = vms.lifecycle();
     let mut short = request(128);
     short.ttl = Some(Duration::ZERO);
     let vm = vms.create(short).await.unwrap();
     assert_eq!(vms.expire().await, 1);
+    // The event log hears of both ends, and why it ended.
+    let created = life.recv().await.unwrap();
+    assert_eq!(
+        (created.kind, created.info.id.as_str()),
+        ("vm.created", vm.id.as_str())
+    );
+    let expired = life.recv().await.unwrap();
+    assert_eq!(
+        (expired.kind, expired.info.id.as_str(), expired.reason),
+        ("vm.expired", vm.id.as_str(), Some("ttl"))
+    );
     assert!(vms.get("acme", &vm.id).await.is_none());
     assert!(!vms.vm_dir().join(&vm.id).exists());
 
@@ -190,6 +202,9 @@ async fn ttls_expire_and_idle_expiry_spares_a_vm_running_a_command() {
     assert!(checks > 0);
     assert_eq!(vms.expire().await, 1, "idle once the command is over");
     assert!(vms.get("acme", &vm.id).await.is_none());
+    assert_eq!(life.recv().await.unwrap().kind, "vm.created");
+    let idled = life.recv().await.unwrap();
+    assert_eq!((idled.kind, idled.reason), ("vm.expired", Some("idle")));
 
     // A TTL beyond the maximum is cut to it instead of overflowing.
     let mut forever = request(128);
