@@ -1,6 +1,7 @@
 //! Many nodes, one truth, with real processes: an API node and workers on
 //! one PostgreSQL database, each with its own data dir as on separate hosts;
-//! roles that build only what they use; the first start of a deployment.
+//! roles that build only what they use; the first start of a deployment; a
+//! frozen worker marked lost while another runs its job.
 
 mod common;
 
@@ -286,4 +287,155 @@ async fn a_new_data_dir_is_private() {
     until_up(&format!("http://{listen}"), Duration::from_secs(60)).await;
     assert_eq!(mode_of(&data), 0o700, "data dir mode {:o}", mode_of(&data));
     assert_eq!(mode_of(&data.join("admin.key")), 0o600);
+}
+
+/// A worker frozen (SIGSTOP) in the middle of a job stops heartbeating: the
+/// scheduler marks its node lost with a `node.lost` event, another worker
+/// runs the job once the lease runs out, and the thawed worker's node is
+/// online again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
+    let (schema, db) = PgSchema::new("kiln_nodes_lost").await;
+    let url = schema.url();
+    let logs = TempDir::new("kiln-lost-logs");
+    let dirs = [
+        TempDir::new("kiln-lost-api"),
+        TempDir::new("kiln-lost-scheduler"),
+        TempDir::new("kiln-lost-worker-a"),
+        TempDir::new("kiln-lost-worker-b"),
+    ];
+    let fast = ["--node-heartbeat-ms", "300", "--node-lost-ms", "1500"];
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let with = |role: &[&str]| -> Vec<String> {
+        role.iter()
+            .chain(["--database-url", url.as_str()].iter())
+            .chain(fast.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let api_args = with(&["api", "--listen", &listen]);
+    let _api = kiln(&args(&api_args), dirs[0].path(), logs.path(), "api.log");
+    let scheduler_args = with(&["scheduler"]);
+    let _scheduler = kiln(
+        &args(&scheduler_args),
+        dirs[1].path(),
+        logs.path(),
+        "scheduler.log",
+    );
+    let worker_args = with(&["worker", "--slots", "1", "--lease-ms", "3000"]);
+    let a = kiln(
+        &args(&worker_args),
+        dirs[2].path(),
+        logs.path(),
+        "worker-a.log",
+    );
+    until_up(&base, Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    let key = read_key(dirs[0].path());
+    let nodes = async || -> Value {
+        http.get(format!("{base}/api/v1/nodes"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
+    let a_node = format!("-{}", a.0.id());
+    wait_until("worker A's node", Duration::from_secs(60), || async {
+        nodes().await.to_string().contains(&a_node)
+    })
+    .await;
+
+    let job: Value = http
+        .post(format!("{base}/api/v1/jobs"))
+        .bearer_auth(&key)
+        .json(&json!({"kind": "noop", "spec": {"sleep_ms": 2000}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job_id = job["id"].as_str().unwrap().to_string();
+    wait_until(
+        "worker A to start the job",
+        Duration::from_secs(30),
+        || async {
+            let now: Value = http
+                .get(format!("{base}/api/v1/jobs/{job_id}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            now["status"] == "running"
+        },
+    )
+    .await;
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &a.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let node_of_a = |list: &Value| {
+        list["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"].as_str().is_some_and(|id| id.ends_with(&a_node)))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    wait_until("worker A marked lost", Duration::from_secs(30), || async {
+        node_of_a(&nodes().await)["status"] == "lost"
+    })
+    .await;
+    let events: Value = http
+        .get(format!("{base}/api/v1/events?type=node.lost&after=0"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["resource"]["id"]
+                .as_str()
+                .is_some_and(|id| id.ends_with(&a_node))),
+        "{events}"
+    );
+
+    // Another worker takes the job once A's lease runs out.
+    let _b = kiln(
+        &args(&worker_args),
+        dirs[3].path(),
+        logs.path(),
+        "worker-b.log",
+    );
+    let done = finished(&http, &base, &key, &job).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2, "A's attempt was lost, B's ran: {done}");
+
+    signal("-CONT");
+    wait_until("worker A online again", Duration::from_secs(30), || async {
+        node_of_a(&nodes().await)["status"] == "online"
+    })
+    .await;
+    drop(db);
 }
