@@ -207,6 +207,8 @@ pub fn builtin_kinds() -> JobKinds {
         routes::subscriptions::create_subscription, routes::subscriptions::list_subscriptions,
         routes::subscriptions::get_subscription, routes::subscriptions::delete_subscription,
         routes::subscriptions::list_deliveries,
+        routes::incidents::list_incidents, routes::incidents::get_incident,
+        routes::incidents::ack_incident, routes::incidents::resolve_incident,
         routes::webhooks::put_webhook, routes::webhooks::list_webhooks, routes::webhooks::get_webhook,
         routes::webhooks::delete_webhook, routes::webhooks::webhook_deliveries, routes::webhooks::receive,
     ),
@@ -242,6 +244,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::files::router())
         .merge(routes::events::router())
         .merge(routes::subscriptions::router())
+        .merge(routes::incidents::router())
         .merge(routes::webhooks::router());
     Router::new()
         .route("/health", get(routes::system::health))

@@ -6,6 +6,7 @@ mod blobs;
 mod bootstrap;
 pub mod events;
 pub mod flow;
+pub mod incidents;
 mod lease;
 pub mod nodes;
 mod postgres;

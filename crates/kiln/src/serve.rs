@@ -359,6 +359,15 @@ fn start(
             detector.await;
             Ok(())
         });
+        let incidents = kiln_ops::incidents::detect_loop(
+            parts.db.clone(),
+            kiln_ops::incidents::IncidentConfig::default(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            incidents.await;
+            Ok(())
+        });
     }
     if let Some(worker) = parts.worker.take() {
         let stop = shutdown.clone();

@@ -1,6 +1,7 @@
 pub mod events;
 pub mod files;
 pub mod flow;
+pub mod incidents;
 pub mod jobs;
 pub mod keys;
 pub mod modules;

@@ -111,6 +111,15 @@ async fn harness_with(db: Db, root: PathBuf, blobs: BlobStore) -> Harness {
             stop.clone(),
         )),
         tokio::spawn(kiln_events::notify::match_loop(db.clone(), stop.clone())),
+        tokio::spawn(kiln_ops::incidents::detect_loop(
+            db.clone(),
+            kiln_ops::incidents::IncidentConfig {
+                dead_burst: 3,
+                dead_window: Duration::from_secs(60),
+                quiet: Duration::from_secs(1),
+            },
+            stop.clone(),
+        )),
     ];
     let state = AppState::with_kinds(db.clone(), blobs, Some(wasm), None, kinds());
     state.allow_notify(loopback());
