@@ -5,6 +5,7 @@ mod client;
 mod config;
 mod events_cli;
 mod flow_cli;
+mod incident_cli;
 mod node_cli;
 mod serve;
 
@@ -102,6 +103,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: node_cli::NodeCommand,
+    },
+    /// Incidents the detectors opened: list, acknowledge, resolve.
+    Incident {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: incident_cli::IncidentCommand,
     },
     /// Guest images for microVMs.
     #[command(subcommand)]
@@ -399,6 +407,9 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             events_cli::events(Client::new(&client)?, command).await
         }
         Command::Node { client, command } => node_cli::node(Client::new(&client)?, command).await,
+        Command::Incident { client, command } => {
+            incident_cli::incident(Client::new(&client)?, command).await
+        }
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),

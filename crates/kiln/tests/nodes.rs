@@ -290,9 +290,9 @@ async fn a_new_data_dir_is_private() {
 }
 
 /// A worker frozen (SIGSTOP) in the middle of a job stops heartbeating: the
-/// scheduler marks its node lost with a `node.lost` event, another worker
-/// runs the job once the lease runs out, and the thawed worker's node is
-/// online again.
+/// scheduler marks its node lost with a `node.lost` event and an incident,
+/// another worker runs the job once the lease runs out, and the thawed
+/// worker's node is online again, its incident resolved by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
     let (schema, db) = PgSchema::new("kiln_nodes_lost").await;
@@ -421,6 +421,36 @@ async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
         "{events}"
     );
 
+    // The scheduler's detectors opened an incident for it.
+    let incidents = async || -> Vec<Value> {
+        let list: Value = http
+            .get(format!("{base}/api/v1/incidents"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["incidents"].as_array().cloned().unwrap_or_default()
+    };
+    let of_a = |list: &[Value]| {
+        list.iter()
+            .find(|i| {
+                i["fingerprint"]
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("node_lost:") && f.ends_with(&a_node))
+            })
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    wait_until(
+        "an incident for worker A",
+        Duration::from_secs(30),
+        || async { of_a(&incidents().await)["status"] == "open" },
+    )
+    .await;
+
     // Another worker takes the job once A's lease runs out.
     let _b = kiln(
         &args(&worker_args),
@@ -436,6 +466,15 @@ async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
     wait_until("worker A online again", Duration::from_secs(30), || async {
         node_of_a(&nodes().await)["status"] == "online"
     })
+    .await;
+    wait_until(
+        "A's incident resolved by itself",
+        Duration::from_secs(30),
+        || async {
+            let incident = of_a(&incidents().await);
+            incident["status"] == "resolved" && incident["resolved_by"] == "automatic"
+        },
+    )
     .await;
     drop(db);
 }
