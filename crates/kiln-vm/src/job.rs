@@ -575,7 +575,7 @@ impl JobHandler for VmJobHandler {
         let end = match self.manager.agent(&job.tenant, &vm.id).await {
             None => failed(crate::agent::AgentError::Gone, false),
             Some(agent) => {
-                self.exec_in(job, &spec, &agent, &vm.id, job_ms, started, &kill)
+                self.exec_in(job, &spec, &agent, &vm.id, started, &kill)
                     .await
             }
         };
@@ -592,7 +592,6 @@ impl VmJobHandler {
         spec: &VmJobSpec,
         agent: &crate::AgentConn,
         vm_id: &str,
-        job_ms: u64,
         started: Instant,
         kill: &CancellationToken,
     ) -> AttemptEnd {
@@ -605,6 +604,7 @@ impl VmJobHandler {
                 return failed(error, permanent);
             }
         }
+        let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);
         let exec = spec.exec.exec(Some(job_ms), false);
         let recording = Recording::start(
             self.manager.history(),
