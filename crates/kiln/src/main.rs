@@ -436,8 +436,8 @@ async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let stop = tokio_util::sync::CancellationToken::new();
     let done = kiln_worker::collect_garbage(&db, &retention, now, &stop).await?;
     eprintln!(
-        "deleted {} finished jobs ({} statements), {} silent workers and {} events",
-        done.jobs, done.batches, done.workers, done.events
+        "deleted {} finished jobs ({} statements), {} silent workers, {} events and {} VM executions",
+        done.jobs, done.batches, done.workers, done.events, done.executions
     );
     Ok(0)
 }
