@@ -548,6 +548,36 @@ async fn an_http_client_that_leaves_takes_its_command_with_it() {
     h.wait_until_gone(&id, "/tmp/http.pid").await;
     stop.cancel();
     assert!(h.vms.delete("acme", &id).await);
+    // Its record says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let runs = all_executions(&h, &id).await;
+        let left = runs
+            .iter()
+            .find(|r| r["args"][1] == "echo $$ > /tmp/http.pid; exec sleep 600")
+            .expect("the command that was left is recorded");
+        if left["status"] == "abandoned" {
+            assert!(left["finished_at"].is_string(), "{left}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never abandoned: {left}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every execution of a VM, newest first, page by page.
+async fn all_executions(h: &Harness, id: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut path = format!("/api/v1/vms/{id}/executions?limit=100");
+    loop {
+        let (status, page) = call(&h.app, "GET", &path, &h.reader, Value::Null).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        all.extend(page["executions"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/vms/{id}/executions?limit=100&before={cursor}"),
+            None => return all,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -911,6 +941,18 @@ async fn the_vm_kind_runs_a_command_in_a_fresh_vm(db: Db) {
     .await;
     assert_eq!(job["error"], "timeout", "{job}");
     assert!(started.elapsed() < Duration::from_secs(40));
+    // The killed command is recorded as such.
+    let vm_id = vm_of_job(&h, job["id"].as_str().unwrap()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let runs = all_executions(&h, &vm_id).await;
+        if runs.len() == 1 && runs[0]["status"] == "abandoned" {
+            assert_eq!(runs[0]["source"], "job");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{runs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(h.vms.list("acme").await.is_empty());
     assert_eq!(
         kiln_vm::testing::vm_dirs_in(h.vms.vm_dir()),
