@@ -135,8 +135,12 @@ impl AppState {
 
 /// Records the VMs' lifecycle (`vm.created`, `vm.deleted`, `vm.expired`) in
 /// the event log, in the order the manager reports it, for as long as the
-/// manager lives.
+/// manager lives; the manager's jobs record their commands' execution
+/// history in `db` too.
 pub fn record_vm_lifecycle(db: Db, vms: &Arc<kiln_vm::VmManager>) -> tokio::task::JoinHandle<()> {
+    // The same database keeps the commands its jobs run (the API records
+    // its own).
+    vms.record_executions(db.clone());
     let mut changes = vms.lifecycle();
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
@@ -193,6 +197,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::system::openapi,
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
         routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
+        routes::vms::list_executions, routes::vms::get_execution,
         routes::flow::apply_pipeline, routes::flow::list_pipelines, routes::flow::get_pipeline,
         routes::flow::pipeline_versions, routes::flow::delete_pipeline, routes::flow::start_run,
         routes::flow::trigger_run,

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 kiln_db::on_both_databases!(
+    executions_are_recorded_and_outlive_the_vm,
     the_vm_kind_runs_a_command_in_a_fresh_vm,
     the_vm_tasks_create_execute_and_delete
 );
@@ -547,6 +548,36 @@ async fn an_http_client_that_leaves_takes_its_command_with_it() {
     h.wait_until_gone(&id, "/tmp/http.pid").await;
     stop.cancel();
     assert!(h.vms.delete("acme", &id).await);
+    // Its record says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let runs = all_executions(&h, &id).await;
+        let left = runs
+            .iter()
+            .find(|r| r["args"][1] == "echo $$ > /tmp/http.pid; exec sleep 600")
+            .expect("the command that was left is recorded");
+        if left["status"] == "abandoned" {
+            assert!(left["finished_at"].is_string(), "{left}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never abandoned: {left}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every execution of a VM, newest first, page by page.
+async fn all_executions(h: &Harness, id: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut path = format!("/api/v1/vms/{id}/executions?limit=100");
+    loop {
+        let (status, page) = call(&h.app, "GET", &path, &h.reader, Value::Null).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        all.extend(page["executions"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/vms/{id}/executions?limit=100&before={cursor}"),
+            None => return all,
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -663,6 +694,199 @@ async fn websocket_ends_once_when_the_vm_goes_and_without_a_first_message() {
     stop.cancel();
 }
 
+/// The VM a `vm` job ran in, from its `vm.created` event.
+async fn vm_of_job(h: &Harness, job_id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, page) = call(
+            &h.app,
+            "GET",
+            "/api/v1/events?type=vm.created&after=0",
+            &h.reader,
+            Value::Null,
+        )
+        .await;
+        let found = page["events"].as_array().unwrap().iter().find_map(|e| {
+            (e["labels"]["job"] == job_id)
+                .then(|| e["resource"]["id"].as_str().unwrap().to_string())
+        });
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no vm.created for job {job_id}: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A VM's executions as the reader sees them, once none is `running`: the
+/// end of a WebSocket exec is written just after the socket closes.
+async fn settled_executions(h: &Harness, id: &str, want: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, list) = call(
+            &h.app,
+            "GET",
+            &format!("/api/v1/vms/{id}/executions"),
+            &h.reader,
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        let runs = list["executions"].as_array().unwrap();
+        if runs.len() == want && runs.iter().all(|r| r["status"] != "running") {
+            return list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "executions never settled: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every command run through the API or a WebSocket leaves a row: newest
+/// first, paged, with its outcome and output head but no env values or
+/// stdin, invisible to another tenant, and still there once the VM is gone.
+async fn executions_are_recorded_and_outlive_the_vm(db: Db) {
+    let h = harness(db).await;
+    let id = h.boot().await;
+    let (status, out) = h
+        .execute(
+            &id,
+            json!({"command": "sh", "args": ["-c", "echo hi; echo err >&2; cat >/dev/null; exit 3"],
+                "env": {"API_TOKEN": "s3cr3t-value"}, "stdin": "stdin-secret", "cwd": "/tmp"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["exit_code"], 3);
+
+    let (addr, stop) = h.listen().await;
+    let mut ws = websocket(addr, &id, &h.key).await;
+    ws.send(Message::Text(
+        json!({"command": "sh", "args": ["-c", "echo ws-out; kill -TERM $$"]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let (stdout, _, texts) = drain(&mut ws).await;
+    assert_eq!(stdout, b"ws-out\n");
+    assert_eq!(texts[0]["signal"], 15, "{texts:?}");
+
+    let list = settled_executions(&h, &id, 2).await;
+    let runs = list["executions"].as_array().unwrap();
+    let (ws_run, api_run) = (&runs[0], &runs[1]);
+    assert_eq!(ws_run["source"], "websocket", "newest first: {list}");
+    assert_eq!(ws_run["status"], "exited");
+    assert_eq!(ws_run["signal"], 15);
+    assert_eq!(ws_run["exit_code"], 128 + 15);
+    assert_eq!(ws_run["stdout_bytes"], 7);
+    assert_eq!(api_run["source"], "api");
+    assert_eq!(api_run["exit_code"], 3);
+    assert_eq!(api_run["command"], "sh");
+    assert_eq!(api_run["cwd"], "/tmp");
+    assert_eq!(api_run["env_names"], json!(["API_TOKEN"]));
+    assert_eq!(api_run["stdout_bytes"], 3);
+    assert_eq!(api_run["stderr_bytes"], 4);
+    assert_eq!(api_run["actor"], ws_run["actor"]);
+    assert!(!api_run["actor"].as_str().unwrap().is_empty());
+    for run in runs {
+        assert!(run["duration_ms"].as_i64().unwrap() >= 0, "{run}");
+        assert!(run["finished_at"].is_string(), "{run}");
+        assert!(run.get("stdout_head").is_none(), "pages carry no output");
+    }
+    assert!(list["next_cursor"].is_null());
+
+    let one = format!(
+        "/api/v1/vms/{id}/executions/{}",
+        api_run["id"].as_str().unwrap()
+    );
+    let (status, detail) = call(&h.app, "GET", &one, &h.reader, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{detail}");
+    assert_eq!(detail["stdout_head"], "hi\n");
+    assert_eq!(detail["stderr_head"], "err\n");
+    let text = detail.to_string();
+    assert!(
+        !text.contains("s3cr3t-value") && !text.contains("stdin-secret"),
+        "{text}"
+    );
+
+    // Paging: one at a time, newest first.
+    let (_, first) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/executions?limit=1"),
+        &h.reader,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(first["executions"][0]["id"], ws_run["id"]);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, second) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/executions?limit=1&before={cursor}"),
+        &h.reader,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(second["executions"][0]["id"], api_run["id"]);
+    for bad in ["limit=0", "limit=101", "before=x", "after=1"] {
+        let (status, body) = call(
+            &h.app,
+            "GET",
+            &format!("/api/v1/vms/{id}/executions?{bad}"),
+            &h.reader,
+            Value::Null,
+        )
+        .await;
+        assert!(status.is_client_error(), "{bad}: {status}");
+        assert!(body["error"]["code"].is_string(), "{bad}: {body}");
+    }
+
+    // Another tenant: no VM, no execution.
+    let (status, _) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/executions"),
+        &h.other,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(&h.app, "GET", &one, &h.other, Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        &h.app,
+        "GET",
+        "/api/v1/vms/nosuchvm/executions",
+        &h.reader,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/executions/999999"),
+        &h.reader,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The history outlives the VM.
+    stop.cancel();
+    assert!(h.vms.delete("acme", &id).await);
+    let after = settled_executions(&h, &id, 2).await;
+    assert_eq!(after["executions"], list["executions"]);
+    let (status, _) = call(&h.app, "GET", &one, &h.reader, Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 async fn start_worker(h: &Harness) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("w"));
     config.poll_every = Duration::from_millis(200);
@@ -683,6 +907,28 @@ async fn the_vm_kind_runs_a_command_in_a_fresh_vm(db: Db) {
     assert_eq!(job["status"], "dead", "{job}");
     assert_eq!(job["result"]["exit_code"], 7);
     assert_eq!(job["result"]["stdout"], "in-vm\n");
+    let job_id = job["id"].as_str().unwrap().to_string();
+    // The job's VM is gone; its command stays in the history, under the
+    // VM the event log names for the job.
+    let vm_id = vm_of_job(&h, &job_id).await;
+    let (status, list) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{vm_id}/executions"),
+        &h.reader,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let run = &list["executions"][0];
+    assert_eq!(list["executions"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(run["source"], "job");
+    assert_eq!(run["job_id"], job_id.as_str());
+    assert_eq!(run["actor"], format!("job:{job_id}"));
+    assert_eq!(run["output_ref"], format!("job:{job_id}"));
+    assert_eq!(run["status"], "exited");
+    assert_eq!(run["exit_code"], 7);
+    assert_eq!(run["stdout_bytes"], 6);
 
     let started = Instant::now();
     let (_, job) = call(
@@ -695,6 +941,18 @@ async fn the_vm_kind_runs_a_command_in_a_fresh_vm(db: Db) {
     .await;
     assert_eq!(job["error"], "timeout", "{job}");
     assert!(started.elapsed() < Duration::from_secs(40));
+    // The killed command is recorded as such.
+    let vm_id = vm_of_job(&h, job["id"].as_str().unwrap()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let runs = all_executions(&h, &vm_id).await;
+        if runs.len() == 1 && runs[0]["status"] == "abandoned" {
+            assert_eq!(runs[0]["source"], "job");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{runs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(h.vms.list("acme").await.is_empty());
     assert_eq!(
         kiln_vm::testing::vm_dirs_in(h.vms.vm_dir()),

@@ -5,6 +5,7 @@
 mod blobs;
 mod bootstrap;
 pub mod events;
+pub mod executions;
 pub mod flow;
 pub mod incidents;
 mod lease;

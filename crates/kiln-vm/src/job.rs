@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::ExecOutput;
+use crate::history::{Recording, Source};
 use crate::{Exec, VmManager, VmRequest};
 
 pub const VCPUS_MAX: u8 = 8;
@@ -574,7 +575,7 @@ impl JobHandler for VmJobHandler {
         let end = match self.manager.agent(&job.tenant, &vm.id).await {
             None => failed(crate::agent::AgentError::Gone, false),
             Some(agent) => {
-                self.exec_in(job, &spec, &agent, job_ms, started, &kill)
+                self.exec_in(job, &spec, &agent, &vm.id, started, &kill)
                     .await
             }
         };
@@ -590,7 +591,7 @@ impl VmJobHandler {
         job: &LeasedJob,
         spec: &VmJobSpec,
         agent: &crate::AgentConn,
-        job_ms: u64,
+        vm_id: &str,
         started: Instant,
         kill: &CancellationToken,
     ) -> AttemptEnd {
@@ -603,11 +604,30 @@ impl VmJobHandler {
                 return failed(error, permanent);
             }
         }
+        let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);
         let exec = spec.exec.exec(Some(job_ms), false);
+        let recording = Recording::start(
+            self.manager.history(),
+            &job.tenant,
+            vm_id,
+            Source::Job { id: job.id },
+            &spec.exec,
+        )
+        .await;
         let mut end = match run_exec(agent, exec, spec.exec.stdin.as_bytes(), kill).await {
-            None => return failed("killed", false),
-            Some(Err(error)) => return failed(error, false),
-            Some(Ok(out)) => exec_end(&out, started),
+            None => {
+                recording.abandoned("the job was killed").await;
+                return failed("killed", false);
+            }
+            Some(Err(error)) => {
+                let end = failed(&error, false);
+                recording.failed(error).await;
+                return end;
+            }
+            Some(Ok(out)) => {
+                recording.exited(&out).await;
+                exec_end(&out, started)
+            }
         };
         if let AttemptEnd::Succeeded(result) = &mut end {
             if !spec.files.outputs.is_empty() {
@@ -688,6 +708,14 @@ impl VmTaskHandler {
             return no_vm(&spec.vm_id);
         };
         let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);
+        let recording = Recording::start(
+            self.manager.history(),
+            &job.tenant,
+            &spec.vm_id,
+            Source::Job { id: job.id },
+            &spec.exec,
+        )
+        .await;
         // The VM stays; on a kill only the command dies.
         match run_exec(
             &agent,
@@ -697,9 +725,19 @@ impl VmTaskHandler {
         )
         .await
         {
-            None => failed("killed", false),
-            Some(Err(error)) => failed(error, false),
-            Some(Ok(out)) => exec_end(&out, started),
+            None => {
+                recording.abandoned("the job was killed").await;
+                failed("killed", false)
+            }
+            Some(Err(error)) => {
+                let end = failed(&error, false);
+                recording.failed(error).await;
+                end
+            }
+            Some(Ok(out)) => {
+                recording.exited(&out).await;
+                exec_end(&out, started)
+            }
         }
     }
 

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod capacity;
 pub mod config;
 pub mod cpio;
+pub mod history;
 pub mod image;
 pub mod jail;
 pub mod job;

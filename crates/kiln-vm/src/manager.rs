@@ -84,6 +84,8 @@ pub struct VmManager {
     closing: AtomicBool,
     /// Where lifecycle changes go (the event log), once someone listens.
     lifecycle: Mutex<Option<tokio::sync::mpsc::Sender<VmLifecycle>>>,
+    /// Where jobs record the commands they run (execution history).
+    history: std::sync::OnceLock<kiln_db::Db>,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
@@ -264,6 +266,7 @@ impl VmManager {
             filling: tokio::sync::Mutex::new(()),
             closing: AtomicBool::new(false),
             lifecycle: Mutex::new(None),
+            history: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -448,6 +451,17 @@ impl VmManager {
         let (tx, rx) = tokio::sync::mpsc::channel(LIFECYCLE_BUFFER);
         *lock(&self.lifecycle) = Some(tx);
         rx
+    }
+
+    /// Jobs record the commands they run into `db` from now on (the API
+    /// records its own with its database).
+    pub fn record_executions(&self, db: kiln_db::Db) {
+        let _ = self.history.set(db);
+    }
+
+    /// The database jobs record executions into, once set.
+    pub fn history(&self) -> Option<kiln_db::Db> {
+        self.history.get().cloned()
     }
 
     fn tell(&self, kind: &'static str, info: &VmInfo, reason: Option<&'static str>) {

@@ -43,6 +43,8 @@ pub struct Collected {
     pub jobs: u64,
     pub workers: u64,
     pub events: u64,
+    /// VM executions (their history), kept as long as finished jobs.
+    pub executions: u64,
     /// Delete statements run: one more than the full batches.
     pub batches: u64,
 }
@@ -52,7 +54,8 @@ fn before(now: kiln_core::Millis, keep: Duration) -> kiln_core::Millis {
 }
 
 /// One pass at time `now`: deletes, batch by batch, every job that finished
-/// longer than `retention.finished_jobs` ago, then silent workers. `stop`
+/// longer than `retention.finished_jobs` ago, events past theirs, VM
+/// executions that started before the jobs' cutoff, then silent workers. `stop`
 /// ends the pass between batches.
 pub async fn collect_garbage(
     db: &Db,
@@ -82,6 +85,15 @@ pub async fn collect_garbage(
         }
         tokio::task::yield_now().await;
     }
+    let cutoff = before(now, retention.finished_jobs);
+    while !stop.is_cancelled() {
+        let n = db.execution_delete_before(cutoff, batch).await?;
+        collected.executions += n;
+        if (n as i64) < batch {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     collected.workers = db
         .worker_delete_stale(before(now, retention.silent_workers))
         .await?;
@@ -101,13 +113,15 @@ pub async fn gc_loop(db: Db, retention: Retention, stop: CancellationToken) {
                 jobs: 0,
                 workers: 0,
                 events: 0,
+                executions: 0,
                 ..
             }) => {}
             Ok(collected) => tracing::info!(
                 jobs = collected.jobs,
                 workers = collected.workers,
                 events = collected.events,
-                "deleted finished jobs, silent workers and events past retention"
+                executions = collected.executions,
+                "deleted finished jobs, silent workers, events and VM executions past retention"
             ),
             Err(error) => tracing::warn!(%error, "retention pass failed"),
         }

@@ -296,10 +296,21 @@ async fn retention_keeps_recent_and_unfinished_jobs(db: Db) {
     let stop = CancellationToken::new();
     // An hour from now, nothing has been finished for an hour yet.
     let now = now_millis();
+    // A VM execution goes with the jobs of its time.
+    let run = kiln_db::executions::ExecutionStart {
+        tenant: "acme".into(),
+        vm_id: "vm1".into(),
+        source: "api".into(),
+        actor: "key".into(),
+        command: "true".into(),
+        started_at: now,
+        ..Default::default()
+    };
+    db.execution_start(&run).await.unwrap();
     let pass = kiln_worker::collect_garbage(&db, &retention, now, &stop)
         .await
         .unwrap();
-    assert_eq!((pass.jobs, pass.events), (0, 0));
+    assert_eq!((pass.jobs, pass.events, pass.executions), (0, 0, 0));
     let later = now + 3_600_000 + 60_000;
     let pass = kiln_worker::collect_garbage(&db, &retention, later, &stop)
         .await
@@ -307,6 +318,12 @@ async fn retention_keeps_recent_and_unfinished_jobs(db: Db) {
     // PostgreSQL keeps the newest event: its sequencer numbers on from it.
     let kept = usize::from(db.backend() == "postgres");
     assert_eq!((pass.jobs, pass.batches), (5, 3));
+    assert_eq!(pass.executions, 1);
+    assert!(db
+        .execution_list("acme", "vm1", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(pass.events as usize, 16 - kept);
     assert_eq!(db.event_read(&all_events).await.unwrap().len(), kept);
     for id in finished {

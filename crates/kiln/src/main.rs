@@ -319,6 +319,12 @@ enum VmCommand {
     Rm {
         id: String,
     },
+    /// The commands run in a VM, newest first (kept after the VM is gone).
+    Executions {
+        id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -441,8 +447,8 @@ async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let stop = tokio_util::sync::CancellationToken::new();
     let done = kiln_worker::collect_garbage(&db, &retention, now, &stop).await?;
     eprintln!(
-        "deleted {} finished jobs ({} statements), {} silent workers and {} events",
-        done.jobs, done.batches, done.workers, done.events
+        "deleted {} finished jobs ({} statements), {} silent workers, {} events and {} VM executions",
+        done.jobs, done.batches, done.workers, done.events, done.executions
     );
     Ok(0)
 }
@@ -837,6 +843,31 @@ async fn vm(client: Client, command: VmCommand) -> anyhow::Result<i32> {
         },
         VmCommand::Rm { id } => {
             client.delete(&format!("/api/v1/vms/{id}")).await?;
+        }
+        VmCommand::Executions { id, limit } => {
+            let list = client
+                .get(&format!("/api/v1/vms/{id}/executions?limit={limit}"))
+                .await?;
+            for run in list["executions"].as_array().into_iter().flatten() {
+                let args: Vec<&str> = run["args"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str())
+                    .collect();
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}ms\t{}\t{} {}",
+                    run["id"].as_str().unwrap_or(""),
+                    run["started_at"].as_str().unwrap_or(""),
+                    run["source"].as_str().unwrap_or(""),
+                    run["status"].as_str().unwrap_or(""),
+                    run["exit_code"],
+                    run["duration_ms"],
+                    run["actor"].as_str().unwrap_or(""),
+                    run["command"].as_str().unwrap_or(""),
+                    args.join(" ")
+                );
+            }
         }
     }
     Ok(0)

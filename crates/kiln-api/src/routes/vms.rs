@@ -14,7 +14,9 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
 use kiln_core::Scope;
+use kiln_db::executions::Execution;
 use kiln_vm::agent::{AgentError, ErrorKind, ExecStream};
+use kiln_vm::history::{Recording, Source};
 use kiln_vm::job::{CreateVmSpec, ExecRequest};
 use kiln_vm::manager::AgentInUse;
 use kiln_vm::{ExecEvent, VmInfo, VmManager};
@@ -43,6 +45,8 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/vms/{id}/execute", post(execute))
         .route("/vms/{id}/exec/ws", get(exec_ws))
+        .route("/vms/{id}/executions", get(list_executions))
+        .route("/vms/{id}/executions/{exec_id}", get(get_execution))
         .route(
             "/vms/{id}/files",
             get(download)
@@ -280,15 +284,28 @@ pub async fn execute(
 ) -> ApiResult<Json<ExecuteResult>> {
     caller.require(Scope::Write)?;
     let agent = agent_of(&state, &caller, &id).await?;
+    let source = Source::Api {
+        key_id: caller.key_id.clone(),
+    };
+    let recording =
+        Recording::start(Some(state.db.clone()), &caller.tenant, &id, source, &body).await;
     // Dropped with this future when the client disconnects: the stream's
-    // drop kills the command.
-    let out = agent
+    // drop kills the command, the recording's marks it abandoned.
+    let out = match agent
         .exec(
             body.exec(Some(EXECUTE_TIMEOUT_MS), false),
             body.stdin.as_bytes(),
         )
         .await
-        .map_err(agent_error)?;
+    {
+        Ok(out) => out,
+        Err(error) => {
+            let answer = agent_error(error);
+            recording.failed(&answer.message).await;
+            return Err(answer);
+        }
+    };
+    recording.exited(&out).await;
     Ok(Json(ExecuteResult {
         exit_code: out.status(),
         signal: out.signal,
@@ -392,7 +409,15 @@ pub async fn exec_ws(
     Ok(upgrade
         .max_message_size(WS_MESSAGE_MAX)
         .max_frame_size(WS_MESSAGE_MAX)
-        .on_upgrade(move |socket| stream_exec(socket, agent)))
+        .on_upgrade(move |socket| async move {
+            let who = Who {
+                db: state.db.clone(),
+                tenant: caller.tenant,
+                key_id: caller.key_id,
+                vm_id: id,
+            };
+            stream_exec(socket, agent, who).await
+        }))
 }
 
 fn text(value: serde_json::Value) -> Message {
@@ -410,7 +435,15 @@ async fn end_with_error(socket: &mut WebSocket, message: impl std::fmt::Display)
     let _ = socket.send(Message::Close(None)).await;
 }
 
-async fn stream_exec(mut socket: WebSocket, agent: AgentInUse) {
+/// Whose WebSocket exec this is, for its execution record.
+struct Who {
+    db: kiln_db::Db,
+    tenant: String,
+    key_id: String,
+    vm_id: String,
+}
+
+async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
     let first = tokio::time::timeout(WS_FIRST_MESSAGE_WITHIN, socket.recv()).await;
     let request = match first {
         Err(_) => {
@@ -430,37 +463,69 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse) {
         Ok(request) => request,
         Err(error) => return end_with_error(&mut socket, error).await,
     };
+    // Written at the start so a long session shows up while it runs.
+    let source = Source::WebSocket { key_id: who.key_id };
+    let mut recording =
+        Recording::start(Some(who.db), &who.tenant, &who.vm_id, source, &request).await;
     let stream = match agent
         .exec_stream(request.exec(None, true), request.stdin.as_bytes())
         .await
     {
         Ok(stream) => stream,
-        Err(error) => return end_with_error(&mut socket, error).await,
+        Err(error) => {
+            recording.failed(&error).await;
+            return end_with_error(&mut socket, error).await;
+        }
     };
-    pump(socket, stream).await;
+    match pump(socket, stream, &mut recording).await {
+        PumpEnd::Exited(out) => recording.exited(&out).await,
+        PumpEnd::Failed(error) => recording.failed(error).await,
+        PumpEnd::Left => {
+            recording
+                .abandoned("the client left; the command was killed")
+                .await
+        }
+    }
+}
+
+/// How a streamed exec ended.
+enum PumpEnd {
+    Exited(kiln_vm::ExecOutput),
+    Failed(String),
+    Left,
 }
 
 /// Output out, input in, until the command ends or either side goes. The
 /// stream is dropped on every way out, which kills a command still running.
-async fn pump(mut socket: WebSocket, mut stream: ExecStream) {
+async fn pump(mut socket: WebSocket, mut stream: ExecStream, seen: &mut Recording) -> PumpEnd {
     loop {
         tokio::select! {
             event = stream.next() => {
                 let message = match event {
-                    Ok(ExecEvent::Stdout(data)) => tagged(WS_STDOUT, &data),
-                    Ok(ExecEvent::Stderr(data)) => tagged(WS_STDERR, &data),
+                    Ok(ExecEvent::Stdout(data)) => {
+                        seen.stdout(&data);
+                        tagged(WS_STDOUT, &data)
+                    }
+                    Ok(ExecEvent::Stderr(data)) => {
+                        seen.stderr(&data);
+                        tagged(WS_STDERR, &data)
+                    }
                     Ok(ExecEvent::Exited(out)) => {
                         let exit = serde_json::json!({"type": "exit", "exit_code": out.status(),
                             "signal": out.signal, "timed_out": out.timed_out});
                         let _ = socket.send(text(exit)).await;
                         let _ = socket.send(Message::Close(None)).await;
-                        return;
+                        return PumpEnd::Exited(out);
                     }
                     // The VM went away, or its agent broke: say so once.
-                    Err(error) => return end_with_error(&mut socket, error).await,
+                    Err(error) => {
+                        let failed = PumpEnd::Failed(error.to_string());
+                        end_with_error(&mut socket, error).await;
+                        return failed;
+                    }
                 };
                 if socket.send(message).await.is_err() {
-                    return;
+                    return PumpEnd::Left;
                 }
             }
             incoming = socket.recv() => {
@@ -468,15 +533,21 @@ async fn pump(mut socket: WebSocket, mut stream: ExecStream) {
                     Some(Ok(Message::Binary(data))) => stream.send_stdin(&data, false).await,
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<WsInput>(&text) {
                         Ok(input) => forward(&stream, input).await,
-                        Err(error) => return end_with_error(&mut socket, error).await,
+                        Err(error) => {
+                            let failed = PumpEnd::Failed(format!("bad client message: {error}"));
+                            end_with_error(&mut socket, error).await;
+                            return failed;
+                        }
                     },
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
                     // The client left (or sent more than a message may
                     // hold): the command must not outlive it.
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return PumpEnd::Left,
                 };
                 if let Err(error) = sent {
-                    return end_with_error(&mut socket, error).await;
+                    let failed = PumpEnd::Failed(error.to_string());
+                    end_with_error(&mut socket, error).await;
+                    return failed;
                 }
             }
         }
@@ -506,4 +577,172 @@ async fn forward(stream: &ExecStream, input: WsInput) -> Result<(), AgentError> 
         stream.send_stdin(data.as_bytes(), input.eof).await?;
     }
     Ok(())
+}
+
+/// One command run in a VM, as the execution history keeps it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecutionView {
+    pub id: String,
+    pub vm_id: String,
+    /// `api`, `websocket` or `job`.
+    pub source: String,
+    pub job_id: Option<String>,
+    /// The API key id, or `job:<id>`.
+    pub actor: String,
+    pub command: String,
+    pub args: Vec<String>,
+    /// Env variable names; their values are never kept.
+    pub env_names: Vec<String>,
+    pub cwd: Option<String>,
+    /// `running`, `exited`, `error` (the VM or its agent failed) or
+    /// `abandoned` (the caller left or the job was killed, and the command
+    /// with it).
+    pub status: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    /// The exit code, or 128 + the signal.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// Bytes of output kiln received (up to the caller's cap).
+    pub stdout_bytes: i64,
+    pub stderr_bytes: i64,
+    /// Output past the caller's cap was dropped.
+    pub truncated: bool,
+    /// The first 16 KiB of each stream; only on a single execution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdout_head: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr_head: Option<String>,
+    /// Where the whole output is: `job:<id>` (that job's result); none
+    /// when it went only to the caller.
+    pub output_ref: Option<String>,
+    pub error: Option<String>,
+}
+
+impl ExecutionView {
+    fn from_row(row: Execution, with_output: bool) -> ExecutionView {
+        let start = row.start;
+        let end = row.end.unwrap_or_default();
+        let finished = end.finished_at > 0;
+        ExecutionView {
+            id: row.id.to_string(),
+            vm_id: start.vm_id,
+            source: start.source,
+            job_id: start.job_id.map(|id| id.to_string()),
+            actor: start.actor,
+            command: start.command,
+            args: start.args,
+            env_names: start.env_names,
+            cwd: start.cwd,
+            status: row.status,
+            started_at: render_time(start.started_at),
+            finished_at: finished.then(|| render_time(end.finished_at)).flatten(),
+            duration_ms: finished.then_some(end.duration_ms),
+            exit_code: end.exit_code,
+            signal: end.signal,
+            timed_out: end.timed_out,
+            stdout_bytes: end.stdout_bytes,
+            stderr_bytes: end.stderr_bytes,
+            truncated: end.truncated,
+            stdout_head: with_output.then_some(end.stdout_head),
+            stderr_head: with_output.then_some(end.stderr_head),
+            output_ref: end.output_ref,
+            error: end.error,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecutionList {
+    pub executions: Vec<ExecutionView>,
+    /// Pass as `before` for the next page; none on the last.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionParams {
+    /// A `next_cursor` from the page before.
+    pub before: Option<String>,
+    /// 1 to 100, default 20.
+    pub limit: Option<i64>,
+}
+
+/// The commands run in a VM, newest first. The history outlives the VM:
+/// a deleted VM's executions stay listed until retention removes them.
+#[utoipa::path(get, path = "/api/v1/vms/{id}/executions", tag = "vms",
+    params(("id" = String, Path, description = "The VM's id"), ExecutionParams),
+    responses((status = 200, body = ExecutionList), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_executions(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    VmId(id): VmId,
+    Query(params): Query<ExecutionParams>,
+) -> ApiResult<Json<ExecutionList>> {
+    caller.require(Scope::Read)?;
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::invalid("limit must be 1 to 100"));
+    }
+    let before = params
+        .before
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::invalid("before is not a cursor kiln gave"))
+        })
+        .transpose()?;
+    let rows = state
+        .db
+        .execution_list(&caller.tenant, &id, before, limit)
+        .await?;
+    // A VM is known by its history, or by being live here: another
+    // tenant's, or none, is not found.
+    let known = !rows.is_empty()
+        || state.db.execution_any(&caller.tenant, &id).await?
+        || match &state.vms {
+            Some(vms) => vms.get(&caller.tenant, &id).await.is_some(),
+            None => false,
+        };
+    if !known {
+        return Err(ApiError::not_found("vm"));
+    }
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id.to_string()))
+        .flatten();
+    Ok(Json(ExecutionList {
+        executions: rows
+            .into_iter()
+            .map(|row| ExecutionView::from_row(row, false))
+            .collect(),
+        next_cursor,
+    }))
+}
+
+/// One command run in a VM, with the head of its output.
+#[utoipa::path(get, path = "/api/v1/vms/{id}/executions/{exec_id}", tag = "vms",
+    params(("id" = String, Path, description = "The VM's id"), ("exec_id" = String, Path, description = "The execution's id")),
+    responses((status = 200, body = ExecutionView), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_execution(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    path: Result<axum::extract::Path<(String, String)>, PathRejection>,
+) -> ApiResult<Json<ExecutionView>> {
+    caller.require(Scope::Read)?;
+    let axum::extract::Path((id, exec_id)) =
+        path.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let not_found = || ApiError::not_found("execution");
+    if kiln_core::names::check_name("vm id", &id).is_err() {
+        return Err(not_found());
+    }
+    let exec_id = exec_id.parse::<i64>().map_err(|_| not_found())?;
+    let row = state
+        .db
+        .execution_get(&caller.tenant, &id, exec_id)
+        .await?
+        .ok_or_else(not_found)?;
+    Ok(Json(ExecutionView::from_row(row, true)))
 }
