@@ -90,6 +90,17 @@ async fn workers_run_modules_pushed_through_another_node() {
     db.close().await;
 }
 
+async fn get_json(http: &reqwest::Client, url: &str, key: &str) -> Value {
+    http.get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The job once it has finished (`?wait=true` may answer before).
 async fn finished(http: &reqwest::Client, base: &str, key: &str, job: &Value) -> Value {
     let id = job["id"].as_str().unwrap_or_else(|| panic!("{job}"));
@@ -103,15 +114,7 @@ async fn finished(http: &reqwest::Client, base: &str, key: &str, job: &Value) ->
             "never finished: {job}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        job = http
-            .get(format!("{base}/api/v1/jobs/{id}"))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        job = get_json(http, &format!("{base}/api/v1/jobs/{id}"), key).await;
     }
     job
 }
@@ -336,16 +339,7 @@ async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
     until_up(&base, Duration::from_secs(60)).await;
     let http = reqwest::Client::new();
     let key = read_key(dirs[0].path());
-    let nodes = async || -> Value {
-        http.get(format!("{base}/api/v1/nodes"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    };
+    let nodes = async || -> Value { get_json(&http, &format!("{base}/api/v1/nodes"), &key).await };
     let a_node = format!("-{}", a.0.id());
     wait_until("worker A's node", Duration::from_secs(60), || async {
         nodes().await.to_string().contains(&a_node)
@@ -367,15 +361,7 @@ async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
         "worker A to start the job",
         Duration::from_secs(30),
         || async {
-            let now: Value = http
-                .get(format!("{base}/api/v1/jobs/{job_id}"))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let now: Value = get_json(&http, &format!("{base}/api/v1/jobs/{job_id}"), &key).await;
             now["status"] == "running"
         },
     )
@@ -401,15 +387,12 @@ async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
         node_of_a(&nodes().await)["status"] == "lost"
     })
     .await;
-    let events: Value = http
-        .get(format!("{base}/api/v1/events?type=node.lost&after=0"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value = get_json(
+        &http,
+        &format!("{base}/api/v1/events?type=node.lost&after=0"),
+        &key,
+    )
+    .await;
     assert!(
         events["events"]
             .as_array()
@@ -423,15 +406,7 @@ async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
 
     // The scheduler's detectors opened an incident for it.
     let incidents = async || -> Vec<Value> {
-        let list: Value = http
-            .get(format!("{base}/api/v1/incidents"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value = get_json(&http, &format!("{base}/api/v1/incidents"), &key).await;
         list["incidents"].as_array().cloned().unwrap_or_default()
     };
     let of_a = |list: &[Value]| {
