@@ -411,25 +411,19 @@ impl Db {
                    VALUES ($1, $2, $3, $4, $5, $6, $7)";
         let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
         let data = data.to_string();
-        macro_rules! append {
-            ($pool:expr) => {
-                sqlx::query(sql)
-                    .bind(now)
-                    .bind(tenant)
-                    .bind(kind)
-                    .bind(resource.0)
-                    .bind(resource.1)
-                    .bind(&labels)
-                    .bind(&data)
-                    .execute($pool)
-                    .await
-                    .map(drop)?
-            };
-        }
-        match self {
-            Db::Sqlite(s) => append!(&s.write),
-            Db::Postgres(s) => append!(&s.pool),
-        }
+        crate::with_pool!(self, write, |pool| {
+            sqlx::query(sql)
+                .bind(now)
+                .bind(tenant)
+                .bind(kind)
+                .bind(resource.0)
+                .bind(resource.1)
+                .bind(&labels)
+                .bind(&data)
+                .execute(pool)
+                .await
+                .map(drop)?
+        });
         self.events_written();
         Ok(())
     }

@@ -140,27 +140,21 @@ impl Db {
             &serde_json::to_string(&s.env_names).map_err(|e| DbError::Corrupt(e.to_string()))?,
         );
         let (command, cwd) = (text(&s.command), s.cwd.as_deref().map(text));
-        macro_rules! insert {
-            ($pool:expr) => {
-                sqlx::query_scalar(sql)
-                    .bind(&s.tenant)
-                    .bind(&s.vm_id)
-                    .bind(&s.source)
-                    .bind(s.job_id)
-                    .bind(&s.actor)
-                    .bind(&command)
-                    .bind(&args)
-                    .bind(&env_names)
-                    .bind(&cwd)
-                    .bind(s.started_at)
-                    .fetch_one($pool)
-                    .await?
-            };
-        }
-        Ok(match self {
-            Db::Sqlite(store) => insert!(&store.write),
-            Db::Postgres(store) => insert!(&store.pool),
-        })
+        Ok(crate::with_pool!(self, write, |pool| {
+            sqlx::query_scalar(sql)
+                .bind(&s.tenant)
+                .bind(&s.vm_id)
+                .bind(&s.source)
+                .bind(s.job_id)
+                .bind(&s.actor)
+                .bind(&command)
+                .bind(&args)
+                .bind(&env_names)
+                .bind(&cwd)
+                .bind(s.started_at)
+                .fetch_one(pool)
+                .await?
+        }))
     }
 
     /// Records a command's end; only a `running` row changes.
@@ -171,32 +165,26 @@ impl Db {
                    output_ref = $13, error = $14 WHERE id = $1 AND status = 'running'";
         let (stdout, stderr) = (text(&e.stdout_head), text(&e.stderr_head));
         let error = e.error.as_deref().map(text);
-        macro_rules! update {
-            ($pool:expr) => {
-                sqlx::query(sql)
-                    .bind(id)
-                    .bind(&e.status)
-                    .bind(e.finished_at)
-                    .bind(e.duration_ms)
-                    .bind(e.exit_code)
-                    .bind(e.signal)
-                    .bind(e.timed_out)
-                    .bind(e.stdout_bytes)
-                    .bind(e.stderr_bytes)
-                    .bind(e.truncated)
-                    .bind(&stdout)
-                    .bind(&stderr)
-                    .bind(&e.output_ref)
-                    .bind(&error)
-                    .execute($pool)
-                    .await?
-                    .rows_affected()
-            };
-        }
-        let changed = match self {
-            Db::Sqlite(store) => update!(&store.write),
-            Db::Postgres(store) => update!(&store.pool),
-        };
+        let changed = crate::with_pool!(self, write, |pool| {
+            sqlx::query(sql)
+                .bind(id)
+                .bind(&e.status)
+                .bind(e.finished_at)
+                .bind(e.duration_ms)
+                .bind(e.exit_code)
+                .bind(e.signal)
+                .bind(e.timed_out)
+                .bind(e.stdout_bytes)
+                .bind(e.stderr_bytes)
+                .bind(e.truncated)
+                .bind(&stdout)
+                .bind(&stderr)
+                .bind(&e.output_ref)
+                .bind(&error)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
         Ok(changed > 0)
     }
 
@@ -212,21 +200,15 @@ impl Db {
             "SELECT {COLUMNS} FROM vm_executions WHERE tenant = $1 AND vm_id = $2 \
              AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
         );
-        macro_rules! list {
-            ($pool:expr) => {
-                sqlx::query_as::<_, Row>(&sql)
-                    .bind(tenant)
-                    .bind(vm_id)
-                    .bind(before)
-                    .bind(limit)
-                    .fetch_all($pool)
-                    .await?
-            };
-        }
-        let rows = match self {
-            Db::Sqlite(store) => list!(&store.read),
-            Db::Postgres(store) => list!(&store.pool),
-        };
+        let rows = crate::with_pool!(self, read, |pool| {
+            sqlx::query_as::<_, Row>(&sql)
+                .bind(tenant)
+                .bind(vm_id)
+                .bind(before)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
         Ok(rows.into_iter().map(Execution::from).collect())
     }
 
@@ -247,20 +229,14 @@ impl Db {
         let sql = format!(
             "SELECT {COLUMNS} FROM vm_executions WHERE tenant = $1 AND vm_id = $2 AND id = $3"
         );
-        macro_rules! get {
-            ($pool:expr) => {
-                sqlx::query_as::<_, Row>(&sql)
-                    .bind(tenant)
-                    .bind(vm_id)
-                    .bind(id)
-                    .fetch_optional($pool)
-                    .await?
-            };
-        }
-        let row = match self {
-            Db::Sqlite(store) => get!(&store.read),
-            Db::Postgres(store) => get!(&store.pool),
-        };
+        let row = crate::with_pool!(self, read, |pool| {
+            sqlx::query_as::<_, Row>(&sql)
+                .bind(tenant)
+                .bind(vm_id)
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(row.map(Execution::from))
     }
 
@@ -268,20 +244,14 @@ impl Db {
     pub async fn execution_delete_before(&self, before: Millis, batch: i64) -> DbResult<u64> {
         let sql = "DELETE FROM vm_executions WHERE id IN \
                    (SELECT id FROM vm_executions WHERE started_at < $1 ORDER BY id LIMIT $2)";
-        let deleted = match self {
-            Db::Sqlite(store) => sqlx::query(sql)
+        let deleted = crate::with_pool!(self, write, |pool| {
+            sqlx::query(sql)
                 .bind(before)
                 .bind(batch)
-                .execute(&store.write)
+                .execute(pool)
                 .await?
-                .rows_affected(),
-            Db::Postgres(store) => sqlx::query(sql)
-                .bind(before)
-                .bind(batch)
-                .execute(&store.pool)
-                .await?
-                .rows_affected(),
-        };
+                .rows_affected()
+        });
         Ok(deleted)
     }
 }

@@ -86,20 +86,12 @@ const COLUMNS: &str = "id, tenant, fingerprint, kind, severity, title, status, o
 /// Runs `$body` with `$tx` a transaction on the writer.
 macro_rules! in_tx {
     ($db:expr, $tx:ident => $body:expr) => {
-        match $db {
-            Db::Sqlite(s) => {
-                let mut $tx = s.write.begin().await?;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-            Db::Postgres(s) => {
-                let mut $tx = s.pool.begin().await?;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-        }
+        crate::with_pool!($db, write, |pool| {
+            let mut $tx = pool.begin().await?;
+            let out = $body;
+            $tx.commit().await?;
+            out
+        })
     };
 }
 
@@ -194,22 +186,13 @@ impl Db {
             "SELECT {COLUMNS} FROM incidents WHERE kind = $1 AND status <> 'resolved' \
              AND updated_at < $2 ORDER BY id LIMIT 500"
         );
-        let rows: Vec<Row> = match self {
-            Db::Sqlite(s) => {
-                sqlx::query_as(&sql)
-                    .bind(kind)
-                    .bind(before)
-                    .fetch_all(&s.read)
-                    .await?
-            }
-            Db::Postgres(s) => {
-                sqlx::query_as(&sql)
-                    .bind(kind)
-                    .bind(before)
-                    .fetch_all(&s.pool)
-                    .await?
-            }
-        };
+        let rows: Vec<Row> = crate::with_pool!(self, read, |pool| {
+            sqlx::query_as(&sql)
+                .bind(kind)
+                .bind(before)
+                .fetch_all(pool)
+                .await?
+        });
         Ok(rows.into_iter().map(Incident::from).collect())
     }
 
@@ -225,21 +208,15 @@ impl Db {
             "SELECT {COLUMNS} FROM incidents WHERE tenant = $1 AND ($2 IS NULL OR status = $2) \
              AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
         );
-        macro_rules! list {
-            ($pool:expr) => {
-                sqlx::query_as(&sql)
-                    .bind(tenant)
-                    .bind(status)
-                    .bind(before)
-                    .bind(limit)
-                    .fetch_all($pool)
-                    .await?
-            };
-        }
-        let rows: Vec<Row> = match self {
-            Db::Sqlite(s) => list!(&s.read),
-            Db::Postgres(s) => list!(&s.pool),
-        };
+        let rows: Vec<Row> = crate::with_pool!(self, read, |pool| {
+            sqlx::query_as(&sql)
+                .bind(tenant)
+                .bind(status)
+                .bind(before)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
         Ok(rows.into_iter().map(Incident::from).collect())
     }
 
@@ -253,28 +230,24 @@ impl Db {
         let timeline =
             "SELECT time, event_id, entry FROM incident_timeline WHERE incident_id = $1 \
                         ORDER BY seq DESC LIMIT 200";
-        macro_rules! get {
-            ($pool:expr) => {{
+        Ok(crate::with_pool!(self, read, |pool| {
+            {
                 let row: Option<Row> = sqlx::query_as(&sql)
                     .bind(tenant)
                     .bind(id)
-                    .fetch_optional($pool)
+                    .fetch_optional(pool)
                     .await?;
                 match row {
                     None => None,
                     Some(row) => {
                         let mut entries: Vec<TimelineEntry> =
-                            sqlx::query_as(timeline).bind(id).fetch_all($pool).await?;
+                            sqlx::query_as(timeline).bind(id).fetch_all(pool).await?;
                         entries.reverse();
                         Some((Incident::from(row), entries))
                     }
                 }
-            }};
-        }
-        Ok(match self {
-            Db::Sqlite(s) => get!(&s.read),
-            Db::Postgres(s) => get!(&s.pool),
-        })
+            }
+        }))
     }
 
     /// Moves a tenant's incident by hand: `acknowledged` (from open) or

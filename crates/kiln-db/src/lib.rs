@@ -258,6 +258,32 @@ pub enum Db {
     Postgres(PgStore),
 }
 
+/// Runs `$body` with `$pool` bound to the pool a statement goes to:
+/// SQLite's reader or writer, PostgreSQL's one pool. Modules that write
+/// their SQL once use it, with `$N` placeholders, which sqlx binds by
+/// number on SQLite too; the body is compiled once per driver.
+macro_rules! with_pool {
+    ($db:expr, $mode:ident, |$pool:ident| $body:expr) => {
+        match $db {
+            $crate::Db::Sqlite(store) => {
+                let $pool = $crate::with_pool!(@sqlite store, $mode);
+                $body
+            }
+            $crate::Db::Postgres(store) => {
+                let $pool = &store.pool;
+                $body
+            }
+        }
+    };
+    (@sqlite $store:ident, read) => {
+        &$store.read
+    };
+    (@sqlite $store:ident, write) => {
+        &$store.write
+    };
+}
+pub(crate) use with_pool;
+
 macro_rules! dispatch {
     ($self:ident, $store:ident => $call:expr) => {
         match $self {

@@ -58,24 +58,18 @@ impl Db {
     ) -> DbResult<()> {
         let sql = "INSERT INTO broker_replies (job_id, tenant, broker, reply_to, correlation_id, created_at) \
                    VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job_id) DO NOTHING";
-        macro_rules! put {
-            ($pool:expr) => {
-                sqlx::query(sql)
-                    .bind(reply.job_id)
-                    .bind(&reply.tenant)
-                    .bind(broker)
-                    .bind(&reply.reply_to)
-                    .bind(&reply.correlation_id)
-                    .bind(now)
-                    .execute($pool)
-                    .await
-                    .map(drop)?
-            };
-        }
-        match self {
-            Db::Sqlite(s) => put!(&s.write),
-            Db::Postgres(s) => put!(&s.pool),
-        }
+        crate::with_pool!(self, write, |pool| {
+            sqlx::query(sql)
+                .bind(reply.job_id)
+                .bind(&reply.tenant)
+                .bind(broker)
+                .bind(&reply.reply_to)
+                .bind(&reply.correlation_id)
+                .bind(now)
+                .execute(pool)
+                .await
+                .map(drop)?
+        });
         Ok(())
     }
 
@@ -88,38 +82,27 @@ impl Db {
         lease_ms: i64,
         limit: i64,
     ) -> DbResult<Vec<BrokerReply>> {
-        macro_rules! claim {
-            ($pool:expr) => {
-                sqlx::query_as::<_, ReplyRow>(CLAIM)
-                    .bind(broker)
-                    .bind(now)
-                    .bind(now.saturating_add(lease_ms))
-                    .bind(limit)
-                    .fetch_all($pool)
-                    .await?
-            };
-        }
-        let rows = match self {
-            Db::Sqlite(s) => claim!(&s.write),
-            Db::Postgres(s) => claim!(&s.pool),
-        };
+        let rows = crate::with_pool!(self, write, |pool| {
+            sqlx::query_as::<_, ReplyRow>(CLAIM)
+                .bind(broker)
+                .bind(now)
+                .bind(now.saturating_add(lease_ms))
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
         Ok(rows.into_iter().map(BrokerReply::from).collect())
     }
 
     pub async fn broker_reply_done(&self, job_id: i64) -> DbResult<()> {
         let sql = "DELETE FROM broker_replies WHERE job_id = $1";
-        match self {
-            Db::Sqlite(s) => sqlx::query(sql)
+        crate::with_pool!(self, write, |pool| {
+            sqlx::query(sql)
                 .bind(job_id)
-                .execute(&s.write)
+                .execute(pool)
                 .await
-                .map(drop)?,
-            Db::Postgres(s) => sqlx::query(sql)
-                .bind(job_id)
-                .execute(&s.pool)
-                .await
-                .map(drop)?,
-        }
+                .map(drop)?
+        });
         Ok(())
     }
 }

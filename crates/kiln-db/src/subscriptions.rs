@@ -53,46 +53,31 @@ impl Db {
                    VALUES ($1, $2, $3, $4, $5, $6, $7)";
         let filter = s.filter.to_string();
         let destination = s.destination.to_string();
-        macro_rules! insert {
-            ($pool:expr) => {
-                sqlx::query(sql)
-                    .bind(&s.id)
-                    .bind(&s.tenant)
-                    .bind(&s.name)
-                    .bind(&filter)
-                    .bind(&destination)
-                    .bind(&s.secret)
-                    .bind(s.created_at)
-                    .execute($pool)
-                    .await
-                    .map(drop)?
-            };
-        }
-        match self {
-            Db::Sqlite(store) => insert!(&store.write),
-            Db::Postgres(store) => insert!(&store.pool),
-        }
+        crate::with_pool!(self, write, |pool| {
+            sqlx::query(sql)
+                .bind(&s.id)
+                .bind(&s.tenant)
+                .bind(&s.name)
+                .bind(&filter)
+                .bind(&destination)
+                .bind(&s.secret)
+                .bind(s.created_at)
+                .execute(pool)
+                .await
+                .map(drop)?
+        });
         Ok(())
     }
 
     pub async fn subscription_get(&self, tenant: &str, id: &str) -> DbResult<Option<Subscription>> {
         let sql = format!("SELECT {COLUMNS} FROM subscriptions WHERE tenant = $1 AND id = $2");
-        let row: Option<Row> = match self {
-            Db::Sqlite(store) => {
-                sqlx::query_as(&sql)
-                    .bind(tenant)
-                    .bind(id)
-                    .fetch_optional(&store.read)
-                    .await?
-            }
-            Db::Postgres(store) => {
-                sqlx::query_as(&sql)
-                    .bind(tenant)
-                    .bind(id)
-                    .fetch_optional(&store.pool)
-                    .await?
-            }
-        };
+        let row: Option<Row> = crate::with_pool!(self, read, |pool| {
+            sqlx::query_as(&sql)
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(row.map(Subscription::from))
     }
 
@@ -102,39 +87,22 @@ impl Db {
             "SELECT {COLUMNS} FROM subscriptions WHERE ($1 IS NULL OR tenant = $1) \
              ORDER BY created_at, id"
         );
-        let rows: Vec<Row> = match self {
-            Db::Sqlite(store) => {
-                sqlx::query_as(&sql)
-                    .bind(tenant)
-                    .fetch_all(&store.read)
-                    .await?
-            }
-            Db::Postgres(store) => {
-                sqlx::query_as(&sql)
-                    .bind(tenant)
-                    .fetch_all(&store.pool)
-                    .await?
-            }
-        };
+        let rows: Vec<Row> = crate::with_pool!(self, read, |pool| {
+            sqlx::query_as(&sql).bind(tenant).fetch_all(pool).await?
+        });
         Ok(rows.into_iter().map(Subscription::from).collect())
     }
 
     pub async fn subscription_delete(&self, tenant: &str, id: &str) -> DbResult<bool> {
         let sql = "DELETE FROM subscriptions WHERE tenant = $1 AND id = $2";
-        let deleted = match self {
-            Db::Sqlite(store) => sqlx::query(sql)
+        let deleted = crate::with_pool!(self, write, |pool| {
+            sqlx::query(sql)
                 .bind(tenant)
                 .bind(id)
-                .execute(&store.write)
+                .execute(pool)
                 .await?
-                .rows_affected(),
-            Db::Postgres(store) => sqlx::query(sql)
-                .bind(tenant)
-                .bind(id)
-                .execute(&store.pool)
-                .await?
-                .rows_affected(),
-        };
+                .rows_affected()
+        });
         Ok(deleted > 0)
     }
 }

@@ -141,26 +141,14 @@ const WEBHOOK_COLUMNS: &str =
     "tenant, name, id, provider, secret, filters, target, created_at, updated_at";
 const DELIVERY_COLUMNS: &str = "seq, delivery, event, received_at, outcome, job_id, run_id, detail";
 
-/// Runs `$body` with `$pool` bound to the driver's pool (SQLite's writer
-/// for `write`) and `$sql` to the statement in its placeholder style: the
-/// text is written with `$n`, which SQLite reads as `?n`.
+/// `with_pool!` with the statement's text bound to `$sql`.
 macro_rules! on_pool {
     ($db:expr, $mode:ident, $pool:ident, $sql:ident = $text:expr; $body:block) => {
-        match $db {
-            Db::Sqlite(s) => {
-                let $pool = on_pool!(@sqlite s, $mode);
-                let $sql: String = $text.replace('$', "?");
-                $body
-            }
-            Db::Postgres(s) => {
-                let $pool = &s.pool;
-                let $sql: String = $text.to_string();
-                $body
-            }
-        }
+        crate::with_pool!($db, $mode, |$pool| {
+            let $sql: String = $text.to_string();
+            $body
+        })
     };
-    (@sqlite $s:ident, read) => { &$s.read };
-    (@sqlite $s:ident, write) => { &$s.write };
 }
 
 /// A new public id: unguessable, so it names one trigger of one tenant.
