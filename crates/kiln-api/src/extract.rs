@@ -174,6 +174,28 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         if let Some(caller) = parts.extensions.get::<Caller>() {
             return Ok(caller.clone());
         }
+        // A VM host's internal listener: the caller is whoever the API node
+        // that forwarded the request vouched for, and nobody else.
+        if let Some(key) = state.internal_key.get() {
+            let path = parts
+                .extensions
+                .get::<axum::extract::OriginalUri>()
+                .map(|uri| uri.0.clone())
+                .unwrap_or_else(|| parts.uri.clone());
+            let path = path
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            let caller = crate::vm_hosts::verify(
+                key,
+                &parts.method,
+                &path,
+                &parts.headers,
+                crate::now_millis(),
+            )?;
+            parts.extensions.insert(caller.clone());
+            return Ok(caller);
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

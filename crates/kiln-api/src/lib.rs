@@ -7,6 +7,7 @@ pub mod extract;
 pub mod intake;
 mod keys;
 pub mod routes;
+pub mod vm_hosts;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,6 +52,12 @@ pub struct AppState {
     events: tokio::sync::OnceCell<Arc<kiln_events::EventHub>>,
     /// Non-public networks notification destinations may reach.
     notify_allow: std::sync::OnceLock<kiln_events::notify::AllowList>,
+    /// Set where VMs may live on other hosts: requests for them are
+    /// forwarded (see `vm_hosts`).
+    pub fleet: std::sync::OnceLock<vm_hosts::VmFleet>,
+    /// Set on a VM host's internal listener: callers come from the signed
+    /// forwarding header, never from API keys.
+    pub internal_key: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl AppState {
@@ -93,6 +100,8 @@ impl AppState {
             gauges: Default::default(),
             events: tokio::sync::OnceCell::new(),
             notify_allow: std::sync::OnceLock::new(),
+            fleet: std::sync::OnceLock::new(),
+            internal_key: std::sync::OnceLock::new(),
         })
     }
 
@@ -142,6 +151,7 @@ pub fn record_vm_lifecycle(db: Db, vms: &Arc<kiln_vm::VmManager>) -> tokio::task
     // its own).
     vms.record_executions(db.clone());
     let mut changes = vms.lifecycle();
+    let host = vms.host_tag().unwrap_or_default().to_string();
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
             let info = &change.info;
@@ -154,20 +164,32 @@ pub fn record_vm_lifecycle(db: Db, vms: &Arc<kiln_vm::VmManager>) -> tokio::task
                 "reason": change.reason,
             });
             let written = db
-                .event_append(
-                    &info.tenant,
-                    change.kind,
-                    ("vm", &info.id),
-                    &info.labels,
-                    &data,
-                    now_millis(),
-                )
+                .vm_record(change.kind, &vm_record(info, &host), &data, now_millis())
                 .await;
             if let Err(error) = written {
                 tracing::warn!(%error, vm = %info.id, "could not record a VM event");
             }
         }
     })
+}
+
+/// A live VM as the `vms` table keeps it.
+pub(crate) fn vm_record(info: &kiln_vm::VmInfo, host: &str) -> kiln_db::vms::VmRecord {
+    kiln_db::vms::VmRecord {
+        id: info.id.clone(),
+        tenant: info.tenant.clone(),
+        host: host.to_string(),
+        status: "running".into(),
+        image: info.image.clone(),
+        vcpus: i32::from(info.vcpus),
+        memory_mib: i64::from(info.memory_mib),
+        accelerator: info.accelerator.as_str().to_string(),
+        labels: info.labels.clone(),
+        created_at: info.created_at_ms,
+        expires_at: info.expires_at_ms,
+        ended_at: None,
+        boot_ms: i64::try_from(info.boot_ms).unwrap_or(i64::MAX),
+    }
 }
 
 /// Every kind kiln ships, each with its spec check: `wasm`, the microVM
@@ -244,7 +266,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::modules::router())
         .merge(routes::system::router())
         .merge(routes::nodes::router())
-        .merge(routes::vms::router())
+        .merge(routes::vms::router().layer(middleware::from_fn_with_state(
+            state.clone(),
+            vm_hosts::route,
+        )))
         .merge(routes::flow::router())
         .merge(routes::files::router())
         .merge(routes::events::router())

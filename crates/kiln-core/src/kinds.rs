@@ -10,6 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 /// every name in its grammar. No I/O.
 pub type CheckSpec = fn(&serde_json::Value) -> Result<(), String>;
 
+/// Where a job of a kind must run, read from its (checked) spec: the kind
+/// it is stored under instead, which only one host handles (a command for a
+/// VM goes to the host that owns the VM). `None`: any worker of the kind.
+pub type RouteSpec = fn(&str, &serde_json::Value) -> Option<String>;
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// No kind of that name is known to this deployment.
@@ -25,6 +30,7 @@ pub struct JobKinds {
     checks: BTreeMap<String, CheckSpec>,
     /// Kinds whose specs take `outputs` and `inputs` (see `crate::files`).
     files: BTreeSet<String>,
+    routes: BTreeMap<String, RouteSpec>,
 }
 
 impl JobKinds {
@@ -41,6 +47,21 @@ impl JobKinds {
     pub fn add_with_files(&mut self, kind: &str, check: CheckSpec) -> &mut JobKinds {
         self.files.insert(kind.to_string());
         self.add(kind, check)
+    }
+
+    /// Marks `kind` as bound to a host its spec names (see [`RouteSpec`]).
+    pub fn add_routed(&mut self, kind: &str, check: CheckSpec, route: RouteSpec) -> &mut JobKinds {
+        self.routes.insert(kind.to_string(), route);
+        self.add(kind, check)
+    }
+
+    /// The kind a checked job is stored under: its own, or the host-bound
+    /// kind its spec routes it to.
+    pub fn stored_kind(&self, kind: &str, spec: &serde_json::Value) -> String {
+        self.routes
+            .get(kind)
+            .and_then(|route| route(kind, spec))
+            .unwrap_or_else(|| kind.to_string())
     }
 
     pub fn takes_files(&self, kind: &str) -> bool {
@@ -84,5 +105,19 @@ mod tests {
             Err(SpecError::UnknownKind("nope".into()))
         );
         assert_eq!(kinds.names().collect::<Vec<_>>(), ["noop"]);
+    }
+
+    #[test]
+    fn routed_kinds_are_stored_under_the_kind_their_spec_names() {
+        fn to_host(kind: &str, spec: &serde_json::Value) -> Option<String> {
+            spec["host"].as_str().map(|host| format!("{kind}@{host}"))
+        }
+        let mut kinds = JobKinds::new();
+        kinds.add("noop", only_objects);
+        kinds.add_routed("task", only_objects, to_host);
+        let spec = serde_json::json!({"host": "h1"});
+        assert_eq!(kinds.stored_kind("task", &spec), "task@h1");
+        assert_eq!(kinds.stored_kind("task", &serde_json::json!({})), "task");
+        assert_eq!(kinds.stored_kind("noop", &spec), "noop");
     }
 }

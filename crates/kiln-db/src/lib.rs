@@ -17,6 +17,7 @@ mod sqlite;
 pub mod subscriptions;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod vms;
 pub mod webhooks;
 
 use std::collections::BTreeMap;

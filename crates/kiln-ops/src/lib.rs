@@ -175,6 +175,12 @@ pub async fn detect_lost(db: &Db, config: &DetectorConfig, now: Millis) -> DbRes
     for id in &lost {
         tracing::warn!(node = %id, deadline_ms = millis(config.deadline), "node lost: no heartbeat");
     }
+    // VMs live in their host's memory and do not move: a lost host's VMs
+    // are lost, and the commands queued for them can never run.
+    let vms = db.vm_hosts_sweep(now).await?;
+    if vms > 0 {
+        tracing::warn!(vms, "VMs lost with their hosts");
+    }
     while db
         .node_prune(
             now - millis(LOAD_WINDOW),
@@ -184,6 +190,7 @@ pub async fn detect_lost(db: &Db, config: &DetectorConfig, now: Millis) -> DbRes
         .await?
         >= PRUNE_BATCH as u64
     {}
+    while db.vm_prune(now - millis(config.forget_after)).await? >= PRUNE_BATCH as u64 {}
     Ok(lost)
 }
 

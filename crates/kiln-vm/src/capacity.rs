@@ -108,6 +108,16 @@ impl Capacity {
         })
     }
 
+    /// Free VM slots and free VM memory (MiB, QEMU's overhead included)
+    /// on the host now: what placement across hosts compares.
+    pub fn room(&self) -> (u64, u64) {
+        let ledger = lock(&self.ledger);
+        (
+            u64::from(self.host.vms_max).saturating_sub(ledger.host.vms),
+            self.budget_mib.saturating_sub(ledger.host.memory_mib),
+        )
+    }
+
     /// Room in a tenant's quota for one more VM of `memory_mib`.
     pub fn reserve_tenant(
         self: &Arc<Self>,

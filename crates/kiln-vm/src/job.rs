@@ -405,14 +405,28 @@ fn check_delete(spec: &Value) -> Result<(), String> {
     DeleteVmSpec::parse(spec).map(drop).map_err(|e| e.0)
 }
 
+/// A command for a VM of one host of many (`vm-…@<host>`) is stored as
+/// `<kind>@<host>`, a kind only that host's worker handles: the lease's
+/// kind index routes it, and no other host ever takes it to fail it.
+fn route_to_owner(kind: &str, spec: &Value) -> Option<String> {
+    let host = crate::manager::owner_of(spec.get("vm_id")?.as_str()?)?;
+    Some(format!("{kind}@{host}"))
+}
+
+/// The kinds a VM host of tag `host` handles on top of the others: its own
+/// VMs' commands.
+pub fn owned_kinds(host: &str) -> [String; 3] {
+    ["vm:execute", "exec", "vm:delete"].map(|kind| format!("{kind}@{host}"))
+}
+
 /// Registers the spec check of every VM kind.
 pub fn job_kinds(kinds: &mut JobKinds) {
     kinds
         .add_with_files("vm", check_vm)
         .add("vm:create", check_create)
-        .add("vm:execute", check_execute)
-        .add("exec", check_execute)
-        .add("vm:delete", check_delete);
+        .add_routed("vm:execute", check_execute, route_to_owner)
+        .add_routed("exec", check_execute, route_to_owner)
+        .add_routed("vm:delete", check_delete, route_to_owner);
 }
 
 /// Output as a job stores it: text, with NUL (which PostgreSQL refuses in
@@ -777,7 +791,7 @@ pub fn register(
             task,
         })
     };
-    handlers
+    let mut handlers = handlers
         .with(
             "vm",
             Arc::new(VmJobHandler {
@@ -788,13 +802,63 @@ pub fn register(
         .with("vm:create", task(VmTask::Create))
         .with("vm:execute", task(VmTask::Execute))
         .with("exec", task(VmTask::Execute))
-        .with("vm:delete", task(VmTask::Delete))
+        .with("vm:delete", task(VmTask::Delete));
+    if let Some(host) = manager.host_tag() {
+        let [execute, exec, delete] = owned_kinds(host);
+        handlers = handlers
+            .with(&execute, task(VmTask::Execute))
+            .with(&exec, task(VmTask::Execute))
+            .with(&delete, task(VmTask::Delete));
+    }
+    handlers
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn commands_for_a_vm_of_one_host_of_many_go_to_that_host() {
+        let mut kinds = JobKinds::new();
+        job_kinds(&mut kinds);
+        let remote = json!({"vm_id": "vm-1a2b@host-7", "command": "true"});
+        let local = json!({"vm_id": "vm-1a2b", "command": "true"});
+        assert_eq!(
+            kinds.stored_kind("vm:execute", &remote),
+            "vm:execute@host-7"
+        );
+        assert_eq!(kinds.stored_kind("exec", &remote), "exec@host-7");
+        assert_eq!(kinds.stored_kind("vm:execute", &local), "vm:execute");
+        assert_eq!(
+            kinds.stored_kind("vm:delete", &json!({"vm_id": "vm-1@h"})),
+            "vm:delete@h"
+        );
+        // A create is placed by whoever leases it; a `vm` job owns its VM.
+        assert_eq!(kinds.stored_kind("vm:create", &remote), "vm:create");
+        assert_eq!(kinds.stored_kind("vm", &remote), "vm");
+        assert_eq!(owned_kinds("h"), ["vm:execute@h", "exec@h", "vm:delete@h"]);
+        for kind in owned_kinds(&"x".repeat(crate::manager::HOST_TAG_MAX)) {
+            kiln_core::names::check_name("kind", &kind).unwrap();
+        }
+    }
+
+    #[test]
+    fn host_tags_fit_in_ids_and_kinds() {
+        use crate::manager::{host_tag, owner_of, HOST_TAG_MAX};
+        assert_eq!(host_tag("worker-1-4242"), "worker-1-4242");
+        let long = host_tag(&format!("{}-1", "h".repeat(80)));
+        assert!(
+            long.len() <= HOST_TAG_MAX && long.starts_with('h'),
+            "{long}"
+        );
+        assert_ne!(host_tag("a@b-1"), "a@b-1");
+        assert_eq!(owner_of("vm-12@worker-1"), Some("worker-1"));
+        assert_eq!(owner_of("vm-12"), None);
+        assert_eq!(owner_of("vm-12@"), None);
+        let id = format!("vm-{}@{}", "f".repeat(16), "x".repeat(HOST_TAG_MAX));
+        kiln_core::names::check_name("vm id", &id).unwrap();
+    }
 
     /// Checks `spec` under `kind`: `Ok` or the start of the error message.
     fn check(kind: &str, spec: Value, expect: Result<(), &str>) {

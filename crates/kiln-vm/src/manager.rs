@@ -86,6 +86,8 @@ pub struct VmManager {
     lifecycle: Mutex<Option<tokio::sync::mpsc::Sender<VmLifecycle>>>,
     /// Where jobs record the commands they run (execution history).
     history: std::sync::OnceLock<kiln_db::Db>,
+    /// This host's tag among many VM hosts, put in every id it gives.
+    host: std::sync::OnceLock<String>,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
@@ -115,17 +117,50 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn new_id() -> String {
+/// `vm-<time><n>`, and `@<host>` when the manager is one VM host of many:
+/// any node learns a VM's owner from its id alone.
+fn new_id(host: Option<&str>) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!(
+    let local = format!(
         "vm-{:x}{:04x}",
         nanos % (1u128 << 48),
         N.fetch_add(1, Ordering::Relaxed) % 0xffff
-    )
+    );
+    match host {
+        Some(host) => format!("{local}@{host}"),
+        None => local,
+    }
+}
+
+/// The host a VM id names (`vm-…@<host>`), if any.
+pub fn owner_of(vm_id: &str) -> Option<&str> {
+    vm_id
+        .split_once('@')
+        .map(|(_, host)| host)
+        .filter(|host| !host.is_empty())
+}
+
+/// The longest host tag: `vm-` + 16 hex digits + `@` + the tag must stay
+/// within a name's 64 characters.
+pub const HOST_TAG_MAX: usize = 40;
+
+/// A VM host's tag from its node id: the id itself when it is short and
+/// plain enough, else a digest of it.
+pub fn host_tag(node_id: &str) -> String {
+    let plain = node_id.len() <= HOST_TAG_MAX
+        && !node_id.contains('@')
+        && kiln_core::names::check_name("node id", node_id).is_ok();
+    if plain {
+        node_id.to_string()
+    } else {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(node_id.as_bytes());
+        format!("h{}", &hex::encode(digest)[..16])
+    }
 }
 
 /// A VM being booted: its run directory (and a state it was saving) is
@@ -267,6 +302,7 @@ impl VmManager {
             closing: AtomicBool::new(false),
             lifecycle: Mutex::new(None),
             history: std::sync::OnceLock::new(),
+            host: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -345,7 +381,7 @@ impl VmManager {
         host: HostSlot,
     ) -> Result<LiveVm, VmError> {
         let image = Image::open(&self.images_dir, image_name)?;
-        let id = new_id();
+        let id = new_id(self.host.get().map(String::as_str));
         let run_dir = self.vm_dir.join(&id);
         let mut booting = Booting {
             run_dir: run_dir.clone(),
@@ -457,6 +493,21 @@ impl VmManager {
     /// records its own with its database).
     pub fn record_executions(&self, db: kiln_db::Db) {
         let _ = self.history.set(db);
+    }
+
+    /// Makes this manager one VM host of many: ids from now on name it.
+    /// Set before the first VM boots (the warm pool included).
+    pub fn set_host_tag(&self, tag: &str) {
+        let _ = self.host.set(tag.to_string());
+    }
+
+    pub fn host_tag(&self) -> Option<&str> {
+        self.host.get().map(String::as_str)
+    }
+
+    /// Free VM slots and free VM memory (MiB) on this host.
+    pub fn room(&self) -> (u64, u64) {
+        self.capacity.room()
     }
 
     /// The database jobs record executions into, once set.

@@ -73,6 +73,15 @@ pub struct ServerArgs {
     /// A node silent this long, in ms, is marked lost (default 15000).
     #[arg(long, env = "KILN_NODE_LOST_MS")]
     pub node_lost_ms: Option<u64>,
+    /// Where a worker that hosts VMs takes the requests API nodes forward
+    /// for its VMs (an address other kiln hosts reach; off by default: the
+    /// worker then hosts VMs for its own jobs only).
+    #[arg(long, env = "KILN_INTERNAL_LISTEN")]
+    pub internal_listen: Option<SocketAddr>,
+    /// The URL API nodes use to reach `--internal-listen` (default: built
+    /// from that address, which must then not be 0.0.0.0).
+    #[arg(long, env = "KILN_INTERNAL_URL")]
+    pub internal_url: Option<String>,
     /// How long finished jobs are kept, in hours, before retention deletes them.
     #[arg(long, env = "KILN_RETENTION_HOURS")]
     pub retention_hours: Option<u64>,
@@ -159,6 +168,8 @@ struct FileConfig {
     lease_ms: Option<u64>,
     node_heartbeat_ms: Option<u64>,
     node_lost_ms: Option<u64>,
+    internal_listen: Option<SocketAddr>,
+    internal_url: Option<String>,
     retention_hours: Option<u64>,
     event_retention_hours: Option<u64>,
     vm_warm: Option<usize>,
@@ -191,6 +202,9 @@ pub struct Settings {
     /// Node heartbeat period and the silence after which a node is lost.
     pub node_heartbeat_ms: u64,
     pub node_lost_ms: u64,
+    /// A VM host's internal listener and the URL others reach it at.
+    pub internal_listen: Option<SocketAddr>,
+    pub internal_url: Option<String>,
     /// Finished jobs older than this are deleted in batches.
     pub retention_hours: u64,
     /// Events older than this are deleted in batches.
@@ -273,6 +287,8 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .or(file.node_lost_ms)
             .unwrap_or(15_000)
             .max(heartbeat_ms.saturating_mul(3)),
+        internal_listen: args.internal_listen.or(file.internal_listen),
+        internal_url: args.internal_url.clone().or(file.internal_url),
         retention_hours: args
             .retention_hours
             .or(file.retention_hours)

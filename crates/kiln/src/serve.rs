@@ -117,9 +117,24 @@ fn module_validator(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Ar
     Ok(WasmRuntime::new(config, blobs.clone())?)
 }
 
+/// The URL API nodes reach a VM host's internal listener at.
+fn internal_url(settings: &Settings, bound: std::net::SocketAddr) -> anyhow::Result<String> {
+    if let Some(url) = &settings.internal_url {
+        return Ok(url.trim_end_matches('/').to_string());
+    }
+    anyhow::ensure!(
+        !bound.ip().is_unspecified(),
+        "--internal-listen {bound} is every address: say which URL other hosts use with --internal-url"
+    );
+    Ok(format!("http://{bound}"))
+}
+
 /// MicroVMs are offered when a `default` image exists in the data dir; the
 /// accelerator is probed once per host.
-async fn vm_manager(settings: &Settings) -> anyhow::Result<Option<Arc<kiln_vm::VmManager>>> {
+async fn vm_manager(
+    settings: &Settings,
+    host_tag: Option<&str>,
+) -> anyhow::Result<Option<Arc<kiln_vm::VmManager>>> {
     let images = settings.data_dir.join("images");
     if kiln_vm::image::Image::open(&images, "default").is_err() {
         tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
@@ -128,6 +143,10 @@ async fn vm_manager(settings: &Settings) -> anyhow::Result<Option<Arc<kiln_vm::V
     let vm_dir = settings.data_dir.join("vms");
     match kiln_vm::VmManager::start(&images, &vm_dir, settings.vm.clone()).await {
         Ok(manager) => {
+            // Before the warm pool boots: every id it gives names this host.
+            if let Some(tag) = host_tag {
+                manager.set_host_tag(tag);
+            }
             if settings.vm_warm > 0 {
                 manager.keep_warm("default", 1, 128, settings.vm_warm);
             }
@@ -205,6 +224,9 @@ struct Parts {
     /// nodes count as lost.
     node: kiln_ops::NodeConfig,
     detector: kiln_ops::DetectorConfig,
+    /// A VM host's internal listener (requests forwarded by API nodes), its
+    /// state and the URL it announces.
+    internal: Option<(tokio::net::TcpListener, Arc<AppState>, String)>,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
@@ -230,6 +252,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
             deadline: Duration::from_millis(settings.node_lost_ms),
             ..kiln_ops::DetectorConfig::default()
         },
+        internal: None,
     };
     if role == Role::Scheduler {
         return Ok(parts);
@@ -256,8 +279,30 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         (None, Some(_)) => Some(module_validator(settings, &blobs)?),
         (None, None) => None,
     };
+    // A worker that hosts VMs for API nodes listens for their forwards.
+    let internal = match settings.internal_listen {
+        Some(address) if role.runs_jobs() => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening on {address} (internal)"))?;
+            let url = internal_url(settings, listener.local_addr()?)?;
+            Some((listener, url))
+        }
+        _ => None,
+    };
+    let host_tag = internal
+        .as_ref()
+        .map(|_| kiln_vm::manager::host_tag(&node_id()));
+    // Where VMs may live on other hosts, API nodes forward to them with a
+    // key all processes of the deployment share.
+    let forwarding = listener.is_some() && db.backend() == "postgres";
+    let internal_key = if internal.is_some() || forwarding {
+        Some(kiln_api::vm_hosts::internal_key(&db).await?)
+    } else {
+        None
+    };
     if let Some(runtime) = runtime {
-        parts.vms = vm_manager(settings).await?;
+        parts.vms = vm_manager(settings, host_tag.as_deref()).await?;
         if let Some(vms) = &parts.vms {
             kiln_api::record_vm_lifecycle(db.clone(), vms);
             parts.node.accelerator = Some(vms.accelerator().as_str().to_string());
@@ -270,8 +315,25 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         parts.node.worker = Some(worker.control());
         parts.worker = Some(worker);
     }
+    if let (Some((listener, url)), Some(vms), Some(key)) =
+        (internal, parts.vms.clone(), internal_key.clone())
+    {
+        let state = AppState::with_vms(db.clone(), blobs.clone(), None, Some(vms));
+        let _ = state.internal_key.set(key);
+        parts.internal = Some((listener, state, url));
+    }
     if let Some(listener) = listener {
         let state = AppState::with_vms(db.clone(), blobs, validator, parts.vms.clone());
+        if let (true, Some(key)) = (forwarding, internal_key) {
+            let own = parts
+                .vms
+                .as_ref()
+                .and_then(|vms| vms.host_tag().map(str::to_string));
+            let deadline = Duration::from_millis(settings.node_lost_ms);
+            let _ = state
+                .fleet
+                .set(kiln_api::vm_hosts::VmFleet::new(key, deadline, own));
+        }
         state.limit_rate(settings.rate_limit, settings.rate_burst);
         state.allow_notify(settings.notify_allow.clone());
         parts.api = Some((listener, state));
@@ -462,6 +524,31 @@ fn start(
     if let Some(vms) = parts.vms.clone() {
         tasks.spawn(expire_vms(vms, shutdown.clone()));
     }
+    if let (Some((listener, state, url)), Some(vms)) = (parts.internal.take(), parts.vms.clone()) {
+        tracing::info!(%url, "taking forwarded VM requests");
+        let host = kiln_api::vm_hosts::host_loop(
+            parts.db.clone(),
+            vms,
+            node_id(),
+            url,
+            parts.node.heartbeat_every,
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            host.await;
+            Ok(())
+        });
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            kiln_api::vm_hosts::serve_internal(
+                listener,
+                state,
+                async move { stop.cancelled().await },
+            )
+            .await
+            .context("internal HTTP server")
+        });
+    }
     tasks
 }
 
@@ -560,6 +647,7 @@ mod tests {
             amqp: None,
             node: kiln_ops::NodeConfig::new("supervised", &["worker"]),
             detector: kiln_ops::DetectorConfig::default(),
+            internal: None,
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();

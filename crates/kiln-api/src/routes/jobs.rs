@@ -335,8 +335,9 @@ pub(crate) async fn prepare(
     default_attempts: i32,
     now: i64,
 ) -> ApiResult<NewJob> {
-    let new = body.into_new_job(&caller.tenant, now, default_attempts)?;
+    let mut new = body.into_new_job(&caller.tenant, now, default_attempts)?;
     check_spec(state, &new).await?;
+    new.kind = state.kinds.stored_kind(&new.kind, &new.spec);
     Ok(new)
 }
 

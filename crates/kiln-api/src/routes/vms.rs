@@ -106,6 +106,23 @@ impl From<VmInfo> for VmView {
     }
 }
 
+impl From<kiln_db::vms::VmRecord> for VmView {
+    fn from(vm: kiln_db::vms::VmRecord) -> VmView {
+        VmView {
+            id: vm.id,
+            status: vm.status,
+            image: vm.image,
+            vcpus: u8::try_from(vm.vcpus).unwrap_or(u8::MAX),
+            memory_mib: u32::try_from(vm.memory_mib).unwrap_or(u32::MAX),
+            accelerator: vm.accelerator,
+            labels: vm.labels,
+            created_at: render_time(vm.created_at),
+            expires_at: vm.expires_at.and_then(render_time),
+            boot_ms: u64::try_from(vm.boot_ms).unwrap_or(0),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct VmList {
     pub vms: Vec<VmView>,
@@ -195,6 +212,13 @@ pub async fn create_vm(
     let vms = manager(&state)?;
     let request = body.shape.request(&caller.tenant, body.labels);
     let vm = vms.create(request).await.map_err(create_error)?;
+    // One host of many: the VM is listed everywhere before its id is
+    // handed out.
+    if let Some(host) = vms.host_tag() {
+        if let Err(error) = state.db.vm_insert(&crate::vm_record(&vm, host)).await {
+            tracing::warn!(%error, vm = %vm.id, "could not list a new VM");
+        }
+    }
     Ok((StatusCode::CREATED, Json(vm.into())))
 }
 
@@ -229,6 +253,16 @@ pub async fn list_vms(
     caller: Caller,
 ) -> ApiResult<Json<VmList>> {
     caller.require(Scope::Read)?;
+    // VMs may live on other hosts: the database lists them all.
+    if state.fleet.get().is_some() {
+        let vms = state
+            .db
+            .vm_list(&caller.tenant, false, kiln_db::vms::VM_LIST_MAX)
+            .await?;
+        return Ok(Json(VmList {
+            vms: vms.into_iter().map(VmView::from).collect(),
+        }));
+    }
     let vms = manager(&state)?;
     Ok(Json(VmList {
         vms: vms

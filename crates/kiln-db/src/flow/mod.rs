@@ -786,7 +786,8 @@ impl Advance<'_> {
     }
 
     fn job_of(&self, step: &StepDef, index: i32, spec: Value) -> NewJob {
-        let mut job = NewJob::new(&self.run.tenant, &step.kind, spec);
+        let kind = self.kinds.stored_kind(&step.kind, &spec);
+        let mut job = NewJob::new(&self.run.tenant, &kind, spec);
         if let Some(queue) = &step.queue {
             job.queue = queue.clone();
         }
