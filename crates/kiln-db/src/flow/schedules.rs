@@ -359,6 +359,7 @@ async fn fire_one(
     match target {
         Target::Job(template) => {
             let mut job = template.to_job(&record.tenant);
+            job.kind = kinds.stored_kind(&job.kind, &job.spec);
             if record.overlap == Overlap::Queue {
                 job.queue = serial_queue(&record.name);
             }
