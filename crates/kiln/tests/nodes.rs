@@ -387,22 +387,24 @@ async fn a_frozen_worker_is_marked_lost_and_its_job_runs_elsewhere() {
         node_of_a(&nodes().await)["status"] == "lost"
     })
     .await;
-    let events: Value = get_json(
-        &http,
-        &format!("{base}/api/v1/events?type=node.lost&after=0"),
-        &key,
-    )
+    // Readers see an event once PostgreSQL's sequencer has numbered it,
+    // a moment after the change committed.
+    wait_until("the node.lost event", Duration::from_secs(10), || async {
+        let events: Value = get_json(
+            &http,
+            &format!("{base}/api/v1/events?type=node.lost&after=0"),
+            &key,
+        )
+        .await;
+        events["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| {
+                e["resource"]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.ends_with(&a_node))
+            })
+        })
+    })
     .await;
-    assert!(
-        events["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["resource"]["id"]
-                .as_str()
-                .is_some_and(|id| id.ends_with(&a_node))),
-        "{events}"
-    );
 
     // The scheduler's detectors opened an incident for it.
     let incidents = async || -> Vec<Value> {
