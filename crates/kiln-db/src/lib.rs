@@ -12,6 +12,7 @@ mod lease;
 pub mod nodes;
 mod postgres;
 pub mod replies;
+pub mod rules;
 mod rows;
 mod sqlite;
 pub mod subscriptions;
