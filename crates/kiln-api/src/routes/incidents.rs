@@ -314,13 +314,13 @@ pub async fn put_detectors(
         .await?
         .unwrap_or_else(|| serde_json::json!({}));
     merge(&mut overrides, &patch);
+    DetectorSettings::default()
+        .with_overrides(&overrides)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     // Detectors left with no field of their own go.
     if let Some(map) = overrides.as_object_mut() {
         map.retain(|_, fields| fields.as_object().is_none_or(|f| !f.is_empty()));
     }
-    DetectorSettings::default()
-        .with_overrides(&overrides)
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
     state
         .db
         .detector_settings_put(&caller.tenant, &overrides, now_millis())

@@ -88,10 +88,12 @@ async fn from_cursor(db: &Db, config: &RulesConfig, stop: &CancellationToken) ->
         let notified = ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        // The log's end is read before the rules, so an event written
+        // after a rule was applied is never stepped over.
+        let last = db.event_last().await?;
         let rules = active_rules(db).await?;
         let events = if rules.is_empty() {
             // Nothing to judge by: step over the log without reading it.
-            let last = db.event_last().await?;
             if last > cursor {
                 cursor = last;
                 db.event_cursor_put(CURSOR, cursor, now_millis()).await?;
