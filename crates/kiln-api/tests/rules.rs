@@ -119,7 +119,12 @@ async fn a_dead_letter_burst_is_healed_by_a_rule_and_its_incident_resolves_by_it
         let job = h.wait(id, |j| j["status"] == "succeeded").await;
         assert_eq!(job["attempts"], 2, "{job}");
         let (_, attempts) = h
-            .call("GET", &format!("/api/v1/jobs/{id}/attempts"), &h.admin, None)
+            .call(
+                "GET",
+                &format!("/api/v1/jobs/{id}/attempts"),
+                &h.admin,
+                None,
+            )
             .await;
         let outcomes: Vec<&str> = attempts["attempts"]
             .as_array()
@@ -140,9 +145,7 @@ async fn a_dead_letter_burst_is_healed_by_a_rule_and_its_incident_resolves_by_it
     assert_eq!(taken[0]["detail"]["done"]["retried"], 3, "{}", taken[0]);
     // The incident resolves by itself once the queue is quiet.
     let incident = until("the burst incident to resolve", async || {
-        let (_, list) = h
-            .call("GET", "/api/v1/incidents", &h.admin, None)
-            .await;
+        let (_, list) = h.call("GET", "/api/v1/incidents", &h.admin, None).await;
         list["incidents"]
             .as_array()
             .unwrap()
@@ -246,7 +249,9 @@ async fn a_dry_run_changes_nothing(db: kiln_db::Db) {
     let h = harness(db).await;
     let module = h.push(&pausing_module()).await;
     let dead = h
-        .submit(json!({"kind": "noop", "spec": {"exit_code": 3}, "queue": "etl", "max_attempts": 1}))
+        .submit(
+            json!({"kind": "noop", "spec": {"exit_code": 3}, "queue": "etl", "max_attempts": 1}),
+        )
         .await;
     let dead_id = dead["id"].as_str().unwrap().to_string();
     h.wait(&dead_id, |j| j["status"] == "dead").await;
@@ -283,7 +288,10 @@ async fn a_dry_run_changes_nothing(db: kiln_db::Db) {
     let planned = report["actions"].as_array().unwrap();
     assert_eq!(planned.len(), 5, "{report}");
     assert_eq!(planned[0]["would_run"]["queue"], "etl");
-    assert_eq!(planned[3]["would_run"]["job"]["spec"]["stdout"], "test.never");
+    assert_eq!(
+        planned[3]["would_run"]["job"]["spec"]["stdout"],
+        "test.never"
+    );
     // A rule not applied, by a real event of the log: the dead job's.
     let (_, page) = h
         .call(
@@ -310,7 +318,10 @@ async fn a_dry_run_changes_nothing(db: kiln_db::Db) {
     // The module runs in memory: no job is made for it.
     let report = dry(&h, json!("decide"), written).await;
     assert_eq!(report["would_fire"], true, "{report}");
-    assert_eq!(report["actions"][0]["would_run"]["queue"], "etl", "{report}");
+    assert_eq!(
+        report["actions"][0]["would_run"]["queue"], "etl",
+        "{report}"
+    );
     assert_eq!(report["module"]["note"]["event"]["type"], "test.never");
 
     settle().await;
@@ -371,15 +382,12 @@ async fn cooldowns_and_caps_hold_under_a_burst_of_1000_events(db: kiln_db::Db) {
     fired_by.dedup();
     assert_eq!(fired_by.len(), 5, "one firing per event: {capped:?}");
     assert!(capped.iter().all(|a| a["outcome"] == "ok"), "{capped:?}");
-    let throttle = h
-        .db
-        .rule_throttle("acme", "capped", kiln_api::now_millis())
-        .await
-        .unwrap();
+    let throttle =
+        h.db.rule_throttle("acme", "capped", kiln_api::now_millis())
+            .await
+            .unwrap();
     assert_eq!(throttle.fires_last_hour, 5);
-    let (_, queue) = h
-        .call("GET", "/api/v1/queues/cap-q", &h.admin, None)
-        .await;
+    let (_, queue) = h.call("GET", "/api/v1/queues/cap-q", &h.admin, None).await;
     assert_eq!(queue["concurrency_limit"], 2, "{queue}");
     h.stop().await;
     second.await.unwrap();
@@ -486,7 +494,10 @@ async fn a_rule_acts_only_in_its_own_tenant(db: kiln_db::Db) {
     let by_name = |name: &str| taken.iter().find(|a| a["action"] == name).unwrap().clone();
     let retry = by_name("retry_job");
     assert_eq!(retry["outcome"], "error");
-    assert!(retry["message"].as_str().unwrap().contains("not found"), "{retry}");
+    assert!(
+        retry["message"].as_str().unwrap().contains("not found"),
+        "{retry}"
+    );
     assert_eq!(by_name("retry_dead_jobs")["detail"]["done"]["retried"], 0);
     assert_eq!(by_name("resolve_incident")["outcome"], "error");
     assert_eq!(by_name("notify")["outcome"], "error");
@@ -495,13 +506,9 @@ async fn a_rule_acts_only_in_its_own_tenant(db: kiln_db::Db) {
         .call("GET", &format!("/api/v1/jobs/{theirs}"), &h.other, None)
         .await;
     assert_eq!(job["status"], "dead", "{job}");
-    let (_, queue) = h
-        .call("GET", "/api/v1/queues/shared", &h.other, None)
-        .await;
+    let (_, queue) = h.call("GET", "/api/v1/queues/shared", &h.other, None).await;
     assert_eq!(queue["paused"], false, "{queue}");
-    let (_, queue) = h
-        .call("GET", "/api/v1/queues/shared", &h.admin, None)
-        .await;
+    let (_, queue) = h.call("GET", "/api/v1/queues/shared", &h.admin, None).await;
     assert_eq!(queue["paused"], true, "{queue}");
 
     // Rules, actions and events of one tenant are not found by another.
@@ -587,12 +594,18 @@ async fn bad_rule_bodies_are_refused_naming_the_field(db: kiln_db::Db) {
             "actions[0].queue",
         ),
         (with("actions", json!([])), "actions"),
-        (with("trigger", json!({"events": ["NOT OK"]})), "trigger.events"),
+        (
+            with("trigger", json!({"events": ["NOT OK"]})),
+            "trigger.events",
+        ),
         (with("cooldown_s", json!("soon")), "cooldown_s"),
         (with("max_per_hour", json!(0)), "max_per_hour"),
         (with("colour", json!("red")), "colour"),
         (
-            with("module", json!({"id": format!("sha256:{}", "0".repeat(64))})),
+            with(
+                "module",
+                json!({"id": format!("sha256:{}", "0".repeat(64))}),
+            ),
             "module",
         ),
         (
@@ -601,11 +614,7 @@ async fn bad_rule_bodies_are_refused_naming_the_field(db: kiln_db::Db) {
         ),
     ] {
         let (status, answer) = apply(&h, &h.admin, "bad", body.clone()).await;
-        assert_eq!(
-            status,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "{body}: {answer}"
-        );
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
         assert_eq!(error_code(&answer), "invalid");
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(
@@ -644,14 +653,25 @@ async fn detector_settings_are_the_tenants_own(db: kiln_db::Db) {
     assert_eq!(shown["settings"]["failure_rate"]["ratio"], 0.5);
     assert_eq!(shown["settings"]["backlog_age"]["max_age_s"], 600);
     let (status, _) = h
-        .call("PUT", path, &h.reader, Some(json!({"backlog_age": {"enabled": false}})))
+        .call(
+            "PUT",
+            path,
+            &h.reader,
+            Some(json!({"backlog_age": {"enabled": false}})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     for (patch, field) in [
-        (json!({"backlog_age": {"max_age_s": 0}}), "backlog_age.max_age_s"),
+        (
+            json!({"backlog_age": {"max_age_s": 0}}),
+            "backlog_age.max_age_s",
+        ),
         (json!({"failure_rate": {"ratio": 2}}), "failure_rate.ratio"),
         (json!({"nope": {}}), "nope"),
-        (json!({"node_lost": {"severity": "dire"}}), "node_lost.severity"),
+        (
+            json!({"node_lost": {"severity": "dire"}}),
+            "node_lost.severity",
+        ),
     ] {
         let (status, body) = h.call("PUT", path, &h.admin, Some(patch.clone())).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{patch}: {body}");
@@ -673,14 +693,19 @@ async fn detector_settings_are_the_tenants_own(db: kiln_db::Db) {
         .await;
     assert_eq!(status, StatusCode::OK, "{set}");
     assert_eq!(set["settings"]["dead_letter_burst"]["count"], 1);
-    assert_eq!(set["overrides"], json!({"dead_letter_burst": {"count": 1, "severity": "critical"}}));
+    assert_eq!(
+        set["overrides"],
+        json!({"dead_letter_burst": {"count": 1, "severity": "critical"}})
+    );
     // The other tenant keeps the defaults.
     let (_, theirs) = h.call("GET", path, &h.other, None).await;
     assert_eq!(theirs["overrides"], json!({}));
     // One dead job is a burst for this tenant now, with its severity.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let job = h
-        .submit(json!({"kind": "noop", "spec": {"exit_code": 3}, "queue": "one", "max_attempts": 1}))
+        .submit(
+            json!({"kind": "noop", "spec": {"exit_code": 3}, "queue": "one", "max_attempts": 1}),
+        )
         .await;
     h.wait(job["id"].as_str().unwrap(), |j| j["status"] == "dead")
         .await;

@@ -322,9 +322,11 @@ impl Db {
     /// Every tenant's overrides (the detectors' read), at most 10,000.
     pub async fn detector_settings_all(&self) -> DbResult<Vec<(String, serde_json::Value)>> {
         let rows: Vec<(String, String)> = crate::with_pool!(self, read, |pool| {
-            sqlx::query_as("SELECT tenant, settings FROM detector_settings ORDER BY tenant LIMIT 10000")
-                .fetch_all(pool)
-                .await?
+            sqlx::query_as(
+                "SELECT tenant, settings FROM detector_settings ORDER BY tenant LIMIT 10000",
+            )
+            .fetch_all(pool)
+            .await?
         });
         Ok(rows
             .into_iter()
@@ -379,4 +381,3 @@ impl Db {
         }))
     }
 }
-

@@ -12,8 +12,8 @@ mod lease;
 pub mod nodes;
 mod postgres;
 pub mod replies;
-pub mod rules;
 mod rows;
+pub mod rules;
 mod sqlite;
 pub mod subscriptions;
 #[cfg(feature = "testing")]

@@ -194,9 +194,8 @@ impl Db {
 
     /// Every tenant's active rules (the engine's read), at most `limit`.
     pub async fn rule_list_active(&self, limit: i64) -> DbResult<Vec<StoredRule>> {
-        let sql = format!(
-            "SELECT {RULE_COLUMNS} FROM rules WHERE active ORDER BY tenant, name LIMIT $1"
-        );
+        let sql =
+            format!("SELECT {RULE_COLUMNS} FROM rules WHERE active ORDER BY tenant, name LIMIT $1");
         let rows: Vec<RuleRow> = crate::with_pool!(self, read, |pool| {
             sqlx::query_as(&sql).bind(limit).fetch_all(pool).await?
         });

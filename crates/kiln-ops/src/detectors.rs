@@ -318,8 +318,14 @@ mod tests {
             json!({"dead_letter_burst": {"quiet_s": 86_401}}),
             Err("dead_letter_burst.quiet_s"),
         );
-        check(json!({"failure_rate": {"ratio": 0}}), Err("failure_rate.ratio"));
-        check(json!({"failure_rate": {"ratio": 1.5}}), Err("failure_rate.ratio"));
+        check(
+            json!({"failure_rate": {"ratio": 0}}),
+            Err("failure_rate.ratio"),
+        );
+        check(
+            json!({"failure_rate": {"ratio": 1.5}}),
+            Err("failure_rate.ratio"),
+        );
         check(
             json!({"run_failed": {"severity": "dire"}}),
             Err("run_failed.severity"),

@@ -175,7 +175,10 @@ impl Detectors {
             fingerprint,
             why,
         };
-        let what = format!("{} {}:{}", event.kind, event.resource.kind, event.resource.id);
+        let what = format!(
+            "{} {}:{}",
+            event.kind, event.resource.kind, event.resource.id
+        );
         match event.kind.as_str() {
             "node.lost" if settings.node_lost.enabled => out.push(sighted(
                 format!("node_lost:{}", event.resource.id),
@@ -225,19 +228,28 @@ impl Detectors {
             ));
         }
         let v = &settings.vm_boot_failures;
-        let ended_attempt = matches!(event.kind.as_str(), "job.failed" | "job.dead" | "job.retried");
+        let ended_attempt = matches!(
+            event.kind.as_str(),
+            "job.failed" | "job.dead" | "job.retried"
+        );
         if ended_attempt
             && v.enabled
             && is_boot_failure(&kind, text("error"))
-            && self
-                .boots
-                .add((tenant.clone(), String::new()), event.time, v.count, ms(v.window_s))
+            && self.boots.add(
+                (tenant.clone(), String::new()),
+                event.time,
+                v.count,
+                ms(v.window_s),
+            )
         {
             out.push(sighted(
                 "vm_boot_failures".into(),
                 "vm_boot_failures",
                 &v.severity,
-                format!("{} or more VM boots failed within {} s", v.count, v.window_s),
+                format!(
+                    "{} or more VM boots failed within {} s",
+                    v.count, v.window_s
+                ),
             ));
         }
         let f = &settings.failure_rate;
@@ -247,7 +259,12 @@ impl Detectors {
             _ => None,
         };
         if let (Some(failed), true) = (end, f.enabled) {
-            let (ends, fails) = self.rate_add((tenant.clone(), queue.clone(), kind.clone()), event.time, failed, ms(f.window_s));
+            let (ends, fails) = self.rate_add(
+                (tenant.clone(), queue.clone(), kind.clone()),
+                event.time,
+                failed,
+                ms(f.window_s),
+            );
             if ends >= f.min_ends {
                 let fingerprint = format!("failure_rate:{queue}:{kind}");
                 if f64::from(fails) >= f.ratio * f64::from(ends) {
@@ -296,9 +313,7 @@ impl Detectors {
             }
             _ => buckets.push_back((start, 1, u32::from(failed))),
         }
-        while buckets
-            .front()
-            .is_some_and(|(t, _, _)| time - t >= window)
+        while buckets.front().is_some_and(|(t, _, _)| time - t >= window)
             || buckets.len() as i64 > RATE_BUCKETS + 1
         {
             buckets.pop_front();
@@ -400,7 +415,12 @@ pub async fn detect_loop(db: Db, defaults: DetectorSettings, stop: CancellationT
     }
 }
 
-async fn apply(db: &Db, verdict: Verdict, event: Option<&Event>, now: Millis) -> Result<(), kiln_db::DbError> {
+async fn apply(
+    db: &Db,
+    verdict: Verdict,
+    event: Option<&Event>,
+    now: Millis,
+) -> Result<(), kiln_db::DbError> {
     match verdict {
         Verdict::Sighted {
             tenant,
@@ -559,20 +579,35 @@ mod tests {
     }
 
     fn dead(t: Millis, queue: &str) -> Event {
-        event("job.dead", t, "job:1", json!({"queue": queue, "kind": "noop", "error": "exit code 3"}))
+        event(
+            "job.dead",
+            t,
+            "job:1",
+            json!({"queue": queue, "kind": "noop", "error": "exit code 3"}),
+        )
     }
 
     fn ok(t: Millis, queue: &str) -> Event {
-        event("job.succeeded", t, "job:1", json!({"queue": queue, "kind": "noop"}))
+        event(
+            "job.succeeded",
+            t,
+            "job:1",
+            json!({"queue": queue, "kind": "noop"}),
+        )
     }
-
 
     #[test]
     fn a_burst_is_that_many_dead_jobs_of_one_queue_within_the_window() {
         let settings = json!({"dead_letter_burst": {"count": 3, "window_s": 10}, "failure_rate": {"enabled": false}});
         check(
             settings.clone(),
-            &[dead(0, "q"), dead(1_000, "other"), dead(2_000, "q"), dead(10_500, "q"), dead(11_000, "q")],
+            &[
+                dead(0, "q"),
+                dead(1_000, "other"),
+                dead(2_000, "q"),
+                dead(10_500, "q"),
+                dead(11_000, "q"),
+            ],
             // The first fell out of the window before the fourth.
             &[&[], &[], &[], &[], &["+dead_letter_burst:q"]],
         );
@@ -593,7 +628,14 @@ mod tests {
         check(
             json!({}),
             &events,
-            &[&["+node_lost:h-1"], &["-node_lost:h-1"], &["+run_failed:build"], &["-run_failed:build"], &[], &[]],
+            &[
+                &["+node_lost:h-1"],
+                &["-node_lost:h-1"],
+                &["+run_failed:build"],
+                &["-run_failed:build"],
+                &[],
+                &[],
+            ],
         );
         check(
             json!({"node_lost": {"auto_resolve": false}, "run_failed": {"enabled": false}}),
@@ -607,7 +649,15 @@ mod tests {
         let settings = json!({"failure_rate": {"ratio": 0.5, "min_ends": 4, "window_s": 60}});
         check(
             settings,
-            &[dead(0, "q"), ok(1, "q"), dead(2, "q"), ok(3, "q"), ok(4, "q"), dead(5, "other"), ok(120_000, "q")],
+            &[
+                dead(0, "q"),
+                ok(1, "q"),
+                dead(2, "q"),
+                ok(3, "q"),
+                ok(4, "q"),
+                dead(5, "other"),
+                ok(120_000, "q"),
+            ],
             &[
                 &[],
                 &[],
@@ -626,8 +676,16 @@ mod tests {
     #[test]
     fn boot_failures_are_vm_attempts_that_never_booted() {
         for (kind, error, boot) in [
-            ("vm:create", "qemu exited during the boot (exit status: 1): …", true),
-            ("vm:create", "no answer from the guest agent within 30s", true),
+            (
+                "vm:create",
+                "qemu exited during the boot (exit status: 1): …",
+                true,
+            ),
+            (
+                "vm:create",
+                "no answer from the guest agent within 30s",
+                true,
+            ),
             ("vm:create", "invalid spec: image", false),
             ("vm:create", "killed while booting", false),
             ("vm:create", "", false),
@@ -638,7 +696,12 @@ mod tests {
             assert_eq!(is_boot_failure(kind, error), boot, "{kind} {error}");
         }
         let boot = |t, status: &str| {
-            event(status, t, "job:1", json!({"kind": "vm:create", "queue": "q", "error": "qemu exited during the boot (1): x"}))
+            event(
+                status,
+                t,
+                "job:1",
+                json!({"kind": "vm:create", "queue": "q", "error": "qemu exited during the boot (1): x"}),
+            )
         };
         check(
             json!({"vm_boot_failures": {"count": 2, "window_s": 60}, "failure_rate": {"enabled": false}}),
@@ -676,7 +739,10 @@ mod tests {
             ("acme".to_string(), "slow".to_string(), 0),
             ("acme".to_string(), "fresh".to_string(), 50_000),
         ];
-        let open = [incident("backlog_age", "backlog_age:gone", 0), incident("backlog_age", "backlog_age:slow", 0)];
+        let open = [
+            incident("backlog_age", "backlog_age:gone", 0),
+            incident("backlog_age", "backlog_age:slow", 0),
+        ];
         let got: Vec<String> = d
             .backlog(&oldest, &open, 100_000)
             .into_iter()

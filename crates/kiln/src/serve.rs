@@ -251,7 +251,8 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     };
     if role == Role::Scheduler {
         // Module rules run where the rules do.
-        parts.rules_wasm = match open_blobs(settings, &db).and_then(|b| rules_runtime(settings, &b)) {
+        parts.rules_wasm = match open_blobs(settings, &db).and_then(|b| rules_runtime(settings, &b))
+        {
             Ok(runtime) => Some(runtime),
             Err(error) => {
                 tracing::warn!(%error, "no wasm runtime for module rules: they will record an error");

@@ -118,8 +118,8 @@ fn check_rule_name(name: &str) -> ApiResult<()> {
 /// A rule's body checked as the caller may apply it.
 async fn checked(state: &AppState, caller: &Caller, name: &str, body: &Value) -> ApiResult<Rule> {
     let rule = Rule::parse(name, body).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let deployment = caller.tenant == kiln_ops::DEPLOYMENT_TENANT
-        && caller.scopes.allows(Scope::System);
+    let deployment =
+        caller.tenant == kiln_ops::DEPLOYMENT_TENANT && caller.scopes.allows(Scope::System);
     rule.check_for_tenant(deployment)
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     if let Decide::Module(module) = &rule.decide {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
-use kiln_ops::detectors::{merge, DetectorSettings};
 use axum::Router;
 use kiln_db::incidents::{Incident, TimelineEntry};
+use kiln_ops::detectors::{merge, DetectorSettings};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 

@@ -110,8 +110,7 @@ impl Actor<'_> {
                     new.timeout_ms = ms;
                 }
                 new.labels = job.labels.clone();
-                new.labels
-                    .insert("rule".to_string(), self.rule.to_string());
+                new.labels.insert("rule".to_string(), self.rule.to_string());
                 new.idempotency_key = Some(self.key(index, ""));
                 new.validate().map_err(|e| e.to_string())?;
                 self.kinds
@@ -119,7 +118,12 @@ impl Actor<'_> {
                     .map_err(|e| kiln_core::names::sanitise_message(&e.to_string(), 512))?;
                 if new.kind == "wasm" {
                     let module = new.spec.get("module").and_then(Value::as_str).unwrap_or("");
-                    if db.module_get(tenant, module).await.map_err(db_error)?.is_none() {
+                    if db
+                        .module_get(tenant, module)
+                        .await
+                        .map_err(db_error)?
+                        .is_none()
+                    {
                         return Err(format!("module {module} is not stored"));
                     }
                 }
@@ -135,7 +139,11 @@ impl Actor<'_> {
                     idempotency_key: Some(self.key(index, "")),
                     trigger: format!("rule:{}", self.rule),
                 };
-                match db.run_create(&new, self.kinds, now).await.map_err(db_error)? {
+                match db
+                    .run_create(&new, self.kinds, now)
+                    .await
+                    .map_err(db_error)?
+                {
                     Ok((run, _)) => Ok(json!({"run": run.run.id.to_string()})),
                     Err(FlowError::NotFound(what)) => Err(format!("{what} not found")),
                     Err(FlowError::Conflict(m) | FlowError::Invalid(m)) => Err(m),
@@ -198,7 +206,9 @@ impl Actor<'_> {
             .queue_upsert(&wanted, now_millis())
             .await
             .map_err(db_error)?;
-        Ok(json!({"queue": queue, "paused": set.paused, "concurrency_limit": set.concurrency_limit}))
+        Ok(
+            json!({"queue": queue, "paused": set.paused, "concurrency_limit": set.concurrency_limit}),
+        )
     }
 
     /// The VM's shape comes from its `vm.created` event: its host holds it

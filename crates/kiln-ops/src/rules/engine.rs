@@ -139,7 +139,8 @@ async fn judge(db: &Db, config: &RulesConfig, rule: &Rule, event: &Event) -> DbR
     }
     let tenant = event.tenant.as_str();
     let now = now_millis();
-    let allowed = |state: &Throttle| throttle(state, now, rule.cooldown_s, rule.max_per_hour).is_ok();
+    let allowed =
+        |state: &Throttle| throttle(state, now, rule.cooldown_s, rule.max_per_hour).is_ok();
     let decided = match &rule.decide {
         Decide::Actions(actions) => Ok((actions.clone(), None)),
         Decide::Module(module) => {

@@ -141,7 +141,9 @@ fn empty_object() -> Value {
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
     /// Retry one failed, dead or cancelled job (an id; `${event.resource.id}`).
-    RetryJob { job: String },
+    RetryJob {
+        job: String,
+    },
     /// Retry up to `limit` (≤ 1,000, default 100) dead jobs of a queue,
     /// kind and label (`key=value`), newest first.
     RetryDeadJobs {
@@ -154,8 +156,12 @@ pub enum Action {
         #[serde(default = "retry_dead_default")]
         limit: i64,
     },
-    PauseQueue { queue: String },
-    ResumeQueue { queue: String },
+    PauseQueue {
+        queue: String,
+    },
+    ResumeQueue {
+        queue: String,
+    },
     /// `limit` null removes the queue's limit.
     SetQueueLimit {
         queue: String,
@@ -163,11 +169,17 @@ pub enum Action {
         limit: Option<i32>,
     },
     /// The deployment's own rules only.
-    DrainNode { node: String },
+    DrainNode {
+        node: String,
+    },
     /// Deletes the VM and creates one of the same image, size and labels,
     /// through `vm:delete` and `vm:create` jobs (the new VM has a new id).
-    RestartVm { vm: String },
-    RunJob { job: JobTemplate },
+    RestartVm {
+        vm: String,
+    },
+    RunJob {
+        job: JobTemplate,
+    },
     RunPipeline {
         pipeline: String,
         #[serde(default)]
@@ -181,7 +193,9 @@ pub enum Action {
         notes: Option<String>,
     },
     /// Deliver the event to one of the tenant's subscriptions.
-    Notify { subscription: String },
+    Notify {
+        subscription: String,
+    },
 }
 
 fn retry_dead_default() -> i64 {
@@ -229,9 +243,9 @@ impl Action {
             check_text(what, text, max).map_err(|e| invalid(format!("{field}.{what}"), e))
         };
         match self {
-            Action::RetryJob { job } => id_of(job).map(drop).ok_or_else(|| {
-                invalid(format!("{field}.job"), format!("{job:?} is not a job id"))
-            }),
+            Action::RetryJob { job } => id_of(job)
+                .map(drop)
+                .ok_or_else(|| invalid(format!("{field}.job"), format!("{job:?} is not a job id"))),
             Action::RetryDeadJobs {
                 queue,
                 kind,
@@ -380,7 +394,16 @@ fn blank_templates(action: &mut Action) {
             job.labels = job
                 .labels
                 .iter()
-                .map(|(k, v)| (k.clone(), if v.contains("${") { "v".into() } else { v.clone() }))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        if v.contains("${") {
+                            "v".into()
+                        } else {
+                            v.clone()
+                        },
+                    )
+                })
                 .collect();
         }
         Action::RunPipeline { pipeline, .. } => fix(pipeline, "p"),
@@ -454,8 +477,14 @@ impl Rule {
             (None, Some(module)) => {
                 let module: ModuleRef = typed("module", module)?;
                 check_module_id("module.id", &module.id).map_err(|e| invalid("module.id", e))?;
-                if module.fuel.is_some_and(|f| !(1..=MODULE_FUEL_MAX).contains(&f)) {
-                    return Err(invalid("module.fuel", format!("must be 1 to {MODULE_FUEL_MAX}")));
+                if module
+                    .fuel
+                    .is_some_and(|f| !(1..=MODULE_FUEL_MAX).contains(&f))
+                {
+                    return Err(invalid(
+                        "module.fuel",
+                        format!("must be 1 to {MODULE_FUEL_MAX}"),
+                    ));
                 }
                 if module
                     .memory_mib
@@ -483,14 +512,20 @@ impl Rule {
             None => COOLDOWN_S_DEFAULT,
         };
         if cooldown_s > COOLDOWN_S_MAX {
-            return Err(invalid("cooldown_s", format!("must be 0 to {COOLDOWN_S_MAX}")));
+            return Err(invalid(
+                "cooldown_s",
+                format!("must be 0 to {COOLDOWN_S_MAX}"),
+            ));
         }
         let max_per_hour = match get(body, "max_per_hour") {
             Some(v) => typed::<u32>("max_per_hour", v)?,
             None => PER_HOUR_DEFAULT,
         };
         if !(1..=PER_HOUR_MAX).contains(&max_per_hour) {
-            return Err(invalid("max_per_hour", format!("must be 1 to {PER_HOUR_MAX}")));
+            return Err(invalid(
+                "max_per_hour",
+                format!("must be 1 to {PER_HOUR_MAX}"),
+            ));
         }
         Ok(Rule {
             name: name.to_string(),
@@ -661,7 +696,8 @@ pub struct Evaluation {
 /// the rules themselves (`rule.*`) never do, so rules cannot feed on each
 /// other.
 pub fn evaluate(rule: &Rule, event: &Event) -> Evaluation {
-    let triggered = rule.active && !event.kind.starts_with("rule.") && triggered(&rule.trigger, event);
+    let triggered =
+        rule.active && !event.kind.starts_with("rule.") && triggered(&rule.trigger, event);
     let mut out = Evaluation {
         triggered,
         condition: None,
@@ -696,7 +732,12 @@ pub enum Held {
 
 /// Whether a rule may fire now: its cooldown has passed since the last
 /// fire, and it fired fewer than `max_per_hour` times in the hour before.
-pub fn throttle(state: &Throttle, now: Millis, cooldown_s: u64, max_per_hour: u32) -> Result<(), Held> {
+pub fn throttle(
+    state: &Throttle,
+    now: Millis,
+    cooldown_s: u64,
+    max_per_hour: u32,
+) -> Result<(), Held> {
     let cooldown = i64::try_from(cooldown_s.saturating_mul(1000)).unwrap_or(i64::MAX);
     if let Some(last) = state.last_fired_at {
         let since = now.saturating_sub(last);
@@ -745,8 +786,8 @@ pub fn plan(actions: &[Value], event: &Event) -> Vec<Planned> {
                         .map_err(|e| format!("{field}: {e}"))
                 })
                 .and_then(|rendered| {
-                    let action: Action = serde_json::from_value(rendered)
-                        .map_err(|e| format!("{field}: {e}"))?;
+                    let action: Action =
+                        serde_json::from_value(rendered).map_err(|e| format!("{field}: {e}"))?;
                     action.check(&field).map_err(|e| e.to_string())?;
                     Ok(action)
                 });
@@ -777,7 +818,9 @@ pub fn module_actions(stdout: &str) -> Result<(Vec<Value>, Option<Value>), Strin
         _ => return Err("the module must print {\"actions\": [...]}".into()),
     };
     if actions.len() > ACTIONS_MAX {
-        return Err(format!("the module asked for more than {ACTIONS_MAX} actions"));
+        return Err(format!(
+            "the module asked for more than {ACTIONS_MAX} actions"
+        ));
     }
     Ok((actions, note))
 }

@@ -40,7 +40,10 @@ fn bodies_are_checked_and_errors_name_the_field() {
                "cooldown_s": 0, "max_per_hour": 1000}),
         Ok(()),
     );
-    check(json!({"trigger": {"events": ["job.*"]}, "module": {"id": format!("sha256:{}", "a".repeat(64))}}), Ok(()));
+    check(
+        json!({"trigger": {"events": ["job.*"]}, "module": {"id": format!("sha256:{}", "a".repeat(64))}}),
+        Ok(()),
+    );
     let with = |key: &str, value: Value| {
         let mut body = ok.clone();
         body[key] = value;
@@ -48,26 +51,89 @@ fn bodies_are_checked_and_errors_name_the_field() {
     };
     check(with("condition", json!("event.type ==")), Err("condition"));
     check(with("condition", json!(3)), Err("condition"));
-    check(with("actions", json!([{"action": "explode"}])), Err("actions[0].action"));
-    check(with("actions", json!([{"queue": "q"}])), Err("actions[0].action"));
-    check(with("actions", json!([{"action": "pause_queue", "queue": "q", "x": 1}])), Err("actions[0]"));
-    check(with("actions", json!([{"action": "pause_queue", "queue": "bad queue"}])), Err("actions[0].queue"));
-    check(with("actions", json!([{"action": "pause_queue", "queue": "${event.("}])), Err("actions[0].queue"));
-    check(with("actions", json!([{"action": "retry_dead_jobs", "limit": 1001}])), Err("actions[0].limit"));
-    check(with("actions", json!([{"action": "retry_job", "job": "abc"}])), Err("actions[0].job"));
-    check(with("actions", json!([{"action": "set_queue_limit", "queue": "q", "limit": 0}])), Err("actions[0].limit"));
-    check(with("actions", json!([{"action": "run_job", "job": {"kind": "noop", "oops": 1}}])), Err("actions[0]"));
+    check(
+        with("actions", json!([{"action": "explode"}])),
+        Err("actions[0].action"),
+    );
+    check(
+        with("actions", json!([{"queue": "q"}])),
+        Err("actions[0].action"),
+    );
+    check(
+        with(
+            "actions",
+            json!([{"action": "pause_queue", "queue": "q", "x": 1}]),
+        ),
+        Err("actions[0]"),
+    );
+    check(
+        with(
+            "actions",
+            json!([{"action": "pause_queue", "queue": "bad queue"}]),
+        ),
+        Err("actions[0].queue"),
+    );
+    check(
+        with(
+            "actions",
+            json!([{"action": "pause_queue", "queue": "${event.("}]),
+        ),
+        Err("actions[0].queue"),
+    );
+    check(
+        with(
+            "actions",
+            json!([{"action": "retry_dead_jobs", "limit": 1001}]),
+        ),
+        Err("actions[0].limit"),
+    );
+    check(
+        with("actions", json!([{"action": "retry_job", "job": "abc"}])),
+        Err("actions[0].job"),
+    );
+    check(
+        with(
+            "actions",
+            json!([{"action": "set_queue_limit", "queue": "q", "limit": 0}]),
+        ),
+        Err("actions[0].limit"),
+    );
+    check(
+        with(
+            "actions",
+            json!([{"action": "run_job", "job": {"kind": "noop", "oops": 1}}]),
+        ),
+        Err("actions[0]"),
+    );
     check(with("actions", json!([])), Err("actions"));
-    check(with("actions", json!(vec![json!({"action": "pause_queue", "queue": "q"}); 17])), Err("actions"));
+    check(
+        with(
+            "actions",
+            json!(vec![json!({"action": "pause_queue", "queue": "q"}); 17]),
+        ),
+        Err("actions"),
+    );
     check(with("module", json!({"id": "sha256:x"})), Err("module"));
     check(json!({"trigger": {"events": ["job.dead"]}}), Err("actions"));
-    check(json!({"trigger": {"events": ["job.dead"]}, "module": {"id": "nope"}}), Err("module.id"));
-    check(with("trigger", json!({"events": ["Bad Type"]})), Err("trigger.events"));
-    check(with("trigger", json!({"incident": "x", "events": []})), Err("trigger"));
+    check(
+        json!({"trigger": {"events": ["job.dead"]}, "module": {"id": "nope"}}),
+        Err("module.id"),
+    );
+    check(
+        with("trigger", json!({"events": ["Bad Type"]})),
+        Err("trigger.events"),
+    );
+    check(
+        with("trigger", json!({"incident": "x", "events": []})),
+        Err("trigger"),
+    );
     check(with("trigger", json!({"when": 1})), Err("trigger.when"));
     check(with("trigger", json!("job.dead")), Err("trigger"));
     check(with("cooldown_s", json!(-1)), Err("cooldown_s"));
-    check(with("cooldown_s", json!(COOLDOWN_S_MAX + 1)), Err("cooldown_s"));
+    check(
+        with("cooldown_s", json!(COOLDOWN_S_MAX + 1)),
+        Err("cooldown_s"),
+    );
     check(with("max_per_hour", json!(0)), Err("max_per_hour"));
     check(with("name", json!("other")), Err("name"));
     check(with("colour", json!("red")), Err("colour"));
@@ -76,8 +142,13 @@ fn bodies_are_checked_and_errors_name_the_field() {
 
 #[test]
 fn drain_node_is_the_deployments_alone() {
-    let r = rule(json!({"trigger": {"events": ["node.lost"]}, "actions": [{"action": "drain_node", "node": "${event.resource.id}"}]}));
-    assert_eq!(r.check_for_tenant(false).unwrap_err().field, "actions[0].action");
+    let r = rule(
+        json!({"trigger": {"events": ["node.lost"]}, "actions": [{"action": "drain_node", "node": "${event.resource.id}"}]}),
+    );
+    assert_eq!(
+        r.check_for_tenant(false).unwrap_err().field,
+        "actions[0].action"
+    );
     assert!(r.check_for_tenant(true).is_ok());
 }
 
@@ -95,17 +166,57 @@ fn events_fire_rules_by_trigger_and_condition() {
         (json!({"trigger": {"events": ["job.*"]}}), &dead, true),
         (json!({"trigger": {}}), &dead, true),
         (json!({"trigger": {"events": ["job.failed"]}}), &dead, false),
-        (json!({"trigger": {"events": ["job.*"], "labels": {"team": "etl"}}}), &dead, true),
-        (json!({"trigger": {"events": ["job.*"], "labels": {"team": "web"}}}), &dead, false),
-        (json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue == 'etl'"}), &dead, true),
-        (json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue == 'web'"}), &dead, false),
+        (
+            json!({"trigger": {"events": ["job.*"], "labels": {"team": "etl"}}}),
+            &dead,
+            true,
+        ),
+        (
+            json!({"trigger": {"events": ["job.*"], "labels": {"team": "web"}}}),
+            &dead,
+            false,
+        ),
+        (
+            json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue == 'etl'"}),
+            &dead,
+            true,
+        ),
+        (
+            json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue == 'web'"}),
+            &dead,
+            false,
+        ),
         // A condition that cannot be decided does not fire.
-        (json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue"}), &dead, false),
-        (json!({"trigger": {"events": ["job.dead"]}, "active": false}), &dead, false),
-        (json!({"trigger": {"incident": "dead_letter_burst"}}), &opened, true),
-        (json!({"trigger": {"incident": "node_lost"}}), &opened, false),
-        (json!({"trigger": {"incident": "dead_letter_burst"}, "condition": "incident.fingerprint.endsWith(':etl')"}), &opened, true),
-        (json!({"trigger": {"incident": "dead_letter_burst"}}), &dead, false),
+        (
+            json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue"}),
+            &dead,
+            false,
+        ),
+        (
+            json!({"trigger": {"events": ["job.dead"]}, "active": false}),
+            &dead,
+            false,
+        ),
+        (
+            json!({"trigger": {"incident": "dead_letter_burst"}}),
+            &opened,
+            true,
+        ),
+        (
+            json!({"trigger": {"incident": "node_lost"}}),
+            &opened,
+            false,
+        ),
+        (
+            json!({"trigger": {"incident": "dead_letter_burst"}, "condition": "incident.fingerprint.endsWith(':etl')"}),
+            &opened,
+            true,
+        ),
+        (
+            json!({"trigger": {"incident": "dead_letter_burst"}}),
+            &dead,
+            false,
+        ),
     ] {
         let mut body = body;
         body["actions"] = actions.clone();
@@ -120,8 +231,10 @@ fn events_fire_rules_by_trigger_and_condition() {
 
 #[test]
 fn a_condition_records_what_it_read() {
-    let r = rule(json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue == 'etl' && event.data.attempt > 2",
-                        "actions": [{"action": "pause_queue", "queue": "q"}]}));
+    let r = rule(
+        json!({"trigger": {"events": ["job.dead"]}, "condition": "event.data.queue == 'etl' && event.data.attempt > 2",
+                        "actions": [{"action": "pause_queue", "queue": "q"}]}),
+    );
     let e = event("job.dead", "job:7", json!({"queue": "etl", "attempt": 3}));
     let evaluation = evaluate(&r, &e);
     assert_eq!(evaluation.condition, Some(true));
@@ -137,14 +250,38 @@ fn the_throttle_holds_by_cooldown_then_by_the_hourly_cap() {
     };
     for (state, now, cooldown_s, cap, expect) in [
         (state(None, 0), 0, 60, 10, Ok(())),
-        (state(Some(0), 1), 59_999, 60, 10, Err(Held::Cooldown { remaining_ms: 1 })),
+        (
+            state(Some(0), 1),
+            59_999,
+            60,
+            10,
+            Err(Held::Cooldown { remaining_ms: 1 }),
+        ),
         (state(Some(0), 1), 60_000, 60, 10, Ok(())),
-        (state(Some(0), 10), 60_000, 60, 10, Err(Held::HourlyCap { fires_last_hour: 10 })),
+        (
+            state(Some(0), 10),
+            60_000,
+            60,
+            10,
+            Err(Held::HourlyCap {
+                fires_last_hour: 10,
+            }),
+        ),
         (state(Some(0), 9), 60_000, 60, 10, Ok(())),
         (state(Some(5), 4), 5, 0, 5, Ok(())),
-        (state(Some(5), 5), 5, 0, 5, Err(Held::HourlyCap { fires_last_hour: 5 })),
+        (
+            state(Some(5), 5),
+            5,
+            0,
+            5,
+            Err(Held::HourlyCap { fires_last_hour: 5 }),
+        ),
     ] {
-        assert_eq!(throttle(&state, now, cooldown_s, cap), expect, "{state:?} at {now}");
+        assert_eq!(
+            throttle(&state, now, cooldown_s, cap),
+            expect,
+            "{state:?} at {now}"
+        );
     }
 }
 
@@ -162,8 +299,21 @@ fn actions_render_their_templates_and_are_checked_again() {
         &e,
     );
     assert_eq!(planned[0].action, Ok(Action::RetryJob { job: "7".into() }));
-    assert_eq!(planned[1].action, Ok(Action::PauseQueue { queue: "etl-hold".into() }));
-    assert!(planned[2].action.as_ref().unwrap_err().contains("actions[2]"), "{:?}", planned[2]);
+    assert_eq!(
+        planned[1].action,
+        Ok(Action::PauseQueue {
+            queue: "etl-hold".into()
+        })
+    );
+    assert!(
+        planned[2]
+            .action
+            .as_ref()
+            .unwrap_err()
+            .contains("actions[2]"),
+        "{:?}",
+        planned[2]
+    );
     match &planned[3].action {
         Ok(Action::RunPipeline { params, .. }) => {
             assert_eq!(params["queue"], json!("etl"));
@@ -178,7 +328,10 @@ fn actions_render_their_templates_and_are_checked_again() {
 #[test]
 fn module_output_is_a_list_of_actions_with_an_optional_note() {
     for (stdout, expect) in [
-        (r#"{"actions": [{"action": "pause_queue", "queue": "q"}]}"#, Ok(1)),
+        (
+            r#"{"actions": [{"action": "pause_queue", "queue": "q"}]}"#,
+            Ok(1),
+        ),
         (r#"[{"action": "pause_queue", "queue": "q"}]"#, Ok(1)),
         (r#"{"actions": [], "note": {"seen": 1}}"#, Ok(0)),
         (r#"{}"#, Ok(0)),
@@ -193,7 +346,11 @@ fn module_output_is_a_list_of_actions_with_an_optional_note() {
             (got, expect) => panic!("{stdout}: {got:?} vs {expect:?}"),
         }
     }
-    let many = serde_json::to_string(&vec![json!({"action": "pause_queue", "queue": "q"}); ACTIONS_MAX + 1]).unwrap();
+    let many = serde_json::to_string(&vec![
+        json!({"action": "pause_queue", "queue": "q"});
+        ACTIONS_MAX + 1
+    ])
+    .unwrap();
     assert!(module_actions(&many).is_err());
 }
 
