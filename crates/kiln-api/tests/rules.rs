@@ -20,6 +20,7 @@ kiln_db::on_both_databases!(
     a_rule_acts_only_in_its_own_tenant,
     bad_rule_bodies_are_refused_naming_the_field,
     detector_settings_are_the_tenants_own,
+    a_stuck_backlog_and_a_failing_kind_open_incidents_that_clear,
 );
 
 /// Polls `probe` until it answers; 60 s is only a guard against a hang.
@@ -731,5 +732,71 @@ async fn detector_settings_are_the_tenants_own(db: kiln_db::Db) {
         .await;
     assert_eq!(set["overrides"], json!({}));
     assert_eq!(set["settings"]["dead_letter_burst"]["count"], 5);
+    h.stop().await;
+}
+
+async fn incident_of(h: &Harness, fingerprint: &str, status: &str) -> Value {
+    until(&format!("{fingerprint} {status}"), async || {
+        let (_, list) = h.call("GET", "/api/v1/incidents", &h.admin, None).await;
+        list["incidents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["fingerprint"] == fingerprint && i["status"] == status)
+            .cloned()
+    })
+    .await
+}
+
+async fn a_stuck_backlog_and_a_failing_kind_open_incidents_that_clear(db: kiln_db::Db) {
+    let h = harness(db).await;
+    let (status, set) = h
+        .call(
+            "PUT",
+            "/api/v1/incidents/detectors",
+            &h.admin,
+            Some(json!({"backlog_age": {"max_age_s": 1},
+                        "failure_rate": {"min_ends": 2, "ratio": 0.5, "window_s": 2}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    // The detectors read settings every 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // A paused queue's job waits: its backlog ages past a second.
+    let (status, _) = h
+        .call("POST", "/api/v1/queues/stuck/pause", &h.admin, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let job = h.submit(json!({"kind": "noop", "queue": "stuck"})).await;
+    let opened = incident_of(&h, "backlog_age:stuck", "open").await;
+    assert_eq!(opened["kind"], "backlog_age");
+    let (status, _) = h
+        .call("POST", "/api/v1/queues/stuck/resume", &h.admin, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    h.wait(job["id"].as_str().unwrap(), |j| j["status"] == "succeeded")
+        .await;
+    let cleared = incident_of(&h, "backlog_age:stuck", "resolved").await;
+    assert_eq!(cleared["resolved_by"], "automatic");
+
+    // Two ends of a kind in a queue, both failed: over the ratio.
+    for _ in 0..2 {
+        let job = h
+            .submit(json!({"kind": "noop", "spec": {"exit_code": 3}, "queue": "flaky", "max_attempts": 1}))
+            .await;
+        h.wait(job["id"].as_str().unwrap(), |j| j["status"] == "dead")
+            .await;
+    }
+    let rate = incident_of(&h, "failure_rate:flaky:noop", "open").await;
+    assert_eq!(rate["severity"], "medium");
+    // Not seen again within its window: resolved by itself.
+    let rate = incident_of(&h, "failure_rate:flaky:noop", "resolved").await;
+    assert_eq!(rate["resolved_by"], "automatic");
+    // Another tenant's settings are its own: nothing of this reached it.
+    let (_, theirs) = h.call("GET", "/api/v1/incidents", &h.other, None).await;
+    assert!(
+        theirs["incidents"].as_array().unwrap().is_empty(),
+        "{theirs}"
+    );
     h.stop().await;
 }

@@ -73,8 +73,9 @@ const BOOT_ERRORS: [&str; 4] = [
 ];
 
 /// Whether a job's attempt that ended with `error` was a VM that failed to
-/// boot: any failure of a `vm:create` job but a refused spec or a kill, or
-/// a `vm` job's failure with one of the boot errors.
+/// boot: any failure of a `vm:create` job but a refused spec, a kill, a
+/// host without room or a lost worker, or a `vm` job's failure with one of
+/// the boot errors.
 pub fn is_boot_failure(kind: &str, error: &str) -> bool {
     let boot_error = BOOT_ERRORS.iter().any(|e| error.starts_with(e));
     match kind {
@@ -83,6 +84,7 @@ pub fn is_boot_failure(kind: &str, error: &str) -> bool {
                 && !error.starts_with("invalid")
                 && !error.starts_with("killed")
                 && !error.starts_with("no capacity")
+                && !error.starts_with("lease expired")
         }
         "vm" => boot_error,
         _ => false,
@@ -688,6 +690,7 @@ mod tests {
             ),
             ("vm:create", "invalid spec: image", false),
             ("vm:create", "killed while booting", false),
+            ("vm:create", "lease expired: worker lost", false),
             ("vm:create", "", false),
             ("vm", "no answer from the guest agent within 30s", true),
             ("vm", "exit code 1", false),

@@ -602,6 +602,7 @@ mod tests {
             amqp: None,
             node: kiln_ops::NodeConfig::new("supervised", &["worker"]),
             detector: kiln_ops::DetectorConfig::default(),
+            rules_wasm: None,
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();
