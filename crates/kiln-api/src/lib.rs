@@ -236,6 +236,10 @@ pub fn builtin_kinds() -> JobKinds {
         routes::subscriptions::list_deliveries,
         routes::incidents::list_incidents, routes::incidents::get_incident,
         routes::incidents::ack_incident, routes::incidents::resolve_incident,
+        routes::incidents::get_detectors, routes::incidents::put_detectors,
+        routes::automation::put_rule, routes::automation::list_rules, routes::automation::get_rule,
+        routes::automation::delete_rule, routes::automation::rule_actions,
+        routes::automation::list_actions, routes::automation::dry_run,
         routes::webhooks::put_webhook, routes::webhooks::list_webhooks, routes::webhooks::get_webhook,
         routes::webhooks::delete_webhook, routes::webhooks::webhook_deliveries, routes::webhooks::receive,
     ),
@@ -275,6 +279,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::events::router())
         .merge(routes::subscriptions::router())
         .merge(routes::incidents::router())
+        .merge(routes::automation::router())
         .merge(routes::webhooks::router());
     Router::new()
         .route("/health", get(routes::system::health))

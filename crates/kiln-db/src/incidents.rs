@@ -307,4 +307,77 @@ impl Db {
         self.events_written();
         Ok(out)
     }
+
+    /// A tenant's overrides of the detector defaults (JSON), if it set any.
+    pub async fn detector_settings_get(&self, tenant: &str) -> DbResult<Option<serde_json::Value>> {
+        let text: Option<String> = crate::with_pool!(self, read, |pool| {
+            sqlx::query_scalar("SELECT settings FROM detector_settings WHERE tenant = $1")
+                .bind(tenant)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    /// Every tenant's overrides (the detectors' read), at most 10,000.
+    pub async fn detector_settings_all(&self) -> DbResult<Vec<(String, serde_json::Value)>> {
+        let rows: Vec<(String, String)> = crate::with_pool!(self, read, |pool| {
+            sqlx::query_as(
+                "SELECT tenant, settings FROM detector_settings ORDER BY tenant LIMIT 10000",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|(tenant, text)| Some((tenant, serde_json::from_str(&text).ok()?)))
+            .collect())
+    }
+
+    /// Replaces a tenant's overrides of the detector defaults.
+    pub async fn detector_settings_put(
+        &self,
+        tenant: &str,
+        settings: &serde_json::Value,
+        now: Millis,
+    ) -> DbResult<()> {
+        crate::storable("tenant", tenant)?;
+        let text = settings.to_string();
+        crate::with_pool!(self, write, |pool| {
+            sqlx::query(
+                "INSERT INTO detector_settings (tenant, settings, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant) DO UPDATE SET settings = excluded.settings, \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(tenant)
+            .bind(&text)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(drop)?
+        });
+        Ok(())
+    }
+
+    /// Queues whose oldest job ready to run became ready before `before`,
+    /// with that time: (tenant, queue, ready since), at most `limit`. Only
+    /// jobs waiting since before `before` are read, so a healthy backlog
+    /// costs nothing.
+    pub async fn job_oldest_waiting(
+        &self,
+        before: Millis,
+        limit: i64,
+    ) -> DbResult<Vec<(String, String, Millis)>> {
+        Ok(crate::with_pool!(self, read, |pool| {
+            sqlx::query_as(
+                "SELECT tenant, queue, MIN(run_at) FROM jobs \
+                 WHERE status IN ('queued', 'scheduled') AND run_at < $1 \
+                 GROUP BY tenant, queue ORDER BY tenant, queue LIMIT $2",
+            )
+            .bind(before)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
 }

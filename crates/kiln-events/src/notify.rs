@@ -359,7 +359,9 @@ fn is_delivery(event: &Event) -> bool {
     event.resource.kind == "job" && event.data.get("kind").and_then(Value::as_str) == Some(KIND)
 }
 
-fn delivery_job(subscription: &Subscription, event: &Event) -> NewJob {
+/// The `notify` job that delivers `event` to `subscription` (rules that
+/// notify make one too, with a key of their own).
+pub fn delivery_job(subscription: &Subscription, event: &Event) -> NewJob {
     let spec = json!({"subscription": subscription.id, "event": event});
     let mut job = NewJob::new(&subscription.tenant, KIND, spec);
     job.queue = KIND.to_string();

@@ -12,8 +12,10 @@
 //! node deadline says "this process is gone"; the lease says "this job may
 //! run elsewhere", and only the lease is a fencing token.
 
+pub mod detectors;
 pub mod incidents;
 pub mod probe;
+pub mod rules;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,7 @@
 //! `noop`: a built-in diagnostic kind that runs no sandbox. It exists so the
 //! queue can be exercised and benchmarked on its own: it can sleep, print and
-//! exit with a chosen code, and it obeys kill like any sandbox.
+//! exit with a chosen code, fail its first attempts (a job that heals once
+//! retried), and it obeys kill like any sandbox.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,10 @@ pub struct NoopSpec {
     pub exit_code: i32,
     #[serde(default)]
     pub stdout: String,
+    /// Attempts up to this number fail with exit code 1, whatever
+    /// `exit_code` says.
+    #[serde(default)]
+    pub fail_attempts: u32,
 }
 
 impl NoopSpec {
@@ -73,8 +78,9 @@ impl JobHandler for NoopHandler {
                 }
             }
         }
+        let fails = i64::from(job.attempt) <= i64::from(spec.fail_attempts);
         let result = JobResult {
-            exit_code: spec.exit_code,
+            exit_code: if fails { 1 } else { spec.exit_code },
             stdout: spec.stdout,
             stderr: String::new(),
             duration_ms: started.elapsed().as_millis().min(i64::MAX as u128) as i64,
@@ -114,6 +120,8 @@ mod tests {
         check(json!({"sleep_ms": SLEEP_MS_MAX + 1}), false);
         check(json!({"exit_code": i64::MAX}), false);
         check(json!({"stdout": "x".repeat(STDOUT_MAX + 1)}), false);
+        check(json!({"fail_attempts": 2}), true);
+        check(json!({"fail_attempts": -2}), false);
         check(json!([1]), false);
     }
 }

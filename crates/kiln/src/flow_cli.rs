@@ -675,7 +675,7 @@ pub fn parse_params(pairs: &[String]) -> anyhow::Result<Map<String, Value>> {
 }
 
 /// A JSON or YAML document from a file or ('-') stdin, as JSON.
-fn read_document(file: &str) -> anyhow::Result<Value> {
+pub(crate) fn read_document(file: &str) -> anyhow::Result<Value> {
     let mut bytes = Vec::new();
     if file == "-" {
         std::io::stdin()

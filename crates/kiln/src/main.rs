@@ -7,6 +7,7 @@ mod events_cli;
 mod flow_cli;
 mod incident_cli;
 mod node_cli;
+mod rule_cli;
 mod serve;
 
 use std::path::PathBuf;
@@ -110,6 +111,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: incident_cli::IncidentCommand,
+    },
+    /// Self-healing rules: apply from a file, list, dry-run, what they did.
+    Rule {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: rule_cli::RuleCommand,
     },
     /// Guest images for microVMs.
     #[command(subcommand)]
@@ -416,6 +424,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Incident { client, command } => {
             incident_cli::incident(Client::new(&client)?, command).await
         }
+        Command::Rule { client, command } => rule_cli::rule(Client::new(&client)?, command).await,
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),

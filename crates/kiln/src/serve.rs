@@ -129,6 +129,20 @@ fn internal_url(settings: &Settings, bound: std::net::SocketAddr) -> anyhow::Res
     Ok(format!("http://{bound}"))
 }
 
+/// The runtime module rules run in, in a scheduler process: no compiled
+/// modules kept on disk, a few instances, and a scratch root of its own
+/// (rules get no scratch directory).
+fn rules_runtime(settings: &Settings, blobs: &BlobStore) -> anyhow::Result<Arc<WasmRuntime>> {
+    let config = WasmConfig {
+        cache_dir: None,
+        scratch_dir: settings.scratch_dir.join("rules"),
+        max_instances: 16,
+        quotas: settings.quotas.clone(),
+        ..WasmConfig::default()
+    };
+    Ok(WasmRuntime::new(config, blobs.clone())?)
+}
+
 /// MicroVMs are offered when a `default` image exists in the data dir; the
 /// accelerator is probed once per host.
 async fn vm_manager(
@@ -227,6 +241,9 @@ struct Parts {
     /// A VM host's internal listener (requests forwarded by API nodes), its
     /// state and the URL it announces.
     internal: Option<(tokio::net::TcpListener, Arc<AppState>, String)>,
+    /// Where the rule engine runs module rules (the worker's runtime when
+    /// this process has one).
+    rules_wasm: Option<Arc<WasmRuntime>>,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
@@ -253,8 +270,18 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
             ..kiln_ops::DetectorConfig::default()
         },
         internal: None,
+        rules_wasm: None,
     };
     if role == Role::Scheduler {
+        // Module rules run where the rules do.
+        parts.rules_wasm = match open_blobs(settings, &db).and_then(|b| rules_runtime(settings, &b))
+        {
+            Ok(runtime) => Some(runtime),
+            Err(error) => {
+                tracing::warn!(%error, "no wasm runtime for module rules: they will record an error");
+                None
+            }
+        };
         return Ok(parts);
     }
     let listener = if role.serves_api() {
@@ -302,6 +329,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         None
     };
     if let Some(runtime) = runtime {
+        parts.rules_wasm = Some(runtime.clone());
         parts.vms = vm_manager(settings, host_tag.as_deref()).await?;
         if let Some(vms) = &parts.vms {
             kiln_api::record_vm_lifecycle(db.clone(), vms);
@@ -423,11 +451,25 @@ fn start(
         });
         let incidents = kiln_ops::incidents::detect_loop(
             parts.db.clone(),
-            kiln_ops::incidents::IncidentConfig::default(),
+            kiln_ops::detectors::DetectorSettings::default(),
             shutdown.clone(),
         );
         tasks.spawn(async move {
             incidents.await;
+            Ok(())
+        });
+        // The rule engine: several (several schedulers) are harmless, the
+        // store decides each firing once.
+        let rules = kiln_ops::rules::engine::rules_loop(
+            parts.db.clone(),
+            kiln_ops::rules::engine::RulesConfig {
+                kinds: kiln_api::builtin_kinds(),
+                wasm: parts.rules_wasm.clone(),
+            },
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            rules.await;
             Ok(())
         });
     }
@@ -648,6 +690,7 @@ mod tests {
             node: kiln_ops::NodeConfig::new("supervised", &["worker"]),
             detector: kiln_ops::DetectorConfig::default(),
             internal: None,
+            rules_wasm: None,
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);
         let watch = db.clone();

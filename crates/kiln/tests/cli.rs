@@ -212,6 +212,119 @@ async fn client_commands_against_a_server() {
     assert!(stdout(&keys).contains("admin"), "{}", stdout(&keys));
 }
 
+/// Rules through the command line against `kiln serve`, whose scheduler
+/// loops run the rule engine: a YAML file applied, listed, dry-run with an
+/// event from a file, fired by a real job, its actions listed, removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_through_the_command_line() {
+    let dir = TempDir::new("kiln-cli-rules");
+    let data = dir.join("data");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let _serve = kiln(
+        &["serve", "--listen", &listen, "--vm-warm", "0"],
+        &data,
+        dir.path(),
+        "serve.log",
+    );
+    until_up(&base, Duration::from_secs(60)).await;
+    let file = dir.join("rule.yaml");
+    std::fs::write(
+        &file,
+        "name: hold-rq\n\
+         trigger:\n  events: [job.succeeded]\n\
+         condition: event.data.queue == 'rq'\n\
+         actions:\n  - action: pause_queue\n    queue: ${event.data.queue}\n\
+         cooldown_s: 0\n",
+    )
+    .unwrap();
+    let applied = client(
+        &data,
+        &base,
+        &["rule", "apply", "-f", file.to_str().unwrap()],
+    );
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    assert!(
+        stdout(&applied).contains("rule hold-rq applied"),
+        "{}",
+        stdout(&applied)
+    );
+    let listed = client(&data, &base, &["rule", "ls"]);
+    assert!(stdout(&listed).contains("hold-rq"), "{}", stdout(&listed));
+    assert!(
+        stdout(&listed).contains("job.succeeded"),
+        "{}",
+        stdout(&listed)
+    );
+
+    let event = dir.join("event.json");
+    std::fs::write(
+        &event,
+        r#"{"type": "job.succeeded", "data": {"queue": "rq"}}"#,
+    )
+    .unwrap();
+    let dry = client(
+        &data,
+        &base,
+        &["rule", "dry-run", "hold-rq", "-f", event.to_str().unwrap()],
+    );
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&dry)).unwrap();
+    assert_eq!(report["would_fire"], true, "{report}");
+    assert_eq!(report["actions"][0]["would_run"]["queue"], "rq", "{report}");
+
+    // A bad rule is refused with the field named.
+    std::fs::write(
+        &file,
+        "name: bad\ntrigger: {}\nactions: [{action: explode}]\n",
+    )
+    .unwrap();
+    let refused = client(
+        &data,
+        &base,
+        &["rule", "apply", "-f", file.to_str().unwrap()],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("actions[0].action"),
+        "{}",
+        stderr(&refused)
+    );
+
+    // A real job fires it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ran = client(
+        &data,
+        &base,
+        &["job", "submit", "--kind", "noop", "--queue", "rq", "--wait"],
+    );
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let mut taken = String::new();
+    for _ in 0..200 {
+        taken = stdout(&client(&data, &base, &["rule", "actions", "hold-rq"]));
+        if taken.contains("pause_queue") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        taken.contains("pause_queue") && taken.contains("ok"),
+        "{taken}"
+    );
+    let queues = client(&data, &base, &["queue", "ls"]);
+    assert!(
+        stdout(&queues)
+            .lines()
+            .any(|l| l.contains("rq") && l.contains("paused")),
+        "{}",
+        stdout(&queues)
+    );
+    let removed = client(&data, &base, &["rule", "rm", "hold-rq"]);
+    assert!(removed.status.success(), "{}", stderr(&removed));
+    let gone = client(&data, &base, &["rule", "get", "hold-rq"]);
+    assert_eq!(gone.status.code(), Some(2));
+}
+
 /// A role that cannot start (its port is taken) stops the process with a
 /// clear message instead of leaving the other roles running.
 #[test]

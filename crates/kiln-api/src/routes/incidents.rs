@@ -1,5 +1,6 @@
 //! `/api/v1/incidents`: what the detectors (`kiln_ops::incidents`) opened,
-//! per tenant; acknowledged and resolved by hand here.
+//! per tenant; acknowledged and resolved by hand here. The detectors'
+//! settings for the tenant are at `/api/v1/incidents/detectors`.
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::Router;
 use kiln_db::incidents::{Incident, TimelineEntry};
+use kiln_ops::detectors::{merge, DetectorSettings};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -17,6 +19,10 @@ use crate::{now_millis, render_time, AppState};
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/incidents", get(list_incidents))
+        .route(
+            "/incidents/detectors",
+            get(get_detectors).put(put_detectors),
+        )
         .route("/incidents/{id}", get(get_incident))
         .route("/incidents/{id}/ack", post(ack_incident))
         .route("/incidents/{id}/resolve", post(resolve_incident))
@@ -25,7 +31,8 @@ pub fn router() -> Router<Arc<AppState>> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IncidentView {
     pub id: String,
-    /// `node_lost`, `dead_letter_burst`, `run_failed`.
+    /// `node_lost`, `dead_letter_burst`, `failure_rate`, `backlog_age`,
+    /// `vm_boot_failures`, `run_failed`.
     pub kind: String,
     /// One open incident per fingerprint; repeats add to its timeline.
     pub fingerprint: String,
@@ -248,4 +255,75 @@ pub async fn resolve_incident(
         (None, notes) => notes,
     };
     set(&state, &caller.tenant, &id, "resolved", notes.as_deref()).await
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DetectorsView {
+    /// Each detector's settings as they apply to the tenant: `enabled`,
+    /// `severity`, `auto_resolve` and its thresholds.
+    #[schema(value_type = Object)]
+    pub settings: DetectorSettings,
+    /// What the tenant set itself; the rest are the defaults.
+    #[schema(value_type = Object)]
+    pub overrides: serde_json::Value,
+}
+
+async fn detectors(state: &AppState, tenant: &str) -> ApiResult<DetectorsView> {
+    let overrides = state
+        .db
+        .detector_settings_get(tenant)
+        .await?
+        .unwrap_or_else(|| serde_json::json!({}));
+    let settings = DetectorSettings::default()
+        .with_overrides(&overrides)
+        .unwrap_or_default();
+    Ok(DetectorsView {
+        settings,
+        overrides,
+    })
+}
+
+/// The detectors' settings for the tenant.
+#[utoipa::path(get, path = "/api/v1/incidents/detectors", tag = "incidents",
+    responses((status = 200, body = DetectorsView)), security(("bearer" = [])))]
+pub async fn get_detectors(
+    State(state): State<Arc<AppState>>,
+    caller: Authorized<needs::Read>,
+) -> ApiResult<Json<DetectorsView>> {
+    Ok(Json(detectors(&state, &caller.tenant).await?))
+}
+
+/// Change detector settings for the tenant (admin): a JSON merge patch,
+/// `{"dead_letter_burst": {"count": 10}, "backlog_age": {"enabled": false}}`;
+/// null returns a field to its default.
+#[utoipa::path(put, path = "/api/v1/incidents/detectors", tag = "incidents",
+    request_body(content = Object, description = "the fields to change"),
+    responses((status = 200, body = DetectorsView), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn put_detectors(
+    State(state): State<Arc<AppState>>,
+    caller: Authorized<needs::Admin>,
+    Json(patch): Json<serde_json::Value>,
+) -> ApiResult<Json<DetectorsView>> {
+    if !patch.is_object() {
+        return Err(ApiError::invalid("settings: must be a JSON object"));
+    }
+    let mut overrides = state
+        .db
+        .detector_settings_get(&caller.tenant)
+        .await?
+        .unwrap_or_else(|| serde_json::json!({}));
+    merge(&mut overrides, &patch);
+    DetectorSettings::default()
+        .with_overrides(&overrides)
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    // Detectors left with no field of their own go.
+    if let Some(map) = overrides.as_object_mut() {
+        map.retain(|_, fields| fields.as_object().is_none_or(|f| !f.is_empty()));
+    }
+    state
+        .db
+        .detector_settings_put(&caller.tenant, &overrides, now_millis())
+        .await?;
+    Ok(Json(detectors(&state, &caller.tenant).await?))
 }

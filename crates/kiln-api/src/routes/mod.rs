@@ -1,3 +1,4 @@
+pub mod automation;
 pub mod events;
 pub mod files;
 pub mod flow;

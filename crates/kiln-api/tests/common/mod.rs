@@ -33,7 +33,7 @@ pub struct Harness {
     /// The deployment's key (tenant `default`, system scope).
     pub system: String,
     root: PathBuf,
-    stop: CancellationToken,
+    pub stop: CancellationToken,
     worker: tokio::task::JoinHandle<()>,
     flow: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -46,6 +46,14 @@ pub fn loopback() -> kiln_events::notify::AllowList {
 /// The kinds the API accepts.
 pub fn kinds() -> JobKinds {
     kiln_api::builtin_kinds()
+}
+
+/// The detectors' defaults here: bursts of 3 dead jobs, quiet after 1 s.
+pub fn detector_defaults() -> kiln_ops::detectors::DetectorSettings {
+    let mut settings = kiln_ops::detectors::DetectorSettings::default();
+    settings.dead_letter_burst.count = 3;
+    settings.dead_letter_burst.quiet_s = 1;
+    settings
 }
 
 pub async fn harness(db: Db) -> Harness {
@@ -113,15 +121,19 @@ async fn harness_with(db: Db, root: PathBuf, blobs: BlobStore) -> Harness {
         tokio::spawn(kiln_events::notify::match_loop(db.clone(), stop.clone())),
         tokio::spawn(kiln_ops::incidents::detect_loop(
             db.clone(),
-            kiln_ops::incidents::IncidentConfig {
-                dead_burst: 3,
-                dead_window: Duration::from_secs(60),
-                quiet: Duration::from_secs(1),
+            detector_defaults(),
+            stop.clone(),
+        )),
+        tokio::spawn(kiln_ops::rules::engine::rules_loop(
+            db.clone(),
+            kiln_ops::rules::engine::RulesConfig {
+                kinds: kinds(),
+                wasm: Some(wasm.clone()),
             },
             stop.clone(),
         )),
     ];
-    let state = AppState::with_kinds(db.clone(), blobs, Some(wasm), None, kinds());
+    let state = AppState::with_kinds(db.clone(), blobs, Some(wasm.clone()), None, kinds());
     state.allow_notify(loopback());
     let app = kiln_api::app(state.clone());
     Harness {
