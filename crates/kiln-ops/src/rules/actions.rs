@@ -116,6 +116,8 @@ impl Actor<'_> {
                 self.kinds
                     .check(&new.kind, &new.spec)
                     .map_err(|e| kiln_core::names::sanitise_message(&e.to_string(), 512))?;
+                // A command for a VM of one host of many goes to that host.
+                new.kind = self.kinds.stored_kind(&new.kind, &new.spec);
                 if new.kind == "wasm" {
                     let module = new.spec.get("module").and_then(Value::as_str).unwrap_or("");
                     if db
@@ -245,6 +247,7 @@ impl Actor<'_> {
                 .check(&job.kind, &job.spec)
                 .map_err(|e| kiln_core::names::sanitise_message(&e.to_string(), 512))?;
         }
+        delete.kind = self.kinds.stored_kind(&delete.kind, &delete.spec);
         let now = now_millis();
         let (deleting, _) = self.db.job_insert(&delete, now).await.map_err(db_error)?;
         let (creating, _) = self.db.job_insert(&create, now).await.map_err(db_error)?;
