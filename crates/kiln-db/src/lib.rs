@@ -13,6 +13,7 @@ pub mod nodes;
 mod postgres;
 pub mod replies;
 mod rows;
+pub mod secrets;
 mod sqlite;
 pub mod subscriptions;
 #[cfg(feature = "testing")]
