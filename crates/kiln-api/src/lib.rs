@@ -52,6 +52,8 @@ pub struct AppState {
     events: tokio::sync::OnceCell<Arc<kiln_events::EventHub>>,
     /// Non-public networks notification destinations may reach.
     notify_allow: std::sync::OnceLock<kiln_events::notify::AllowList>,
+    /// The key secrets are sealed under; unset: this node keeps no secrets.
+    pub master_key: std::sync::OnceLock<kiln_core::secrets::MasterKey>,
     /// Set where VMs may live on other hosts: requests for them are
     /// forwarded (see `vm_hosts`).
     pub fleet: std::sync::OnceLock<vm_hosts::VmFleet>,
@@ -100,6 +102,7 @@ impl AppState {
             gauges: Default::default(),
             events: tokio::sync::OnceCell::new(),
             notify_allow: std::sync::OnceLock::new(),
+            master_key: std::sync::OnceLock::new(),
             fleet: std::sync::OnceLock::new(),
             internal_key: std::sync::OnceLock::new(),
         })
@@ -234,6 +237,8 @@ pub fn builtin_kinds() -> JobKinds {
         routes::subscriptions::create_subscription, routes::subscriptions::list_subscriptions,
         routes::subscriptions::get_subscription, routes::subscriptions::delete_subscription,
         routes::subscriptions::list_deliveries,
+        routes::secrets::put_secret, routes::secrets::list_secrets, routes::secrets::get_secret,
+        routes::secrets::delete_secret,
         routes::incidents::list_incidents, routes::incidents::get_incident,
         routes::incidents::ack_incident, routes::incidents::resolve_incident,
         routes::incidents::get_detectors, routes::incidents::put_detectors,
@@ -278,6 +283,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::files::router())
         .merge(routes::events::router())
         .merge(routes::subscriptions::router())
+        .merge(routes::secrets::router())
         .merge(routes::incidents::router())
         .merge(routes::automation::router())
         .merge(routes::webhooks::router());

@@ -12,6 +12,7 @@ pub mod kinds;
 pub mod names;
 pub mod quota;
 pub mod retry;
+pub mod secrets;
 
 pub use job::*;
 pub use keys::{Scope, Scopes};

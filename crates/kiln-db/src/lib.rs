@@ -14,6 +14,7 @@ mod postgres;
 pub mod replies;
 mod rows;
 pub mod rules;
+pub mod secrets;
 mod sqlite;
 pub mod subscriptions;
 #[cfg(feature = "testing")]

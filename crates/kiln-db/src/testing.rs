@@ -70,3 +70,11 @@ pub async fn execute(db: &Db, sql: &str) -> Result<(), crate::DbError> {
 
 /// Removes a schema made by `connect_postgres_schema`, with everything in it.
 pub use crate::drop_postgres_schema;
+
+/// The first column of every row of a query, as text: for tests that look
+/// at what is stored (that a value is nowhere in clear, say).
+pub async fn text_rows(db: &Db, sql: &str) -> Result<Vec<String>, crate::DbError> {
+    crate::with_pool!(db, read, |pool| Ok(sqlx::query_scalar(sql)
+        .fetch_all(pool)
+        .await?))
+}

@@ -73,6 +73,11 @@ pub struct ServerArgs {
     /// A node silent this long, in ms, is marked lost (default 15000).
     #[arg(long, env = "KILN_NODE_LOST_MS")]
     pub node_lost_ms: Option<u64>,
+    /// The key secrets are sealed under (64 hex digits; default
+    /// `<data-dir>/master.key`, made at first start). Every node of a
+    /// deployment needs the same one.
+    #[arg(long, env = "KILN_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
     /// Where a worker that hosts VMs takes the requests API nodes forward
     /// for its VMs (an address other kiln hosts reach; off by default: the
     /// worker then hosts VMs for its own jobs only).
@@ -170,6 +175,7 @@ struct FileConfig {
     node_lost_ms: Option<u64>,
     internal_listen: Option<SocketAddr>,
     internal_url: Option<String>,
+    master_key_file: Option<PathBuf>,
     retention_hours: Option<u64>,
     event_retention_hours: Option<u64>,
     vm_warm: Option<usize>,
@@ -202,6 +208,8 @@ pub struct Settings {
     /// Node heartbeat period and the silence after which a node is lost.
     pub node_heartbeat_ms: u64,
     pub node_lost_ms: u64,
+    /// Where the master key is read from (made there when it is the default).
+    pub master_key_file: Option<PathBuf>,
     /// A VM host's internal listener and the URL others reach it at.
     pub internal_listen: Option<SocketAddr>,
     pub internal_url: Option<String>,
@@ -289,6 +297,7 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .max(heartbeat_ms.saturating_mul(3)),
         internal_listen: args.internal_listen.or(file.internal_listen),
         internal_url: args.internal_url.clone().or(file.internal_url),
+        master_key_file: args.master_key_file.clone().or(file.master_key_file),
         retention_hours: args
             .retention_hours
             .or(file.retention_hours)

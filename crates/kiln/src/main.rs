@@ -8,6 +8,7 @@ mod flow_cli;
 mod incident_cli;
 mod node_cli;
 mod rule_cli;
+mod secret_cli;
 mod serve;
 
 use std::path::PathBuf;
@@ -105,6 +106,9 @@ enum Command {
         #[command(subcommand)]
         command: node_cli::NodeCommand,
     },
+    /// Secrets: set (value from stdin), list, remove; rotate the master key.
+    #[command(subcommand)]
+    Secret(secret_cli::SecretCommand),
     /// Incidents the detectors opened: list, acknowledge, resolve.
     Incident {
         #[command(flatten)]
@@ -421,6 +425,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             events_cli::events(Client::new(&client)?, command).await
         }
         Command::Node { client, command } => node_cli::node(Client::new(&client)?, command).await,
+        Command::Secret(command) => secret_cli::secret(command).await,
         Command::Incident { client, command } => {
             incident_cli::incident(Client::new(&client)?, command).await
         }

@@ -205,6 +205,29 @@ async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The master key secrets are sealed under: `--master-key-file`, or
+/// `<data-dir>/master.key`, made (0600) at the first start.
+pub fn master_key(settings: &Settings) -> anyhow::Result<kiln_core::secrets::MasterKey> {
+    let (path, default) = match &settings.master_key_file {
+        Some(path) => (path.clone(), false),
+        None => (settings.data_dir.join("master.key"), true),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => kiln_core::secrets::MasterKey::parse(&text)
+            .with_context(|| format!("{} does not hold 64 hex digits", path.display())),
+        Err(error) if default && error.kind() == std::io::ErrorKind::NotFound => {
+            use rand::RngCore;
+            let mut bytes = [0u8; kiln_core::secrets::KEY_BYTES];
+            rand::rng().fill_bytes(&mut bytes);
+            let key = kiln_core::secrets::MasterKey::new(bytes);
+            write_secret(&path, &key.to_hex())?;
+            tracing::info!(path = %path.display(), id = %key.id(), "made the master key for secrets");
+            Ok(key)
+        }
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// Writes a secret readable by its owner only, whatever mode the file had:
 /// the mode is set before the old content is cut and the new one written.
 pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
@@ -293,6 +316,8 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     } else {
         None
     };
+    // Secrets are sealed where the API runs and opened where jobs run.
+    let master = Some(master_key(settings)?);
     let blobs = open_blobs(settings, &db)?;
     let runtime = if role.runs_jobs() {
         Some(wasm_runtime(settings, &blobs)?)
@@ -352,6 +377,9 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     }
     if let Some(listener) = listener {
         let state = AppState::with_vms(db.clone(), blobs, validator, parts.vms.clone());
+        if let Some(master) = master.clone() {
+            let _ = state.master_key.set(master);
+        }
         if let (true, Some(key)) = (forwarding, internal_key) {
             let own = parts
                 .vms

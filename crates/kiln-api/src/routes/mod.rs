@@ -8,6 +8,7 @@ pub mod keys;
 pub mod modules;
 pub mod nodes;
 pub mod queues;
+pub mod secrets;
 pub mod subscriptions;
 pub mod system;
 pub mod vms;
