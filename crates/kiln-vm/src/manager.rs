@@ -86,6 +86,8 @@ pub struct VmManager {
     lifecycle: Mutex<Option<tokio::sync::mpsc::Sender<VmLifecycle>>>,
     /// Where jobs record the commands they run (execution history).
     history: std::sync::OnceLock<kiln_db::Db>,
+    /// Where commands' output goes as it is produced (live logs).
+    logs: std::sync::OnceLock<kiln_logs::LogSink>,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
@@ -267,6 +269,7 @@ impl VmManager {
             closing: AtomicBool::new(false),
             lifecycle: Mutex::new(None),
             history: std::sync::OnceLock::new(),
+            logs: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -457,6 +460,17 @@ impl VmManager {
     /// records its own with its database).
     pub fn record_executions(&self, db: kiln_db::Db) {
         let _ = self.history.set(db);
+    }
+
+    /// Commands in this manager's VMs stream their output into `logs`
+    /// from now on (jobs and the API alike); the first sink given stays.
+    pub fn attach_logs(&self, logs: kiln_logs::LogSink) {
+        let _ = self.logs.set(logs);
+    }
+
+    /// A tap for one command's output, once logs are attached.
+    pub fn log_tap(&self, origin: kiln_logs::Origin) -> Option<kiln_logs::LogTap> {
+        self.logs.get().map(|logs| logs.tap(origin))
     }
 
     /// The database jobs record executions into, once set.

@@ -205,12 +205,33 @@ struct Parts {
     /// nodes count as lost.
     node: kiln_ops::NodeConfig,
     detector: kiln_ops::DetectorConfig,
+    /// The live logs' writer; it stops after every role, so their last
+    /// lines are stored.
+    logs: (kiln_logs::LogSink, tokio::task::JoinHandle<()>),
+    logs_stop: CancellationToken,
+    blobs: BlobStore,
+    loki: Option<kiln_logs::LokiConfig>,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
 /// once, last: no step after it can fail and leave its VMs running.
 async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts> {
+    let blobs = open_blobs(settings, &db)?;
+    let logs_stop = CancellationToken::new();
+    let logs = kiln_logs::LogSink::start(
+        db.clone(),
+        Some(blobs.clone()),
+        kiln_logs::LogConfig {
+            source_bytes_max: settings.log_bytes_max,
+            ..kiln_logs::LogConfig::new(&node_id())
+        },
+        logs_stop.clone(),
+    );
     let mut parts = Parts {
+        logs,
+        logs_stop,
+        blobs: blobs.clone(),
+        loki: settings.loki_url.as_deref().map(kiln_logs::LokiConfig::new),
         db: db.clone(),
         vms: None,
         api: None,
@@ -218,6 +239,8 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         retention: kiln_worker::Retention {
             finished_jobs: Duration::from_secs(settings.retention_hours.saturating_mul(3600)),
             events: Duration::from_secs(settings.event_retention_hours.saturating_mul(3600)),
+            logs: Duration::from_secs(settings.log_retention_hours.saturating_mul(3600)),
+            log_blobs: Some(blobs.clone()),
             ..kiln_worker::Retention::default()
         },
         nats_url: settings.nats_url.clone(),
@@ -243,9 +266,10 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     } else {
         None
     };
-    let blobs = open_blobs(settings, &db)?;
     let runtime = if role.runs_jobs() {
-        Some(wasm_runtime(settings, &blobs)?)
+        let runtime = wasm_runtime(settings, &blobs)?;
+        runtime.attach_logs(parts.logs.0.clone());
+        Some(runtime)
     } else {
         None
     };
@@ -259,6 +283,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     if let Some(runtime) = runtime {
         parts.vms = vm_manager(settings).await?;
         if let Some(vms) = &parts.vms {
+            vms.attach_logs(parts.logs.0.clone());
             kiln_api::record_vm_lifecycle(db.clone(), vms);
             parts.node.accelerator = Some(vms.accelerator().as_str().to_string());
             let live = Arc::downgrade(vms);
@@ -331,6 +356,8 @@ pub async fn run(settings: Settings, role: Role) -> anyhow::Result<()> {
     if let Some(vms) = parts.vms {
         vms.shutdown().await;
     }
+    parts.logs_stop.cancel();
+    let _ = parts.logs.1.await;
     parts.db.close().await;
     outcome
 }
@@ -382,6 +409,20 @@ fn start(
         let bridge = kiln_events::nats::bridge(parts.db.clone(), url, shutdown.clone());
         tasks.spawn(async move {
             bridge.await;
+            Ok(())
+        });
+    }
+    // The Loki pusher too: its cursor makes a second one push a page twice
+    // at worst.
+    if let (Some(config), Role::All | Role::Scheduler) = (parts.loki.clone(), role) {
+        let push = kiln_logs::push_loop(
+            parts.db.clone(),
+            parts.blobs.clone(),
+            config,
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            push.await;
             Ok(())
         });
     }
