@@ -177,10 +177,9 @@ impl Db {
         if texts.iter().flatten().any(|t| t.contains('\0')) {
             return Ok(Vec::new());
         }
-        let min_rank = match q.min_level {
-            Some(level) => Some(level_rank(level).unwrap_or(i64::MAX)),
-            None => None,
-        };
+        let min_rank = q
+            .min_level
+            .map(|level| level_rank(level).unwrap_or(i64::MAX));
         let contains = match self {
             Db::Sqlite(_) => "instr(text, $7) > 0",
             Db::Postgres(_) => "strpos(text, $7) > 0",

@@ -191,7 +191,7 @@ impl TapInner {
         }
         let done = everything && st.buffered == 0;
         if done {
-            round.finished.extend(st.finished.drain(..));
+            round.finished.append(&mut st.finished);
         }
         done
     }

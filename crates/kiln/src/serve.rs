@@ -591,7 +591,18 @@ mod tests {
             config,
         );
         let shutdown = CancellationToken::new();
+        let blobs = BlobStore::local(&dir.join("blobs")).unwrap();
+        let logs_stop = CancellationToken::new();
         let mut parts = Parts {
+            logs: kiln_logs::LogSink::start(
+                db.clone(),
+                None,
+                kiln_logs::LogConfig::new("supervised"),
+                logs_stop.clone(),
+            ),
+            logs_stop,
+            blobs,
+            loki: None,
             db: db.clone(),
             vms: None,
             api: None,
