@@ -66,7 +66,7 @@ impl LogConfig {
             node: node.to_string(),
             source_bytes_max: 64 << 20,
             db_bytes_per_source: 1 << 20,
-            tap_buffer_bytes: 1 << 20,
+            tap_buffer_bytes: 4 << 20,
             buffered_bytes_max: 64 << 20,
             flush_every: Duration::from_millis(50),
             stall: Duration::from_secs(2),

@@ -136,7 +136,7 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<()> {
     wasm_ingest(&db, &blobs, &root, &sink, total).await?;
     follow_latency(&db, &blobs, &sink, args.lines).await?;
     if args.vm_mib > 0 {
-        vm_pace(&sink, &args).await?;
+        vm_pace(&db, &blobs, &sink, &args).await?;
     }
     stop.cancel();
     writer.await?;
@@ -168,17 +168,7 @@ async fn wasm_ingest(
         .await?;
     runtime.prepare(&id).await?;
     let handler = WasmHandler(runtime.clone());
-    // Without the store: the guest's own pace.
     let spec = json!({"module": id, "output_limit_bytes": 1 << 20});
-    let t = Instant::now();
-    let end = handler
-        .run(&leased(1, spec.clone()), CancellationToken::new())
-        .await;
-    let alone = t.elapsed();
-    anyhow::ensure!(
-        matches!(end, kiln_core::AttemptEnd::Succeeded(_)),
-        "the guest failed alone: {end:?}"
-    );
     runtime.attach_logs(sink.clone());
     let before = rss_kib();
     let peak = RssPeak::start();
@@ -188,18 +178,12 @@ async fn wasm_ingest(
         .await;
     let took = t.elapsed();
     let peak = peak.finish();
-    anyhow::ensure!(
-        matches!(end, kiln_core::AttemptEnd::Succeeded(_)),
-        "the guest failed: {end:?}"
-    );
+    if let kiln_core::AttemptEnd::Failed { error, .. } = end {
+        anyhow::bail!("the guest failed: {error}");
+    }
     let stored = stored_bytes(db, 2).await?;
     anyhow::ensure!(stored as u64 == total, "stored {stored} of {total} bytes");
     let mb = total as f64 / 1e6;
-    println!(
-        "| wasm job printing {} MiB, alone (1 MiB result cap, no log store) | {:.0} MB/s |",
-        total >> 20,
-        mb / alone.as_secs_f64()
-    );
     println!(
         "| wasm job printing {} MiB into the live logs (all stored: first MiB in rows, the rest in segments) | {:.0} MB/s ({:.2} s) |",
         total >> 20,
@@ -236,21 +220,8 @@ async fn follow_latency(
         .await?
         .0
         .id;
-    let (_, key) = kiln_api::issue_key(
-        db,
-        "bench",
-        "bench",
-        kiln_core::Scopes(vec![kiln_core::Scope::Read]),
-    )
-    .await?;
-    let state = kiln_api::AppState::new(db.clone(), blobs.clone(), None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
     let stop = CancellationToken::new();
-    let done = stop.clone();
-    tokio::spawn(kiln_api::serve(listener, state, async move {
-        done.cancelled().await
-    }));
+    let (address, key) = serve_api(db, blobs, &stop).await?;
     let response = reqwest::Client::new()
         .get(format!(
             "http://{address}/api/v1/jobs/{job}/logs?follow=true"
@@ -276,36 +247,13 @@ async fn follow_latency(
             tap.finish().await;
         })
     };
-    let mut response = response;
-    let mut buffer = String::new();
-    let mut samples = Vec::with_capacity(lines);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while samples.len() < lines && Instant::now() < deadline {
-        let Ok(Some(chunk)) =
-            tokio::time::timeout(Duration::from_secs(5), response.chunk()).await?
-        else {
-            break;
-        };
-        let now = Instant::now();
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let frame: String = buffer.drain(..end + 2).collect();
-            let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                continue;
-            };
-            let line: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
-            for text in line["text"].as_str().unwrap_or("").lines() {
-                if let Some(i) = text
-                    .strip_prefix("line ")
-                    .and_then(|n| n.parse::<usize>().ok())
-                {
-                    if let Some(at) = sent.lock().unwrap().get(i) {
-                        samples.push(now.duration_since(*at));
-                    }
-                }
-            }
-        }
-    }
+    let samples = read_lines(response, lines, |text, _| {
+        let i = text.strip_prefix("line ")?.parse::<usize>().ok()?;
+        let at = *sent.lock().unwrap().get(i)?;
+        Some(Instant::now().duration_since(at))
+    })
+    .await?;
+    let mut samples = samples;
     writer.await?;
     stop.cancel();
     anyhow::ensure!(!samples.is_empty(), "no line reached the follower");
@@ -319,9 +267,69 @@ async fn follow_latency(
     Ok(())
 }
 
+/// Reads an SSE stream of chunks until `count` lines were measured by
+/// `measure` (given each line's text and its arrival), or 60 s passed.
+async fn read_lines(
+    mut response: reqwest::Response,
+    count: usize,
+    measure: impl Fn(&str, std::time::SystemTime) -> Option<Duration>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut buffer = String::new();
+    let mut samples = Vec::with_capacity(count);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while samples.len() < count && Instant::now() < deadline {
+        let Ok(Ok(Some(chunk))) =
+            tokio::time::timeout(Duration::from_secs(5), response.chunk()).await
+        else {
+            break;
+        };
+        let now = std::time::SystemTime::now();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let line: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+            for text in line["text"].as_str().unwrap_or("").lines() {
+                samples.extend(measure(text, now));
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// An API on 127.0.0.1 over the bench's store, and a read key for it.
+async fn serve_api(
+    db: &Db,
+    blobs: &BlobStore,
+    stop: &CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, String)> {
+    let (_, key) = kiln_api::issue_key(
+        db,
+        "bench",
+        "bench",
+        kiln_core::Scopes(vec![kiln_core::Scope::Read]),
+    )
+    .await?;
+    let state = kiln_api::AppState::new(db.clone(), blobs.clone(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let done = stop.clone();
+    tokio::spawn(kiln_api::serve(listener, state, async move {
+        done.cancelled().await
+    }));
+    Ok((address, key))
+}
+
 /// A VM command printing as fast as it can: the guest's pace with and
 /// without the tap.
-async fn vm_pace(sink: &LogSink, args: &LogsArgs) -> anyhow::Result<()> {
+async fn vm_pace(
+    db: &Db,
+    blobs: &BlobStore,
+    sink: &LogSink,
+    args: &LogsArgs,
+) -> anyhow::Result<()> {
     let images = args
         .images
         .clone()
@@ -345,17 +353,23 @@ async fn vm_pace(sink: &LogSink, args: &LogsArgs) -> anyhow::Result<()> {
         ],
         ..kiln_vm::Exec::default()
     };
-    let t = Instant::now();
-    agent.exec(exec.clone(), b"").await?;
-    let alone = t.elapsed();
-    let tap = vms
-        .log_tap(Origin::vm("bench", &vm.id))
-        .ok_or_else(|| anyhow::anyhow!("no logs"))?;
-    let t = Instant::now();
-    let out = agent.exec_tapped(exec, b"", Some(&tap)).await?;
-    tap.finish().await;
-    let tapped = t.elapsed();
-    anyhow::ensure!(tap.taken() == bytes, "tapped {} of {bytes}", tap.taken());
+    // Alternated, best of three each: the first runs of a VM are slower.
+    let (mut alone, mut tapped) = (Duration::MAX, Duration::MAX);
+    let mut status = 0;
+    for _ in 0..3 {
+        let t = Instant::now();
+        agent.exec(exec.clone(), b"").await?;
+        alone = alone.min(t.elapsed());
+        let tap = vms
+            .log_tap(Origin::vm("bench", &vm.id))
+            .ok_or_else(|| anyhow::anyhow!("no logs"))?;
+        let t = Instant::now();
+        let out = agent.exec_tapped(exec.clone(), b"", Some(&tap)).await?;
+        tap.finish().await;
+        tapped = tapped.min(t.elapsed());
+        status = out.status();
+        anyhow::ensure!(tap.taken() == bytes, "tapped {} of {bytes}", tap.taken());
+    }
     let mb = bytes as f64 / 1e6;
     println!(
         "| VM command printing {} MiB ({}), guest's pace without the tap | {:.1} MB/s |",
@@ -367,10 +381,90 @@ async fn vm_pace(sink: &LogSink, args: &LogsArgs) -> anyhow::Result<()> {
         "| the same into the live logs (all {} MiB stored) | {:.1} MB/s (exit {}) |",
         args.vm_mib,
         mb / tapped.as_secs_f64(),
-        out.status()
+        status
     );
+    vm_follow_latency(db, blobs, &vms, &vm.id, &agent).await?;
     vms.delete("bench", &vm.id).await;
     vms.shutdown().await;
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// Lines printed in the guest, numbered, read by an SSE client over HTTP
+/// following the VM's lines; each timed from the moment its frame reached
+/// the host (busybox's `date` has no sub-second field, so the guest cannot
+/// stamp them; the guest → host hop is the exec round trip's share).
+async fn vm_follow_latency(
+    db: &Db,
+    blobs: &BlobStore,
+    vms: &Arc<kiln_vm::VmManager>,
+    vm_id: &str,
+    agent: &kiln_vm::AgentConn,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let (address, key) = serve_api(db, blobs, &stop).await?;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "http://{address}/api/v1/logs?follow=true&vm={vm_id}&source=vm"
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "follow: {}",
+        response.status()
+    );
+    let lines = 40;
+    let exec = kiln_vm::Exec {
+        command: "sh".into(),
+        args: vec![
+            "-c".into(),
+            format!("i=0; while [ $i -lt {lines} ]; do echo \"t $i\"; i=$((i+1)); sleep 0.1; done"),
+        ],
+        ..kiln_vm::Exec::default()
+    };
+    let tap = vms
+        .log_tap(Origin::vm("bench", vm_id))
+        .ok_or_else(|| anyhow::anyhow!("no logs"))?;
+    let received: Arc<std::sync::Mutex<Vec<(String, std::time::SystemTime)>>> = Arc::default();
+    let run = {
+        let agent = agent.clone();
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut stream = agent.exec_stream(exec, b"").await?;
+            loop {
+                match stream.next().await? {
+                    kiln_vm::ExecEvent::Stdout(data) => {
+                        let now = std::time::SystemTime::now();
+                        for line in String::from_utf8_lossy(&data).lines() {
+                            received.lock().unwrap().push((line.to_string(), now));
+                        }
+                        tap.write_paced(Stream::Stdout, &data).await;
+                    }
+                    kiln_vm::ExecEvent::Stderr(_) => {}
+                    kiln_vm::ExecEvent::Exited(_) => break,
+                }
+            }
+            tap.finish().await;
+            anyhow::Ok(())
+        })
+    };
+    let mut samples = read_lines(response, lines, |text, at| {
+        let got = received.lock().unwrap();
+        let (_, from) = got.iter().find(|(line, _)| line == text)?;
+        at.duration_since(*from).ok()
+    })
+    .await?;
+    run.await??;
+    stop.cancel();
+    anyhow::ensure!(!samples.is_empty(), "no guest line reached the follower");
+    samples.sort();
+    println!(
+        "| follow latency, guest line reaches the host → SSE client over HTTP ({} lines, 100 ms apart) | p50 {}, p95 {} |",
+        samples.len(),
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.95))
+    );
     Ok(())
 }
