@@ -21,6 +21,7 @@ kiln_db::on_both_databases!(
     logs_are_the_tenant_s_own,
     bad_queries_are_refused_with_json,
     following_a_vm_job_shows_lines_before_it_ends,
+    a_flood_ends_at_the_log_cap_with_a_marker,
 );
 
 /// Opens `path` as a Server-Sent Events stream for `key`.
@@ -396,5 +397,42 @@ async fn following_a_vm_job_shows_lines_before_it_ends(db: kiln_db::Db) {
         ahead >= Duration::from_millis(2500),
         "first line only {ahead:?} before the end"
     );
+    h.stop().await;
+}
+
+/// A guest printing forever: the result keeps its cap, the log its much
+/// larger one and a marker, and the guest is stopped there.
+async fn a_flood_ends_at_the_log_cap_with_a_marker(db: kiln_db::Db) {
+    let mut h = harness(db).await;
+    h.start_logs_with(kiln_logs::LogConfig {
+        flush_every: Duration::from_millis(20),
+        source_bytes_max: 1 << 20,
+        ..kiln_logs::LogConfig::new("test-node")
+    });
+    let module = h.push(&fixtures::flood()).await;
+    let job = h
+        .submit(json!({"kind": "wasm", "spec": {"module": module, "output_limit_bytes": 10000}, "max_attempts": 1}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = h.wait(&id, finished).await;
+    assert_eq!(done["status"], "failed", "{}", done["status"]);
+    assert_eq!(done["error"], "output_truncated", "{}", done["error"]);
+    assert_eq!(done["result"]["stdout"].as_str().unwrap().len(), 10000);
+    let (text, lines) = whole_output(&h, &id, &h.admin).await;
+    let marker = "[kiln: output past 1048576 bytes is not kept]\n";
+    assert!(
+        text.ends_with(marker),
+        "{}",
+        &text[text.len().saturating_sub(100)..]
+    );
+    // The guest prints NULs, which text cannot hold: each is kept as
+    // U+FFFD, and `bytes` counts what the guest printed.
+    let printed: i64 = lines
+        .iter()
+        .filter(|l| l["stream"] == "stdout")
+        .map(|l| l["bytes"].as_i64().unwrap())
+        .sum();
+    assert_eq!(printed, 1 << 20);
+    assert_eq!(lines.last().unwrap()["stream"], "log");
     h.stop().await;
 }

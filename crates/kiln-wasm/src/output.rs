@@ -70,7 +70,14 @@ impl CappedOutput {
         };
         match &self.tap {
             None => fits,
-            Some((tap, stream)) => tap.write(*stream, bytes) == Written::Kept,
+            Some((tap, stream)) => {
+                let kept = tap.write(*stream, bytes) == Written::Kept;
+                if !kept {
+                    // The flood ends here, as `output_truncated`.
+                    self.inner.lock().expect("output").truncated = true;
+                }
+                kept
+            }
         }
     }
 }

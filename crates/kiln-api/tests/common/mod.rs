@@ -235,10 +235,14 @@ impl Harness {
     /// Starts the live logs' writer (draining every 20 ms) and streams the
     /// wasm jobs' output into it (and the VM worker's, if started after).
     pub fn start_logs(&mut self) -> kiln_logs::LogSink {
-        let config = kiln_logs::LogConfig {
+        self.start_logs_with(kiln_logs::LogConfig {
             flush_every: Duration::from_millis(20),
             ..kiln_logs::LogConfig::new("test-node")
-        };
+        })
+    }
+
+    /// [`Harness::start_logs`] with settings of the test's choosing.
+    pub fn start_logs_with(&mut self, config: kiln_logs::LogConfig) -> kiln_logs::LogSink {
         let (sink, writer) = kiln_logs::LogSink::start(
             self.db.clone(),
             Some(self.state.blobs.clone()),
