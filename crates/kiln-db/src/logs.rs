@@ -135,7 +135,8 @@ impl Db {
     /// Stores chunks in one transaction, a few statements of many rows. On
     /// PostgreSQL the transaction first takes an advisory lock, so ids are
     /// given in commit order (a follower's `id > cursor` skips nothing),
-    /// and NOTIFYs `kiln_logs`.
+    /// and NOTIFYs `kiln_logs`; the server ends it if it idles 5 s, so a
+    /// writer that froze mid-way cannot hold the lock for long.
     pub async fn log_insert(&self, chunks: &[NewLogChunk]) -> DbResult<()> {
         if chunks.is_empty() {
             return Ok(());
@@ -153,6 +154,12 @@ impl Db {
             }
             Db::Postgres(s) => {
                 let mut tx = s.pool.begin().await?;
+                // A writer frozen inside this transaction (a stopped
+                // process) would hold the lock, and every other writer,
+                // and the event sequencer's horizon: the server ends it.
+                sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '5s'")
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("SELECT pg_advisory_xact_lock(4244)")
                     .execute(&mut *tx)
                     .await?;
