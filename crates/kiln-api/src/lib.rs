@@ -234,6 +234,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::files::list_run_artifacts, routes::files::get_run_artifact,
         routes::files::list_job_files, routes::files::get_job_file,
         routes::events::events, routes::events::events_ws, routes::events::job_events,
+        routes::logs::logs, routes::logs::job_logs,
         routes::subscriptions::create_subscription, routes::subscriptions::list_subscriptions,
         routes::subscriptions::get_subscription, routes::subscriptions::delete_subscription,
         routes::subscriptions::list_deliveries,
@@ -282,6 +283,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::flow::router())
         .merge(routes::files::router())
         .merge(routes::events::router())
+        .merge(routes::logs::router())
         .merge(routes::subscriptions::router())
         .merge(routes::secrets::router())
         .merge(routes::incidents::router())

@@ -752,6 +752,17 @@ async fn settled_executions(h: &Harness, id: &str, want: usize) -> Value {
 /// stdin, invisible to another tenant, and still there once the VM is gone.
 async fn executions_are_recorded_and_outlive_the_vm(db: Db) {
     let h = harness(db).await;
+    // Commands' output also goes to the live logs.
+    let (logs, _writer) = kiln_logs::LogSink::start(
+        h.db.clone(),
+        Some(h.state.blobs.clone()),
+        kiln_logs::LogConfig {
+            flush_every: Duration::from_millis(20),
+            ..kiln_logs::LogConfig::new("test-node")
+        },
+        CancellationToken::new(),
+    );
+    h.vms.attach_logs(logs);
     let id = h.boot().await;
     let (status, out) = h
         .execute(
@@ -813,6 +824,40 @@ async fn executions_are_recorded_and_outlive_the_vm(db: Db) {
         !text.contains("s3cr3t-value") && !text.contains("stdin-secret"),
         "{text}"
     );
+    // Both commands' output is in the live logs under the VM, each chunk
+    // naming its execution; another tenant reads none of it.
+    let (status, page) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/logs?vm={id}"),
+        &h.reader,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let lines = page["lines"].as_array().unwrap();
+    let of = |exec: &Value, stream: &str| -> String {
+        lines
+            .iter()
+            .filter(|l| l["exec"] == *exec && l["stream"] == stream)
+            .map(|l| l["text"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(of(&api_run["id"], "stdout"), "hi\n", "{page}");
+    assert_eq!(of(&api_run["id"], "stderr"), "err\n", "{page}");
+    assert_eq!(of(&ws_run["id"], "stdout"), "ws-out\n", "{page}");
+    assert!(lines
+        .iter()
+        .all(|l| l["source"] == "vm" && l["vm"] == id.as_str()));
+    let (_, page) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/logs?vm={id}"),
+        &h.other,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(page["lines"], json!([]));
 
     // Paging: one at a time, newest first.
     let (_, first) = call(

@@ -63,6 +63,14 @@ pub struct BlobStore {
     backend: Backend,
 }
 
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("backend", &self.describe())
+            .finish()
+    }
+}
+
 impl BlobStore {
     /// Opens the configured store; `db` serves [`BlobConfig::Database`].
     pub fn open(config: &BlobConfig, db: &Db) -> Result<BlobStore, BlobError> {

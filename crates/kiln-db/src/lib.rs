@@ -9,6 +9,7 @@ pub mod executions;
 pub mod flow;
 pub mod incidents;
 mod lease;
+pub mod logs;
 pub mod nodes;
 mod postgres;
 pub mod replies;

@@ -32,6 +32,8 @@ pub struct PgStore {
     pub(crate) events_kick: Arc<Notify>,
     /// Fires when events were numbered, here or in another process.
     pub(crate) events_ready: Arc<Notify>,
+    /// Fires when log chunks were stored, here or in another process.
+    pub(crate) logs_ready: Arc<Notify>,
 }
 
 /// Appends one attempt record (JSON text) to a job's history with jsonb's
@@ -81,6 +83,7 @@ impl PgStore {
         let flow_wakeup = Arc::new(Notify::new());
         let events_kick = Arc::new(Notify::new());
         let events_ready = Arc::new(Notify::new());
+        let logs_ready = Arc::new(Notify::new());
         tokio::spawn(listen(
             pool.clone(),
             Wakeups {
@@ -88,6 +91,7 @@ impl PgStore {
                 flow: flow_wakeup.clone(),
                 events_kick: events_kick.clone(),
                 events_ready: events_ready.clone(),
+                logs: logs_ready.clone(),
             },
         ));
         tokio::spawn(crate::events::sequence_loop(
@@ -103,6 +107,7 @@ impl PgStore {
             defs: Arc::default(),
             events_kick,
             events_ready,
+            logs_ready,
         })
     }
 
@@ -807,6 +812,7 @@ struct Wakeups {
     flow: Arc<Notify>,
     events_kick: Arc<Notify>,
     events_ready: Arc<Notify>,
+    logs: Arc<Notify>,
 }
 
 /// Forwards NOTIFYs to the in-process wake-ups. When the connection drops,
@@ -817,6 +823,7 @@ async fn listen(pool: PgPool, wakeups: Wakeups) {
         wakeups.flow.notify_waiters();
         wakeups.events_kick.notify_one();
         wakeups.events_ready.notify_waiters();
+        wakeups.logs.notify_waiters();
     };
     loop {
         if pool.is_closed() {
@@ -832,7 +839,13 @@ async fn listen(pool: PgPool, wakeups: Wakeups) {
             }
         };
         if listener
-            .listen_all(["kiln_jobs", "kiln_flow", "kiln_events", "kiln_events_ready"])
+            .listen_all([
+                "kiln_jobs",
+                "kiln_flow",
+                "kiln_events",
+                "kiln_events_ready",
+                "kiln_logs",
+            ])
             .await
             .is_err()
         {
@@ -854,6 +867,7 @@ async fn listen(pool: PgPool, wakeups: Wakeups) {
                     "kiln_flow" => wakeups.flow.notify_waiters(),
                     "kiln_events" => wakeups.events_kick.notify_one(),
                     "kiln_events_ready" => wakeups.events_ready.notify_waiters(),
+                    "kiln_logs" => wakeups.logs.notify_waiters(),
                     _ => wakeups.jobs.notify_waiters(),
                 },
                 Ok(None) => {

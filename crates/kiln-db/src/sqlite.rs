@@ -34,6 +34,8 @@ pub struct SqliteStore {
     pub(crate) defs: Arc<crate::flow::DefCache>,
     /// Fires after a write that may have appended events.
     pub(crate) events_ready: Arc<Notify>,
+    /// Fires after log chunks were stored.
+    pub(crate) logs_ready: Arc<Notify>,
 }
 
 /// One writer connection serialises every write, so `held` read here cannot
@@ -107,6 +109,7 @@ impl SqliteStore {
             waiters: Arc::default(),
             flow_wakeup: Arc::new(Notify::new()),
             events_ready: Arc::new(Notify::new()),
+            logs_ready: Arc::new(Notify::new()),
             defs: Arc::default(),
         })
     }

@@ -373,14 +373,32 @@ impl AgentConn {
     /// Runs a command to the end; output past [`OUTPUT_CAP`] per stream is
     /// dropped as it arrives.
     pub async fn exec(&self, exec: Exec, stdin: &[u8]) -> Result<ExecOutput, AgentError> {
+        self.exec_tapped(exec, stdin, None).await
+    }
+
+    /// As [`AgentConn::exec`], and all the output also goes to `tap` as it
+    /// arrives, at the log store's pace (a full tap stops this reader, and
+    /// so, through the bounded exec queue, the guest).
+    pub async fn exec_tapped(
+        &self,
+        exec: Exec,
+        stdin: &[u8],
+        tap: Option<&kiln_logs::LogTap>,
+    ) -> Result<ExecOutput, AgentError> {
         let mut stream = self.exec_stream(exec, stdin).await?;
         let mut output = ExecOutput::default();
         loop {
             match stream.next().await? {
                 ExecEvent::Stdout(data) => {
+                    if let Some(tap) = tap {
+                        tap.write_paced(kiln_logs::Stream::Stdout, &data).await;
+                    }
                     output.truncated |= append_capped(&mut output.stdout, &data)
                 }
                 ExecEvent::Stderr(data) => {
+                    if let Some(tap) = tap {
+                        tap.write_paced(kiln_logs::Stream::Stderr, &data).await;
+                    }
                     output.truncated |= append_capped(&mut output.stderr, &data)
                 }
                 ExecEvent::Exited(end) => {

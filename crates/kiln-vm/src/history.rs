@@ -128,6 +128,11 @@ impl Recording {
         }
     }
 
+    /// The row's id, when the start was written.
+    pub fn id(&self) -> Option<i64> {
+        self.id
+    }
+
     /// Output as it streams by.
     pub fn stdout(&mut self, data: &[u8]) {
         self.stdout.add(data);

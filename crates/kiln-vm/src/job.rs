@@ -476,11 +476,30 @@ async fn run_exec(
     exec: Exec,
     stdin: &[u8],
     kill: &CancellationToken,
+    tap: Option<&kiln_logs::LogTap>,
 ) -> Option<Result<ExecOutput, crate::agent::AgentError>> {
-    tokio::select! {
-        out = agent.exec(exec, stdin) => Some(out),
+    let out = tokio::select! {
+        out = agent.exec_tapped(exec, stdin, tap) => Some(out),
         _ = kill.cancelled() => None,
+    };
+    if let Some(tap) = tap {
+        tap.finish().await;
     }
+    out
+}
+
+/// A tap for a job's command in the VM `vm_id`.
+fn job_tap(
+    manager: &VmManager,
+    job: &LeasedJob,
+    vm_id: &str,
+    exec_id: Option<i64>,
+) -> Option<kiln_logs::LogTap> {
+    manager.log_tap(kiln_logs::Origin {
+        vm_id: Some(vm_id.to_string()),
+        exec_id,
+        ..kiln_logs::Origin::job(&job.tenant, job.id, job.attempt)
+    })
 }
 
 pub struct VmJobHandler {
@@ -628,21 +647,23 @@ impl VmJobHandler {
             &spec.exec,
         )
         .await;
-        let mut end = match run_exec(agent, exec, spec.exec.stdin.as_bytes(), kill).await {
-            None => {
-                recording.abandoned("the job was killed").await;
-                return failed("killed", false);
-            }
-            Some(Err(error)) => {
-                let end = failed(&error, false);
-                recording.failed(error).await;
-                return end;
-            }
-            Some(Ok(out)) => {
-                recording.exited(&out).await;
-                exec_end(&out, started)
-            }
-        };
+        let tap = job_tap(&self.manager, job, vm_id, recording.id());
+        let mut end =
+            match run_exec(agent, exec, spec.exec.stdin.as_bytes(), kill, tap.as_ref()).await {
+                None => {
+                    recording.abandoned("the job was killed").await;
+                    return failed("killed", false);
+                }
+                Some(Err(error)) => {
+                    let end = failed(&error, false);
+                    recording.failed(error).await;
+                    return end;
+                }
+                Some(Ok(out)) => {
+                    recording.exited(&out).await;
+                    exec_end(&out, started)
+                }
+            };
         if let AttemptEnd::Succeeded(result) = &mut end {
             if !spec.files.outputs.is_empty() {
                 let kept = tokio::select! {
@@ -730,12 +751,14 @@ impl VmTaskHandler {
             &spec.exec,
         )
         .await;
+        let tap = job_tap(&self.manager, job, &spec.vm_id, recording.id());
         // The VM stays; on a kill only the command dies.
         match run_exec(
             &agent,
             spec.exec.exec(Some(job_ms), false),
             spec.exec.stdin.as_bytes(),
             &kill,
+            tap.as_ref(),
         )
         .await
         {

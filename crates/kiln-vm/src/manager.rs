@@ -88,6 +88,8 @@ pub struct VmManager {
     history: std::sync::OnceLock<kiln_db::Db>,
     /// This host's tag among many VM hosts, put in every id it gives.
     host: std::sync::OnceLock<String>,
+    /// Where commands' output goes as it is produced (live logs).
+    logs: std::sync::OnceLock<kiln_logs::LogSink>,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
@@ -303,6 +305,7 @@ impl VmManager {
             lifecycle: Mutex::new(None),
             history: std::sync::OnceLock::new(),
             host: std::sync::OnceLock::new(),
+            logs: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -508,6 +511,17 @@ impl VmManager {
     /// Free VM slots and free VM memory (MiB) on this host.
     pub fn room(&self) -> (u64, u64) {
         self.capacity.room()
+    }
+
+    /// Commands in this manager's VMs stream their output into `logs`
+    /// from now on (jobs and the API alike); the first sink given stays.
+    pub fn attach_logs(&self, logs: kiln_logs::LogSink) {
+        let _ = self.logs.set(logs);
+    }
+
+    /// A tap for one command's output, once logs are attached.
+    pub fn log_tap(&self, origin: kiln_logs::Origin) -> Option<kiln_logs::LogTap> {
+        self.logs.get().map(|logs| logs.tap(origin))
     }
 
     /// The database jobs record executions into, once set.

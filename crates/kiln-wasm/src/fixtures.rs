@@ -11,6 +11,7 @@ const WASI_IMPORTS: &str = r#"
   (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "path_open" (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "path_symlink" (func $path_symlink (param i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   ;; write(fd, ptr, len) through an iovec at 0
   (func $write (param $fd i32) (param $ptr i32) (param $len i32)
@@ -93,6 +94,54 @@ pub fn flood() -> String {
                (call $write (i32.const 1) (i32.const 1024) (i32.const 32768))
                (br $again)))"#,
     )
+}
+
+/// Prints `count` lines `tick N` (N the line's number mod 10), sleeping
+/// `ms` milliseconds after each: a job whose output can be followed.
+pub fn slow_lines(count: u32, ms: u64) -> String {
+    let ns = ms * 1_000_000;
+    module(&format!(
+        r#"(data (i32.const 64) "tick 0\n")
+           (func (export "_start") (local $i i32)
+             (loop $more
+               (i32.store8 (i32.const 69)
+                 (i32.add (i32.const 48) (i32.rem_u (local.get $i) (i32.const 10))))
+               (call $write (i32.const 1) (i32.const 64) (i32.const 7))
+               ;; one clock subscription (monotonic, relative) at 256
+               (i64.store (i32.const 256) (i64.const 0))
+               (i32.store8 (i32.const 264) (i32.const 0))
+               (i32.store (i32.const 272) (i32.const 1))
+               (i64.store (i32.const 280) (i64.const {ns}))
+               (i64.store (i32.const 288) (i64.const 0))
+               (i32.store16 (i32.const 296) (i32.const 0))
+               (drop (call $poll_oneoff (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
+               (local.set $i (i32.add (local.get $i) (i32.const 1)))
+               (br_if $more (i32.lt_u (local.get $i) (i32.const {count})))))"#
+    ))
+}
+
+/// Prints `total` bytes of 64-byte lines (`abc…\n`) in 32 KiB writes, as
+/// fast as it can, and exits 0.
+pub fn print_bytes(total: u64) -> String {
+    module(&format!(
+        r#"(func (export "_start") (local $i i32) (local $left i64) (local $n i64)
+             (loop $fill
+               (i32.store8 (i32.add (i32.const 1024) (local.get $i))
+                 (select (i32.const 10)
+                   (i32.add (i32.const 97) (i32.rem_u (local.get $i) (i32.const 26)))
+                   (i32.eq (i32.rem_u (local.get $i) (i32.const 64)) (i32.const 63))))
+               (local.set $i (i32.add (local.get $i) (i32.const 1)))
+               (br_if $fill (i32.lt_u (local.get $i) (i32.const 32768))))
+             (local.set $left (i64.const {total}))
+             (block $done
+               (loop $more
+                 (br_if $done (i64.eqz (local.get $left)))
+                 (local.set $n (select (local.get $left) (i64.const 32768)
+                   (i64.lt_u (local.get $left) (i64.const 32768))))
+                 (call $write (i32.const 1) (i32.const 1024) (i32.wrap_i64 (local.get $n)))
+                 (local.set $left (i64.sub (local.get $left) (local.get $n)))
+                 (br $more))))"#
+    ))
 }
 
 /// Tries to create `kiln-probe` in the first preopened directory (fd 3) and

@@ -175,6 +175,8 @@ pub struct WasmRuntime {
     config: WasmConfig,
     /// Where job files are kept and fetched.
     blobs: BlobStore,
+    /// Where jobs' output goes as it is produced (live logs).
+    logs: std::sync::OnceLock<kiln_logs::LogSink>,
 }
 
 impl WasmRuntime {
@@ -212,7 +214,14 @@ impl WasmRuntime {
             scratch,
             config,
             blobs,
+            logs: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Streams every job's output into the log store from now on; the
+    /// first sink given stays.
+    pub fn attach_logs(&self, logs: kiln_logs::LogSink) {
+        let _ = self.logs.set(logs);
     }
 
     /// The quotas this runtime enforces and the API reads.
@@ -263,7 +272,7 @@ impl WasmRuntime {
     /// A kill ends the run at once, also while the module is fetched or
     /// compiled (the compile finishes for later runs).
     pub async fn run(&self, spec: &WasmSpec, kill: &CancellationToken) -> AttemptEnd {
-        self.run_as(None, spec, kill).await
+        self.run_as(None, spec, kill, None).await
     }
 
     /// Runs a job: as [`WasmRuntime::run`], and with its files, the inputs
@@ -274,7 +283,17 @@ impl WasmRuntime {
         spec: &WasmSpec,
         kill: &CancellationToken,
     ) -> AttemptEnd {
-        self.run_as(Some((&job.tenant, job.id)), spec, kill).await
+        let tap = self
+            .logs
+            .get()
+            .map(|logs| logs.tap(kiln_logs::Origin::job(&job.tenant, job.id, job.attempt)));
+        let end = self
+            .run_as(Some((&job.tenant, job.id)), spec, kill, tap.clone())
+            .await;
+        if let Some(tap) = tap {
+            tap.finish().await;
+        }
+        end
     }
 
     async fn run_as(
@@ -282,6 +301,7 @@ impl WasmRuntime {
         owner: Option<(&str, i64)>,
         spec: &WasmSpec,
         kill: &CancellationToken,
+        tap: Option<kiln_logs::LogTap>,
     ) -> AttemptEnd {
         let started = Instant::now();
         let pre = tokio::select! {
@@ -295,7 +315,7 @@ impl WasmRuntime {
             }
             Err(error) => return failed(error.to_string(), None, false),
         };
-        let mut sandbox = match self.build_store(spec, pre) {
+        let mut sandbox = match self.build_store(spec, pre, tap) {
             Ok(sandbox) => sandbox,
             Err(error) => return failed(error.to_string(), None, false),
         };
@@ -409,13 +429,23 @@ impl WasmRuntime {
 
     /// The store for one run: WASI context, limits, fuel and, when asked
     /// for, a private scratch directory with its disk budget.
-    fn build_store(&self, spec: &WasmSpec, pre: InstancePre<State>) -> Result<Sandbox, WasmError> {
+    fn build_store(
+        &self,
+        spec: &WasmSpec,
+        pre: InstancePre<State>,
+        tap: Option<kiln_logs::LogTap>,
+    ) -> Result<Sandbox, WasmError> {
         let output_cap = spec
             .output_limit_bytes
             .unwrap_or(self.config.default_output_bytes)
             .min(usize::try_from(self.config.quotas.wasm_output_bytes_max).unwrap_or(usize::MAX));
-        let stdout = CappedOutput::new(output_cap);
-        let stderr = CappedOutput::new(output_cap);
+        let (stdout, stderr) = match tap {
+            None => (CappedOutput::new(output_cap), CappedOutput::new(output_cap)),
+            Some(tap) => (
+                CappedOutput::tapped(output_cap, tap.clone(), kiln_logs::Stream::Stdout),
+                CappedOutput::tapped(output_cap, tap, kiln_logs::Stream::Stderr),
+            ),
+        };
         let mut wasi = WasiCtxBuilder::new();
         wasi.arg("main")
             .args(&spec.args)

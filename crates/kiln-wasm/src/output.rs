@@ -1,12 +1,19 @@
 //! stdout and stderr for a guest: kept up to a cap. Writing past the cap
 //! keeps what fits and traps the guest, so an output flood ends at once as
 //! `output_truncated` rather than spinning until its timeout.
+//!
+//! With a log tap (live logs), every byte also goes to the tap, and the
+//! guest traps only at the tap's much larger cap: the result keeps its
+//! first `cap` bytes (`truncated`), the log store the whole output. A tap
+//! that is full makes the guest wait (`check_write` says 0 and `ready`
+//! waits for the store), so a flood goes at the store's pace.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use kiln_logs::{LogTap, Stream, Written};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
@@ -20,6 +27,7 @@ struct Inner {
 pub struct CappedOutput {
     cap: usize,
     inner: Arc<Mutex<Inner>>,
+    tap: Option<(LogTap, Stream)>,
 }
 
 impl CappedOutput {
@@ -27,6 +35,15 @@ impl CappedOutput {
         CappedOutput {
             cap,
             inner: Arc::default(),
+            tap: None,
+        }
+    }
+
+    /// Also hands every byte to `tap` as `stream`.
+    pub fn tapped(cap: usize, tap: LogTap, stream: Stream) -> CappedOutput {
+        CappedOutput {
+            tap: Some((tap, stream)),
+            ..CappedOutput::new(cap)
         }
     }
 
@@ -38,17 +55,30 @@ impl CappedOutput {
         self.inner.lock().expect("output").truncated
     }
 
-    /// Keeps what fits; false when something had to be dropped.
+    /// Keeps what fits; false when the guest must stop (past the cap, or
+    /// past the tap's cap when there is one).
     fn push(&self, bytes: &[u8]) -> bool {
-        let mut inner = self.inner.lock().expect("output");
-        let room = self.cap.saturating_sub(inner.buffer.len());
-        let take = room.min(bytes.len());
-        inner.buffer.extend_from_slice(&bytes[..take]);
-        if take < bytes.len() {
-            inner.truncated = true;
-            return false;
+        let fits = {
+            let mut inner = self.inner.lock().expect("output");
+            let room = self.cap.saturating_sub(inner.buffer.len());
+            let take = room.min(bytes.len());
+            inner.buffer.extend_from_slice(&bytes[..take]);
+            if take < bytes.len() {
+                inner.truncated = true;
+            }
+            take == bytes.len()
+        };
+        match &self.tap {
+            None => fits,
+            Some((tap, stream)) => {
+                let kept = tap.write(*stream, bytes) == Written::Kept;
+                if !kept {
+                    // The flood ends here, as `output_truncated`.
+                    self.inner.lock().expect("output").truncated = true;
+                }
+                kept
+            }
         }
-        true
     }
 }
 
@@ -83,13 +113,22 @@ impl OutputStream for CappedOutput {
     }
 
     fn check_write(&mut self) -> Result<usize, StreamError> {
-        Ok(64 << 10)
+        Ok(match &self.tap {
+            None => 64 << 10,
+            Some((tap, _)) => tap.room().min(64 << 10),
+        })
     }
 }
 
 #[async_trait::async_trait]
 impl Pollable for CappedOutput {
-    async fn ready(&mut self) {}
+    async fn ready(&mut self) {
+        if let Some((tap, _)) = &self.tap {
+            if tap.room() == 0 {
+                tap.wait_room(1).await;
+            }
+        }
+    }
 }
 
 impl tokio::io::AsyncWrite for CappedOutput {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::now_millis;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Retention {
     /// How long a finished job (succeeded, failed, cancelled or dead) is
     /// kept after it finished.
@@ -19,6 +19,11 @@ pub struct Retention {
     pub silent_workers: Duration,
     /// How long an event stays in the log (and a stream can resume from it).
     pub events: Duration,
+    /// How long a chunk of live logs is kept (`--log-retention-hours`).
+    pub logs: Duration,
+    /// Where log segments past the database's share live, deleted with
+    /// their rows.
+    pub log_blobs: Option<kiln_blob::BlobStore>,
     /// Most rows one delete statement removes; a pass loops until done.
     pub batch: i64,
     /// How often the background task runs a pass.
@@ -31,6 +36,8 @@ impl Default for Retention {
             finished_jobs: Duration::from_secs(7 * 24 * 3600),
             silent_workers: Duration::from_secs(24 * 3600),
             events: Duration::from_secs(7 * 24 * 3600),
+            logs: Duration::from_secs(3 * 24 * 3600),
+            log_blobs: None,
             batch: 1_000,
             every: Duration::from_secs(60),
         }
@@ -45,6 +52,8 @@ pub struct Collected {
     pub events: u64,
     /// VM executions (their history), kept as long as finished jobs.
     pub executions: u64,
+    /// Chunks of live logs.
+    pub log_chunks: u64,
     /// Delete statements run: one more than the full batches.
     pub batches: u64,
 }
@@ -55,7 +64,8 @@ fn before(now: kiln_core::Millis, keep: Duration) -> kiln_core::Millis {
 
 /// One pass at time `now`: deletes, batch by batch, every job that finished
 /// longer than `retention.finished_jobs` ago, events past theirs, VM
-/// executions that started before the jobs' cutoff, then silent workers. `stop`
+/// executions that started before the jobs' cutoff, chunks of live logs
+/// past theirs (with their blob segments), then silent workers. `stop`
 /// ends the pass between batches.
 pub async fn collect_garbage(
     db: &Db,
@@ -94,6 +104,18 @@ pub async fn collect_garbage(
         }
         tokio::task::yield_now().await;
     }
+    let cutoff = before(now, retention.logs);
+    while !stop.is_cancelled() {
+        let (n, segments) = db.log_delete_before(cutoff, batch).await?;
+        collected.log_chunks += n;
+        if let Some(blobs) = &retention.log_blobs {
+            kiln_logs::delete_segments(blobs, &segments).await;
+        }
+        if (n as i64) < batch {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     collected.workers = db
         .worker_delete_stale(before(now, retention.silent_workers))
         .await?;
@@ -114,6 +136,7 @@ pub async fn gc_loop(db: Db, retention: Retention, stop: CancellationToken) {
                 workers: 0,
                 events: 0,
                 executions: 0,
+                log_chunks: 0,
                 ..
             }) => {}
             Ok(collected) => tracing::info!(
@@ -121,7 +144,8 @@ pub async fn gc_loop(db: Db, retention: Retention, stop: CancellationToken) {
                 workers = collected.workers,
                 events = collected.events,
                 executions = collected.executions,
-                "deleted finished jobs, silent workers, events and VM executions past retention"
+                log_chunks = collected.log_chunks,
+                "deleted finished jobs, silent workers, events, VM executions and logs past retention"
             ),
             Err(error) => tracing::warn!(%error, "retention pass failed"),
         }

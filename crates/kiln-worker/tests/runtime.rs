@@ -22,6 +22,7 @@ kiln_db::on_both_databases!(
     shutdown_hands_unfinished_jobs_back,
     a_panicking_handler_fails_its_attempt_and_frees_the_lease,
     retention_keeps_recent_and_unfinished_jobs,
+    retention_deletes_old_log_chunks_and_their_segments,
 );
 
 struct Running {
@@ -365,4 +366,64 @@ async fn leases_outlive_a_slow_result_write() {
     assert_eq!(outcomes, vec!["succeeded"], "the lease never lapsed");
     assert_eq!(behind.attempt, 1);
     worker.stop().await;
+}
+
+/// Live logs past `--log-retention-hours` go, their blob segments with
+/// them; newer chunks stay.
+async fn retention_deletes_old_log_chunks_and_their_segments(db: Db) {
+    let dir = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-gc-logs"));
+    let blobs = kiln_blob::BlobStore::local(&dir).unwrap();
+    let now = now_millis();
+    let hour = 3_600_000;
+    let chunk = |seq: i64, ts: i64, blob_key: Option<&str>| kiln_db::logs::NewLogChunk {
+        tenant: "acme".into(),
+        source: "job".into(),
+        job_id: Some(1),
+        node: "n".into(),
+        stream: "stdout".into(),
+        seq,
+        level: "info".into(),
+        ts,
+        bytes: 5,
+        text: if blob_key.is_some() {
+            String::new()
+        } else {
+            "line\n".into()
+        },
+        blob_key: blob_key.map(str::to_string),
+        ..Default::default()
+    };
+    blobs
+        .put("logs/acme/old/2", bytes::Bytes::from_static(b"old segment"))
+        .await
+        .unwrap();
+    db.log_insert(&[
+        chunk(1, now - 5 * hour, None),
+        chunk(2, now - 5 * hour, Some("logs/acme/old/2")),
+        chunk(3, now - 5 * hour, None),
+        chunk(4, now - hour / 2, None),
+    ])
+    .await
+    .unwrap();
+    let retention = Retention {
+        logs: Duration::from_secs(3600),
+        log_blobs: Some(blobs.clone()),
+        batch: 2,
+        ..Retention::default()
+    };
+    let pass = kiln_worker::collect_garbage(&db, &retention, now, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(pass.log_chunks, 3);
+    let left = db
+        .log_read(&kiln_db::logs::LogQuery {
+            tenant: Some("acme"),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(left.iter().map(|c| c.seq).collect::<Vec<_>>(), [4]);
+    assert!(!blobs.exists("logs/acme/old/2").await.unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,6 +26,9 @@ pub enum BenchCommand {
     Pipeline(flow::PipelineArgs),
     /// Events: commit → SSE client latency, and one event to many clients.
     Events(events::EventsArgs),
+    /// Live logs: ingest from a job printing as fast as it can (wasm, VM),
+    /// peak RSS, follow latency.
+    Logs(logs::LogsArgs),
 }
 
 #[path = "bench_flow.rs"]
@@ -33,6 +36,9 @@ mod flow;
 
 #[path = "bench_events.rs"]
 mod events;
+
+#[path = "bench_logs.rs"]
+mod logs;
 
 #[derive(Args)]
 pub struct VmArgs {
@@ -91,6 +97,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Vm(args) => vm(args).await,
         BenchCommand::Pipeline(args) => flow::pipeline(args).await,
         BenchCommand::Events(args) => events::events(args).await,
+        BenchCommand::Logs(args) => logs::logs(args).await,
     }
 }
 

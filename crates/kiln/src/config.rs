@@ -93,6 +93,18 @@ pub struct ServerArgs {
     /// How long events are kept, in hours (streams resume within this).
     #[arg(long, env = "KILN_EVENT_RETENTION_HOURS")]
     pub event_retention_hours: Option<u64>,
+    /// How long live logs (jobs' and VM commands' output, nodes' lines)
+    /// are kept, in hours (default 72).
+    #[arg(long, env = "KILN_LOG_RETENTION_HOURS")]
+    pub log_retention_hours: Option<u64>,
+    /// The most output one job attempt or VM command keeps in the live
+    /// logs, in MiB (default 64); a marker says where it stopped.
+    #[arg(long, env = "KILN_LOG_BYTES_MAX_MIB")]
+    pub log_bytes_max_mib: Option<u64>,
+    /// http(s)://HOST:PORT of a Loki: push the live logs to its JSON push
+    /// API from a cursor (`serve`, `scheduler`), so an outage loses nothing.
+    #[arg(long, env = "KILN_LOKI_URL")]
+    pub loki_url: Option<String>,
     /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
     #[arg(long, env = "KILN_VM_WARM")]
     pub vm_warm: Option<usize>,
@@ -178,6 +190,9 @@ struct FileConfig {
     master_key_file: Option<PathBuf>,
     retention_hours: Option<u64>,
     event_retention_hours: Option<u64>,
+    log_retention_hours: Option<u64>,
+    log_bytes_max_mib: Option<u64>,
+    loki_url: Option<String>,
     vm_warm: Option<usize>,
     rate_limit: Option<u32>,
     rate_burst: Option<u32>,
@@ -217,6 +232,11 @@ pub struct Settings {
     pub retention_hours: u64,
     /// Events older than this are deleted in batches.
     pub event_retention_hours: u64,
+    /// Live logs older than this are deleted in batches.
+    pub log_retention_hours: u64,
+    /// The most output one job attempt or command keeps in the live logs.
+    pub log_bytes_max: u64,
+    pub loki_url: Option<String>,
     pub vm_warm: usize,
     pub rate_limit: u32,
     pub rate_burst: u32,
@@ -308,6 +328,23 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .or(file.event_retention_hours)
             .unwrap_or(7 * 24)
             .clamp(1, 10 * 365 * 24),
+        log_retention_hours: args
+            .log_retention_hours
+            .or(file.log_retention_hours)
+            .unwrap_or(3 * 24)
+            .clamp(1, 10 * 365 * 24),
+        log_bytes_max: args
+            .log_bytes_max_mib
+            .or(file.log_bytes_max_mib)
+            .unwrap_or(64)
+            .clamp(1, 64 << 10)
+            << 20,
+        loki_url: match args.loki_url.clone().or(file.loki_url.clone()) {
+            Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                anyhow::bail!("loki_url must be an http:// or https:// URL")
+            }
+            url => url,
+        },
         vm_warm: args.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
         rate_limit: args
             .rate_limit
@@ -483,6 +520,14 @@ impl Settings {
             (
                 "event_retention_hours",
                 self.event_retention_hours.to_string(),
+            ),
+            ("log_retention_hours", self.log_retention_hours.to_string()),
+            ("log_bytes_max", self.log_bytes_max.to_string()),
+            (
+                "loki_url",
+                self.loki_url
+                    .as_deref()
+                    .map_or_else(|| "-".to_string(), redact),
             ),
             ("vm_warm", self.vm_warm.to_string()),
             ("rate_limit", self.rate_limit.to_string()),

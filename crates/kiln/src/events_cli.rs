@@ -59,7 +59,7 @@ fn query(args: &TailArgs) -> String {
 
 /// Percent-encodes a query value (names and labels are plain, but `*`, `=`
 /// and `/` must arrive as they were typed).
-fn encode(value: &str) -> String {
+pub(crate) fn encode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {

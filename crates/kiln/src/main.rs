@@ -6,6 +6,7 @@ mod config;
 mod events_cli;
 mod flow_cli;
 mod incident_cli;
+mod logs_cli;
 mod node_cli;
 mod rule_cli;
 mod secret_cli;
@@ -98,6 +99,14 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: events_cli::EventsCommand,
+    },
+    /// Live logs: jobs' and VM commands' output as produced, and (for the
+    /// deployment's key) the nodes' own lines; -f follows them.
+    Logs {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: logs_cli::LogsArgs,
     },
     /// The fleet: every kiln process, its load, drain and resume.
     Node {
@@ -214,6 +223,9 @@ enum JobCommand {
         #[arg(long, default_value_t = 600_000)]
         timeout_ms: u64,
     },
+    /// The job's whole output (every attempt); -f follows it live until
+    /// the job ends.
+    Logs(logs_cli::JobLogsArgs),
 }
 
 /// What a submitted job may set besides its kind and spec.
@@ -375,13 +387,18 @@ fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,sqlx=warn,wasmtime=warn,cranelift=warn")
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The node's own info/warn/error lines also go to the live logs once a
+    // server role starts its log writer (`source=node`).
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(kiln_logs::node_layer());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
 }
 
@@ -421,6 +438,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Schedule { client, command } => {
             flow_cli::schedule(Client::new(&client)?, command).await
         }
+        Command::Logs { client, args } => logs_cli::logs(Client::new(&client)?, args).await,
         Command::Events { client, command } => {
             events_cli::events(Client::new(&client)?, command).await
         }
@@ -454,6 +472,8 @@ async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let retention = kiln_worker::Retention {
         finished_jobs: std::time::Duration::from_secs(args.keep_hours.saturating_mul(3600)),
         events: std::time::Duration::from_secs(settings.event_retention_hours.saturating_mul(3600)),
+        logs: std::time::Duration::from_secs(settings.log_retention_hours.saturating_mul(3600)),
+        log_blobs: Some(serve::open_blobs(&settings, &db)?),
         batch: args.batch.max(1),
         ..kiln_worker::Retention::default()
     };
@@ -461,8 +481,8 @@ async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let stop = tokio_util::sync::CancellationToken::new();
     let done = kiln_worker::collect_garbage(&db, &retention, now, &stop).await?;
     eprintln!(
-        "deleted {} finished jobs ({} statements), {} silent workers, {} events and {} VM executions",
-        done.jobs, done.batches, done.workers, done.events, done.executions
+        "deleted {} finished jobs ({} statements), {} silent workers, {} events, {} VM executions and {} log chunks",
+        done.jobs, done.batches, done.workers, done.events, done.executions, done.log_chunks
     );
     Ok(0)
 }
@@ -548,6 +568,7 @@ async fn job(client: Client, command: JobCommand) -> anyhow::Result<i32> {
         JobCommand::Attempts { id } => {
             client::print(&client.get(&format!("/api/v1/jobs/{id}/attempts")).await?)
         }
+        JobCommand::Logs(args) => return logs_cli::job_logs(client, args).await,
         JobCommand::Wait { id, timeout_ms } => return wait_for_job(&client, &id, timeout_ms).await,
     }
     Ok(0)

@@ -267,12 +267,33 @@ struct Parts {
     /// Where the rule engine runs module rules (the worker's runtime when
     /// this process has one).
     rules_wasm: Option<Arc<WasmRuntime>>,
+    /// The live logs' writer; it stops after every role, so their last
+    /// lines are stored.
+    logs: (kiln_logs::LogSink, tokio::task::JoinHandle<()>),
+    logs_stop: CancellationToken,
+    blobs: BlobStore,
+    loki: Option<kiln_logs::LokiConfig>,
 }
 
 /// The fallible steps come first and the VM manager, which may boot VMs at
 /// once, last: no step after it can fail and leave its VMs running.
 async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts> {
+    let blobs = open_blobs(settings, &db)?;
+    let logs_stop = CancellationToken::new();
+    let logs = kiln_logs::LogSink::start(
+        db.clone(),
+        Some(blobs.clone()),
+        kiln_logs::LogConfig {
+            source_bytes_max: settings.log_bytes_max,
+            ..kiln_logs::LogConfig::new(&node_id())
+        },
+        logs_stop.clone(),
+    );
     let mut parts = Parts {
+        logs,
+        logs_stop,
+        blobs: blobs.clone(),
+        loki: settings.loki_url.as_deref().map(kiln_logs::LokiConfig::new),
         db: db.clone(),
         vms: None,
         api: None,
@@ -280,6 +301,8 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         retention: kiln_worker::Retention {
             finished_jobs: Duration::from_secs(settings.retention_hours.saturating_mul(3600)),
             events: Duration::from_secs(settings.event_retention_hours.saturating_mul(3600)),
+            logs: Duration::from_secs(settings.log_retention_hours.saturating_mul(3600)),
+            log_blobs: Some(blobs.clone()),
             ..kiln_worker::Retention::default()
         },
         nats_url: settings.nats_url.clone(),
@@ -318,9 +341,10 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     };
     // Secrets are sealed where the API runs and opened where jobs run.
     let master = Some(master_key(settings)?);
-    let blobs = open_blobs(settings, &db)?;
     let runtime = if role.runs_jobs() {
-        Some(wasm_runtime(settings, &blobs)?)
+        let runtime = wasm_runtime(settings, &blobs)?;
+        runtime.attach_logs(parts.logs.0.clone());
+        Some(runtime)
     } else {
         None
     };
@@ -357,6 +381,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         parts.rules_wasm = Some(runtime.clone());
         parts.vms = vm_manager(settings, host_tag.as_deref()).await?;
         if let Some(vms) = &parts.vms {
+            vms.attach_logs(parts.logs.0.clone());
             kiln_api::record_vm_lifecycle(db.clone(), vms);
             parts.node.accelerator = Some(vms.accelerator().as_str().to_string());
             let live = Arc::downgrade(vms);
@@ -449,6 +474,8 @@ pub async fn run(settings: Settings, role: Role) -> anyhow::Result<()> {
     if let Some(vms) = parts.vms {
         vms.shutdown().await;
     }
+    parts.logs_stop.cancel();
+    let _ = parts.logs.1.await;
     parts.db.close().await;
     outcome
 }
@@ -514,6 +541,20 @@ fn start(
         let bridge = kiln_events::nats::bridge(parts.db.clone(), url, shutdown.clone());
         tasks.spawn(async move {
             bridge.await;
+            Ok(())
+        });
+    }
+    // The Loki pusher too: its cursor makes a second one push a page twice
+    // at worst.
+    if let (Some(config), Role::All | Role::Scheduler) = (parts.loki.clone(), role) {
+        let push = kiln_logs::push_loop(
+            parts.db.clone(),
+            parts.blobs.clone(),
+            config,
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            push.await;
             Ok(())
         });
     }
@@ -707,7 +748,18 @@ mod tests {
             config,
         );
         let shutdown = CancellationToken::new();
+        let blobs = BlobStore::local(&dir.join("blobs")).unwrap();
+        let logs_stop = CancellationToken::new();
         let mut parts = Parts {
+            logs: kiln_logs::LogSink::start(
+                db.clone(),
+                None,
+                kiln_logs::LogConfig::new("supervised"),
+                logs_stop.clone(),
+            ),
+            logs_stop,
+            blobs,
+            loki: None,
             db: db.clone(),
             vms: None,
             api: None,

@@ -155,6 +155,45 @@ async fn client_commands_against_a_server() {
     assert_eq!(ran.status.code(), Some(0), "{}", stderr(&ran));
     assert_eq!(stdout(&ran), "hello world\n");
 
+    // The live logs: the job's whole output, followed or not; the
+    // server's own lines for the deployment's key.
+    let jobs = client(&data, &base, &["job", "ls", "--kind", "wasm"]);
+    let wasm_job = stdout(&jobs)
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|word| !word.is_empty())
+        .unwrap_or_default()
+        .to_string();
+    let logs = client(&data, &base, &["job", "logs", &wasm_job]);
+    assert_eq!(stdout(&logs), "hello world\n", "{}", stderr(&logs));
+    let followed = client(&data, &base, &["job", "logs", "-f", &wasm_job]);
+    assert_eq!(followed.status.code(), Some(0), "{}", stderr(&followed));
+    assert_eq!(stdout(&followed), "hello world\n");
+    assert!(
+        stderr(&followed).contains("succeeded"),
+        "{}",
+        stderr(&followed)
+    );
+    let all = client(&data, &base, &["logs", "--source", "job", "-q", "hello"]);
+    assert!(
+        stdout(&all).contains(&format!("job {wasm_job}")),
+        "{}",
+        stdout(&all)
+    );
+    assert!(
+        stdout(&all).ends_with("| hello world\n"),
+        "{}",
+        stdout(&all)
+    );
+    let node = client(
+        &data,
+        &base,
+        &["logs", "--source", "node", "-q", "roles started"],
+    );
+    assert!(stdout(&node).contains("roles started"), "{}", stderr(&node));
+    let bad = client(&data, &base, &["logs", "--level", "loud"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("422"), "{}", stderr(&bad));
+
     let submitted = client(
         &data,
         &base,

@@ -5,6 +5,7 @@ pub mod flow;
 pub mod incidents;
 pub mod jobs;
 pub mod keys;
+pub mod logs;
 pub mod modules;
 pub mod nodes;
 pub mod queues;

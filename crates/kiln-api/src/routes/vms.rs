@@ -323,15 +323,20 @@ pub async fn execute(
     };
     let recording =
         Recording::start(Some(state.db.clone()), &caller.tenant, &id, source, &body).await;
+    let tap = vm_tap(state.vms.as_ref(), &caller.tenant, &id, recording.id());
     // Dropped with this future when the client disconnects: the stream's
     // drop kills the command, the recording's marks it abandoned.
-    let out = match agent
-        .exec(
+    let out = agent
+        .exec_tapped(
             body.exec(Some(EXECUTE_TIMEOUT_MS), false),
             body.stdin.as_bytes(),
+            tap.as_ref(),
         )
-        .await
-    {
+        .await;
+    if let Some(tap) = &tap {
+        tap.finish().await;
+    }
+    let out = match out {
         Ok(out) => out,
         Err(error) => {
             let answer = agent_error(error);
@@ -446,6 +451,7 @@ pub async fn exec_ws(
         .on_upgrade(move |socket| async move {
             let who = Who {
                 db: state.db.clone(),
+                vms: state.vms.clone(),
                 tenant: caller.tenant,
                 key_id: caller.key_id,
                 vm_id: id,
@@ -472,6 +478,7 @@ async fn end_with_error(socket: &mut WebSocket, message: impl std::fmt::Display)
 /// Whose WebSocket exec this is, for its execution record.
 struct Who {
     db: kiln_db::Db,
+    vms: Option<Arc<kiln_vm::VmManager>>,
     tenant: String,
     key_id: String,
     vm_id: String,
@@ -511,7 +518,12 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
             return end_with_error(&mut socket, error).await;
         }
     };
-    match pump(socket, stream, &mut recording).await {
+    let tap = vm_tap(who.vms.as_ref(), &who.tenant, &who.vm_id, recording.id());
+    let end = pump(socket, stream, &mut recording, tap.as_ref()).await;
+    if let Some(tap) = &tap {
+        tap.finish().await;
+    }
+    match end {
         PumpEnd::Exited(out) => recording.exited(&out).await,
         PumpEnd::Failed(error) => recording.failed(error).await,
         PumpEnd::Left => {
@@ -520,6 +532,19 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
                 .await
         }
     }
+}
+
+/// A tap for a command run through the API, once the VM manager has logs.
+fn vm_tap(
+    vms: Option<&Arc<kiln_vm::VmManager>>,
+    tenant: &str,
+    vm_id: &str,
+    exec_id: Option<i64>,
+) -> Option<kiln_logs::LogTap> {
+    vms?.log_tap(kiln_logs::Origin {
+        exec_id,
+        ..kiln_logs::Origin::vm(tenant, vm_id)
+    })
 }
 
 /// How a streamed exec ended.
@@ -531,17 +556,28 @@ enum PumpEnd {
 
 /// Output out, input in, until the command ends or either side goes. The
 /// stream is dropped on every way out, which kills a command still running.
-async fn pump(mut socket: WebSocket, mut stream: ExecStream, seen: &mut Recording) -> PumpEnd {
+async fn pump(
+    mut socket: WebSocket,
+    mut stream: ExecStream,
+    seen: &mut Recording,
+    tap: Option<&kiln_logs::LogTap>,
+) -> PumpEnd {
     loop {
         tokio::select! {
             event = stream.next() => {
                 let message = match event {
                     Ok(ExecEvent::Stdout(data)) => {
                         seen.stdout(&data);
+                        if let Some(tap) = tap {
+                            tap.write_paced(kiln_logs::Stream::Stdout, &data).await;
+                        }
                         tagged(WS_STDOUT, &data)
                     }
                     Ok(ExecEvent::Stderr(data)) => {
                         seen.stderr(&data);
+                        if let Some(tap) = tap {
+                            tap.write_paced(kiln_logs::Stream::Stderr, &data).await;
+                        }
                         tagged(WS_STDERR, &data)
                     }
                     Ok(ExecEvent::Exited(out)) => {

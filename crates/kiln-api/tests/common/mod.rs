@@ -32,6 +32,8 @@ pub struct Harness {
     pub other: String,
     /// The deployment's key (tenant `default`, system scope).
     pub system: String,
+    /// Live logs, once [`Harness::start_logs`] ran.
+    pub logs: Option<kiln_logs::LogSink>,
     root: PathBuf,
     pub stop: CancellationToken,
     worker: tokio::task::JoinHandle<()>,
@@ -144,6 +146,7 @@ async fn harness_with(db: Db, root: PathBuf, blobs: BlobStore) -> Harness {
         reader,
         other,
         system,
+        logs: None,
         root,
         stop,
         worker,
@@ -241,6 +244,31 @@ impl Harness {
         }
     }
 
+    /// Starts the live logs' writer (draining every 20 ms) and streams the
+    /// wasm jobs' output into it (and the VM worker's, if started after).
+    pub fn start_logs(&mut self) -> kiln_logs::LogSink {
+        self.start_logs_with(kiln_logs::LogConfig {
+            flush_every: Duration::from_millis(20),
+            ..kiln_logs::LogConfig::new("test-node")
+        })
+    }
+
+    /// [`Harness::start_logs`] with settings of the test's choosing.
+    pub fn start_logs_with(&mut self, config: kiln_logs::LogConfig) -> kiln_logs::LogSink {
+        let (sink, writer) = kiln_logs::LogSink::start(
+            self.db.clone(),
+            Some(self.state.blobs.clone()),
+            config,
+            self.stop.clone(),
+        );
+        self.flow.push(writer);
+        if let Some(wasm) = &self.state.wasm {
+            wasm.attach_logs(sink.clone());
+        }
+        self.logs = Some(sink.clone());
+        sink
+    }
+
     /// Starts a second worker that runs the VM kinds on real microVMs (the
     /// image `.ci/run` builds), sharing the store and the blob store.
     pub async fn start_vm_worker(&mut self) -> Arc<kiln_vm::VmManager> {
@@ -257,6 +285,9 @@ impl Harness {
             accelerator,
         )
         .unwrap();
+        if let Some(logs) = &self.logs {
+            vms.attach_logs(logs.clone());
+        }
         let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("vm-w"));
         config.slots = 4;
         config.poll_every = Duration::from_millis(200);
