@@ -72,22 +72,30 @@ async fn a_dead_letter_burst_opens_one_incident_that_clears_by_itself(db: kiln_d
         detail["timeline"].as_array().unwrap().len() >= 2,
         "{detail}"
     );
-    // Its life is in the event log too, for subscriptions.
-    let (_, page) = h
-        .call(
-            "GET",
-            "/api/v1/events?type=incident.*&after=0",
-            &h.admin,
-            None,
-        )
-        .await;
-    let types: Vec<&str> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["resource"]["id"] == id.as_str())
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
+    // Its life is in the event log too, for subscriptions (on PostgreSQL
+    // readable once the sequencer has numbered it, a moment after).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (types, page) = loop {
+        let (_, page) = h
+            .call(
+                "GET",
+                "/api/v1/events?type=incident.*&after=0",
+                &h.admin,
+                None,
+            )
+            .await;
+        let types: Vec<String> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"]["id"] == id.as_str())
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect();
+        if types.len() >= 2 || Instant::now() > deadline {
+            break (types, page);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(types, ["incident.opened", "incident.resolved"], "{page}");
     h.stop().await;
 }
