@@ -40,7 +40,7 @@ pub enum SecretCommand {
     /// node with the new key afterwards.
     RotateMaster {
         #[command(flatten)]
-        server: ServerArgs,
+        server: Box<ServerArgs>,
     },
 }
 
@@ -78,7 +78,7 @@ pub async fn secret(command: SecretCommand) -> anyhow::Result<i32> {
                 .delete(&format!("/api/v1/secrets/{}", segment(&name)?))
                 .await?;
         }
-        SecretCommand::RotateMaster { server } => rotate_master(server).await?,
+        SecretCommand::RotateMaster { server } => rotate_master(*server).await?,
     }
     Ok(0)
 }
