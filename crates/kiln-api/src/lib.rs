@@ -214,6 +214,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::subscriptions::list_deliveries,
         routes::incidents::list_incidents, routes::incidents::get_incident,
         routes::incidents::ack_incident, routes::incidents::resolve_incident,
+        routes::dashboard::dashboard_stats,
         routes::webhooks::put_webhook, routes::webhooks::list_webhooks, routes::webhooks::get_webhook,
         routes::webhooks::delete_webhook, routes::webhooks::webhook_deliveries, routes::webhooks::receive,
     ),
@@ -250,6 +251,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::events::router())
         .merge(routes::subscriptions::router())
         .merge(routes::incidents::router())
+        .merge(routes::dashboard::router())
         .merge(routes::webhooks::router());
     Router::new()
         .route("/health", get(routes::system::health))

@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Pipeline(flow::PipelineArgs),
     /// Events: commit → SSE client latency, and one event to many clients.
     Events(events::EventsArgs),
+    /// Dashboard: `GET /api/v1/dashboard/stats` beside a million finished jobs.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 #[path = "bench_flow.rs"]
@@ -33,6 +35,9 @@ mod flow;
 
 #[path = "bench_events.rs"]
 mod events;
+
+#[path = "bench_dashboard.rs"]
+mod dashboard;
 
 #[derive(Args)]
 pub struct VmArgs {
@@ -70,6 +75,10 @@ pub struct QueueArgs {
     /// to measure what the event log costs the queue.
     #[arg(long)]
     no_events: bool,
+    /// Keep no dashboard rollups (drops their triggers in the fresh bench
+    /// database), to measure what they cost the queue.
+    #[arg(long)]
+    no_rollups: bool,
 }
 
 #[derive(Args)]
@@ -91,6 +100,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Vm(args) => vm(args).await,
         BenchCommand::Pipeline(args) => flow::pipeline(args).await,
         BenchCommand::Events(args) => events::events(args).await,
+        BenchCommand::Dashboard(args) => dashboard::dashboard(args).await,
     }
 }
 
@@ -197,12 +207,20 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     if args.no_events {
         db.event_job_triggers_drop().await?;
     }
+    if args.no_rollups {
+        db.rollup_triggers_drop().await?;
+    }
     let events = if args.no_events {
         "events off"
     } else {
         "events on"
     };
-    println!("| kiln {backend}, {events} | value |\n|---|---|");
+    let rollups = if args.no_rollups {
+        "rollups off"
+    } else {
+        "rollups on"
+    };
+    println!("| kiln {backend}, {events}, {rollups} | value |\n|---|---|");
 
     let started = Instant::now();
     let now = now_millis();

@@ -7,6 +7,7 @@ mod events_cli;
 mod flow_cli;
 mod incident_cli;
 mod node_cli;
+mod top_cli;
 mod serve;
 
 use std::path::PathBuf;
@@ -110,6 +111,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: incident_cli::IncidentCommand,
+    },
+    /// The dashboard in the terminal, redrawn every 2 s (`--once`: one frame).
+    Top {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: top_cli::TopArgs,
     },
     /// Guest images for microVMs.
     #[command(subcommand)]
@@ -416,6 +424,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Incident { client, command } => {
             incident_cli::incident(Client::new(&client)?, command).await
         }
+        Command::Top { client, args } => top_cli::top(Client::new(&client)?, args).await,
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),
@@ -447,8 +456,15 @@ async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let stop = tokio_util::sync::CancellationToken::new();
     let done = kiln_worker::collect_garbage(&db, &retention, now, &stop).await?;
     eprintln!(
-        "deleted {} finished jobs ({} statements), {} silent workers, {} events and {} VM executions",
-        done.jobs, done.batches, done.workers, done.events, done.executions
+        "deleted {} finished jobs ({} statements), {} silent workers, {} events, {} VM executions \
+         and {} dashboard rollup rows; folded {} hours of rollups",
+        done.jobs,
+        done.batches,
+        done.workers,
+        done.events,
+        done.executions,
+        done.rollups,
+        done.rollup_hours_folded
     );
     Ok(0)
 }

@@ -1,3 +1,4 @@
+pub mod dashboard;
 pub mod events;
 pub mod files;
 pub mod flow;
