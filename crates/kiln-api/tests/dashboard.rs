@@ -100,7 +100,11 @@ async fn check_against_jobs(db: &Db, tenant: &str, body: &Value) {
         ),
     )
     .await;
-    assert_eq!(totals["retried"], attempts - ended_after_running, "{tenant} retried");
+    assert_eq!(
+        totals["retried"],
+        attempts - ended_after_running,
+        "{tenant} retried"
+    );
 
     // The series, minute by minute.
     let points = body["throughput"].as_array().unwrap();
@@ -121,10 +125,7 @@ async fn check_against_jobs(db: &Db, tenant: &str, body: &Value) {
         {
             truth[((at - from) / 60_000).min(59) as usize] += 1;
         }
-        let got: Vec<i64> = points
-            .iter()
-            .map(|p| p[field].as_i64().unwrap())
-            .collect();
+        let got: Vec<i64> = points.iter().map(|p| p[field].as_i64().unwrap()).collect();
         assert_eq!(got, truth, "{tenant} {field} per minute");
         assert_eq!(millis(&points[1]["at"]) - millis(&points[0]["at"]), 60_000);
     }
@@ -180,7 +181,12 @@ async fn check_against_jobs(db: &Db, tenant: &str, body: &Value) {
                 count("cancelled").await,
             );
             assert_eq!(
-                (&row["succeeded"], &row["failed"], &row["dead"], &row["cancelled"]),
+                (
+                    &row["succeeded"],
+                    &row["failed"],
+                    &row["dead"],
+                    &row["cancelled"]
+                ),
                 (&json!(ok), &json!(failed), &json!(dead), &json!(cancelled)),
                 "{tenant} {list} {name}"
             );
@@ -203,7 +209,11 @@ async fn check_against_jobs(db: &Db, tenant: &str, body: &Value) {
         ),
     )
     .await;
-    assert_eq!(queues.len() as i64, waiting_queues, "{tenant} queues: {queues:?}");
+    assert_eq!(
+        queues.len() as i64,
+        waiting_queues,
+        "{tenant} queues: {queues:?}"
+    );
     for q in queues {
         assert_eq!(q["tenant"], tenant);
         let queue = q["queue"].as_str().unwrap();
@@ -225,7 +235,11 @@ async fn check_against_jobs(db: &Db, tenant: &str, body: &Value) {
             ),
         )
         .await;
-        assert_eq!(millis(&q["oldest_run_at"]), oldest, "{tenant} {queue} oldest");
+        assert_eq!(
+            millis(&q["oldest_run_at"]),
+            oldest,
+            "{tenant} {queue} oldest"
+        );
         let now = millis(&body["to"]);
         assert_eq!(
             q["oldest_age_ms"].as_i64(),
@@ -301,9 +315,7 @@ async fn figures_equal_the_truth_from_the_jobs_table(db: Db) {
     for spec in [json!({}), json!({}), json!({"exit_code": 1})] {
         let mut job = noop(spec, "alpha");
         job["max_attempts"] = json!(1);
-        let (status, body) = h
-            .call("POST", "/api/v1/jobs", &h.other, Some(job))
-            .await;
+        let (status, body) = h.call("POST", "/api/v1/jobs", &h.other, Some(job)).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let id = body["id"].as_str().unwrap().to_string();
         common_wait(&h, &h.other, &id).await;
@@ -346,9 +358,16 @@ async fn figures_equal_the_truth_from_the_jobs_table(db: Db) {
     assert_eq!(system_acme["failures"], acme["failures"]);
     let everyone = stats(&h, &h.system, "?range=1h").await;
     assert!(everyone["tenant"].is_null());
-    for field in ["enqueued", "started", "succeeded", "failed", "dead", "cancelled"] {
-        let sum = acme["totals"][field].as_i64().unwrap()
-            + globex["totals"][field].as_i64().unwrap();
+    for field in [
+        "enqueued",
+        "started",
+        "succeeded",
+        "failed",
+        "dead",
+        "cancelled",
+    ] {
+        let sum =
+            acme["totals"][field].as_i64().unwrap() + globex["totals"][field].as_i64().unwrap();
         assert_eq!(everyone["totals"][field], sum, "{field}");
     }
     let deployment = &everyone["deployment"];
@@ -420,7 +439,10 @@ async fn figures_equal_the_truth_from_the_jobs_table(db: Db) {
     assert!(db.rollup_delete_before(future, 1_000).await.unwrap() > 0);
     let gone = stats(&h, &h.admin, "?range=7d").await;
     assert_eq!(gone["totals"]["enqueued"], 0, "{gone}");
-    assert_eq!(gone["jobs_by_status"]["queued"], 2, "waiting counts are not rollups");
+    assert_eq!(
+        gone["jobs_by_status"]["queued"], 2,
+        "waiting counts are not rollups"
+    );
     stop.cancel();
     h.stop().await;
 }

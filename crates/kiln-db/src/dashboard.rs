@@ -12,11 +12,11 @@ use crate::{Db, DbResult};
 /// The same list is in both migrations (PostgreSQL's `width_bucket`
 /// array, SQLite's `latency_buckets` table).
 pub const LATENCY_BOUNDS: [i64; 70] = [
-    1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 63, 79, 100, 126, 158, 200, 251, 316,
-    398, 501, 631, 794, 1000, 1259, 1585, 1995, 2512, 3162, 3981, 5012, 6310, 7943, 10000, 12589,
-    15849, 19953, 25119, 31623, 39811, 50119, 63096, 79433, 100000, 125893, 158489, 199526,
-    251189, 316228, 398107, 501187, 630957, 794328, 1000000, 1258925, 1584893, 1995262, 2511886,
-    3162278, 3981072, 5011872, 6309573, 7943282, 10000000, 12589254, 15848932,
+    1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 63, 79, 100, 126, 158, 200, 251, 316, 398,
+    501, 631, 794, 1000, 1259, 1585, 1995, 2512, 3162, 3981, 5012, 6310, 7943, 10000, 12589, 15849,
+    19953, 25119, 31623, 39811, 50119, 63096, 79433, 100000, 125893, 158489, 199526, 251189,
+    316228, 398107, 501187, 630957, 794328, 1000000, 1258925, 1584893, 1995262, 2511886, 3162278,
+    3981072, 5011872, 6309573, 7943282, 10000000, 12589254, 15848932,
 ];
 
 /// Enqueue→start: from when a job was due to its first start.
@@ -172,9 +172,8 @@ impl Db {
         let running_sql = format!(
             "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM tenant_running WHERE {tenant_where}"
         );
-        let incidents_sql = format!(
-            "SELECT COUNT(*) FROM incidents WHERE {tenant_where} AND status <> 'resolved'"
-        );
+        let incidents_sql =
+            format!("SELECT COUNT(*) FROM incidents WHERE {tenant_where} AND status <> 'resolved'");
         macro_rules! with_tenant {
             ($query:expr, since) => {
                 match tenant {
@@ -190,10 +189,9 @@ impl Db {
             };
         }
         crate::with_pool!(self, read, |pool| {
-            let minutes: Vec<MinuteCounts> =
-                with_tenant!(sqlx::query_as(&minutes_sql), since)
-                    .fetch_all(pool)
-                    .await?;
+            let minutes: Vec<MinuteCounts> = with_tenant!(sqlx::query_as(&minutes_sql), since)
+                .fetch_all(pool)
+                .await?;
             let by_kind_queue: Vec<KindQueueCounts> =
                 with_tenant!(sqlx::query_as(&kinds_sql), since)
                     .fetch_all(pool)
@@ -228,7 +226,11 @@ impl Db {
 
     /// The earliest `run_at` among a tenant queue's waiting jobs: one probe
     /// of the `jobs_queue` index per priority, never a count.
-    pub async fn queue_oldest_waiting(&self, tenant: &str, queue: &str) -> DbResult<Option<Millis>> {
+    pub async fn queue_oldest_waiting(
+        &self,
+        tenant: &str,
+        queue: &str,
+    ) -> DbResult<Option<Millis>> {
         let arm = |p: i16| {
             format!(
                 "SELECT (SELECT run_at FROM jobs WHERE tenant = $1 AND queue = $2 AND priority = {p} \
@@ -278,7 +280,10 @@ impl Db {
         let find_latency = "SELECT MIN(minute) FROM job_latency WHERE minute < $1 \
                     AND (shard <> 0 OR minute % 3600000 <> 0)";
         let hour = crate::with_pool!(self, read, |pool| {
-            let a: Option<i64> = sqlx::query_scalar(find).bind(before).fetch_one(pool).await?;
+            let a: Option<i64> = sqlx::query_scalar(find)
+                .bind(before)
+                .fetch_one(pool)
+                .await?;
             let b: Option<i64> = sqlx::query_scalar(find_latency)
                 .bind(before)
                 .fetch_one(pool)
@@ -521,7 +526,10 @@ mod tests {
         ] {
             assert_eq!(latency_bucket(ms), bucket, "{ms} ms");
             let (lo, hi) = bucket_range(bucket);
-            assert!(lo <= ms && hi.is_none_or(|hi| ms < hi), "{ms} ms in {lo}..{hi:?}");
+            assert!(
+                lo <= ms && hi.is_none_or(|hi| ms < hi),
+                "{ms} ms in {lo}..{hi:?}"
+            );
         }
         assert!(LATENCY_BOUNDS.windows(2).all(|w| w[0] < w[1]));
     }

@@ -183,8 +183,14 @@ fn assemble(
     let mut by_kind: BTreeMap<String, Counts> = BTreeMap::new();
     let mut by_queue: BTreeMap<String, Counts> = BTreeMap::new();
     for row in &rollups.by_kind_queue {
-        by_kind.entry(row.kind.clone()).or_default().add(&row.counts);
-        by_queue.entry(row.queue.clone()).or_default().add(&row.counts);
+        by_kind
+            .entry(row.kind.clone())
+            .or_default()
+            .add(&row.counts);
+        by_queue
+            .entry(row.queue.clone())
+            .or_default()
+            .add(&row.counts);
     }
     let histogram = |metric: i16| {
         let mut counts = vec![0_i64; LATENCY_BOUNDS.len() + 1];
@@ -313,13 +319,20 @@ mod tests {
     #[test]
     fn a_bucket_stands_for_a_value_inside_it() {
         for bucket in 0..=LATENCY_BOUNDS.len() {
-            assert_eq!(latency_bucket(bucket_value(bucket)), bucket, "bucket {bucket}");
+            assert_eq!(
+                latency_bucket(bucket_value(bucket)),
+                bucket,
+                "bucket {bucket}"
+            );
         }
         // The bound stated in the module's documentation.
         for ms in 1..2_000_000_i64 {
             let got = bucket_value(latency_bucket(ms));
             let off = (got - ms).abs();
-            assert!(off <= 1 || off as f64 <= 0.123 * ms as f64, "{ms} ms read as {got}");
+            assert!(
+                off <= 1 || off as f64 <= 0.123 * ms as f64,
+                "{ms} ms read as {got}"
+            );
         }
     }
 
@@ -342,6 +355,9 @@ mod tests {
         let hundred: Vec<i64> = (1..=100).collect();
         // Ranks 50, 95, 99: 50 is in [50, 63), 95 and 99 in [79, 100).
         check(&hundred, (Some(56), Some(88), Some(88)));
-        check(&[20_000_000], (Some(15_848_932), Some(15_848_932), Some(15_848_932)));
+        check(
+            &[20_000_000],
+            (Some(15_848_932), Some(15_848_932), Some(15_848_932)),
+        );
     }
 }

@@ -61,13 +61,9 @@ pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
     }
     let stop = CancellationToken::new();
     let folded = Instant::now();
-    let gc = kiln_worker::collect_garbage(
-        &db,
-        &kiln_worker::Retention::default(),
-        now_millis(),
-        &stop,
-    )
-    .await?;
+    let gc =
+        kiln_worker::collect_garbage(&db, &kiln_worker::Retention::default(), now_millis(), &stop)
+            .await?;
     eprintln!(
         "{} finished jobs written through the triggers in {:.1} s; {} hours of rollups folded in {:.1} s",
         args.jobs,

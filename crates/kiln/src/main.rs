@@ -7,8 +7,8 @@ mod events_cli;
 mod flow_cli;
 mod incident_cli;
 mod node_cli;
-mod top_cli;
 mod serve;
+mod top_cli;
 
 use std::path::PathBuf;
 

@@ -133,10 +133,7 @@ pub fn frame(stats: &Value) -> String {
         let values: Vec<i64> = points.iter().map(|p| int(&p[field])).collect();
         let _ = writeln!(out, "{label:<9} |{}|", sparkline(&values));
     }
-    for (label, key) in [
-        ("enq→start", "enqueue_to_start"),
-        ("run time", "run_time"),
-    ] {
+    for (label, key) in [("enq→start", "enqueue_to_start"), ("run time", "run_time")] {
         let l = &stats["latency"][key];
         let _ = writeln!(
             out,
@@ -148,7 +145,10 @@ pub fn frame(stats: &Value) -> String {
         );
     }
     for (label, key) in [("by kind", "by_kind"), ("by queue", "by_queue")] {
-        let rows = stats["failures"][key].as_array().cloned().unwrap_or_default();
+        let rows = stats["failures"][key]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let line: Vec<String> = rows
             .iter()
             .map(|r| {

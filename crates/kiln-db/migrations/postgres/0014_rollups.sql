@@ -106,7 +106,73 @@ DECLARE
     my_shard SMALLINT := (pg_backend_pid() % 16)::smallint;
     now_minute BIGINT := kiln_now_ms() / 60000 * 60000;
 BEGIN
-    -- One statement: the join of the transition tables is made once.
+    -- The queue's own statements each move rows one way, so what changed
+    -- is read from one transition table, with no join: a lease heartbeat
+    -- (running before and after, thousands of rows every few seconds)
+    -- changes nothing; an end of attempts (completion, rescue, release)
+    -- finds every old row running; a lease finds every old row waiting and
+    -- every new one running (a lease adds 1 to attempt and keeps run_at).
+    IF NOT EXISTS (SELECT 1 FROM old_rows WHERE status <> 'running') THEN
+        IF NOT EXISTS (SELECT 1 FROM new_rows WHERE status <> 'running') THEN
+            RETURN NULL;
+        END IF;
+        WITH ended AS MATERIALIZED (
+            SELECT tenant, kind, queue, status, started_at, finished_at FROM new_rows
+            WHERE status <> 'running'
+        ), counted AS (
+            INSERT INTO job_rollups AS r (tenant, minute, kind, queue, shard, succeeded, failed,
+                dead, cancelled, retried)
+            SELECT tenant, minute, kind, queue, my_shard,
+                COUNT(*) FILTER (WHERE status = 'succeeded'), COUNT(*) FILTER (WHERE status = 'failed'),
+                COUNT(*) FILTER (WHERE status = 'dead'), COUNT(*) FILTER (WHERE status = 'cancelled'),
+                COUNT(*) FILTER (WHERE status IN ('queued', 'scheduled'))
+            FROM (SELECT tenant, kind, queue, status,
+                    CASE WHEN status IN ('queued', 'scheduled') THEN now_minute
+                         ELSE finished_at / 60000 * 60000 END AS minute
+                  FROM ended) e
+            GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+            ON CONFLICT (tenant, minute, kind, queue, shard) DO UPDATE SET
+                succeeded = r.succeeded + excluded.succeeded, failed = r.failed + excluded.failed,
+                dead = r.dead + excluded.dead, cancelled = r.cancelled + excluded.cancelled,
+                retried = r.retried + excluded.retried
+        ), timed AS (
+            INSERT INTO job_latency AS l (tenant, minute, metric, bucket, shard, n)
+            SELECT tenant, finished_at / 60000 * 60000, 1, kiln_latency_bucket(finished_at - started_at),
+                my_shard, COUNT(*)
+            FROM ended WHERE status IN ('succeeded', 'failed', 'dead', 'cancelled')
+            GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+            ON CONFLICT (tenant, minute, metric, bucket, shard) DO UPDATE SET n = l.n + excluded.n
+        )
+        INSERT INTO queue_waiting AS w (tenant, queue, status, shard, n)
+        SELECT tenant, queue, status, my_shard, COUNT(*) FROM ended
+        WHERE status IN ('queued', 'scheduled') GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (tenant, queue, status, shard) DO UPDATE SET n = w.n + excluded.n;
+        RETURN NULL;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM old_rows WHERE status NOT IN ('queued', 'scheduled'))
+        AND NOT EXISTS (SELECT 1 FROM new_rows WHERE status <> 'running') THEN
+        WITH counted AS (
+            INSERT INTO job_rollups AS r (tenant, minute, kind, queue, shard, started)
+            SELECT tenant, started_at / 60000 * 60000, kind, queue, my_shard, COUNT(*)
+            FROM new_rows GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+            ON CONFLICT (tenant, minute, kind, queue, shard) DO UPDATE SET
+                started = r.started + excluded.started
+        ), timed AS (
+            INSERT INTO job_latency AS l (tenant, minute, metric, bucket, shard, n)
+            SELECT tenant, started_at / 60000 * 60000, 0, kiln_latency_bucket(started_at - run_at),
+                my_shard, COUNT(*)
+            FROM new_rows WHERE attempt = 1
+            GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+            ON CONFLICT (tenant, minute, metric, bucket, shard) DO UPDATE SET n = l.n + excluded.n
+        )
+        INSERT INTO queue_waiting AS w (tenant, queue, status, shard, n)
+        SELECT tenant, queue, status, my_shard, -COUNT(*) FROM old_rows
+        GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (tenant, queue, status, shard) DO UPDATE SET n = w.n + excluded.n;
+        RETURN NULL;
+    END IF;
+    -- Anything else (a cancel, a retry by hand, a change of many jobs of a
+    -- queue): the join of the transition tables, made once.
     WITH moved AS MATERIALIZED (
         SELECT n.tenant, n.kind, n.queue, o.status AS old_status, n.status AS new_status,
             o.attempt AS was_attempt, o.run_at AS was_run_at, n.started_at, n.finished_at
