@@ -134,6 +134,11 @@ pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
         if let Some(url) = &args.database_url {
             kiln_db::drop_postgres_schema(url, &super::bench_schema()).await?;
         }
+    } else if args.database_url.is_none() {
+        let file = std::env::temp_dir().join(format!("{}.db", super::bench_schema()));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
     }
     Ok(())
 }
