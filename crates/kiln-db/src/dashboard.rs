@@ -188,30 +188,28 @@ impl Db {
                 }
             };
         }
+        // The reads go out at once, each on a connection of its own.
         crate::with_pool!(self, read, |pool| {
-            let minutes: Vec<MinuteCounts> = with_tenant!(sqlx::query_as(&minutes_sql), since)
-                .fetch_all(pool)
-                .await?;
-            let by_kind_queue: Vec<KindQueueCounts> =
-                with_tenant!(sqlx::query_as(&kinds_sql), since)
-                    .fetch_all(pool)
-                    .await?;
-            let latency: Vec<LatencyCount> = with_tenant!(sqlx::query_as(&latency_sql), since)
-                .fetch_all(pool)
-                .await?;
-            let waiting_by_status: Vec<(String, i64)> =
-                with_tenant!(sqlx::query_as(&by_status_sql))
-                    .fetch_all(pool)
-                    .await?;
-            let waiting: Vec<Waiting> = with_tenant!(sqlx::query_as(&waiting_sql))
-                .fetch_all(pool)
-                .await?;
-            let running: i64 = with_tenant!(sqlx::query_scalar(&running_sql))
-                .fetch_one(pool)
-                .await?;
-            let incidents_open: i64 = with_tenant!(sqlx::query_scalar(&incidents_sql))
-                .fetch_one(pool)
-                .await?;
+            let (
+                minutes,
+                by_kind_queue,
+                latency,
+                waiting_by_status,
+                waiting,
+                running,
+                incidents_open,
+            ) = tokio::try_join!(
+                with_tenant!(sqlx::query_as::<_, MinuteCounts>(&minutes_sql), since)
+                    .fetch_all(pool),
+                with_tenant!(sqlx::query_as::<_, KindQueueCounts>(&kinds_sql), since)
+                    .fetch_all(pool),
+                with_tenant!(sqlx::query_as::<_, LatencyCount>(&latency_sql), since)
+                    .fetch_all(pool),
+                with_tenant!(sqlx::query_as::<_, (String, i64)>(&by_status_sql)).fetch_all(pool),
+                with_tenant!(sqlx::query_as::<_, Waiting>(&waiting_sql)).fetch_all(pool),
+                with_tenant!(sqlx::query_scalar::<_, i64>(&running_sql)).fetch_one(pool),
+                with_tenant!(sqlx::query_scalar::<_, i64>(&incidents_sql)).fetch_one(pool),
+            )?;
             Ok(Rollups {
                 minutes,
                 by_kind_queue,
@@ -417,6 +415,20 @@ impl Db {
                 "DROP TRIGGER jobs_rollups_insert ON jobs; DROP TRIGGER jobs_rollups_update ON jobs; \
                  DROP TRIGGER jobs_rollups_delete ON jobs;"
             }
+        };
+        crate::with_pool!(self, write, |pool| {
+            sqlx::raw_sql(sql).execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// For benchmarks, after writing or folding many rows at once: what
+    /// autovacuum (PostgreSQL) and a routine `ANALYZE` would have done by
+    /// the time anyone reads them.
+    pub async fn bench_settle(&self) -> DbResult<()> {
+        let sql = match self {
+            Db::Sqlite(_) => "ANALYZE",
+            Db::Postgres(_) => "VACUUM ANALYZE jobs, job_rollups, job_latency, queue_waiting",
         };
         crate::with_pool!(self, write, |pool| {
             sqlx::raw_sql(sql).execute(pool).await?;

@@ -136,15 +136,22 @@ pub struct View<'a> {
 
 pub async fn stats(db: &Db, view: View<'_>, range: Range, now: Millis) -> DbResult<Stats> {
     let from = range.start(now);
-    let rollups = db.dashboard_rollups(view.tenant, from).await?;
-    let fleet = if view.deployment {
-        Some(db.dashboard_fleet().await?)
-    } else {
-        None
+    let fleet = async {
+        match view.deployment {
+            true => db.dashboard_fleet().await.map(Some),
+            false => Ok(None),
+        }
     };
+    let (rollups, fleet) = tokio::try_join!(db.dashboard_rollups(view.tenant, from), fleet)?;
     let mut queues = queues_now(&rollups);
-    for queue in &mut queues {
-        queue.oldest_run_at = db.queue_oldest_waiting(&queue.tenant, &queue.queue).await?;
+    let oldest = futures::future::try_join_all(
+        queues
+            .iter()
+            .map(|q| db.queue_oldest_waiting(&q.tenant, &q.queue)),
+    )
+    .await?;
+    for (queue, at) in queues.iter_mut().zip(oldest) {
+        queue.oldest_run_at = at;
     }
     Ok(assemble(view, range, from, now, rollups, queues, fleet))
 }
