@@ -246,6 +246,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::automation::put_rule, routes::automation::list_rules, routes::automation::get_rule,
         routes::automation::delete_rule, routes::automation::rule_actions,
         routes::automation::list_actions, routes::automation::dry_run,
+        routes::dashboard::dashboard_stats,
         routes::webhooks::put_webhook, routes::webhooks::list_webhooks, routes::webhooks::get_webhook,
         routes::webhooks::delete_webhook, routes::webhooks::webhook_deliveries, routes::webhooks::receive,
     ),
@@ -288,6 +289,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::secrets::router())
         .merge(routes::incidents::router())
         .merge(routes::automation::router())
+        .merge(routes::dashboard::router())
         .merge(routes::webhooks::router());
     Router::new()
         .route("/health", get(routes::system::health))

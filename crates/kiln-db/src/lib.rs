@@ -4,6 +4,7 @@
 
 mod blobs;
 mod bootstrap;
+pub mod dashboard;
 pub mod events;
 pub mod executions;
 pub mod flow;

@@ -78,3 +78,18 @@ pub async fn text_rows(db: &Db, sql: &str) -> Result<Vec<String>, crate::DbError
         .fetch_all(pool)
         .await?))
 }
+
+/// One integer a query computes (a test's own truth, straight from the
+/// tables).
+pub async fn scalar_i64(db: &Db, sql: &str) -> Result<i64, crate::DbError> {
+    Ok(crate::with_pool!(db, read, |pool| {
+        sqlx::query_scalar(sql).fetch_one(pool).await?
+    }))
+}
+
+/// The integers of a query's one column, in its order.
+pub async fn column_i64(db: &Db, sql: &str) -> Result<Vec<i64>, crate::DbError> {
+    Ok(crate::with_pool!(db, read, |pool| {
+        sqlx::query_scalar(sql).fetch_all(pool).await?
+    }))
+}

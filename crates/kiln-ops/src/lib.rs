@@ -12,6 +12,7 @@
 //! node deadline says "this process is gone"; the lease says "this job may
 //! run elsewhere", and only the lease is a fencing token.
 
+pub mod dashboard;
 pub mod detectors;
 pub mod incidents;
 pub mod probe;

@@ -24,6 +24,9 @@ pub struct Retention {
     /// Where log segments past the database's share live, deleted with
     /// their rows.
     pub log_blobs: Option<kiln_blob::BlobStore>,
+    /// How long the dashboard's rollups are kept: past the longest range
+    /// (7 days) with a margin.
+    pub rollups: Duration,
     /// Most rows one delete statement removes; a pass loops until done.
     pub batch: i64,
     /// How often the background task runs a pass.
@@ -38,6 +41,7 @@ impl Default for Retention {
             events: Duration::from_secs(7 * 24 * 3600),
             logs: Duration::from_secs(3 * 24 * 3600),
             log_blobs: None,
+            rollups: Duration::from_secs(8 * 24 * 3600),
             batch: 1_000,
             every: Duration::from_secs(60),
         }
@@ -54,9 +58,17 @@ pub struct Collected {
     pub executions: u64,
     /// Chunks of live logs.
     pub log_chunks: u64,
+    /// Hours of dashboard rollups folded from minutes into one row each.
+    pub rollup_hours_folded: u64,
+    /// Dashboard rollup rows past their retention.
+    pub rollups: u64,
     /// Delete statements run: one more than the full batches.
     pub batches: u64,
 }
+
+/// Rollups stay per minute for the current hour and the one before it
+/// (the 1-hour view); older ones are folded into hours.
+pub const ROLLUP_MINUTES_KEPT: Duration = Duration::from_secs(3600);
 
 fn before(now: kiln_core::Millis, keep: Duration) -> kiln_core::Millis {
     now.saturating_sub(keep.as_millis().min(i64::MAX as u128) as i64)
@@ -65,7 +77,9 @@ fn before(now: kiln_core::Millis, keep: Duration) -> kiln_core::Millis {
 /// One pass at time `now`: deletes, batch by batch, every job that finished
 /// longer than `retention.finished_jobs` ago, events past theirs, VM
 /// executions that started before the jobs' cutoff, chunks of live logs
-/// past theirs (with their blob segments), then silent workers. `stop`
+/// past theirs (with their blob segments), folds the dashboard's minute
+/// rollups older than [`ROLLUP_MINUTES_KEPT`] into hours and deletes
+/// rollups past theirs, then silent workers. `stop`
 /// ends the pass between batches.
 pub async fn collect_garbage(
     db: &Db,
@@ -116,6 +130,25 @@ pub async fn collect_garbage(
         }
         tokio::task::yield_now().await;
     }
+    // Minutes older than the previous hour become hours: the 24-hour and
+    // 7-day views read a row per hour.
+    let fold_before = now.saturating_sub(ROLLUP_MINUTES_KEPT.as_millis() as i64);
+    while !stop.is_cancelled() {
+        if db.rollup_fold_hour(fold_before).await?.is_none() {
+            break;
+        }
+        collected.rollup_hours_folded += 1;
+        tokio::task::yield_now().await;
+    }
+    let cutoff = before(now, retention.rollups);
+    while !stop.is_cancelled() {
+        let n = db.rollup_delete_before(cutoff, batch).await?;
+        collected.rollups += n;
+        if (n as i64) < batch {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     collected.workers = db
         .worker_delete_stale(before(now, retention.silent_workers))
         .await?;
@@ -137,6 +170,7 @@ pub async fn gc_loop(db: Db, retention: Retention, stop: CancellationToken) {
                 events: 0,
                 executions: 0,
                 log_chunks: 0,
+                rollups: 0,
                 ..
             }) => {}
             Ok(collected) => tracing::info!(

@@ -29,6 +29,8 @@ pub enum BenchCommand {
     /// Live logs: ingest from a job printing as fast as it can (wasm, VM),
     /// peak RSS, follow latency.
     Logs(logs::LogsArgs),
+    /// Dashboard: `GET /api/v1/dashboard/stats` beside a million finished jobs.
+    Dashboard(dashboard::DashboardArgs),
 }
 
 #[path = "bench_flow.rs"]
@@ -37,6 +39,8 @@ mod flow;
 #[path = "bench_events.rs"]
 mod events;
 
+#[path = "bench_dashboard.rs"]
+mod dashboard;
 #[path = "bench_logs.rs"]
 mod logs;
 
@@ -76,6 +80,10 @@ pub struct QueueArgs {
     /// to measure what the event log costs the queue.
     #[arg(long)]
     no_events: bool,
+    /// Keep no dashboard rollups (drops their triggers in the fresh bench
+    /// database), to measure what they cost the queue.
+    #[arg(long)]
+    no_rollups: bool,
 }
 
 #[derive(Args)]
@@ -98,6 +106,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Pipeline(args) => flow::pipeline(args).await,
         BenchCommand::Events(args) => events::events(args).await,
         BenchCommand::Logs(args) => logs::logs(args).await,
+        BenchCommand::Dashboard(args) => dashboard::dashboard(args).await,
     }
 }
 
@@ -204,12 +213,20 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     if args.no_events {
         db.event_job_triggers_drop().await?;
     }
+    if args.no_rollups {
+        db.rollup_triggers_drop().await?;
+    }
     let events = if args.no_events {
         "events off"
     } else {
         "events on"
     };
-    println!("| kiln {backend}, {events} | value |\n|---|---|");
+    let rollups = if args.no_rollups {
+        "rollups off"
+    } else {
+        "rollups on"
+    };
+    println!("| kiln {backend}, {events}, {rollups} | value |\n|---|---|");
 
     let started = Instant::now();
     let now = now_millis();

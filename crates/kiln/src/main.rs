@@ -11,6 +11,7 @@ mod node_cli;
 mod rule_cli;
 mod secret_cli;
 mod serve;
+mod top_cli;
 
 use std::path::PathBuf;
 
@@ -131,6 +132,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: rule_cli::RuleCommand,
+    },
+    /// The dashboard in the terminal, redrawn every 2 s (`--once`: one frame).
+    Top {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: top_cli::TopArgs,
     },
     /// Guest images for microVMs.
     #[command(subcommand)]
@@ -448,6 +456,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             incident_cli::incident(Client::new(&client)?, command).await
         }
         Command::Rule { client, command } => rule_cli::rule(Client::new(&client)?, command).await,
+        Command::Top { client, args } => top_cli::top(Client::new(&client)?, args).await,
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,
         Command::Bench(command) => bench::run(command).await.map(|_| 0),
@@ -481,8 +490,16 @@ async fn gc(args: GcArgs) -> anyhow::Result<i32> {
     let stop = tokio_util::sync::CancellationToken::new();
     let done = kiln_worker::collect_garbage(&db, &retention, now, &stop).await?;
     eprintln!(
-        "deleted {} finished jobs ({} statements), {} silent workers, {} events, {} VM executions and {} log chunks",
-        done.jobs, done.batches, done.workers, done.events, done.executions, done.log_chunks
+        "deleted {} finished jobs ({} statements), {} silent workers, {} events, {} VM executions, \
+         {} log chunks and {} dashboard rollup rows; folded {} hours of rollups",
+        done.jobs,
+        done.batches,
+        done.workers,
+        done.events,
+        done.executions,
+        done.log_chunks,
+        done.rollups,
+        done.rollup_hours_folded
     );
     Ok(0)
 }

@@ -215,6 +215,24 @@ async fn client_commands_against_a_server() {
     let listed = client(&data, &base, &["job", "ls", "--label", "team:core"]);
     assert!(stdout(&listed).contains(job_id), "{}", stdout(&listed));
 
+    // The dashboard, one frame: the admin key is the deployment's, so it
+    // sees every tenant and the fleet; both jobs above are counted.
+    let top = client(&data, &base, &["top", "--once"]);
+    assert!(top.status.success(), "{}", stderr(&top));
+    let frame = stdout(&top);
+    assert!(
+        frame.starts_with("kiln top · every tenant · last 1h · "),
+        "{frame}"
+    );
+    assert!(frame.contains("|  succeeded 2  failed 0"), "{frame}");
+    assert!(frame.contains("nodes online 1"), "{frame}");
+    assert!(frame.contains("run time  p50 "), "{frame}");
+    let week = client(&data, &base, &["top", "--once", "--range", "7d"]);
+    assert!(stdout(&week).contains(" · last 7d · "), "{}", stdout(&week));
+    let bad = client(&data, &base, &["top", "--once", "--range", "2d"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("unknown range"), "{}", stderr(&bad));
+
     let queues = client(&data, &base, &["queue", "ls"]);
     assert!(stdout(&queues).contains("default"), "{}", stdout(&queues));
     let limited = client(&data, &base, &["queue", "limit", "default", "5"]);

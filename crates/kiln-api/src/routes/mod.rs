@@ -1,4 +1,5 @@
 pub mod automation;
+pub mod dashboard;
 pub mod events;
 pub mod files;
 pub mod flow;
