@@ -239,3 +239,39 @@ pub fn run_body(kind: &str, spec: Value, timeout_ms: Option<i64>) -> Value {
     }
     body
 }
+
+/// One Server-Sent Events frame: its id, event name and JSON data (null
+/// when the data is not JSON).
+pub struct SseFrame {
+    pub id: Option<i64>,
+    pub kind: String,
+    pub data: Value,
+}
+
+impl SseFrame {
+    pub fn parse(frame: &str) -> SseFrame {
+        let (mut id, mut kind, mut data) = (None, String::new(), String::new());
+        for line in frame.lines() {
+            if let Some(v) = line.strip_prefix("id:") {
+                id = v.trim().parse::<i64>().ok();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                kind = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        SseFrame {
+            id,
+            kind,
+            data: serde_json::from_str(&data).unwrap_or(Value::Null),
+        }
+    }
+
+    /// Why the server ended the stream, for an `error` frame.
+    pub fn reason(&self) -> String {
+        self.data["reason"]
+            .as_str()
+            .unwrap_or("the server ended the stream")
+            .to_string()
+    }
+}

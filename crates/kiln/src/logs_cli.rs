@@ -155,26 +155,11 @@ enum Frame {
 }
 
 fn parse(frame: &str) -> Frame {
-    let (mut id, mut kind, mut data) = (None, "", String::new());
-    for line in frame.lines() {
-        if let Some(v) = line.strip_prefix("id:") {
-            id = v.trim().parse::<i64>().ok();
-        } else if let Some(v) = line.strip_prefix("event:") {
-            kind = v.trim();
-        } else if let Some(v) = line.strip_prefix("data:") {
-            data.push_str(v.strip_prefix(' ').unwrap_or(v));
-        }
-    }
-    let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-    match (id, kind) {
-        (Some(id), "log") => Frame::Line(id, value),
-        (_, "end") => Frame::End(value),
-        (_, "error") => Frame::Failed(
-            value["reason"]
-                .as_str()
-                .unwrap_or("the server ended the stream")
-                .to_string(),
-        ),
+    let frame = crate::client::SseFrame::parse(frame);
+    match (frame.id, frame.kind.as_str()) {
+        (Some(id), "log") => Frame::Line(id, frame.data),
+        (_, "end") => Frame::End(frame.data),
+        (_, "error") => Frame::Failed(frame.reason()),
         _ => Frame::Other,
     }
 }
