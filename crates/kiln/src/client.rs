@@ -240,6 +240,59 @@ pub fn run_body(kind: &str, spec: Value, timeout_ms: Option<i64>) -> Value {
     body
 }
 
+/// The most a frame may hold before the stream is dropped and resumed.
+const SSE_FRAME_MAX: usize = 16 << 20;
+
+impl Client {
+    /// Follows a Server-Sent Events stream from after `last`, reconnecting
+    /// (with `Last-Event-ID`, so nothing is missed or repeated) until
+    /// `on_frame` returns an exit code; a 4xx is final.
+    pub async fn follow(
+        &self,
+        path: &str,
+        mut last: Option<i64>,
+        mut on_frame: impl FnMut(SseFrame) -> Option<i32>,
+    ) -> anyhow::Result<i32> {
+        let mut failures = 0u32;
+        loop {
+            let mut response = match self.stream(path, last).await {
+                Ok(response) => response,
+                // Refused (a bad filter, a bad key, no such job): no retrying.
+                Err(error) if error.to_string().starts_with('4') => return Err(error),
+                Err(error) => {
+                    failures += 1;
+                    eprintln!("kiln: {error:#}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        500 * u64::from(failures.min(10)),
+                    ))
+                    .await;
+                    continue;
+                }
+            };
+            failures = 0;
+            // Bytes, not text: a character split across chunks stays whole.
+            let mut buffer: Vec<u8> = Vec::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                buffer.extend_from_slice(&chunk);
+                while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                    let frame: Vec<u8> = buffer.drain(..end + 2).collect();
+                    let frame = SseFrame::parse(&String::from_utf8_lossy(&frame));
+                    if frame.id.is_some() {
+                        last = frame.id;
+                    }
+                    if let Some(code) = on_frame(frame) {
+                        return Ok(code);
+                    }
+                }
+                if buffer.len() > SSE_FRAME_MAX {
+                    break;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// One Server-Sent Events frame: its id, event name and JSON data (null
 /// when the data is not JSON).
 pub struct SseFrame {

@@ -2,8 +2,6 @@
 //! Events, resuming after the last event seen whenever the stream drops
 //! (a restart, a network blip, or the server dropping a slow reader).
 
-use std::time::Duration;
-
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -72,63 +70,33 @@ pub(crate) fn encode(value: &str) -> String {
 }
 
 async fn tail(client: &Client, args: TailArgs) -> anyhow::Result<i32> {
-    let mut last = args.after;
     let mut printed = 0usize;
-    let mut failures = 0u32;
-    loop {
-        let response = match client
-            .stream(&format!("/api/v1/events?{}", query(&args)), last)
-            .await
-        {
-            Ok(response) => response,
-            // Refused (a bad filter, a bad key): no point in retrying.
-            Err(error) if error.to_string().starts_with('4') => return Err(error),
-            Err(error) => {
-                failures += 1;
-                eprintln!("kiln: {error:#}; retrying");
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))).await;
-                continue;
+    let path = format!("/api/v1/events?{}", query(&args));
+    client
+        .follow(&path, args.after, |frame| match classify(frame) {
+            Frame::Event(event) => {
+                print(&event, args.json);
+                printed += 1;
+                args.count.is_some_and(|n| printed >= n).then_some(0)
             }
-        };
-        failures = 0;
-        let mut response = response;
-        let mut buffer = String::new();
-        loop {
-            let chunk = match response.chunk().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) | Err(_) => break,
-            };
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let frame: String = buffer.drain(..end + 2).collect();
-                match parse(&frame) {
-                    Frame::Event(id, event) => {
-                        last = Some(id);
-                        print(&event, args.json);
-                        printed += 1;
-                        if args.count.is_some_and(|n| printed >= n) {
-                            return Ok(0);
-                        }
-                    }
-                    Frame::Dropped(reason) => eprintln!("kiln: {reason}; resuming"),
-                    Frame::Other => {}
-                }
+            Frame::Dropped(reason) => {
+                eprintln!("kiln: {reason}; resuming");
+                None
             }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            Frame::Other => None,
+        })
+        .await
 }
 
 enum Frame {
-    Event(i64, Value),
+    Event(Value),
     Dropped(String),
     Other,
 }
 
-fn parse(frame: &str) -> Frame {
-    let frame = crate::client::SseFrame::parse(frame);
+fn classify(frame: crate::client::SseFrame) -> Frame {
     match (frame.id, frame.kind.as_str()) {
-        (Some(id), _) => Frame::Event(id, frame.data),
+        (Some(_), _) => Frame::Event(frame.data),
         (None, "error") => Frame::Dropped(frame.reason()),
         _ => Frame::Other,
     }
@@ -155,14 +123,20 @@ fn print(event: &Value, json: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::SseFrame;
 
     #[test]
     fn frames_are_events_drops_or_comments() {
         let event = "id: 7\nevent: job.queued\ndata: {\"id\":\"7\",\"type\":\"job.queued\"}\n\n";
-        assert!(matches!(parse(event), Frame::Event(7, v) if v["type"] == "job.queued"));
+        assert_eq!(SseFrame::parse(event).id, Some(7));
+        assert!(
+            matches!(classify(SseFrame::parse(event)), Frame::Event(v) if v["type"] == "job.queued")
+        );
         let drop = "event: error\ndata: {\"reason\":\"slow consumer\"}\n\n";
-        assert!(matches!(parse(drop), Frame::Dropped(r) if r == "slow consumer"));
-        assert!(matches!(parse(":\n\n"), Frame::Other));
+        assert!(
+            matches!(classify(SseFrame::parse(drop)), Frame::Dropped(r) if r == "slow consumer")
+        );
+        assert!(matches!(classify(SseFrame::parse(":\n\n")), Frame::Other));
     }
 
     #[test]

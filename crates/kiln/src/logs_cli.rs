@@ -3,7 +3,6 @@
 //! the stream drops.
 
 use std::io::Write;
-use std::time::Duration;
 
 use clap::Args;
 use serde_json::Value;
@@ -148,16 +147,15 @@ async fn pages(client: &Client, path: &str, json: bool, origin: bool) -> anyhow:
 }
 
 enum Frame {
-    Line(i64, Value),
+    Line(Value),
     End(Value),
     Failed(String),
     Other,
 }
 
-fn parse(frame: &str) -> Frame {
-    let frame = crate::client::SseFrame::parse(frame);
+fn classify(frame: crate::client::SseFrame) -> Frame {
     match (frame.id, frame.kind.as_str()) {
-        (Some(id), "log") => Frame::Line(id, frame.data),
+        (Some(_), "log") => Frame::Line(frame.data),
         (_, "end") => Frame::End(frame.data),
         (_, "error") => Frame::Failed(frame.reason()),
         _ => Frame::Other,
@@ -167,49 +165,26 @@ fn parse(frame: &str) -> Frame {
 /// Follows a stream, resuming after the last chunk printed; a job's
 /// stream ends with its `end` event.
 async fn follow(client: &Client, path: &str, json: bool, origin: bool) -> anyhow::Result<i32> {
-    let mut last: Option<i64> = None;
-    let mut failures = 0u32;
-    loop {
-        let mut response = match client.stream(path, last).await {
-            Ok(response) => response,
-            // Refused (a bad filter, a bad key, no such job): no retrying.
-            Err(error) if error.to_string().starts_with('4') => return Err(error),
-            Err(error) => {
-                failures += 1;
-                eprintln!("kiln: {error:#}; retrying");
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(10)))).await;
-                continue;
+    client
+        .follow(path, None, |frame| match classify(frame) {
+            Frame::Line(line) => {
+                print(&line, json, origin);
+                None
             }
-        };
-        failures = 0;
-        let mut buffer = String::new();
-        loop {
-            let chunk = match response.chunk().await {
-                Ok(Some(chunk)) => chunk,
-                Ok(None) | Err(_) => break,
-            };
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let frame: String = buffer.drain(..end + 2).collect();
-                match parse(&frame) {
-                    Frame::Line(id, line) => {
-                        last = Some(id);
-                        print(&line, json, origin);
-                    }
-                    Frame::End(end) => {
-                        if !json {
-                            eprintln!(
-                                "kiln: the job ended: {}",
-                                end["status"].as_str().unwrap_or("?")
-                            );
-                        }
-                        return Ok(0);
-                    }
-                    Frame::Failed(reason) => eprintln!("kiln: {reason}; resuming"),
-                    Frame::Other => {}
+            Frame::End(end) => {
+                if !json {
+                    eprintln!(
+                        "kiln: the job ended: {}",
+                        end["status"].as_str().unwrap_or("?")
+                    );
                 }
+                Some(0)
             }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            Frame::Failed(reason) => {
+                eprintln!("kiln: {reason}; resuming");
+                None
+            }
+            Frame::Other => None,
+        })
+        .await
 }
