@@ -339,8 +339,12 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     } else {
         None
     };
-    // Secrets are sealed where the API runs and opened where jobs run.
-    let master = Some(master_key(settings)?);
+    // Secrets are sealed where the API runs; a process without the API
+    // makes no key of its own (every node of a deployment shares one).
+    let master = match &listener {
+        Some(_) => Some(master_key(settings)?),
+        None => None,
+    };
     let runtime = if role.runs_jobs() {
         let runtime = wasm_runtime(settings, &blobs)?;
         runtime.attach_logs(parts.logs.0.clone());
