@@ -120,6 +120,9 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        response
+            .extensions_mut()
+            .insert(crate::audit::ErrorCode(self.code));
         if let Some(seconds) = self.retry_after_s {
             response
                 .headers_mut()

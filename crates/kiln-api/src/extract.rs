@@ -152,6 +152,16 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Who the audit trail names for this caller.
+    pub fn actor(&self) -> (&'static str, &str) {
+        ("key", &self.key_id)
+    }
+
+    fn note(&self) {
+        let (kind, actor) = self.actor();
+        crate::audit::note_actor(&self.tenant, kind, actor);
+    }
+
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
         if self.scopes.allows(scope) {
             Ok(())
@@ -172,6 +182,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         if let Some(caller) = parts.extensions.get::<Caller>() {
+            caller.note();
             return Ok(caller.clone());
         }
         // A VM host's internal listener: the caller is whoever the API node
@@ -221,6 +232,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .resolve(&state.db, key, may_look_up)
             .await?
             .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+        caller.note();
         throttle(state, format!("key:{}", caller.key_id))?;
         parts.extensions.insert(caller.clone());
         Ok(caller)

@@ -2,6 +2,7 @@
 //! on the store and the sandboxes' validators, and every error into the one
 //! error body.
 
+pub mod audit;
 pub mod error;
 pub mod extract;
 pub mod intake;
@@ -60,6 +61,8 @@ pub struct AppState {
     /// Set on a VM host's internal listener: callers come from the signed
     /// forwarding header, never from API keys.
     pub internal_key: std::sync::OnceLock<Vec<u8>>,
+    /// Set to stop writing the audit trail (benchmarks measure its cost).
+    audit_off: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -105,7 +108,19 @@ impl AppState {
             master_key: std::sync::OnceLock::new(),
             fleet: std::sync::OnceLock::new(),
             internal_key: std::sync::OnceLock::new(),
+            audit_off: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether requests write the audit trail (on unless turned off).
+    pub fn audit_enabled(&self) -> bool {
+        !self.audit_off.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the audit trail off or on; off is for measuring its cost.
+    pub fn set_audit(&self, on: bool) {
+        self.audit_off
+            .store(!on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The event hub, started on first use.
@@ -247,6 +262,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::automation::delete_rule, routes::automation::rule_actions,
         routes::automation::list_actions, routes::automation::dry_run,
         routes::dashboard::dashboard_stats,
+        routes::audit::list_audit, routes::audit::export_audit, routes::audit::verify_audit,
         routes::webhooks::put_webhook, routes::webhooks::list_webhooks, routes::webhooks::get_webhook,
         routes::webhooks::delete_webhook, routes::webhooks::webhook_deliveries, routes::webhooks::receive,
     ),
@@ -290,6 +306,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::incidents::router())
         .merge(routes::automation::router())
         .merge(routes::dashboard::router())
+        .merge(routes::audit::router())
         .merge(routes::webhooks::router());
     Router::new()
         .route("/health", get(routes::system::health))
@@ -298,6 +315,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(routes::system::not_found)
         .method_not_allowed_fallback(routes::system::method_not_allowed)
         .layer(DefaultBodyLimit::max(JSON_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(middleware::from_fn(record_http))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,

@@ -5,6 +5,7 @@
 //! store applies the transitions decided here; the API and the worker speak in
 //! these types.
 
+pub mod audit;
 pub mod files;
 pub mod job;
 pub mod keys;

@@ -2,6 +2,7 @@
 //! database driver (`sqlite`, `postgres`) behind the one `Db` interface, and
 //! one queue test suite (`tests/queue.rs`) runs against both.
 
+pub mod audit;
 mod blobs;
 mod bootstrap;
 pub mod dashboard;
@@ -296,6 +297,16 @@ macro_rules! dispatch {
             Db::Postgres($store) => $call,
         }
     };
+}
+
+impl Db {
+    /// Whether the pools are closed (the store was shut down).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Db::Sqlite(s) => s.write.is_closed(),
+            Db::Postgres(s) => s.pool.is_closed(),
+        }
+    }
 }
 
 impl Db {

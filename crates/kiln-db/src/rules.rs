@@ -397,6 +397,22 @@ impl Db {
                     .bind(data.to_string())
                     .execute(&mut *tx)
                     .await?;
+                let audit = kiln_core::audit::AuditRecord {
+                    time: taken.now,
+                    tenant: taken.tenant.to_string(),
+                    actor_kind: "rule".into(),
+                    actor: taken.rule.to_string(),
+                    action: format!("rule.{}", taken.action),
+                    resource: format!("/api/v1/automation/rules/{}/actions", taken.rule),
+                    request_id: format!("rule-action:{id}"),
+                    source: String::new(),
+                    outcome: outcome.to_string(),
+                    rationale: Some(match &message {
+                        Some(m) => format!("event {}: {m}", taken.event_id),
+                        None => format!("event {}", taken.event_id),
+                    }),
+                };
+                crate::audit::insert_on!(&mut *tx, audit)?;
                 id
             }
         });

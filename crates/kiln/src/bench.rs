@@ -31,7 +31,12 @@ pub enum BenchCommand {
     Logs(logs::LogsArgs),
     /// Dashboard: `GET /api/v1/dashboard/stats` beside a million finished jobs.
     Dashboard(dashboard::DashboardArgs),
+    /// Audit trail: drain over HTTP with it on and off; verify a million records.
+    Audit(audit::AuditArgs),
 }
+
+#[path = "bench_audit.rs"]
+mod audit;
 
 #[path = "bench_flow.rs"]
 mod flow;
@@ -107,6 +112,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Events(args) => events::events(args).await,
         BenchCommand::Logs(args) => logs::logs(args).await,
         BenchCommand::Dashboard(args) => dashboard::dashboard(args).await,
+        BenchCommand::Audit(args) => audit::audit(args).await,
     }
 }
 

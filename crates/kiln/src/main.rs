@@ -1,5 +1,6 @@
 //! The kiln binary: server roles, client commands and benchmarks.
 
+mod audit_cli;
 mod bench;
 mod client;
 mod config;
@@ -119,6 +120,9 @@ enum Command {
     /// Secrets: set (value from stdin), list, remove; rotate the master key.
     #[command(subcommand)]
     Secret(secret_cli::SecretCommand),
+    /// The audit trail: list, export as JSON lines, verify the chain.
+    #[command(subcommand)]
+    Audit(audit_cli::AuditCommand),
     /// Incidents the detectors opened: list, acknowledge, resolve.
     Incident {
         #[command(flatten)]
@@ -452,6 +456,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         }
         Command::Node { client, command } => node_cli::node(Client::new(&client)?, command).await,
         Command::Secret(command) => secret_cli::secret(command).await,
+        Command::Audit(command) => audit_cli::audit(command).await,
         Command::Incident { client, command } => {
             incident_cli::incident(Client::new(&client)?, command).await
         }

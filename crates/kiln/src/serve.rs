@@ -579,6 +579,19 @@ fn start(
             Ok(())
         });
     }
+    // Every role writes audit records; each process chains them (one pass
+    // at a time per database).
+    {
+        let db = parts.db.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = kiln_db::audit::chain_loop(db, Duration::from_millis(250)) => {}
+                _ = stop.cancelled() => {}
+            }
+            Ok(())
+        });
+    }
     // Retention runs wherever leases are recovered; several passes at once
     // only share the deleting.
     if role != Role::Api {

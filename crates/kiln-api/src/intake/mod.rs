@@ -74,6 +74,42 @@ pub async fn submit_message(
     body: &[u8],
 ) -> Result<(String, bool), ApiError> {
     let caller = caller_of(state, authorization, true).await?;
+    let submitted = submit_as(state, &caller, queue, body).await;
+    if state.audit_enabled() {
+        let (resource, outcome) = match &submitted {
+            Ok((id, made)) => (
+                format!("/api/v1/jobs/{id}"),
+                if *made { "201" } else { "200" }.to_string(),
+            ),
+            Err(e) => ("/api/v1/jobs".into(), format!("{} {}", e.status.as_u16(), e.code)),
+        };
+        let (actor_kind, actor) = caller.actor();
+        let record = kiln_core::audit::AuditRecord {
+            time: crate::now_millis(),
+            tenant: caller.tenant.clone(),
+            actor_kind: actor_kind.into(),
+            actor: actor.into(),
+            action: "broker.submit".into(),
+            resource,
+            request_id: hex::encode(rand::random::<[u8; 12]>()),
+            source: "broker".into(),
+            outcome,
+            rationale: None,
+        };
+        if let Err(error) = state.db.audit_insert(&record).await {
+            metrics::counter!("kiln_audit_write_failures_total").increment(1);
+            tracing::error!(%error, "could not write an audit record");
+        }
+    }
+    submitted
+}
+
+async fn submit_as(
+    state: &AppState,
+    caller: &Caller,
+    queue: Option<&str>,
+    body: &[u8],
+) -> Result<(String, bool), ApiError> {
     let mut job = parse_job(body)?;
     if let Some(queue) = queue {
         match &job.queue {
@@ -91,7 +127,7 @@ pub async fn submit_message(
     };
     let (status, view) = crate::routes::jobs::submit(
         state,
-        &caller,
+        caller,
         job,
         &params,
         kiln_core::limits::DEFAULT_MAX_ATTEMPTS,

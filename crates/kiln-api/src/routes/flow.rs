@@ -454,11 +454,13 @@ pub(crate) async fn create_run(
         idempotency_key: body.idempotency_key,
         trigger,
     };
-    state
+    let made = state
         .db
         .run_create(&new, &state.kinds, now_millis())
         .await?
-        .map_err(flow_error)
+        .map_err(flow_error)?;
+    crate::audit::note_resource(format!("/api/v1/runs/{}", made.0.run.id));
+    Ok(made)
 }
 
 /// The same as `POST /pipelines/{name}/runs`.
@@ -623,6 +625,7 @@ async fn decide(
     let comment = optional_json::<Decision>(body)?.comment;
     if let Some(c) = &comment {
         check_text("comment", c, 4096).map_err(|e| ApiError::invalid(e.to_string()))?;
+        crate::audit::note_rationale(c.clone());
     }
     let by = format!("key:{}", caller.key_id);
     let view = state

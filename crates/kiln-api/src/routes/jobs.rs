@@ -351,6 +351,7 @@ pub(crate) async fn submit(
     let now = now_millis();
     let new = prepare(state, caller, body, default_attempts, now).await?;
     let (mut job, created) = state.db.job_insert(&new, now).await?;
+    crate::audit::note_resource(format!("/api/v1/jobs/{}", job.id));
     metrics::counter!("kiln_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
     if params.wait {
         let limit = params.wait_ms.unwrap_or(60_000).min(600_000);

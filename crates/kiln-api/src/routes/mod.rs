@@ -1,3 +1,4 @@
+pub mod audit;
 pub mod automation;
 pub mod dashboard;
 pub mod events;

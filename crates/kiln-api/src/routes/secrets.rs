@@ -120,6 +120,7 @@ pub async fn list_secrets(
     State(state): State<Arc<AppState>>,
     caller: Authorized<needs::Read>,
 ) -> ApiResult<Json<SecretList>> {
+    crate::audit::note_audited_read();
     let secrets = state.db.secret_list(&caller.tenant).await?;
     Ok(Json(SecretList {
         secrets: secrets.into_iter().map(SecretView::from).collect(),
@@ -136,6 +137,7 @@ pub async fn get_secret(
     caller: Authorized<needs::Read>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<SecretView>> {
+    crate::audit::note_audited_read();
     let meta = state
         .db
         .secret_get(&caller.tenant, &name)

@@ -212,6 +212,7 @@ pub async fn create_vm(
     let vms = manager(&state)?;
     let request = body.shape.request(&caller.tenant, body.labels);
     let vm = vms.create(request).await.map_err(create_error)?;
+    crate::audit::note_resource(format!("/api/v1/vms/{}", vm.id));
     // One host of many: the VM is listed everywhere before its id is
     // handed out.
     if let Some(host) = vms.host_tag() {
@@ -437,6 +438,8 @@ pub async fn exec_ws(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<axum::response::Response> {
     caller.require(Scope::Write)?;
+    // A session of commands, opened by a GET: audited like a write.
+    crate::audit::note_audited_read();
     let agent = agent_of(&state, &caller, &id).await?;
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::new(

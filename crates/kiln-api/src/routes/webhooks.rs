@@ -313,6 +313,7 @@ pub async fn receive(
         .webhook_find(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook"))?;
+    crate::audit::note_actor(&hook.tenant, "webhook", &hook.name);
     // Only triggers that exist get a bucket: random ids cannot grow the map.
     crate::extract::throttle(&state, format!("webhook:{id}"))?;
     let body = read_body(&headers, body).await?;

@@ -278,6 +278,8 @@ pub(crate) struct NewRunRow<'a> {
 /// implements them.
 #[async_trait::async_trait]
 pub(crate) trait FlowTx: Send {
+    /// Writes an audit record in this transaction.
+    async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()>;
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>>;
     async fn get_run(&mut self, tenant: &str, id: i64) -> DbResult<Option<RunRecord>>;
     async fn insert_run(&mut self, run: &NewRunRow<'_>) -> DbResult<Option<i64>>;

@@ -29,6 +29,11 @@ impl PgFlowTx {
 
 #[async_trait::async_trait]
 impl FlowTx for PgFlowTx {
+    async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()> {
+        crate::audit::insert_pg(&mut self.tx, record).await?;
+        Ok(())
+    }
+
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
         let row: Option<RunRow> = sqlx::query_as(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE"

@@ -300,6 +300,7 @@ impl Db {
                 let (fire, jobs) =
                     fire_one(tx.as_mut(), self, kinds, &record, &target, tick, now).await?;
                 tx.fire_update(&fire).await?;
+                tx.audit_insert(&fire_audit(&fire, now)).await?;
                 written += 1;
                 made_jobs |= jobs;
                 record.last_fire_at = Some(tick);
@@ -317,6 +318,38 @@ impl Db {
         }
         Ok(written)
     }
+}
+
+/// The audit record of one fire, written in its transaction.
+fn fire_audit(fire: &FireRecord, now: Millis) -> kiln_core::audit::AuditRecord {
+    let resource = match (fire.job_id, fire.run_id) {
+        (Some(job), _) => format!("/api/v1/jobs/{job}"),
+        (_, Some(run)) => format!("/api/v1/runs/{run}"),
+        _ => format!("/api/v1/schedules/{}", fire.schedule),
+    };
+    kiln_core::audit::AuditRecord {
+        time: now,
+        tenant: fire.tenant.clone(),
+        actor_kind: "schedule".into(),
+        actor: fire.schedule.clone(),
+        action: "schedule.fire".into(),
+        resource,
+        request_id: format!("schedule:{}:{}", fire.schedule, fire.tick),
+        source: String::new(),
+        outcome: fire.outcome.clone(),
+        rationale: Some(match &fire.error {
+            Some(error) => format!("tick {}: {}", fire.tick, truncate(error, 512)),
+            None => format!("tick {}", fire.tick),
+        }),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Starts what one tick starts (unless the previous fire still runs and the

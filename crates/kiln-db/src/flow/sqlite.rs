@@ -33,6 +33,11 @@ fn ids_json(ids: &[i64]) -> String {
 
 #[async_trait::async_trait]
 impl FlowTx for SqliteFlowTx {
+    async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()> {
+        crate::audit::insert_sqlite(&mut self.tx, record).await?;
+        Ok(())
+    }
+
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
         let row: Option<RunRow> =
             sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))

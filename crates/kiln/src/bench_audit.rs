@@ -1,0 +1,208 @@
+//! `kiln bench audit`: what the audit trail costs the queue — no-op jobs
+//! submitted over HTTP by concurrent clients and drained by a worker in the
+//! same process, with the trail on and off (fresh database each round,
+//! rounds alternating) — and `kiln audit verify`'s time over a trail of a
+//! million records.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use kiln_blob::BlobStore;
+use kiln_core::audit::AuditRecord;
+use kiln_core::{Scope, Scopes};
+use kiln_db::Db;
+use kiln_worker::{now_millis, Handlers, NoopHandler};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// postgres://... (fresh schemas are used) or omit for fresh SQLite files.
+    #[arg(long, env = "KILN_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Jobs per round.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Rounds with the trail on, and as many with it off, alternating.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Records for the verify timing (0: skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    records: usize,
+}
+
+async fn fresh(url: Option<&str>, name: &str) -> anyhow::Result<Db> {
+    let stamp = format!("{}_{name}", super::bench_schema());
+    Ok(match url {
+        Some(url) if url.starts_with("postgres") => {
+            Db::connect_postgres_schema(url, &stamp).await?
+        }
+        Some(url) => Db::connect(url).await?,
+        None => {
+            let path = std::env::temp_dir().join(format!("{stamp}.db"));
+            Db::connect(&format!("sqlite://{}", path.display())).await?
+        }
+    })
+}
+
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for round in 0..args.rounds * 2 {
+        let audited = round % 2 == 1;
+        let db = fresh(args.database_url.as_deref(), &format!("r{round}")).await?;
+        let rate = drain_over_http(&db, audited, args.jobs, args.clients).await?;
+        let records = db.audit_count("bench").await?;
+        anyhow::ensure!(
+            (records > 0) == audited,
+            "audit {audited} but {records} records"
+        );
+        println!(
+            "| {} · audit {} · round {} | {:.0} jobs/s submitted over HTTP and drained ({} records) |",
+            db.backend(),
+            if audited { "on" } else { "off" },
+            round / 2 + 1,
+            rate,
+            records
+        );
+        if audited { &mut on } else { &mut off }.push(rate);
+        db.close().await;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (on, off) = (mean(&on), mean(&off));
+    println!(
+        "| audit on vs off, mean of {} rounds | {:.0} vs {:.0} jobs/s: {:+.1} % |",
+        args.rounds,
+        on,
+        off,
+        (on - off) / off * 100.0
+    );
+    if args.records > 0 {
+        verify_million(args.database_url.as_deref(), args.records).await?;
+    }
+    Ok(())
+}
+
+/// Jobs/s from the first submit to the last job's end.
+async fn drain_over_http(
+    db: &Db,
+    audited: bool,
+    jobs: usize,
+    clients: usize,
+) -> anyhow::Result<f64> {
+    let root = std::env::temp_dir().join(format!("kiln-bench-audit-{}", now_millis()));
+    let blobs = BlobStore::local(&root.join("blobs"))?;
+    let state = kiln_api::AppState::new(db.clone(), blobs, None);
+    state.set_audit(audited);
+    let (_, secret) =
+        kiln_api::issue_key(db, "bench", "bench", Scopes(vec![Scope::Write])).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            kiln_api::serve(listener, state, async move { stop.cancelled().await }).await
+        })
+    };
+    let chainer = tokio::spawn(kiln_db::audit::chain_loop(
+        db.clone(),
+        Duration::from_millis(250),
+    ));
+    let (worker_stop, worker) = super::worker(
+        db,
+        Handlers::new().with("noop", Arc::new(NoopHandler)),
+        1_000,
+    );
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/api/v1/jobs");
+    let started = Instant::now();
+    let per_client = jobs / clients;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let http = http.clone();
+        let url = url.clone();
+        let secret = secret.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per_client {
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&secret)
+                    .json(&json!({"kind": "noop", "spec": {}}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(response.status() == 201, "{}", response.status());
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    super::wait_drained(db, Duration::from_secs(600)).await?;
+    let took = started.elapsed();
+    worker_stop.cancel();
+    let _ = worker.await;
+    stop.cancel();
+    let _ = server.await;
+    chainer.abort();
+    let _ = std::fs::remove_dir_all(&root);
+    Ok((per_client * clients) as f64 / took.as_secs_f64())
+}
+
+/// Writes `records` records over 100 tenants, chains them, and times a
+/// full verify.
+async fn verify_million(url: Option<&str>, records: usize) -> anyhow::Result<()> {
+    let db = fresh(url, "verify").await?;
+    let started = Instant::now();
+    let now = now_millis();
+    let batch: usize = 5_000;
+    let mut written = 0;
+    while written < records {
+        let n = batch.min(records - written);
+        let chunk: Vec<AuditRecord> = (written..written + n)
+            .map(|i| AuditRecord {
+                time: now + i as i64,
+                tenant: format!("t{}", i % 100),
+                actor_kind: "key".into(),
+                actor: format!("k{}", i % 7),
+                action: "POST /api/v1/jobs".into(),
+                resource: format!("/api/v1/jobs/{i}"),
+                request_id: format!("{i:024x}"),
+                source: "127.0.0.1".into(),
+                outcome: "201".into(),
+                rationale: None,
+            })
+            .collect();
+        db.audit_insert_many(&chunk).await?;
+        written += n;
+    }
+    let filled = started.elapsed();
+    let started = Instant::now();
+    while db.audit_chain_pass().await? > 0 {}
+    let chained = started.elapsed();
+    let started = Instant::now();
+    let report = db.audit_verify(None).await?;
+    let verified = started.elapsed();
+    anyhow::ensure!(
+        report.breaks.is_empty() && report.records == records as u64,
+        "verify found {} breaks over {} records",
+        report.breaks.len(),
+        report.records
+    );
+    println!(
+        "| {} · {} records, 100 tenants | written in {:.1} s · chained in {:.1} s · `kiln audit verify` {:.2} s ({:.0} records/s) |",
+        db.backend(),
+        records,
+        filled.as_secs_f64(),
+        chained.as_secs_f64(),
+        verified.as_secs_f64(),
+        records as f64 / verified.as_secs_f64()
+    );
+    db.close().await;
+    Ok(())
+}
