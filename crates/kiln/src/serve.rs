@@ -189,6 +189,8 @@ async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
         scopes: Scopes(vec![Scope::System]),
         created_at: kiln_worker::now_millis(),
         revoked_at: None,
+        expires_at: None,
+        last_used_at: None,
     };
     if !db
         .key_insert_first(&key, &kiln_db::hash_key(&secret))
