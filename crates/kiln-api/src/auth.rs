@@ -57,9 +57,8 @@ fn hash_now(password: &[u8]) -> Result<String, String> {
 }
 
 /// Verified against unknown users, so they cost what a real one does.
-static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
-    hash_now(&rand::random::<[u8; 32]>()).expect("hashing random bytes works")
-});
+static DUMMY_HASH: LazyLock<String> =
+    LazyLock::new(|| hash_now(&rand::random::<[u8; 32]>()).expect("hashing random bytes works"));
 
 /// Who logins are slowed down for, and how.
 #[derive(Clone, Debug)]
@@ -110,7 +109,7 @@ impl AuthSettings {
                 .flat_map(|v| v.split(','))
                 .map(str::trim)
                 .filter_map(|v| v.parse::<IpAddr>().ok())
-                .last();
+                .next_back();
             if let Some(ip) = forwarded {
                 return ip.to_string();
             }
@@ -322,14 +321,22 @@ impl TokenKeys {
     /// The id of the key that signs now.
     pub fn signing_kid(&self) -> String {
         self.refresh(false);
-        self.ring.read().unwrap_or_else(PoisonError::into_inner).keys[0]
+        self.ring
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys[0]
             .kid
             .clone()
     }
 
     pub fn sign(&self, claims: &Claims) -> Result<String, ApiError> {
         self.refresh(false);
-        let key = self.ring.read().unwrap_or_else(PoisonError::into_inner).keys[0].clone();
+        let key = self
+            .ring
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys[0]
+            .clone();
         let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
         header.kid = Some(key.kid);
         jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(&key.secret))
@@ -488,7 +495,10 @@ impl Auth {
     }
 
     pub fn set_settings(&self, settings: AuthSettings) {
-        *self.settings.write().unwrap_or_else(PoisonError::into_inner) = settings;
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = settings;
     }
 
     /// An argon2id hash of `password`, off the async threads.
@@ -533,8 +543,7 @@ pub fn random_id() -> String {
 /// Compares without stopping at the first difference.
 pub fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -646,9 +655,14 @@ mod tests {
     #[test]
     fn passwords_hash_with_the_stated_parameters() {
         let hash = hash_now(b"correct horse battery").unwrap();
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
         let parsed = PasswordHash::new(&hash).unwrap();
-        assert!(argon2().verify_password(b"correct horse battery", &parsed).is_ok());
+        assert!(argon2()
+            .verify_password(b"correct horse battery", &parsed)
+            .is_ok());
         assert!(argon2().verify_password(b"wrong", &parsed).is_err());
     }
 
@@ -656,7 +670,10 @@ mod tests {
     fn forwarded_addresses_only_from_trusted_proxies() {
         let settings = AuthSettings::default();
         let mut headers = HeaderMap::new();
-        headers.insert("x-forwarded-for", "203.0.113.9, 198.51.100.7".parse().unwrap());
+        headers.insert(
+            "x-forwarded-for",
+            "203.0.113.9, 198.51.100.7".parse().unwrap(),
+        );
         headers.insert("x-forwarded-proto", "https".parse().unwrap());
         let proxy = Some("127.0.0.1".parse().unwrap());
         let stranger = Some("192.0.2.1".parse().unwrap());

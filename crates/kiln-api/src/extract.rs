@@ -280,14 +280,18 @@ async fn session_caller(
     via_cookie: bool,
 ) -> Result<Caller, ApiError> {
     use crate::auth::TokenError;
-    let claims = state.auth.keys().verify(token).map_err(|error| match error {
-        TokenError::Expired => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "expired",
-            "the session token has expired; sign in again",
-        ),
-        TokenError::Invalid => ApiError::unauthorized("invalid session token"),
-    })?;
+    let claims = state
+        .auth
+        .keys()
+        .verify(token)
+        .map_err(|error| match error {
+            TokenError::Expired => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "expired",
+                "the session token has expired; sign in again",
+            ),
+            TokenError::Invalid => ApiError::unauthorized("invalid session token"),
+        })?;
     let role = kiln_core::users::Role::parse(&claims.role)
         .ok_or_else(|| ApiError::unauthorized("invalid session token"))?;
     if via_cookie && !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {

@@ -44,7 +44,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn expired() -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "expired", "this API key has expired")
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "expired",
+        "this API key has expired",
+    )
 }
 
 impl KeyCache {

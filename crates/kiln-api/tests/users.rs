@@ -110,7 +110,9 @@ async fn users_sign_in_with_roles_and_sign_out(db: kiln_db::Db) {
     let dir = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-token-keys"));
     std::fs::create_dir_all(&dir).unwrap();
     let key_file = dir.join("token.key");
-    h.state.auth.set_keys(TokenKeys::open(&key_file, true).unwrap());
+    h.state
+        .auth
+        .set_keys(TokenKeys::open(&key_file, true).unwrap());
     add_user(&h, &h.admin, "vera", "viewer").await;
     add_user(&h, &h.admin, "otto", "operator").await;
     add_user(&h, &h.admin, "ada", "admin").await;
@@ -142,12 +144,16 @@ async fn users_sign_in_with_roles_and_sign_out(db: kiln_db::Db) {
     let (status, _) = h.call("GET", "/api/v1/jobs", &vera, None).await;
     assert_eq!(status, StatusCode::OK);
     let job = json!({"kind": "noop", "spec": {}});
-    let (status, body) = h.call("POST", "/api/v1/jobs", &vera, Some(job.clone())).await;
+    let (status, body) = h
+        .call("POST", "/api/v1/jobs", &vera, Some(job.clone()))
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, body) = h.call("POST", "/api/v1/jobs", &otto, Some(job)).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let new_key = json!({"name": "ci", "scopes": ["read"]});
-    let (status, body) = h.call("POST", "/api/v1/keys", &otto, Some(new_key.clone())).await;
+    let (status, body) = h
+        .call("POST", "/api/v1/keys", &otto, Some(new_key.clone()))
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, _) = h.call("GET", "/api/v1/users", &otto, None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
@@ -163,12 +169,19 @@ async fn users_sign_in_with_roles_and_sign_out(db: kiln_db::Db) {
         .map(|u| u["username"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["ada", "otto", "vera"]);
-    assert!(!list.to_string().contains("argon2"), "no hash is shown: {list}");
+    assert!(
+        !list.to_string().contains("argon2"),
+        "no hash is shown: {list}"
+    );
 
     let (status, me) = h.call("GET", "/api/v1/auth/me", &otto, None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        (me["kind"].as_str(), me["username"].as_str(), me["role"].as_str()),
+        (
+            me["kind"].as_str(),
+            me["username"].as_str(),
+            me["role"].as_str()
+        ),
         (Some("user"), Some("otto"), Some("operator"))
     );
     let (_, me) = h.call("GET", "/api/v1/auth/me", &h.admin, None).await;
@@ -182,7 +195,9 @@ async fn users_sign_in_with_roles_and_sign_out(db: kiln_db::Db) {
     // Another API process sharing the key file and the store refuses it
     // too: the session's end is in the store, not only in this cache.
     let other = kiln_api::AppState::new(h.db.clone(), h.state.blobs.clone(), None);
-    other.auth.set_keys(TokenKeys::open(&key_file, false).unwrap());
+    other
+        .auth
+        .set_keys(TokenKeys::open(&key_file, false).unwrap());
     let other = kiln_api::app(other);
     let request = |token: &str| {
         Request::get("/api/v1/jobs")
@@ -201,12 +216,19 @@ async fn users_sign_in_with_roles_and_sign_out(db: kiln_db::Db) {
     // holds a password.
     h.db.audit_chain_pass().await.unwrap();
     let (_, trail) = h
-        .call("GET", "/api/v1/audit?action=POST%20/api/v1/auth/login", &h.admin, None)
+        .call(
+            "GET",
+            "/api/v1/audit?action=POST%20/api/v1/auth/login",
+            &h.admin,
+            None,
+        )
         .await;
     let records = trail["records"].as_array().unwrap();
     let outcome = |user: &str, outcome: &str| {
         records.iter().any(|r| {
-            r["actor_kind"] == "user" && r["actor"] == user && r["outcome"].as_str() == Some(outcome)
+            r["actor_kind"] == "user"
+                && r["actor"] == user
+                && r["outcome"].as_str() == Some(outcome)
         })
     };
     assert!(outcome("otto", "200"), "{trail}");
@@ -270,8 +292,16 @@ async fn user_changes_end_their_sessions_and_tenants_stay_apart(db: kiln_db::Db)
     for (method, path, body) in [
         ("GET", "/api/v1/users/otto", None),
         ("DELETE", "/api/v1/users/otto", None),
-        ("PUT", "/api/v1/users/otto/role", Some(json!({"role": "admin"}))),
-        ("PUT", "/api/v1/users/otto/password", Some(json!({"password": "a new password here"}))),
+        (
+            "PUT",
+            "/api/v1/users/otto/role",
+            Some(json!({"role": "admin"})),
+        ),
+        (
+            "PUT",
+            "/api/v1/users/otto/password",
+            Some(json!({"password": "a new password here"})),
+        ),
     ] {
         let (status, answer) = h.call(method, path, &h.other, body).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {answer}");
@@ -282,14 +312,27 @@ async fn user_changes_end_their_sessions_and_tenants_stay_apart(db: kiln_db::Db)
     // A role change ends the user's sessions; the next login has the new role.
     let otto = token(&h, "otto").await;
     let (status, body) = h
-        .call("PUT", "/api/v1/users/otto/role", &h.admin, Some(json!({"role": "viewer"})))
+        .call(
+            "PUT",
+            "/api/v1/users/otto/role",
+            &h.admin,
+            Some(json!({"role": "viewer"})),
+        )
         .await;
-    assert_eq!((status, body["role"].as_str()), (StatusCode::OK, Some("viewer")));
+    assert_eq!(
+        (status, body["role"].as_str()),
+        (StatusCode::OK, Some("viewer"))
+    );
     let (status, _) = h.call("GET", "/api/v1/jobs", &otto, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let otto = token(&h, "otto").await;
     let (status, _) = h
-        .call("POST", "/api/v1/jobs", &otto, Some(json!({"kind": "noop", "spec": {}})))
+        .call(
+            "POST",
+            "/api/v1/jobs",
+            &otto,
+            Some(json!({"kind": "noop", "spec": {}})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
@@ -302,29 +345,54 @@ async fn user_changes_end_their_sessions_and_tenants_stay_apart(db: kiln_db::Db)
         }
         Some(body)
     };
-    let (status, body) = h.call("PUT", "/api/v1/users/vera/password", &vera, change(None)).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, body) = h
-        .call("PUT", "/api/v1/users/vera/password", &vera, change(Some("a wrong old password")))
+        .call("PUT", "/api/v1/users/vera/password", &vera, change(None))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, body) = h
-        .call("PUT", "/api/v1/users/otto/password", &vera, change(Some(PASSWORD)))
+        .call(
+            "PUT",
+            "/api/v1/users/vera/password",
+            &vera,
+            change(Some("a wrong old password")),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let (status, body) = h
-        .call("PUT", "/api/v1/users/vera/password", &vera, change(Some(PASSWORD)))
+        .call(
+            "PUT",
+            "/api/v1/users/otto/password",
+            &vera,
+            change(Some(PASSWORD)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = h
+        .call(
+            "PUT",
+            "/api/v1/users/vera/password",
+            &vera,
+            change(Some(PASSWORD)),
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     // Which ends her sessions; the old password no longer signs in.
     let (status, _) = h.call("GET", "/api/v1/jobs", &vera, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(login(&h, "acme", "vera", PASSWORD).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        login(&h, "acme", "vera", PASSWORD).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let (status, _) = login(&h, "acme", "vera", "a brand new password").await;
     assert_eq!(status, StatusCode::OK);
     // An admin sets anyone's without the old one.
     let (status, _) = h
-        .call("PUT", "/api/v1/users/vera/password", &h.admin, Some(json!({"password": PASSWORD})))
+        .call(
+            "PUT",
+            "/api/v1/users/vera/password",
+            &h.admin,
+            Some(json!({"password": PASSWORD})),
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 
@@ -333,7 +401,10 @@ async fn user_changes_end_their_sessions_and_tenants_stay_apart(db: kiln_db::Db)
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = h.call("GET", "/api/v1/jobs", &otto, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(login(&h, "acme", "otto", PASSWORD).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        login(&h, "acme", "otto", PASSWORD).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let (status, _) = h.call("GET", "/api/v1/users/otto", &h.admin, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = h.call("GET", "/api/v1/users/..%2Fx", &h.admin, None).await;
@@ -341,8 +412,15 @@ async fn user_changes_end_their_sessions_and_tenants_stay_apart(db: kiln_db::Db)
 
     // Only a hash is stored: the password is in no column.
     let stored =
-        h.db.user_credentials("acme", "vera").await.unwrap().unwrap().1;
-    assert!(stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{stored}");
+        h.db.user_credentials("acme", "vera")
+            .await
+            .unwrap()
+            .unwrap()
+            .1;
+    assert!(
+        stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{stored}"
+    );
     assert!(!stored.contains(PASSWORD));
     h.stop().await;
 }
@@ -392,8 +470,9 @@ async fn failed_logins_slow_down_then_lock_and_the_lock_ends(db: kiln_db::Db) {
         .filter(|(s, _)| *s == StatusCode::UNAUTHORIZED)
         .count();
     assert!(checked <= 3, "{checked} of 8 checked: {answers:?}");
-    assert!(answers.iter().all(|(s, _)| *s == StatusCode::UNAUTHORIZED
-        || *s == StatusCode::TOO_MANY_REQUESTS));
+    assert!(answers
+        .iter()
+        .all(|(s, _)| *s == StatusCode::UNAUTHORIZED || *s == StatusCode::TOO_MANY_REQUESTS));
     // The lock ends.
     tokio::time::sleep(Duration::from_millis(lock_ms as u64 + 200)).await;
     assert_eq!(login(&h, "acme", "otto", PASSWORD).await.0, StatusCode::OK);
@@ -409,8 +488,14 @@ async fn failed_logins_slow_down_then_lock_and_the_lock_ends(db: kiln_db::Db) {
         ..AuthSettings::default()
     });
     for i in 0..4 {
-        let (status, _, _) =
-            login_from(&h, Some("203.0.113.7"), "acme", &format!("guess{i}"), "password guess").await;
+        let (status, _, _) = login_from(
+            &h,
+            Some("203.0.113.7"),
+            "acme",
+            &format!("guess{i}"),
+            "password guess",
+        )
+        .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
     let (status, _, body) = login_from(&h, Some("203.0.113.7"), "acme", "otto", PASSWORD).await;
@@ -445,16 +530,18 @@ async fn failed_logins_slow_down_then_lock_and_the_lock_ends(db: kiln_db::Db) {
 
     // Failures and locks are on the trail, with why.
     h.db.audit_chain_pass().await.unwrap();
-    let (_, trail) = h.call("GET", "/api/v1/audit?actor=ghost", &h.admin, None).await;
+    let (_, trail) = h
+        .call("GET", "/api/v1/audit?actor=ghost", &h.admin, None)
+        .await;
     let records = trail["records"].as_array().unwrap();
     assert!(
         records.iter().any(|r| r["outcome"] == "429 locked"),
         "{trail}"
     );
     assert!(
-        records
-            .iter()
-            .any(|r| r["rationale"].as_str().is_some_and(|w| w.contains("account locked"))),
+        records.iter().any(|r| r["rationale"]
+            .as_str()
+            .is_some_and(|w| w.contains("account locked"))),
         "{trail}"
     );
     h.stop().await;
@@ -517,7 +604,10 @@ async fn tokens_expire_and_keys_rotate(db: kiln_db::Db) {
     assert_eq!(status, StatusCode::OK);
     // A token from another deployment's key, or a forged one, is refused.
     let (status, body) = h.call("GET", "/api/v1/jobs", "a.b.c", None).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     let _ = std::fs::remove_dir_all(&dir);
     h.stop().await;
 }
@@ -561,13 +651,22 @@ async fn the_cookie_needs_the_csrf_header_on_writes(db: kiln_db::Db) {
     assert_eq!(status, StatusCode::OK);
     let cookies = set_cookies(&headers);
     assert_eq!(cookies.len(), 2, "{cookies:?}");
-    let session = cookies.iter().find(|c| c.starts_with("kiln_session=")).unwrap();
-    let csrf_cookie = cookies.iter().find(|c| c.starts_with("kiln_csrf=")).unwrap();
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("kiln_session="))
+        .unwrap();
+    let csrf_cookie = cookies
+        .iter()
+        .find(|c| c.starts_with("kiln_csrf="))
+        .unwrap();
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=900"] {
         assert!(session.contains(attribute), "{session}");
     }
     assert!(!session.contains("Secure"), "plain HTTP: {session}");
-    assert!(!csrf_cookie.contains("HttpOnly"), "the console reads it: {csrf_cookie}");
+    assert!(
+        !csrf_cookie.contains("HttpOnly"),
+        "the console reads it: {csrf_cookie}"
+    );
     let token = cookie_value(&cookies, "kiln_session");
     let csrf = cookie_value(&cookies, "kiln_csrf");
     assert_eq!(token, body["token"].as_str().unwrap());
@@ -594,8 +693,12 @@ async fn the_cookie_needs_the_csrf_header_on_writes(db: kiln_db::Db) {
     assert_eq!(status, StatusCode::OK);
     let (status, _, body) = send_from(&h, None, with_cookie("POST", "/api/v1/jobs", None)).await;
     assert_eq!((status, error_code(&body)), (StatusCode::FORBIDDEN, "csrf"));
-    let (status, _, body) =
-        send_from(&h, None, with_cookie("POST", "/api/v1/jobs", Some("0123456789abcdef"))).await;
+    let (status, _, body) = send_from(
+        &h,
+        None,
+        with_cookie("POST", "/api/v1/jobs", Some("0123456789abcdef")),
+    )
+    .await;
     assert_eq!((status, error_code(&body)), (StatusCode::FORBIDDEN, "csrf"));
     let (status, _, body) =
         send_from(&h, None, with_cookie("POST", "/api/v1/jobs", Some(&csrf))).await;
@@ -603,25 +706,44 @@ async fn the_cookie_needs_the_csrf_header_on_writes(db: kiln_db::Db) {
     // The same token as a bearer needs no CSRF header: no browser sends
     // that header by itself.
     let (status, _) = h
-        .call("POST", "/api/v1/jobs", &token, Some(json!({"kind": "noop", "spec": {}})))
+        .call(
+            "POST",
+            "/api/v1/jobs",
+            &token,
+            Some(json!({"kind": "noop", "spec": {}})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
 
     // Logout through the cookie needs the header too, and clears both.
-    let (status, _, _) = send_from(&h, None, with_cookie("POST", "/api/v1/auth/logout", None)).await;
+    let (status, _, _) =
+        send_from(&h, None, with_cookie("POST", "/api/v1/auth/logout", None)).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, headers, _) =
-        send_from(&h, None, with_cookie("POST", "/api/v1/auth/logout", Some(&csrf))).await;
+    let (status, headers, _) = send_from(
+        &h,
+        None,
+        with_cookie("POST", "/api/v1/auth/logout", Some(&csrf)),
+    )
+    .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let cleared = set_cookies(&headers);
-    assert!(cleared.iter().all(|c| c.contains("Max-Age=0")), "{cleared:?}");
+    assert!(
+        cleared.iter().all(|c| c.contains("Max-Age=0")),
+        "{cleared:?}"
+    );
     let (status, _, _) = send_from(&h, None, with_cookie("GET", "/api/v1/jobs", None)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // Secure when a trusted proxy says the request came over TLS, not when
     // anyone else says so; always with the setting.
-    assert!(over_tls(&h, "127.0.0.1").await.iter().all(|c| c.contains("; Secure")));
-    assert!(over_tls(&h, "192.0.2.10").await.iter().all(|c| !c.contains("Secure")));
+    assert!(over_tls(&h, "127.0.0.1")
+        .await
+        .iter()
+        .all(|c| c.contains("; Secure")));
+    assert!(over_tls(&h, "192.0.2.10")
+        .await
+        .iter()
+        .all(|c| !c.contains("Secure")));
     h.state.auth.set_settings(AuthSettings {
         secure_cookies: true,
         ..no_throttle()
@@ -668,11 +790,18 @@ async fn api_keys_expire_and_record_their_last_use(db: kiln_db::Db) {
     assert_eq!(listed["expires_at"], key["expires_at"]);
     // A key without an expiry never expires; the admin key's use shows too.
     let (_, list) = h.call("GET", "/api/v1/keys", &h.admin, None).await;
-    assert!(list["keys"].as_array().unwrap().iter().any(|k| k["expires_at"].is_null()));
+    assert!(list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["expires_at"].is_null()));
 
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let (status, body) = h.call("GET", "/api/v1/jobs", &secret, None).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::UNAUTHORIZED, "expired"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNAUTHORIZED, "expired")
+    );
 
     // Refusals: both fields, a time past, nonsense.
     for body in [

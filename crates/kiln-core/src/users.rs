@@ -146,7 +146,11 @@ impl Verdict {
 }
 
 /// Before an attempt: what `count` (as stored, or none) allows at `now`.
-pub fn before_attempt(policy: &ThrottlePolicy, count: Option<&FailureCount>, now: Millis) -> Verdict {
+pub fn before_attempt(
+    policy: &ThrottlePolicy,
+    count: Option<&FailureCount>,
+    now: Millis,
+) -> Verdict {
     let Some(count) = count else {
         return Verdict::Proceed;
     };
@@ -218,16 +222,34 @@ mod tests {
         };
         assert_eq!(before_attempt(&p, None, 0), Verdict::Proceed);
         // 1, 2, 4, 8 s after the 1st to 4th failure.
-        assert_eq!(before_attempt(&p, Some(&at(1, 100, None)), 600), Verdict::SlowDown(500));
-        assert_eq!(before_attempt(&p, Some(&at(1, 100, None)), 1_100), Verdict::Proceed);
-        assert_eq!(before_attempt(&p, Some(&at(3, 0, None)), 1_000), Verdict::SlowDown(3_000));
-        assert_eq!(before_attempt(&p, Some(&at(4, 0, None)), 8_000), Verdict::Proceed);
+        assert_eq!(
+            before_attempt(&p, Some(&at(1, 100, None)), 600),
+            Verdict::SlowDown(500)
+        );
+        assert_eq!(
+            before_attempt(&p, Some(&at(1, 100, None)), 1_100),
+            Verdict::Proceed
+        );
+        assert_eq!(
+            before_attempt(&p, Some(&at(3, 0, None)), 1_000),
+            Verdict::SlowDown(3_000)
+        );
+        assert_eq!(
+            before_attempt(&p, Some(&at(4, 0, None)), 8_000),
+            Verdict::Proceed
+        );
         // The 5th failure locks for 15 minutes, and the lock ends.
         assert_eq!(lock_after(&p, 4, 10), None);
         assert_eq!(lock_after(&p, 5, 10), Some(10 + 15 * 60_000));
         let locked = at(0, 10, Some(10 + 15 * 60_000));
-        assert_eq!(before_attempt(&p, Some(&locked), 60_010), Verdict::Locked(14 * 60_000));
-        assert_eq!(before_attempt(&p, Some(&locked), 15 * 60_000 + 10), Verdict::Proceed);
+        assert_eq!(
+            before_attempt(&p, Some(&locked), 60_010),
+            Verdict::Locked(14 * 60_000)
+        );
+        assert_eq!(
+            before_attempt(&p, Some(&locked), 15 * 60_000 + 10),
+            Verdict::Proceed
+        );
         // Failures older than the window are forgotten.
         assert_eq!(
             before_attempt(&p, Some(&at(4, 0, None)), 15 * 60_000),
@@ -238,7 +260,10 @@ mod tests {
         assert!(!within_allowance(&p, 6));
         // The source's counter has no growing wait.
         let s = ThrottlePolicy::SOURCE;
-        assert_eq!(before_attempt(&s, Some(&at(19, 0, None)), 1), Verdict::Proceed);
+        assert_eq!(
+            before_attempt(&s, Some(&at(19, 0, None)), 1),
+            Verdict::Proceed
+        );
     }
 
     #[test]

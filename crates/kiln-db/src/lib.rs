@@ -20,9 +20,9 @@ pub mod rules;
 pub mod secrets;
 mod sqlite;
 pub mod subscriptions;
-pub mod users;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod users;
 pub mod vms;
 pub mod webhooks;
 

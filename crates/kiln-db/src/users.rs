@@ -86,7 +86,9 @@ impl Db {
     pub async fn user_insert(&self, user: &User, password_hash: &str) -> DbResult<bool> {
         storable("tenant", &user.tenant)?;
         storable("username", &user.username)?;
-        let done = crate::with_pool!(self, write, |pool| sqlx::query(
+        let done =
+            crate::with_pool!(self, write, |pool| {
+                sqlx::query(
             "INSERT INTO users (tenant, username, role, password_hash, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, username) DO NOTHING"
         )
@@ -98,7 +100,8 @@ impl Db {
         .bind(user.updated_at)
         .execute(pool)
         .await?
-        .rows_affected());
+        .rows_affected()
+            });
         Ok(done == 1)
     }
 

@@ -82,13 +82,20 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
             .await?;
         anyhow::ensure!(response.status() == 200, "login: {}", response.status());
         let body: serde_json::Value = response.json().await?;
-        anyhow::Ok((started.elapsed(), body["token"].as_str().unwrap_or_default().to_string()))
+        anyhow::Ok((
+            started.elapsed(),
+            body["token"].as_str().unwrap_or_default().to_string(),
+        ))
     };
     // Warm up connections and the dummy hash for unknown users.
     let (_, token) = login_once(http.clone(), base.clone(), "user0".into()).await?;
     let mut times = Vec::with_capacity(args.logins);
     for _ in 0..args.logins {
-        times.push(login_once(http.clone(), base.clone(), "user0".into()).await?.0);
+        times.push(
+            login_once(http.clone(), base.clone(), "user0".into())
+                .await?
+                .0,
+        );
     }
     times.sort();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -108,7 +115,11 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut times = Vec::new();
             for _ in 0..per_client {
-                times.push(login_once(http.clone(), base.clone(), format!("user{i}")).await?.0);
+                times.push(
+                    login_once(http.clone(), base.clone(), format!("user{i}"))
+                        .await?
+                        .0,
+                );
             }
             anyhow::Ok(times)
         }));

@@ -351,10 +351,7 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .or(file.token_ttl_s)
             .unwrap_or(kiln_api::auth::TOKEN_TTL_S_DEFAULT)
             .clamp(1, 7 * 24 * 3600),
-        secure_cookies: args
-            .secure_cookies
-            .or(file.secure_cookies)
-            .unwrap_or(false),
+        secure_cookies: args.secure_cookies.or(file.secure_cookies).unwrap_or(false),
         trusted_proxies: kiln_events::notify::AllowList::parse(
             args.trusted_proxies
                 .as_deref()

@@ -90,7 +90,11 @@ pub fn read_password() -> anyhow::Result<String> {
 
 pub async fn users(command: UsersCommand) -> anyhow::Result<i32> {
     match command {
-        UsersCommand::Create { client, name, role: r } => {
+        UsersCommand::Create {
+            client,
+            name,
+            role: r,
+        } => {
             let body = json!({"username": segment(&name)?, "role": role(&r)?, "password": read_password()?});
             print(&Client::new(&client)?.post("/api/v1/users", &body).await?);
         }
@@ -111,9 +115,17 @@ pub async fn users(command: UsersCommand) -> anyhow::Result<i32> {
                 .put(&path, &json!({"password": read_password()?}))
                 .await?;
         }
-        UsersCommand::Role { client, name, role: r } => {
+        UsersCommand::Role {
+            client,
+            name,
+            role: r,
+        } => {
             let path = format!("/api/v1/users/{}/role", segment(&name)?);
-            print(&Client::new(&client)?.put(&path, &json!({"role": role(&r)?})).await?);
+            print(
+                &Client::new(&client)?
+                    .put(&path, &json!({"role": role(&r)?}))
+                    .await?,
+            );
         }
         UsersCommand::RotateTokenKey { server } => {
             let settings = server.settings()?;

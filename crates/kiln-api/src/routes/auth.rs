@@ -96,9 +96,8 @@ pub(crate) async fn verify_throttled(
         .login_failures(&[account_key.clone(), source_key.clone()])
         .await?;
     let count_of = |key: &str| counts.iter().find(|(k, _)| k == key).map(|(_, c)| c);
-    let verdict = before_attempt(&settings.account, count_of(&account_key), now).and(
-        before_attempt(&settings.source, count_of(&source_key), now),
-    );
+    let verdict = before_attempt(&settings.account, count_of(&account_key), now)
+        .and(before_attempt(&settings.source, count_of(&source_key), now));
     if verdict != Verdict::Proceed {
         return Err(refuse(verdict));
     }
@@ -136,7 +135,12 @@ pub(crate) async fn verify_throttled(
     let mut locked = Vec::new();
     for (key, policy, count, what) in [
         (&account_key, &settings.account, &account, "account"),
-        (&source_key, &settings.source, &from_source, "source address"),
+        (
+            &source_key,
+            &settings.source,
+            &from_source,
+            "source address",
+        ),
     ] {
         if let Some(until) = lock_after(policy, count.failures, now) {
             state.db.login_lock(key, now, until).await?;
@@ -242,7 +246,10 @@ pub async fn login(
         header::SET_COOKIE,
         cookie(SESSION_COOKIE, &token, ttl_s, true, secure),
     );
-    cookies.append(header::SET_COOKIE, cookie(CSRF_COOKIE, &csrf, ttl_s, false, secure));
+    cookies.append(
+        header::SET_COOKIE,
+        cookie(CSRF_COOKIE, &csrf, ttl_s, false, secure),
+    );
     Ok(response)
 }
 
@@ -270,8 +277,14 @@ pub async fn logout(
     let secure = state.auth.settings().secure(peer, &headers);
     let mut response = StatusCode::NO_CONTENT.into_response();
     let cookies = response.headers_mut();
-    cookies.append(header::SET_COOKIE, cookie(SESSION_COOKIE, "", 0, true, secure));
-    cookies.append(header::SET_COOKIE, cookie(CSRF_COOKIE, "", 0, false, secure));
+    cookies.append(
+        header::SET_COOKIE,
+        cookie(SESSION_COOKIE, "", 0, true, secure),
+    );
+    cookies.append(
+        header::SET_COOKIE,
+        cookie(CSRF_COOKIE, "", 0, false, secure),
+    );
     Ok(response)
 }
 

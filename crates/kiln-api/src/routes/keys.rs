@@ -88,9 +88,10 @@ impl CreateKey {
                     "give expires_at or expires_in_s, not both",
                 ))
             }
-            (Some(text), None) => Some(parse_time(text).ok_or_else(|| {
-                ApiError::invalid("expires_at must be an RFC 3339 time")
-            })?),
+            (Some(text), None) => Some(
+                parse_time(text)
+                    .ok_or_else(|| ApiError::invalid("expires_at must be an RFC 3339 time"))?,
+            ),
             (None, Some(0)) => return Err(ApiError::invalid("expires_in_s must be at least 1")),
             (None, Some(seconds)) => Some(
                 i64::try_from(seconds)
@@ -208,8 +209,14 @@ pub async fn create_key(
 ) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
     let tenant = body.check(&caller)?;
     let expires_at = body.expiry(now_millis())?;
-    let (key, secret) =
-        issue_key_until(&state.db, &tenant, &body.name, Scopes(body.scopes), expires_at).await?;
+    let (key, secret) = issue_key_until(
+        &state.db,
+        &tenant,
+        &body.name,
+        Scopes(body.scopes),
+        expires_at,
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {

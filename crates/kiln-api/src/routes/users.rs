@@ -219,9 +219,9 @@ pub async fn set_password(
     if !caller.scopes.allows(Scope::Admin) {
         // Without the admin scope, a stolen session alone cannot take over
         // the account: the old password is checked, under the throttle.
-        let old = body.old_password.ok_or_else(|| {
-            ApiError::forbidden("give old_password to change your own password")
-        })?;
+        let old = body
+            .old_password
+            .ok_or_else(|| ApiError::forbidden("give old_password to change your own password"))?;
         let source = state.auth.settings().client_address(peer, &headers);
         let checked =
             super::auth::verify_throttled(&state, &caller.tenant, name, &source, old).await?;
