@@ -86,22 +86,19 @@ impl Db {
     pub async fn user_insert(&self, user: &User, password_hash: &str) -> DbResult<bool> {
         storable("tenant", &user.tenant)?;
         storable("username", &user.username)?;
-        let done =
-            crate::with_pool!(self, write, |pool| {
-                sqlx::query(
-            "INSERT INTO users (tenant, username, role, password_hash, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, username) DO NOTHING"
-        )
-        .bind(&user.tenant)
-        .bind(&user.username)
-        .bind(user.role.as_str())
-        .bind(password_hash)
-        .bind(user.created_at)
-        .bind(user.updated_at)
-        .execute(pool)
-        .await?
-        .rows_affected()
-            });
+        let insert = "INSERT INTO users \
+             (tenant, username, role, password_hash, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, username) DO NOTHING";
+        let done = crate::with_pool!(self, write, |pool| sqlx::query(insert)
+            .bind(&user.tenant)
+            .bind(&user.username)
+            .bind(user.role.as_str())
+            .bind(password_hash)
+            .bind(user.created_at)
+            .bind(user.updated_at)
+            .execute(pool)
+            .await?
+            .rows_affected());
         Ok(done == 1)
     }
 
