@@ -161,8 +161,11 @@ pub fn before_attempt(
     if count.window_start + policy.window_ms <= now {
         return Verdict::Proceed;
     }
-    let ready = count.last_at + policy.delay_after(count.failures);
-    if ready > now {
+    // No wait asked: even a failure counted a moment after `now` was read
+    // (an attempt in flight) does not hold this one back.
+    let delay = policy.delay_after(count.failures);
+    let ready = count.last_at + delay;
+    if delay > 0 && ready > now {
         return Verdict::SlowDown(ready - now);
     }
     Verdict::Proceed
@@ -262,6 +265,10 @@ mod tests {
         let s = ThrottlePolicy::SOURCE;
         assert_eq!(
             before_attempt(&s, Some(&at(19, 0, None)), 1),
+            Verdict::Proceed
+        );
+        assert_eq!(
+            before_attempt(&s, Some(&at(3, 50, None)), 10),
             Verdict::Proceed
         );
     }

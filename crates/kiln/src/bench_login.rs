@@ -80,8 +80,9 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
             .json(&json!({"tenant": "bench", "username": user, "password": PASSWORD}))
             .send()
             .await?;
-        anyhow::ensure!(response.status() == 200, "login: {}", response.status());
+        let status = response.status();
         let body: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status == 200, "login: {status} {body}");
         anyhow::Ok((
             started.elapsed(),
             body["token"].as_str().unwrap_or_default().to_string(),
