@@ -465,6 +465,9 @@ pub struct Auth {
 impl Default for Auth {
     fn default() -> Auth {
         let lanes = std::thread::available_parallelism().map_or(2, |n| n.get());
+        // Made once per process, ahead of the first unknown user, whose
+        // answer would otherwise take a hash longer.
+        std::thread::spawn(|| LazyLock::force(&DUMMY_HASH));
         Auth {
             keys: RwLock::new(Arc::new(TokenKeys::ephemeral())),
             sessions: SessionCache::default(),

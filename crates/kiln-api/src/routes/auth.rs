@@ -62,8 +62,10 @@ fn invalid_credentials() -> ApiError {
 fn refuse(verdict: Verdict) -> ApiError {
     let (code, wait, message) = match verdict {
         Verdict::Locked(ms) => ("locked", ms, "too many failed logins: locked"),
+        // Only refusals are rendered; a `Proceed` here would be a bug, and
+        // is answered as the mildest refusal rather than a panic.
         Verdict::SlowDown(ms) => ("rate_limited", ms, "failed logins: slow down"),
-        Verdict::Proceed => unreachable!("only refusals are rendered"),
+        Verdict::Proceed => ("rate_limited", 0, "failed logins: slow down"),
     };
     let seconds = ((wait + 999) / 1000).max(1) as u64;
     let mut error = ApiError::new(
