@@ -133,14 +133,21 @@ impl ChainCheck {
             self.flag(
                 c.seq,
                 Some(c.id),
-                format!("belongs to tenant {:?} but sits in this chain", c.record.tenant),
+                format!(
+                    "belongs to tenant {:?} but sits in this chain",
+                    c.record.tenant
+                ),
             );
         }
         if c.seq > self.next_seq {
             let missing = if c.seq - self.next_seq == 1 {
                 format!("record {} is missing (deleted)", self.next_seq)
             } else {
-                format!("records {}..{} are missing (deleted)", self.next_seq, c.seq - 1)
+                format!(
+                    "records {}..{} are missing (deleted)",
+                    self.next_seq,
+                    c.seq - 1
+                )
             };
             self.flag(c.seq, Some(c.id), missing);
         } else if c.seq < self.next_seq {
@@ -175,16 +182,20 @@ impl ChainCheck {
     pub fn finish(mut self, head: Option<(i64, &str)>) -> ChainCheck {
         let last = self.next_seq - 1;
         match head {
-            None if last > 0 => {
-                self.flag(last, None, "chain has records but no head (inserted)".into())
-            }
+            None if last > 0 => self.flag(
+                last,
+                None,
+                "chain has records but no head (inserted)".into(),
+            ),
             None => {}
             Some((seq, hash)) => {
                 if seq > last {
                     self.flag(
                         seq,
                         None,
-                        format!("the head is at record {seq} but the chain ends at {last} (deleted)"),
+                        format!(
+                            "the head is at record {seq} but the chain ends at {last} (deleted)"
+                        ),
                     );
                 } else if seq < last {
                     self.flag(
@@ -263,17 +274,17 @@ mod tests {
     fn every_field_is_covered_by_the_hash() {
         let base = record(1);
         let h = chain_hash(GENESIS, 1, &base);
-        let variants: Vec<Box<dyn Fn(&mut AuditRecord)>> = vec![
-            Box::new(|r| r.time += 1),
-            Box::new(|r| r.tenant.push('x')),
-            Box::new(|r| r.actor_kind.push('x')),
-            Box::new(|r| r.actor.push('x')),
-            Box::new(|r| r.action.push('x')),
-            Box::new(|r| r.resource.push('x')),
-            Box::new(|r| r.request_id.push('x')),
-            Box::new(|r| r.source.push('x')),
-            Box::new(|r| r.outcome.push('x')),
-            Box::new(|r| r.rationale = Some(String::new())),
+        let variants: [fn(&mut AuditRecord); 10] = [
+            |r| r.time += 1,
+            |r| r.tenant.push('x'),
+            |r| r.actor_kind.push('x'),
+            |r| r.actor.push('x'),
+            |r| r.action.push('x'),
+            |r| r.resource.push('x'),
+            |r| r.request_id.push('x'),
+            |r| r.source.push('x'),
+            |r| r.outcome.push('x'),
+            |r| r.rationale = Some(String::new()),
         ];
         for change in variants {
             let mut r = base.clone();
@@ -309,7 +320,10 @@ mod tests {
         c.remove(1);
         let breaks = check(&c, Some((5, &head)));
         assert_eq!(breaks[0].seq, 3);
-        assert!(breaks[0].problem.contains("record 2 is missing"), "{breaks:?}");
+        assert!(
+            breaks[0].problem.contains("record 2 is missing"),
+            "{breaks:?}"
+        );
         // Cutting the tail leaves the chain whole but short of its head.
         let c = chain(5);
         let breaks = check(&c[..4], Some((5, &head)));
