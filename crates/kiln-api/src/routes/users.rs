@@ -57,9 +57,12 @@ pub struct UserList {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    /// Letters, digits and `_ - . : @`.
+    #[schema(min_length = 1, max_length = 64)]
     pub username: String,
     pub role: Role,
     /// At least 12 characters; stored only as an argon2id hash.
+    #[schema(min_length = 12, max_length = 1024)]
     pub password: String,
 }
 
@@ -72,6 +75,7 @@ pub struct SetRole {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetPassword {
+    #[schema(min_length = 12, max_length = 1024)]
     pub password: String,
     /// Needed when users change their own password without the admin scope.
     pub old_password: Option<String>,
