@@ -51,7 +51,7 @@ enum Command {
     /// Print the settings a server would run with (passwords hidden).
     Config(ServerArgs),
     /// Manage API keys directly in the database.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "key")]
     Keys(KeysCommand),
     /// Jobs through the API.
     Job {

@@ -172,7 +172,7 @@ async fn users_through_the_command_line() {
     let used = run(&data, &base, &["job", "ls", "--key", &secret], "");
     assert!(used.status.success(), "{}", text(&used.stderr));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let keys = run(&data, &base, &["keys", "ls"], "");
+    let keys = run(&data, &base, &["key", "ls"], "");
     let line = text(&keys.stdout)
         .lines()
         .find(|l| l.contains("\tshort\t"))
