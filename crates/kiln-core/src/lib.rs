@@ -14,6 +14,7 @@ pub mod names;
 pub mod quota;
 pub mod retry;
 pub mod secrets;
+pub mod users;
 
 pub use job::*;
 pub use keys::{Scope, Scopes};
