@@ -397,6 +397,27 @@ fn check_create(spec: &Value) -> Result<(), String> {
         .map_err(|e| e.0)
 }
 
+/// A machine's shape as admission policies see it, defaults filled in.
+pub fn describe_shape(shape: &VmShape) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("image".into(), Value::from(shape.image.clone()));
+    fields.insert("vcpus".into(), Value::from(shape.vcpus));
+    fields.insert("memory_mib".into(), Value::from(shape.memory_mib));
+    fields
+}
+
+fn describe_vm(spec: &Value) -> serde_json::Map<String, Value> {
+    VmJobSpec::parse(spec)
+        .map(|s| describe_shape(&s.shape))
+        .unwrap_or_default()
+}
+
+fn describe_create(spec: &Value) -> serde_json::Map<String, Value> {
+    parse::<CreateVmSpec>(spec.clone())
+        .map(|s| describe_shape(&s.shape))
+        .unwrap_or_default()
+}
+
 fn check_execute(spec: &Value) -> Result<(), String> {
     ExecuteVmSpec::parse(spec).map(drop).map_err(|e| e.0)
 }
@@ -423,7 +444,9 @@ pub fn owned_kinds(host: &str) -> [String; 3] {
 pub fn job_kinds(kinds: &mut JobKinds) {
     kinds
         .add_with_files("vm", check_vm)
+        .add_described("vm", describe_vm)
         .add("vm:create", check_create)
+        .add_described("vm:create", describe_create)
         .add_routed("vm:execute", check_execute, route_to_owner)
         .add_routed("exec", check_execute, route_to_owner)
         .add_routed("vm:delete", check_delete, route_to_owner);

@@ -149,6 +149,7 @@ impl Actor<'_> {
                     Ok((run, _)) => Ok(json!({"run": run.run.id.to_string()})),
                     Err(FlowError::NotFound(what)) => Err(format!("{what} not found")),
                     Err(FlowError::Conflict(m) | FlowError::Invalid(m)) => Err(m),
+                    Err(FlowError::Denied { message, .. }) => Err(message),
                 }
             }
             Action::ResolveIncident { incident, notes } => {
