@@ -33,10 +33,15 @@ pub enum BenchCommand {
     Dashboard(dashboard::DashboardArgs),
     /// Audit trail: drain over HTTP with it on and off; verify a million records.
     Audit(audit::AuditArgs),
+    /// Admission policies: submits over HTTP with none and with five.
+    Policy(policy::PolicyArgs),
 }
 
 #[path = "bench_audit.rs"]
 mod audit;
+
+#[path = "bench_policy.rs"]
+mod policy;
 
 #[path = "bench_flow.rs"]
 mod flow;
@@ -113,6 +118,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Logs(args) => logs::logs(args).await,
         BenchCommand::Dashboard(args) => dashboard::dashboard(args).await,
         BenchCommand::Audit(args) => audit::audit(args).await,
+        BenchCommand::Policy(args) => policy::policy(args).await,
     }
 }
 
