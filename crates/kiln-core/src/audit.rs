@@ -270,11 +270,13 @@ mod tests {
         assert_eq!(check(&[], None), vec![]);
     }
 
+    type Edit = Box<dyn Fn(&mut AuditRecord)>;
+
     #[test]
     fn every_field_is_covered_by_the_hash() {
         let base = record(1);
         let h = chain_hash(GENESIS, 1, &base);
-        let variants: Vec<Box<dyn Fn(&mut AuditRecord)>> = vec![
+        let variants: Vec<Edit> = vec![
             Box::new(|r| r.time += 1),
             Box::new(|r| r.tenant.push('x')),
             Box::new(|r| r.actor_kind.push('x')),
