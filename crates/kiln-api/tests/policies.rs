@@ -613,11 +613,34 @@ async fn a_tenant_holds_at_most_a_hundred(db: Db) {
     h.stop().await;
 }
 
+/// A second handle on the same database, with caches of its own: another
+/// process, as far as the cache can tell.
+async fn second_handle(db: &Db) -> Db {
+    if db.backend() == "sqlite" {
+        let path = kiln_db::testing::text_rows(
+            db,
+            "SELECT file FROM pragma_database_list WHERE name = 'main'",
+        )
+        .await
+        .unwrap()
+        .remove(0);
+        Db::connect(&format!("sqlite://{path}")).await.unwrap()
+    } else {
+        let schema = kiln_db::testing::text_rows(db, "SELECT current_schema()::text")
+            .await
+            .unwrap()
+            .remove(0);
+        Db::connect_postgres_schema(&kiln_db::testing::postgres_url(), &schema)
+            .await
+            .unwrap()
+    }
+}
+
 async fn another_process_sees_a_change_within_a_second(db: Db) {
     let h = harness(db.clone()).await;
     // A second API on the same database, with its own cache.
     let other = kiln_api::AppState::with_kinds(
-        db.clone(),
+        second_handle(&db).await,
         h.state.blobs.clone(),
         None,
         None,
