@@ -22,6 +22,10 @@ pub const RULE_MAX: usize = 2048;
 pub const MESSAGE_MAX: usize = 512;
 /// Most kinds one policy may name in `applies_to`.
 pub const APPLIES_TO_MAX: usize = 32;
+/// Evaluation steps all of a tenant's policies may take over one job
+/// together: a hundred rules at the language's own bound each would cost a
+/// shared API node too much per submission.
+pub const ADMIT_STEPS_MAX: u64 = 200_000;
 /// A value quoted in a denial is cut to this many bytes.
 const SEEN_VALUE_MAX: usize = 120;
 
@@ -93,7 +97,12 @@ impl Policy {
 
     /// Judges one job's context: `None` when the rule holds.
     pub fn judge(&self, context: &Value) -> Option<Denial> {
-        let error = match self.rule.eval_bool(context) {
+        self.judge_within(context, &mut ADMIT_STEPS_MAX.clone())
+    }
+
+    /// [`Policy::judge`] within a step budget shared with other policies.
+    pub fn judge_within(&self, context: &Value, budget: &mut u64) -> Option<Denial> {
+        let error = match self.rule.eval_bool_within(context, budget) {
             Ok(true) => return None,
             Ok(false) => None,
             Err(e) => Some(e.to_string()),
@@ -184,8 +193,9 @@ impl PolicySet {
             return Ok(());
         };
         let context = subject.context();
+        let mut budget = ADMIT_STEPS_MAX;
         for policy in std::iter::once(first).chain(applying) {
-            if let Some(denial) = policy.judge(&context) {
+            if let Some(denial) = policy.judge_within(&context, &mut budget) {
                 return Err(denial);
             }
         }
@@ -196,11 +206,14 @@ impl PolicySet {
     /// denial)`.
     pub fn verdicts(&self, subject: &Subject<'_>) -> Vec<(String, bool, Option<Denial>)> {
         let context = subject.context();
+        let mut budget = ADMIT_STEPS_MAX;
         self.policies
             .iter()
             .map(|p| {
                 let applies = p.applies(subject.kind);
-                let denial = applies.then(|| p.judge(&context)).flatten();
+                let denial = applies
+                    .then(|| p.judge_within(&context, &mut budget))
+                    .flatten();
                 (p.name.clone(), applies, denial)
             })
             .collect()
@@ -267,6 +280,8 @@ impl<'a> Subject<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MAX_STEPS_FOR_TEST: u64 = crate::expr::MAX_STEPS;
 
     fn policy(name: &str, rule: &str) -> Policy {
         Policy::new(name, rule, &format!("{name} says no"), Vec::new(), true).unwrap()
@@ -453,6 +468,40 @@ mod tests {
             bad("p", "true", "", vec!["vm".into(); APPLIES_TO_MAX + 1]),
             PolicyError::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn policies_share_one_step_budget_per_job() {
+        // Each rule alone is within the language's bound; together they
+        // are not, and the one that runs out refuses.
+        let j = job("t", "noop", json!({}), &[]);
+        let list = format!(
+            "[{}]",
+            (1..=16)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let rule = format!("{list}.all(a, {list}.all(b, {list}.all(c, a + b + c > 0)))");
+        let one = policy("p00", &rule);
+        let mut alone = MAX_STEPS_FOR_TEST;
+        assert!(one
+            .judge_within(&Subject::of_job(&j, Map::new()).context(), &mut alone)
+            .is_none());
+        let used = MAX_STEPS_FOR_TEST - alone;
+        assert!(used > 10_000, "{used}");
+        let n = (ADMIT_STEPS_MAX / used + 2) as usize;
+        let set = PolicySet::new((0..n).map(|i| policy(&format!("p{i:02}"), &rule)).collect());
+        let denial = admit(&set, &j).unwrap_err();
+        assert!(
+            denial
+                .error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("steps"),
+            "{denial:?}"
+        );
+        assert_ne!(denial.policy, "p00");
     }
 
     #[test]
