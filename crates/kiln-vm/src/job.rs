@@ -406,16 +406,20 @@ pub fn describe_shape(shape: &VmShape) -> serde_json::Map<String, Value> {
     fields
 }
 
-fn describe_vm(spec: &Value) -> serde_json::Map<String, Value> {
-    VmJobSpec::parse(spec)
-        .map(|s| describe_shape(&s.shape))
+/// The shape among a spec's fields, whatever the others are.
+fn describe_fields(spec: &Value, fields: &[&str]) -> serde_json::Map<String, Value> {
+    split(spec, fields)
+        .and_then(|(shape, _)| parse::<VmShape>(shape))
+        .map(|shape| describe_shape(&shape))
         .unwrap_or_default()
 }
 
+fn describe_vm(spec: &Value) -> serde_json::Map<String, Value> {
+    describe_fields(spec, &VmShape::MACHINE_FIELDS)
+}
+
 fn describe_create(spec: &Value) -> serde_json::Map<String, Value> {
-    parse::<CreateVmSpec>(spec.clone())
-        .map(|s| describe_shape(&s.shape))
-        .unwrap_or_default()
+    describe_fields(spec, &VmShape::FIELDS)
 }
 
 fn check_execute(spec: &Value) -> Result<(), String> {
@@ -887,6 +891,30 @@ mod tests {
         for kind in owned_kinds(&"x".repeat(crate::manager::HOST_TAG_MAX)) {
             kiln_core::names::check_name("kind", &kind).unwrap();
         }
+    }
+
+    #[test]
+    fn policies_see_the_shape_a_vm_runs_with() {
+        let mut kinds = JobKinds::new();
+        job_kinds(&mut kinds);
+        let fields = |kind: &str, spec: Value| Value::Object(kinds.describe(kind, &spec));
+        // Defaults filled in where the spec is silent.
+        assert_eq!(
+            fields("vm", json!({"command": "true", "secrets": ["db"]})),
+            json!({"image": "default", "vcpus": 1, "memory_mib": 128, "secrets": ["db"]})
+        );
+        assert_eq!(
+            fields(
+                "vm:create",
+                json!({"memory_mib": 512, "vcpus": 2, "labels": {"a": "b"}})
+            ),
+            json!({"image": "default", "vcpus": 2, "memory_mib": 512})
+        );
+        // A kind without a describer shows what its spec names.
+        assert_eq!(
+            fields("vm:execute", json!({"vm_id": "vm-1", "command": "true"})),
+            json!({})
+        );
     }
 
     #[test]
