@@ -25,6 +25,7 @@ kiln_db::on_both_databases!(
     the_dry_run_judges_without_submitting,
     a_tenant_holds_at_most_a_hundred,
     another_process_sees_a_change_within_a_second,
+    broker_submissions_are_judged,
 );
 
 async fn put(h: &Harness, key: &str, name: &str, body: Value) -> (StatusCode, Value) {
@@ -696,5 +697,47 @@ async fn another_process_sees_a_change_within_a_second(db: Db) {
         assert!(started.elapsed() < Duration::from_millis(1500));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    h.stop().await;
+}
+
+async fn broker_submissions_are_judged(db: Db) {
+    let h = harness(db).await;
+    let (status, _) = put(
+        &h,
+        &h.admin,
+        "queues",
+        json!({"rule": "job.queue in [\"emails\"]", "message": "only the emails queue"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let bearer = format!("Bearer {}", h.admin);
+    let body = json!({"kind": "noop"}).to_string();
+    let refused =
+        kiln_api::intake::submit_message(&h.state, Some(&bearer), Some("billing"), body.as_bytes())
+            .await
+            .unwrap_err();
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.code, "policy_denied");
+    assert_eq!(
+        refused.message,
+        "policy queues: only the emails queue (job.queue = \"billing\")"
+    );
+    let (id, made) =
+        kiln_api::intake::submit_message(&h.state, Some(&bearer), Some("emails"), body.as_bytes())
+            .await
+            .unwrap();
+    assert!(made);
+    let (_, job) = h
+        .call("GET", &format!("/api/v1/jobs/{id}"), &h.admin, None)
+        .await;
+    assert_eq!(job["queue"], "emails");
+    let (_, trail) = h
+        .call("GET", "/api/v1/audit?action=broker.submit", &h.admin, None)
+        .await;
+    let records = trail["records"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "{trail}");
+    assert_eq!(records[0]["outcome"], "403 policy_denied");
+    assert_eq!(records[0]["rationale"], "policy queues");
+    assert_eq!(records[1]["outcome"], "201");
     h.stop().await;
 }
