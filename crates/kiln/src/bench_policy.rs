@@ -1,8 +1,8 @@
 //! `kiln bench policy`: what admission policies cost a submission — no-op
 //! jobs submitted over HTTP by concurrent clients to an embedded SQLite
 //! store, with the tenant holding no policy and five (fresh database each
-//! round, rounds alternating) — and one job judged by five policies, in
-//! process.
+//! round, rounds alternating, each pair in the other order from the last)
+//! — and one job judged by five policies, in process.
 
 use std::time::{Duration, Instant};
 
@@ -65,7 +65,9 @@ pub async fn policy(args: PolicyArgs) -> anyhow::Result<()> {
     let mut with = Vec::new();
     let mut without = Vec::new();
     for round in 0..args.rounds * 2 {
-        let judged = round % 2 == 1;
+        // Pairs alternate which goes first, so a drift in the machine's
+        // load does not favour one side.
+        let judged = (round % 2 == 1) != (round / 2 % 2 == 1);
         let db = fresh(args.database_url.as_deref(), &format!("p{round}")).await?;
         if judged {
             for (name, rule) in POLICIES {
