@@ -26,6 +26,7 @@ kiln_db::on_both_databases!(
     a_tenant_holds_at_most_a_hundred,
     another_process_sees_a_change_within_a_second,
     broker_submissions_are_judged,
+    rule_actions_are_judged,
 );
 
 async fn put(h: &Harness, key: &str, name: &str, body: Value) -> (StatusCode, Value) {
@@ -739,5 +740,62 @@ async fn broker_submissions_are_judged(db: Db) {
     assert_eq!(records[0]["outcome"], "403 policy_denied");
     assert_eq!(records[0]["rationale"], "policy queues");
     assert_eq!(records[1]["outcome"], "201");
+    h.stop().await;
+}
+
+async fn rule_actions_are_judged(db: Db) {
+    let h = harness(db).await;
+    // Jobs a self-healing rule makes carry the label `rule`.
+    let (status, _) = put(
+        &h,
+        &h.admin,
+        "no-robots",
+        json!({"rule": "job.labels.rule == null", "message": "rules may not start jobs"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = h
+        .call(
+            "PUT",
+            "/api/v1/automation/rules/heal",
+            &h.admin,
+            Some(json!({
+                "trigger": {"events": ["job.succeeded"]},
+                "condition": "event.data.queue == 'go'",
+                "actions": [{"action": "run_job", "job": {"kind": "noop"}}],
+                "cooldown_s": 0,
+            })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let job = h.submit(json!({"kind": "noop", "queue": "go"})).await;
+    h.wait(job["id"].as_str().unwrap(), common::finished).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let taken = loop {
+        let (_, list) = h
+            .call(
+                "GET",
+                "/api/v1/automation/rules/heal/actions",
+                &h.admin,
+                None,
+            )
+            .await;
+        let taken = list["actions"].as_array().cloned().unwrap_or_default();
+        if !taken.is_empty() {
+            break taken;
+        }
+        assert!(Instant::now() < deadline, "the rule never acted: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(taken[0]["action"], "run_job");
+    assert_eq!(taken[0]["outcome"], "error", "{}", taken[0]);
+    let message = taken[0]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("policy_denied: policy no-robots: rules may not start jobs (job.labels.rule = \"heal\")"),
+        "{message}"
+    );
+    // Only the job submitted by hand exists.
+    let (_, jobs) = h.call("GET", "/api/v1/jobs", &h.admin, None).await;
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 1, "{jobs}");
     h.stop().await;
 }
