@@ -31,7 +31,7 @@ const COLUMNS: &str = "id, tenant, time, actor_kind, actor, action, resource, re
 /// driver): the change's own transaction where the caller has one.
 macro_rules! insert_on {
     ($conn:expr, $r:expr) => {
-        sqlx::query(crate::audit::INSERT)
+        sqlx::query($crate::audit::INSERT)
             .bind(&$r.tenant)
             .bind($r.time)
             .bind(&$r.actor_kind)
