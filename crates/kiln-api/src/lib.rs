@@ -262,6 +262,8 @@ pub fn builtin_kinds() -> JobKinds {
         routes::subscriptions::list_deliveries,
         routes::secrets::put_secret, routes::secrets::list_secrets, routes::secrets::get_secret,
         routes::secrets::delete_secret,
+        routes::policies::put_policy, routes::policies::list_policies, routes::policies::get_policy,
+        routes::policies::delete_policy, routes::policies::test_policies,
         routes::incidents::list_incidents, routes::incidents::get_incident,
         routes::incidents::ack_incident, routes::incidents::resolve_incident,
         routes::incidents::get_detectors, routes::incidents::put_detectors,
@@ -312,6 +314,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::logs::router())
         .merge(routes::subscriptions::router())
         .merge(routes::secrets::router())
+        .merge(routes::policies::router())
         .merge(routes::incidents::router())
         .merge(routes::automation::router())
         .merge(routes::dashboard::router())

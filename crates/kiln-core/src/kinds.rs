@@ -15,6 +15,13 @@ pub type CheckSpec = fn(&serde_json::Value) -> Result<(), String>;
 /// VM goes to the host that owns the VM). `None`: any worker of the kind.
 pub type RouteSpec = fn(&str, &serde_json::Value) -> Option<String>;
 
+/// A kind's values of [`POLICY_FIELDS`] for a (checked) spec, with the
+/// kind's defaults filled in, so an admission policy sees what will run.
+pub type DescribeSpec = fn(&serde_json::Value) -> serde_json::Map<String, serde_json::Value>;
+
+/// The fields of a spec admission policies read at the top of `job`.
+pub const POLICY_FIELDS: [&str; 5] = ["image", "memory_mib", "vcpus", "network", "secrets"];
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// No kind of that name is known to this deployment.
@@ -31,6 +38,7 @@ pub struct JobKinds {
     /// Kinds whose specs take `outputs` and `inputs` (see `crate::files`).
     files: BTreeSet<String>,
     routes: BTreeMap<String, RouteSpec>,
+    describers: BTreeMap<String, DescribeSpec>,
 }
 
 impl JobKinds {
@@ -62,6 +70,30 @@ impl JobKinds {
             .get(kind)
             .and_then(|route| route(kind, spec))
             .unwrap_or_else(|| kind.to_string())
+    }
+
+    /// Gives `kind` a [`DescribeSpec`] (kinds without one show the spec's
+    /// own fields).
+    pub fn add_described(&mut self, kind: &str, describe: DescribeSpec) -> &mut JobKinds {
+        self.describers.insert(kind.to_string(), describe);
+        self
+    }
+
+    /// The values of [`POLICY_FIELDS`] a job of `kind` runs with: those its
+    /// spec names, overridden by the kind's describer where it has one.
+    pub fn describe(
+        &self,
+        kind: &str,
+        spec: &serde_json::Value,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let mut fields: serde_json::Map<String, serde_json::Value> = POLICY_FIELDS
+            .iter()
+            .filter_map(|f| spec.get(*f).map(|v| (f.to_string(), v.clone())))
+            .collect();
+        if let Some(describe) = self.describers.get(kind) {
+            fields.extend(describe(spec));
+        }
+        fields
     }
 
     pub fn takes_files(&self, kind: &str) -> bool {

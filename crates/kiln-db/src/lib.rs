@@ -13,6 +13,7 @@ pub mod incidents;
 mod lease;
 pub mod logs;
 pub mod nodes;
+pub mod policies;
 mod postgres;
 pub mod replies;
 mod rows;

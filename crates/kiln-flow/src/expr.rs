@@ -138,18 +138,43 @@ impl Expr {
     }
 
     pub fn eval(&self, context: &serde_json::Value) -> Result<serde_json::Value, ExprError> {
-        let mut m = Machine { steps: 0 };
+        self.eval_within(context, &mut MAX_STEPS.clone())
+    }
+
+    /// Evaluates with at most `budget` steps (and never more than
+    /// [`MAX_STEPS`]), taking the steps used from it, so several
+    /// expressions judging one thing share one bound.
+    pub fn eval_within(
+        &self,
+        context: &serde_json::Value,
+        budget: &mut u64,
+    ) -> Result<serde_json::Value, ExprError> {
+        let mut m = Machine {
+            steps: 0,
+            limit: (*budget).min(MAX_STEPS),
+        };
         let scope = Scope {
             ctx: context,
             var: None,
             parent: None,
         };
-        Ok(m.eval(&self.root, &scope)?.into_owned())
+        let out = m.eval(&self.root, &scope);
+        *budget = budget.saturating_sub(m.steps);
+        Ok(out?.into_owned())
     }
 
     /// Evaluates and requires a boolean.
     pub fn eval_bool(&self, context: &serde_json::Value) -> Result<bool, ExprError> {
-        match self.eval(context)? {
+        self.eval_bool_within(context, &mut MAX_STEPS.clone())
+    }
+
+    /// [`Expr::eval_bool`] within a shared budget (see [`Expr::eval_within`]).
+    pub fn eval_bool_within(
+        &self,
+        context: &serde_json::Value,
+        budget: &mut u64,
+    ) -> Result<bool, ExprError> {
+        match self.eval_within(context, budget)? {
             Value::Bool(b) => Ok(b),
             other => err(
                 0,
@@ -1224,13 +1249,17 @@ fn field<'s>(base: Cow<'s, Value>, key: &str) -> Cow<'s, Value> {
 
 struct Machine {
     steps: u64,
+    limit: u64,
 }
 
 impl Machine {
     fn charge(&mut self, n: u64, pos: usize) -> R<()> {
         self.steps = self.steps.saturating_add(n);
-        if self.steps > MAX_STEPS {
-            return err(pos, format!("evaluation took more than {MAX_STEPS} steps"));
+        if self.steps > self.limit {
+            return err(
+                pos,
+                format!("evaluation took more than {} steps", self.limit),
+            );
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 pub mod advance;
 pub mod def;
 pub mod expr;
+pub mod policy;
 pub mod schedule;
 pub mod target;
 pub mod template;

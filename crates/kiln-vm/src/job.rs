@@ -397,6 +397,31 @@ fn check_create(spec: &Value) -> Result<(), String> {
         .map_err(|e| e.0)
 }
 
+/// A machine's shape as admission policies see it, defaults filled in.
+pub fn describe_shape(shape: &VmShape) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("image".into(), Value::from(shape.image.clone()));
+    fields.insert("vcpus".into(), Value::from(shape.vcpus));
+    fields.insert("memory_mib".into(), Value::from(shape.memory_mib));
+    fields
+}
+
+/// The shape among a spec's fields, whatever the others are.
+fn describe_fields(spec: &Value, fields: &[&str]) -> serde_json::Map<String, Value> {
+    split(spec, fields)
+        .and_then(|(shape, _)| parse::<VmShape>(shape))
+        .map(|shape| describe_shape(&shape))
+        .unwrap_or_default()
+}
+
+fn describe_vm(spec: &Value) -> serde_json::Map<String, Value> {
+    describe_fields(spec, &VmShape::MACHINE_FIELDS)
+}
+
+fn describe_create(spec: &Value) -> serde_json::Map<String, Value> {
+    describe_fields(spec, &VmShape::FIELDS)
+}
+
 fn check_execute(spec: &Value) -> Result<(), String> {
     ExecuteVmSpec::parse(spec).map(drop).map_err(|e| e.0)
 }
@@ -423,7 +448,9 @@ pub fn owned_kinds(host: &str) -> [String; 3] {
 pub fn job_kinds(kinds: &mut JobKinds) {
     kinds
         .add_with_files("vm", check_vm)
+        .add_described("vm", describe_vm)
         .add("vm:create", check_create)
+        .add_described("vm:create", describe_create)
         .add_routed("vm:execute", check_execute, route_to_owner)
         .add_routed("exec", check_execute, route_to_owner)
         .add_routed("vm:delete", check_delete, route_to_owner);
@@ -864,6 +891,30 @@ mod tests {
         for kind in owned_kinds(&"x".repeat(crate::manager::HOST_TAG_MAX)) {
             kiln_core::names::check_name("kind", &kind).unwrap();
         }
+    }
+
+    #[test]
+    fn policies_see_the_shape_a_vm_runs_with() {
+        let mut kinds = JobKinds::new();
+        job_kinds(&mut kinds);
+        let fields = |kind: &str, spec: Value| Value::Object(kinds.describe(kind, &spec));
+        // Defaults filled in where the spec is silent.
+        assert_eq!(
+            fields("vm", json!({"command": "true", "secrets": ["db"]})),
+            json!({"image": "default", "vcpus": 1, "memory_mib": 128, "secrets": ["db"]})
+        );
+        assert_eq!(
+            fields(
+                "vm:create",
+                json!({"memory_mib": 512, "vcpus": 2, "labels": {"a": "b"}})
+            ),
+            json!({"image": "default", "vcpus": 2, "memory_mib": 512})
+        );
+        // A kind without a describer shows what its spec names.
+        assert_eq!(
+            fields("vm:execute", json!({"vm_id": "vm-1", "command": "true"})),
+            json!({})
+        );
     }
 
     #[test]

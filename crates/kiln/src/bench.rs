@@ -35,6 +35,8 @@ pub enum BenchCommand {
     Audit(audit::AuditArgs),
     /// Users: login latency (argon2id parameters stated) and token-checked requests.
     Login(login::LoginArgs),
+    /// Admission policies: submits over HTTP with none and with five.
+    Policy(policy::PolicyArgs),
 }
 
 #[path = "bench_login.rs"]
@@ -42,6 +44,9 @@ mod login;
 
 #[path = "bench_audit.rs"]
 mod audit;
+
+#[path = "bench_policy.rs"]
+mod policy;
 
 #[path = "bench_flow.rs"]
 mod flow;
@@ -119,6 +124,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Dashboard(args) => dashboard::dashboard(args).await,
         BenchCommand::Audit(args) => audit::audit(args).await,
         BenchCommand::Login(args) => login::login(args).await,
+        BenchCommand::Policy(args) => policy::policy(args).await,
     }
 }
 

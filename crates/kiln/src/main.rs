@@ -9,6 +9,7 @@ mod flow_cli;
 mod incident_cli;
 mod logs_cli;
 mod node_cli;
+mod policy_cli;
 mod rule_cli;
 mod secret_cli;
 mod serve;
@@ -143,6 +144,13 @@ enum Command {
         client: ClientArgs,
         #[command(subcommand)]
         command: incident_cli::IncidentCommand,
+    },
+    /// Admission policies: rules every submitted job must satisfy.
+    Policy {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: policy_cli::PolicyCommand,
     },
     /// Self-healing rules: apply from a file, list, dry-run, what they did.
     Rule {
@@ -486,6 +494,9 @@ async fn run(command: Command) -> anyhow::Result<i32> {
             incident_cli::incident(Client::new(&client)?, command).await
         }
         Command::Rule { client, command } => rule_cli::rule(Client::new(&client)?, command).await,
+        Command::Policy { client, command } => {
+            policy_cli::policy(Client::new(&client)?, command).await
+        }
         Command::Top { client, args } => top_cli::top(Client::new(&client)?, args).await,
         Command::Image(command) => image(command).await,
         Command::Vm { client, command } => vm(Client::new(&client)?, command).await,

@@ -87,6 +87,13 @@ pub async fn submit_message(
             ),
         };
         let (actor_kind, actor) = caller.actor();
+        // A refusal by a policy names it, as the HTTP route's record does.
+        let rationale = submitted
+            .as_ref()
+            .err()
+            .filter(|e| e.code == "policy_denied")
+            .and_then(|e| e.message.split_once(':'))
+            .map(|(policy, _)| policy.to_string());
         let record = kiln_core::audit::AuditRecord {
             time: crate::now_millis(),
             tenant: caller.tenant.clone(),
@@ -97,7 +104,7 @@ pub async fn submit_message(
             request_id: hex::encode(rand::random::<[u8; 12]>()),
             source: "broker".into(),
             outcome,
-            rationale: None,
+            rationale,
         };
         if let Err(error) = state.db.audit_insert(&record).await {
             metrics::counter!("kiln_audit_write_failures_total").increment(1);

@@ -66,6 +66,7 @@ fn flow_error(error: FlowError) -> ApiError {
         FlowError::NotFound(what) => ApiError::not_found(what),
         FlowError::Conflict(message) => ApiError::conflict(message),
         FlowError::Invalid(message) => ApiError::invalid(message),
+        FlowError::Denied { policy, message } => crate::routes::policies::denied(&policy, message),
     }
 }
 

@@ -326,8 +326,23 @@ async fn check_spec(state: &AppState, job: &NewJob) -> ApiResult<()> {
     Ok(())
 }
 
-/// Checks a submission as `POST /api/v1/jobs` does and makes its row,
-/// for paths that store jobs in batches (broker intake).
+/// A submission checked as `POST /api/v1/jobs` checks it (fields, kind,
+/// spec), before admission policies; its kind as submitted.
+pub(crate) async fn checked_job(
+    state: &AppState,
+    caller: &Caller,
+    body: SubmitJob,
+    default_attempts: i32,
+    now: i64,
+) -> ApiResult<NewJob> {
+    let new = body.into_new_job(&caller.tenant, now, default_attempts)?;
+    check_spec(state, &new).await?;
+    Ok(new)
+}
+
+/// Checks a submission as `POST /api/v1/jobs` does, admission policies
+/// included, and makes its row, for paths that store jobs in batches
+/// (broker intake).
 pub(crate) async fn prepare(
     state: &AppState,
     caller: &Caller,
@@ -335,8 +350,9 @@ pub(crate) async fn prepare(
     default_attempts: i32,
     now: i64,
 ) -> ApiResult<NewJob> {
-    let mut new = body.into_new_job(&caller.tenant, now, default_attempts)?;
-    check_spec(state, &new).await?;
+    let mut new = checked_job(state, caller, body, default_attempts, now).await?;
+    // Judged by the kind as submitted, before it is routed to a host.
+    crate::routes::policies::admit(state, &new).await?;
     new.kind = state.kinds.stored_kind(&new.kind, &new.spec);
     Ok(new)
 }
@@ -414,6 +430,7 @@ pub(crate) async fn wait_for_end(
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = SubmitJob, params(SubmitParams),
     responses((status = 201, description = "Created", body = JobView),
               (status = 200, description = "A job with this idempotency key already existed", body = JobView),
+              (status = 403, description = "An admission policy refused the job (`policy_denied`)", body = ErrorBody),
               (status = 422, description = "Invalid job", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn submit_job(
@@ -437,6 +454,7 @@ pub async fn submit_job(
 #[utoipa::path(post, path = "/api/v1/run", tag = "jobs", request_body = SubmitJob, params(SubmitParams),
     responses((status = 201, description = "Finished, or still running when the wait ran out", body = JobView),
               (status = 200, description = "A job with this idempotency key already existed", body = JobView),
+              (status = 403, description = "An admission policy refused the job (`policy_denied`)", body = ErrorBody),
               (status = 422, description = "Invalid job", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn run_job(

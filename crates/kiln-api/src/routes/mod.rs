@@ -11,6 +11,7 @@ pub mod keys;
 pub mod logs;
 pub mod modules;
 pub mod nodes;
+pub mod policies;
 pub mod queues;
 pub mod secrets;
 pub mod subscriptions;

@@ -202,13 +202,16 @@ fn agent_error(error: AgentError) -> ApiError {
 
 /// Boot a VM.
 #[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = CreateVmSpec,
-    responses((status = 201, body = VmView), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+    responses((status = 201, body = VmView),
+              (status = 403, description = "An admission policy refused the VM (`policy_denied`)", body = ErrorBody),
+              (status = 422, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn create_vm(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Json(body): Json<CreateVmSpec>,
 ) -> ApiResult<(StatusCode, Json<VmView>)> {
     caller.require(Scope::Write)?;
+    crate::routes::policies::admit_vm(&state, &caller.tenant, &body).await?;
     let vms = manager(&state)?;
     let request = body.shape.request(&caller.tenant, body.labels);
     let vm = vms.create(request).await.map_err(create_error)?;

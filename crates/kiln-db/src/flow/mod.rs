@@ -26,6 +26,7 @@ use kiln_core::files::{FileInput, JobFiles};
 use kiln_core::{JobKinds, JobStatus, Millis, NewJob, SpecError};
 use kiln_flow::advance::{self, Mode, RunStatus, StepState, StepStatus};
 use kiln_flow::def::{Checked, PipelineDef, StepDef};
+use kiln_flow::policy::{PolicySet, Subject};
 use kiln_flow::template;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -256,6 +257,11 @@ pub enum FlowError {
     Conflict(String),
     /// The params or the definition were refused.
     Invalid(String),
+    /// An admission policy refused a step job the run would start.
+    Denied {
+        policy: String,
+        message: String,
+    },
 }
 
 /// The outcome of a flow call: the store failed, or the request was refused.
@@ -280,6 +286,9 @@ pub(crate) struct NewRunRow<'a> {
 pub(crate) trait FlowTx: Send {
     /// Writes an audit record in this transaction.
     async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()>;
+    /// The tenant's policy version (0: never had a policy).
+    async fn policy_version(&mut self, tenant: &str) -> DbResult<i64>;
+    async fn policy_rows(&mut self, tenant: &str) -> DbResult<Vec<crate::policies::PolicyRow>>;
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>>;
     async fn get_run(&mut self, tenant: &str, id: i64) -> DbResult<Option<RunRecord>>;
     async fn insert_run(&mut self, run: &NewRunRow<'_>) -> DbResult<Option<i64>>;
@@ -359,6 +368,8 @@ pub(crate) trait FlowTx: Send {
 #[derive(Default)]
 pub struct DefCache {
     map: Mutex<HashMap<(String, String, i32), Arc<Checked>>>,
+    /// Tenants' admission policies, which every step job must pass.
+    pub(crate) policies: crate::policies::PolicyCache,
 }
 
 const DEF_CACHE_MAX: usize = 512;
@@ -424,6 +435,10 @@ struct Advance<'a> {
     steps: Vec<StepRecord>,
     changed: BTreeSet<usize>,
     kinds: &'a JobKinds,
+    /// The tenant's admission policies: each step job must pass them.
+    policies: Arc<PolicySet>,
+    /// The first refusal of a step job by a policy: (policy, why).
+    denied: Option<(String, String)>,
     now: Millis,
     /// Jobs were inserted: workers should look.
     made_jobs: bool,
@@ -712,7 +727,19 @@ impl Advance<'_> {
                     return self.fail_step(i, format!("invalid spec: {message}"))
                 }
             }
-            jobs.push(self.job_of(step, index, spec));
+            let job = self.job_of(step, index, spec);
+            if !self.policies.is_empty() {
+                let mut subject = Subject::of_job(&job, self.kinds.describe(&step.kind, &job.spec));
+                // Judged by the kind the step names, as a submission is.
+                subject.kind = &step.kind;
+                if let Err(denial) = self.policies.admit(&subject) {
+                    let text = denial.to_string();
+                    self.denied
+                        .get_or_insert_with(|| (denial.policy, text.clone()));
+                    return self.fail_step(i, format!("policy_denied: {text}"));
+                }
+            }
+            jobs.push(job);
             rows.push(InstanceRecord {
                 step: step.id.clone(),
                 index,
@@ -964,6 +991,7 @@ async fn new_advance<'a>(
     now: Millis,
 ) -> DbResult<Advance<'a>> {
     let checked = load_def(tx, cache, &run.tenant, &run.pipeline, run.version).await?;
+    let policies = policies_in(tx, &cache.policies, &run.tenant).await?;
     let steps: Vec<StepRecord> = checked
         .def
         .steps
@@ -977,11 +1005,31 @@ async fn new_advance<'a>(
         steps,
         changed: BTreeSet::new(),
         kinds,
+        policies,
+        denied: None,
         now,
         made_jobs: false,
         run_changed: false,
         known: vec![false; n],
     })
+}
+
+/// A tenant's policies through the process's cache, read in the
+/// transaction when the cached set may be stale.
+async fn policies_in(
+    tx: &mut dyn FlowTx,
+    cache: &crate::policies::PolicyCache,
+    tenant: &str,
+) -> DbResult<Arc<PolicySet>> {
+    if let Some(set) = cache.fresh(tenant) {
+        return Ok(set);
+    }
+    let version = tx.policy_version(tenant).await?;
+    if let Some(set) = cache.confirm(tenant, version) {
+        return Ok(set);
+    }
+    let rows = tx.policy_rows(tenant).await?;
+    Ok(cache.store(tenant, version, crate::policies::set_of(rows)))
 }
 
 /// Starts the oldest queued run of a pipeline when one of its runs ended and
@@ -1027,7 +1075,7 @@ impl Db {
         })
     }
 
-    fn defs(&self) -> &DefCache {
+    pub(crate) fn defs(&self) -> &DefCache {
         match self {
             Db::Postgres(s) => &s.defs,
             Db::Sqlite(s) => &s.defs,
@@ -1144,7 +1192,7 @@ impl Db {
         now: Millis,
     ) -> FlowResult<(RunView, bool)> {
         let mut tx = self.flow_tx(true).await?;
-        let made = run_create_in(tx.as_mut(), self.defs(), kinds, new, now).await?;
+        let made = run_create_in(tx.as_mut(), self.defs(), kinds, new, now, true).await?;
         let (id, fresh, jobs) = match made {
             Ok(made) => made,
             Err(e) => return Ok(Err(e)),
@@ -1550,12 +1598,15 @@ fn decide_approval(
 
 /// Creates a run inside a transaction (the API's and the scheduler's).
 /// Returns the run id, whether it is new, and whether jobs were queued.
+/// With `refuse_denied`, a first step an admission policy refuses refuses
+/// the run (the caller rolls back); without, that step fails in the run.
 pub(crate) async fn run_create_in(
     tx: &mut dyn FlowTx,
     cache: &DefCache,
     kinds: &JobKinds,
     new: &NewRun,
     now: Millis,
+    refuse_denied: bool,
 ) -> DbResult<Result<(i64, bool, bool), FlowError>> {
     if let Some(key) = &new.idempotency_key {
         if let Some(id) = tx.run_by_key(&new.tenant, &new.pipeline, key).await? {
@@ -1614,6 +1665,9 @@ pub(crate) async fn run_create_in(
     advance.changed.extend(0..advance.steps.len());
     if status == RunStatus::Running {
         advance.settle(tx).await?;
+    }
+    if let Some((policy, message)) = advance.denied.take().filter(|_| refuse_denied) {
+        return Ok(Err(FlowError::Denied { policy, message }));
     }
     let made = advance.write(tx).await?;
     Ok(Ok((id, true, made)))

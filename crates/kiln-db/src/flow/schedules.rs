@@ -392,6 +392,7 @@ async fn fire_one(
     match target {
         Target::Job(template) => {
             let mut job = template.to_job(&record.tenant);
+            let kind = job.kind.clone();
             job.kind = kinds.stored_kind(&job.kind, &job.spec);
             if record.overlap == Overlap::Queue {
                 job.queue = serial_queue(&record.name);
@@ -400,6 +401,17 @@ async fn fire_one(
             job.labels
                 .insert("kiln.schedule".into(), record.name.clone());
             job.run_at = None;
+            let policies = super::policies_in(tx, &db.defs().policies, &record.tenant).await?;
+            if !policies.is_empty() {
+                let mut subject =
+                    kiln_flow::policy::Subject::of_job(&job, kinds.describe(&kind, &job.spec));
+                subject.kind = &kind;
+                if let Err(denial) = policies.admit(&subject) {
+                    fire.outcome = "error".into();
+                    fire.error = Some(format!("policy_denied: {denial}"));
+                    return Ok((fire, false));
+                }
+            }
             match tx.insert_jobs(std::slice::from_ref(&job), None, now).await {
                 Ok(ids) => {
                     fire.job_id = ids.first().copied();
@@ -422,7 +434,9 @@ async fn fire_one(
                 idempotency_key: Some(key),
                 trigger: format!("schedule:{}", record.name),
             };
-            match run_create_in(tx, db.defs(), kinds, &new, now).await? {
+            // A first step a policy refuses fails in the run, where the
+            // schedule's owner sees why.
+            match run_create_in(tx, db.defs(), kinds, &new, now, false).await? {
                 Ok((id, _, jobs)) => {
                     fire.run_id = Some(id);
                     Ok((fire, jobs))
@@ -432,6 +446,7 @@ async fn fire_one(
                     fire.error = Some(match e {
                         FlowError::NotFound(what) => format!("{what} {:?} not found", p.name),
                         FlowError::Conflict(m) | FlowError::Invalid(m) => m,
+                        FlowError::Denied { message, .. } => message,
                     });
                     Ok((fire, false))
                 }

@@ -38,6 +38,14 @@ impl FlowTx for SqliteFlowTx {
         Ok(())
     }
 
+    async fn policy_version(&mut self, tenant: &str) -> DbResult<i64> {
+        Ok(crate::policies::load_on!(version, &mut *self.tx, tenant)?)
+    }
+
+    async fn policy_rows(&mut self, tenant: &str) -> DbResult<Vec<crate::policies::PolicyRow>> {
+        Ok(crate::policies::load_on!(rows, &mut *self.tx, tenant)?)
+    }
+
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
         let row: Option<RunRow> =
             sqlx::query_as(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))

@@ -116,6 +116,18 @@ impl Actor<'_> {
                 self.kinds
                     .check(&new.kind, &new.spec)
                     .map_err(|e| kiln_core::names::sanitise_message(&e.to_string(), 512))?;
+                // The tenant's admission policies judge a rule's job as
+                // they judge one submitted through the API.
+                let policies = db.policy_set(tenant).await.map_err(db_error)?;
+                if !policies.is_empty() {
+                    let subject = kiln_flow::policy::Subject::of_job(
+                        &new,
+                        self.kinds.describe(&new.kind, &new.spec),
+                    );
+                    policies
+                        .admit(&subject)
+                        .map_err(|denial| format!("policy_denied: {denial}"))?;
+                }
                 // A command for a VM of one host of many goes to that host.
                 new.kind = self.kinds.stored_kind(&new.kind, &new.spec);
                 if new.kind == "wasm" {
@@ -149,6 +161,7 @@ impl Actor<'_> {
                     Ok((run, _)) => Ok(json!({"run": run.run.id.to_string()})),
                     Err(FlowError::NotFound(what)) => Err(format!("{what} not found")),
                     Err(FlowError::Conflict(m) | FlowError::Invalid(m)) => Err(m),
+                    Err(FlowError::Denied { message, .. }) => Err(message),
                 }
             }
             Action::ResolveIncident { incident, notes } => {
