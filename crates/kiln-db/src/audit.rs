@@ -20,7 +20,7 @@ pub const AUDIT_PAGE_MAX: i64 = 1000;
 /// Most records one chaining pass takes.
 const CHAIN_BATCH: i64 = 5000;
 
-const INSERT: &str = "INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, \
+pub(crate) const INSERT: &str = "INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, \
      request_id, source, outcome, rationale) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 const COLUMNS: &str = "id, tenant, time, actor_kind, actor, action, resource, request_id, \
@@ -30,7 +30,7 @@ const COLUMNS: &str = "id, tenant, time, actor_kind, actor, action, resource, re
 /// driver): the change's own transaction where the caller has one.
 macro_rules! insert_on {
     ($conn:expr, $r:expr) => {
-        sqlx::query(INSERT)
+        sqlx::query($crate::audit::INSERT)
             .bind(&$r.tenant)
             .bind($r.time)
             .bind(&$r.actor_kind)
