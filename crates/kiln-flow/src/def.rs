@@ -423,6 +423,12 @@ impl PipelineDef {
                         "a step names its files as the step's artifacts and inputs",
                     ));
                 }
+                if step.spec.get("secrets").is_some() {
+                    return Err(refuse(
+                        at("spec.secrets"),
+                        "a step names its secrets as the step's secrets",
+                    ));
+                }
                 let templates = templates_in(&step.spec)
                     .map_err(|(path, e)| refuse(format!("steps[{i}].spec{path}"), e))?;
                 for (path, template) in &templates {
@@ -450,6 +456,12 @@ impl PipelineDef {
                             format!("a {kind} step keeps and takes no files"),
                         ));
                     }
+                }
+                if !step.secrets.is_empty() && !kinds.takes_secrets(kind) {
+                    return Err(refuse(
+                        at("secrets"),
+                        format!("a {kind} step is given no secrets"),
+                    ));
                 }
             }
         }
@@ -554,10 +566,7 @@ impl PipelineDef {
                 ));
             }
         }
-        for (j, secret) in step.secrets.iter().enumerate() {
-            kiln_core::names::check_ident("secret", secret)
-                .map_err(|e| refuse(at(&format!("secrets[{j}]")), e.to_string()))?;
-        }
+        kiln_core::secrets::check_requested(&step.secrets).map_err(|e| refuse(at("secrets"), e))?;
         for (key, value) in &step.labels {
             kiln_core::names::check_name("label key", key)
                 .map_err(|e| refuse(at("labels"), e.to_string()))?;

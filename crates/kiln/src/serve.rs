@@ -228,6 +228,32 @@ pub fn master_key(settings: &Settings) -> anyhow::Result<kiln_core::secrets::Mas
     }
 }
 
+/// The master key for a process that runs jobs but no API: read from
+/// `--master-key-file` (which must then hold one) or `<data-dir>/master.key`
+/// when there is one; never made. Without it, jobs that ask for secrets
+/// fail on this worker, saying so.
+pub fn worker_master_key(
+    settings: &Settings,
+) -> anyhow::Result<Option<kiln_core::secrets::MasterKey>> {
+    let (path, given) = match &settings.master_key_file {
+        Some(path) => (path.clone(), true),
+        None => (settings.data_dir.join("master.key"), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => kiln_core::secrets::MasterKey::parse(&text)
+            .map(Some)
+            .with_context(|| format!("{} does not hold 64 hex digits", path.display())),
+        Err(error) if !given && error.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(
+                "no master key ({} or --master-key-file): jobs that ask for secrets fail on this worker",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// Writes a secret readable by its owner only, whatever mode the file had:
 /// the mode is set before the old content is cut and the new one written.
 pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
@@ -340,14 +366,18 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         None
     };
     // Secrets are sealed where the API runs; a process without the API
-    // makes no key of its own (every node of a deployment shares one).
+    // makes no key of its own (every node of a deployment shares one),
+    // and a worker reads it only to deliver secrets to jobs.
     let master = match &listener {
         Some(_) => Some(master_key(settings)?),
+        None if role.runs_jobs() => worker_master_key(settings)?,
         None => None,
     };
+    let keeper = kiln_worker::secrets::SecretKeeper::new(db.clone(), master.clone());
     let runtime = if role.runs_jobs() {
         let runtime = wasm_runtime(settings, &blobs)?;
         runtime.attach_logs(parts.logs.0.clone());
+        runtime.attach_secrets(keeper.clone());
         Some(runtime)
     } else {
         None
@@ -386,6 +416,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         parts.vms = vm_manager(settings, host_tag.as_deref()).await?;
         if let Some(vms) = &parts.vms {
             vms.attach_logs(parts.logs.0.clone());
+            vms.attach_secrets(keeper.clone());
             kiln_api::record_vm_lifecycle(db.clone(), vms);
             parts.node.accelerator = Some(vms.accelerator().as_str().to_string());
             let live = Arc::downgrade(vms);
@@ -402,6 +433,10 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     {
         let state = AppState::with_vms(db.clone(), blobs.clone(), None, Some(vms));
         let _ = state.internal_key.set(key);
+        // Forwarded commands with secrets are given them here.
+        if let Some(master) = master.clone() {
+            let _ = state.master_key.set(master);
+        }
         parts.internal = Some((listener, state, url));
     }
     if let Some(listener) = listener {
