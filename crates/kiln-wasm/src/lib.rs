@@ -256,6 +256,11 @@ impl WasmRuntime {
         self.modules.stats()
     }
 
+    /// Where each run's secret files are made (and removed when it ends).
+    pub fn secrets_root(&self) -> &Path {
+        self.secrets_root.path()
+    }
+
     /// Where scratch directories are made.
     pub fn scratch_root(&self) -> &Path {
         &self.config.scratch_dir

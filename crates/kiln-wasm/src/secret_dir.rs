@@ -68,6 +68,12 @@ impl SecretsRoot {
     }
 }
 
+impl SecretsRoot {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
 impl Drop for SecretsRoot {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
