@@ -312,7 +312,7 @@ async fn a_vm_job_reads_its_secret_file_and_its_output_is_redacted(db: kiln_db::
     let secret = value();
     let digest = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
     put_secret(&h, &h.admin, "token", &secret).await;
-    let script = "f=/run/secrets/token; sha256sum $f; stat -c '%a %U' $f; stat -c %a /run/secrets; \
+    let script = "f=/run/secrets/token; sha256sum $f; stat -c '%a %u' $f; stat -c %a /run/secrets; \
                   head -c 9 $f; sleep 0.5; tail -c +10 $f; echo";
     let (status, job) = h
         .call(
@@ -329,7 +329,7 @@ async fn a_vm_job_reads_its_secret_file_and_its_output_is_redacted(db: kiln_db::
     let stdout = job["result"]["stdout"].as_str().unwrap();
     assert_eq!(
         stdout,
-        format!("{digest}  /run/secrets/token\n400 root\n700\n[redacted:token]\n")
+        format!("{digest}  /run/secrets/token\n400 0\n700\n[redacted:token]\n")
     );
     let log = job_log(&h, &id).await;
     assert!(log.contains("[redacted:token]") && !log.contains(&secret), "{log}");
@@ -343,6 +343,106 @@ async fn a_vm_job_reads_its_secret_file_and_its_output_is_redacted(db: kiln_db::
     let records = reads(&h).await;
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["actor"], id.as_str());
+    let stored = whole_database(&h.db).await;
+    assert!(!contains(&stored, &secret), "the value is stored in clear");
+    h.stop().await;
+}
+
+async fn call_app(app: &axum::Router, method: &str, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// A long-lived VM: a command's files are there for it alone and gone
+/// for the next; a VM created with secrets keeps them for its life and
+/// every command's output in it is redacted; API commands are audited as
+/// read by the VM, queued ones by their job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_a_long_lived_vm() {
+    let (mut h, master) = with_secrets(kiln_db::testing::sqlite_temp().await, true).await;
+    let vms = h.start_vm_worker().await;
+    vms.attach_secrets(SecretKeeper::new(h.db.clone(), Some(master.clone())));
+    let state = kiln_api::AppState::with_vms(h.db.clone(), h.state.blobs.clone(), None, Some(vms));
+    state.master_key.set(master).unwrap();
+    let app = kiln_api::app(state);
+    let secret = value();
+    let digest = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
+    put_secret(&h, &h.admin, "token", &secret).await;
+    let (status, vm) = call_app(&app, "POST", "/api/v1/vms", &h.admin, json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    let id = vm["id"].as_str().unwrap().to_string();
+    let execute = format!("/api/v1/vms/{id}/execute");
+    let sh = |script: &str, secrets: Value| json!({"command": "sh", "args": ["-c", script], "secrets": secrets});
+    let (status, out) = call_app(&app, "POST", &execute, &h.admin,
+        sh("sha256sum /run/secrets/token; stat -c %a /run/secrets/token; cat /run/secrets/token", json!(["token"]))).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["stdout"], format!("{digest}  /run/secrets/token\n400\n[redacted:token]"));
+    // The next command finds nothing.
+    let gone = "test -e /run/secrets/token; echo $?; ls /run/secrets | wc -l";
+    let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh(gone, json!([]))).await;
+    assert_eq!(out["stdout"], "1\n0\n", "{out}");
+    let (status, body) = call_app(&app, "POST", &execute, &h.admin, sh("true", json!(["nope"]))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(error_code(&body), "unknown_secret");
+    // The same through the queue (`vm:execute`).
+    let (status, job) = h
+        .call("POST", "/api/v1/run", &h.admin, Some(json!({"kind": "vm:execute",
+            "spec": {"vm_id": id, "command": "cat", "args": ["/run/secrets/token"], "secrets": ["token"]},
+            "timeout_ms": 60000})))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    assert_eq!(job["result"]["stdout"], "[redacted:token]", "{job}");
+    let job_id = job["id"].as_str().unwrap().to_string();
+    let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh(gone, json!([]))).await;
+    assert_eq!(out["stdout"], "1\n0\n", "{out}");
+    // The history holds what the caller saw: redacted.
+    let heads = kiln_db::testing::text_rows(
+        &h.db,
+        &format!("SELECT stdout_head FROM vm_executions WHERE vm_id = '{id}' ORDER BY id"),
+    )
+    .await
+    .unwrap();
+    assert!(heads.iter().all(|head| !head.contains(&secret)), "{heads:?}");
+    assert!(heads[0].ends_with("[redacted:token]"), "{heads:?}");
+
+    // A VM created with the secret keeps it; a command that also asks for
+    // it leaves it there when it ends.
+    let (status, vm) = call_app(&app, "POST", "/api/v1/vms", &h.admin, json!({"secrets": ["token"]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    let kept = vm["id"].as_str().unwrap().to_string();
+    let execute = format!("/api/v1/vms/{kept}/execute");
+    let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh("cat /run/secrets/token", json!(["token"]))).await;
+    assert_eq!(out["stdout"], "[redacted:token]", "{out}");
+    let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh("cat /run/secrets/token", json!([]))).await;
+    assert_eq!(out["stdout"], "[redacted:token]", "{out}");
+    let (status, body) = call_app(&app, "POST", "/api/v1/vms", &h.admin, json!({"secrets": ["nope"]})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    let records = reads(&h).await;
+    let actors: Vec<(String, String)> = records
+        .iter()
+        .map(|r| (r["actor_kind"].as_str().unwrap().into(), r["actor"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(
+        actors,
+        [
+            ("vm".to_string(), id.clone()),
+            ("job".to_string(), job_id),
+            ("vm".to_string(), kept.clone()),
+            ("vm".to_string(), kept),
+        ]
+    );
     let stored = whole_database(&h.db).await;
     assert!(!contains(&stored, &secret), "the value is stored in clear");
     h.stop().await;
