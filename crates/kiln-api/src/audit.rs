@@ -84,8 +84,7 @@ fn request_id(request: &Request) -> String {
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= REQUEST_ID_MAX
-                && v
-                    .bytes()
+                && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map(str::to_string)

@@ -80,7 +80,10 @@ async fn every_mutating_route_writes_exactly_one_record(db: kiln_db::Db) {
                 "{method} {path} ({status}) must write exactly one record"
             );
             let record = &after.last().unwrap().record;
-            assert_eq!(record.action, format!("{} {template}", method.to_uppercase()));
+            assert_eq!(
+                record.action,
+                format!("{} {template}", method.to_uppercase())
+            );
             assert_eq!(record.request_id, format!("req-{checked}"));
             assert!(
                 record.outcome.starts_with(&status.as_u16().to_string()),
@@ -93,13 +96,20 @@ async fn every_mutating_route_writes_exactly_one_record(db: kiln_db::Db) {
     assert!(checked >= 40, "only {checked} mutating routes found");
     // Reads write nothing (secrets' reads aside).
     let before = trail(&h.db, "acme").await.len();
-    for path in ["/api/v1/jobs", "/api/v1/queues", "/api/v1/pipelines", "/api/v1/audit"] {
+    for path in [
+        "/api/v1/jobs",
+        "/api/v1/queues",
+        "/api/v1/pipelines",
+        "/api/v1/audit",
+    ] {
         let (status, _) = h.call("GET", path, &h.admin, None).await;
         assert_eq!(status, StatusCode::OK, "{path}");
     }
     assert_eq!(trail(&h.db, "acme").await.len(), before);
     // Unauthenticated requests name no tenant and write nothing.
-    let (status, _) = h.call("POST", "/api/v1/jobs", "nope", Some(json!({}))).await;
+    let (status, _) = h
+        .call("POST", "/api/v1/jobs", "nope", Some(json!({})))
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(trail(&h.db, "acme").await.len(), before);
     h.stop().await;
@@ -119,12 +129,22 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
     let id = job["id"].as_str().unwrap().to_string();
     // A refused request is recorded with its error code.
     let (status, _) = h
-        .call("POST", "/api/v1/jobs", &h.admin, Some(json!({"kind": "nope", "spec": {}})))
+        .call(
+            "POST",
+            "/api/v1/jobs",
+            &h.admin,
+            Some(json!({"kind": "nope", "spec": {}})),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // A scope the key lacks, too.
     let (status, _) = h
-        .call("POST", "/api/v1/jobs", &h.reader, Some(json!({"kind": "noop", "spec": {}})))
+        .call(
+            "POST",
+            "/api/v1/jobs",
+            &h.reader,
+            Some(json!({"kind": "noop", "spec": {}})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // Secrets' metadata reads are audited; values never reach the trail.
@@ -134,7 +154,13 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
         .unwrap();
     let value = "audit-must-never-hold-this";
     let (status, _) = h
-        .raw("PUT", "/api/v1/secrets/tok", Some(&h.admin), "text/plain", value)
+        .raw(
+            "PUT",
+            "/api/v1/secrets/tok",
+            Some(&h.admin),
+            "text/plain",
+            value,
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let (status, _) = h.call("GET", "/api/v1/secrets/tok", &h.reader, None).await;
@@ -164,7 +190,12 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
     assert_eq!(page["records"].as_array().unwrap().len(), 2);
     let next = page["next"].as_i64().unwrap();
     let (_, rest) = h
-        .call("GET", &format!("/api/v1/audit?after={next}"), &h.admin, None)
+        .call(
+            "GET",
+            &format!("/api/v1/audit?after={next}"),
+            &h.admin,
+            None,
+        )
         .await;
     // The first audit read is not itself audited.
     assert_eq!(rest["records"].as_array().unwrap().len(), 3, "{rest}");
@@ -172,7 +203,12 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
     // Filters: actor, action prefix, resource, time.
     let reader_actor = r[2].actor.clone();
     let (_, by_actor) = h
-        .call("GET", &format!("/api/v1/audit?actor={reader_actor}"), &h.admin, None)
+        .call(
+            "GET",
+            &format!("/api/v1/audit?actor={reader_actor}"),
+            &h.admin,
+            None,
+        )
         .await;
     let actions: Vec<_> = by_actor["records"]
         .as_array()
@@ -182,11 +218,25 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
         .collect();
     assert_eq!(actions, vec!["403 forbidden", "200"]);
     let (_, secrets) = h
-        .call("GET", "/api/v1/audit?action=*&resource=/api/v1/secrets*", &h.admin, None)
+        .call(
+            "GET",
+            "/api/v1/audit?action=*&resource=/api/v1/secrets*",
+            &h.admin,
+            None,
+        )
         .await;
-    assert_eq!(secrets["records"], json!([]), "a bare * is a prefix of nothing but itself");
+    assert_eq!(
+        secrets["records"],
+        json!([]),
+        "a bare * is a prefix of nothing but itself"
+    );
     let (_, secrets) = h
-        .call("GET", "/api/v1/audit?resource=/api/v1/secrets*", &h.admin, None)
+        .call(
+            "GET",
+            "/api/v1/audit?resource=/api/v1/secrets*",
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(secrets["records"].as_array().unwrap().len(), 2);
     let (_, puts) = h
@@ -194,10 +244,17 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
         .await;
     assert_eq!(puts["records"].as_array().unwrap().len(), 1);
     let (_, future) = h
-        .call("GET", "/api/v1/audit?since=2999-01-01T00:00:00Z", &h.admin, None)
+        .call(
+            "GET",
+            "/api/v1/audit?since=2999-01-01T00:00:00Z",
+            &h.admin,
+            None,
+        )
         .await;
     assert_eq!(future["records"], json!([]));
-    let (status, bad) = h.call("GET", "/api/v1/audit?since=yesterday", &h.admin, None).await;
+    let (status, bad) = h
+        .call("GET", "/api/v1/audit?since=yesterday", &h.admin, None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
     // Only admins read the trail.
     let (status, _) = h.call("GET", "/api/v1/audit", &h.reader, None).await;
@@ -230,7 +287,12 @@ async fn tenants_see_only_their_own_trail(db: kiln_db::Db) {
     let h = harness(db).await;
     for key in [&h.admin, &h.other] {
         let (status, _) = h
-            .call("PUT", "/api/v1/queues/q1", key, Some(json!({"concurrency_limit": 2})))
+            .call(
+                "PUT",
+                "/api/v1/queues/q1",
+                key,
+                Some(json!({"concurrency_limit": 2})),
+            )
             .await;
         assert!(status.is_success(), "{status}");
     }
@@ -262,7 +324,12 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     let h = harness(db).await;
     for n in 0..6 {
         let (status, _) = h
-            .call("PUT", &format!("/api/v1/queues/q{n}"), &h.admin, Some(json!({"concurrency_limit": 1})))
+            .call(
+                "PUT",
+                &format!("/api/v1/queues/q{n}"),
+                &h.admin,
+                Some(json!({"concurrency_limit": 1})),
+            )
             .await;
         assert!(status.is_success());
     }
@@ -272,7 +339,11 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     assert_eq!((report.records, report.unchained), (6, 0));
 
     // Modified: record 3's outcome.
-    tamper(&h.db, "UPDATE audit SET outcome = '200' WHERE tenant = 'acme' AND seq = 3").await;
+    tamper(
+        &h.db,
+        "UPDATE audit SET outcome = '200' WHERE tenant = 'acme' AND seq = 3",
+    )
+    .await;
     let report = h.db.audit_verify(Some("acme")).await.unwrap();
     assert_eq!(report.breaks.len(), 1, "{:?}", report.breaks);
     assert_eq!(report.breaks[0].seq, 3);
@@ -280,21 +351,42 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     let (_, verify) = h.call("GET", "/api/v1/audit/verify", &h.admin, None).await;
     assert_eq!(verify["ok"], false);
     assert_eq!(verify["breaks"][0]["seq"], 3);
-    tamper(&h.db, "UPDATE audit SET outcome = '201' WHERE tenant = 'acme' AND seq = 3").await;
+    tamper(
+        &h.db,
+        "UPDATE audit SET outcome = '201' WHERE tenant = 'acme' AND seq = 3",
+    )
+    .await;
     let original = h.db.audit_verify(Some("acme")).await.unwrap();
-    assert!(original.breaks.is_empty(), "restored: {:?}", original.breaks);
+    assert!(
+        original.breaks.is_empty(),
+        "restored: {:?}",
+        original.breaks
+    );
 
     // Deleted: record 4 vanishes.
-    tamper(&h.db, "CREATE TABLE audit_saved AS SELECT * FROM audit WHERE seq = 4").await;
+    tamper(
+        &h.db,
+        "CREATE TABLE audit_saved AS SELECT * FROM audit WHERE seq = 4",
+    )
+    .await;
     tamper(&h.db, "DELETE FROM audit WHERE tenant = 'acme' AND seq = 4").await;
     let report = h.db.audit_verify(Some("acme")).await.unwrap();
     assert!(
-        report.breaks.iter().any(|b| b.seq == 5 && b.problem.contains("record 4 is missing")),
+        report
+            .breaks
+            .iter()
+            .any(|b| b.seq == 5 && b.problem.contains("record 4 is missing")),
         "{:?}",
         report.breaks
     );
     tamper(&h.db, "INSERT INTO audit SELECT * FROM audit_saved").await;
-    assert!(h.db.audit_verify(Some("acme")).await.unwrap().breaks.is_empty());
+    assert!(h
+        .db
+        .audit_verify(Some("acme"))
+        .await
+        .unwrap()
+        .breaks
+        .is_empty());
 
     // Inserted: a record past the head, hashed as the chain would.
     tamper(
@@ -327,8 +419,10 @@ async fn schedule_fires_are_audited_in_their_transaction(db: kiln_db::Db) {
             "POST",
             "/api/v1/schedules",
             &h.admin,
-            Some(json!({"name": "every-second", "cron": "* * * * * *", "overlap": "allow",
-                "target": {"job": {"kind": "noop", "spec": {}}}})),
+            Some(
+                json!({"name": "every-second", "cron": "* * * * * *", "overlap": "allow",
+                "target": {"job": {"kind": "noop", "spec": {}}}}),
+            ),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -342,12 +436,17 @@ async fn schedule_fires_are_audited_in_their_transaction(db: kiln_db::Db) {
         assert!(std::time::Instant::now() < deadline, "{records:#?}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    assert_eq!((fire.actor_kind.as_str(), fire.actor.as_str()), ("schedule", "every-second"));
+    assert_eq!(
+        (fire.actor_kind.as_str(), fire.actor.as_str()),
+        ("schedule", "every-second")
+    );
     assert_eq!(fire.outcome, "fired");
     assert!(fire.resource.starts_with("/api/v1/jobs/"), "{fire:?}");
     // The job the fire made exists: record and change are one.
     let id = fire.resource.rsplit('/').next().unwrap();
-    let (status, _) = h.call("GET", &format!("/api/v1/jobs/{id}"), &h.admin, None).await;
+    let (status, _) = h
+        .call("GET", &format!("/api/v1/jobs/{id}"), &h.admin, None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     h.stop().await;
 }

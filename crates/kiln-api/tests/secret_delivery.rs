@@ -55,12 +55,7 @@ async fn put_secret(h: &Harness, key: &str, name: &str, value: &str) {
 /// The `secret.read` records of the tenant (chained or not yet).
 async fn reads(h: &Harness) -> Vec<Value> {
     let (status, page) = h
-        .call(
-            "GET",
-            "/api/v1/audit?action=secret.read",
-            &h.admin,
-            None,
-        )
+        .call("GET", "/api/v1/audit?action=secret.read", &h.admin, None)
         .await;
     assert_eq!(status, StatusCode::OK, "{page}");
     page["records"].as_array().unwrap().clone()
@@ -110,7 +105,11 @@ async fn whole_database(db: &kiln_db::Db) -> Vec<u8> {
                 .args(["--dbname", &url, "--schema", &schema])
                 .output()
                 .expect("pg_dump runs");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             out.stdout
         }
     }
@@ -145,13 +144,17 @@ async fn a_wasm_job_reads_its_secret_and_its_output_is_stored_redacted(db: kiln_
     // Read-only: the guest cannot add a file beside it.
     let create = h.push(&kiln_wasm::fixtures::create("more")).await;
     let job = h
-        .submit(json!({"kind": "wasm", "spec": {"module": create, "secrets": ["token"]},
-                       "max_attempts": 1}))
+        .submit(
+            json!({"kind": "wasm", "spec": {"module": create, "secrets": ["token"]},
+                       "max_attempts": 1}),
+        )
         .await;
     let job = h.wait(job["id"].as_str().unwrap(), finished).await;
     assert_ne!(job["result"]["exit_code"], 0, "{job}");
     // Without asking, no directory at all.
-    let job = h.submit(json!({"kind": "wasm", "spec": {"module": cat}, "max_attempts": 1})).await;
+    let job = h
+        .submit(json!({"kind": "wasm", "spec": {"module": cat}, "max_attempts": 1}))
+        .await;
     let job = h.wait(job["id"].as_str().unwrap(), finished).await;
     assert_eq!(job["result"]["exit_code"], 1, "{job}");
 
@@ -162,10 +165,15 @@ async fn a_wasm_job_reads_its_secret_and_its_output_is_stored_redacted(db: kiln_
     assert_eq!(records[0]["actor"], id.as_str());
     assert_eq!(records[0]["resource"], "/api/v1/secrets/token");
     assert_eq!(records[0]["outcome"], "ok");
-    let (_, events) = h.call("GET", "/api/v1/events?after=0", &h.admin, None).await;
+    let (_, events) = h
+        .call("GET", "/api/v1/events?after=0", &h.admin, None)
+        .await;
     assert!(!events.to_string().contains(&secret));
     let stored = whole_database(&h.db).await;
-    assert!(contains(&stored, "[redacted:token]"), "the output was stored");
+    assert!(
+        contains(&stored, "[redacted:token]"),
+        "the output was stored"
+    );
     assert!(!contains(&stored, &secret), "the value is stored in clear");
     h.stop().await;
 }
@@ -224,12 +232,22 @@ async fn names_the_tenant_lacks_are_refused_at_submit(db: kiln_db::Db) {
             "spec": {"module": cat}, "secrets": [secret]}]})
     };
     let (status, body) = h
-        .call("POST", "/api/v1/pipelines", &h.admin, Some(pipeline("nope")))
+        .call(
+            "POST",
+            "/api/v1/pipelines",
+            &h.admin,
+            Some(pipeline("nope")),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(error_code(&body), "unknown_secret");
     let (status, body) = h
-        .call("POST", "/api/v1/pipelines", &h.admin, Some(pipeline("ours")))
+        .call(
+            "POST",
+            "/api/v1/pipelines",
+            &h.admin,
+            Some(pipeline("ours")),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let schedule = |secret: &str| {
@@ -237,19 +255,34 @@ async fn names_the_tenant_lacks_are_refused_at_submit(db: kiln_db::Db) {
             "spec": {"module": cat, "secrets": [secret]}}}})
     };
     let (status, body) = h
-        .call("POST", "/api/v1/schedules", &h.admin, Some(schedule("theirs")))
+        .call(
+            "POST",
+            "/api/v1/schedules",
+            &h.admin,
+            Some(schedule("theirs")),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(error_code(&body), "unknown_secret");
     let (status, body) = h
-        .call("POST", "/api/v1/schedules", &h.admin, Some(schedule("ours")))
+        .call(
+            "POST",
+            "/api/v1/schedules",
+            &h.admin,
+            Some(schedule("ours")),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 
     // A pipeline step's secrets reach its job's spec (names only) and its
     // sandbox.
     let (status, run) = h
-        .call("POST", "/api/v1/pipelines/p/runs", &h.admin, Some(json!({})))
+        .call(
+            "POST",
+            "/api/v1/pipelines/p/runs",
+            &h.admin,
+            Some(json!({})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{run}");
     let run_id = run["id"].as_str().unwrap().to_string();
@@ -284,8 +317,10 @@ async fn a_worker_without_the_master_key_fails_the_job_cleanly(db: kiln_db::Db) 
     put_secret(&h, &h.admin, "token", &value()).await;
     let cat = h.push(&kiln_wasm::fixtures::cat("token")).await;
     let job = h
-        .submit(json!({"kind": "wasm", "spec": {"module": cat, "secrets": ["token"]},
-                       "max_attempts": 1}))
+        .submit(
+            json!({"kind": "wasm", "spec": {"module": cat, "secrets": ["token"]},
+                       "max_attempts": 1}),
+        )
         .await;
     let id = job["id"].as_str().unwrap().to_string();
     let job = h.wait(&id, finished).await;
@@ -312,15 +347,18 @@ async fn a_vm_job_reads_its_secret_file_and_its_output_is_redacted(db: kiln_db::
     let secret = value();
     let digest = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
     put_secret(&h, &h.admin, "token", &secret).await;
-    let script = "f=/run/secrets/token; sha256sum $f; stat -c '%a %u' $f; stat -c %a /run/secrets; \
+    let script =
+        "f=/run/secrets/token; sha256sum $f; stat -c '%a %u' $f; stat -c %a /run/secrets; \
                   head -c 9 $f; sleep 0.5; tail -c +10 $f; echo";
     let (status, job) = h
         .call(
             "POST",
             "/api/v1/run",
             &h.admin,
-            Some(json!({"kind": "vm", "spec": {"command": "sh", "args": ["-c", script],
-                "secrets": ["token"]}, "timeout_ms": 120000})),
+            Some(
+                json!({"kind": "vm", "spec": {"command": "sh", "args": ["-c", script],
+                "secrets": ["token"]}, "timeout_ms": 120000}),
+            ),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{job}");
@@ -332,7 +370,10 @@ async fn a_vm_job_reads_its_secret_file_and_its_output_is_redacted(db: kiln_db::
         format!("{digest}  /run/secrets/token\n400 0\n700\n[redacted:token]\n")
     );
     let log = job_log(&h, &id).await;
-    assert!(log.contains("[redacted:token]") && !log.contains(&secret), "{log}");
+    assert!(
+        log.contains("[redacted:token]") && !log.contains(&secret),
+        "{log}"
+    );
     let heads = kiln_db::testing::text_rows(
         &h.db,
         &format!("SELECT stdout_head FROM vm_executions WHERE job_id = {id}"),
@@ -348,7 +389,13 @@ async fn a_vm_job_reads_its_secret_file_and_its_output_is_redacted(db: kiln_db::
     h.stop().await;
 }
 
-async fn call_app(app: &axum::Router, method: &str, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+async fn call_app(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Value,
+) -> (StatusCode, Value) {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
     let request = axum::http::Request::builder()
@@ -361,7 +408,10 @@ async fn call_app(app: &axum::Router, method: &str, path: &str, key: &str, body:
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 /// A long-lived VM: a command's files are there for it alone and gone
@@ -384,15 +434,34 @@ async fn secrets_in_a_long_lived_vm() {
     let id = vm["id"].as_str().unwrap().to_string();
     let execute = format!("/api/v1/vms/{id}/execute");
     let sh = |script: &str, secrets: Value| json!({"command": "sh", "args": ["-c", script], "secrets": secrets});
-    let (status, out) = call_app(&app, "POST", &execute, &h.admin,
-        sh("sha256sum /run/secrets/token; stat -c %a /run/secrets/token; cat /run/secrets/token", json!(["token"]))).await;
+    let (status, out) = call_app(
+        &app,
+        "POST",
+        &execute,
+        &h.admin,
+        sh(
+            "sha256sum /run/secrets/token; stat -c %a /run/secrets/token; cat /run/secrets/token",
+            json!(["token"]),
+        ),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{out}");
-    assert_eq!(out["stdout"], format!("{digest}  /run/secrets/token\n400\n[redacted:token]"));
+    assert_eq!(
+        out["stdout"],
+        format!("{digest}  /run/secrets/token\n400\n[redacted:token]")
+    );
     // The next command finds nothing.
     let gone = "test -e /run/secrets/token; echo $?; ls /run/secrets | wc -l";
     let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh(gone, json!([]))).await;
     assert_eq!(out["stdout"], "1\n0\n", "{out}");
-    let (status, body) = call_app(&app, "POST", &execute, &h.admin, sh("true", json!(["nope"]))).await;
+    let (status, body) = call_app(
+        &app,
+        "POST",
+        &execute,
+        &h.admin,
+        sh("true", json!(["nope"])),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(error_code(&body), "unknown_secret");
     // The same through the queue (`vm:execute`).
@@ -413,26 +482,62 @@ async fn secrets_in_a_long_lived_vm() {
     )
     .await
     .unwrap();
-    assert!(heads.iter().all(|head| !head.contains(&secret)), "{heads:?}");
+    assert!(
+        heads.iter().all(|head| !head.contains(&secret)),
+        "{heads:?}"
+    );
     assert!(heads[0].ends_with("[redacted:token]"), "{heads:?}");
 
     // A VM created with the secret keeps it; a command that also asks for
     // it leaves it there when it ends.
-    let (status, vm) = call_app(&app, "POST", "/api/v1/vms", &h.admin, json!({"secrets": ["token"]})).await;
+    let (status, vm) = call_app(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        &h.admin,
+        json!({"secrets": ["token"]}),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{vm}");
     let kept = vm["id"].as_str().unwrap().to_string();
     let execute = format!("/api/v1/vms/{kept}/execute");
-    let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh("cat /run/secrets/token", json!(["token"]))).await;
+    let (_, out) = call_app(
+        &app,
+        "POST",
+        &execute,
+        &h.admin,
+        sh("cat /run/secrets/token", json!(["token"])),
+    )
+    .await;
     assert_eq!(out["stdout"], "[redacted:token]", "{out}");
-    let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh("cat /run/secrets/token", json!([]))).await;
+    let (_, out) = call_app(
+        &app,
+        "POST",
+        &execute,
+        &h.admin,
+        sh("cat /run/secrets/token", json!([])),
+    )
+    .await;
     assert_eq!(out["stdout"], "[redacted:token]", "{out}");
-    let (status, body) = call_app(&app, "POST", "/api/v1/vms", &h.admin, json!({"secrets": ["nope"]})).await;
+    let (status, body) = call_app(
+        &app,
+        "POST",
+        "/api/v1/vms",
+        &h.admin,
+        json!({"secrets": ["nope"]}),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 
     let records = reads(&h).await;
     let actors: Vec<(String, String)> = records
         .iter()
-        .map(|r| (r["actor_kind"].as_str().unwrap().into(), r["actor"].as_str().unwrap().into()))
+        .map(|r| {
+            (
+                r["actor_kind"].as_str().unwrap().into(),
+                r["actor"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     assert_eq!(
         actors,

@@ -133,14 +133,21 @@ impl ChainCheck {
             self.flag(
                 c.seq,
                 Some(c.id),
-                format!("belongs to tenant {:?} but sits in this chain", c.record.tenant),
+                format!(
+                    "belongs to tenant {:?} but sits in this chain",
+                    c.record.tenant
+                ),
             );
         }
         if c.seq > self.next_seq {
             let missing = if c.seq - self.next_seq == 1 {
                 format!("record {} is missing (deleted)", self.next_seq)
             } else {
-                format!("records {}..{} are missing (deleted)", self.next_seq, c.seq - 1)
+                format!(
+                    "records {}..{} are missing (deleted)",
+                    self.next_seq,
+                    c.seq - 1
+                )
             };
             self.flag(c.seq, Some(c.id), missing);
         } else if c.seq < self.next_seq {
@@ -175,16 +182,20 @@ impl ChainCheck {
     pub fn finish(mut self, head: Option<(i64, &str)>) -> ChainCheck {
         let last = self.next_seq - 1;
         match head {
-            None if last > 0 => {
-                self.flag(last, None, "chain has records but no head (inserted)".into())
-            }
+            None if last > 0 => self.flag(
+                last,
+                None,
+                "chain has records but no head (inserted)".into(),
+            ),
             None => {}
             Some((seq, hash)) => {
                 if seq > last {
                     self.flag(
                         seq,
                         None,
-                        format!("the head is at record {seq} but the chain ends at {last} (deleted)"),
+                        format!(
+                            "the head is at record {seq} but the chain ends at {last} (deleted)"
+                        ),
                     );
                 } else if seq < last {
                     self.flag(
@@ -309,7 +320,10 @@ mod tests {
         c.remove(1);
         let breaks = check(&c, Some((5, &head)));
         assert_eq!(breaks[0].seq, 3);
-        assert!(breaks[0].problem.contains("record 2 is missing"), "{breaks:?}");
+        assert!(
+            breaks[0].problem.contains("record 2 is missing"),
+            "{breaks:?}"
+        );
         // Cutting the tail leaves the chain whole but short of its head.
         let c = chain(5);
         let breaks = check(&c[..4], Some((5, &head)));

@@ -297,8 +297,12 @@ mod tests {
     fn a_spec_asks_for_a_bounded_list_of_names() {
         let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(check_requested(&names(&["a", "b-c"])), Ok(()));
-        assert!(check_requested(&names(&["a", "a"])).unwrap_err().contains("twice"));
-        assert!(check_requested(&names(&["../x"])).unwrap_err().contains("secrets[0]"));
+        assert!(check_requested(&names(&["a", "a"]))
+            .unwrap_err()
+            .contains("twice"));
+        assert!(check_requested(&names(&["../x"]))
+            .unwrap_err()
+            .contains("secrets[0]"));
         let many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
         assert!(check_requested(&many).is_err());
         assert_eq!(

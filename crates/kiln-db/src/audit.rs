@@ -20,7 +20,8 @@ pub const AUDIT_PAGE_MAX: i64 = 1000;
 /// Most records one chaining pass takes.
 const CHAIN_BATCH: i64 = 5000;
 
-pub(crate) const INSERT: &str = "INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, \
+pub(crate) const INSERT: &str =
+    "INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, \
      request_id, source, outcome, rationale) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 const COLUMNS: &str = "id, tenant, time, actor_kind, actor, action, resource, request_id, \

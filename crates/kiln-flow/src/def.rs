@@ -775,7 +775,32 @@ mod tests {
         let mut kinds = JobKinds::new();
         kinds.add("noop", any_object);
         kinds.add_with_files("files", any_object);
+        kinds.with_secrets("files");
         kinds
+    }
+
+    #[test]
+    fn only_kinds_given_secrets_ask_for_them_as_the_steps_secrets() {
+        let step = |kind: &str, spec: Value, secrets: Value| json!({"name": "s", "steps": [{"id": "a", "kind": kind, "spec": spec, "secrets": secrets}]});
+        check(step("files", json!({}), json!(["db", "token"]))).unwrap();
+        for (def, says) in [
+            (
+                step("noop", json!({}), json!(["db"])),
+                "steps[0].secrets: a noop step is given no secrets",
+            ),
+            (
+                step("files", json!({"secrets": ["db"]}), json!([])),
+                "steps[0].spec.secrets",
+            ),
+            (
+                step("files", json!({}), json!(["../db"])),
+                "steps[0].secrets",
+            ),
+            (step("files", json!({}), json!(["db", "db"])), "twice"),
+        ] {
+            let error = error(def);
+            assert!(error.contains(says), "{error}");
+        }
     }
 
     fn check(def: Value) -> Result<Checked, DefError> {

@@ -686,31 +686,30 @@ impl VmJobHandler {
         )
         .await;
         let tap = job_tap(&self.manager, job, vm_id, recording.id());
-        let mut end =
-            match run_exec(
-                agent,
-                exec,
-                spec.exec.stdin.as_bytes(),
-                kill,
-                tap.as_ref(),
-                opened,
-            )
-            .await
-            {
-                None => {
-                    recording.abandoned("the job was killed").await;
-                    return failed("killed", false);
-                }
-                Some(Err(error)) => {
-                    let end = failed(&error, false);
-                    recording.failed(error).await;
-                    return end;
-                }
-                Some(Ok(out)) => {
-                    recording.exited(&out).await;
-                    exec_end(&out, started)
-                }
-            };
+        let mut end = match run_exec(
+            agent,
+            exec,
+            spec.exec.stdin.as_bytes(),
+            kill,
+            tap.as_ref(),
+            opened,
+        )
+        .await
+        {
+            None => {
+                recording.abandoned("the job was killed").await;
+                return failed("killed", false);
+            }
+            Some(Err(error)) => {
+                let end = failed(&error, false);
+                recording.failed(error).await;
+                return end;
+            }
+            Some(Ok(out)) => {
+                recording.exited(&out).await;
+                exec_end(&out, started)
+            }
+        };
         if let AttemptEnd::Succeeded(result) = &mut end {
             if !spec.files.outputs.is_empty() {
                 let kept = tokio::select! {

@@ -540,9 +540,9 @@ impl VmManager {
         }
         match self.secrets.get() {
             Some(keeper) => keeper.open(tenant, names, recipient).await,
-            None => Err(
-                "this worker holds no master key, so it cannot deliver secrets".to_string(),
-            ),
+            None => {
+                Err("this worker holds no master key, so it cannot deliver secrets".to_string())
+            }
         }
     }
 

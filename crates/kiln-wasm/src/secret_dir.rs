@@ -39,9 +39,7 @@ impl SecretsRoot {
 
     /// A private directory holding `values` as files, mode 0400.
     pub(crate) fn place(&self, values: &[(String, Vec<u8>)]) -> Result<SecretDir, WasmError> {
-        let path = self
-            .0
-            .join(format!("run-{:032x}", rand::random::<u128>()));
+        let path = self.0.join(format!("run-{:032x}", rand::random::<u128>()));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -50,9 +48,8 @@ impl SecretsRoot {
         for (name, value) in values {
             // Names were checked (`kiln_core::secrets::check_name`): a plain
             // file name, never `.`, `..` or a path.
-            kiln_core::secrets::check_name(name).map_err(|e| {
-                WasmError::io("secret file", std::io::Error::other(e))
-            })?;
+            kiln_core::secrets::check_name(name)
+                .map_err(|e| WasmError::io("secret file", std::io::Error::other(e)))?;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

@@ -186,8 +186,14 @@ mod tests {
             Err("stdin"),
         );
         check(json!({"module": id, "stdin": "\u{0}"}), Err("NUL"));
-        check(json!({"module": id, "secrets": ["db", "api-token"]}), Ok(()));
-        check(json!({"module": id, "secrets": ["../etc"]}), Err("secrets[0]"));
+        check(
+            json!({"module": id, "secrets": ["db", "api-token"]}),
+            Ok(()),
+        );
+        check(
+            json!({"module": id, "secrets": ["../etc"]}),
+            Err("secrets[0]"),
+        );
         check(json!({"module": id, "secrets": ["a", "a"]}), Err("twice"));
     }
 

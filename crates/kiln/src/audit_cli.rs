@@ -150,7 +150,10 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<i32> {
             } else {
                 for b in &report.breaks {
                     let id = b.id.map(|i| format!(" (row {i})")).unwrap_or_default();
-                    println!("BROKEN  tenant {}  record {}{id}: {}", b.tenant, b.seq, b.problem);
+                    println!(
+                        "BROKEN  tenant {}  record {}{id}: {}",
+                        b.tenant, b.seq, b.problem
+                    );
                 }
                 for (tenant, seq, hash) in &report.heads {
                     println!("head    tenant {tenant}  record {seq}  {hash}");

@@ -98,8 +98,7 @@ async fn drain_over_http(
     let blobs = BlobStore::local(&root.join("blobs"))?;
     let state = kiln_api::AppState::new(db.clone(), blobs, None);
     state.set_audit(audited);
-    let (_, secret) =
-        kiln_api::issue_key(db, "bench", "bench", Scopes(vec![Scope::Write])).await?;
+    let (_, secret) = kiln_api::issue_key(db, "bench", "bench", Scopes(vec![Scope::Write])).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();

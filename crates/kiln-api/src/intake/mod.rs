@@ -81,7 +81,10 @@ pub async fn submit_message(
                 format!("/api/v1/jobs/{id}"),
                 if *made { "201" } else { "200" }.to_string(),
             ),
-            Err(e) => ("/api/v1/jobs".into(), format!("{} {}", e.status.as_u16(), e.code)),
+            Err(e) => (
+                "/api/v1/jobs".into(),
+                format!("{} {}", e.status.as_u16(), e.code),
+            ),
         };
         let (actor_kind, actor) = caller.actor();
         let record = kiln_core::audit::AuditRecord {

@@ -222,7 +222,10 @@ pub async fn create_vm(
                 .agent(&caller.tenant, &vm.id)
                 .await
                 .ok_or_else(|| ApiError::not_found("vm"))?;
-            agent.keep_secrets(&opened.values).await.map_err(agent_error)
+            agent
+                .keep_secrets(&opened.values)
+                .await
+                .map_err(agent_error)
         };
         if let Err(error) = given.await {
             vms.delete(&caller.tenant, &vm.id).await;
@@ -251,7 +254,11 @@ async fn open_secrets(
         .open(&caller.tenant, names, &Recipient::vm(vm_id))
         .await
         .map_err(|message| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "secrets_unavailable", message)
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "secrets_unavailable",
+                message,
+            )
         })
 }
 
@@ -260,7 +267,10 @@ async fn hold_secrets(agent: &AgentInUse, opened: &Opened) -> ApiResult<SecretHo
     if opened.values.is_empty() {
         return Ok(SecretHold::none());
     }
-    agent.hold_secrets(&opened.values).await.map_err(agent_error)
+    agent
+        .hold_secrets(&opened.values)
+        .await
+        .map_err(agent_error)
 }
 
 /// A refused image is the caller's to fix; a quota is the tenant's; no
@@ -361,9 +371,13 @@ pub async fn execute(
     let agent = agent_of(&state, &caller, &id).await?;
     crate::routes::secrets::check_exist(&state, &caller.tenant, &body.secrets).await?;
     let opened = open_secrets(&state, &caller, &id, &body.secrets).await?;
-    let redactor = agent
-        .redactor_with(&opened.values)
-        .map_err(|message| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "secrets_unavailable", message))?;
+    let redactor = agent.redactor_with(&opened.values).map_err(|message| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "secrets_unavailable",
+            message,
+        )
+    })?;
     let hold = hold_secrets(&agent, &opened).await?;
     let source = Source::Api {
         key_id: caller.key_id.clone(),
