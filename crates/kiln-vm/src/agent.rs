@@ -94,7 +94,13 @@ struct Inner {
     secrets: tokio::sync::Mutex<HashMap<String, usize>>,
     /// The secrets the VM keeps for its life, and their redactor: every
     /// command's output is redacted of them.
-    kept: Mutex<(Vec<(String, Vec<u8>)>, Option<Arc<Redactor>>)>,
+    kept: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    values: Vec<(String, Vec<u8>)>,
+    redactor: Option<Arc<Redactor>>,
 }
 
 /// Where a command's secrets are, one file per name, mode 0400 (a tmpfs
@@ -428,8 +434,8 @@ impl AgentConn {
         }
         self.hold_secrets(values).await?.keep();
         let mut kept = self.inner.kept.lock().unwrap_or_else(|e| e.into_inner());
-        kept.0.extend(values.iter().cloned());
-        kept.1 = Redactor::new(&kept.0).map_err(AgentError::TooLarge)?;
+        kept.values.extend(values.iter().cloned());
+        kept.redactor = Redactor::new(&kept.values).map_err(AgentError::TooLarge)?;
         Ok(())
     }
 
@@ -441,9 +447,9 @@ impl AgentConn {
     ) -> Result<Option<Arc<Redactor>>, String> {
         let kept = self.inner.kept.lock().unwrap_or_else(|e| e.into_inner());
         if values.is_empty() {
-            return Ok(kept.1.clone());
+            return Ok(kept.redactor.clone());
         }
-        let mut all = kept.0.clone();
+        let mut all = kept.values.clone();
         all.extend(values.iter().cloned());
         Redactor::new(&all)
     }

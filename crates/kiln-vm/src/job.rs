@@ -640,10 +640,14 @@ impl JobHandler for VmJobHandler {
         };
         let end = match self.manager.agent(&job.tenant, &vm.id).await {
             None => failed(crate::agent::AgentError::Gone, false),
-            Some(agent) => {
-                self.exec_in(job, &spec, &agent, &vm.id, started, &kill, &opened)
-                    .await
-            }
+            // The VM dies with its files.
+            Some(agent) => match agent.keep_secrets(&opened.values).await {
+                Ok(()) => {
+                    self.exec_in(job, &spec, &agent, &vm.id, started, &kill)
+                        .await
+                }
+                Err(error) => failed(format_args!("secrets: {error}"), false),
+            },
         };
         self.manager.delete(&job.tenant, &vm.id).await;
         end
@@ -660,12 +664,7 @@ impl VmJobHandler {
         vm_id: &str,
         started: Instant,
         kill: &CancellationToken,
-        opened: &Opened,
     ) -> AttemptEnd {
-        // The VM dies with its files.
-        if let Err(error) = agent.keep_secrets(&opened.values).await {
-            return failed(format_args!("secrets: {error}"), false);
-        }
         if !spec.files.inputs.is_empty() {
             let placed = tokio::select! {
                 placed = self.place_inputs(job, spec, agent) => placed,
@@ -692,7 +691,8 @@ impl VmJobHandler {
             spec.exec.stdin.as_bytes(),
             kill,
             tap.as_ref(),
-            opened,
+            // The VM's kept secrets are redacted from every command.
+            &Opened::none(),
         )
         .await
         {

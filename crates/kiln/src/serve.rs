@@ -235,9 +235,16 @@ pub fn master_key(settings: &Settings) -> anyhow::Result<kiln_core::secrets::Mas
 pub fn worker_master_key(
     settings: &Settings,
 ) -> anyhow::Result<Option<kiln_core::secrets::MasterKey>> {
-    let (path, given) = match &settings.master_key_file {
-        Some(path) => (path.clone(), true),
-        None => (settings.data_dir.join("master.key"), false),
+    read_master_key(settings.master_key_file.as_deref(), &settings.data_dir)
+}
+
+fn read_master_key(
+    file: Option<&Path>,
+    data_dir: &Path,
+) -> anyhow::Result<Option<kiln_core::secrets::MasterKey>> {
+    let (path, given) = match file {
+        Some(path) => (path.to_path_buf(), true),
+        None => (data_dir.join("master.key"), false),
     };
     match std::fs::read_to_string(&path) {
         Ok(text) => kiln_core::secrets::MasterKey::parse(&text)
@@ -844,6 +851,26 @@ mod tests {
         assert_eq!(job.status, JobStatus::Queued, "handed back: {job:?}");
         assert!(job.lease_expires_at.is_none(), "no lease left: {job:?}");
         db.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_worker_reads_the_master_key_and_never_makes_one() {
+        let dir = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-master"));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(read_master_key(None, &dir).unwrap().is_none());
+        assert!(!dir.join("master.key").exists(), "a worker made a key");
+        let given = dir.join("given.key");
+        assert!(
+            read_master_key(Some(&given), &dir).is_err(),
+            "a named file must exist"
+        );
+        let key = kiln_core::secrets::MasterKey::new([3; kiln_core::secrets::KEY_BYTES]);
+        std::fs::write(dir.join("master.key"), key.to_hex()).unwrap();
+        let read = read_master_key(None, &dir).unwrap().unwrap();
+        assert_eq!(read.id(), key.id());
+        std::fs::write(&given, "not hex").unwrap();
+        assert!(read_master_key(Some(&given), &dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
