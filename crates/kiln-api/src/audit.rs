@@ -26,6 +26,10 @@ pub struct ErrorCode(pub &'static str);
 
 #[derive(Default)]
 struct Note {
+    /// The request, as the middleware saw it before the handler ran.
+    request: Option<RequestFacts>,
+    /// Written by the handler in its change's transaction.
+    written: bool,
     tenant: Option<String>,
     actor_kind: &'static str,
     actor: String,
@@ -33,6 +37,13 @@ struct Note {
     rationale: Option<String>,
     /// A read that is audited all the same.
     force: bool,
+}
+
+#[derive(Clone)]
+struct RequestFacts {
+    action: String,
+    request_id: String,
+    source: String,
 }
 
 #[derive(Clone, Default)]
@@ -71,6 +82,35 @@ pub fn note_rationale(rationale: impl Into<String>) {
 /// Audits this request even though its method reads.
 pub fn note_audited_read() {
     with_note(|n| n.force = true);
+}
+
+/// The record this request will leave when it succeeds with `outcome`,
+/// for a handler that writes it in its change's own transaction (then
+/// [`note_written`]); `None` when nothing would be recorded.
+pub fn pending(outcome: &str) -> Option<AuditRecord> {
+    NOTE.try_with(|slot| {
+        let n = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let facts = n.request.as_ref()?;
+        Some(AuditRecord {
+            time: crate::now_millis(),
+            tenant: n.tenant.clone()?,
+            actor_kind: n.actor_kind.to_string(),
+            actor: n.actor.clone(),
+            action: facts.action.clone(),
+            resource: n.resource.clone().unwrap_or_default(),
+            request_id: facts.request_id.clone(),
+            source: facts.source.clone(),
+            outcome: outcome.to_string(),
+            rationale: n.rationale.clone(),
+        })
+    })
+    .ok()
+    .flatten()
+}
+
+/// The handler wrote this request's record with its change.
+pub fn note_written() {
+    with_note(|n| n.written = true);
 }
 
 /// Longest request id taken from a client; longer ones are replaced.
@@ -116,7 +156,18 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip().to_string())
         .unwrap_or_default();
+    let audited = state.audit_enabled();
     let slot = Slot::default();
+    if audited {
+        slot.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .request = Some(RequestFacts {
+            action: format!("{method} {}", route.as_deref().unwrap_or(&path)),
+            request_id: id.clone(),
+            source: source.clone(),
+        });
+    }
     let mut response = NOTE.scope(slot.clone(), next.run(request)).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID.clone(), value);
@@ -125,7 +176,7 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
     let Some(tenant) = note.tenant else {
         return response;
     };
-    if !(mutates(&method) || note.force) || !state.audit_enabled() {
+    if !(mutates(&method) || note.force) || !audited || note.written {
         return response;
     }
     let status = response.status().as_u16();

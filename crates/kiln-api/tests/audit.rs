@@ -175,7 +175,7 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
     assert_eq!(r[0].actor_kind, "key");
     assert!(!r[0].actor.is_empty());
     assert!(!r[0].request_id.is_empty());
-    assert_eq!(r[1].outcome, "422 invalid");
+    assert_eq!(r[1].outcome, "422 unknown_kind");
     assert_eq!(r[2].outcome, "403 forbidden");
     assert_ne!(r[2].actor, r[0].actor, "the reader's key is named");
     assert_eq!(r[3].action, "PUT /api/v1/secrets/{name}");
@@ -226,9 +226,9 @@ async fn records_say_who_what_and_how_it_ended(db: kiln_db::Db) {
         )
         .await;
     assert_eq!(
-        secrets["records"],
-        json!([]),
-        "a bare * is a prefix of nothing but itself"
+        secrets["records"].as_array().unwrap().len(),
+        2,
+        "a bare * matches any action"
     );
     let (_, secrets) = h
         .call(
@@ -339,9 +339,16 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     assert_eq!((report.records, report.unchained), (6, 0));
 
     // Modified: record 3's outcome.
+    let original = kiln_db::testing::text_rows(
+        &h.db,
+        "SELECT outcome FROM audit WHERE tenant = 'acme' AND seq = 3",
+    )
+    .await
+    .unwrap()
+    .remove(0);
     tamper(
         &h.db,
-        "UPDATE audit SET outcome = '200' WHERE tenant = 'acme' AND seq = 3",
+        "UPDATE audit SET outcome = '500' WHERE tenant = 'acme' AND seq = 3",
     )
     .await;
     let report = h.db.audit_verify(Some("acme")).await.unwrap();
@@ -353,7 +360,7 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     assert_eq!(verify["breaks"][0]["seq"], 3);
     tamper(
         &h.db,
-        "UPDATE audit SET outcome = '201' WHERE tenant = 'acme' AND seq = 3",
+        &format!("UPDATE audit SET outcome = '{original}' WHERE tenant = 'acme' AND seq = 3"),
     )
     .await;
     let original = h.db.audit_verify(Some("acme")).await.unwrap();

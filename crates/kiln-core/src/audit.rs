@@ -274,17 +274,17 @@ mod tests {
     fn every_field_is_covered_by_the_hash() {
         let base = record(1);
         let h = chain_hash(GENESIS, 1, &base);
-        let variants: Vec<Box<dyn Fn(&mut AuditRecord)>> = vec![
-            Box::new(|r| r.time += 1),
-            Box::new(|r| r.tenant.push('x')),
-            Box::new(|r| r.actor_kind.push('x')),
-            Box::new(|r| r.actor.push('x')),
-            Box::new(|r| r.action.push('x')),
-            Box::new(|r| r.resource.push('x')),
-            Box::new(|r| r.request_id.push('x')),
-            Box::new(|r| r.source.push('x')),
-            Box::new(|r| r.outcome.push('x')),
-            Box::new(|r| r.rationale = Some(String::new())),
+        let variants: [fn(&mut AuditRecord); 10] = [
+            |r| r.time += 1,
+            |r| r.tenant.push('x'),
+            |r| r.actor_kind.push('x'),
+            |r| r.actor.push('x'),
+            |r| r.action.push('x'),
+            |r| r.resource.push('x'),
+            |r| r.request_id.push('x'),
+            |r| r.source.push('x'),
+            |r| r.outcome.push('x'),
+            |r| r.rationale = Some(String::new()),
         ];
         for change in variants {
             let mut r = base.clone();

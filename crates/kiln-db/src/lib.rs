@@ -399,8 +399,20 @@ impl Db {
     /// Inserts a job, or returns the existing one with the same idempotency
     /// key; the flag says whether it was created.
     pub async fn job_insert(&self, job: &NewJob, now: Millis) -> DbResult<(Job, bool)> {
+        self.job_insert_audited(job, now, None).await
+    }
+
+    /// [`Db::job_insert`] that also writes `audit` in the same transaction
+    /// when the job is new (its `resource` becomes the job's path); a job
+    /// its idempotency key already named writes nothing.
+    pub async fn job_insert_audited(
+        &self,
+        job: &NewJob,
+        now: Millis,
+        audit: Option<&kiln_core::audit::AuditRecord>,
+    ) -> DbResult<(Job, bool)> {
         storable_job(job)?;
-        let out = dispatch!(self, s => s.job_insert(job, now).await)?;
+        let out = dispatch!(self, s => s.job_insert(job, now, audit).await)?;
         if out.1 {
             self.wakeup().notify_waiters();
             self.events_written();

@@ -132,32 +132,60 @@ impl PgStore {
         row.map(Job::try_from).transpose()
     }
 
-    pub async fn job_insert(&self, job: &NewJob, now: Millis) -> DbResult<(Job, bool)> {
+    pub async fn job_insert(
+        &self,
+        job: &NewJob,
+        now: Millis,
+        audit: Option<&kiln_core::audit::AuditRecord>,
+    ) -> DbResult<(Job, bool)> {
         let e = EncodedJob::new(job, now);
-        let inserted: Option<JobRow> = sqlx::query_as(&format!(
+        let insert = format!(
             "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
              timeout_ms, backoff, permanent_exit_codes, idempotency_key, run_at, created_at, held) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, {}) \
              ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
              RETURNING {JOB_COLUMNS}",
             held_expr("$1", "$3")
-        ))
-        .bind(&job.tenant)
-        .bind(&job.kind)
-        .bind(&job.queue)
-        .bind(job.priority.rank())
-        .bind(e.status)
-        .bind(&e.spec)
-        .bind(&e.labels)
-        .bind(job.max_attempts)
-        .bind(job.timeout_ms)
-        .bind(&e.backoff)
-        .bind(&e.permanent_exit_codes)
-        .bind(&job.idempotency_key)
-        .bind(e.run_at)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
+        );
+        // The audit record rides in the same statement: one round trip,
+        // written only when the job is.
+        let sql = if audit.is_some() {
+            format!(
+                "WITH j AS ({insert}), a AS (INSERT INTO audit (tenant, time, actor_kind, actor, \
+                 action, resource, request_id, source, outcome, rationale) \
+                 SELECT j.tenant, $15, $16, $17, $18, '/api/v1/jobs/' || j.id, $19, $20, $21, $22 \
+                 FROM j) SELECT * FROM j"
+            )
+        } else {
+            insert
+        };
+        let mut query = sqlx::query_as(&sql)
+            .bind(&job.tenant)
+            .bind(&job.kind)
+            .bind(&job.queue)
+            .bind(job.priority.rank())
+            .bind(e.status)
+            .bind(&e.spec)
+            .bind(&e.labels)
+            .bind(job.max_attempts)
+            .bind(job.timeout_ms)
+            .bind(&e.backoff)
+            .bind(&e.permanent_exit_codes)
+            .bind(&job.idempotency_key)
+            .bind(e.run_at)
+            .bind(now);
+        if let Some(a) = audit {
+            query = query
+                .bind(a.time)
+                .bind(&a.actor_kind)
+                .bind(&a.actor)
+                .bind(&a.action)
+                .bind(&a.request_id)
+                .bind(&a.source)
+                .bind(&a.outcome)
+                .bind(&a.rationale);
+        }
+        let inserted: Option<JobRow> = query.fetch_optional(&self.pool).await?;
         if let Some(row) = inserted {
             return Ok((Job::try_from(row)?, true));
         }

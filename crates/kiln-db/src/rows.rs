@@ -37,7 +37,7 @@ pub const LEASED_COLUMNS: &str = "id, tenant, kind, queue, priority, spec, attem
 
 #[derive(sqlx::FromRow)]
 pub struct JobRow {
-    id: i64,
+    pub(crate) id: i64,
     tenant: String,
     kind: String,
     queue: String,

@@ -142,17 +142,29 @@ impl SqliteStore {
         row.map(Job::try_from).transpose()
     }
 
-    pub async fn job_insert(&self, job: &NewJob, now: Millis) -> DbResult<(Job, bool)> {
+    pub async fn job_insert(
+        &self,
+        job: &NewJob,
+        now: Millis,
+        audit: Option<&kiln_core::audit::AuditRecord>,
+    ) -> DbResult<(Job, bool)> {
         let encoded = EncodedJob::new(job, now);
         let sql = format!(
             "{INSERT_JOB} ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL \
              DO NOTHING RETURNING {JOB_COLUMNS}"
         );
+        let mut tx = self.write.begin().await?;
         let inserted: Option<JobRow> = bind_new(sqlx::query(&sql), &encoded, now)
             .try_map(|row| sqlx::FromRow::from_row(&row))
-            .fetch_optional(&self.write)
+            .fetch_optional(&mut *tx)
             .await?;
         if let Some(row) = inserted {
+            if let Some(audit) = audit {
+                let mut record = audit.clone();
+                record.resource = format!("/api/v1/jobs/{}", row.id);
+                crate::audit::insert_sqlite(&mut tx, &record).await?;
+            }
+            tx.commit().await?;
             return Ok((Job::try_from(row)?, true));
         }
         let existing: JobRow = sqlx::query_as(&format!(
@@ -160,8 +172,9 @@ impl SqliteStore {
         ))
         .bind(&job.tenant)
         .bind(&job.idempotency_key)
-        .fetch_one(&self.write)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok((Job::try_from(existing)?, false))
     }
 

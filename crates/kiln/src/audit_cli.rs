@@ -3,7 +3,6 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use futures::StreamExt;
 use std::io::Write;
 
 use crate::client::{print, Client, ClientArgs};
@@ -120,13 +119,12 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         AuditCommand::Export { client, filters } => {
-            let response = Client::new(&client)?
+            let mut response = Client::new(&client)?
                 .stream(&format!("/api/v1/audit/export{}", filters.query(&[])), None)
                 .await?;
-            let mut body = response.bytes_stream();
             let mut out = std::io::stdout().lock();
-            while let Some(chunk) = body.next().await {
-                out.write_all(&chunk.context("the export stopped early")?)?;
+            while let Some(chunk) = response.chunk().await.context("the export stopped early")? {
+                out.write_all(&chunk)?;
             }
             out.flush()?;
             Ok(0)

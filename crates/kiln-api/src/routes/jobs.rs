@@ -354,8 +354,17 @@ pub(crate) async fn submit(
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
     let now = now_millis();
     let new = prepare(state, caller, body, default_attempts, now).await?;
-    let (mut job, created) = state.db.job_insert(&new, now).await?;
+    // The record goes in the job's own transaction: a job is never stored
+    // without it. A repeat of an idempotent submit is recorded afterwards.
+    let audit = crate::audit::pending("201");
+    let (mut job, created) = state
+        .db
+        .job_insert_audited(&new, now, audit.as_ref())
+        .await?;
     crate::audit::note_resource(format!("/api/v1/jobs/{}", job.id));
+    if created && audit.is_some() {
+        crate::audit::note_written();
+    }
     metrics::counter!("kiln_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
     if params.wait {
         let limit = params.wait_ms.unwrap_or(60_000).min(600_000);
