@@ -1125,6 +1125,28 @@ mod tests {
             Err("at most 1024 args"),
         );
         check("vm", json!(["command"]), Err("spec must be an object"));
+        check(
+            "vm",
+            json!({"command": "x", "secrets": ["db", "api-key"]}),
+            ok,
+        );
+        check(
+            "vm",
+            json!({"command": "x", "secrets": ["/etc/passwd"]}),
+            Err("secrets[0]"),
+        );
+        check(
+            "vm:execute",
+            json!({"vm_id": "vm-1", "command": "x", "secrets": ["a", "a"]}),
+            Err("twice"),
+        );
+        check("vm:create", json!({"secrets": ["db"]}), ok);
+        check("vm:create", json!({"secrets": ["."]}), Err("secrets[0]"));
+        check(
+            "vm:delete",
+            json!({"vm_id": "vm-1", "secrets": ["db"]}),
+            Err("unknown field"),
+        );
     }
 
     #[test]
