@@ -425,7 +425,7 @@ async fn secrets_in_a_long_lived_vm() {
     vms.attach_secrets(SecretKeeper::new(h.db.clone(), Some(master.clone())));
     let state = kiln_api::AppState::with_vms(h.db.clone(), h.state.blobs.clone(), None, Some(vms));
     state.master_key.set(master).unwrap();
-    let app = kiln_api::app(state);
+    let app = kiln_api::app(state.clone());
     let secret = value();
     let digest = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
     put_secret(&h, &h.admin, "token", &secret).await;
@@ -473,6 +473,25 @@ async fn secrets_in_a_long_lived_vm() {
     assert_eq!(status, StatusCode::CREATED, "{job}");
     assert_eq!(job["result"]["stdout"], "[redacted:token]", "{job}");
     let job_id = job["id"].as_str().unwrap().to_string();
+    let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh(gone, json!([]))).await;
+    assert_eq!(out["stdout"], "1\n0\n", "{out}");
+    // And over the exec WebSocket.
+    let (stdout, texts) = websocket_exec(
+        state.clone(),
+        &id,
+        &h.admin,
+        sh(
+            "head -c 5 /run/secrets/token; sleep 0.3; tail -c +6 /run/secrets/token",
+            json!(["token"]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&stdout),
+        "[redacted:token]",
+        "{texts:?}"
+    );
+    assert_eq!(texts.last().unwrap()["type"], "exit", "{texts:?}");
     let (_, out) = call_app(&app, "POST", &execute, &h.admin, sh(gone, json!([]))).await;
     assert_eq!(out["stdout"], "1\n0\n", "{out}");
     // The history holds what the caller saw: redacted.
@@ -544,6 +563,7 @@ async fn secrets_in_a_long_lived_vm() {
         [
             ("vm".to_string(), id.clone()),
             ("job".to_string(), job_id),
+            ("vm".to_string(), id.clone()),
             ("vm".to_string(), kept.clone()),
             ("vm".to_string(), kept),
         ]
@@ -551,4 +571,54 @@ async fn secrets_in_a_long_lived_vm() {
     let stored = whole_database(&h.db).await;
     assert!(!contains(&stored, &secret), "the value is stored in clear");
     h.stop().await;
+}
+
+/// One command over the exec WebSocket: its stdout and the text messages.
+async fn websocket_exec(
+    state: std::sync::Arc<kiln_api::AppState>,
+    vm: &str,
+    key: &str,
+    request: Value,
+) -> (Vec<u8>, Vec<Value>) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let done = stop.clone();
+    tokio::spawn(kiln_api::serve(listener, state, async move {
+        done.cancelled().await
+    }));
+    let mut ws_request = format!("ws://{addr}/api/v1/vms/{vm}/exec/ws")
+        .into_client_request()
+        .unwrap();
+    ws_request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let mut ws = tokio_tungstenite::connect_async(ws_request)
+        .await
+        .unwrap()
+        .0;
+    ws.send(Message::Text(request.to_string().into()))
+        .await
+        .unwrap();
+    let (mut stdout, mut texts) = (Vec::new(), Vec::new());
+    let collect = async {
+        while let Some(Ok(message)) = ws.next().await {
+            match message {
+                Message::Binary(data) if data.first() == Some(&1) => {
+                    stdout.extend_from_slice(&data[1..])
+                }
+                Message::Text(text) => texts.push(serde_json::from_str(&text).unwrap()),
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(90), collect)
+        .await
+        .expect("the socket closes");
+    stop.cancel();
+    (stdout, texts)
 }
