@@ -5,7 +5,9 @@
 //! run gets a fresh directory under it holding one file per secret, mode
 //! 0400, written before the guest starts and removed when the run ends on
 //! every path (`Drop`). The guest sees the directory with read permissions
-//! only: wasmtime-wasi refuses any write, create or unlink in it.
+//! only: wasmtime-wasi refuses any write, create or unlink in it. A root's
+//! name carries its process id, so the roots of a process that died
+//! without cleaning up are removed by the next runtime on the host.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -29,7 +31,12 @@ pub(crate) struct SecretsRoot(PathBuf);
 
 impl SecretsRoot {
     pub(crate) fn open(base: &Path) -> Result<SecretsRoot, WasmError> {
-        let path = base.join(format!("kiln-secrets-{:032x}", rand::random::<u128>()));
+        remove_orphans(base);
+        let path = base.join(format!(
+            "kiln-secrets-{}-{:032x}",
+            std::process::id(),
+            rand::random::<u128>()
+        ));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -62,6 +69,38 @@ impl SecretsRoot {
         std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o500))
             .map_err(|e| WasmError::io("secrets directory", e))?;
         Ok(dir)
+    }
+}
+
+/// Removes the roots under `base` whose process is gone.
+fn remove_orphans(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kiln-secrets-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let root = entry.path();
+        // Run directories are 0500: writable again so their files can go.
+        if let Ok(runs) = std::fs::read_dir(&root) {
+            for run in runs.flatten() {
+                let _ =
+                    std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o700));
+            }
+        }
+        if let Err(error) = std::fs::remove_dir_all(&root) {
+            tracing::warn!(dir = %root.display(), %error, "could not remove a dead process's secrets");
+        }
     }
 }
 
@@ -118,6 +157,17 @@ mod tests {
         let path = dir.path().to_path_buf();
         drop(dir);
         assert!(!path.exists());
+        // A dead process's root (pid 2^31 - 1 is never alive here) goes
+        // when the next runtime opens; a live one's stays.
+        let orphan = base.join(format!("kiln-secrets-{}-{:032x}", i32::MAX, 1u128));
+        std::fs::create_dir_all(orphan.join("run-1")).unwrap();
+        std::fs::write(orphan.join("run-1/db"), b"left").unwrap();
+        std::fs::set_permissions(orphan.join("run-1"), std::fs::Permissions::from_mode(0o500))
+            .unwrap();
+        let second = SecretsRoot::open(&base).unwrap();
+        assert!(!orphan.exists(), "the dead process's secrets stay");
+        assert!(root_path.exists(), "a live runtime's root went");
+        drop(second);
         let bad = vec![("../x".to_string(), b"v".to_vec())];
         assert!(root.place(&bad).is_err());
         drop(root);
