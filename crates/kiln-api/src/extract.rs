@@ -10,7 +10,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kiln_core::{Scope, Scopes};
 use serde::de::DeserializeOwned;
@@ -143,18 +143,39 @@ fn upgrade_rejection(rejection: WebSocketUpgradeRejection) -> ApiError {
     )
 }
 
-/// Who is calling: resolved from `Authorization: Bearer <key>`.
+/// Who is calling: resolved from `Authorization: Bearer <key or session
+/// token>`, or from the session cookie.
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub tenant: String,
+    /// The API key's id; for a signed-in user `user:<tenant>/<name>`, so
+    /// rate limits and histories keyed by it tell users apart.
     pub key_id: String,
     pub scopes: Scopes,
+    /// The signed-in user (none for an API key).
+    pub user: Option<String>,
+    /// The user's session, which logout ends.
+    pub session: Option<String>,
 }
 
 impl Caller {
+    /// A caller holding an API key (or acting as one).
+    pub fn key(tenant: impl Into<String>, key_id: impl Into<String>, scopes: Scopes) -> Caller {
+        Caller {
+            tenant: tenant.into(),
+            key_id: key_id.into(),
+            scopes,
+            user: None,
+            session: None,
+        }
+    }
+
     /// Who the audit trail names for this caller.
     pub fn actor(&self) -> (&'static str, &str) {
-        ("key", &self.key_id)
+        match &self.user {
+            Some(user) => ("user", user),
+            None => ("key", &self.key_id),
+        }
     }
 
     fn note(&self) {
@@ -166,10 +187,10 @@ impl Caller {
         if self.scopes.allows(scope) {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!(
-                "this key lacks the {} scope",
-                scope.as_str()
-            )))
+            Err(ApiError::forbidden(match &self.user {
+                Some(_) => format!("this user's role lacks the {} scope", scope.as_str()),
+                None => format!("this key lacks the {} scope", scope.as_str()),
+            }))
         }
     }
 }
@@ -207,10 +228,15 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             parts.extensions.insert(caller.clone());
             return Ok(caller);
         }
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <key>"))?;
+        let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            // A browser's session: the cookie, with the CSRF header on writes.
+            let Some(token) = crate::auth::cookie(&parts.headers, crate::auth::SESSION_COOKIE)
+            else {
+                return Err(ApiError::unauthorized("send Authorization: Bearer <key>"));
+            };
+            let token = token.to_string();
+            return session_caller(parts, state, &token, true).await;
+        };
         let key = header
             .to_str()
             .ok()
@@ -218,6 +244,10 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <key>"))?;
+        if crate::auth::is_token(key) {
+            let key = key.to_string();
+            return session_caller(parts, state, &key, false).await;
+        }
         // Keys the cache does not know cost a hash and a query: those
         // look-ups are limited per source address, so a stream of made-up
         // keys is throttled like a stream of requests with a real one.
@@ -236,6 +266,80 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         throttle(state, format!("key:{}", caller.key_id))?;
         parts.extensions.insert(caller.clone());
         Ok(caller)
+    }
+}
+
+/// The caller a session token names, if its signature holds, it has not
+/// expired and its session is live. Writes the cookie authenticates must
+/// carry the token's CSRF value in `X-CSRF-Token`: another site can make a
+/// browser send the cookie, but cannot read the value.
+async fn session_caller(
+    parts: &mut Parts,
+    state: &Arc<AppState>,
+    token: &str,
+    via_cookie: bool,
+) -> Result<Caller, ApiError> {
+    use crate::auth::TokenError;
+    let claims = state
+        .auth
+        .keys()
+        .verify(token)
+        .map_err(|error| match error {
+            TokenError::Expired => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "expired",
+                "the session token has expired; sign in again",
+            ),
+            TokenError::Invalid => ApiError::unauthorized("invalid session token"),
+        })?;
+    let role = kiln_core::users::Role::parse(&claims.role)
+        .ok_or_else(|| ApiError::unauthorized("invalid session token"))?;
+    if via_cookie && !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        let sent = parts
+            .headers
+            .get(crate::auth::CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !crate::auth::same(sent, &claims.csrf) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "csrf",
+                "a write with the session cookie needs the X-CSRF-Token header the login returned",
+            ));
+        }
+    }
+    if !state.auth.sessions.live(&state.db, &claims).await? {
+        return Err(ApiError::unauthorized(
+            "the session has ended (signed out, or the user was changed); sign in again",
+        ));
+    }
+    let caller = Caller {
+        key_id: format!("user:{}/{}", claims.tenant, claims.sub),
+        tenant: claims.tenant,
+        scopes: role.scopes(),
+        user: Some(claims.sub),
+        session: Some(claims.sid),
+    };
+    caller.note();
+    throttle(state, format!("key:{}", caller.key_id))?;
+    parts.extensions.insert(caller.clone());
+    Ok(caller)
+}
+
+/// The address the request came from (none when served without a socket,
+/// as tests do).
+pub struct Peer(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|info| info.0.ip()),
+        ))
     }
 }
 

@@ -3,6 +3,7 @@
 //! error body.
 
 pub mod audit;
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod intake;
@@ -26,7 +27,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 pub use keys::KeyCache;
-pub use routes::keys::issue_key;
+pub use routes::keys::{issue_key, issue_key_until};
 pub use routes::system::prometheus;
 
 /// The largest JSON body accepted.
@@ -42,6 +43,8 @@ pub struct AppState {
     /// submit.
     pub kinds: JobKinds,
     pub keys: KeyCache,
+    /// Users' sessions: token keys, live sessions, login settings.
+    pub auth: auth::Auth,
     /// Requests per API key, and key look-ups per source address (GCRA, per
     /// process); unset: no limit.
     pub rate_limit: std::sync::OnceLock<governor::DefaultKeyedRateLimiter<String>>,
@@ -101,6 +104,7 @@ impl AppState {
             vms,
             kinds,
             keys: KeyCache::default(),
+            auth: auth::Auth::default(),
             rate_limit: std::sync::OnceLock::new(),
             gauges: Default::default(),
             events: tokio::sync::OnceCell::new(),
@@ -232,6 +236,9 @@ pub fn builtin_kinds() -> JobKinds {
         routes::queues::list_queues, routes::queues::get_queue, routes::queues::update_queue, routes::queues::pause_queue,
         routes::queues::resume_queue,
         routes::keys::list_keys, routes::keys::create_key, routes::keys::revoke_key,
+        routes::auth::login, routes::auth::logout, routes::auth::me,
+        routes::users::create_user, routes::users::list_users, routes::users::get_user,
+        routes::users::delete_user, routes::users::set_role, routes::users::set_password,
         routes::modules::push_module, routes::modules::list_modules, routes::modules::get_module,
         routes::modules::delete_module,
         routes::system::list_workers, routes::nodes::list_nodes, routes::nodes::get_node,
@@ -292,6 +299,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .merge(routes::jobs::router())
         .merge(routes::queues::router())
         .merge(routes::keys::router())
+        .merge(routes::auth::router())
+        .merge(routes::users::router())
         .merge(routes::modules::router())
         .merge(routes::system::router())
         .merge(routes::nodes::router())

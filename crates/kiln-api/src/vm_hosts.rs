@@ -48,6 +48,9 @@ struct Forwarded {
     tenant: String,
     key_id: String,
     scopes: String,
+    /// The signed-in user, so the owner's records name them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
     /// Milliseconds since the epoch after which the owner refuses it.
     expires: i64,
 }
@@ -80,6 +83,7 @@ fn sign(key: &[u8], method: &Method, path: &str, caller: &Caller, now: i64) -> (
         tenant: caller.tenant.clone(),
         key_id: caller.key_id.clone(),
         scopes: caller.scopes.to_text(),
+        user: caller.user.clone(),
         expires: now + FORWARD_VALID_MS,
     })
     .unwrap_or_default();
@@ -117,6 +121,8 @@ pub(crate) fn verify(
         tenant: forwarded.tenant,
         key_id: forwarded.key_id,
         scopes: Scopes::parse(&forwarded.scopes).ok_or_else(refuse)?,
+        user: forwarded.user,
+        session: None,
     })
 }
 
@@ -452,11 +458,7 @@ mod tests {
     use super::*;
 
     fn caller() -> Caller {
-        Caller {
-            tenant: "acme".into(),
-            key_id: "k1".into(),
-            scopes: Scopes::parse("write").unwrap(),
-        }
+        Caller::key("acme", "k1", Scopes::parse("write").unwrap())
     }
 
     fn headers(forwarded: &str, tag: &str) -> HeaderMap {

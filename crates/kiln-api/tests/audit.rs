@@ -53,6 +53,11 @@ async fn every_mutating_route_writes_exactly_one_record(db: kiln_db::Db) {
             if item.get(method).is_none() || template.starts_with("/api/v1/hooks/") {
                 continue;
             }
+            // A login names its tenant in its body: one without a body
+            // names none (logins are checked in tests/users.rs).
+            if template == "/api/v1/auth/login" {
+                continue;
+            }
             let path = fill(template);
             let before = trail(&h.db, "acme").await.len();
             let request = Request::builder()

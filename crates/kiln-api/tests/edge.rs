@@ -498,6 +498,8 @@ async fn a_duplicate_is_a_conflict(db: Db) {
         scopes: kiln_core::Scopes(vec![kiln_core::Scope::Read]),
         created_at: 0,
         revoked_at: None,
+        expires_at: None,
+        last_used_at: None,
     };
     h.db.key_insert(&key, "hash-one").await.unwrap();
     let error = h.db.key_insert(&key, "hash-two").await.unwrap_err();

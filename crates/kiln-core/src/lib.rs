@@ -15,6 +15,7 @@ pub mod quota;
 pub mod redact;
 pub mod retry;
 pub mod secrets;
+pub mod users;
 
 pub use job::*;
 pub use keys::{Scope, Scopes};

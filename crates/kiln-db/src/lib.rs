@@ -22,6 +22,7 @@ mod sqlite;
 pub mod subscriptions;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod users;
 pub mod vms;
 pub mod webhooks;
 
@@ -215,6 +216,16 @@ pub struct ApiKey {
     pub scopes: Scopes,
     pub created_at: Millis,
     pub revoked_at: Option<Millis>,
+    /// After this the key answers 401 `expired`; none: it never expires.
+    pub expires_at: Option<Millis>,
+    /// Recorded at most about once a minute per key and process.
+    pub last_used_at: Option<Millis>,
+}
+
+impl ApiKey {
+    pub fn expired(&self, now: Millis) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -736,6 +747,21 @@ impl Db {
 
     pub async fn key_count(&self) -> DbResult<i64> {
         dispatch!(self, s => s.key_count().await)
+    }
+
+    /// Records that these keys were used at `now`.
+    pub async fn key_touch(&self, ids: &[String], now: Millis) -> DbResult<()> {
+        for id in ids {
+            with_pool!(self, write, |pool| sqlx::query(
+                "UPDATE api_keys SET last_used_at = $1 WHERE id = $2"
+            )
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(drop)?);
+        }
+        Ok(())
     }
 
     // ---- modules ----

@@ -693,7 +693,8 @@ impl PgStore {
 
     pub async fn key_insert(&self, key: &ApiKey, hash: &str) -> DbResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&key.id)
         .bind(&key.tenant)
@@ -701,6 +702,7 @@ impl PgStore {
         .bind(hash)
         .bind(key.scopes.to_text())
         .bind(key.created_at)
+        .bind(key.expires_at)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -708,7 +710,7 @@ impl PgStore {
 
     pub async fn key_find_by_hash(&self, hash: &str) -> DbResult<Option<ApiKey>> {
         let row: Option<KeyRow> = sqlx::query_as(
-            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+            "SELECT id, tenant, name, scopes, created_at, revoked_at, expires_at, last_used_at FROM api_keys \
              WHERE hash = $1 AND revoked_at IS NULL",
         )
         .bind(hash)
@@ -719,7 +721,7 @@ impl PgStore {
 
     pub async fn key_list(&self, tenant: Option<&str>) -> DbResult<Vec<ApiKey>> {
         let rows: Vec<KeyRow> = sqlx::query_as(
-            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+            "SELECT id, tenant, name, scopes, created_at, revoked_at, expires_at, last_used_at FROM api_keys \
              WHERE ($1::text IS NULL OR tenant = $1) ORDER BY created_at, id",
         )
         .bind(tenant)

@@ -217,6 +217,8 @@ pub struct KeyRow {
     scopes: String,
     created_at: i64,
     revoked_at: Option<i64>,
+    expires_at: Option<i64>,
+    last_used_at: Option<i64>,
 }
 
 impl TryFrom<KeyRow> for ApiKey {
@@ -231,6 +233,8 @@ impl TryFrom<KeyRow> for ApiKey {
             name: row.name,
             created_at: row.created_at,
             revoked_at: row.revoked_at,
+            expires_at: row.expires_at,
+            last_used_at: row.last_used_at,
         })
     }
 }

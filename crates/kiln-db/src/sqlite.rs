@@ -633,7 +633,8 @@ impl SqliteStore {
 
     pub async fn key_insert(&self, key: &ApiKey, hash: &str) -> DbResult<()> {
         sqlx::query(
-            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&key.id)
         .bind(&key.tenant)
@@ -641,6 +642,7 @@ impl SqliteStore {
         .bind(hash)
         .bind(key.scopes.to_text())
         .bind(key.created_at)
+        .bind(key.expires_at)
         .execute(&self.write)
         .await?;
         Ok(())
@@ -648,7 +650,7 @@ impl SqliteStore {
 
     pub async fn key_find_by_hash(&self, hash: &str) -> DbResult<Option<ApiKey>> {
         let row: Option<KeyRow> = sqlx::query_as(
-            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+            "SELECT id, tenant, name, scopes, created_at, revoked_at, expires_at, last_used_at FROM api_keys \
              WHERE hash = ? AND revoked_at IS NULL",
         )
         .bind(hash)
@@ -659,7 +661,7 @@ impl SqliteStore {
 
     pub async fn key_list(&self, tenant: Option<&str>) -> DbResult<Vec<ApiKey>> {
         let rows: Vec<KeyRow> = sqlx::query_as(
-            "SELECT id, tenant, name, scopes, created_at, revoked_at FROM api_keys \
+            "SELECT id, tenant, name, scopes, created_at, revoked_at, expires_at, last_used_at FROM api_keys \
              WHERE (? IS NULL OR tenant = ?) ORDER BY created_at, id",
         )
         .bind(tenant)

@@ -505,6 +505,8 @@ async fn keys_are_found_by_hash_until_revoked(db: Db) {
         scopes: kiln_core::Scopes(vec![kiln_core::Scope::Write]),
         created_at: T0,
         revoked_at: None,
+        expires_at: None,
+        last_used_at: None,
     };
     db.key_insert(&key, &kiln_db::hash_key(&secret))
         .await
@@ -574,6 +576,8 @@ async fn nul_in_any_text_is_refused_cleanly(db: Db) {
         scopes: kiln_core::Scopes(vec![kiln_core::Scope::Read]),
         created_at: T0,
         revoked_at: None,
+        expires_at: None,
+        last_used_at: None,
     };
     assert!(is_invalid(
         db.key_insert(&key, &kiln_db::hash_key(&secret)).await

@@ -33,7 +33,12 @@ pub enum BenchCommand {
     Dashboard(dashboard::DashboardArgs),
     /// Audit trail: drain over HTTP with it on and off; verify a million records.
     Audit(audit::AuditArgs),
+    /// Users: login latency (argon2id parameters stated) and token-checked requests.
+    Login(login::LoginArgs),
 }
+
+#[path = "bench_login.rs"]
+mod login;
 
 #[path = "bench_audit.rs"]
 mod audit;
@@ -113,6 +118,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Logs(args) => logs::logs(args).await,
         BenchCommand::Dashboard(args) => dashboard::dashboard(args).await,
         BenchCommand::Audit(args) => audit::audit(args).await,
+        BenchCommand::Login(args) => login::login(args).await,
     }
 }
 

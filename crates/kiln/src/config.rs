@@ -79,6 +79,23 @@ pub struct ServerArgs {
     /// of a deployment needs the same one.
     #[arg(long, env = "KILN_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// The keys users' session tokens are signed with (default
+    /// `<data-dir>/token.key`, made at first start). Every API node of a
+    /// deployment needs the same file.
+    #[arg(long, env = "KILN_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+    /// How long a user's session token (and session) lasts, in seconds
+    /// (default 900).
+    #[arg(long, env = "KILN_TOKEN_TTL_S")]
+    pub token_ttl_s: Option<u64>,
+    /// Mark session cookies Secure on every answer (default: only when a
+    /// trusted proxy sends X-Forwarded-Proto: https).
+    #[arg(long, env = "KILN_SECURE_COOKIES", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub secure_cookies: Option<bool>,
+    /// Proxies whose X-Forwarded-Proto and X-Forwarded-For are believed
+    /// (comma-separated addresses or CIDRs; default 127.0.0.0/8,::1).
+    #[arg(long, env = "KILN_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
     /// Where a worker that hosts VMs takes the requests API nodes forward
     /// for its VMs (an address other kiln hosts reach; off by default: the
     /// worker then hosts VMs for its own jobs only).
@@ -189,6 +206,10 @@ struct FileConfig {
     internal_listen: Option<SocketAddr>,
     internal_url: Option<String>,
     master_key_file: Option<PathBuf>,
+    token_key_file: Option<PathBuf>,
+    token_ttl_s: Option<u64>,
+    secure_cookies: Option<bool>,
+    trusted_proxies: Option<String>,
     retention_hours: Option<u64>,
     event_retention_hours: Option<u64>,
     log_retention_hours: Option<u64>,
@@ -226,6 +247,12 @@ pub struct Settings {
     pub node_lost_ms: u64,
     /// Where the master key is read from (made there when it is the default).
     pub master_key_file: Option<PathBuf>,
+    /// Users' sessions: the token key file (made there when it is the
+    /// default), token lifetime, cookies, trusted proxies.
+    pub token_key_file: Option<PathBuf>,
+    pub token_ttl_s: u64,
+    pub secure_cookies: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// A VM host's internal listener and the URL others reach it at.
     pub internal_listen: Option<SocketAddr>,
     pub internal_url: Option<String>,
@@ -319,6 +346,21 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
         internal_listen: args.internal_listen.or(file.internal_listen),
         internal_url: args.internal_url.clone().or(file.internal_url),
         master_key_file: args.master_key_file.clone().or(file.master_key_file),
+        token_key_file: args.token_key_file.clone().or(file.token_key_file),
+        token_ttl_s: args
+            .token_ttl_s
+            .or(file.token_ttl_s)
+            .unwrap_or(kiln_api::auth::TOKEN_TTL_S_DEFAULT)
+            .clamp(1, 7 * 24 * 3600),
+        secure_cookies: args.secure_cookies.or(file.secure_cookies).unwrap_or(false),
+        trusted_proxies: kiln_events::notify::AllowList::parse(
+            args.trusted_proxies
+                .as_deref()
+                .or(file.trusted_proxies.as_deref())
+                .unwrap_or("127.0.0.0/8,::1"),
+        )
+        .map_err(|e| anyhow::anyhow!("trusted_proxies: {e}"))?
+        .0,
         retention_hours: args
             .retention_hours
             .or(file.retention_hours)
@@ -537,6 +579,16 @@ impl Settings {
                 "notify_allow",
                 self.notify_allow
                     .0
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("token_ttl_s", self.token_ttl_s.to_string()),
+            ("secure_cookies", self.secure_cookies.to_string()),
+            (
+                "trusted_proxies",
+                self.trusted_proxies
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()

@@ -13,6 +13,7 @@ mod rule_cli;
 mod secret_cli;
 mod serve;
 mod top_cli;
+mod users_cli;
 
 use std::path::PathBuf;
 
@@ -50,7 +51,7 @@ enum Command {
     /// Print the settings a server would run with (passwords hidden).
     Config(ServerArgs),
     /// Manage API keys directly in the database.
-    #[command(subcommand)]
+    #[command(subcommand, alias = "key")]
     Keys(KeysCommand),
     /// Jobs through the API.
     Job {
@@ -120,6 +121,19 @@ enum Command {
     /// Secrets: set (value from stdin), list, remove; rotate the master key.
     #[command(subcommand)]
     Secret(secret_cli::SecretCommand),
+    /// Users of a tenant with roles (passwords from stdin); rotate the
+    /// session token key.
+    #[command(subcommand)]
+    Users(users_cli::UsersCommand),
+    /// Sign in as a user; prints a session token (password from stdin).
+    Login {
+        /// The API's base URL.
+        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        username: String,
+    },
     /// The audit trail: list, export as JSON lines, verify the chain.
     #[command(subcommand)]
     Audit(audit_cli::AuditCommand),
@@ -187,7 +201,12 @@ enum KeysCommand {
         /// Comma-separated: read, write, approve, admin.
         #[arg(long, default_value = "write")]
         scopes: String,
+        /// The key stops working this many seconds from now.
+        #[arg(long)]
+        expires_in_s: Option<u64>,
     },
+    /// The keys: id, tenant, name, scopes, state, expiry, last use.
+    #[command(alias = "ls")]
     List {
         #[command(flatten)]
         server: ServerArgs,
@@ -457,6 +476,12 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Node { client, command } => node_cli::node(Client::new(&client)?, command).await,
         Command::Secret(command) => secret_cli::secret(command).await,
         Command::Audit(command) => audit_cli::audit(command).await,
+        Command::Users(command) => users_cli::users(command).await,
+        Command::Login {
+            url,
+            tenant,
+            username,
+        } => users_cli::login(&url, &tenant, &username).await,
         Command::Incident { client, command } => {
             incident_cli::incident(Client::new(&client)?, command).await
         }
@@ -516,13 +541,26 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
             tenant,
             name,
             scopes,
+            expires_in_s,
         } => {
             let db = serve::open_db(&local_settings(&server)?).await?;
+            let expires_at = match expires_in_s {
+                Some(0) => anyhow::bail!("--expires-in-s must be at least 1"),
+                Some(s) => Some(
+                    i64::try_from(s)
+                        .ok()
+                        .and_then(|s| s.checked_mul(1000))
+                        .and_then(|ms| kiln_worker::now_millis().checked_add(ms))
+                        .context("--expires-in-s is too large")?,
+                ),
+                None => None,
+            };
             let scopes = kiln_core::Scopes::parse(&scopes)
                 .filter(|s| !s.0.is_empty())
                 .context("scopes are a comma-separated list of read, write, approve, admin")?;
             kiln_core::validate_name("tenant", &tenant)?;
-            let (key, secret) = kiln_api::issue_key(&db, &tenant, &name, scopes).await?;
+            let (key, secret) =
+                kiln_api::issue_key_until(&db, &tenant, &name, scopes, expires_at).await?;
             eprintln!(
                 "created key {} for tenant {} ({})",
                 key.id,
@@ -533,18 +571,28 @@ async fn keys(command: KeysCommand) -> anyhow::Result<i32> {
         }
         KeysCommand::List { server, tenant } => {
             let db = serve::open_db(&local_settings(&server)?).await?;
+            let now = kiln_worker::now_millis();
+            let time = |ms: Option<i64>| {
+                ms.and_then(kiln_api::render_time)
+                    .unwrap_or_else(|| "-".to_string())
+            };
+            println!("id\ttenant\tname\tscopes\tstate\texpires_at\tlast_used_at");
             for key in db.key_list(tenant.as_deref()).await? {
+                let state = if key.revoked_at.is_some() {
+                    "revoked"
+                } else if key.expired(now) {
+                    "expired"
+                } else {
+                    "active"
+                };
                 println!(
-                    "{}\t{}\t{}\t{}\t{}",
+                    "{}\t{}\t{}\t{}\t{state}\t{}\t{}",
                     key.id,
                     key.tenant,
                     key.name,
                     key.scopes.to_text(),
-                    if key.revoked_at.is_some() {
-                        "revoked"
-                    } else {
-                        "active"
-                    }
+                    time(key.expires_at),
+                    time(key.last_used_at)
                 );
             }
         }

@@ -189,6 +189,8 @@ async fn ensure_admin_key(db: &Db, data_dir: &Path) -> anyhow::Result<()> {
         scopes: Scopes(vec![Scope::System]),
         created_at: kiln_worker::now_millis(),
         revoked_at: None,
+        expires_at: None,
+        last_used_at: None,
     };
     if !db
         .key_insert_first(&key, &kiln_db::hash_key(&secret))
@@ -259,6 +261,25 @@ fn read_master_key(
         }
         Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// Where users' session tokens' keys are: `--token-key-file`, or
+/// `<data-dir>/token.key`.
+pub fn token_key_path(settings: &Settings) -> (std::path::PathBuf, bool) {
+    match &settings.token_key_file {
+        Some(path) => (path.clone(), false),
+        None => (settings.data_dir.join("token.key"), true),
+    }
+}
+
+/// The keys session tokens are signed with, made (0600) at the first start
+/// when the file is the default one.
+pub fn token_keys(settings: &Settings) -> anyhow::Result<kiln_api::auth::TokenKeys> {
+    let (path, default) = token_key_path(settings);
+    let keys = kiln_api::auth::TokenKeys::open(&path, default)
+        .with_context(|| format!("reading the token keys in {}", path.display()))?;
+    tracing::info!(path = %path.display(), signing = %keys.signing_kid(), "session token keys");
+    Ok(keys)
 }
 
 /// Writes a secret readable by its owner only, whatever mode the file had:
@@ -381,6 +402,11 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         None => None,
     };
     let keeper = kiln_worker::secrets::SecretKeeper::new(db.clone(), master.clone());
+    // So are users' session tokens signed and checked.
+    let tokens = match &listener {
+        Some(_) => Some(token_keys(settings)?),
+        None => None,
+    };
     let runtime = if role.runs_jobs() {
         let runtime = wasm_runtime(settings, &blobs)?;
         runtime.attach_logs(parts.logs.0.clone());
@@ -451,6 +477,15 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         if let Some(master) = master.clone() {
             let _ = state.master_key.set(master);
         }
+        if let Some(tokens) = tokens {
+            state.auth.set_keys(tokens);
+        }
+        state.auth.set_settings(kiln_api::auth::AuthSettings {
+            token_ttl_s: settings.token_ttl_s,
+            secure_cookies: settings.secure_cookies,
+            trusted_proxies: settings.trusted_proxies.clone(),
+            ..kiln_api::auth::AuthSettings::default()
+        });
         if let (true, Some(key)) = (forwarding, internal_key) {
             let own = parts
                 .vms

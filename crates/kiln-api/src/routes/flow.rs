@@ -630,7 +630,8 @@ async fn decide(
         check_text("comment", c, 4096).map_err(|e| ApiError::invalid(e.to_string()))?;
         crate::audit::note_rationale(c.clone());
     }
-    let by = format!("key:{}", caller.key_id);
+    let (kind, actor) = caller.actor();
+    let by = format!("{kind}:{actor}");
     let view = state
         .db
         .run_decide(

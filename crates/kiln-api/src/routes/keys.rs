@@ -9,14 +9,14 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::Router;
 use kiln_core::names::{check_name, check_text};
-use kiln_core::{Scope, Scopes};
+use kiln_core::{Millis, Scope, Scopes};
 use kiln_db::ApiKey;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{needs, Authorized, Caller, Json, Path};
-use crate::{now_millis, render_time, AppState};
+use crate::{now_millis, parse_time, render_time, AppState};
 
 /// Longest key name.
 pub const KEY_NAME_MAX: usize = 128;
@@ -35,6 +35,10 @@ pub struct KeyView {
     pub scopes: Vec<Scope>,
     pub created_at: Option<String>,
     pub revoked_at: Option<String>,
+    /// After this the key is refused (401 `expired`); none: never.
+    pub expires_at: Option<String>,
+    /// Within about a minute.
+    pub last_used_at: Option<String>,
 }
 
 impl From<ApiKey> for KeyView {
@@ -46,6 +50,8 @@ impl From<ApiKey> for KeyView {
             scopes: key.scopes.0,
             created_at: render_time(key.created_at),
             revoked_at: key.revoked_at.and_then(render_time),
+            expires_at: key.expires_at.and_then(render_time),
+            last_used_at: key.last_used_at.and_then(render_time),
         }
     }
 }
@@ -66,9 +72,42 @@ pub struct CreateKey {
     /// The tenant the key acts for; another tenant than the caller's needs
     /// the system scope. Default: the caller's.
     pub tenant: Option<String>,
+    /// When the key stops working (RFC 3339, in the future).
+    pub expires_at: Option<String>,
+    /// Or: how many seconds from now it stops working.
+    #[schema(minimum = 1)]
+    pub expires_in_s: Option<u64>,
 }
 
 impl CreateKey {
+    /// When the new key expires, if it does.
+    fn expiry(&self, now: Millis) -> ApiResult<Option<Millis>> {
+        let at = match (&self.expires_at, self.expires_in_s) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "give expires_at or expires_in_s, not both",
+                ))
+            }
+            (Some(text), None) => Some(
+                parse_time(text)
+                    .ok_or_else(|| ApiError::invalid("expires_at must be an RFC 3339 time"))?,
+            ),
+            (None, Some(0)) => return Err(ApiError::invalid("expires_in_s must be at least 1")),
+            (None, Some(seconds)) => Some(
+                i64::try_from(seconds)
+                    .ok()
+                    .and_then(|s| s.checked_mul(1000))
+                    .and_then(|ms| now.checked_add(ms))
+                    .ok_or_else(|| ApiError::invalid("expires_in_s is too large"))?,
+            ),
+            (None, None) => None,
+        };
+        if at.is_some_and(|at| at <= now) {
+            return Err(ApiError::invalid("expires_at must be in the future"));
+        }
+        Ok(at)
+    }
+
     /// Checks the request against the caller's own key; the tenant the new
     /// key belongs to.
     fn check(&self, caller: &Caller) -> ApiResult<String> {
@@ -119,6 +158,17 @@ pub async fn issue_key(
     name: &str,
     scopes: Scopes,
 ) -> Result<(ApiKey, String), kiln_db::DbError> {
+    issue_key_until(db, tenant, name, scopes, None).await
+}
+
+/// [`issue_key`] for a key that expires at `expires_at`.
+pub async fn issue_key_until(
+    db: &kiln_db::Db,
+    tenant: &str,
+    name: &str,
+    scopes: Scopes,
+    expires_at: Option<Millis>,
+) -> Result<(ApiKey, String), kiln_db::DbError> {
     let (id, secret) = kiln_db::generate_key();
     let key = ApiKey {
         id,
@@ -127,6 +177,8 @@ pub async fn issue_key(
         scopes,
         created_at: now_millis(),
         revoked_at: None,
+        expires_at,
+        last_used_at: None,
     };
     db.key_insert(&key, &kiln_db::hash_key(&secret)).await?;
     Ok((key, secret))
@@ -156,7 +208,15 @@ pub async fn create_key(
     Json(body): Json<CreateKey>,
 ) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
     let tenant = body.check(&caller)?;
-    let (key, secret) = issue_key(&state.db, &tenant, &body.name, Scopes(body.scopes)).await?;
+    let expires_at = body.expiry(now_millis())?;
+    let (key, secret) = issue_key_until(
+        &state.db,
+        &tenant,
+        &body.name,
+        Scopes(body.scopes),
+        expires_at,
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedKey {

@@ -1,4 +1,5 @@
 pub mod audit;
+pub mod auth;
 pub mod automation;
 pub mod dashboard;
 pub mod events;
@@ -14,5 +15,6 @@ pub mod queues;
 pub mod secrets;
 pub mod subscriptions;
 pub mod system;
+pub mod users;
 pub mod vms;
 pub mod webhooks;

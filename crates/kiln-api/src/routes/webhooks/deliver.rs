@@ -430,11 +430,11 @@ impl Delivering<'_> {
             .map(|d| format!("webhook:{}:{d}", hook.id));
         match target {
             Target::Job(template) => {
-                let caller = Caller {
-                    tenant: hook.tenant.clone(),
-                    key_id: format!("webhook:{}", hook.name),
-                    scopes: Scopes(vec![Scope::Write]),
-                };
+                let caller = Caller::key(
+                    hook.tenant.clone(),
+                    format!("webhook:{}", hook.name),
+                    Scopes(vec![Scope::Write]),
+                );
                 let job = submit_body(template, labels, idempotency_key);
                 let params = SubmitParams {
                     wait: false,
