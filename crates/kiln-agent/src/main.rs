@@ -81,6 +81,7 @@ fn main() {
                 std::process::exit(1);
             });
         let write_half = port.try_clone().expect("dup port");
+        mount_secrets();
         (Box::new(port), Box::new(write_half))
     };
     let agent = Arc::new(Agent {
@@ -148,6 +149,13 @@ fn handle(agent: &Arc<Agent>, request: Request, body: Vec<u8>) {
                 Err(e) => agent.send_error(Some(id), ErrorKind::of(&e), format!("{path}: {e}")),
             });
         }
+        Request::RemoveFile { id, path } => {
+            let agent = agent.clone();
+            pool::run(move || match remove_file(&path) {
+                Ok(()) => agent.send(&Response::Done { id }, b""),
+                Err(e) => agent.send_error(Some(id), ErrorKind::of(&e), format!("{path}: {e}")),
+            });
+        }
         Request::ReadFile { id, path } => {
             let agent = agent.clone();
             pool::run(move || match read_file(&path) {
@@ -171,15 +179,63 @@ fn handle(agent: &Arc<Agent>, request: Request, body: Vec<u8>) {
 }
 
 fn write_file(path: &str, mode: Option<u32>, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(parent) = std::path::Path::new(path).parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(path, data)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
     if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        options.mode(mode);
     }
-    Ok(())
+    let mut file = options.open(path)?;
+    // A file that existed keeps its old mode through open: set it before
+    // the contents go in (secrets are written 0400).
+    if let Some(mode) = mode {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    file.write_all(data)
+}
+
+fn remove_file(path: &str) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Where the host writes a command's secrets, one file each: a tmpfs of
+/// its own, so values stay in memory, private to root.
+const SECRETS_DIR: &str = "/run/secrets";
+
+fn mount_secrets() {
+    use std::ffi::CString;
+    if let Err(e) = std::fs::create_dir_all(SECRETS_DIR) {
+        eprintln!("kiln-agent: {SECRETS_DIR}: {e}");
+        return;
+    }
+    let (source, target, fstype, data) = (
+        CString::new("tmpfs").expect("no NUL"),
+        CString::new(SECRETS_DIR).expect("no NUL"),
+        CString::new("tmpfs").expect("no NUL"),
+        CString::new("mode=0700,size=4m").expect("no NUL"),
+    );
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let mounted = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            data.as_ptr().cast(),
+        )
+    };
+    if mounted != 0 {
+        eprintln!(
+            "kiln-agent: mount tmpfs on {SECRETS_DIR}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// A file of at most one frame's body; never reads more than that (a path

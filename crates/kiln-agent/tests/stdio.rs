@@ -322,6 +322,45 @@ fn files_round_trip() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Secret files: written with their mode from the first byte (an existing
+/// file's looser mode is tightened before the new contents go in), and
+/// removed; removing what is not there is done too.
+#[test]
+fn files_are_written_with_their_mode_and_removed() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut agent = Agent::start();
+    let dir = std::env::temp_dir().join(format!("kiln-agent-modes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, b"old").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = file.display().to_string();
+    agent.send(
+        &Request::WriteFile {
+            id: 1,
+            path: path.clone(),
+            mode: Some(0o400),
+        },
+        b"value",
+    );
+    assert_eq!(agent.recv().0, Response::Done { id: 1 });
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
+    assert_eq!(std::fs::read(&file).unwrap(), b"value");
+    for id in [2, 3] {
+        agent.send(
+            &Request::RemoveFile {
+                id,
+                path: path.clone(),
+            },
+            b"",
+        );
+        assert_eq!(agent.recv().0, Response::Done { id });
+        assert!(!file.exists());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn malformed_frames_get_an_error_and_the_agent_lives_on() {
     let mut agent = Agent::start();

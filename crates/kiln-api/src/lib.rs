@@ -220,7 +220,9 @@ pub(crate) fn vm_record(info: &kiln_vm::VmInfo, host: &str) -> kiln_db::vms::VmR
 pub fn builtin_kinds() -> JobKinds {
     let mut kinds = JobKinds::new();
     kinds.add("noop", kiln_worker::noop::check_spec);
-    kinds.add_with_files("wasm", kiln_wasm::check_spec);
+    kinds
+        .add_with_files("wasm", kiln_wasm::check_spec)
+        .with_secrets("wasm");
     kiln_vm::job::job_kinds(&mut kinds);
     kinds
 }

@@ -398,6 +398,39 @@ async fn vm_creation_is_judged(db: Db) {
         ["403 policy_denied", "403 policy_denied"],
         "{trail}"
     );
+    // The secrets a VM asks for are judged too.
+    h.state
+        .master_key
+        .set(kiln_core::secrets::MasterKey::new([3; 32]))
+        .unwrap();
+    let (status, _) = h
+        .raw(
+            "PUT",
+            "/api/v1/secrets/prod_db",
+            Some(&h.admin),
+            "text/plain",
+            "v-a-l-u-e",
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = put(
+        &h,
+        &h.admin,
+        "no-prod",
+        json!({"rule": "!(\"prod_db\" in job.secrets)", "message": "no production secrets in VMs"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = h
+        .call(
+            "POST",
+            "/api/v1/vms",
+            &h.admin,
+            Some(json!({"labels": {"team": "a"}, "secrets": ["prod_db"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(message(&body).starts_with("policy no-prod"), "{body}");
     h.stop().await;
 }
 

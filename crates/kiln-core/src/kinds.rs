@@ -37,6 +37,8 @@ pub struct JobKinds {
     checks: BTreeMap<String, CheckSpec>,
     /// Kinds whose specs take `outputs` and `inputs` (see `crate::files`).
     files: BTreeSet<String>,
+    /// Kinds whose specs take `secrets` (names delivered as files).
+    secrets: BTreeSet<String>,
     routes: BTreeMap<String, RouteSpec>,
     describers: BTreeMap<String, DescribeSpec>,
 }
@@ -55,6 +57,17 @@ impl JobKinds {
     pub fn add_with_files(&mut self, kind: &str, check: CheckSpec) -> &mut JobKinds {
         self.files.insert(kind.to_string());
         self.add(kind, check)
+    }
+
+    /// Marks `kind` as one whose sandbox is given the `secrets` its spec
+    /// names.
+    pub fn with_secrets(&mut self, kind: &str) -> &mut JobKinds {
+        self.secrets.insert(kind.to_string());
+        self
+    }
+
+    pub fn takes_secrets(&self, kind: &str) -> bool {
+        self.secrets.contains(kind)
     }
 
     /// Marks `kind` as bound to a host its spec names (see [`RouteSpec`]).

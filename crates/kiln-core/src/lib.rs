@@ -12,6 +12,7 @@ pub mod keys;
 pub mod kinds;
 pub mod names;
 pub mod quota;
+pub mod redact;
 pub mod retry;
 pub mod secrets;
 pub mod users;

@@ -179,22 +179,37 @@ pub fn rewrap(
     })
 }
 
-/// Output with every secret value replaced by `[redacted:<name>]`. Values
-/// shorter than 4 bytes are left alone: redacting them would shred
-/// ordinary output and hide nothing worth hiding.
-pub fn redact(text: &str, secrets: &[(String, Vec<u8>)]) -> String {
-    let mut out = text.to_string();
-    for (name, value) in secrets {
-        if value.len() < 4 {
-            continue;
-        }
-        if let Ok(value) = std::str::from_utf8(value) {
-            if out.contains(value) {
-                out = out.replace(value, &format!("[redacted:{name}]"));
-            }
+/// Most secrets one job, command or VM asks for.
+pub const REQUESTED_MAX: usize = 32;
+
+/// The `secrets` a spec asks for: at most [`REQUESTED_MAX`] names, each a
+/// valid name, none twice.
+pub fn check_requested(names: &[String]) -> Result<(), String> {
+    if names.len() > REQUESTED_MAX {
+        return Err(format!("secrets: at most {REQUESTED_MAX} names"));
+    }
+    for (i, name) in names.iter().enumerate() {
+        check_name(name).map_err(|e| format!("secrets[{i}]: {e}"))?;
+        if names[..i].contains(name) {
+            return Err(format!("secrets[{i}]: {name} is named twice"));
         }
     }
-    out
+    Ok(())
+}
+
+/// The names under a spec's `secrets` field (the kind's own check has
+/// refused anything but a list of names); empty when there is none.
+pub fn requested(spec: &serde_json::Value) -> Vec<String> {
+    spec.get("secrets")
+        .and_then(|v| v.as_array())
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .take(REQUESTED_MAX)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -279,14 +294,21 @@ mod tests {
     }
 
     #[test]
-    fn printed_values_are_redacted_by_name() {
-        let secrets = vec![
-            ("token".to_string(), b"tok-123456".to_vec()),
-            ("pin".to_string(), b"42".to_vec()),
-        ];
+    fn a_spec_asks_for_a_bounded_list_of_names() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(check_requested(&names(&["a", "b-c"])), Ok(()));
+        assert!(check_requested(&names(&["a", "a"]))
+            .unwrap_err()
+            .contains("twice"));
+        assert!(check_requested(&names(&["../x"]))
+            .unwrap_err()
+            .contains("secrets[0]"));
+        let many: Vec<String> = (0..33).map(|i| format!("s{i}")).collect();
+        assert!(check_requested(&many).is_err());
         assert_eq!(
-            redact("got tok-123456 and 42, tok-123456", &secrets),
-            "got [redacted:token] and 42, [redacted:token]"
+            requested(&serde_json::json!({"secrets": ["x", "y"]})),
+            names(&["x", "y"])
         );
+        assert!(requested(&serde_json::json!({"command": "x"})).is_empty());
     }
 }

@@ -423,6 +423,12 @@ impl PipelineDef {
                         "a step names its files as the step's artifacts and inputs",
                     ));
                 }
+                if step.spec.get("secrets").is_some() {
+                    return Err(refuse(
+                        at("spec.secrets"),
+                        "a step names its secrets as the step's secrets",
+                    ));
+                }
                 let templates = templates_in(&step.spec)
                     .map_err(|(path, e)| refuse(format!("steps[{i}].spec{path}"), e))?;
                 for (path, template) in &templates {
@@ -450,6 +456,12 @@ impl PipelineDef {
                             format!("a {kind} step keeps and takes no files"),
                         ));
                     }
+                }
+                if !step.secrets.is_empty() && !kinds.takes_secrets(kind) {
+                    return Err(refuse(
+                        at("secrets"),
+                        format!("a {kind} step is given no secrets"),
+                    ));
                 }
             }
         }
@@ -554,10 +566,7 @@ impl PipelineDef {
                 ));
             }
         }
-        for (j, secret) in step.secrets.iter().enumerate() {
-            kiln_core::names::check_ident("secret", secret)
-                .map_err(|e| refuse(at(&format!("secrets[{j}]")), e.to_string()))?;
-        }
+        kiln_core::secrets::check_requested(&step.secrets).map_err(|e| refuse(at("secrets"), e))?;
         for (key, value) in &step.labels {
             kiln_core::names::check_name("label key", key)
                 .map_err(|e| refuse(at("labels"), e.to_string()))?;
@@ -766,7 +775,32 @@ mod tests {
         let mut kinds = JobKinds::new();
         kinds.add("noop", any_object);
         kinds.add_with_files("files", any_object);
+        kinds.with_secrets("files");
         kinds
+    }
+
+    #[test]
+    fn only_kinds_given_secrets_ask_for_them_as_the_steps_secrets() {
+        let step = |kind: &str, spec: Value, secrets: Value| json!({"name": "s", "steps": [{"id": "a", "kind": kind, "spec": spec, "secrets": secrets}]});
+        check(step("files", json!({}), json!(["db", "token"]))).unwrap();
+        for (def, says) in [
+            (
+                step("noop", json!({}), json!(["db"])),
+                "steps[0].secrets: a noop step is given no secrets",
+            ),
+            (
+                step("files", json!({"secrets": ["db"]}), json!([])),
+                "steps[0].spec.secrets",
+            ),
+            (
+                step("files", json!({}), json!(["../db"])),
+                "steps[0].secrets",
+            ),
+            (step("files", json!({}), json!(["db", "db"])), "twice"),
+        ] {
+            let error = error(def);
+            assert!(error.contains(says), "{error}");
+        }
     }
 
     fn check(def: Value) -> Result<Checked, DefError> {

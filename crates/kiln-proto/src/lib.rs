@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 pub const HEADER_MAX: usize = 64 << 10;
 pub const BODY_MAX: usize = 16 << 20;
 /// Output is streamed in chunks of at most this many bytes.
@@ -49,13 +49,19 @@ pub enum Request {
         id: u64,
         signal: i32,
     },
-    /// Writes the body to `path`, creating parent directories.
+    /// Writes the body to `path`, creating parent directories; with a
+    /// `mode`, the file has it before any byte is written.
     WriteFile {
         id: u64,
         path: String,
         mode: Option<u32>,
     },
     ReadFile {
+        id: u64,
+        path: String,
+    },
+    /// Removes the file at `path`; done also when there is none.
+    RemoveFile {
         id: u64,
         path: String,
     },

@@ -9,11 +9,12 @@
 //! that answers no open request is dropped. Every exec with a timeout also
 //! has a host-side deadline, since a guest may ignore the one it is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_core::redact::{RedactStream, Redactor};
 pub use kiln_proto::ErrorKind;
 use kiln_proto::{encode, read_frame_async, Exec, Request, Response};
 use tokio::io::AsyncWriteExt;
@@ -87,7 +88,24 @@ struct Inner {
     next_id: AtomicU64,
     closed: AtomicBool,
     execs: AtomicUsize,
+    /// The files under [`SECRETS_DIR`] and how many holders each has. Held
+    /// across the guest's answers, so a write and a removal of one name
+    /// never cross.
+    secrets: tokio::sync::Mutex<HashMap<String, usize>>,
+    /// The secrets the VM keeps for its life, and their redactor: every
+    /// command's output is redacted of them.
+    kept: Mutex<Kept>,
 }
+
+#[derive(Default)]
+struct Kept {
+    values: Vec<(String, Vec<u8>)>,
+    redactor: Option<Arc<Redactor>>,
+}
+
+/// Where a command's secrets are, one file per name, mode 0400 (a tmpfs
+/// the agent mounts at start).
+pub const SECRETS_DIR: &str = "/run/secrets";
 
 impl Inner {
     fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Route>> {
@@ -154,6 +172,55 @@ pub struct ExecStream {
     /// an exit of 127 (as a shell does).
     failed: Option<ExecOutput>,
     ended: bool,
+    /// Redaction of stdout and stderr, when the command has secrets.
+    redact: Option<[RedactStream; 2]>,
+    /// Events ready to hand out (what redaction let out at the end).
+    pending: VecDeque<ExecEvent>,
+}
+
+/// Secret files held in a VM (see [`AgentConn::hold_secrets`]). Release
+/// it when the command ends; dropped unreleased, it is released in the
+/// background. [`SecretHold::keep`] leaves the files for the VM's life.
+pub struct SecretHold {
+    conn: Option<AgentConn>,
+    names: Vec<String>,
+}
+
+impl SecretHold {
+    /// Holds nothing.
+    pub fn none() -> SecretHold {
+        SecretHold {
+            conn: None,
+            names: Vec::new(),
+        }
+    }
+
+    /// Removes the files no other holder needs.
+    pub async fn release(mut self) -> Result<(), AgentError> {
+        let (Some(conn), names) = (self.conn.take(), std::mem::take(&mut self.names)) else {
+            return Ok(());
+        };
+        conn.release_secrets(&names).await
+    }
+
+    /// The files stay until the VM goes.
+    pub fn keep(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for SecretHold {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let names = std::mem::take(&mut self.names);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = conn.release_secrets(&names).await;
+            });
+        }
+    }
 }
 
 impl AgentConn {
@@ -165,6 +232,8 @@ impl AgentConn {
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             execs: AtomicUsize::new(0),
+            secrets: tokio::sync::Mutex::default(),
+            kept: Mutex::default(),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -314,6 +383,95 @@ impl AgentConn {
         }
     }
 
+    /// Removes a file; done also when there is none.
+    pub async fn remove_file(&self, path: &str) -> Result<(), AgentError> {
+        let path = path.to_string();
+        self.command(
+            |id| Request::RemoveFile { id, path },
+            b"",
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    /// Writes each secret to `/run/secrets/<name>`, mode 0400, and holds
+    /// it there until the returned hold is released: a file goes when the
+    /// last command (or VM) holding its name is done, so commands running
+    /// side by side in one VM keep each other's files. On an error nothing
+    /// stays held.
+    pub async fn hold_secrets(
+        &self,
+        values: &[(String, Vec<u8>)],
+    ) -> Result<SecretHold, AgentError> {
+        let mut hold = SecretHold {
+            conn: Some(self.clone()),
+            names: Vec::with_capacity(values.len()),
+        };
+        let mut held = self.inner.secrets.lock().await;
+        for (name, value) in values {
+            kiln_core::secrets::check_name(name).map_err(AgentError::TooLarge)?;
+            *held.entry(name.clone()).or_default() += 1;
+            hold.names.push(name.clone());
+            // Written again when held already: a newer version may have come.
+            if let Err(error) = self
+                .write_file(&format!("{SECRETS_DIR}/{name}"), value, Some(0o400))
+                .await
+            {
+                drop(held);
+                let _ = hold.release().await;
+                return Err(error);
+            }
+        }
+        Ok(hold)
+    }
+
+    /// Writes secrets the VM keeps for its whole life (a VM created with
+    /// secrets, a `vm` job's VM); every command's output from now on is
+    /// redacted of them.
+    pub async fn keep_secrets(&self, values: &[(String, Vec<u8>)]) -> Result<(), AgentError> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        self.hold_secrets(values).await?.keep();
+        let mut kept = self.inner.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.values.extend(values.iter().cloned());
+        kept.redactor = Redactor::new(&kept.values).map_err(AgentError::TooLarge)?;
+        Ok(())
+    }
+
+    /// The redactor for a command given `values`, with the VM's kept
+    /// secrets; `None` when there is nothing to redact.
+    pub fn redactor_with(
+        &self,
+        values: &[(String, Vec<u8>)],
+    ) -> Result<Option<Arc<Redactor>>, String> {
+        let kept = self.inner.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if values.is_empty() {
+            return Ok(kept.redactor.clone());
+        }
+        let mut all = kept.values.clone();
+        all.extend(values.iter().cloned());
+        Redactor::new(&all)
+    }
+
+    async fn release_secrets(&self, names: &[String]) -> Result<(), AgentError> {
+        let mut held = self.inner.secrets.lock().await;
+        let mut result = Ok(());
+        for name in names {
+            let Some(count) = held.get_mut(name) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                held.remove(name);
+                if let Err(error) = self.remove_file(&format!("{SECRETS_DIR}/{name}")).await {
+                    result = result.and(Err(error));
+                }
+            }
+        }
+        result
+    }
+
     /// Credits `seed` to the guest's entropy pool and reseeds its CRNG.
     pub async fn add_entropy(&self, seed: &[u8]) -> Result<(), AgentError> {
         self.command(
@@ -340,7 +498,8 @@ impl AgentConn {
     }
 
     /// Starts a command with `stdin` as the first of its input; its events
-    /// come from the returned stream.
+    /// come from the returned stream, redacted of the VM's kept secrets
+    /// (see [`ExecStream::redact_with`] for a command's own).
     pub async fn exec_stream(
         &self,
         mut exec: Exec,
@@ -361,7 +520,12 @@ impl AgentConn {
             deadline,
             failed: None,
             ended: false,
+            redact: None,
+            pending: VecDeque::new(),
         };
+        if let Some(kept) = self.redactor_with(&[]).ok().flatten() {
+            stream.redact_with(&kept);
+        }
         if let Err(error) = self.send(&Request::Exec(exec), stdin).await {
             // Never started: nothing to kill.
             stream.ended = true;
@@ -373,19 +537,25 @@ impl AgentConn {
     /// Runs a command to the end; output past [`OUTPUT_CAP`] per stream is
     /// dropped as it arrives.
     pub async fn exec(&self, exec: Exec, stdin: &[u8]) -> Result<ExecOutput, AgentError> {
-        self.exec_tapped(exec, stdin, None).await
+        self.exec_tapped(exec, stdin, None, None).await
     }
 
     /// As [`AgentConn::exec`], and all the output also goes to `tap` as it
     /// arrives, at the log store's pace (a full tap stops this reader, and
-    /// so, through the bounded exec queue, the guest).
+    /// so, through the bounded exec queue, the guest). With a `redactor`,
+    /// secret values are redacted from the output before it goes anywhere.
     pub async fn exec_tapped(
         &self,
         exec: Exec,
         stdin: &[u8],
         tap: Option<&kiln_logs::LogTap>,
+        redactor: Option<&Arc<Redactor>>,
     ) -> Result<ExecOutput, AgentError> {
         let mut stream = self.exec_stream(exec, stdin).await?;
+        // Else the VM's kept secrets only, as every stream.
+        if let Some(redactor) = redactor {
+            stream.redact_with(redactor);
+        }
         let mut output = ExecOutput::default();
         loop {
             match stream.next().await? {
@@ -477,9 +647,53 @@ impl ExecStream {
         self.id
     }
 
+    /// Redacts `redactor`'s values from the output from now on (in place
+    /// of what it redacted before: give one with the VM's kept secrets,
+    /// [`AgentConn::redactor_with`]).
+    pub fn redact_with(&mut self, redactor: &Arc<Redactor>) {
+        self.redact = Some([redactor.stream(), redactor.stream()]);
+    }
+
     /// The next piece of output, or the end. After the end, or an error,
-    /// the stream is over.
+    /// the stream is over. Cancel-safe: what redaction holds back stays in
+    /// the stream.
     pub async fn next(&mut self) -> Result<ExecEvent, AgentError> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            let event = self.next_raw().await?;
+            let Some([out, err]) = self.redact.as_mut() else {
+                return Ok(event);
+            };
+            match event {
+                ExecEvent::Stdout(data) => {
+                    let data = out.feed(&data);
+                    if !data.is_empty() {
+                        return Ok(ExecEvent::Stdout(data));
+                    }
+                }
+                ExecEvent::Stderr(data) => {
+                    let data = err.feed(&data);
+                    if !data.is_empty() {
+                        return Ok(ExecEvent::Stderr(data));
+                    }
+                }
+                ExecEvent::Exited(end) => {
+                    let (out, err) = (out.finish(), err.finish());
+                    if !out.is_empty() {
+                        self.pending.push_back(ExecEvent::Stdout(out));
+                    }
+                    if !err.is_empty() {
+                        self.pending.push_back(ExecEvent::Stderr(err));
+                    }
+                    self.pending.push_back(ExecEvent::Exited(end));
+                }
+            }
+        }
+    }
+
+    async fn next_raw(&mut self) -> Result<ExecEvent, AgentError> {
         if let Some(end) = self.failed.take() {
             self.ended = true;
             return Ok(ExecEvent::Exited(end));

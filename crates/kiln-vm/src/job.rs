@@ -17,6 +17,7 @@ use kiln_core::files::{FileRef, JobFiles, BYTES_MAX, FILE_BYTES_MAX};
 use kiln_core::job::limits::{LABELS_MAX, LABEL_VALUE_MAX};
 use kiln_core::names::{check_guest_path, check_ident, check_name, check_text};
 use kiln_core::{AttemptEnd, JobKinds, JobResult, LeasedJob};
+use kiln_worker::secrets::{Opened, Recipient};
 use kiln_worker::JobHandler;
 use serde::Deserialize;
 use serde_json::Value;
@@ -154,6 +155,9 @@ pub struct ExecRequest {
     pub stdin: String,
     /// Killed after this long (1 ms to a day).
     pub timeout_ms: Option<u64>,
+    /// The tenant's secrets to write at `/run/secrets/<name>` (mode 0400)
+    /// for this command; removed when it ends.
+    pub secrets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +172,8 @@ struct RawExec {
     #[serde(default)]
     stdin: String,
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    secrets: Vec<String>,
 }
 
 impl TryFrom<RawExec> for ExecRequest {
@@ -181,6 +187,7 @@ impl TryFrom<RawExec> for ExecRequest {
             cwd: raw.cwd,
             stdin: raw.stdin,
             timeout_ms: raw.timeout_ms,
+            secrets: raw.secrets,
         };
         request.check()?;
         Ok(request)
@@ -213,6 +220,7 @@ impl ExecRequest {
             check_guest_path("cwd", cwd).map_err(refuse)?;
         }
         check_text("stdin", &self.stdin, STDIN_MAX).map_err(refuse)?;
+        kiln_core::secrets::check_requested(&self.secrets).map_err(refuse)?;
         if self
             .timeout_ms
             .is_some_and(|ms| !(1..=TIMEOUT_MS_MAX).contains(&ms))
@@ -331,6 +339,9 @@ pub struct CreateVmSpec {
     #[serde(flatten)]
     pub shape: VmShape,
     pub labels: BTreeMap<String, String>,
+    /// The tenant's secrets to write at `/run/secrets/<name>` (mode 0400)
+    /// for the VM's whole life.
+    pub secrets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -338,6 +349,8 @@ pub struct CreateVmSpec {
 struct CreateExtras {
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: Vec<String>,
 }
 
 impl TryFrom<Value> for CreateVmSpec {
@@ -347,9 +360,11 @@ impl TryFrom<Value> for CreateVmSpec {
         let (shape, extras) = split(&spec, &VmShape::FIELDS)?;
         let extras: CreateExtras = parse(extras)?;
         check_labels(&extras.labels)?;
+        kiln_core::secrets::check_requested(&extras.secrets).map_err(refuse)?;
         Ok(CreateVmSpec {
             shape: parse(shape)?,
             labels: extras.labels,
+            secrets: extras.secrets,
         })
     }
 }
@@ -454,6 +469,9 @@ pub fn job_kinds(kinds: &mut JobKinds) {
         .add_routed("vm:execute", check_execute, route_to_owner)
         .add_routed("exec", check_execute, route_to_owner)
         .add_routed("vm:delete", check_delete, route_to_owner);
+    for kind in ["vm", "vm:create", "vm:execute", "exec"] {
+        kinds.with_secrets(kind);
+    }
 }
 
 /// Output as a job stores it: text, with NUL (which PostgreSQL refuses in
@@ -504,9 +522,14 @@ async fn run_exec(
     stdin: &[u8],
     kill: &CancellationToken,
     tap: Option<&kiln_logs::LogTap>,
+    opened: &Opened,
 ) -> Option<Result<ExecOutput, crate::agent::AgentError>> {
+    let redactor = match agent.redactor_with(&opened.values) {
+        Ok(redactor) => redactor,
+        Err(error) => return Some(Err(crate::agent::AgentError::TooLarge(error))),
+    };
     let out = tokio::select! {
-        out = agent.exec_tapped(exec, stdin, tap) => Some(out),
+        out = agent.exec_tapped(exec, stdin, tap, redactor.as_ref()) => Some(out),
         _ = kill.cancelled() => None,
     };
     if let Some(tap) = tap {
@@ -618,6 +641,16 @@ impl JobHandler for VmJobHandler {
             Err(error) => return invalid(error),
         };
         let started = Instant::now();
+        // Opened before the boot: a job that cannot have its secrets fails
+        // without one.
+        let opened = match self
+            .manager
+            .open_secrets(&job.tenant, &spec.exec.secrets, &Recipient::job(job.id))
+            .await
+        {
+            Ok(opened) => opened,
+            Err(error) => return failed(error, false),
+        };
         let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);
         let mut request = spec.shape.request(
             &job.tenant,
@@ -634,10 +667,14 @@ impl JobHandler for VmJobHandler {
         };
         let end = match self.manager.agent(&job.tenant, &vm.id).await {
             None => failed(crate::agent::AgentError::Gone, false),
-            Some(agent) => {
-                self.exec_in(job, &spec, &agent, &vm.id, started, &kill)
-                    .await
-            }
+            // The VM dies with its files.
+            Some(agent) => match agent.keep_secrets(&opened.values).await {
+                Ok(()) => {
+                    self.exec_in(job, &spec, &agent, &vm.id, started, &kill)
+                        .await
+                }
+                Err(error) => failed(format_args!("secrets: {error}"), false),
+            },
         };
         self.manager.delete(&job.tenant, &vm.id).await;
         end
@@ -675,22 +712,31 @@ impl VmJobHandler {
         )
         .await;
         let tap = job_tap(&self.manager, job, vm_id, recording.id());
-        let mut end =
-            match run_exec(agent, exec, spec.exec.stdin.as_bytes(), kill, tap.as_ref()).await {
-                None => {
-                    recording.abandoned("the job was killed").await;
-                    return failed("killed", false);
-                }
-                Some(Err(error)) => {
-                    let end = failed(&error, false);
-                    recording.failed(error).await;
-                    return end;
-                }
-                Some(Ok(out)) => {
-                    recording.exited(&out).await;
-                    exec_end(&out, started)
-                }
-            };
+        let mut end = match run_exec(
+            agent,
+            exec,
+            spec.exec.stdin.as_bytes(),
+            kill,
+            tap.as_ref(),
+            // The VM's kept secrets are redacted from every command.
+            &Opened::none(),
+        )
+        .await
+        {
+            None => {
+                recording.abandoned("the job was killed").await;
+                return failed("killed", false);
+            }
+            Some(Err(error)) => {
+                let end = failed(&error, false);
+                recording.failed(error).await;
+                return end;
+            }
+            Some(Ok(out)) => {
+                recording.exited(&out).await;
+                exec_end(&out, started)
+            }
+        };
         if let AttemptEnd::Succeeded(result) = &mut end {
             if !spec.files.outputs.is_empty() {
                 let kept = tokio::select! {
@@ -750,14 +796,48 @@ impl VmTaskHandler {
             Err(error) => return invalid(error),
         };
         let started = Instant::now();
+        let opened = match self
+            .manager
+            .open_secrets(&job.tenant, &spec.secrets, &Recipient::job(job.id))
+            .await
+        {
+            Ok(opened) => opened,
+            Err(error) => return failed(error, false),
+        };
         let request = spec.shape.request(&job.tenant, spec.labels);
-        tokio::select! {
+        let vm = tokio::select! {
             created = self.manager.create(request) => match created {
-                Ok(vm) => output(serde_json::json!({"vm_id": vm.id, "boot_ms": vm.boot_ms}).to_string(), started),
-                Err(error) => failed(error, false),
+                Ok(vm) => vm,
+                Err(error) => return failed(error, false),
             },
-            _ = kill.cancelled() => failed("killed while booting", false),
+            _ = kill.cancelled() => return failed("killed while booting", false),
+        };
+        if let Err(error) = self.give_for_life(&job.tenant, &vm.id, &opened).await {
+            self.manager.delete(&job.tenant, &vm.id).await;
+            return failed(format_args!("secrets: {error}"), false);
         }
+        output(
+            serde_json::json!({"vm_id": vm.id, "boot_ms": vm.boot_ms}).to_string(),
+            started,
+        )
+    }
+
+    /// Writes a new VM's secrets, kept for its whole life.
+    async fn give_for_life(
+        &self,
+        tenant: &str,
+        vm_id: &str,
+        opened: &Opened,
+    ) -> Result<(), crate::agent::AgentError> {
+        if opened.values.is_empty() {
+            return Ok(());
+        }
+        let agent = self
+            .manager
+            .agent(tenant, vm_id)
+            .await
+            .ok_or(crate::agent::AgentError::Gone)?;
+        agent.keep_secrets(&opened.values).await
     }
 
     async fn execute(&self, job: &LeasedJob, kill: CancellationToken) -> AttemptEnd {
@@ -768,6 +848,18 @@ impl VmTaskHandler {
         let started = Instant::now();
         let Some(agent) = self.manager.use_agent(&job.tenant, &spec.vm_id).await else {
             return no_vm(&spec.vm_id);
+        };
+        let opened = match self
+            .manager
+            .open_secrets(&job.tenant, &spec.exec.secrets, &Recipient::job(job.id))
+            .await
+        {
+            Ok(opened) => opened,
+            Err(error) => return failed(error, false),
+        };
+        let hold = match agent.hold_secrets(&opened.values).await {
+            Ok(hold) => hold,
+            Err(error) => return failed(format_args!("secrets: {error}"), false),
         };
         let job_ms = u64::try_from(job.timeout_ms.max(1)).unwrap_or(1);
         let recording = Recording::start(
@@ -780,15 +872,20 @@ impl VmTaskHandler {
         .await;
         let tap = job_tap(&self.manager, job, &spec.vm_id, recording.id());
         // The VM stays; on a kill only the command dies.
-        match run_exec(
+        let out = run_exec(
             &agent,
             spec.exec.exec(Some(job_ms), false),
             spec.exec.stdin.as_bytes(),
             &kill,
             tap.as_ref(),
+            &opened,
         )
-        .await
-        {
+        .await;
+        // The files go with the command (unless another command holds them).
+        if let Err(error) = hold.release().await {
+            tracing::warn!(%error, vm = %spec.vm_id, "a command's secret files could not be removed");
+        }
+        match out {
             None => {
                 recording.abandoned("the job was killed").await;
                 failed("killed", false)
@@ -1079,6 +1176,28 @@ mod tests {
             Err("at most 1024 args"),
         );
         check("vm", json!(["command"]), Err("spec must be an object"));
+        check(
+            "vm",
+            json!({"command": "x", "secrets": ["db", "api-key"]}),
+            ok,
+        );
+        check(
+            "vm",
+            json!({"command": "x", "secrets": ["/etc/passwd"]}),
+            Err("secrets[0]"),
+        );
+        check(
+            "vm:execute",
+            json!({"vm_id": "vm-1", "command": "x", "secrets": ["a", "a"]}),
+            Err("twice"),
+        );
+        check("vm:create", json!({"secrets": ["db"]}), ok);
+        check("vm:create", json!({"secrets": ["."]}), Err("secrets[0]"));
+        check(
+            "vm:delete",
+            json!({"vm_id": "vm-1", "secrets": ["db"]}),
+            Err("unknown field"),
+        );
     }
 
     #[test]

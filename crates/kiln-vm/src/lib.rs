@@ -23,7 +23,7 @@ pub mod testing;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use agent::{AgentConn, ExecEvent, ExecOutput};
+pub use agent::{AgentConn, ExecEvent, ExecOutput, SecretHold};
 pub use config::{AcceleratorChoice, HostCapacity, QemuConfig, VmManagerConfig};
 pub use kiln_proto::Exec;
 pub use manager::{VmInfo, VmLifecycle, VmManager, VmRequest};

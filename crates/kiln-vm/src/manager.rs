@@ -90,6 +90,8 @@ pub struct VmManager {
     host: std::sync::OnceLock<String>,
     /// Where commands' output goes as it is produced (live logs).
     logs: std::sync::OnceLock<kiln_logs::LogSink>,
+    /// Opens the secrets jobs ask for.
+    secrets: std::sync::OnceLock<kiln_worker::secrets::SecretKeeper>,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
@@ -306,6 +308,7 @@ impl VmManager {
             history: std::sync::OnceLock::new(),
             host: std::sync::OnceLock::new(),
             logs: std::sync::OnceLock::new(),
+            secrets: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -517,6 +520,30 @@ impl VmManager {
     /// from now on (jobs and the API alike); the first sink given stays.
     pub fn attach_logs(&self, logs: kiln_logs::LogSink) {
         let _ = self.logs.set(logs);
+    }
+
+    /// Jobs' commands are given the secrets they ask for from now on; the
+    /// first keeper given stays. Without one, such jobs fail.
+    pub fn attach_secrets(&self, keeper: kiln_worker::secrets::SecretKeeper) {
+        let _ = self.secrets.set(keeper);
+    }
+
+    /// Opens the secrets `names` of `tenant` for `recipient` (audited).
+    pub async fn open_secrets(
+        &self,
+        tenant: &str,
+        names: &[String],
+        recipient: &kiln_worker::secrets::Recipient,
+    ) -> Result<kiln_worker::secrets::Opened, String> {
+        if names.is_empty() {
+            return Ok(kiln_worker::secrets::Opened::none());
+        }
+        match self.secrets.get() {
+            Some(keeper) => keeper.open(tenant, names, recipient).await,
+            None => {
+                Err("this worker holds no master key, so it cannot deliver secrets".to_string())
+            }
+        }
     }
 
     /// A tap for one command's output, once logs are attached.

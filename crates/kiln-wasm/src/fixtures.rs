@@ -227,6 +227,35 @@ pub fn cat_to(from: &str, to: &str) -> String {
     )
 }
 
+/// Prints the file `path` (up to 60,000 bytes) of the first preopened
+/// directory, opened for reading only. Exits 1 when it cannot be opened.
+pub fn cat(path: &str) -> String {
+    let len = path.len();
+    module(&format!(
+        r#"(data (i32.const 64) "{path}")
+           (func (export "_start")
+             (if (call $path_open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const {len})
+                   (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 128))
+               (then (call $proc_exit (i32.const 1))))
+             (i32.store (i32.const 16) (i32.const 4096))
+             (i32.store (i32.const 20) (i32.const 60000))
+             (drop (call $fd_read (i32.load (i32.const 128)) (i32.const 16) (i32.const 1) (i32.const 24)))
+             (call $write (i32.const 1) (i32.const 4096) (i32.load (i32.const 24))))"#
+    ))
+}
+
+/// Creates the file `path` in the first preopened directory for writing
+/// and exits with the WASI errno (0 when it was made).
+pub fn create(path: &str) -> String {
+    let len = path.len();
+    module(&format!(
+        r#"(data (i32.const 64) "{path}")
+           (func (export "_start")
+             (call $proc_exit (call $path_open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const {len})
+                   (i32.const 1) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 128))))"#
+    ))
+}
+
 /// Copies stdin (up to 60,000 bytes) to stdout and to a new file `to` in
 /// the first preopened directory. Exits 2 when `to` cannot be created.
 pub fn stdin_to(to: &str) -> String {

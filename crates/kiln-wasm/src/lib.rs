@@ -12,6 +12,7 @@ mod cache;
 pub mod fixtures;
 mod output;
 mod scratch;
+mod secret_dir;
 mod spec;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use kiln_blob::BlobStore;
 use kiln_core::{AttemptEnd, JobResult, LeasedJob, TenantQuotas};
+use kiln_worker::secrets::{Opened, Recipient, SecretKeeper};
 use kiln_worker::JobHandler;
 use tokio_util::sync::CancellationToken;
 use wasmtime::{
@@ -40,6 +42,7 @@ const _: kiln_core::CheckSpec = check_spec;
 
 use cache::{CacheBounds, ModuleCache};
 use scratch::{ScratchBudget, ScratchDir, ScratchLimit, ScratchRoot};
+use secret_dir::{SecretDir, SecretsRoot};
 
 /// Epoch tick; guests yield to the executor every `SLICE_TICKS` ticks.
 const TICK: Duration = Duration::from_millis(1);
@@ -59,6 +62,10 @@ pub struct WasmConfig {
     /// emptied at start, so it must not be shared with another process, and
     /// belongs outside the data directory.
     pub scratch_dir: PathBuf,
+    /// Where each run's secret files are made (in a private directory of
+    /// the runtime's own); a memory filesystem, so values never reach a
+    /// disk. Default `/dev/shm`.
+    pub secrets_dir: PathBuf,
     /// Instances alive at once (the pooling allocator's size).
     pub max_instances: u32,
     /// The largest linear memory any job may ask for.
@@ -79,6 +86,7 @@ impl Default for WasmConfig {
             disk_cache_bytes: 4 << 30,
             memory_cache_bytes: 512 << 20,
             scratch_dir: std::env::temp_dir().join("kiln-scratch"),
+            secrets_dir: secret_dir::default_base(),
             max_instances: 1_100,
             max_memory_mib: 1024,
             default_memory_mib: 64,
@@ -161,6 +169,8 @@ struct Sandbox {
     stdout: CappedOutput,
     stderr: CappedOutput,
     scratch: Option<ScratchDir>,
+    /// Removed when the run ends.
+    secrets: Option<SecretDir>,
 }
 
 pub struct WasmRuntime {
@@ -172,11 +182,14 @@ pub struct WasmRuntime {
     imports: Arc<HashSet<String>>,
     modules: Arc<ModuleCache>,
     scratch: ScratchRoot,
+    secrets_root: SecretsRoot,
     config: WasmConfig,
     /// Where job files are kept and fetched.
     blobs: BlobStore,
     /// Where jobs' output goes as it is produced (live logs).
     logs: std::sync::OnceLock<kiln_logs::LogSink>,
+    /// Opens the secrets jobs ask for.
+    secrets: std::sync::OnceLock<SecretKeeper>,
 }
 
 impl WasmRuntime {
@@ -205,6 +218,7 @@ impl WasmRuntime {
             },
         )?;
         let scratch = ScratchRoot::open(&config.scratch_dir)?;
+        let secrets_root = SecretsRoot::open(&config.secrets_dir)?;
         start_epoch_ticker(&engine)?;
         Ok(Arc::new(WasmRuntime {
             engine,
@@ -212,9 +226,11 @@ impl WasmRuntime {
             imports,
             modules: Arc::new(modules),
             scratch,
+            secrets_root,
             config,
             blobs,
             logs: std::sync::OnceLock::new(),
+            secrets: std::sync::OnceLock::new(),
         }))
     }
 
@@ -222,6 +238,12 @@ impl WasmRuntime {
     /// first sink given stays.
     pub fn attach_logs(&self, logs: kiln_logs::LogSink) {
         let _ = self.logs.set(logs);
+    }
+
+    /// Opens the secrets jobs ask for from now on; the first keeper given
+    /// stays. Without one, a job that asks for secrets fails.
+    pub fn attach_secrets(&self, keeper: SecretKeeper) {
+        let _ = self.secrets.set(keeper);
     }
 
     /// The quotas this runtime enforces and the API reads.
@@ -232,6 +254,11 @@ impl WasmRuntime {
     /// What the module caches hold and how many compiles there have been.
     pub fn cache_stats(&self) -> CacheStats {
         self.modules.stats()
+    }
+
+    /// Where each run's secret files are made (and removed when it ends).
+    pub fn secrets_root(&self) -> &Path {
+        self.secrets_root.path()
     }
 
     /// Where scratch directories are made.
@@ -304,6 +331,10 @@ impl WasmRuntime {
         tap: Option<kiln_logs::LogTap>,
     ) -> AttemptEnd {
         let started = Instant::now();
+        let opened = match self.open_secrets(owner, spec).await {
+            Ok(opened) => opened,
+            Err(error) => return failed(error, None, false),
+        };
         let pre = tokio::select! {
             pre = self.modules.get(&spec.module) => pre,
             _ = kill.cancelled() => return failed("killed".to_string(), None, false),
@@ -315,7 +346,7 @@ impl WasmRuntime {
             }
             Err(error) => return failed(error.to_string(), None, false),
         };
-        let mut sandbox = match self.build_store(spec, pre, tap) {
+        let mut sandbox = match self.build_store(spec, pre, tap, &opened) {
             Ok(sandbox) => sandbox,
             Err(error) => return failed(error.to_string(), None, false),
         };
@@ -349,6 +380,11 @@ impl WasmRuntime {
             outcome = call_start(&sandbox.pre, &mut sandbox.store) => Some(outcome),
             _ = kill.cancelled() => None,
         };
+        // What a redactor held back (a possible start of a value) goes out
+        // now, before the output is read.
+        sandbox.stdout.finish();
+        sandbox.stderr.finish();
+        drop(sandbox.secrets.take());
         let mut end = classify(&sandbox, outcome, started, !spec.retry_traps);
         if let (Some((tenant, job)), Some(dir), AttemptEnd::Succeeded(result)) =
             (owner, &sandbox.scratch, &mut end)
@@ -366,6 +402,28 @@ impl WasmRuntime {
         }
         drop(sandbox.scratch.take());
         end
+    }
+
+    /// The secrets a job's spec names, opened for it (and audited).
+    async fn open_secrets(
+        &self,
+        owner: Option<(&str, i64)>,
+        spec: &WasmSpec,
+    ) -> Result<Opened, String> {
+        if spec.secrets.is_empty() {
+            return Ok(Opened::none());
+        }
+        let Some((tenant, job)) = owner else {
+            return Err("secrets are given to jobs only".to_string());
+        };
+        let Some(keeper) = self.secrets.get() else {
+            return Err(
+                "this worker holds no master key, so it cannot deliver secrets".to_string(),
+            );
+        };
+        keeper
+            .open(tenant, &spec.secrets, &Recipient::job(job))
+            .await
     }
 
     /// Fetches a job's inputs and writes them under its scratch directory,
@@ -434,6 +492,7 @@ impl WasmRuntime {
         spec: &WasmSpec,
         pre: InstancePre<State>,
         tap: Option<kiln_logs::LogTap>,
+        opened: &Opened,
     ) -> Result<Sandbox, WasmError> {
         let output_cap = spec
             .output_limit_bytes
@@ -446,6 +505,10 @@ impl WasmRuntime {
                 CappedOutput::tapped(output_cap, tap, kiln_logs::Stream::Stderr),
             ),
         };
+        if let Some(redactor) = &opened.redactor {
+            stdout.redact_with(redactor);
+            stderr.redact_with(redactor);
+        }
         let mut wasi = WasiCtxBuilder::new();
         wasi.arg("main")
             .args(&spec.args)
@@ -455,6 +518,14 @@ impl WasmRuntime {
         for (key, value) in &spec.env {
             wasi.env(key, value);
         }
+        let secrets = if opened.values.is_empty() {
+            None
+        } else {
+            let dir = self.secrets_root.place(&opened.values)?;
+            wasi.preopened_dir(dir.path(), "/run/secrets", DirPerms::READ, FilePerms::READ)
+                .map_err(|e| WasmError::io("secrets directory", std::io::Error::other(e)))?;
+            Some(dir)
+        };
         let (scratch, budget, pre) = if spec.wants_scratch() {
             let dir = self.scratch.create()?;
             wasi.preopened_dir(dir.path(), "/scratch", DirPerms::all(), FilePerms::all())
@@ -480,6 +551,7 @@ impl WasmRuntime {
             stdout,
             stderr,
             scratch,
+            secrets,
         })
     }
 

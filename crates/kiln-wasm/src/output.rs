@@ -7,12 +7,17 @@
 //! first `cap` bytes (`truncated`), the log store the whole output. A tap
 //! that is full makes the guest wait (`check_write` says 0 and `ready`
 //! waits for the store), so a flood goes at the store's pace.
+//!
+//! With secrets, every byte passes a redactor first, so neither the result
+//! nor the tap ever holds a value; [`CappedOutput::finish`] lets out what
+//! it held back at the end.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use kiln_core::redact::{RedactStream, Redactor};
 use kiln_logs::{LogTap, Stream, Written};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
@@ -21,6 +26,7 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 struct Inner {
     buffer: BytesMut,
     truncated: bool,
+    redact: Option<RedactStream>,
 }
 
 #[derive(Clone)]
@@ -47,6 +53,20 @@ impl CappedOutput {
         }
     }
 
+    /// Redacts `redactor`'s values from everything written from now on.
+    pub fn redact_with(&self, redactor: &Arc<Redactor>) {
+        self.inner.lock().expect("output").redact = Some(redactor.stream());
+    }
+
+    /// The end of the output: what the redactor held back is let out.
+    pub fn finish(&self) {
+        let held = match self.inner.lock().expect("output").redact.as_mut() {
+            Some(redact) => redact.finish(),
+            None => return,
+        };
+        self.push_clear(&held);
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.inner.lock().expect("output").buffer).into_owned()
     }
@@ -58,6 +78,19 @@ impl CappedOutput {
     /// Keeps what fits; false when the guest must stop (past the cap, or
     /// past the tap's cap when there is one).
     fn push(&self, bytes: &[u8]) -> bool {
+        let redacted;
+        let bytes = match self.inner.lock().expect("output").redact.as_mut() {
+            Some(redact) => {
+                redacted = redact.feed(bytes);
+                &redacted[..]
+            }
+            None => bytes,
+        };
+        self.push_clear(bytes)
+    }
+
+    /// [`CappedOutput::push`] after redaction.
+    fn push_clear(&self, bytes: &[u8]) -> bool {
         let fits = {
             let mut inner = self.inner.lock().expect("output");
             let room = self.cap.saturating_sub(inner.buffer.len());

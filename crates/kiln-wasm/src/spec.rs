@@ -51,6 +51,10 @@ pub struct WasmSpec {
     /// Files of earlier jobs placed under `/scratch` (implies `scratch`).
     #[serde(default)]
     pub inputs: Vec<kiln_core::files::FileInput>,
+    /// The tenant's secrets to read at `/run/secrets/<name>` (read-only);
+    /// the spec holds the names only.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 impl WasmSpec {
@@ -95,6 +99,7 @@ impl WasmSpec {
         }
         check_text("stdin", &self.stdin, STDIN_BYTES_MAX).map_err(invalid)?;
         kiln_core::files::check(&self.outputs, &self.inputs).map_err(|e| e.to_string())?;
+        kiln_core::secrets::check_requested(&self.secrets)?;
         if let Some(memory) = self.memory_mib {
             if !(1..=MEMORY_MIB_MAX).contains(&memory) {
                 return Err(format!("memory_mib must be 1 to {MEMORY_MIB_MAX}"));
@@ -181,6 +186,15 @@ mod tests {
             Err("stdin"),
         );
         check(json!({"module": id, "stdin": "\u{0}"}), Err("NUL"));
+        check(
+            json!({"module": id, "secrets": ["db", "api-token"]}),
+            Ok(()),
+        );
+        check(
+            json!({"module": id, "secrets": ["../etc"]}),
+            Err("secrets[0]"),
+        );
+        check(json!({"module": id, "secrets": ["a", "a"]}), Err("twice"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod flow;
 mod gc;
 pub mod noop;
+pub mod secrets;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -364,7 +364,9 @@ async fn vm_pace(
             .log_tap(Origin::vm("bench", &vm.id))
             .ok_or_else(|| anyhow::anyhow!("no logs"))?;
         let t = Instant::now();
-        let out = agent.exec_tapped(exec.clone(), b"", Some(&tap)).await?;
+        let out = agent
+            .exec_tapped(exec.clone(), b"", Some(&tap), None)
+            .await?;
         tap.finish().await;
         tapped = tapped.min(t.elapsed());
         status = out.status();

@@ -74,8 +74,9 @@ pub struct ServerArgs {
     #[arg(long, env = "KILN_NODE_LOST_MS")]
     pub node_lost_ms: Option<u64>,
     /// The key secrets are sealed under (64 hex digits; default
-    /// `<data-dir>/master.key`, made at first start). Every node of a
-    /// deployment needs the same one.
+    /// `<data-dir>/master.key`, made at the API's first start; a worker
+    /// reads it to deliver secrets to jobs and never makes one). Every node
+    /// of a deployment needs the same one.
     #[arg(long, env = "KILN_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
     /// The keys users' session tokens are signed with (default

@@ -230,6 +230,39 @@ pub fn master_key(settings: &Settings) -> anyhow::Result<kiln_core::secrets::Mas
     }
 }
 
+/// The master key for a process that runs jobs but no API: read from
+/// `--master-key-file` (which must then hold one) or `<data-dir>/master.key`
+/// when there is one; never made. Without it, jobs that ask for secrets
+/// fail on this worker, saying so.
+pub fn worker_master_key(
+    settings: &Settings,
+) -> anyhow::Result<Option<kiln_core::secrets::MasterKey>> {
+    read_master_key(settings.master_key_file.as_deref(), &settings.data_dir)
+}
+
+fn read_master_key(
+    file: Option<&Path>,
+    data_dir: &Path,
+) -> anyhow::Result<Option<kiln_core::secrets::MasterKey>> {
+    let (path, given) = match file {
+        Some(path) => (path.to_path_buf(), true),
+        None => (data_dir.join("master.key"), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => kiln_core::secrets::MasterKey::parse(&text)
+            .map(Some)
+            .with_context(|| format!("{} does not hold 64 hex digits", path.display())),
+        Err(error) if !given && error.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(
+                "no master key ({} or --master-key-file): jobs that ask for secrets fail on this worker",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// Where users' session tokens' keys are: `--token-key-file`, or
 /// `<data-dir>/token.key`.
 pub fn token_key_path(settings: &Settings) -> (std::path::PathBuf, bool) {
@@ -361,11 +394,14 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         None
     };
     // Secrets are sealed where the API runs; a process without the API
-    // makes no key of its own (every node of a deployment shares one).
+    // makes no key of its own (every node of a deployment shares one),
+    // and a worker reads it only to deliver secrets to jobs.
     let master = match &listener {
         Some(_) => Some(master_key(settings)?),
+        None if role.runs_jobs() => worker_master_key(settings)?,
         None => None,
     };
+    let keeper = kiln_worker::secrets::SecretKeeper::new(db.clone(), master.clone());
     // So are users' session tokens signed and checked.
     let tokens = match &listener {
         Some(_) => Some(token_keys(settings)?),
@@ -374,6 +410,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     let runtime = if role.runs_jobs() {
         let runtime = wasm_runtime(settings, &blobs)?;
         runtime.attach_logs(parts.logs.0.clone());
+        runtime.attach_secrets(keeper.clone());
         Some(runtime)
     } else {
         None
@@ -412,6 +449,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         parts.vms = vm_manager(settings, host_tag.as_deref()).await?;
         if let Some(vms) = &parts.vms {
             vms.attach_logs(parts.logs.0.clone());
+            vms.attach_secrets(keeper.clone());
             kiln_api::record_vm_lifecycle(db.clone(), vms);
             parts.node.accelerator = Some(vms.accelerator().as_str().to_string());
             let live = Arc::downgrade(vms);
@@ -428,6 +466,10 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
     {
         let state = AppState::with_vms(db.clone(), blobs.clone(), None, Some(vms));
         let _ = state.internal_key.set(key);
+        // Forwarded commands with secrets are given them here.
+        if let Some(master) = master.clone() {
+            let _ = state.master_key.set(master);
+        }
         parts.internal = Some((listener, state, url));
     }
     if let Some(listener) = listener {
@@ -844,6 +886,26 @@ mod tests {
         assert_eq!(job.status, JobStatus::Queued, "handed back: {job:?}");
         assert!(job.lease_expires_at.is_none(), "no lease left: {job:?}");
         db.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_worker_reads_the_master_key_and_never_makes_one() {
+        let dir = std::env::temp_dir().join(kiln_db::testing::unique_name("kiln-master"));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(read_master_key(None, &dir).unwrap().is_none());
+        assert!(!dir.join("master.key").exists(), "a worker made a key");
+        let given = dir.join("given.key");
+        assert!(
+            read_master_key(Some(&given), &dir).is_err(),
+            "a named file must exist"
+        );
+        let key = kiln_core::secrets::MasterKey::new([3; kiln_core::secrets::KEY_BYTES]);
+        std::fs::write(dir.join("master.key"), key.to_hex()).unwrap();
+        let read = read_master_key(None, &dir).unwrap().unwrap();
+        assert_eq!(read.id(), key.id());
+        std::fs::write(&given, "not hex").unwrap();
+        assert!(read_master_key(Some(&given), &dir).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

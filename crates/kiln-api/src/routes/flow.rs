@@ -287,6 +287,9 @@ pub async fn apply_pipeline(
     }
     let checked =
         PipelineDef::from_json(body, &state.kinds).map_err(|e| invalid_pipeline(e.to_string()))?;
+    for step in &checked.def.steps {
+        crate::routes::secrets::check_exist(&state, &caller.tenant, &step.secrets).await?;
+    }
     let record = state
         .db
         .pipeline_put(&caller.tenant, &checked.def, now_millis())
@@ -771,6 +774,12 @@ pub async fn put_schedule(
         ApiError::invalid(format!("{path}: {}", e.into_inner()))
     })?;
     let spec = def.check(&state.kinds).map_err(ApiError::invalid)?;
+    if let kiln_flow::target::Target::Job(job) = &def.target {
+        if state.kinds.takes_secrets(&job.kind) {
+            let names = kiln_core::secrets::requested(&job.spec);
+            crate::routes::secrets::check_exist(&state, &caller.tenant, &names).await?;
+        }
+    }
     let record = state
         .db
         .schedule_put(&caller.tenant, &def, &spec, now_millis())

@@ -308,6 +308,10 @@ async fn check_spec(state: &AppState, job: &NewJob) -> ApiResult<()> {
             return Err(unprocessable("invalid_spec", message));
         }
     }
+    if state.kinds.takes_secrets(&job.kind) {
+        let names = kiln_core::secrets::requested(&job.spec);
+        crate::routes::secrets::check_exist(state, &job.tenant, &names).await?;
+    }
     if job.kind == "wasm" {
         let spec = kiln_wasm::WasmSpec::parse(&job.spec)
             .map_err(|e| unprocessable("invalid_spec", format!("invalid spec: {e}")))?;

@@ -69,7 +69,10 @@ pub(crate) async fn admit_vm(
         "memory_mib": shape.memory_mib,
         "ttl_s": shape.ttl_s,
         "idle_timeout_s": shape.idle_timeout_s,
+        "secrets": spec.secrets,
     });
+    let mut described = kiln_vm::job::describe_shape(shape);
+    described.insert("secrets".into(), serde_json::json!(spec.secrets));
     let subject = Subject {
         tenant,
         kind: "vm",
@@ -79,7 +82,7 @@ pub(crate) async fn admit_vm(
         timeout_ms: None,
         max_attempts: None,
         spec: &as_spec,
-        shape: kiln_vm::job::describe_shape(shape),
+        shape: described,
     };
     policies.admit(&subject).map_err(refusal)
 }

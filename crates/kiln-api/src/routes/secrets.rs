@@ -66,6 +66,29 @@ pub(crate) fn master(state: &AppState) -> ApiResult<&MasterKey> {
     })
 }
 
+/// Refuses (422 `unknown_secret`, naming it) a request for a secret the
+/// tenant does not have: a job that could never get its secrets is
+/// refused at submit, not failed at run time. Only the caller's own
+/// tenant is looked in.
+pub(crate) async fn check_exist(state: &AppState, tenant: &str, names: &[String]) -> ApiResult<()> {
+    for name in names {
+        if state.db.secret_get(tenant, name).await?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_secret",
+                format!("secret {name} does not exist; store it with PUT /api/v1/secrets/{name}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The keeper that opens secrets for commands this node runs (API
+/// execute): with this node's master key, if it holds one.
+pub(crate) fn keeper(state: &AppState) -> kiln_worker::secrets::SecretKeeper {
+    kiln_worker::secrets::SecretKeeper::new(state.db.clone(), state.master_key.get().cloned())
+}
+
 /// A secret's name becomes a file name in sandboxes (`/run/secrets/<name>`).
 fn checked(name: &str) -> ApiResult<&str> {
     secrets::check_name(name).map_err(ApiError::invalid)?;

@@ -19,7 +19,8 @@ use kiln_vm::agent::{AgentError, ErrorKind, ExecStream};
 use kiln_vm::history::{Recording, Source};
 use kiln_vm::job::{CreateVmSpec, ExecRequest};
 use kiln_vm::manager::AgentInUse;
-use kiln_vm::{ExecEvent, VmInfo, VmManager};
+use kiln_vm::{ExecEvent, SecretHold, VmInfo, VmManager};
+use kiln_worker::secrets::{Opened, Recipient};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -213,9 +214,27 @@ pub async fn create_vm(
     caller.require(Scope::Write)?;
     crate::routes::policies::admit_vm(&state, &caller.tenant, &body).await?;
     let vms = manager(&state)?;
+    crate::routes::secrets::check_exist(&state, &caller.tenant, &body.secrets).await?;
     let request = body.shape.request(&caller.tenant, body.labels);
     let vm = vms.create(request).await.map_err(create_error)?;
     crate::audit::note_resource(format!("/api/v1/vms/{}", vm.id));
+    if !body.secrets.is_empty() {
+        let given = async {
+            let opened = open_secrets(&state, &caller, &vm.id, &body.secrets).await?;
+            let agent = vms
+                .agent(&caller.tenant, &vm.id)
+                .await
+                .ok_or_else(|| ApiError::not_found("vm"))?;
+            agent
+                .keep_secrets(&opened.values)
+                .await
+                .map_err(agent_error)
+        };
+        if let Err(error) = given.await {
+            vms.delete(&caller.tenant, &vm.id).await;
+            return Err(error);
+        }
+    }
     // One host of many: the VM is listed everywhere before its id is
     // handed out.
     if let Some(host) = vms.host_tag() {
@@ -224,6 +243,37 @@ pub async fn create_vm(
         }
     }
     Ok((StatusCode::CREATED, Json(vm.into())))
+}
+
+/// A command's (or a new VM's) secrets, opened for the VM `vm_id` and
+/// audited as read by it.
+async fn open_secrets(
+    state: &AppState,
+    caller: &Caller,
+    vm_id: &str,
+    names: &[String],
+) -> ApiResult<Opened> {
+    crate::routes::secrets::keeper(state)
+        .open(&caller.tenant, names, &Recipient::vm(vm_id))
+        .await
+        .map_err(|message| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "secrets_unavailable",
+                message,
+            )
+        })
+}
+
+/// Writes a command's secrets into its VM, held until it ends.
+async fn hold_secrets(agent: &AgentInUse, opened: &Opened) -> ApiResult<SecretHold> {
+    if opened.values.is_empty() {
+        return Ok(SecretHold::none());
+    }
+    agent
+        .hold_secrets(&opened.values)
+        .await
+        .map_err(agent_error)
 }
 
 /// A refused image is the caller's to fix; a quota is the tenant's; no
@@ -322,6 +372,16 @@ pub async fn execute(
 ) -> ApiResult<Json<ExecuteResult>> {
     caller.require(Scope::Write)?;
     let agent = agent_of(&state, &caller, &id).await?;
+    crate::routes::secrets::check_exist(&state, &caller.tenant, &body.secrets).await?;
+    let opened = open_secrets(&state, &caller, &id, &body.secrets).await?;
+    let redactor = agent.redactor_with(&opened.values).map_err(|message| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "secrets_unavailable",
+            message,
+        )
+    })?;
+    let hold = hold_secrets(&agent, &opened).await?;
     let source = Source::Api {
         key_id: caller.key_id.clone(),
     };
@@ -335,8 +395,12 @@ pub async fn execute(
             body.exec(Some(EXECUTE_TIMEOUT_MS), false),
             body.stdin.as_bytes(),
             tap.as_ref(),
+            redactor.as_ref(),
         )
         .await;
+    if let Err(error) = hold.release().await {
+        tracing::warn!(%error, vm = %id, "a command's secret files could not be removed");
+    }
     if let Some(tap) = &tap {
         tap.finish().await;
     }
@@ -456,6 +520,7 @@ pub async fn exec_ws(
         .max_frame_size(WS_MESSAGE_MAX)
         .on_upgrade(move |socket| async move {
             let who = Who {
+                keeper: crate::routes::secrets::keeper(&state),
                 db: state.db.clone(),
                 vms: state.vms.clone(),
                 tenant: caller.tenant,
@@ -483,6 +548,7 @@ async fn end_with_error(socket: &mut WebSocket, message: impl std::fmt::Display)
 
 /// Whose WebSocket exec this is, for its execution record.
 struct Who {
+    keeper: kiln_worker::secrets::SecretKeeper,
     db: kiln_db::Db,
     vms: Option<Arc<kiln_vm::VmManager>>,
     tenant: String,
@@ -510,6 +576,22 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
         Ok(request) => request,
         Err(error) => return end_with_error(&mut socket, error).await,
     };
+    let opened = match who
+        .keeper
+        .open(&who.tenant, &request.secrets, &Recipient::vm(&who.vm_id))
+        .await
+    {
+        Ok(opened) => opened,
+        Err(error) => return end_with_error(&mut socket, error).await,
+    };
+    let redactor = match agent.redactor_with(&opened.values) {
+        Ok(redactor) => redactor,
+        Err(error) => return end_with_error(&mut socket, error).await,
+    };
+    let hold = match hold_secrets(&agent, &opened).await {
+        Ok(hold) => hold,
+        Err(error) => return end_with_error(&mut socket, error.message).await,
+    };
     // Written at the start so a long session shows up while it runs.
     let source = Source::WebSocket { key_id: who.key_id };
     let mut recording =
@@ -518,7 +600,12 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
         .exec_stream(request.exec(None, true), request.stdin.as_bytes())
         .await
     {
-        Ok(stream) => stream,
+        Ok(mut stream) => {
+            if let Some(redactor) = &redactor {
+                stream.redact_with(redactor);
+            }
+            stream
+        }
         Err(error) => {
             recording.failed(&error).await;
             return end_with_error(&mut socket, error).await;
@@ -526,6 +613,9 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
     };
     let tap = vm_tap(who.vms.as_ref(), &who.tenant, &who.vm_id, recording.id());
     let end = pump(socket, stream, &mut recording, tap.as_ref()).await;
+    if let Err(error) = hold.release().await {
+        tracing::warn!(%error, vm = %who.vm_id, "a command's secret files could not be removed");
+    }
     if let Some(tap) = &tap {
         tap.finish().await;
     }

@@ -397,8 +397,10 @@ impl DefCache {
 fn trusting_kinds(def: &PipelineDef) -> JobKinds {
     let mut kinds = JobKinds::new();
     for step in &def.steps {
-        // Whether the kind takes files was checked at apply as well.
-        kinds.add_with_files(&step.kind, |_| Ok(()));
+        // Whether the kind takes files and secrets was checked at apply.
+        kinds
+            .add_with_files(&step.kind, |_| Ok(()))
+            .with_secrets(&step.kind);
     }
     kinds
 }
@@ -709,6 +711,14 @@ impl Advance<'_> {
                     Value::Object(map)
                 }
                 (spec, _) => spec,
+            };
+            // Names only: the values are fetched by the worker that runs it.
+            let spec = match spec {
+                Value::Object(mut map) if !step.secrets.is_empty() => {
+                    map.insert("secrets".into(), json!(step.secrets));
+                    Value::Object(map)
+                }
+                spec => spec,
             };
             // Checked with the inputs in: a fan-out taking every file of
             // another fan-out would otherwise write specs without bound.
