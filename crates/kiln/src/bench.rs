@@ -135,6 +135,22 @@ fn bench_schema() -> String {
         .clone()
 }
 
+/// A fresh database of its own for each round of a bench: a schema named
+/// after the bench's stamp and `name` on PostgreSQL, a new file on SQLite.
+async fn fresh_named(url: Option<&str>, name: &str) -> anyhow::Result<Db> {
+    let stamp = format!("{}_{name}", bench_schema());
+    Ok(match url {
+        Some(url) if url.starts_with("postgres") => {
+            Db::connect_postgres_schema(url, &stamp).await?
+        }
+        Some(url) => Db::connect(url).await?,
+        None => {
+            let path = std::env::temp_dir().join(format!("{stamp}.db"));
+            Db::connect(&format!("sqlite://{}", path.display())).await?
+        }
+    })
+}
+
 async fn fresh_db(url: Option<&str>) -> anyhow::Result<(Db, Option<Db>)> {
     let stamp = bench_schema();
     match url {

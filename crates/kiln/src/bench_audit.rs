@@ -35,26 +35,12 @@ pub struct AuditArgs {
     records: usize,
 }
 
-async fn fresh(url: Option<&str>, name: &str) -> anyhow::Result<Db> {
-    let stamp = format!("{}_{name}", super::bench_schema());
-    Ok(match url {
-        Some(url) if url.starts_with("postgres") => {
-            Db::connect_postgres_schema(url, &stamp).await?
-        }
-        Some(url) => Db::connect(url).await?,
-        None => {
-            let path = std::env::temp_dir().join(format!("{stamp}.db"));
-            Db::connect(&format!("sqlite://{}", path.display())).await?
-        }
-    })
-}
-
 pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let mut on = Vec::new();
     let mut off = Vec::new();
     for round in 0..args.rounds * 2 {
         let audited = round % 2 == 1;
-        let db = fresh(args.database_url.as_deref(), &format!("r{round}")).await?;
+        let db = super::fresh_named(args.database_url.as_deref(), &format!("r{round}")).await?;
         let rate = drain_over_http(&db, audited, args.jobs, args.clients).await?;
         let records = db.audit_count("bench").await?;
         anyhow::ensure!(
@@ -156,7 +142,7 @@ async fn drain_over_http(
 /// Writes `records` records over 100 tenants, chains them, and times a
 /// full verify.
 async fn verify_million(url: Option<&str>, records: usize) -> anyhow::Result<()> {
-    let db = fresh(url, "verify").await?;
+    let db = super::fresh_named(url, "verify").await?;
     let started = Instant::now();
     let now = now_millis();
     let batch: usize = 5_000;

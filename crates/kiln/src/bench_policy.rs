@@ -47,20 +47,6 @@ const POLICIES: [(&str, &str); 5] = [
     ),
 ];
 
-async fn fresh(url: Option<&str>, name: &str) -> anyhow::Result<Db> {
-    let stamp = format!("{}_{name}", super::bench_schema());
-    Ok(match url {
-        Some(url) if url.starts_with("postgres") => {
-            Db::connect_postgres_schema(url, &stamp).await?
-        }
-        Some(url) => Db::connect(url).await?,
-        None => {
-            let path = std::env::temp_dir().join(format!("{stamp}.db"));
-            Db::connect(&format!("sqlite://{}", path.display())).await?
-        }
-    })
-}
-
 pub async fn policy(args: PolicyArgs) -> anyhow::Result<()> {
     let mut with = Vec::new();
     let mut without = Vec::new();
@@ -68,7 +54,7 @@ pub async fn policy(args: PolicyArgs) -> anyhow::Result<()> {
         // Pairs alternate which goes first, so a drift in the machine's
         // load does not favour one side.
         let judged = (round % 2 == 1) != (round / 2 % 2 == 1);
-        let db = fresh(args.database_url.as_deref(), &format!("p{round}")).await?;
+        let db = super::fresh_named(args.database_url.as_deref(), &format!("p{round}")).await?;
         if judged {
             for (name, rule) in POLICIES {
                 db.policy_put("bench", name, rule, "", &[], true, now_millis())
