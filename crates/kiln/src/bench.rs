@@ -135,6 +135,96 @@ fn bench_schema() -> String {
         .clone()
 }
 
+/// An embedded API over `db` on a loopback port, with the audit chainer
+/// beside it, as `kiln serve` runs them; benches submit to it over HTTP.
+struct EmbeddedApi {
+    addr: std::net::SocketAddr,
+    secret: String,
+    root: std::path::PathBuf,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    chainer: tokio::task::JoinHandle<()>,
+}
+
+impl EmbeddedApi {
+    async fn start(db: &Db, audited: bool) -> anyhow::Result<EmbeddedApi> {
+        let root = std::env::temp_dir().join(format!("kiln-bench-api-{}", now_millis()));
+        let blobs = BlobStore::local(&root.join("blobs"))?;
+        let state = kiln_api::AppState::new(db.clone(), blobs, None);
+        state.set_audit(audited);
+        let (_, secret) = kiln_api::issue_key(
+            db,
+            "bench",
+            "bench",
+            kiln_core::Scopes(vec![kiln_core::Scope::Write]),
+        )
+        .await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let server = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                kiln_api::serve(listener, state, async move { stop.cancelled().await }).await
+            })
+        };
+        let chainer = tokio::spawn(kiln_db::audit::chain_loop(
+            db.clone(),
+            Duration::from_millis(250),
+        ));
+        Ok(EmbeddedApi {
+            addr,
+            secret,
+            root,
+            stop,
+            server,
+            chainer,
+        })
+    }
+
+    /// `POST /api/v1/jobs` with `body`, `jobs / clients` times by each of
+    /// `clients` concurrent clients; every answer must be 201. Returns how
+    /// many were submitted.
+    async fn submit(
+        &self,
+        body: &serde_json::Value,
+        jobs: usize,
+        clients: usize,
+    ) -> anyhow::Result<usize> {
+        let http = reqwest::Client::new();
+        let url = format!("http://{}/api/v1/jobs", self.addr);
+        let per_client = jobs / clients;
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (http, url, secret, body) =
+                (http.clone(), url.clone(), self.secret.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..per_client {
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(&secret)
+                        .json(&body)
+                        .send()
+                        .await?;
+                    anyhow::ensure!(response.status() == 201, "{}", response.status());
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        Ok(per_client * clients)
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.server.await;
+        self.chainer.abort();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
 /// A fresh database of its own for each round of a bench: a schema named
 /// after the bench's stamp and `name` on PostgreSQL, a new file on SQLite.
 async fn fresh_named(url: Option<&str>, name: &str) -> anyhow::Result<Db> {

@@ -8,13 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use kiln_blob::BlobStore;
 use kiln_core::audit::AuditRecord;
-use kiln_core::{Scope, Scopes};
 use kiln_db::Db;
 use kiln_worker::{now_millis, Handlers, NoopHandler};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct AuditArgs {
@@ -80,63 +77,22 @@ async fn drain_over_http(
     jobs: usize,
     clients: usize,
 ) -> anyhow::Result<f64> {
-    let root = std::env::temp_dir().join(format!("kiln-bench-audit-{}", now_millis()));
-    let blobs = BlobStore::local(&root.join("blobs"))?;
-    let state = kiln_api::AppState::new(db.clone(), blobs, None);
-    state.set_audit(audited);
-    let (_, secret) = kiln_api::issue_key(db, "bench", "bench", Scopes(vec![Scope::Write])).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let stop = CancellationToken::new();
-    let server = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            kiln_api::serve(listener, state, async move { stop.cancelled().await }).await
-        })
-    };
-    let chainer = tokio::spawn(kiln_db::audit::chain_loop(
-        db.clone(),
-        Duration::from_millis(250),
-    ));
+    let api = super::EmbeddedApi::start(db, audited).await?;
     let (worker_stop, worker) = super::worker(
         db,
         Handlers::new().with("noop", Arc::new(NoopHandler)),
         1_000,
     );
-    let http = reqwest::Client::new();
-    let url = format!("http://{addr}/api/v1/jobs");
     let started = Instant::now();
-    let per_client = jobs / clients;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let http = http.clone();
-        let url = url.clone();
-        let secret = secret.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..per_client {
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&secret)
-                    .json(&json!({"kind": "noop", "spec": {}}))
-                    .send()
-                    .await?;
-                anyhow::ensure!(response.status() == 201, "{}", response.status());
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    let submitted = api
+        .submit(&json!({"kind": "noop", "spec": {}}), jobs, clients)
+        .await?;
     super::wait_drained(db, Duration::from_secs(600)).await?;
     let took = started.elapsed();
     worker_stop.cancel();
     let _ = worker.await;
-    stop.cancel();
-    let _ = server.await;
-    chainer.abort();
-    let _ = std::fs::remove_dir_all(&root);
-    Ok((per_client * clients) as f64 / took.as_secs_f64())
+    api.stop().await;
+    Ok(submitted as f64 / took.as_secs_f64())
 }
 
 /// Writes `records` records over 100 tenants, chains them, and times a

@@ -4,16 +4,14 @@
 //! round, rounds alternating, each pair in the other order from the last)
 //! — and one job judged by five policies, in process.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
-use kiln_blob::BlobStore;
-use kiln_core::{NewJob, Scope, Scopes};
+use kiln_core::NewJob;
 use kiln_db::Db;
 use kiln_flow::policy::{Policy, PolicySet, Subject};
 use kiln_worker::now_millis;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct PolicyArgs {
@@ -87,54 +85,13 @@ pub async fn policy(args: PolicyArgs) -> anyhow::Result<()> {
 
 /// Jobs/s from the first submit to the last answer.
 async fn submit_over_http(db: &Db, jobs: usize, clients: usize) -> anyhow::Result<f64> {
-    let root = std::env::temp_dir().join(format!("kiln-bench-policy-{}", now_millis()));
-    let blobs = BlobStore::local(&root.join("blobs"))?;
-    let state = kiln_api::AppState::new(db.clone(), blobs, None);
-    let (_, secret) = kiln_api::issue_key(db, "bench", "bench", Scopes(vec![Scope::Write])).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let stop = CancellationToken::new();
-    let server = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            kiln_api::serve(listener, state, async move { stop.cancelled().await }).await
-        })
-    };
-    let chainer = tokio::spawn(kiln_db::audit::chain_loop(
-        db.clone(),
-        Duration::from_millis(250),
-    ));
-    let http = reqwest::Client::new();
-    let url = format!("http://{addr}/api/v1/jobs");
+    let api = super::EmbeddedApi::start(db, true).await?;
     let started = Instant::now();
-    let per_client = jobs / clients;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let http = http.clone();
-        let url = url.clone();
-        let secret = secret.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..per_client {
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&secret)
-                    .json(&json!({"kind": "noop", "spec": {}, "labels": {"team": "bench"}}))
-                    .send()
-                    .await?;
-                anyhow::ensure!(response.status() == 201, "{}", response.status());
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
+    let body = json!({"kind": "noop", "spec": {}, "labels": {"team": "bench"}});
+    let submitted = api.submit(&body, jobs, clients).await?;
     let took = started.elapsed();
-    stop.cancel();
-    let _ = server.await;
-    chainer.abort();
-    let _ = std::fs::remove_dir_all(&root);
-    Ok((per_client * clients) as f64 / took.as_secs_f64())
+    api.stop().await;
+    Ok(submitted as f64 / took.as_secs_f64())
 }
 
 /// The policies' own cost: one job judged by the five, many times.
