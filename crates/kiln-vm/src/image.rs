@@ -7,6 +7,12 @@
 //! emulation), or Debian's cloud kernel pulled out of its package
 //! (`--kernel cloud`, no compiler needed). Downloaded packages and compiled
 //! kernels are kept, so a rebuild is offline and quick.
+//!
+//! With packages (`kiln image build python`, `--packages git,gcc`) the
+//! image also carries a Debian root filesystem (see [`crate::rootfs`]): the
+//! initramfs is then only the first stage, which mounts the root
+//! filesystem's drive read-only under a private overlay and hands over to
+//! the agent inside it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +20,8 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 
 use crate::cpio::Cpio;
+use crate::kernel::{depends_on, download, extract_vmlinux, minimal_kernel, unpack};
+pub use crate::rootfs::RootfsManifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -36,7 +44,7 @@ pub enum ImageError {
     Io(#[from] std::io::Error),
 }
 
-fn step(step: &'static str, message: impl Into<String>) -> ImageError {
+pub(crate) fn step(step: &'static str, message: impl Into<String>) -> ImageError {
     ImageError::Step {
         step,
         message: message.into(),
@@ -69,6 +77,9 @@ impl KernelKind {
     }
 }
 
+/// The root filesystem's file in an image's directory.
+pub const ROOTFS_FILE: &str = "rootfs.erofs";
+
 /// The fragment merged over `make tinyconfig` for the minimal kernel.
 pub const KERNEL_CONFIG: &str = include_str!("guest-kernel.config");
 
@@ -83,6 +94,10 @@ pub struct ImageManifest {
     pub busybox_package: String,
     pub agent_sha256: String,
     pub created_at: String,
+    /// A Debian root filesystem on a read-only drive; none for the busybox
+    /// image, whose whole root is the initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsManifest>,
 }
 
 #[derive(Clone, Debug)]
@@ -98,6 +113,33 @@ impl Image {
 
     pub fn initramfs(&self) -> PathBuf {
         self.dir.join("initramfs.cpio")
+    }
+
+    /// The drives a VM of this image gets: the root filesystem, read-only,
+    /// when the image has one.
+    pub fn drives(&self) -> Vec<crate::Drive> {
+        self.manifest
+            .rootfs
+            .iter()
+            .map(|_| crate::Drive {
+                id: "rootfs".into(),
+                path: self.dir.join(ROOTFS_FILE),
+                read_only: true,
+            })
+            .collect()
+    }
+
+    /// Bytes on disk of what the image boots (kernel, initramfs, root
+    /// filesystem), saved VM states aside.
+    pub fn size_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
     }
 
     /// Whether the kernel finds its devices through ACPI tables; the
@@ -154,6 +196,33 @@ ip link set lo up
 exec /sbin/kiln-agent
 ";
 
+/// The first stage of an image with a root filesystem: the drive's erofs
+/// as the read-only lower layer, a tmpfs capped at half the guest's memory
+/// as the VM's own upper layer, the overlay of both as the new root, and
+/// the agent inside it as PID 1. A VM's writes live in its own memory:
+/// never on the shared drive, never seen by another VM, gone with the VM.
+pub const ROOTFS_INIT: &str = "#!/bin/busybox sh
+/bin/busybox --install -s
+set -e
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /base /rw /newroot
+mount -t erofs -o ro /dev/vda /base
+mount -t tmpfs -o mode=0755,size=50% rw /rw
+mkdir /rw/upper /rw/work
+mount -t overlay -o lowerdir=/base,upperdir=/rw/upper,workdir=/rw/work root /newroot
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+mount --move /dev /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o mode=0620,ptmxmode=0666 devpts /newroot/dev/pts
+mount -t tmpfs -o mode=1777,nosuid,nodev shm /newroot/dev/shm
+hostname kiln
+ip link set lo up
+exec switch_root /newroot /usr/sbin/kiln-agent
+";
+
 /// Kernel modules the guest loads, in order (those built into the kernel
 /// are simply absent from the package).
 const MODULES: [&str; 4] = [
@@ -163,7 +232,7 @@ const MODULES: [&str; 4] = [
     "drivers/char/virtio_console.ko",
 ];
 
-fn run(step_name: &'static str, command: &mut Command) -> Result<String, ImageError> {
+pub(crate) fn run(step_name: &'static str, command: &mut Command) -> Result<String, ImageError> {
     let out = command
         .output()
         .map_err(|e| step(step_name, format!("{:?}: {e}", command.get_program())))?;
@@ -176,249 +245,70 @@ fn run(step_name: &'static str, command: &mut Command) -> Result<String, ImageEr
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The concrete package a Debian metapackage (`linux-image-cloud-amd64`,
-/// `linux-source`) currently stands for.
-fn depends_on(metapackage: &str, prefix: &str) -> Result<String, ImageError> {
-    let depends = run(
-        "resolve kernel package",
-        Command::new("apt-cache").args(["depends", metapackage]),
-    )?;
-    depends
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with(prefix))
-        .map(str::to_string)
-        .ok_or_else(|| {
-            step(
-                "resolve kernel package",
-                format!("apt knows no {metapackage}; run apt-get update"),
-            )
-        })
+/// What an image is built from besides its kernel: nothing (the busybox
+/// image) or Debian packages for a root filesystem.
+#[derive(Clone, Debug, Default)]
+pub struct BuildSpec {
+    pub kernel: KernelKind,
+    /// Packages of a Debian root filesystem (checked, sorted); `None` for
+    /// the busybox image.
+    pub packages: Option<Vec<String>>,
 }
 
-/// Compiles the minimal kernel out of the unpacked `linux-source` package
-/// into `cache` (`vmlinux` and `release`), reporting files compiled.
-fn compile_kernel(
-    root: &Path,
-    work: &Path,
-    cache: &Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(), ImageError> {
-    let tarball = std::fs::read_dir(root.join("usr/src"))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".tar.xz"))
-        .ok_or_else(|| step(COMPILE, "no source tarball in the linux-source package"))?;
-    check_build_tools()?;
-    progress("unpacking the kernel source");
-    let src = work.join("src");
-    std::fs::create_dir_all(&src)?;
-    run(
-        COMPILE,
-        Command::new("tar")
-            .arg("-xJf")
-            .arg(&tarball)
-            .arg("-C")
-            .arg(&src)
-            .arg("--strip-components=1"),
-    )?;
-    configure_kernel(&src)?;
-    make_vmlinux(&src, work, progress)?;
-    install_kernel(&src, cache)
-}
-
-const COMPILE: &str = "compile the kernel";
-
-/// Names every missing tool at once, before hours of unpacking.
-fn check_build_tools() -> Result<(), ImageError> {
-    let mut missing: Vec<&str> = ["make", "gcc", "flex", "bison", "bc"]
-        .into_iter()
-        .filter(|tool| {
-            !std::env::var_os("PATH").is_some_and(|path| {
-                std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
-            })
-        })
-        .collect();
-    // objtool, built along with the kernel, reads ELF through libelf.
-    if !Path::new("/usr/include/gelf.h").exists() {
-        missing.push("libelf-dev");
-    }
-    if !missing.is_empty() {
-        return Err(step(
-            COMPILE,
-            format!(
-                "missing {}: apt-get install build-essential flex bison bc libelf-dev (or build with --kernel cloud)",
-                missing.join(", ")
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// `make tinyconfig` with kiln's fragment merged over it.
-fn configure_kernel(src: &Path) -> Result<(), ImageError> {
-    std::fs::write(src.join("kiln.config"), KERNEL_CONFIG)?;
-    run(
-        COMPILE,
-        Command::new("make").arg("tinyconfig").current_dir(src),
-    )?;
-    run(
-        COMPILE,
-        Command::new("scripts/kconfig/merge_config.sh")
-            .args(["-m", ".config", "kiln.config"])
-            .current_dir(src),
-    )?;
-    run(
-        COMPILE,
-        Command::new("make").arg("olddefconfig").current_dir(src),
-    )?;
-    Ok(())
-}
-
-/// `make vmlinux` on every core, counting compiled files for `progress`;
-/// a failure reports the tail of the build log.
-fn make_vmlinux(src: &Path, work: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), ImageError> {
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    progress(&format!(
-        "compiling the kernel with {jobs} jobs (a few minutes, once)"
-    ));
-    let log = work.join("kernel-build.log");
-    let mut child = Command::new("make")
-        .arg(format!("-j{jobs}"))
-        .arg("vmlinux")
-        .current_dir(src)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()
-        .map_err(|e| step(COMPILE, format!("make: {e}")))?;
-    let mut compiled = 0usize;
-    if let Some(stdout) = child.stdout.take() {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.trim_start().starts_with("CC ") {
-                compiled += 1;
-                if compiled.is_multiple_of(250) {
-                    progress(&format!("compiling the kernel: {compiled} files"));
-                }
-            }
+impl BuildSpec {
+    /// The busybox image with the given kernel.
+    pub fn busybox(kernel: KernelKind) -> BuildSpec {
+        BuildSpec {
+            kernel,
+            packages: None,
         }
     }
-    if !child.wait()?.success() {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(15).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(step(COMPILE, tail.join("\n")));
-    }
-    Ok(())
-}
 
-/// Puts the compiled kernel and its release into `cache` in one rename, and
-/// drops kernels of other sources or configurations.
-fn install_kernel(src: &Path, cache: &Path) -> Result<(), ImageError> {
-    let release = run(
-        COMPILE,
-        Command::new("make")
-            .args(["-s", "kernelrelease"])
-            .current_dir(src),
-    )?;
-    let staging = cache.with_file_name(format!(
-        ".{}.partial",
-        cache.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
-    std::fs::copy(src.join("vmlinux"), staging.join("vmlinux"))?;
-    std::fs::write(staging.join("release"), release.trim())?;
-    let _ = std::fs::remove_dir_all(cache);
-    std::fs::rename(&staging, cache)?;
-    if let Some(kernels) = cache.parent() {
-        for entry in std::fs::read_dir(kernels)?.flatten() {
-            if entry.path() != cache {
-                let _ = std::fs::remove_dir_all(entry.path());
+    /// A root filesystem image of `packages` (a preset's when the image is
+    /// named after one and none are given).
+    pub fn rootfs(name: &str, packages: &[String]) -> Result<BuildSpec, ImageError> {
+        let packages = match (packages.is_empty(), crate::rootfs::preset(name)) {
+            (true, Some(preset)) => preset,
+            (true, None) => {
+                return Err(step(
+                    "check packages",
+                    format!("{name} is no preset (python, node): give --packages"),
+                ))
             }
-        }
+            (false, _) => packages.to_vec(),
+        };
+        Ok(BuildSpec {
+            kernel: KernelKind::Minimal,
+            packages: Some(crate::rootfs::package_list(&packages)?),
+        })
     }
-    Ok(())
 }
 
-fn download(debs: &Path, package: &str) -> Result<PathBuf, ImageError> {
-    let found = |debs: &Path| {
-        std::fs::read_dir(debs)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
+/// Whether the root filesystem image `name` under `images_dir` is what
+/// `spec` with `agent` would build now (same build key), so a build can be
+/// skipped. The busybox image is never reported current.
+pub fn up_to_date(images_dir: &Path, name: &str, spec: &BuildSpec, agent: &Path) -> bool {
+    let (Some(packages), Ok(image), Ok(agent)) = (
+        &spec.packages,
+        Image::open(images_dir, name),
+        std::fs::read(agent),
+    ) else {
+        return false;
     };
-    if let Some(path) = found(debs) {
-        return Ok(path);
-    }
-    run(
-        "download packages",
-        Command::new("apt-get")
-            .args(["download", package])
-            .current_dir(debs),
-    )?;
-    found(debs).ok_or_else(|| {
-        step(
-            "download packages",
-            format!("{package}: no .deb after download"),
-        )
-    })
+    let agent_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&agent))
+    };
+    let key = crate::rootfs::build_key(packages, &agent_sha256, ROOTFS_INIT);
+    image
+        .manifest
+        .rootfs
+        .is_some_and(|rootfs| rootfs.build_key == key)
+        && image.dir.join(ROOTFS_FILE).is_file()
 }
 
-/// Finds and decompresses the kernel inside a bzImage.
-fn extract_vmlinux(bzimage: &[u8], work: &Path) -> Result<Vec<u8>, ImageError> {
-    if bzimage.len() < 0x250 || &bzimage[0x202..0x206] != b"HdrS" {
-        return Err(step("extract kernel", "not a bzImage"));
-    }
-    let setup_sects = match bzimage[0x1f1] {
-        0 => 4,
-        n => n as usize,
-    };
-    let offset = u32::from_le_bytes(bzimage[0x248..0x24c].try_into().expect("4 bytes")) as usize;
-    let length = u32::from_le_bytes(bzimage[0x24c..0x250].try_into().expect("4 bytes")) as usize;
-    let start = (setup_sects + 1) * 512 + offset;
-    let payload = bzimage
-        .get(start..start + length)
-        .ok_or_else(|| step("extract kernel", "payload outside the image"))?;
-    let tool: &[&str] = match payload {
-        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
-        [0xfd, b'7', b'z', b'X', b'Z', ..] => &["xz", "-dc"],
-        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
-        _ => return Err(step("extract kernel", "unknown kernel compression")),
-    };
-    let packed = work.join("payload");
-    std::fs::write(&packed, payload)?;
-    let out = Command::new(tool[0])
-        .args(&tool[1..])
-        .arg(&packed)
-        .output()
-        .map_err(|e| {
-            step(
-                "extract kernel",
-                format!("{}: {e} (install it from Debian's packages)", tool[0]),
-            )
-        })?;
-    // Decompressors warn about the trailing size field; what matters is ELF.
-    if !out.stdout.starts_with(b"\x7fELF") {
-        return Err(step(
-            "extract kernel",
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        ));
-    }
-    Ok(out.stdout)
-}
-
-/// Builds (or rebuilds) the image `name` under `images_dir`. `progress`
-/// hears of each step.
+/// Builds (or rebuilds) the busybox image `name` under `images_dir`.
+/// `progress` hears of each step.
 pub fn build(
     images_dir: &Path,
     name: &str,
@@ -426,28 +316,109 @@ pub fn build(
     agent: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Image, ImageError> {
+    build_with(images_dir, name, &BuildSpec::busybox(kernel), agent, progress)
+}
+
+/// Builds (or rebuilds) the image `name` under `images_dir` as `spec`
+/// says. `progress` hears of each step.
+pub fn build_with(
+    images_dir: &Path,
+    name: &str,
+    spec: &BuildSpec,
+    agent: &Path,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<Image, ImageError> {
     kiln_core::names::check_ident("image", name)?;
+    if spec.packages.is_some() {
+        if spec.kernel != KernelKind::Minimal {
+            return Err(step(
+                "check kernel",
+                "root filesystem images boot the minimal kernel (virtio-blk, erofs and overlayfs built in)",
+            ));
+        }
+        crate::rootfs::check_tools()?;
+    }
     std::fs::create_dir_all(images_dir)?;
     let work = images_dir.join(format!(".build-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
+    remove_work_dir(&work);
     std::fs::create_dir_all(&work)?;
-    let result = build_in(images_dir, &work, name, kernel, agent, progress);
-    let _ = std::fs::remove_dir_all(&work);
+    let result = build_in(images_dir, &work, name, spec, agent, progress);
+    remove_work_dir(&work);
     result
 }
 
-const STEPS: usize = 5;
+/// Removes a build's scratch directory. A root filesystem build mounts
+/// `/proc`, `/sys` and `/dev` inside its chroot; should any be left
+/// mounted (a killed build), it is detached first, so removing the tree
+/// never reaches into the host's own.
+fn remove_work_dir(work: &Path) {
+    let Ok(work) = work.canonicalize() else {
+        return;
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut under: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|point| point.starts_with(&work))
+        .collect();
+    // Deepest first.
+    under.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in &under {
+        if let Ok(c) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2(2) with a NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let still = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .any(|point| point.starts_with(&work));
+    if still {
+        tracing::error!(dir = %work.display(), "a build directory still has mounts inside; left in place");
+        return;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
 
 /// The build's steps, in the scratch directory `work`.
 fn build_in(
     images_dir: &Path,
     work: &Path,
     name: &str,
-    kernel: KernelKind,
+    spec: &BuildSpec,
     agent: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Image, ImageError> {
-    progress(1, STEPS, "resolving and downloading Debian packages");
+    let kernel = spec.kernel;
+    let steps = if spec.packages.is_some() { 7 } else { 5 };
+    progress(1, steps, "resolving and downloading Debian packages");
     let debs = images_dir.join(".debs");
     std::fs::create_dir_all(&debs)?;
     let kernel_pkg = match kernel {
@@ -456,32 +427,74 @@ fn build_in(
     };
     let kernel_deb = download(&debs, &kernel_pkg)?;
     let busybox_deb = download(&debs, "busybox-static")?;
-    progress(2, STEPS, "unpacking packages");
+    progress(2, steps, "unpacking packages");
     let root = work.join("debs");
     unpack(&busybox_deb, &root)?;
     let (vmlinux, release) = match kernel {
         KernelKind::Cloud => {
             unpack(&kernel_deb, &root)?;
             let release = kernel_pkg.trim_start_matches("linux-image-").to_string();
-            progress(3, STEPS, "extracting the kernel");
+            progress(3, steps, "extracting the kernel");
             let bzimage = std::fs::read(root.join(format!("boot/vmlinuz-{release}")))?;
             (extract_vmlinux(&bzimage, work)?, release)
         }
         KernelKind::Minimal => minimal_kernel(images_dir, work, &root, &kernel_deb, &mut |what| {
-            progress(3, STEPS, what)
+            progress(3, steps, what)
         })?,
     };
-    progress(4, STEPS, "packing the initramfs");
     let agent_bytes = std::fs::read(agent).map_err(|e| {
         step("read agent", format!("{}: {e} (build it: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl)", agent.display()))
     })?;
-    let initramfs = pack_initramfs(&root, &agent_bytes, &release)?;
-    progress(5, STEPS, "writing the image");
+    let agent_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&agent_bytes))
+    };
+    let rootfs = match &spec.packages {
+        Some(packages) => {
+            let tree = work.join("rootfs");
+            crate::rootfs::debootstrap(
+                &tree,
+                &images_dir.join(".cache"),
+                packages,
+                &mut |what| progress(4, steps, &format!("Debian root filesystem: {what}")),
+            )?;
+            progress(5, steps, "packing the root filesystem (erofs)");
+            crate::rootfs::add_agent(&tree, &agent_bytes)?;
+            let installed = crate::rootfs::installed_packages(&tree);
+            let packed = work.join(ROOTFS_FILE);
+            let size_bytes = crate::rootfs::pack_erofs(&tree, &packed)?;
+            let _ = std::fs::remove_dir_all(&tree);
+            Some((
+                packed,
+                RootfsManifest {
+                    format: "erofs".into(),
+                    file: ROOTFS_FILE.into(),
+                    suite: crate::rootfs::SUITE.into(),
+                    packages: packages.clone(),
+                    installed,
+                    size_bytes,
+                    warm_up: crate::rootfs::warm_up(packages),
+                    build_key: crate::rootfs::build_key(packages, &agent_sha256, ROOTFS_INIT),
+                },
+            ))
+        }
+        None => None,
+    };
+    progress(steps - 1, steps, "packing the initramfs");
+    let initramfs = match rootfs {
+        Some(_) => pack_stage_one(&root)?,
+        None => pack_initramfs(&root, &agent_bytes, &release)?,
+    };
+    progress(steps, steps, "writing the image");
     let file_name = |deb: &Path| {
         deb.file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned()
+    };
+    let (rootfs_file, rootfs) = match rootfs {
+        Some((file, manifest)) => (Some(file), Some(manifest)),
+        None => (None, None),
     };
     let manifest = ImageManifest {
         name: name.to_string(),
@@ -489,55 +502,22 @@ fn build_in(
         kernel_package: file_name(&kernel_deb),
         kernel_release: release,
         busybox_package: file_name(&busybox_deb),
-        agent_sha256: {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(&agent_bytes))
-        },
+        agent_sha256,
         created_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0)
             .to_string(),
+        rootfs,
     };
-    install_image(images_dir, work, &vmlinux, &initramfs, manifest)
-}
-
-fn unpack(deb: &Path, root: &Path) -> Result<String, ImageError> {
-    run(
-        "unpack packages",
-        Command::new("dpkg-deb").arg("-x").arg(deb).arg(root),
+    install_image(
+        images_dir,
+        work,
+        &vmlinux,
+        &initramfs,
+        rootfs_file.as_deref(),
+        manifest,
     )
-}
-
-/// The minimal kernel, compiled once per source package and configuration
-/// and kept in `images/.kernels/`: its bytes and its release.
-fn minimal_kernel(
-    images_dir: &Path,
-    work: &Path,
-    root: &Path,
-    kernel_deb: &Path,
-    progress: &mut dyn FnMut(&str),
-) -> Result<(Vec<u8>, String), ImageError> {
-    let cache = images_dir.join(".kernels").join(format!(
-        "{}-{}",
-        kernel_deb.file_stem().unwrap_or_default().to_string_lossy(),
-        &{
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(KERNEL_CONFIG))
-        }[..12]
-    ));
-    if !cache.join("vmlinux").exists() {
-        unpack(kernel_deb, root)?;
-        compile_kernel(root, work, &cache, progress)?;
-    } else {
-        progress("kernel already compiled");
-    }
-    Ok((
-        std::fs::read(cache.join("vmlinux"))?,
-        std::fs::read_to_string(cache.join("release"))?
-            .trim()
-            .to_string(),
-    ))
 }
 
 /// The initramfs: busybox, the agent as `/sbin/kiln-agent`, `/init`, and
@@ -583,6 +563,23 @@ fn pack_initramfs(root: &Path, agent: &[u8], release: &str) -> Result<Vec<u8>, I
     Ok(cpio.finish())
 }
 
+/// The first stage of a root filesystem image: busybox and its `/init`
+/// (the agent lives in the root filesystem).
+fn pack_stage_one(root: &Path) -> Result<Vec<u8>, ImageError> {
+    let mut cpio = Cpio::new();
+    for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev"] {
+        cpio.dir(dir);
+    }
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read(root.join("bin/busybox"))?,
+    );
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("init", 0o755, ROOTFS_INIT.as_bytes());
+    Ok(cpio.finish())
+}
+
 /// Writes the image beside the old one and swaps it in by renames. The
 /// kernel and initramfs are world-readable: QEMU, running as its own user,
 /// reads them through descriptors kiln hands it, and they hold nothing
@@ -592,6 +589,7 @@ fn install_image(
     work: &Path,
     vmlinux: &[u8],
     initramfs: &[u8],
+    rootfs: Option<&Path>,
     manifest: ImageManifest,
 ) -> Result<Image, ImageError> {
     use std::os::unix::fs::PermissionsExt;
@@ -600,6 +598,11 @@ fn install_image(
     for (file, bytes) in [("vmlinux", vmlinux), ("initramfs.cpio", initramfs)] {
         std::fs::write(out.join(file), bytes)?;
         std::fs::set_permissions(out.join(file), std::fs::Permissions::from_mode(0o644))?;
+    }
+    if let Some(rootfs) = rootfs {
+        let file = out.join(ROOTFS_FILE);
+        std::fs::rename(rootfs, &file)?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
     }
     std::fs::write(
         out.join("image.json"),
@@ -661,6 +664,7 @@ mod tests {
             busybox_package: String::new(),
             agent_sha256: String::new(),
             created_at: String::new(),
+            rootfs: None,
         };
         let images = work.join("images");
         for dir in [
@@ -687,6 +691,37 @@ mod tests {
             Err(_) => "other",
         };
         assert_eq!(got, expect, "{name:?}");
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        for (field, expect) in [
+            ("/work/a", "/work/a"),
+            ("/work/a\\040b", "/work/a b"),
+            ("/x\\011y\\134z", "/x\ty\\z"),
+            ("/trailing\\04", "/trailing\\04"),
+            ("/not\\999octal", "/not\\999octal"),
+        ] {
+            assert_eq!(unescape_mount_path(field), PathBuf::from(expect), "{field}");
+        }
+    }
+
+    #[test]
+    fn manifests_without_a_root_filesystem_still_open() {
+        let old = r#"{"name":"default","kernel":"minimal","kernel_package":"k","kernel_release":"6.1","busybox_package":"b","agent_sha256":"a","created_at":"1"}"#;
+        let manifest: ImageManifest = serde_json::from_str(old).unwrap();
+        assert!(manifest.rootfs.is_none());
+        assert!(!serde_json::to_string(&manifest).unwrap().contains("rootfs"));
+    }
+
+    #[test]
+    fn rootfs_specs_come_from_presets_or_packages() {
+        let spec = BuildSpec::rootfs("python", &[]).unwrap();
+        assert!(spec.packages.unwrap().contains(&"python3".to_string()));
+        let spec = BuildSpec::rootfs("tools", &["gcc".into(), "git".into()]).unwrap();
+        assert_eq!(spec.packages.unwrap(), vec!["gcc", "git"]);
+        assert!(BuildSpec::rootfs("tools", &[]).is_err(), "no preset, no packages");
+        assert!(BuildSpec::rootfs("tools", &["$(reboot)".into()]).is_err());
     }
 
     #[test]

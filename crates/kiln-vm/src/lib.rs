@@ -13,10 +13,12 @@ pub mod history;
 pub mod image;
 pub mod jail;
 pub mod job;
+pub mod kernel;
 pub mod manager;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
+pub mod rootfs;
 pub mod run_dir;
 pub mod testing;
 
@@ -91,7 +93,8 @@ pub struct MachineConfig {
     pub memory_mib: u32,
 }
 
-/// Firecracker's `drives` (none are used yet: the root is the initramfs).
+/// Firecracker's `drives`: a root filesystem image's base, read-only and
+/// shared by every VM of the image.
 #[derive(Clone, Debug)]
 pub struct Drive {
     pub id: String,

@@ -221,19 +221,24 @@ impl VmManager {
             AcceleratorChoice::Tcg => Accelerator::Tcg,
             AcceleratorChoice::Kvm if kvm_device_usable() => Accelerator::Kvm,
             AcceleratorChoice::Kvm => return Err(VmError::NoAccelerator("kvm")),
-            AcceleratorChoice::Auto => match Image::open(images_dir, "default") {
-                Ok(image) => {
+            // The probe boots the default image, else any there is.
+            AcceleratorChoice::Auto => match Image::open(images_dir, "default")
+                .ok()
+                .or_else(|| Image::list(images_dir).into_iter().next())
+            {
+                Some(image) => {
                     let boot = boot_source(&image, &config.extra_cmdline);
                     probe_accelerator_with(
                         &config.qemu,
                         &boot,
+                        image.drives(),
                         vm_dir,
                         &vm_dir.join(".accelerator"),
                     )
                     .await
                 }
-                Err(_) if kvm_device_usable() => Accelerator::Kvm,
-                Err(_) => Accelerator::Tcg,
+                None if kvm_device_usable() => Accelerator::Kvm,
+                None => Accelerator::Tcg,
             },
         };
         let vmm = Arc::new(qemu::QemuVmm::new(accelerator, config.qemu.clone()));
@@ -333,6 +338,7 @@ impl VmManager {
         &self,
         config: &VmConfig,
         snapshot: &Path,
+        warm_up: &[Vec<String>],
     ) -> Result<crate::MicroVm, VmError> {
         let snapshots = self.snapshots.load(Ordering::Relaxed);
         if snapshots && snapshot.exists() {
@@ -367,6 +373,7 @@ impl VmManager {
                 let _ = std::fs::create_dir_all(dir);
             }
             settle_clock(&vm.agent).await;
+            warm_up_page_cache(&vm.agent, warm_up).await;
             match self.vmm.snapshot(&vm, snapshot).await {
                 Ok(()) => drop_stale_snapshots(snapshot, config.machine),
                 Err(error) => {
@@ -397,12 +404,18 @@ impl VmManager {
             id: id.clone(),
             boot: boot_source(&image, &self.config.extra_cmdline),
             machine: MachineConfig { vcpus, memory_mib },
-            drives: Vec::new(),
+            drives: image.drives(),
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
         let snapshot = self.snapshot_file(&image, &config.boot, vcpus, memory_mib);
-        let vm = self.start_vm(&config, &snapshot).await?;
+        let warm_up = image
+            .manifest
+            .rootfs
+            .as_ref()
+            .map(|rootfs| rootfs.warm_up.clone())
+            .unwrap_or_default();
+        let vm = self.start_vm(&config, &snapshot, &warm_up).await?;
         booting.done = true;
         Ok(LiveVm {
             info: VmInfo {
@@ -819,6 +832,27 @@ async fn settle_clock(agent: &AgentConn) {
             Ok(out) if out.stdout.trim_ascii() != b"tsc-early" => return,
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(_) => return,
+        }
+    }
+}
+
+/// Runs an image's warm-up commands (its language runtime starting once)
+/// in a VM about to be saved, so the files they read are in the guest's
+/// page cache in the snapshot and no restored VM reads them from the drive
+/// again. Only kiln's own commands run here, before any tenant has the VM.
+async fn warm_up_page_cache(agent: &AgentConn, warm_up: &[Vec<String>]) {
+    for argv in warm_up {
+        let Some((command, args)) = argv.split_first() else {
+            continue;
+        };
+        let exec = crate::Exec {
+            command: command.clone(),
+            args: args.to_vec(),
+            timeout_ms: Some(30_000),
+            ..crate::Exec::default()
+        };
+        if let Err(error) = agent.exec(exec, b"").await {
+            tracing::warn!(%error, command, "an image's warm-up command failed");
         }
     }
 }

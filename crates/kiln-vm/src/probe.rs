@@ -10,6 +10,7 @@ use crate::manager::boot_source;
 use crate::run_dir::remove_run_dir;
 use crate::{qemu, Accelerator, BootSource, MachineConfig, VmConfig};
 
+
 /// Whether `/dev/kvm` can be opened for reading and writing.
 pub(crate) fn kvm_device_usable() -> bool {
     std::fs::OpenOptions::new()
@@ -25,12 +26,13 @@ pub(crate) fn kvm_device_usable() -> bool {
 pub async fn probe_accelerator(image: &Image, work_dir: &Path, cache_file: &Path) -> Accelerator {
     let config = VmManagerConfig::default();
     let boot = boot_source(image, &config.extra_cmdline);
-    probe_accelerator_with(&config.qemu, &boot, work_dir, cache_file).await
+    probe_accelerator_with(&config.qemu, &boot, image.drives(), work_dir, cache_file).await
 }
 
 pub(crate) async fn probe_accelerator_with(
     qemu_config: &QemuConfig,
     boot: &BootSource,
+    drives: Vec<crate::Drive>,
     work_dir: &Path,
     cache_file: &Path,
 ) -> Accelerator {
@@ -52,7 +54,7 @@ pub(crate) async fn probe_accelerator_with(
                 vcpus: 1,
                 memory_mib: 128,
             },
-            drives: Vec::new(),
+            drives,
             network: Vec::new(),
             run_dir: work_dir.join(format!("probe-{}", std::process::id())),
         };

@@ -360,6 +360,8 @@ struct Handed {
     kernel: OwnedFd,
     initrd: Option<OwnedFd>,
     incoming: Option<OwnedFd>,
+    /// The VM's drives, in the order of `VmConfig::drives`.
+    drives: Vec<OwnedFd>,
 }
 
 impl Handed {
@@ -379,6 +381,17 @@ impl Handed {
             kernel: open(&config.boot.kernel)?,
             initrd: config.boot.initrd.as_deref().map(open).transpose()?,
             incoming: incoming.map(open).transpose()?,
+            drives: config
+                .drives
+                .iter()
+                .map(|drive| -> Result<OwnedFd, VmError> {
+                    Ok(std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(!drive.read_only)
+                        .open(&drive.path)?
+                        .into())
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -392,6 +405,7 @@ impl Handed {
         ]
         .into_iter()
         .flatten()
+        .chain(self.drives)
         .collect()
     }
 }
@@ -458,6 +472,20 @@ impl QemuVmm {
         }
         if let Some(initrd) = &handed.initrd {
             args.extend(["-initrd".into(), inherited(initrd)]);
+        }
+        for (n, (drive, fd)) in config.drives.iter().zip(&handed.drives).enumerate() {
+            let mut spec = format!("if=none,id=drive{n},format=raw,file={}", inherited(fd));
+            if drive.read_only {
+                // Shared by every VM of the image: QEMU refuses writes, and
+                // a shared lock lets them all open it at once.
+                spec.push_str(",readonly=on");
+            }
+            args.extend([
+                "-drive".into(),
+                spec,
+                "-device".into(),
+                format!("virtio-blk-device,drive=drive{n}"),
+            ]);
         }
         if let Some(state) = &handed.incoming {
             args.extend(["-incoming".into(), format!("fd:{}", state.as_raw_fd())]);

@@ -43,6 +43,46 @@ pub async fn test_image() -> &'static Image {
         .await
 }
 
+/// The packages of the test suites' root filesystem image: the `python`
+/// preset.
+pub fn python_packages() -> Vec<String> {
+    crate::rootfs::package_list(&crate::rootfs::preset("python").expect("the python preset"))
+        .expect("preset packages are valid")
+}
+
+/// The `python` root filesystem image in [`images_dir`], built once per
+/// machine: reused while its build key (packages, agent, kernel
+/// configuration, stage-one init) is the one this code would build. `.ci/run`
+/// builds it before the tests (`kiln image build python`), so a test run
+/// pays for mmdebstrap only when something changed.
+pub async fn python_image() -> &'static Image {
+    static IMAGE: OnceCell<Image> = OnceCell::const_new();
+    IMAGE
+        .get_or_init(|| async {
+            let dir = images_dir();
+            let agent = image::find_agent().expect(
+                "the static agent (.ci/run builds it): cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl",
+            );
+            let agent_sha = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(std::fs::read(&agent).expect("read the agent")))
+            };
+            let packages = python_packages();
+            let key = crate::rootfs::build_key(&packages, &agent_sha, image::ROOTFS_INIT);
+            if let Ok(image) = Image::open(&dir, "python") {
+                if image.manifest.rootfs.as_ref().is_some_and(|r| r.build_key == key) {
+                    return image;
+                }
+            }
+            let spec = image::BuildSpec::rootfs("python", &packages).expect("python preset");
+            tokio::task::spawn_blocking(move || image::build_with(&dir, "python", &spec, &agent, &mut |_, _, _| {}))
+                .await
+                .expect("image build task")
+                .expect("python image build (needs mmdebstrap and erofs-utils: .ci/run installs them)")
+        })
+        .await
+}
+
 /// The VM directories under a manager's `vm_dir` (its lock file aside):
 /// what a leak would leave behind.
 pub fn vm_dirs_in(vm_dir: &std::path::Path) -> usize {

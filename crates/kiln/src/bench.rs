@@ -61,9 +61,18 @@ mod logs;
 
 #[derive(Args)]
 pub struct VmArgs {
-    /// Where the `default` image is (`kiln image build` puts it in <data-dir>/images).
+    /// Where the images are (`kiln image build` puts them in <data-dir>/images).
     #[arg(long, env = "KILN_BENCH_IMAGES")]
     images: Option<std::path::PathBuf>,
+    /// The image VMs boot: `default` (busybox) or a root filesystem image
+    /// such as `python`.
+    #[arg(long, default_value = "default")]
+    image: String,
+    /// First time building the image again (a root filesystem image) into a
+    /// scratch directory that shares the compiled kernel: with an empty apt
+    /// cache, then with the cache the first build filled.
+    #[arg(long)]
+    build: bool,
     #[arg(long, default_value_t = 5)]
     boots: usize,
     #[arg(long, default_value_t = 300)]
@@ -789,10 +798,10 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-fn bench_vm() -> kiln_vm::VmRequest {
+fn bench_vm(image: &str) -> kiln_vm::VmRequest {
     kiln_vm::VmRequest {
         tenant: "bench".into(),
-        image: "default".into(),
+        image: image.into(),
         vcpus: 1,
         memory_mib: 128,
         ttl: None,
@@ -812,17 +821,31 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
     let images = args
         .images
         .unwrap_or_else(|| crate::config::default_data_dir().join("images"));
-    kiln_vm::image::Image::open(&images, "default")?;
+    let image = kiln_vm::image::Image::open(&images, &args.image)?;
     let work = std::env::temp_dir().join(format!("kiln-bench-vm-{}", now_millis()));
     let config = crate::config::vm_config(&args.host, None, &kiln_core::TenantQuotas::default())?;
     let vms = kiln_vm::VmManager::start(&images, &work.join("vms"), config).await?;
     println!(
-        "| kiln microVM ({}) | value |\n|---|---|",
-        vms.accelerator().as_str()
+        "| kiln microVM ({}, image {}) | value |\n|---|---|",
+        vms.accelerator().as_str(),
+        args.image
     );
-    vm_starts(&vms, args.boots).await?;
-    vm_execs(&vms, args.execs).await?;
-    vm_capacity(&vms, args.max_vms).await?;
+    if args.build {
+        vm_image_build(&images, &image, &work).await?;
+    }
+    println!(
+        "| image {}: size on disk (kernel, initramfs{}) | {:.1} MiB |",
+        args.image,
+        if image.manifest.rootfs.is_some() {
+            ", erofs root filesystem"
+        } else {
+            ""
+        },
+        image.size_bytes() as f64 / (1 << 20) as f64
+    );
+    vm_starts(&vms, &args.image, args.boots).await?;
+    vm_execs(&vms, &args.image, args.execs).await?;
+    vm_capacity(&vms, &args.image, args.max_vms).await?;
     vms.shutdown().await;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
@@ -830,13 +853,17 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
 
 /// Create → first exec: the first VM of a shape, snapshot restores, full
 /// boots and the warm pool. Leaves one warm VM in the pool.
-async fn vm_starts(vms: &Arc<kiln_vm::VmManager>, boots: usize) -> anyhow::Result<()> {
+async fn vm_starts(
+    vms: &Arc<kiln_vm::VmManager>,
+    image: &str,
+    boots: usize,
+) -> anyhow::Result<()> {
     // A fresh snapshot for the bench's shape: the first create boots.
-    let snapshot = vms.snapshot_path("default", 1, 128)?;
+    let snapshot = vms.snapshot_path(image, 1, 128)?;
     let _ = std::fs::remove_file(&snapshot);
     let time_create = |vms: Arc<kiln_vm::VmManager>| async move {
         let t = Instant::now();
-        let vm = vms.create(bench_vm()).await?;
+        let vm = vms.create(bench_vm(image)).await?;
         let agent = vms.agent("bench", &vm.id).await.context("vm vanished")?;
         agent.exec(run_true(), b"").await?;
         let took = t.elapsed();
@@ -866,7 +893,7 @@ async fn vm_starts(vms: &Arc<kiln_vm::VmManager>, boots: usize) -> anyhow::Resul
         "create → first exec, full boot with snapshots off",
         &mut full,
     );
-    vms.keep_warm("default", 1, 128, 1);
+    vms.keep_warm(image, 1, 128, 1);
     let mut warm = Vec::new();
     for _ in 0..boots {
         while vms.warm_count() < 1 {
@@ -883,8 +910,12 @@ async fn vm_starts(vms: &Arc<kiln_vm::VmManager>, boots: usize) -> anyhow::Resul
 
 /// Round trips to one VM's agent: pings and execs of `true`, and the host
 /// memory of the idle VM.
-async fn vm_execs(vms: &Arc<kiln_vm::VmManager>, execs: usize) -> anyhow::Result<()> {
-    let vm = vms.create(bench_vm()).await?;
+async fn vm_execs(
+    vms: &Arc<kiln_vm::VmManager>,
+    image: &str,
+    execs: usize,
+) -> anyhow::Result<()> {
+    let vm = vms.create(bench_vm(image)).await?;
     let agent = vms.agent("bench", &vm.id).await.context("vm vanished")?;
     for _ in 0..20 {
         agent.exec(run_true(), b"").await?;
@@ -919,10 +950,13 @@ async fn vm_execs(vms: &Arc<kiln_vm::VmManager>, execs: usize) -> anyhow::Result
         ms(percentile(&round, 0.99)),
         ms(percentile(&inside, 0.5))
     );
+    if image != "default" {
+        vm_python_execs(&agent, execs.min(50)).await?;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = vm.pid.map(pid_rss_kib).unwrap_or(0);
     println!(
-        "| host RSS of one idle 128 MiB VM (QEMU process) | {} MiB |",
+        "| host RSS of one idle 128 MiB VM of {image} (QEMU process) | {} MiB |",
         rss / 1024
     );
     vms.delete("bench", &vm.id).await;
@@ -930,11 +964,15 @@ async fn vm_execs(vms: &Arc<kiln_vm::VmManager>, execs: usize) -> anyhow::Result
 }
 
 /// How many VMs start and answer at once, up to `max_vms`.
-async fn vm_capacity(vms: &Arc<kiln_vm::VmManager>, max_vms: usize) -> anyhow::Result<()> {
+async fn vm_capacity(
+    vms: &Arc<kiln_vm::VmManager>,
+    image: &str,
+    max_vms: usize,
+) -> anyhow::Result<()> {
     let mut alive = Vec::new();
     let mut failure = None;
     for _ in 0..max_vms {
-        match vms.create(bench_vm()).await {
+        match vms.create(bench_vm(image)).await {
             Ok(vm) => alive.push(vm),
             Err(error) => {
                 failure = Some(error.to_string());
@@ -963,5 +1001,76 @@ async fn vm_capacity(vms: &Arc<kiln_vm::VmManager>, max_vms: usize) -> anyhow::R
             .map(|f| format!("; first failure: {f}"))
             .unwrap_or_default()
     );
+    Ok(())
+}
+
+/// `python3 -c 'print(1)'` round trips in a VM of a root filesystem image
+/// (the first one apart: it reads Python from the drive).
+async fn vm_python_execs(agent: &kiln_vm::AgentConn, runs: usize) -> anyhow::Result<()> {
+    let python = || kiln_vm::Exec {
+        command: "python3".into(),
+        args: vec!["-c".into(), "print(1)".into()],
+        ..kiln_vm::Exec::default()
+    };
+    let t = Instant::now();
+    let out = agent.exec(python(), b"").await?;
+    let first = t.elapsed();
+    anyhow::ensure!(out.stdout == b"1\n", "python3 printed {:?}", out.stdout);
+    let mut round = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        agent.exec(python(), b"").await?;
+        round.push(t.elapsed());
+    }
+    round.sort();
+    println!(
+        "| exec round trip of `python3 -c 'print(1)'` ({} runs) | p50 {} · p99 {} (first after create: {}) |",
+        round.len(),
+        ms(percentile(&round, 0.5)),
+        ms(percentile(&round, 0.99)),
+        ms(first)
+    );
+    Ok(())
+}
+
+/// Builds `image` again into a scratch images directory that shares the
+/// compiled kernel and downloaded kernel packages: once with an empty apt
+/// cache, once more with the cache the first build filled.
+async fn vm_image_build(
+    images: &std::path::Path,
+    image: &kiln_vm::image::Image,
+    work: &std::path::Path,
+) -> anyhow::Result<()> {
+    let packages = image
+        .manifest
+        .rootfs
+        .as_ref()
+        .map(|r| r.packages.clone())
+        .context("--build times root filesystem images (python, node, --packages)")?;
+    let scratch = work.join("images");
+    std::fs::create_dir_all(&scratch)?;
+    for shared in [".kernels", ".debs"] {
+        std::os::unix::fs::symlink(images.join(shared), scratch.join(shared))?;
+    }
+    let agent = kiln_vm::image::find_agent().context("no agent binary (KILN_AGENT_BIN)")?;
+    let spec = kiln_vm::image::BuildSpec::rootfs(&image.manifest.name, &packages)?;
+    let mut took = Vec::new();
+    for _ in 0..2 {
+        let (scratch, spec, agent) = (scratch.clone(), spec.clone(), agent.clone());
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            kiln_vm::image::build_with(&scratch, "bench", &spec, &agent, &mut |_, _, _| {})
+        })
+        .await??;
+        took.push(t.elapsed());
+    }
+    println!(
+        "| image build, {} packages asked ({}), kernel already compiled | cold apt cache {:.1} s · warm apt cache {:.1} s |",
+        packages.len(),
+        packages.join(","),
+        took[0].as_secs_f64(),
+        took[1].as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }

@@ -339,7 +339,7 @@ async fn vm_pace(
     let config = crate::config::vm_config(&args.host, None, &kiln_core::TenantQuotas::default())?;
     let vms = kiln_vm::VmManager::start(&images, &work.join("vms"), config).await?;
     vms.attach_logs(sink.clone());
-    let vm = vms.create(super::bench_vm()).await?;
+    let vm = vms.create(super::bench_vm("default")).await?;
     let agent = vms
         .agent("bench", &vm.id)
         .await

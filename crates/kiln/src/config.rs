@@ -126,6 +126,10 @@ pub struct ServerArgs {
     /// Ready microVMs (1 vCPU, 128 MiB, default image) kept booted for fast creates.
     #[arg(long, env = "KILN_VM_WARM")]
     pub vm_warm: Option<usize>,
+    /// Ready microVMs of other images (1 vCPU, 128 MiB), as NAME=COUNT
+    /// pairs, e.g. python=1,node=1.
+    #[arg(long, env = "KILN_VM_WARM_IMAGES")]
+    pub vm_warm_images: Option<String>,
     #[command(flatten)]
     pub vm: VmHostArgs,
     /// Requests a second allowed per API key, per API process (0: no limit).
@@ -216,6 +220,7 @@ struct FileConfig {
     log_bytes_max_mib: Option<u64>,
     loki_url: Option<String>,
     vm_warm: Option<usize>,
+    vm_warm_images: Option<String>,
     rate_limit: Option<u32>,
     rate_burst: Option<u32>,
     notify_allow: Option<String>,
@@ -266,6 +271,8 @@ pub struct Settings {
     pub log_bytes_max: u64,
     pub loki_url: Option<String>,
     pub vm_warm: usize,
+    /// Warm pools of images besides `default`: (image, ready VMs).
+    pub vm_warm_images: Vec<(String, usize)>,
     pub rate_limit: u32,
     pub rate_burst: u32,
     pub notify_allow: kiln_events::notify::AllowList,
@@ -274,6 +281,24 @@ pub struct Settings {
     pub quotas: TenantQuotas,
     /// Everything the VM manager is configured with, quotas included.
     pub vm: VmManagerConfig,
+}
+
+/// `python=1,node=2`: warm pools of named images (names checked as image
+/// names, at most 64 VMs each).
+pub fn parse_warm_images(text: &str) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut pools = Vec::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (image, count) = pair
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("vm_warm_images: {pair:?} is not NAME=COUNT"))?;
+        kiln_core::names::check_ident("image", image.trim())?;
+        let count: usize = count
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("vm_warm_images: {count:?} is not a count"))?;
+        pools.push((image.trim().to_string(), count.min(64)));
+    }
+    Ok(pools)
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -389,6 +414,12 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             url => url,
         },
         vm_warm: args.vm_warm.or(file.vm_warm).unwrap_or(1).min(64),
+        vm_warm_images: parse_warm_images(
+            args.vm_warm_images
+                .as_deref()
+                .or(file.vm_warm_images.as_deref())
+                .unwrap_or(""),
+        )?,
         rate_limit: args
             .rate_limit
             .or(file.rate_limit)
@@ -573,6 +604,14 @@ impl Settings {
                     .map_or_else(|| "-".to_string(), redact),
             ),
             ("vm_warm", self.vm_warm.to_string()),
+            (
+                "vm_warm_images",
+                self.vm_warm_images
+                    .iter()
+                    .map(|(image, n)| format!("{image}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
             ("rate_limit", self.rate_limit.to_string()),
             ("rate_burst", self.rate_burst.to_string()),
             (

@@ -334,12 +334,23 @@ enum ModuleCommand {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Build (or rebuild) a guest image from Debian packages and kiln's agent.
+    /// Build (or rebuild) a guest image from Debian packages and kiln's agent:
+    /// `default` is the busybox initramfs; `python` and `node` are presets
+    /// of a Debian root filesystem; any other name takes `--packages`.
     Build {
         #[command(flatten)]
         server: ServerArgs,
-        #[arg(long, default_value = "default")]
+        /// The image's name (`[a-z0-9][a-z0-9-]*`).
+        #[arg(default_value = "default")]
         name: String,
+        /// Debian packages (comma-separated) for a root filesystem image,
+        /// e.g. python3,git,curl,gcc; their dependencies come along.
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Keep a root filesystem image that is already what this build
+        /// would make (same packages, agent, kernel configuration).
+        #[arg(long)]
+        if_changed: bool,
         /// The static agent binary (default: the cargo target dir's musl build).
         #[arg(long, env = "KILN_AGENT_BIN")]
         agent: Option<PathBuf>,
@@ -855,45 +866,93 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Build {
             server,
             name,
+            packages,
+            if_changed,
             agent,
             kernel,
         } => {
             let kernel = kiln_vm::image::KernelKind::parse(&kernel).context("--kernel")?;
             let settings = local_settings(&server)?;
-            kiln_core::validate_name("image", &name)?;
+            kiln_core::names::check_ident("image", &name)?;
+            let spec = if packages.is_empty() && name == "default" {
+                kiln_vm::image::BuildSpec::busybox(kernel)
+            } else {
+                kiln_vm::image::BuildSpec::rootfs(&name, &packages)?
+            };
             let agent = agent.or_else(kiln_vm::image::find_agent).context(
                 "no agent binary: cargo build --profile agent -p kiln-agent --target x86_64-unknown-linux-musl, or pass --agent",
             )?;
             let dir = settings.data_dir.join("images");
+            if if_changed && kiln_vm::image::up_to_date(&dir, &name, &spec, &agent) {
+                println!("image {name} is up to date");
+                return Ok(0);
+            }
+            let started = std::time::Instant::now();
             let built = tokio::task::spawn_blocking(move || {
-                kiln_vm::image::build(&dir, &name, kernel, &agent, &mut |step, of, what| {
+                kiln_vm::image::build_with(&dir, &name, &spec, &agent, &mut |step, of, what| {
                     eprintln!("[{step}/{of}] {what}");
                 })
             })
             .await??;
             println!(
-                "image {} ready in {} (kernel {})",
+                "image {} ready in {} (kernel {}, {}, {:.1} s)",
                 built.manifest.name,
                 built.dir.display(),
-                built.manifest.kernel_release
+                built.manifest.kernel_release,
+                human_bytes(built.size_bytes()),
+                started.elapsed().as_secs_f64()
             );
         }
         ImageCommand::Ls { server } => {
             let settings = server.settings()?;
+            println!("NAME\tSIZE\tKERNEL\tCREATED\tPACKAGES");
             for image in kiln_vm::image::Image::list(&settings.data_dir.join("images")) {
-                println!(
-                    "{}\t{}\t{}\t{}",
-                    image.manifest.name,
-                    serde_json::to_value(image.manifest.kernel)?
-                        .as_str()
-                        .unwrap_or(""),
-                    image.manifest.kernel_release,
-                    image.manifest.busybox_package
-                );
+                println!("{}", image_row(&image));
             }
         }
     }
     Ok(0)
+}
+
+/// One line of `kiln image ls`: name, size, kernel, created, packages.
+fn image_row(image: &kiln_vm::image::Image) -> String {
+    let manifest = &image.manifest;
+    let kernel = serde_json::to_value(manifest.kernel)
+        .ok()
+        .and_then(|k| k.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let created = manifest
+        .created_at
+        .parse::<i64>()
+        .ok()
+        .and_then(|s| kiln_api::render_time(s.saturating_mul(1000)))
+        .unwrap_or_else(|| manifest.created_at.clone());
+    let packages = match &manifest.rootfs {
+        Some(rootfs) => format!(
+            "debian {} ({} installed): {}",
+            rootfs.suite,
+            rootfs.installed,
+            rootfs.packages.join(",")
+        ),
+        None => format!("busybox initramfs: {}", manifest.busybox_package),
+    };
+    format!(
+        "{}\t{}\t{} {}\t{}\t{}",
+        manifest.name,
+        human_bytes(image.size_bytes()),
+        kernel,
+        manifest.kernel_release,
+        created,
+        packages
+    )
+}
+
+fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
 }
 
 async fn vm(client: Client, command: VmCommand) -> anyhow::Result<i32> {

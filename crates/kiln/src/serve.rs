@@ -150,7 +150,8 @@ async fn vm_manager(
     host_tag: Option<&str>,
 ) -> anyhow::Result<Option<Arc<kiln_vm::VmManager>>> {
     let images = settings.data_dir.join("images");
-    if kiln_vm::image::Image::open(&images, "default").is_err() {
+    let has_default = kiln_vm::image::Image::open(&images, "default").is_ok();
+    if !has_default && kiln_vm::image::Image::list(&images).is_empty() {
         tracing::info!("no guest image: microVMs are off (build one with `kiln image build`)");
         return Ok(None);
     }
@@ -161,8 +162,13 @@ async fn vm_manager(
             if let Some(tag) = host_tag {
                 manager.set_host_tag(tag);
             }
-            if settings.vm_warm > 0 {
+            if settings.vm_warm > 0 && has_default {
                 manager.keep_warm("default", 1, 128, settings.vm_warm);
+            }
+            for (image, count) in &settings.vm_warm_images {
+                if *count > 0 {
+                    manager.keep_warm(image, 1, 128, *count);
+                }
             }
             Ok(Some(manager))
         }

@@ -27,6 +27,7 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
         "KILN_QEMU",
         "KILN_QEMU_CPU",
         "KILN_VM_WARM",
+        "KILN_VM_WARM_IMAGES",
         "KILN_SCRATCH_DIR",
     ] {
         command.env_remove(name);
