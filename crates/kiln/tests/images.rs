@@ -112,13 +112,12 @@ async fn kiln_run_vm_with_the_python_image_prints_42() {
         "serve.log",
     );
     until_up(&base, Duration::from_secs(60)).await;
-    let client = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--url", &base, "--data-dir", data.path().to_str().unwrap()]);
-        run(&all)
-    };
-    let out = client(&[
+    let out = run(&[
         "run",
+        "--url",
+        &base,
+        "--data-dir",
+        data.path().to_str().unwrap(),
         "vm",
         "--image",
         "python",
