@@ -316,7 +316,13 @@ pub fn build(
     agent: &Path,
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Image, ImageError> {
-    build_with(images_dir, name, &BuildSpec::busybox(kernel), agent, progress)
+    build_with(
+        images_dir,
+        name,
+        &BuildSpec::busybox(kernel),
+        agent,
+        progress,
+    )
 }
 
 /// Builds (or rebuilds) the image `name` under `images_dir` as `spec`
@@ -452,12 +458,9 @@ fn build_in(
     let rootfs = match &spec.packages {
         Some(packages) => {
             let tree = work.join("rootfs");
-            crate::rootfs::debootstrap(
-                &tree,
-                &images_dir.join(".cache"),
-                packages,
-                &mut |what| progress(4, steps, &format!("Debian root filesystem: {what}")),
-            )?;
+            crate::rootfs::debootstrap(&tree, &images_dir.join(".cache"), packages, &mut |what| {
+                progress(4, steps, &format!("Debian root filesystem: {what}"))
+            })?;
             progress(5, steps, "packing the root filesystem (erofs)");
             crate::rootfs::add_agent(&tree, &agent_bytes)?;
             let installed = crate::rootfs::installed_packages(&tree);
@@ -567,7 +570,9 @@ fn pack_initramfs(root: &Path, agent: &[u8], release: &str) -> Result<Vec<u8>, I
 /// (the agent lives in the root filesystem).
 fn pack_stage_one(root: &Path) -> Result<Vec<u8>, ImageError> {
     let mut cpio = Cpio::new();
-    for dir in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev"] {
+    for dir in [
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev",
+    ] {
         cpio.dir(dir);
     }
     cpio.file(
@@ -720,7 +725,10 @@ mod tests {
         assert!(spec.packages.unwrap().contains(&"python3".to_string()));
         let spec = BuildSpec::rootfs("tools", &["gcc".into(), "git".into()]).unwrap();
         assert_eq!(spec.packages.unwrap(), vec!["gcc", "git"]);
-        assert!(BuildSpec::rootfs("tools", &[]).is_err(), "no preset, no packages");
+        assert!(
+            BuildSpec::rootfs("tools", &[]).is_err(),
+            "no preset, no packages"
+        );
         assert!(BuildSpec::rootfs("tools", &["$(reboot)".into()]).is_err());
     }
 

@@ -179,7 +179,7 @@ fn install_kernel(src: &Path, cache: &Path) -> Result<(), ImageError> {
                 (modified.unwrap_or(std::time::UNIX_EPOCH), e.path())
             })
             .collect();
-        others.sort_by(|a, b| b.0.cmp(&a.0));
+        others.sort_by_key(|other| std::cmp::Reverse(other.0));
         for (_, path) in others.into_iter().skip(KERNELS_KEPT - 1) {
             let _ = std::fs::remove_dir_all(path);
         }

@@ -606,10 +606,13 @@ impl VmManager {
                     return;
                 };
                 match manager.boot(&key.0, key.1, key.2, host).await {
-                    Ok(live) => lock(&manager.warm)
-                        .entry(key.clone())
-                        .or_default()
-                        .push(live),
+                    Ok(live) => {
+                        manager.warm_up_pooled(&key.0, &live.agent).await;
+                        lock(&manager.warm)
+                            .entry(key.clone())
+                            .or_default()
+                            .push(live)
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "could not fill the warm pool");
                         return;
@@ -617,6 +620,23 @@ impl VmManager {
                 }
             }
         });
+    }
+
+    /// Readies a VM for the pool of a root filesystem image: under TCG a
+    /// restored VM translates every guest code path on its first run, and
+    /// Debian's programs load glibc dynamically, so a first command costs
+    /// hundreds of milliseconds. The pooled VM pays that now, running a
+    /// program and the image's warm-up commands, before anyone has it.
+    async fn warm_up_pooled(&self, image_name: &str, agent: &AgentConn) {
+        let Ok(image) = Image::open(&self.images_dir, image_name) else {
+            return;
+        };
+        let Some(rootfs) = image.manifest.rootfs else {
+            return;
+        };
+        let mut commands = vec![vec!["true".to_string()]];
+        commands.extend(rootfs.warm_up);
+        warm_up_page_cache(agent, &commands).await;
     }
 
     /// VMs handed out and not yet deleted, across tenants.

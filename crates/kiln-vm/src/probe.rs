@@ -10,7 +10,6 @@ use crate::manager::boot_source;
 use crate::run_dir::remove_run_dir;
 use crate::{qemu, Accelerator, BootSource, MachineConfig, VmConfig};
 
-
 /// Whether `/dev/kvm` can be opened for reading and writing.
 pub(crate) fn kvm_device_usable() -> bool {
     std::fs::OpenOptions::new()

@@ -151,9 +151,8 @@ fn tool_missing(tool: &str, package: &str) -> ImageError {
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
 
 /// Checks for mmdebstrap and mkfs.erofs before a minute of downloads.
@@ -216,7 +215,10 @@ pub fn debootstrap(
     // length.
     let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     if let Some(stderr) = child.stderr.take() {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(info) = line.strip_prefix("I: ") {
                 progress(info);
             }
@@ -327,7 +329,14 @@ mod tests {
     #[test]
     fn presets_carry_their_language_and_the_common_tools() {
         let python = preset("python").unwrap();
-        for p in ["python3", "python3-pip", "git", "curl", "ca-certificates", "bash"] {
+        for p in [
+            "python3",
+            "python3-pip",
+            "git",
+            "curl",
+            "ca-certificates",
+            "bash",
+        ] {
             assert!(python.iter().any(|q| q == p), "{p}");
         }
         assert!(preset("node").unwrap().iter().any(|p| p == "nodejs"));
@@ -341,7 +350,10 @@ mod tests {
     fn the_build_key_changes_with_every_input() {
         let base = build_key(&["git".into()], "aa", "init");
         assert_eq!(base, build_key(&["git".into()], "aa", "init"));
-        assert_ne!(base, build_key(&["git".into(), "curl".into()], "aa", "init"));
+        assert_ne!(
+            base,
+            build_key(&["git".into(), "curl".into()], "aa", "init")
+        );
         assert_ne!(base, build_key(&["git".into()], "ab", "init"));
         assert_ne!(base, build_key(&["git".into()], "aa", "init2"));
     }

@@ -58,7 +58,11 @@ async fn run(vms: &VmManager, tenant: &str, id: &str, script: &str) -> (String, 
 async fn python_and_git_run_in_the_python_image() {
     let vms = manager("tools").await;
     let image = testing::python_image().await;
-    let rootfs = image.manifest.rootfs.as_ref().expect("a root filesystem image");
+    let rootfs = image
+        .manifest
+        .rootfs
+        .as_ref()
+        .expect("a root filesystem image");
     assert_eq!(rootfs.format, "erofs");
     assert!(rootfs.packages.iter().any(|p| p == "python3"));
     assert!(rootfs.installed > 50, "{} packages", rootfs.installed);
@@ -94,17 +98,35 @@ async fn python_and_git_run_in_the_python_image() {
     .await;
     assert_eq!((text.as_str(), code), ("first\n", Some(0)));
 
-    let (text, code) = run(&vms, "acme", &vm.id, "python3 -m pip --version && curl --version | head -1 && bash -c 'echo $BASH_VERSION'").await;
+    let (text, code) = run(
+        &vms,
+        "acme",
+        &vm.id,
+        "python3 -m pip --version && curl --version | head -1 && bash -c 'echo $BASH_VERSION'",
+    )
+    .await;
     assert_eq!(code, Some(0), "{text}");
     assert!(text.starts_with("pip "), "{text}");
     assert!(text.contains("curl "), "{text}");
 
     // The root is the overlay; the base is the read-only erofs drive, which
     // the guest cannot write even as root.
-    let (text, _) = run(&vms, "acme", &vm.id, "grep -E ' / | /base ' /proc/mounts; cat /etc/debian_version").await;
+    let (text, _) = run(
+        &vms,
+        "acme",
+        &vm.id,
+        "grep -E ' / | /base ' /proc/mounts; cat /etc/debian_version",
+    )
+    .await;
     assert!(text.contains("root / overlay"), "{text}");
     assert!(text.contains("12."), "bookworm: {text}");
-    let (text, code) = run(&vms, "acme", &vm.id, "echo x | dd of=/dev/vda bs=1 count=1 conv=notrunc 2>&1").await;
+    let (text, code) = run(
+        &vms,
+        "acme",
+        &vm.id,
+        "echo x | dd of=/dev/vda bs=1 count=1 conv=notrunc 2>&1",
+    )
+    .await;
     assert_ne!(code, Some(0), "the shared drive took a write: {text}");
 
     // Another tenant sees nothing of it.
@@ -125,7 +147,10 @@ async fn a_vm_s_files_are_never_seen_by_another_vm_of_the_image() {
     // The first VM of the shape boots and saves the snapshot before it is
     // handed out; then it writes into its overlay, over the base too.
     let first = vms.create(request("acme")).await.unwrap();
-    assert!(snapshot.exists(), "the first VM of a shape saves a snapshot");
+    assert!(
+        snapshot.exists(),
+        "the first VM of a shape saves a snapshot"
+    );
     let (text, code) = run(
         &vms,
         "acme",
@@ -142,7 +167,11 @@ async fn a_vm_s_files_are_never_seen_by_another_vm_of_the_image() {
     let check = "test ! -e /root/mine.txt && test ! -e /opt/x && test -x /usr/bin/git \
                  && cat /etc/debian_version";
     let (text, code) = run(&vms, "acme", &second.id, check).await;
-    assert_eq!(code, Some(0), "the second VM sees the first one's files: {text}");
+    assert_eq!(
+        code,
+        Some(0),
+        "the second VM sees the first one's files: {text}"
+    );
     assert!(text.starts_with("12."), "{text}");
 
     // The warm pool hands out clean VMs too, and so does a VM made after
@@ -151,7 +180,10 @@ async fn a_vm_s_files_are_never_seen_by_another_vm_of_the_image() {
     vms.keep_warm("python", 1, 192, 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while vms.warm_count() < 1 {
-        assert!(std::time::Instant::now() < deadline, "the pool never filled");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pooled = vms.create(request("globex")).await.unwrap();

@@ -853,11 +853,7 @@ async fn vm(args: VmArgs) -> anyhow::Result<()> {
 
 /// Create → first exec: the first VM of a shape, snapshot restores, full
 /// boots and the warm pool. Leaves one warm VM in the pool.
-async fn vm_starts(
-    vms: &Arc<kiln_vm::VmManager>,
-    image: &str,
-    boots: usize,
-) -> anyhow::Result<()> {
+async fn vm_starts(vms: &Arc<kiln_vm::VmManager>, image: &str, boots: usize) -> anyhow::Result<()> {
     // A fresh snapshot for the bench's shape: the first create boots.
     let snapshot = vms.snapshot_path(image, 1, 128)?;
     let _ = std::fs::remove_file(&snapshot);
@@ -910,13 +906,14 @@ async fn vm_starts(
 
 /// Round trips to one VM's agent: pings and execs of `true`, and the host
 /// memory of the idle VM.
-async fn vm_execs(
-    vms: &Arc<kiln_vm::VmManager>,
-    image: &str,
-    execs: usize,
-) -> anyhow::Result<()> {
+async fn vm_execs(vms: &Arc<kiln_vm::VmManager>, image: &str, execs: usize) -> anyhow::Result<()> {
     let vm = vms.create(bench_vm(image)).await?;
     let agent = vms.agent("bench", &vm.id).await.context("vm vanished")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "| host RSS of one idle 128 MiB VM of {image} just created (QEMU process) | {} MiB |",
+        vm.pid.map(pid_rss_kib).unwrap_or(0) / 1024
+    );
     for _ in 0..20 {
         agent.exec(run_true(), b"").await?;
     }
@@ -956,7 +953,7 @@ async fn vm_execs(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = vm.pid.map(pid_rss_kib).unwrap_or(0);
     println!(
-        "| host RSS of one idle 128 MiB VM of {image} (QEMU process) | {} MiB |",
+        "| host RSS of the same VM, idle after the execs above (QEMU process) | {} MiB |",
         rss / 1024
     );
     vms.delete("bench", &vm.id).await;

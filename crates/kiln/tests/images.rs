@@ -52,18 +52,22 @@ async fn image_ls_shows_size_packages_kernel_and_creation() {
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut lines = stdout.lines();
-    assert_eq!(
-        lines.next(),
-        Some("NAME\tSIZE\tKERNEL\tCREATED\tPACKAGES")
-    );
+    assert_eq!(lines.next(), Some("NAME\tSIZE\tKERNEL\tCREATED\tPACKAGES"));
     let row: Vec<&str> = lines.next().expect("one image").split('\t').collect();
     assert_eq!(row.len(), 5, "{row:?}");
     assert_eq!(row[0], "python");
     assert!(row[1].ends_with(" MiB"), "size: {}", row[1]);
     let mib: f64 = row[1].trim_end_matches(" MiB").parse().unwrap();
-    assert!(mib > 50.0, "a Debian root filesystem with python: {mib} MiB");
+    assert!(
+        mib > 50.0,
+        "a Debian root filesystem with python: {mib} MiB"
+    );
     assert!(row[2].starts_with("minimal 6."), "kernel: {}", row[2]);
-    assert!(row[3].ends_with('Z') && row[3].contains('T'), "created: {}", row[3]);
+    assert!(
+        row[3].ends_with('Z') && row[3].contains('T'),
+        "created: {}",
+        row[3]
+    );
     assert!(
         row[4].starts_with("debian bookworm (") && row[4].contains("python3-pip"),
         "packages: {}",
