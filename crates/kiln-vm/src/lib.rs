@@ -14,6 +14,7 @@ pub mod image;
 pub mod jail;
 pub mod job;
 pub mod manager;
+pub mod net;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
@@ -66,6 +67,13 @@ pub enum VmError {
     /// Host-side I/O.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The VM's network cannot be what was asked (networking off on this
+    /// host, an `allow` host name without an address).
+    #[error("{0}")]
+    NetworkRefused(String),
+    /// Building the VM's network failed.
+    #[error("network: {0}")]
+    Network(String),
     /// Another process manages VMs in the same directory.
     #[error("{0}")]
     InUse(String),
@@ -103,8 +111,12 @@ pub struct Drive {
 #[derive(Clone, Debug)]
 pub struct NetworkInterface {
     pub id: String,
+    /// The TAP's name in kiln's namespace (Firecracker's `host_dev_name`).
     pub tap: String,
     pub mac: String,
+    /// The open TAP, handed to the VMM instead of its name (QEMU: `-netdev
+    /// tap,fd=N`); the device goes when the VMM's copy closes.
+    pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
 }
 
 #[derive(Clone, Debug)]

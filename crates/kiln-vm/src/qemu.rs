@@ -360,6 +360,8 @@ struct Handed {
     kernel: OwnedFd,
     initrd: Option<OwnedFd>,
     incoming: Option<OwnedFd>,
+    /// One TAP per network interface, in the order of `VmConfig::network`.
+    taps: Vec<OwnedFd>,
 }
 
 impl Handed {
@@ -379,6 +381,11 @@ impl Handed {
             kernel: open(&config.boot.kernel)?,
             initrd: config.boot.initrd.as_deref().map(open).transpose()?,
             incoming: incoming.map(open).transpose()?,
+            taps: config
+                .network
+                .iter()
+                .map(|nic| nic.fd.try_clone())
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -392,6 +399,7 @@ impl Handed {
         ]
         .into_iter()
         .flatten()
+        .chain(self.taps)
         .collect()
     }
 }
@@ -458,6 +466,15 @@ impl QemuVmm {
         }
         if let Some(initrd) = &handed.initrd {
             args.extend(["-initrd".into(), inherited(initrd)]);
+        }
+        for (nic, tap) in config.network.iter().zip(&handed.taps) {
+            // Ids and MACs are kiln's own (`net0`, hex pairs): no comma.
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id={},fd={}", nic.id, tap.as_raw_fd()),
+                "-device".into(),
+                format!("virtio-net-device,netdev={},mac={}", nic.id, nic.mac),
+            ]);
         }
         if let Some(state) = &handed.incoming {
             args.extend(["-incoming".into(), format!("fd:{}", state.as_raw_fd())]);

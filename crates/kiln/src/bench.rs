@@ -798,6 +798,7 @@ fn bench_vm() -> kiln_vm::VmRequest {
         ttl: None,
         idle_timeout: None,
         labels: Default::default(),
+        network: None,
     }
 }
 
