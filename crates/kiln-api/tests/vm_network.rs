@@ -45,7 +45,10 @@ fn require_tools() {
             .arg("-V")
             .output()
             .is_ok_and(|out| out.status.success());
-        assert!(found, "`{tool}` is needed (apt-get install iproute2 nftables)");
+        assert!(
+            found,
+            "`{tool}` is needed (apt-get install iproute2 nftables)"
+        );
     }
 }
 
@@ -98,7 +101,13 @@ impl Drop for Harness {
     }
 }
 
-async fn send(app: &Router, method: &str, path: &str, key: &str, body: Body) -> (StatusCode, Vec<u8>) {
+async fn send(
+    app: &Router,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Body,
+) -> (StatusCode, Vec<u8>) {
     let request = Request::builder()
         .method(method)
         .uri(path)
@@ -112,9 +121,18 @@ async fn send(app: &Router, method: &str, path: &str, key: &str, body: Body) -> 
     (status, bytes.to_vec())
 }
 
-async fn call(app: &Router, method: &str, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Value,
+) -> (StatusCode, Value) {
     let (status, bytes) = send(app, method, path, key, Body::from(body.to_string())).await;
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 impl Harness {
@@ -147,7 +165,11 @@ impl Harness {
             .args(["netns", "exec", &self.namespace(), "nft", "list", "ruleset"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -172,7 +194,11 @@ fn ip_in(namespace: &str, args: &[&str]) {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A tiny HTTP server on a socket of kiln's namespace: answers every
@@ -195,7 +221,10 @@ async fn serve_in_namespace(vms: &VmManager, port: u16) -> CancellationToken {
             tokio::spawn(async move {
                 let mut buf = [0u8; 2048];
                 let _ = stream.read(&mut buf).await;
-                let local = stream.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let local = stream
+                    .local_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
                 let body = format!("hello from {local}");
                 let answer = format!(
                     "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
@@ -215,26 +244,59 @@ async fn a_vm_without_network_has_only_lo() {
     let id = vm["id"].as_str().unwrap();
     assert!(vm.get("network").is_none(), "{vm}");
     let out = h.sh(id, "ls /sys/class/net").await;
-    assert_eq!(out["stdout"].as_str().unwrap().split_whitespace().collect::<Vec<_>>(), ["lo"]);
-    let (status, body) = call(&h.app, "GET", &format!("/api/v1/vms/{id}/ports"), &h.key, Value::Null).await;
+    assert_eq!(
+        out["stdout"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["lo"]
+    );
+    let (status, body) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/ports"),
+        &h.key,
+        Value::Null,
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // No namespace was built for a host whose VMs never asked.
-    assert!(!std::path::Path::new("/run/netns").join(h.vms.network().unwrap().namespace()).exists());
+    assert!(!std::path::Path::new("/run/netns")
+        .join(h.vms.network().unwrap().namespace())
+        .exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_network_specs_are_refused_naming_the_field() {
     let h = harness("kiln-net-refuse").await;
     for (network, field) in [
-        (json!({"egress": "allow", "allow": ["10.0.0.0/33:443"]}), "network.allow[0]"),
-        (json!({"egress": "allow", "allow": ["10.0.0.1:0"]}), "network.allow[0]"),
+        (
+            json!({"egress": "allow", "allow": ["10.0.0.0/33:443"]}),
+            "network.allow[0]",
+        ),
+        (
+            json!({"egress": "allow", "allow": ["10.0.0.1:0"]}),
+            "network.allow[0]",
+        ),
         (json!({"allow": ["10.0.0.1:80"]}), "network.allow needs"),
         (json!({"expose": [70000]}), "network.expose[0]"),
         (json!({"egress": "everything"}), "egress"),
         (json!({"name": "Not/Ok"}), "network.name"),
     ] {
-        let (status, body) = call(&h.app, "POST", "/api/v1/vms", &h.key, json!({"network": network})).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{network}: {body}");
+        let (status, body) = call(
+            &h.app,
+            "POST",
+            "/api/v1/vms",
+            &h.key,
+            json!({"network": network}),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{network}: {body}"
+        );
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(field), "{network}: {message}");
         // The same check guards `vm` jobs at submit.
@@ -246,8 +308,15 @@ async fn bad_network_specs_are_refused_naming_the_field() {
             json!({"kind": "vm", "spec": {"command": "true", "network": network}}),
         )
         .await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{network}: {body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains(field), "{body}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{network}: {body}"
+        );
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(field),
+            "{body}"
+        );
     }
     assert_eq!(h.vms.live_count(), 0);
 }
@@ -273,7 +342,12 @@ async fn egress_reaches_the_allowed_address_only_and_vms_stay_apart() {
     let _server = serve_in_namespace(&h.vms, 8080).await;
 
     // The guest has its address and its MAC.
-    let shown = h.sh(a, "ip -o addr show dev eth0; cat /sys/class/net/eth0/address").await;
+    let shown = h
+        .sh(
+            a,
+            "ip -o addr show dev eth0; cat /sys/class/net/eth0/address",
+        )
+        .await;
     let shown = shown["stdout"].as_str().unwrap();
     assert!(shown.contains(&format!("inet {address}/24")), "{shown}");
     assert!(shown.contains(net["mac"].as_str().unwrap()), "{shown}");
@@ -281,12 +355,30 @@ async fn egress_reaches_the_allowed_address_only_and_vms_stay_apart() {
     let fetch = |url: &str| format!("timeout 8 wget -q -O - -T 4 {url}; echo \" exit=$?\"");
     let out = h.sh(a, &fetch("http://192.0.2.10:8080/")).await;
     assert_eq!(out["stdout"], "hello from 192.0.2.10 exit=0\n", "{out}");
-    let dropped_before = h.vms.network().unwrap().dropped(&format!("kt{}", last_octet(&address))).await.unwrap();
+    let dropped_before = h
+        .vms
+        .network()
+        .unwrap()
+        .dropped(&format!("kt{}", last_octet(&address)))
+        .await
+        .unwrap();
     let out = h.sh(a, &fetch("http://192.0.2.20:8080/")).await;
     let stdout = out["stdout"].as_str().unwrap();
-    assert!(!stdout.contains("hello") && !stdout.contains("exit=0"), "{out}");
-    let dropped = h.vms.network().unwrap().dropped(&format!("kt{}", last_octet(&address))).await.unwrap();
-    assert!(dropped > dropped_before, "drops are counted: {dropped_before} → {dropped}");
+    assert!(
+        !stdout.contains("hello") && !stdout.contains("exit=0"),
+        "{out}"
+    );
+    let dropped = h
+        .vms
+        .network()
+        .unwrap()
+        .dropped(&format!("kt{}", last_octet(&address)))
+        .await
+        .unwrap();
+    assert!(
+        dropped > dropped_before,
+        "drops are counted: {dropped_before} → {dropped}"
+    );
 
     // A second VM (restored from the networked snapshot the first one
     // saved) gets its own address and MAC, has no egress, and cannot
@@ -296,26 +388,57 @@ async fn egress_reaches_the_allowed_address_only_and_vms_stay_apart() {
     assert_ne!(closed["network"]["address"], allowed["network"]["address"]);
     assert_ne!(closed["network"]["mac"], allowed["network"]["mac"]);
     let shown = h.sh(b, "cat /sys/class/net/eth0/address").await;
-    assert_eq!(shown["stdout"].as_str().unwrap().trim(), closed["network"]["mac"]);
+    assert_eq!(
+        shown["stdout"].as_str().unwrap().trim(),
+        closed["network"]["mac"]
+    );
     let out = h.sh(b, &fetch("http://192.0.2.10:8080/")).await;
-    assert!(!out["stdout"].as_str().unwrap().contains("hello"), "egress none: {out}");
-    h.sh(a, "mkdir -p /www && echo from-a > /www/index.html && httpd -p 8000 -h /www").await;
+    assert!(
+        !out["stdout"].as_str().unwrap().contains("hello"),
+        "egress none: {out}"
+    );
+    h.sh(
+        a,
+        "mkdir -p /www && echo from-a > /www/index.html && httpd -p 8000 -h /www",
+    )
+    .await;
     let out = h.sh(b, &fetch(&format!("http://{address}:8000/"))).await;
-    assert!(!out["stdout"].as_str().unwrap().contains("from-a"), "VM to VM: {out}");
+    assert!(
+        !out["stdout"].as_str().unwrap().contains("from-a"),
+        "VM to VM: {out}"
+    );
 
     // Two VMs of one tenant in one named network do reach each other.
-    let c = h.create(json!({"network": {"name": "team", "expose": [8000]}})).await;
+    let c = h
+        .create(json!({"network": {"name": "team", "expose": [8000]}}))
+        .await;
     let d = h.create(json!({"network": {"name": "team"}})).await;
     let (c_id, d_id) = (c["id"].as_str().unwrap(), d["id"].as_str().unwrap());
-    h.sh(c_id, "mkdir -p /www && echo from-c > /www/index.html && httpd -p 8000 -h /www").await;
+    h.sh(
+        c_id,
+        "mkdir -p /www && echo from-c > /www/index.html && httpd -p 8000 -h /www",
+    )
+    .await;
     let c_address = c["network"]["address"].as_str().unwrap();
-    let out = h.sh(d_id, &fetch(&format!("http://{c_address}:8000/"))).await;
-    assert!(out["stdout"].as_str().unwrap().contains("from-c"), "same named network: {out}");
+    let out = h
+        .sh(d_id, &fetch(&format!("http://{c_address}:8000/")))
+        .await;
+    assert!(
+        out["stdout"].as_str().unwrap().contains("from-c"),
+        "same named network: {out}"
+    );
 
     // Delete takes its rules and address along.
     assert_eq!(h.addresses_in_db().await, 4);
     for id in [a, b, c_id, d_id] {
-        let (status, _) = send(&h.app, "DELETE", &format!("/api/v1/vms/{id}"), &h.key, Body::empty()).await;
+        let (status, _) = send(
+            &h.app,
+            "DELETE",
+            &format!("/api/v1/vms/{id}"),
+            &h.key,
+            Body::empty(),
+        )
+        .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
     }
     assert_eq!(h.addresses_in_db().await, 0);
@@ -338,18 +461,39 @@ async fn an_exposed_port_answers_through_the_proxy_for_its_tenant_only() {
     let h = harness("kiln-net-expose").await;
     let vm = h.create(json!({"network": {"expose": [8000, 8001]}})).await;
     let id = vm["id"].as_str().unwrap();
-    h.sh(id, "mkdir -p /www && echo hello-from-the-guest > /www/index.html && httpd -p 8000 -h /www").await;
+    h.sh(
+        id,
+        "mkdir -p /www && echo hello-from-the-guest > /www/index.html && httpd -p 8000 -h /www",
+    )
+    .await;
 
-    let (status, ports) = call(&h.app, "GET", &format!("/api/v1/vms/{id}/ports"), &h.key, Value::Null).await;
+    let (status, ports) = call(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/ports"),
+        &h.key,
+        Value::Null,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{ports}");
     assert_eq!(ports["ports"][0]["port"], 8000);
-    assert_eq!(ports["ports"][0]["url"], format!("/api/v1/vms/{id}/ports/8000/"));
+    assert_eq!(
+        ports["ports"][0]["url"],
+        format!("/api/v1/vms/{id}/ports/8000/")
+    );
 
     let page = format!("/api/v1/vms/{id}/ports/8000/index.html");
     let (status, body) = send(&h.app, "GET", &page, &h.key, Body::empty()).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(body, b"hello-from-the-guest\n");
-    let (status, body) = send(&h.app, "GET", &format!("/api/v1/vms/{id}/ports/8000/"), &h.key, Body::empty()).await;
+    let (status, body) = send(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/ports/8000/"),
+        &h.key,
+        Body::empty(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, b"hello-from-the-guest\n");
 
@@ -363,12 +507,24 @@ async fn an_exposed_port_answers_through_the_proxy_for_its_tenant_only() {
         (format!("/api/v1/vms/vm-none/ports/8000/"), &h.key),
     ] {
         let (status, body) = send(&h.app, "GET", &path, key, Body::empty()).await;
-        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "{path}: {}",
+            String::from_utf8_lossy(&body)
+        );
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert!(body["error"]["code"].is_string(), "{body}");
     }
     // Exposed, but nothing listens: a bad gateway, not a hang.
-    let (status, _) = send(&h.app, "GET", &format!("/api/v1/vms/{id}/ports/8001/"), &h.key, Body::empty()).await;
+    let (status, _) = send(
+        &h.app,
+        "GET",
+        &format!("/api/v1/vms/{id}/ports/8001/"),
+        &h.key,
+        Body::empty(),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
 
     // A WebSocket upgrade is joined end to end: a guest program answers
@@ -376,15 +532,28 @@ async fn an_exposed_port_answers_through_the_proxy_for_its_tenant_only() {
     let script = "while read -r line; do [ \"$line\" = \"$(printf '\\r')\" ] && break; done\n\
                   printf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n\\r\\n'\n\
                   exec cat\n";
-    let (status, _) = send(&h.app, "PUT", &format!("/api/v1/vms/{id}/files?path=/ws.sh"), &h.key, Body::from(script)).await;
+    let (status, _) = send(
+        &h.app,
+        "PUT",
+        &format!("/api/v1/vms/{id}/files?path=/ws.sh"),
+        &h.key,
+        Body::from(script),
+    )
+    .await;
     assert_eq!(status.as_u16() / 100, 2, "upload");
-    h.sh(id, "setsid nc -ll -p 8001 -e sh /ws.sh </dev/null >/dev/null 2>&1 &").await;
+    h.sh(
+        id,
+        "setsid nc -ll -p 8001 -e sh /ws.sh </dev/null >/dev/null 2>&1 &",
+    )
+    .await;
     let (addr, stop) = {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let done = stop.clone();
-        tokio::spawn(kiln_api::serve(listener, h.state.clone(), async move { done.cancelled().await }));
+        tokio::spawn(kiln_api::serve(listener, h.state.clone(), async move {
+            done.cancelled().await
+        }));
         (addr, stop)
     };
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::capacity::{lock, Capacity, HostSlot, TenantSlot};
 use crate::config::{AcceleratorChoice, VmManagerConfig};
 use crate::image::Image;
+use crate::net::host::{HostNetwork, Nic};
+use crate::net::{Egress, NetConfig, NetworkSpec};
 pub use crate::probe::probe_accelerator;
 use crate::probe::{kvm_device_usable, probe_accelerator_with};
 pub use crate::run_dir::{qemu_pids_under, reap};
 use crate::run_dir::{remove_run_dir, take_dir};
-use crate::net::host::{HostNetwork, Nic};
-use crate::net::{Egress, NetConfig, NetworkSpec};
 use crate::{
     qemu, Accelerator, AgentConn, BootSource, MachineConfig, NetworkInterface, VmConfig, VmError,
 };
@@ -423,9 +423,7 @@ impl VmManager {
         let nic = match network {
             Some((tenant, spec)) => {
                 let net = self.network.get().cloned().ok_or_else(|| {
-                    VmError::NetworkRefused(
-                        "networking is not enabled on this VM host".to_string(),
-                    )
+                    VmError::NetworkRefused("networking is not enabled on this VM host".to_string())
                 })?;
                 let nic = net.attach(&id, tenant, spec).await.map_err(net_error)?;
                 Some((net, nic))

@@ -129,7 +129,10 @@ async fn run(
         off.push(time_create(None).await?);
         on.push(time_create(Some(networked.clone())).await?);
     }
-    print_p50_max("create → first exec, snapshot restore, no network", &mut off);
+    print_p50_max(
+        "create → first exec, snapshot restore, no network",
+        &mut off,
+    );
     print_p50_max(
         "create → first exec, snapshot restore, with a NIC (TAP, address, rules, guest set up)",
         &mut on,
@@ -140,10 +143,13 @@ async fn run(
     let bytes = mib << 20;
 
     // Host → guest: the guest's nc reads into /dev/null; done when it exits.
-    sh(vms, &vm.id, "setsid nc -l -p 5001 >/dev/null </dev/null 2>&1 & sleep 0.5").await?;
-    let mut stream = net
-        .connect(address, 5001, Duration::from_secs(5))
-        .await?;
+    sh(
+        vms,
+        &vm.id,
+        "setsid nc -l -p 5001 >/dev/null </dev/null 2>&1 & sleep 0.5",
+    )
+    .await?;
+    let mut stream = net.connect(address, 5001, Duration::from_secs(5)).await?;
     let chunk = vec![0u8; 64 << 10];
     let t = Instant::now();
     let mut sent = 0;

@@ -627,11 +627,19 @@ impl Settings {
             ("vm_subnet", self.vm.network.subnet.to_string()),
             (
                 "vm_dns",
-                self.vm.network.dns.map(|d| d.to_string()).unwrap_or_default(),
+                self.vm
+                    .network
+                    .dns
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
             ),
             (
                 "vm_uplink",
-                self.vm.network.uplink.map(|u| u.to_string()).unwrap_or_default(),
+                self.vm
+                    .network
+                    .uplink
+                    .map(|u| u.to_string())
+                    .unwrap_or_default(),
             ),
             ("qemu", self.vm.qemu.binary.display().to_string()),
             ("qemu_cpu", self.vm.qemu.cpu.clone().unwrap_or_default()),

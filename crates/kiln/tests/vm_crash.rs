@@ -236,12 +236,21 @@ async fn kiln_killed_while_a_snapshot_is_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kiln_killed_with_networked_vms_leaves_no_tap_rule_or_address() {
     for tool in ["ip", "nft"] {
-        let found = Command::new(tool).arg("-V").output().is_ok_and(|o| o.status.success());
-        assert!(found, "`{tool}` is needed (apt-get install iproute2 nftables)");
+        let found = Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` is needed (apt-get install iproute2 nftables)"
+        );
     }
     let dir = data_dir("kiln-vm-crash-net").await;
     let mut server = serve(&dir, "first.log").await;
-    let key = std::fs::read_to_string(dir.join("admin.key")).unwrap().trim().to_string();
+    let key = std::fs::read_to_string(dir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
     let http = reqwest::Client::new();
     let create = |base: String| {
         let (http, key) = (http.clone(), key.clone());
@@ -269,8 +278,13 @@ async fn kiln_killed_with_networked_vms_leaves_no_tap_rule_or_address() {
     let links = ip(&["-n", &ns, "-o", "link", "show"]);
     assert!(links.contains(" kt2") && links.contains(" kt3"), "{links}");
     let rules = ip(&["netns", "exec", &ns, "nft", "list", "ruleset"]);
-    assert!(rules.contains("vm-kt2") && rules.contains("vm-kt3"), "{rules}");
-    let db = kiln_db::Db::connect(&format!("sqlite://{}", dir.join("kiln.db").display())).await.unwrap();
+    assert!(
+        rules.contains("vm-kt2") && rules.contains("vm-kt3"),
+        "{rules}"
+    );
+    let db = kiln_db::Db::connect(&format!("sqlite://{}", dir.join("kiln.db").display()))
+        .await
+        .unwrap();
     let rows = || kiln_db::testing::scalar_i64(&db, "SELECT COUNT(*) FROM vm_addresses");
     assert_eq!(rows().await.unwrap(), 2);
     let pids = qemu_pids_under(&dir.join("vms"));
@@ -278,7 +292,10 @@ async fn kiln_killed_with_networked_vms_leaves_no_tap_rule_or_address() {
 
     server.crash();
     for pid in pids {
-        wait_until("QEMU to die with kiln", Duration::from_secs(10), || !alive(pid)).await;
+        wait_until("QEMU to die with kiln", Duration::from_secs(10), || {
+            !alive(pid)
+        })
+        .await;
     }
     // QEMU held the only descriptor of each TAP.
     wait_until("the TAPs to go with QEMU", Duration::from_secs(10), || {
@@ -296,6 +313,9 @@ async fn kiln_killed_with_networked_vms_leaves_no_tap_rule_or_address() {
     let again = create(next.base.clone()).await;
     assert_eq!(again["network"]["address"], "10.77.0.2", "{again}");
     let rules = ip(&["netns", "exec", &ns, "nft", "list", "ruleset"]);
-    assert!(rules.contains("vm-kt2") && !rules.contains("vm-kt3"), "{rules}");
+    assert!(
+        rules.contains("vm-kt2") && !rules.contains("vm-kt3"),
+        "{rules}"
+    );
     db.close().await;
 }

@@ -67,7 +67,10 @@ pub async fn list_ports(
     VmId(id): VmId,
 ) -> ApiResult<Json<PortList>> {
     caller.require(Scope::Read)?;
-    let vms = state.vms.as_ref().ok_or_else(|| ApiError::not_found("vm"))?;
+    let vms = state
+        .vms
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("vm"))?;
     let vm = vms
         .get(&caller.tenant, &id)
         .await
@@ -171,7 +174,10 @@ async fn forward(
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| ApiError::not_found("port"))?;
-    let vms = state.vms.as_ref().ok_or_else(|| ApiError::not_found("vm"))?;
+    let vms = state
+        .vms
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("vm"))?;
     let stream = vms
         .connect_port(&caller.tenant, id, port, CONNECT_TIMEOUT)
         .await

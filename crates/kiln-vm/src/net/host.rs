@@ -157,7 +157,11 @@ impl HostNetwork {
 
     async fn build(&self) -> Result<(), NetError> {
         let ns = self.ns.as_str();
-        let gateway = format!("{}/{}", self.config.gateway(), self.config.subnet.prefix_len());
+        let gateway = format!(
+            "{}/{}",
+            self.config.gateway(),
+            self.config.subnet.prefix_len()
+        );
         ip(&["netns", "add", ns]).await?;
         ip(&["-n", ns, "link", "set", "lo", "up"]).await?;
         ip(&["-n", ns, "link", "add", BRIDGE, "type", "bridge"]).await?;
@@ -166,17 +170,47 @@ impl HostNetwork {
         if let Some((host_end, kiln_end)) = self.config.uplink_ends() {
             let prefix = self.config.uplink.map_or(30, |u| u.prefix_len());
             let veth = self.host_veth.as_str();
-            ip(&["link", "add", veth, "type", "veth", "peer", "name", UPLINK, "netns", ns]).await?;
+            ip(&[
+                "link", "add", veth, "type", "veth", "peer", "name", UPLINK, "netns", ns,
+            ])
+            .await?;
             ip(&["addr", "add", &format!("{host_end}/{prefix}"), "dev", veth]).await?;
             ip(&["link", "set", veth, "up"]).await?;
-            ip(&["-n", ns, "addr", "add", &format!("{kiln_end}/{prefix}"), "dev", UPLINK]).await?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{kiln_end}/{prefix}"),
+                "dev",
+                UPLINK,
+            ])
+            .await?;
             ip(&["-n", ns, "link", "set", UPLINK, "up"]).await?;
-            ip(&["-n", ns, "route", "add", "default", "via", &host_end.to_string()]).await?;
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &host_end.to_string(),
+            ])
+            .await?;
         }
         // Routing between the bridge and the uplink, in this namespace only.
         let path = self.ns_path();
         in_namespace(&path, || {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+            // Where br_netfilter is loaded (Docker hosts), bridged frames
+            // would also pass the inet chains: VM-to-VM traffic is the
+            // bridge table's alone. Per namespace since Linux 5.3.
+            for family in ["iptables", "ip6tables", "arptables"] {
+                let knob = format!("/proc/sys/net/bridge/bridge-nf-call-{family}");
+                if Path::new(&knob).exists() {
+                    std::fs::write(&knob, "0")?;
+                }
+            }
             Ok(())
         })
         .await?;
@@ -205,7 +239,10 @@ impl HostNetwork {
             .attach_taken(address, &mac, tenant, network, allowed, spec)
             .await;
         if attached.is_err() {
-            let _ = self.db.vm_address_delete(&self.key, &address.to_string()).await;
+            let _ = self
+                .db
+                .vm_address_delete(&self.key, &address.to_string())
+                .await;
         }
         attached
     }
@@ -378,9 +415,12 @@ impl HostNetwork {
 
     /// Packets a VM sent that its rules dropped.
     pub async fn dropped(&self, tap: &str) -> Option<u64> {
-        let out = nft_output(&self.ns_path(), &["-j", "list", "chain", "inet", "kiln", &rules::vm_chain(tap)])
-            .await
-            .ok()?;
+        let out = nft_output(
+            &self.ns_path(),
+            &["-j", "list", "chain", "inet", "kiln", &rules::vm_chain(tap)],
+        )
+        .await
+        .ok()?;
         let json: serde_json::Value = serde_json::from_slice(&out).ok()?;
         json["nftables"]
             .as_array()?
@@ -409,9 +449,12 @@ impl HostNetwork {
         timeout: Duration,
     ) -> std::io::Result<tokio::net::TcpStream> {
         let socket = self.tcp_socket().await?;
-        tokio::time::timeout(timeout, socket.connect(SocketAddrV4::new(address, port).into()))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+        tokio::time::timeout(
+            timeout,
+            socket.connect(SocketAddrV4::new(address, port).into()),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     }
 
     /// A TCP socket that belongs to the namespace (bind or connect it from
@@ -520,7 +563,11 @@ async fn run(
     namespace: Option<std::fs::File>,
 ) -> Result<Vec<u8>, NetError> {
     command
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -545,7 +592,11 @@ async fn run(
     } else {
         Err(NetError::Command {
             what,
-            message: String::from_utf8_lossy(&out.stderr).trim().chars().take(1024).collect(),
+            message: String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .chars()
+                .take(1024)
+                .collect(),
         })
     }
 }
@@ -554,7 +605,9 @@ async fn run(
 async fn ip(args: &[&str]) -> Result<(), NetError> {
     let mut command = tokio::process::Command::new("ip");
     command.args(args);
-    run(command, format!("ip {}", args.join(" ")), None, None).await.map(drop)
+    run(command, format!("ip {}", args.join(" ")), None, None)
+        .await
+        .map(drop)
 }
 
 async fn link_exists(name: &str) -> bool {
@@ -587,7 +640,9 @@ fn nft_command(path: &Path) -> std::io::Result<(tokio::process::Command, std::fs
 async fn nft_in(path: &Path, script: &str) -> Result<(), NetError> {
     let (mut command, ns) = nft_command(path)?;
     command.args(["-f", "-"]);
-    run(command, "nft".into(), Some(script), Some(ns)).await.map(drop)
+    run(command, "nft".into(), Some(script), Some(ns))
+        .await
+        .map(drop)
 }
 
 async fn nft_output(path: &Path, args: &[&str]) -> Result<Vec<u8>, NetError> {

@@ -120,7 +120,9 @@ fn check_host_name(name: &str) -> Result<(), String> {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     });
     // All digits and dots would be a mistyped address, not a name.
     let numeric = name.bytes().all(|b| b.is_ascii_digit() || b == b'.');
@@ -164,8 +166,7 @@ impl TryFrom<serde_json::Value> for NetworkSpec {
     type Error = String;
 
     fn try_from(value: serde_json::Value) -> Result<NetworkSpec, String> {
-        let raw: RawNetwork =
-            serde_json::from_value(value).map_err(|e| format!("network: {e}"))?;
+        let raw: RawNetwork = serde_json::from_value(value).map_err(|e| format!("network: {e}"))?;
         let egress = match raw.egress.as_deref() {
             None | Some("none") => Egress::None,
             Some("allow") => Egress::Allow,
@@ -359,16 +360,28 @@ mod tests {
         let spec = check(serde_json::json!({})).unwrap();
         assert_eq!(spec.egress, Egress::None);
         for (spec, field) in [
-            (serde_json::json!({"allow": ["10.0.0.0/8:443"]}), "network.allow needs"),
-            (serde_json::json!({"egress": "allow", "allow": ["10.0.0.0/40"]}), "network.allow[0]"),
-            (serde_json::json!({"egress": "allow", "allow": ["1.1.1.1", "x:99999"]}), "network.allow[1]"),
+            (
+                serde_json::json!({"allow": ["10.0.0.0/8:443"]}),
+                "network.allow needs",
+            ),
+            (
+                serde_json::json!({"egress": "allow", "allow": ["10.0.0.0/40"]}),
+                "network.allow[0]",
+            ),
+            (
+                serde_json::json!({"egress": "allow", "allow": ["1.1.1.1", "x:99999"]}),
+                "network.allow[1]",
+            ),
             (serde_json::json!({"expose": [0]}), "network.expose[0]"),
             (serde_json::json!({"expose": [70000]}), "network.expose[0]"),
             (serde_json::json!({"egress": "all"}), "network.egress"),
             (serde_json::json!({"name": "../x"}), "network.name"),
             (serde_json::json!({"ports": [1]}), "network: unknown field"),
             (serde_json::json!({"expose": "80"}), "network: invalid type"),
-            (serde_json::json!({"expose": (1..=17).collect::<Vec<_>>()}), "at most 16"),
+            (
+                serde_json::json!({"expose": (1..=17).collect::<Vec<_>>()}),
+                "at most 16",
+            ),
         ] {
             let error = check(spec.clone()).expect_err(&spec.to_string());
             assert!(error.contains(field), "{spec}: {error}");

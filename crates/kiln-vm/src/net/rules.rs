@@ -148,12 +148,18 @@ pub fn remove_vm(vm: &VmRules) -> String {
     let chain = chain(tap);
     let mut out = String::new();
     let _ = writeln!(out, "delete element inet kiln egress {{ {address} }}");
-    let _ = writeln!(out, "flush chain inet kiln {chain}\ndelete chain inet kiln {chain}");
+    let _ = writeln!(
+        out,
+        "flush chain inet kiln {chain}\ndelete chain inet kiln {chain}"
+    );
     let _ = writeln!(
         out,
         "delete element bridge kiln addresses {{ \"{tap}\" . {address} }}"
     );
-    let _ = writeln!(out, "delete element bridge kiln macs {{ \"{tap}\" . {mac} }}");
+    let _ = writeln!(
+        out,
+        "delete element bridge kiln macs {{ \"{tap}\" . {mac} }}"
+    );
     for peer in &vm.peers {
         let _ = writeln!(
             out,
@@ -195,9 +201,8 @@ mod tests {
             "add rule inet kiln vm-kt5 ip daddr 10.0.0.0/8 meta l4proto { tcp, udp } th dport 443 counter accept"
         ));
         assert!(add.contains("add rule inet kiln vm-kt5 ip daddr 192.0.2.7/32 counter accept"));
-        assert!(add.ends_with(
-            "add element bridge kiln peers { \"kt5\" . \"kt3\", \"kt3\" . \"kt5\" }\n"
-        ));
+        assert!(add
+            .ends_with("add element bridge kiln peers { \"kt5\" . \"kt3\", \"kt3\" . \"kt5\" }\n"));
         // The drop comes after every accept.
         let drop = add.find("counter drop").unwrap();
         assert!(add.rfind("counter accept").unwrap() < drop);
