@@ -529,7 +529,7 @@ async fn an_exposed_port_answers_through_the_proxy_for_its_tenant_only() {
 
     // A WebSocket upgrade is joined end to end: a guest program answers
     // 101 and then echoes every byte.
-    let script = "while read -r line; do [ \"$line\" = \"$(printf '\\r')\" ] && break; done\n\
+    let script = "#!/bin/sh\nwhile read -r line; do [ \"$line\" = \"$(printf '\\r')\" ] && break; done\n\
                   printf 'HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n\\r\\n'\n\
                   exec cat\n";
     let (status, _) = send(
@@ -543,7 +543,7 @@ async fn an_exposed_port_answers_through_the_proxy_for_its_tenant_only() {
     assert_eq!(status.as_u16() / 100, 2, "upload");
     h.sh(
         id,
-        "setsid nc -ll -p 8001 -e sh /ws.sh </dev/null >/dev/null 2>&1 &",
+        "chmod +x /ws.sh && (setsid nc -l -p 8001 -e /ws.sh </dev/null >/dev/null 2>&1 &)",
     )
     .await;
     let (addr, stop) = {

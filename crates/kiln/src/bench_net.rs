@@ -186,14 +186,14 @@ async fn run(
     let t = Instant::now();
     let mut buf = vec![0u8; 256 << 10];
     let mut got = 0usize;
-    loop {
+    while got < bytes {
         let n = inbound.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
+        anyhow::ensure!(n > 0, "the guest stopped after {got} bytes");
         got += n;
     }
     let took = t.elapsed();
+    // busybox nc waits for the other end to close before it exits.
+    drop(inbound);
     sender.await??;
     anyhow::ensure!(got == bytes, "received {got} of {bytes} bytes");
     println!(
