@@ -93,8 +93,8 @@ async fn a_nic_lives_with_its_descriptor_and_the_reaper_removes_the_rest() {
     );
 
     // A crash: QEMU dies (the TAPs with it), nothing is released. The
-    // next start's reaper removes the
-    // namespace with its bridge, TAPs and rules, and every address row.
+    // next start's reaper removes the namespace with its bridge, TAPs and
+    // rules, and every address row.
     drop((second, other, again));
     drop(net);
     let next = HostNetwork::new(&vm_dir, config, db.clone()).unwrap();
