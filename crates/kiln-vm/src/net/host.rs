@@ -70,10 +70,18 @@ pub struct HostNetwork {
     db: kiln_db::Db,
     /// Built on the first networked VM.
     ready: tokio::sync::OnceCell<()>,
-    /// Live NICs by TAP, with their tenant and named network.
-    nics: Mutex<HashMap<String, (String, Option<String>, VmRules)>>,
+    /// Live NICs by TAP.
+    nics: Mutex<HashMap<String, LiveNic>>,
     /// Serialises rule changes, so peers are computed on a settled set.
     rules_lock: tokio::sync::Mutex<()>,
+}
+
+/// What the rules of a live NIC were made from.
+struct LiveNic {
+    tenant: String,
+    /// `<tenant>/<name>` of its named network.
+    network: Option<String>,
+    rules: VmRules,
 }
 
 /// A VM's NIC while it lives; [`HostNetwork::release`] takes it down.
@@ -267,7 +275,7 @@ impl HostNetwork {
         let peers = match &network {
             Some(network) => lock(&self.nics)
                 .iter()
-                .filter(|(_, (t, n, _))| t == tenant && n.as_ref() == Some(network))
+                .filter(|(_, nic)| nic.tenant == tenant && nic.network.as_ref() == Some(network))
                 .map(|(tap, _)| tap.clone())
                 .collect(),
             None => Vec::new(),
@@ -280,7 +288,14 @@ impl HostNetwork {
             peers,
         };
         self.nft(&rules::add_vm(&vm)).await?;
-        lock(&self.nics).insert(tap.clone(), (tenant.to_string(), network, vm));
+        lock(&self.nics).insert(
+            tap.clone(),
+            LiveNic {
+                tenant: tenant.to_string(),
+                network,
+                rules: vm,
+            },
+        );
         Ok(Nic {
             tap,
             address,
@@ -388,7 +403,7 @@ impl HostNetwork {
     pub async fn release(&self, nic: &Nic) {
         let _rules = self.rules_lock.lock().await;
         let removed = lock(&self.nics).remove(&nic.tap);
-        if let Some((_, _, vm)) = removed {
+        if let Some(LiveNic { rules: vm, .. }) = removed {
             // Peers that left before it are no longer in its set.
             let live: Vec<String> = lock(&self.nics).keys().cloned().collect();
             let vm = VmRules {
