@@ -564,7 +564,7 @@ fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     };
     request.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads an ifreq, which IfReq lays out.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut request) } < 0 {
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut request as *mut IfReq) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(tun.into())
