@@ -4,10 +4,14 @@
 //! resource, the request id, the source address and the outcome. Handlers
 //! add what only they know (a created resource's path, an approval's
 //! comment) through `note_*`, which reach the request's note through a
-//! task-local: no handler signature carries it.
+//! task-local: no handler signature carries it. A store method that makes
+//! the request's change writes the record in the change's own transaction
+//! (`kiln_db::audit::note`); this middleware writes it only for requests
+//! that changed nothing (refusals, 404s) and for audited reads.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method};
@@ -24,93 +28,39 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub &'static str);
 
-#[derive(Default)]
-struct Note {
-    /// The request, as the middleware saw it before the handler ran.
-    request: Option<RequestFacts>,
-    /// Written by the handler in its change's transaction.
-    written: bool,
-    tenant: Option<String>,
-    actor_kind: &'static str,
-    actor: String,
-    resource: Option<String>,
-    rationale: Option<String>,
-    /// A read that is audited all the same.
-    force: bool,
-}
+pub use kiln_db::audit::note::{note_actor, note_audited_read, note_rationale, note_resource};
+use kiln_db::audit::note::{RequestFacts, Slot};
 
-#[derive(Clone)]
-struct RequestFacts {
-    action: String,
-    request_id: String,
-    source: String,
-}
-
-#[derive(Clone, Default)]
-struct Slot(Arc<Mutex<Note>>);
-
-tokio::task_local! {
-    static NOTE: Slot;
-}
-
-fn with_note(f: impl FnOnce(&mut Note)) {
-    let _ = NOTE.try_with(|slot| f(&mut slot.0.lock().unwrap_or_else(PoisonError::into_inner)));
-}
-
-/// Who is acting, in which tenant (set when the caller is known).
-pub fn note_actor(tenant: &str, kind: &'static str, actor: &str) {
-    with_note(|n| {
-        n.tenant = Some(tenant.to_string());
-        n.actor_kind = kind;
-        n.actor = actor.to_string();
-    });
-}
-
-/// The resource acted on, where the request's path does not name it (a
-/// create names what it made).
-pub fn note_resource(resource: impl Into<String>) {
-    let resource = resource.into();
-    with_note(|n| n.resource = Some(resource));
-}
-
-/// Why: an approval's comment, a rejection's reason.
-pub fn note_rationale(rationale: impl Into<String>) {
-    let rationale = rationale.into();
-    with_note(|n| n.rationale = Some(rationale));
-}
-
-/// Audits this request even though its method reads.
-pub fn note_audited_read() {
-    with_note(|n| n.force = true);
-}
-
-/// The record this request will leave when it succeeds with `outcome`,
-/// for a handler that writes it in its change's own transaction (then
-/// [`note_written`]); `None` when nothing would be recorded.
-pub fn pending(outcome: &str) -> Option<AuditRecord> {
-    NOTE.try_with(|slot| {
-        let n = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let facts = n.request.as_ref()?;
-        Some(AuditRecord {
-            time: crate::now_millis(),
-            tenant: n.tenant.clone()?,
-            actor_kind: n.actor_kind.to_string(),
-            actor: n.actor.clone(),
-            action: facts.action.clone(),
-            resource: n.resource.clone().unwrap_or_default(),
-            request_id: facts.request_id.clone(),
-            source: facts.source.clone(),
-            outcome: outcome.to_string(),
-            rationale: n.rationale.clone(),
-        })
+/// Each documented route's success statuses, by method and path template:
+/// the outcome of a record written in a change's transaction, before the
+/// answer exists.
+fn success_statuses() -> &'static HashMap<(String, String), Vec<u16>> {
+    static TABLE: OnceLock<HashMap<(String, String), Vec<u16>>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let doc = <crate::ApiDoc as utoipa::OpenApi>::openapi();
+        let mut table = HashMap::new();
+        for (path, item) in &doc.paths.paths {
+            let ops = [
+                ("POST", &item.post),
+                ("PUT", &item.put),
+                ("PATCH", &item.patch),
+                ("DELETE", &item.delete),
+                ("GET", &item.get),
+            ];
+            for (method, op) in ops {
+                let Some(op) = op else { continue };
+                let codes: Vec<u16> = op
+                    .responses
+                    .responses
+                    .keys()
+                    .filter_map(|code| code.parse().ok())
+                    .filter(|code| (200..300).contains(code))
+                    .collect();
+                table.insert((method.to_string(), path.clone()), codes);
+            }
+        }
+        table
     })
-    .ok()
-    .flatten()
-}
-
-/// The handler wrote this request's record with its change.
-pub fn note_written() {
-    with_note(|n| n.written = true);
 }
 
 /// Longest request id taken from a client; longer ones are replaced.
@@ -157,22 +107,25 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
         .map(|info| info.0.ip().to_string())
         .unwrap_or_default();
     let audited = state.audit_enabled();
-    let slot = Slot::default();
-    if audited {
-        slot.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .request = Some(RequestFacts {
-            action: format!("{method} {}", route.as_deref().unwrap_or(&path)),
+    let action = format!("{method} {}", route.as_deref().unwrap_or(&path));
+    let slot = Slot::new(audited.then(|| {
+        RequestFacts {
+            action: action.clone(),
             request_id: id.clone(),
             source: source.clone(),
-        });
-    }
-    let mut response = NOTE.scope(slot.clone(), next.run(request)).await;
+            path: path.clone(),
+            success: route
+                .as_deref()
+                .and_then(|route| success_statuses().get(&(method.to_string(), route.to_string())))
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }));
+    let mut response = kiln_db::audit::note::scope(slot.clone(), next.run(request)).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID.clone(), value);
     }
-    let note = std::mem::take(&mut *slot.0.lock().unwrap_or_else(PoisonError::into_inner));
+    let note = slot.take();
     let Some(tenant) = note.tenant else {
         return response;
     };
@@ -189,7 +142,7 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
         tenant,
         actor_kind: note.actor_kind.to_string(),
         actor: note.actor,
-        action: format!("{method} {}", route.as_deref().unwrap_or(&path)),
+        action,
         resource: note.resource.unwrap_or(path),
         request_id: id,
         source,

@@ -17,6 +17,7 @@ kiln_db::on_both_databases!(
     tenants_see_only_their_own_trail,
     verify_names_a_modified_inserted_or_deleted_record,
     schedule_fires_are_audited_in_their_transaction,
+    a_change_and_its_record_are_one,
 );
 
 /// The records of `tenant`, oldest first, straight from the store.
@@ -308,7 +309,7 @@ async fn tenants_see_only_their_own_trail(db: kiln_db::Db) {
     assert_eq!((mine.len(), theirs.len()), (1, 1));
     assert_ne!(mine[0]["id"], theirs[0]["id"]);
     // Each tenant's chain is its own: both start at 1.
-    h.db.audit_chain_pass().await.unwrap();
+    h.db.audit_chain_pass(false).await.unwrap();
     let (_, mine) = h.call("GET", "/api/v1/audit", &h.admin, None).await;
     let (_, theirs) = h.call("GET", "/api/v1/audit", &h.other, None).await;
     assert_eq!(mine["records"][0]["seq"], 1);
@@ -325,6 +326,11 @@ async fn tamper(db: &kiln_db::Db, sql: &str) {
     kiln_db::testing::execute(db, sql).await.unwrap();
 }
 
+/// The condition naming acme's record number `seq` (its link holds the number).
+fn at(seq: i64) -> String {
+    format!("id = (SELECT id FROM audit_links WHERE tenant = 'acme' AND seq = {seq})")
+}
+
 async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     let h = harness(db).await;
     for n in 0..6 {
@@ -338,22 +344,20 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
             .await;
         assert!(status.is_success());
     }
-    assert_eq!(h.db.audit_chain_pass().await.unwrap(), 6);
+    assert_eq!(h.db.audit_chain_pass(false).await.unwrap(), 6);
     let report = h.db.audit_verify(None).await.unwrap();
     assert!(report.breaks.is_empty(), "{:?}", report.breaks);
     assert_eq!((report.records, report.unchained), (6, 0));
 
     // Modified: record 3's outcome.
-    let original = kiln_db::testing::text_rows(
-        &h.db,
-        "SELECT outcome FROM audit WHERE tenant = 'acme' AND seq = 3",
-    )
-    .await
-    .unwrap()
-    .remove(0);
+    let original =
+        kiln_db::testing::text_rows(&h.db, &format!("SELECT outcome FROM audit WHERE {}", at(3)))
+            .await
+            .unwrap()
+            .remove(0);
     tamper(
         &h.db,
-        "UPDATE audit SET outcome = '500' WHERE tenant = 'acme' AND seq = 3",
+        &format!("UPDATE audit SET outcome = '500' WHERE {}", at(3)),
     )
     .await;
     let report = h.db.audit_verify(Some("acme")).await.unwrap();
@@ -365,7 +369,7 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     assert_eq!(verify["breaks"][0]["seq"], 3);
     tamper(
         &h.db,
-        &format!("UPDATE audit SET outcome = '{original}' WHERE tenant = 'acme' AND seq = 3"),
+        &format!("UPDATE audit SET outcome = '{original}' WHERE {}", at(3)),
     )
     .await;
     let original = h.db.audit_verify(Some("acme")).await.unwrap();
@@ -378,10 +382,13 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     // Deleted: record 4 vanishes.
     tamper(
         &h.db,
-        "CREATE TABLE audit_saved AS SELECT * FROM audit WHERE seq = 4",
+        &format!(
+            "CREATE TABLE audit_saved AS SELECT * FROM audit WHERE {}",
+            at(4)
+        ),
     )
     .await;
-    tamper(&h.db, "DELETE FROM audit WHERE tenant = 'acme' AND seq = 4").await;
+    tamper(&h.db, &format!("DELETE FROM audit WHERE {}", at(4))).await;
     let report = h.db.audit_verify(Some("acme")).await.unwrap();
     assert!(
         report
@@ -403,9 +410,18 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
     // Inserted: a record past the head, hashed as the chain would.
     tamper(
         &h.db,
-        "INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, request_id, \
-         source, outcome, seq, prev_hash, hash) SELECT tenant, time, actor_kind, 'intruder', \
-         action, resource, request_id, source, outcome, 7, hash, hash FROM audit \
+        &format!(
+            "INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, request_id, \
+             source, outcome) SELECT tenant, time, actor_kind, 'intruder', action, resource, \
+             request_id, source, outcome FROM audit WHERE {}",
+            at(6)
+        ),
+    )
+    .await;
+    tamper(
+        &h.db,
+        "INSERT INTO audit_links (id, tenant, seq, prev_hash, hash) \
+         SELECT (SELECT MAX(id) FROM audit), tenant, 7, hash, hash FROM audit_links \
          WHERE tenant = 'acme' AND seq = 6",
     )
     .await;
@@ -415,9 +431,15 @@ async fn verify_names_a_modified_inserted_or_deleted_record(db: kiln_db::Db) {
         "{:?}",
         report.breaks
     );
-    tamper(&h.db, "DELETE FROM audit WHERE seq = 7").await;
+    tamper(&h.db, "DELETE FROM audit WHERE actor = 'intruder'").await;
+    tamper(&h.db, "DELETE FROM audit_links WHERE seq = 7").await;
     // The tail cut: the head says 6, the chain ends at 5.
-    tamper(&h.db, "DELETE FROM audit WHERE tenant = 'acme' AND seq = 6").await;
+    tamper(&h.db, &format!("DELETE FROM audit WHERE {}", at(6))).await;
+    tamper(
+        &h.db,
+        "DELETE FROM audit_links WHERE tenant = 'acme' AND seq = 6",
+    )
+    .await;
     let report = h.db.audit_verify(Some("acme")).await.unwrap();
     assert_eq!(report.breaks.len(), 1, "{:?}", report.breaks);
     assert!(report.breaks[0].problem.contains("deleted"));
@@ -460,5 +482,311 @@ async fn schedule_fires_are_audited_in_their_transaction(db: kiln_db::Db) {
         .call("GET", &format!("/api/v1/jobs/{id}"), &h.admin, None)
         .await;
     assert_eq!(status, StatusCode::OK);
+    h.stop().await;
+}
+
+/// Tables the requests below change (background loops' own tables, such
+/// as workers' heartbeats, are left out).
+const CHANGED: &[&str] = &[
+    "api_keys",
+    "users",
+    "user_sessions",
+    "secrets",
+    "policies",
+    "policy_versions",
+    "webhooks",
+    "subscriptions",
+    "rules",
+    "rule_state",
+    "pipelines",
+    "runs",
+    "run_steps",
+    "run_instances",
+    "schedules",
+    "queues",
+    "modules",
+    "jobs",
+    "detector_settings",
+    "events",
+];
+
+/// Sends one request twice: first while the database refuses audit
+/// records, when it must fail and change nothing, then normally, when it
+/// must succeed with exactly one record whose outcome is its status.
+async fn atomic(
+    h: &common::Harness,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+    key: &str,
+) -> Value {
+    let refuse = match &h.db {
+        kiln_db::Db::Sqlite(_) => vec![
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit \
+             BEGIN SELECT RAISE(ABORT, 'audit refused'); END",
+        ],
+        kiln_db::Db::Postgres(_) => vec![
+            "CREATE OR REPLACE FUNCTION refuse_audit() RETURNS trigger AS $$ \
+             BEGIN RAISE EXCEPTION 'audit refused'; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit \
+             FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
+        ],
+    };
+    let allow = match &h.db {
+        kiln_db::Db::Sqlite(_) => "DROP TRIGGER refuse_audit",
+        kiln_db::Db::Postgres(_) => "DROP TRIGGER refuse_audit ON audit",
+    };
+    // Times a read touches, and the events sequencer's numbering.
+    let skip = ["last_used_at", "last_seen", "position"];
+    let before = kiln_db::testing::fingerprint(&h.db, CHANGED, &skip)
+        .await
+        .unwrap();
+    for sql in &refuse {
+        tamper(&h.db, sql).await;
+    }
+    let (status, answer) = h
+        .raw(method, path, Some(key), content_type, body.to_string())
+        .await;
+    tamper(&h.db, allow).await;
+    assert!(
+        status.is_server_error(),
+        "{method} {path} did not fail ({status} {answer}) although its record could not be written"
+    );
+    let after = kiln_db::testing::fingerprint(&h.db, CHANGED, &skip)
+        .await
+        .unwrap();
+    for table in CHANGED {
+        assert_eq!(
+            before[*table], after[*table],
+            "{method} {path} changed {table} although its record was refused"
+        );
+    }
+    let records = trail(&h.db, "acme").await.len();
+    let (status, answer) = h
+        .raw(method, path, Some(key), content_type, body.to_string())
+        .await;
+    assert!(status.is_success(), "{method} {path}: {status} {answer}");
+    let trail = trail(&h.db, "acme").await;
+    assert_eq!(trail.len(), records + 1, "{method} {path}: one record");
+    let record = &trail.last().unwrap().record;
+    assert_eq!(
+        record.outcome,
+        status.as_u16().to_string(),
+        "{method} {path}"
+    );
+    answer
+}
+
+/// A created resource's id, a number or a string.
+fn id_of(made: &Value) -> String {
+    let id = made.get("id").or_else(|| made.pointer("/run/id"));
+    match id {
+        Some(Value::String(id)) => id.clone(),
+        Some(Value::Number(id)) => id.to_string(),
+        _ => panic!("no id in {made}"),
+    }
+}
+
+async fn a_change_and_its_record_are_one(db: kiln_db::Db) {
+    let h = harness(db).await;
+    h.state
+        .master_key
+        .set(kiln_core::secrets::MasterKey::new([7; 32]))
+        .unwrap();
+    const JSON: &str = "application/json";
+    let a = h.admin.clone();
+    let key = atomic(
+        &h,
+        "POST",
+        "/api/v1/keys",
+        JSON,
+        r#"{"name":"ci","scopes":["write"]}"#,
+        &a,
+    )
+    .await;
+    let user = r#"{"username":"ann","role":"operator","password":"correct horse battery"}"#;
+    atomic(&h, "POST", "/api/v1/users", JSON, user, &a).await;
+    atomic(
+        &h,
+        "PUT",
+        "/api/v1/users/ann/role",
+        JSON,
+        r#"{"role":"viewer"}"#,
+        &a,
+    )
+    .await;
+    let password = r#"{"password":"another horse battery"}"#;
+    atomic(&h, "PUT", "/api/v1/users/ann/password", JSON, password, &a).await;
+    let login = r#"{"tenant":"acme","username":"ann","password":"another horse battery"}"#;
+    let session = atomic(&h, "POST", "/api/v1/auth/login", JSON, login, &a).await;
+    let token = session["token"].as_str().expect("a token").to_string();
+    atomic(&h, "POST", "/api/v1/auth/logout", JSON, "{}", &token).await;
+    atomic(&h, "DELETE", "/api/v1/users/ann", JSON, "", &a).await;
+    atomic(&h, "PUT", "/api/v1/secrets/tok", "text/plain", "s3cr3t", &a).await;
+    atomic(&h, "DELETE", "/api/v1/secrets/tok", JSON, "", &a).await;
+    atomic(
+        &h,
+        "PUT",
+        "/api/v1/policies/p1",
+        JSON,
+        r#"{"rule":"true"}"#,
+        &a,
+    )
+    .await;
+    atomic(&h, "DELETE", "/api/v1/policies/p1", JSON, "", &a).await;
+    let hook = json!({"provider": "github", "secret": "a-hook-secret-of-some-length",
+        "target": {"job": {"kind": "noop", "spec": {}}}});
+    atomic(
+        &h,
+        "PUT",
+        "/api/v1/webhooks/gh",
+        JSON,
+        &hook.to_string(),
+        &a,
+    )
+    .await;
+    atomic(&h, "DELETE", "/api/v1/webhooks/gh", JSON, "", &a).await;
+    let subscription = json!({"name": "x",
+        "destination": {"kind": "webhook", "url": "http://127.0.0.1:9/x", "secret": "k"}});
+    let made = atomic(
+        &h,
+        "POST",
+        "/api/v1/subscriptions",
+        JSON,
+        &subscription.to_string(),
+        &a,
+    )
+    .await;
+    let path = format!("/api/v1/subscriptions/{}", made["id"].as_str().unwrap());
+    atomic(&h, "DELETE", &path, JSON, "", &a).await;
+    let rule = json!({"trigger": {"events": ["job.succeeded"]}, "condition": "false",
+        "actions": [{"action": "run_job", "job": {"kind": "noop"}}]});
+    atomic(
+        &h,
+        "PUT",
+        "/api/v1/automation/rules/r1",
+        JSON,
+        &rule.to_string(),
+        &a,
+    )
+    .await;
+    atomic(&h, "DELETE", "/api/v1/automation/rules/r1", JSON, "", &a).await;
+    // Approval steps only: nothing runs behind the test's back.
+    let pipeline = json!({"name": "p", "steps": [{"id": "ok", "kind": "approval"}]});
+    atomic(
+        &h,
+        "POST",
+        "/api/v1/pipelines",
+        JSON,
+        &pipeline.to_string(),
+        &a,
+    )
+    .await;
+    let run = atomic(&h, "POST", "/api/v1/pipelines/p/runs", JSON, "{}", &a).await;
+    let run = id_of(&run);
+    atomic(
+        &h,
+        "POST",
+        &format!("/api/v1/runs/{run}/cancel"),
+        JSON,
+        "{}",
+        &a,
+    )
+    .await;
+    atomic(
+        &h,
+        "POST",
+        &format!("/api/v1/runs/{run}/retry"),
+        JSON,
+        "{}",
+        &a,
+    )
+    .await;
+    let path = format!("/api/v1/runs/{run}/steps/ok/approve");
+    atomic(&h, "POST", &path, JSON, r#"{"comment":"fine"}"#, &a).await;
+    let run = atomic(&h, "POST", "/api/v1/pipelines/p/trigger", JSON, "{}", &a).await;
+    let run = id_of(&run);
+    let path = format!("/api/v1/runs/{run}/steps/ok/reject");
+    atomic(&h, "POST", &path, JSON, r#"{"comment":"no"}"#, &a).await;
+    atomic(&h, "DELETE", "/api/v1/pipelines/p", JSON, "", &a).await;
+    let schedule = json!({"name": "s", "cron": "0 0 1 1 *", "paused": true,
+        "target": {"job": {"kind": "noop", "spec": {}}}});
+    atomic(
+        &h,
+        "POST",
+        "/api/v1/schedules",
+        JSON,
+        &schedule.to_string(),
+        &a,
+    )
+    .await;
+    atomic(&h, "POST", "/api/v1/schedules/s/resume", JSON, "{}", &a).await;
+    atomic(&h, "POST", "/api/v1/schedules/s/pause", JSON, "{}", &a).await;
+    atomic(&h, "DELETE", "/api/v1/schedules/s", JSON, "", &a).await;
+    atomic(
+        &h,
+        "PUT",
+        "/api/v1/queues/q",
+        JSON,
+        r#"{"concurrency_limit":2}"#,
+        &a,
+    )
+    .await;
+    atomic(&h, "POST", "/api/v1/queues/q/pause", JSON, "{}", &a).await;
+    // Jobs in the paused queue stay put.
+    let job = json!({"kind": "noop", "spec": {}, "queue": "q"});
+    let job = atomic(&h, "POST", "/api/v1/jobs", JSON, &job.to_string(), &a).await;
+    let job = job["id"].as_str().unwrap().to_string();
+    atomic(
+        &h,
+        "POST",
+        &format!("/api/v1/jobs/{job}/cancel"),
+        JSON,
+        "{}",
+        &a,
+    )
+    .await;
+    atomic(
+        &h,
+        "POST",
+        &format!("/api/v1/jobs/{job}/retry"),
+        JSON,
+        "{}",
+        &a,
+    )
+    .await;
+    atomic(
+        &h,
+        "POST",
+        &format!("/api/v1/jobs/{job}/cancel"),
+        JSON,
+        "{}",
+        &a,
+    )
+    .await;
+    let module = atomic(
+        &h,
+        "POST",
+        "/api/v1/modules",
+        "text/plain",
+        r#"(module (func (export "_start")))"#,
+        &a,
+    )
+    .await;
+    let path = format!("/api/v1/modules/{}", module["id"].as_str().unwrap());
+    atomic(&h, "DELETE", &path, JSON, "", &a).await;
+    let detectors = r#"{"backlog_age": {"max_age_s": 60}}"#;
+    atomic(
+        &h,
+        "PUT",
+        "/api/v1/incidents/detectors",
+        JSON,
+        detectors,
+        &a,
+    )
+    .await;
+    let path = format!("/api/v1/keys/{}", key["id"].as_str().unwrap());
+    atomic(&h, "DELETE", &path, JSON, "", &a).await;
     h.stop().await;
 }

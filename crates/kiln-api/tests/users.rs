@@ -214,7 +214,7 @@ async fn users_sign_in_with_roles_and_sign_out(db: kiln_db::Db) {
 
     // The trail names the user, for logins and their failures, and never
     // holds a password.
-    h.db.audit_chain_pass().await.unwrap();
+    h.db.audit_chain_pass(false).await.unwrap();
     let (_, trail) = h
         .call(
             "GET",
@@ -529,7 +529,7 @@ async fn failed_logins_slow_down_then_lock_and_the_lock_ends(db: kiln_db::Db) {
     assert_eq!(login(&h, "acme", "sam", PASSWORD).await.0, StatusCode::OK);
 
     // Failures and locks are on the trail, with why.
-    h.db.audit_chain_pass().await.unwrap();
+    h.db.audit_chain_pass(false).await.unwrap();
     let (_, trail) = h
         .call("GET", "/api/v1/audit?actor=ghost", &h.admin, None)
         .await;

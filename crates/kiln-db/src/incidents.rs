@@ -5,6 +5,7 @@
 use kiln_core::Millis;
 use serde::Serialize;
 
+use crate::audit::note::Change;
 use crate::{Db, DbResult};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -83,23 +84,11 @@ pub struct Sighting<'a> {
 const COLUMNS: &str = "id, tenant, fingerprint, kind, severity, title, status, occurrences, \
                        opened_at, updated_at, resolved_at, resolved_by, notes";
 
-/// Runs `$body` with `$tx` a transaction on the writer.
-macro_rules! in_tx {
-    ($db:expr, $tx:ident => $body:expr) => {
-        crate::with_pool!($db, write, |pool| {
-            let mut $tx = pool.begin().await?;
-            let out = $body;
-            $tx.commit().await?;
-            out
-        })
-    };
-}
-
 impl Db {
     /// Opens an incident for the sighting, or adds it to the open one of
     /// the same fingerprint; the incident's id and whether it is new.
     pub async fn incident_sighted(&self, s: &Sighting<'_>, now: Millis) -> DbResult<(i64, bool)> {
-        let out = in_tx!(self, tx => {
+        let out = crate::audit::audited_tx!(self, |tx| {
             let repeated: Option<i64> = sqlx::query_scalar(
                 "UPDATE incidents SET occurrences = occurrences + 1, updated_at = $3 \
                  WHERE tenant = $1 AND fingerprint = $2 AND status <> 'resolved' RETURNING id",
@@ -152,7 +141,7 @@ impl Db {
         entry: &str,
         now: Millis,
     ) -> DbResult<Option<i64>> {
-        let out = in_tx!(self, tx => {
+        let out = crate::audit::audited_tx!(self, |tx| {
             let id: Option<i64> = sqlx::query_scalar(
                 "UPDATE incidents SET status = 'resolved', resolved_by = 'automatic', \
                  resolved_at = $3, updated_at = $3 \
@@ -266,7 +255,7 @@ impl Db {
         } else {
             &["open", "acknowledged"]
         };
-        let out = in_tx!(self, tx => {
+        let out = crate::audit::audited_tx!(self, |tx| {
             let current: Option<String> =
                 sqlx::query_scalar("SELECT status FROM incidents WHERE tenant = $1 AND id = $2")
                     .bind(tenant)
@@ -300,6 +289,7 @@ impl Db {
                     .bind(format!("{status} by hand"))
                     .execute(&mut *tx)
                     .await?;
+                    crate::audit::stamp!(&mut *tx, Change::Changed);
                     Some(true)
                 }
             }
@@ -343,7 +333,7 @@ impl Db {
     ) -> DbResult<()> {
         crate::storable("tenant", tenant)?;
         let text = settings.to_string();
-        crate::with_pool!(self, write, |pool| {
+        crate::audit::audited_tx!(self, |tx| {
             sqlx::query(
                 "INSERT INTO detector_settings (tenant, settings, updated_at) VALUES ($1, $2, $3) \
                  ON CONFLICT (tenant) DO UPDATE SET settings = excluded.settings, \
@@ -352,9 +342,9 @@ impl Db {
             .bind(tenant)
             .bind(&text)
             .bind(now)
-            .execute(pool)
-            .await
-            .map(drop)?
+            .execute(&mut *tx)
+            .await?;
+            crate::audit::stamp!(&mut *tx, Change::Changed);
         });
         Ok(())
     }

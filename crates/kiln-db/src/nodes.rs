@@ -353,22 +353,17 @@ impl Db {
             "UPDATE nodes SET drain = $2, status = CASE WHEN status = 'lost' THEN 'lost' \
              WHEN $2 THEN 'draining' ELSE 'online' END WHERE id = $1 RETURNING {COLUMNS}"
         );
-        let row: Option<NodeRow> = match self {
-            Db::Sqlite(s) => {
-                sqlx::query_as(&sql)
-                    .bind(id)
-                    .bind(drain)
-                    .fetch_optional(&s.write)
-                    .await?
+        let row: Option<NodeRow> = crate::audit::audited_tx!(self, |tx| {
+            let row: Option<NodeRow> = sqlx::query_as(&sql)
+                .bind(id)
+                .bind(drain)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if row.is_some() {
+                crate::audit::stamp!(&mut *tx, crate::audit::note::Change::Changed);
             }
-            Db::Postgres(s) => {
-                sqlx::query_as(&sql)
-                    .bind(id)
-                    .bind(drain)
-                    .fetch_optional(&s.pool)
-                    .await?
-            }
-        };
+            row
+        });
         self.events_written();
         row.map(NodeInfo::try_from).transpose()
     }

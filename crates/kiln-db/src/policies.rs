@@ -16,6 +16,7 @@ use kiln_core::Millis;
 use kiln_flow::policy::{Policy, PolicySet, POLICIES_MAX};
 use serde::Serialize;
 
+use crate::audit::note::Change;
 use crate::{storable, Db, DbError, DbResult};
 
 /// How long a cached set is used before its version is read again.
@@ -223,8 +224,7 @@ impl Db {
         }
         let kinds =
             serde_json::to_string(applies_to).map_err(|e| DbError::Invalid(e.to_string()))?;
-        let put = crate::with_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
+        let put = crate::audit::audited_tx!(self, |tx| {
             // First, so that on PostgreSQL the version row's lock orders
             // concurrent puts of one tenant: the count below is exact.
             sqlx::query(BUMP_SQL).bind(tenant).execute(&mut *tx).await?;
@@ -249,7 +249,7 @@ impl Db {
                         .fetch_one(&mut *tx)
                         .await?;
                 if count >= POLICIES_MAX as i64 {
-                    tx.rollback().await?;
+                    // Dropped uncommitted: the version's bump goes too.
                     return Ok(PolicyPut::Full);
                 }
                 sqlx::query(
@@ -273,7 +273,12 @@ impl Db {
             .bind(name)
             .fetch_one(&mut *tx)
             .await?;
-            tx.commit().await?;
+            let change = if updated == 0 {
+                Change::Created
+            } else {
+                Change::Changed
+            };
+            crate::audit::stamp!(&mut *tx, change);
             let stored = StoredPolicy::from(row);
             if updated == 0 {
                 PolicyPut::Created(stored)
@@ -306,8 +311,7 @@ impl Db {
 
     /// Deletes a policy; false when the tenant has none of that name.
     pub async fn policy_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
-        let deleted = crate::with_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
+        let deleted = crate::audit::audited_tx!(self, |tx| {
             sqlx::query(BUMP_SQL).bind(tenant).execute(&mut *tx).await?;
             let deleted = sqlx::query("DELETE FROM policies WHERE tenant = $1 AND name = $2")
                 .bind(tenant)
@@ -316,11 +320,11 @@ impl Db {
                 .await?
                 .rows_affected();
             if deleted == 0 {
-                tx.rollback().await?;
-            } else {
-                tx.commit().await?;
+                // Dropped uncommitted: nothing changed, not even the version.
+                return Ok(false);
             }
-            deleted > 0
+            crate::audit::stamp!(&mut *tx, Change::Changed);
+            true
         });
         if deleted {
             self.policy_cache().forget(tenant);

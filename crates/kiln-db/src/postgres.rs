@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 use tokio::sync::Notify;
 
+use crate::audit::note::Change;
 use crate::lease::{self, Candidate, LeaseRequest};
 use crate::rows::{
     record_json, result_json, rows_to, storable_error, EncodedJob, JobRow, KeyRow, LeasedRow,
@@ -519,16 +520,22 @@ impl PgStore {
         // cancelled; only a job found finished is read again (it may have
         // been retried by hand in between, so that is looped on).
         for _ in 0..8 {
-            let row: Option<JobRow> = sqlx::query_as(&format!(
-                "UPDATE jobs SET {} WHERE tenant = $2 AND id = $3 \
-                 AND status IN ('queued','scheduled','running') RETURNING {JOB_COLUMNS}",
-                crate::rows::CANCEL_SET
-            ))
-            .bind(now)
-            .bind(tenant)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+            let row: Option<JobRow> = crate::audit::audited_in!(self.pool, |tx| {
+                let row: Option<JobRow> = sqlx::query_as(&format!(
+                    "UPDATE jobs SET {} WHERE tenant = $2 AND id = $3 \
+                     AND status IN ('queued','scheduled','running') RETURNING {JOB_COLUMNS}",
+                    crate::rows::CANCEL_SET
+                ))
+                .bind(now)
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if row.is_some() {
+                    crate::audit::stamp!(&mut *tx, Change::Changed);
+                }
+                row
+            });
             if let Some(row) = row {
                 return crate::rows::cancel_outcome(row.try_into()?);
             }
@@ -546,21 +553,27 @@ impl PgStore {
     }
 
     pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {
-        let row: Option<JobRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET status = 'queued', run_at = $1, retry_from = attempt, \
-             cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL, held = {} \
-             WHERE tenant = $2 AND id = $3 AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}",
-            held_expr("jobs.tenant", "jobs.queue")
-        ))
-        .bind(now)
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<JobRow> = crate::audit::audited_in!(self.pool, |tx| {
+            let row: Option<JobRow> = sqlx::query_as(&format!(
+                "UPDATE jobs SET status = 'queued', run_at = $1, retry_from = attempt, \
+                 cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL, held = {} \
+                 WHERE tenant = $2 AND id = $3 AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}",
+                held_expr("jobs.tenant", "jobs.queue")
+            ))
+            .bind(now)
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if row.is_some() {
+                sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+                    .execute(&mut *tx)
+                    .await?;
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            row
+        });
         if let Some(row) = row {
-            sqlx::query("SELECT pg_notify('kiln_jobs', '')")
-                .execute(&self.pool)
-                .await?;
             return Ok(RetryOutcome::Requeued(row.try_into()?));
         }
         Ok(match self.job_by_id(Some(tenant), id).await? {
@@ -633,37 +646,39 @@ impl PgStore {
     }
 
     pub async fn queue_upsert(&self, q: &QueueInfo, now: Millis) -> DbResult<QueueInfo> {
-        let mut tx = self.pool.begin().await?;
-        let row: QueueRow = sqlx::query_as(&format!(
-            "INSERT INTO queues (tenant, name, paused, concurrency_limit, updated_at) \
+        let info = crate::audit::audited_in!(self.pool, |tx| {
+            let row: QueueRow = sqlx::query_as(&format!(
+                "INSERT INTO queues (tenant, name, paused, concurrency_limit, updated_at) \
              VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (tenant, name) DO UPDATE SET paused = excluded.paused, \
              concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at \
              RETURNING {QUEUE_COLUMNS}"
-        ))
-        .bind(&q.tenant)
-        .bind(&q.name)
-        .bind(q.paused)
-        .bind(q.concurrency_limit)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let info = QueueInfo::from(row);
-        // Rows are locked in id order, as every batched writer does.
-        sqlx::query(
-            "UPDATE jobs SET held = $3 WHERE id IN (SELECT id FROM jobs WHERE tenant = $1 \
+            ))
+            .bind(&q.tenant)
+            .bind(&q.name)
+            .bind(q.paused)
+            .bind(q.concurrency_limit)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            let info = QueueInfo::from(row);
+            // Rows are locked in id order, as every batched writer does.
+            sqlx::query(
+                "UPDATE jobs SET held = $3 WHERE id IN (SELECT id FROM jobs WHERE tenant = $1 \
              AND queue = $2 AND status IN ('queued','scheduled','running') AND held <> $3 \
              ORDER BY id FOR UPDATE)",
-        )
-        .bind(&info.tenant)
-        .bind(&info.name)
-        .bind(info.is_held())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+            )
+            .bind(&info.tenant)
+            .bind(&info.name)
+            .bind(info.is_held())
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
+            sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+                .execute(&mut *tx)
+                .await?;
+            crate::audit::stamp!(&mut *tx, Change::Changed);
+            info
+        });
         Ok(info)
     }
 
@@ -692,19 +707,23 @@ impl PgStore {
     }
 
     pub async fn key_insert(&self, key: &ApiKey, hash: &str) -> DbResult<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at, expires_at) \
+        let resource = format!("/api/v1/keys/{}", key.id);
+        crate::audit::audited_in!(self.pool, |tx| {
+            sqlx::query(
+                "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&key.id)
-        .bind(&key.tenant)
-        .bind(&key.name)
-        .bind(hash)
-        .bind(key.scopes.to_text())
-        .bind(key.created_at)
-        .bind(key.expires_at)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(&key.id)
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(hash)
+            .bind(key.scopes.to_text())
+            .bind(key.created_at)
+            .bind(key.expires_at)
+            .execute(&mut *tx)
+            .await?;
+            crate::audit::stamp!(&mut *tx, Change::Created, Some(&resource));
+        });
         Ok(())
     }
 
@@ -731,15 +750,21 @@ impl PgStore {
     }
 
     pub async fn key_revoke(&self, tenant: Option<&str>, id: &str, now: Millis) -> DbResult<bool> {
-        let done = sqlx::query(
-            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+        let done = crate::audit::audited_in!(self.pool, |tx| {
+            let done = sqlx::query(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
              AND ($3::text IS NULL OR tenant = $3)",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(tenant)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(now)
+            .bind(id)
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            done
+        });
         Ok(done.rows_affected() > 0)
     }
 
@@ -750,16 +775,23 @@ impl PgStore {
     }
 
     pub async fn module_insert(&self, tenant: &str, m: &ModuleInfo) -> DbResult<bool> {
-        let done = sqlx::query(
-            "INSERT INTO modules (tenant, id, size, created_at) VALUES ($1, $2, $3, $4) \
+        let resource = format!("/api/v1/modules/{}", m.id);
+        let done = crate::audit::audited_in!(self.pool, |tx| {
+            let done = sqlx::query(
+                "INSERT INTO modules (tenant, id, size, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (tenant, id) DO NOTHING",
-        )
-        .bind(tenant)
-        .bind(&m.id)
-        .bind(m.size)
-        .bind(m.created_at)
-        .execute(&self.pool)
-        .await?;
+            )
+            .bind(tenant)
+            .bind(&m.id)
+            .bind(m.size)
+            .bind(m.created_at)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Created, Some(&resource));
+            }
+            done
+        });
         Ok(done.rows_affected() > 0)
     }
 
@@ -785,11 +817,17 @@ impl PgStore {
     }
 
     pub async fn module_delete(&self, tenant: &str, id: &str) -> DbResult<bool> {
-        let done = sqlx::query("DELETE FROM modules WHERE tenant = $1 AND id = $2")
-            .bind(tenant)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let done = crate::audit::audited_in!(self.pool, |tx| {
+            let done = sqlx::query("DELETE FROM modules WHERE tenant = $1 AND id = $2")
+                .bind(tenant)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            done
+        });
         Ok(done.rows_affected() > 0)
     }
 

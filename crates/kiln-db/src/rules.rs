@@ -13,6 +13,7 @@ use kiln_core::Millis;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::audit::note::Change;
 use crate::{storable, Db, DbResult};
 
 /// One hour, the window of `max_per_hour`.
@@ -106,18 +107,6 @@ const ACTION_COLUMNS: &str =
 /// Longest message kept with an action.
 const MESSAGE_MAX: usize = 1024;
 
-/// Runs `$body` with `$tx` a transaction on the writer.
-macro_rules! in_tx {
-    ($db:expr, $tx:ident => $body:expr) => {
-        crate::with_pool!($db, write, |pool| {
-            let mut $tx = pool.begin().await?;
-            let out = $body;
-            $tx.commit().await?;
-            out
-        })
-    };
-}
-
 const EVENT_INSERT: &str =
     "INSERT INTO events (time, tenant, type, resource_kind, resource_id, data) \
      VALUES ($1, $2, $3, 'rule', $4, $5)";
@@ -140,7 +129,7 @@ impl Db {
             ));
         }
         let text = body.to_string();
-        let created = in_tx!(self, tx => {
+        let created = crate::audit::audited_tx!(self, |tx| {
             let updated = sqlx::query(
                 "UPDATE rules SET active = $3, body = $4, updated_at = $5 WHERE tenant = $1 AND name = $2",
             )
@@ -165,6 +154,12 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
             }
+            let change = if updated == 0 {
+                Change::Created
+            } else {
+                Change::Changed
+            };
+            crate::audit::stamp!(&mut *tx, change);
             updated == 0
         });
         Ok(created)
@@ -214,19 +209,23 @@ impl Db {
     /// Deletes a rule and its throttle state (its history of actions
     /// stays); false when there was none.
     pub async fn rule_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
-        Ok(in_tx!(self, tx => {
+        Ok(crate::audit::audited_tx!(self, |tx| {
             sqlx::query("DELETE FROM rule_state WHERE tenant = $1 AND rule = $2")
                 .bind(tenant)
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("DELETE FROM rules WHERE tenant = $1 AND name = $2")
+            let gone = sqlx::query("DELETE FROM rules WHERE tenant = $1 AND name = $2")
                 .bind(tenant)
                 .bind(name)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()
-                > 0
+                > 0;
+            if gone {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            gone
         }))
     }
 
@@ -274,7 +273,7 @@ impl Db {
             event_type,
             now,
         } = *firing;
-        let out = in_tx!(self, tx => {
+        let out = crate::audit::audited_tx!(self, |tx| {
             {
                 sqlx::query(
                     "INSERT INTO rule_state (tenant, rule, fires) VALUES ($1, $2, 0) \
@@ -368,7 +367,7 @@ impl Db {
         } else {
             taken.detail.to_string()
         };
-        let id = in_tx!(self, tx => {
+        let id = crate::audit::audited_tx!(self, |tx| {
             {
                 let id: i64 = sqlx::query_scalar(
                     "INSERT INTO rule_actions (fire_id, tenant, rule, event_id, action, detail, outcome, \

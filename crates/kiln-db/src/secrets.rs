@@ -5,6 +5,7 @@
 use kiln_core::secrets::{Sealed, NONCE_BYTES};
 use kiln_core::Millis;
 
+use crate::audit::note::Change;
 use crate::{Db, DbError, DbResult};
 
 /// What routes show of a secret: never its value.
@@ -123,20 +124,26 @@ impl Db {
                 .fetch_one(pool)
                 .await?);
             let sealed = seal(version);
-            let inserted = crate::with_pool!(self, write, |pool| sqlx::query(insert)
-                .bind(tenant)
-                .bind(name)
-                .bind(version)
-                .bind(hex::encode(&sealed.ciphertext))
-                .bind(hex::encode(sealed.nonce))
-                .bind(hex::encode(&sealed.wrapped_key))
-                .bind(hex::encode(sealed.wrap_nonce))
-                .bind(&sealed.master_id)
-                .bind(bytes as i64)
-                .bind(now)
-                .execute(pool)
-                .await?
-                .rows_affected());
+            let inserted = crate::audit::audited_tx!(self, |tx| {
+                let n = sqlx::query(insert)
+                    .bind(tenant)
+                    .bind(name)
+                    .bind(version)
+                    .bind(hex::encode(&sealed.ciphertext))
+                    .bind(hex::encode(sealed.nonce))
+                    .bind(hex::encode(&sealed.wrapped_key))
+                    .bind(hex::encode(sealed.wrap_nonce))
+                    .bind(&sealed.master_id)
+                    .bind(bytes as i64)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n == 1 {
+                    crate::audit::stamp!(&mut *tx, Change::Created);
+                }
+                n
+            });
             if inserted == 1 {
                 return Ok(SecretMeta {
                     name: name.to_string(),
@@ -173,14 +180,18 @@ impl Db {
 
     /// Deletes every version; false if there was none.
     pub async fn secret_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
-        let gone = crate::with_pool!(self, write, |pool| sqlx::query(
-            "DELETE FROM secrets WHERE tenant = $1 AND name = $2"
-        )
-        .bind(tenant)
-        .bind(name)
-        .execute(pool)
-        .await?
-        .rows_affected());
+        let gone = crate::audit::audited_tx!(self, |tx| {
+            let n = sqlx::query("DELETE FROM secrets WHERE tenant = $1 AND name = $2")
+                .bind(tenant)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            n
+        });
         Ok(gone > 0)
     }
 

@@ -14,6 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 use tokio::sync::Notify;
 
+use crate::audit::note::Change;
 use crate::lease::{self, Candidate, LeaseRequest};
 use crate::rows::{
     record_json, result_json, rows_to, storable_error, EncodedJob, JobRow, KeyRow, LeasedRow,
@@ -479,16 +480,22 @@ impl SqliteStore {
     pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
         // One statement decides by the status it finds; the writer
         // connection serialises it with every completion.
-        let row: Option<JobRow> = sqlx::query_as(&numbered(&format!(
-            "UPDATE jobs SET {} WHERE tenant = $2 AND id = $3 \
-             AND status IN ('queued','scheduled','running') RETURNING {JOB_COLUMNS}",
-            crate::rows::CANCEL_SET
-        )))
-        .bind(now)
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(&self.write)
-        .await?;
+        let row: Option<JobRow> = crate::audit::audited_in!(self.write, |tx| {
+            let row: Option<JobRow> = sqlx::query_as(&numbered(&format!(
+                "UPDATE jobs SET {} WHERE tenant = $2 AND id = $3 \
+                 AND status IN ('queued','scheduled','running') RETURNING {JOB_COLUMNS}",
+                crate::rows::CANCEL_SET
+            )))
+            .bind(now)
+            .bind(tenant)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if row.is_some() {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            row
+        });
         if let Some(row) = row {
             return crate::rows::cancel_outcome(row.try_into()?);
         }
@@ -499,18 +506,25 @@ impl SqliteStore {
     }
 
     pub async fn job_retry(&self, tenant: &str, id: i64, now: Millis) -> DbResult<RetryOutcome> {
-        let row: Option<JobRow> = sqlx::query_as(&format!(
+        let sql = format!(
             "UPDATE jobs SET status = 'queued', run_at = ?, retry_from = attempt, \
              cancel_requested = FALSE, finished_at = NULL, error = NULL, result = NULL, \
              held = EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant AND q.name = jobs.queue \
                AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
              WHERE tenant = ? AND id = ? AND status IN ('failed','dead','cancelled') RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(now)
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(&self.write)
-        .await?;
+        );
+        let row: Option<JobRow> = crate::audit::audited_in!(self.write, |tx| {
+            let row: Option<JobRow> = sqlx::query_as(&sql)
+                .bind(now)
+                .bind(tenant)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if row.is_some() {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            row
+        });
         if let Some(row) = row {
             return Ok(RetryOutcome::Requeued(row.try_into()?));
         }
@@ -576,32 +590,34 @@ impl SqliteStore {
     }
 
     pub async fn queue_upsert(&self, q: &QueueInfo, now: Millis) -> DbResult<QueueInfo> {
-        let mut tx = self.write.begin().await?;
-        let row: QueueRow = sqlx::query_as(&format!(
-            "INSERT INTO queues (tenant, name, paused, concurrency_limit, updated_at) \
+        let info = crate::audit::audited_in!(self.write, |tx| {
+            let row: QueueRow = sqlx::query_as(&format!(
+                "INSERT INTO queues (tenant, name, paused, concurrency_limit, updated_at) \
              VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (tenant, name) DO UPDATE SET paused = excluded.paused, \
              concurrency_limit = excluded.concurrency_limit, updated_at = excluded.updated_at \
              RETURNING {QUEUE_COLUMNS}"
-        ))
-        .bind(&q.tenant)
-        .bind(&q.name)
-        .bind(q.paused)
-        .bind(q.concurrency_limit)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let info = QueueInfo::from(row);
-        sqlx::query(
-            "UPDATE jobs SET held = ?3 WHERE tenant = ?1 AND queue = ?2 \
+            ))
+            .bind(&q.tenant)
+            .bind(&q.name)
+            .bind(q.paused)
+            .bind(q.concurrency_limit)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            let info = QueueInfo::from(row);
+            sqlx::query(
+                "UPDATE jobs SET held = ?3 WHERE tenant = ?1 AND queue = ?2 \
              AND status IN ('queued','scheduled','running') AND held <> ?3",
-        )
-        .bind(&info.tenant)
-        .bind(&info.name)
-        .bind(info.is_held())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+            )
+            .bind(&info.tenant)
+            .bind(&info.name)
+            .bind(info.is_held())
+            .execute(&mut *tx)
+            .await?;
+            crate::audit::stamp!(&mut *tx, Change::Changed);
+            info
+        });
         Ok(info)
     }
 
@@ -632,19 +648,23 @@ impl SqliteStore {
     }
 
     pub async fn key_insert(&self, key: &ApiKey, hash: &str) -> DbResult<()> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at, expires_at) \
+        let resource = format!("/api/v1/keys/{}", key.id);
+        crate::audit::audited_in!(self.write, |tx| {
+            sqlx::query(
+                "INSERT INTO api_keys (id, tenant, name, hash, scopes, created_at, expires_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&key.id)
-        .bind(&key.tenant)
-        .bind(&key.name)
-        .bind(hash)
-        .bind(key.scopes.to_text())
-        .bind(key.created_at)
-        .bind(key.expires_at)
-        .execute(&self.write)
-        .await?;
+            )
+            .bind(&key.id)
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .bind(hash)
+            .bind(key.scopes.to_text())
+            .bind(key.created_at)
+            .bind(key.expires_at)
+            .execute(&mut *tx)
+            .await?;
+            crate::audit::stamp!(&mut *tx, Change::Created, Some(&resource));
+        });
         Ok(())
     }
 
@@ -672,16 +692,22 @@ impl SqliteStore {
     }
 
     pub async fn key_revoke(&self, tenant: Option<&str>, id: &str, now: Millis) -> DbResult<bool> {
-        let done = sqlx::query(
-            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL \
+        let done = crate::audit::audited_in!(self.write, |tx| {
+            let done = sqlx::query(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL \
              AND (? IS NULL OR tenant = ?)",
-        )
-        .bind(now)
-        .bind(id)
-        .bind(tenant)
-        .bind(tenant)
-        .execute(&self.write)
-        .await?;
+            )
+            .bind(now)
+            .bind(id)
+            .bind(tenant)
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            done
+        });
         Ok(done.rows_affected() > 0)
     }
 
@@ -692,16 +718,23 @@ impl SqliteStore {
     }
 
     pub async fn module_insert(&self, tenant: &str, m: &ModuleInfo) -> DbResult<bool> {
-        let done = sqlx::query(
-            "INSERT INTO modules (tenant, id, size, created_at) VALUES (?, ?, ?, ?) \
+        let resource = format!("/api/v1/modules/{}", m.id);
+        let done = crate::audit::audited_in!(self.write, |tx| {
+            let done = sqlx::query(
+                "INSERT INTO modules (tenant, id, size, created_at) VALUES (?, ?, ?, ?) \
              ON CONFLICT (tenant, id) DO NOTHING",
-        )
-        .bind(tenant)
-        .bind(&m.id)
-        .bind(m.size)
-        .bind(m.created_at)
-        .execute(&self.write)
-        .await?;
+            )
+            .bind(tenant)
+            .bind(&m.id)
+            .bind(m.size)
+            .bind(m.created_at)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Created, Some(&resource));
+            }
+            done
+        });
         Ok(done.rows_affected() > 0)
     }
 
@@ -726,11 +759,17 @@ impl SqliteStore {
     }
 
     pub async fn module_delete(&self, tenant: &str, id: &str) -> DbResult<bool> {
-        let done = sqlx::query("DELETE FROM modules WHERE tenant = ? AND id = ?")
-            .bind(tenant)
-            .bind(id)
-            .execute(&self.write)
-            .await?;
+        let done = crate::audit::audited_in!(self.write, |tx| {
+            let done = sqlx::query("DELETE FROM modules WHERE tenant = ? AND id = ?")
+                .bind(tenant)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            done
+        });
         Ok(done.rows_affected() > 0)
     }
 

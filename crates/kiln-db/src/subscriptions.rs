@@ -4,6 +4,7 @@
 use kiln_core::Millis;
 use serde_json::Value;
 
+use crate::audit::note::Change;
 use crate::{Db, DbResult};
 
 /// One subscription as stored.
@@ -53,7 +54,8 @@ impl Db {
                    VALUES ($1, $2, $3, $4, $5, $6, $7)";
         let filter = s.filter.to_string();
         let destination = s.destination.to_string();
-        crate::with_pool!(self, write, |pool| {
+        let resource = format!("/api/v1/subscriptions/{}", s.id);
+        crate::audit::audited_tx!(self, |tx| {
             sqlx::query(sql)
                 .bind(&s.id)
                 .bind(&s.tenant)
@@ -62,9 +64,9 @@ impl Db {
                 .bind(&destination)
                 .bind(&s.secret)
                 .bind(s.created_at)
-                .execute(pool)
-                .await
-                .map(drop)?
+                .execute(&mut *tx)
+                .await?;
+            crate::audit::stamp!(&mut *tx, Change::Created, Some(&resource));
         });
         Ok(())
     }
@@ -95,13 +97,17 @@ impl Db {
 
     pub async fn subscription_delete(&self, tenant: &str, id: &str) -> DbResult<bool> {
         let sql = "DELETE FROM subscriptions WHERE tenant = $1 AND id = $2";
-        let deleted = crate::with_pool!(self, write, |pool| {
-            sqlx::query(sql)
+        let deleted = crate::audit::audited_tx!(self, |tx| {
+            let n = sqlx::query(sql)
                 .bind(tenant)
                 .bind(id)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?
-                .rows_affected()
+                .rows_affected();
+            if n > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            n
         });
         Ok(deleted > 0)
     }

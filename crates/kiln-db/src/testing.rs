@@ -93,3 +93,55 @@ pub async fn column_i64(db: &Db, sql: &str) -> Result<Vec<i64>, crate::DbError> 
         sqlx::query_scalar(sql).fetch_all(pool).await?
     }))
 }
+
+/// A digest of every row of each of `tables`, leaving out the columns
+/// named in `skip_columns` (times a read touches): equal digests, equal
+/// contents.
+pub async fn fingerprint(
+    db: &Db,
+    tables: &[&str],
+    skip_columns: &[&str],
+) -> Result<std::collections::BTreeMap<String, String>, crate::DbError> {
+    let mut out = std::collections::BTreeMap::new();
+    for table in tables {
+        let columns_sql = match db {
+            Db::Sqlite(_) => format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"),
+            Db::Postgres(_) => format!(
+                "SELECT column_name::text FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = '{table}' \
+                 ORDER BY ordinal_position"
+            ),
+        };
+        let columns: Vec<String> = text_rows(db, &columns_sql)
+            .await?
+            .into_iter()
+            .filter(|c| !skip_columns.contains(&c.as_str()))
+            .collect();
+        assert!(!columns.is_empty(), "no table {table}");
+        let row = match db {
+            Db::Sqlite(_) => columns
+                .iter()
+                .map(|c| format!("quote(\"{c}\")"))
+                .collect::<Vec<_>>()
+                .join(" || ',' || "),
+            Db::Postgres(_) => columns
+                .iter()
+                .map(|c| format!("COALESCE(\"{c}\"::text, 'NULL')"))
+                .collect::<Vec<_>>()
+                .join(" || ',' || "),
+        };
+        let sql = match db {
+            Db::Sqlite(_) => format!(
+                "SELECT COALESCE(group_concat(r, '|'), '') FROM \
+                 (SELECT {row} AS r FROM \"{table}\" ORDER BY 1)"
+            ),
+            Db::Postgres(_) => format!(
+                "SELECT COALESCE(string_agg(r, '|' ORDER BY r), '') FROM \
+                 (SELECT {row} AS r FROM \"{table}\") t"
+            ),
+        };
+        let text = text_rows(db, &sql).await?.pop().unwrap_or_default();
+        out.insert(table.to_string(), text);
+    }
+    Ok(out)
+}

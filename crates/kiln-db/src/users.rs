@@ -5,6 +5,7 @@
 use kiln_core::users::{FailureCount, Role};
 use kiln_core::Millis;
 
+use crate::audit::note::Change;
 use crate::{storable, Db, DbError, DbResult};
 
 /// Most users one tenant lists.
@@ -89,16 +90,23 @@ impl Db {
         let insert = "INSERT INTO users \
              (tenant, username, role, password_hash, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, username) DO NOTHING";
-        let done = crate::with_pool!(self, write, |pool| sqlx::query(insert)
-            .bind(&user.tenant)
-            .bind(&user.username)
-            .bind(user.role.as_str())
-            .bind(password_hash)
-            .bind(user.created_at)
-            .bind(user.updated_at)
-            .execute(pool)
-            .await?
-            .rows_affected());
+        let resource = format!("/api/v1/users/{}", user.username);
+        let done = crate::audit::audited_tx!(self, |tx| {
+            let n = sqlx::query(insert)
+                .bind(&user.tenant)
+                .bind(&user.username)
+                .bind(user.role.as_str())
+                .bind(password_hash)
+                .bind(user.created_at)
+                .bind(user.updated_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n == 1 {
+                crate::audit::stamp!(&mut *tx, Change::Created, Some(&resource));
+            }
+            n
+        });
         Ok(done == 1)
     }
 
@@ -150,8 +158,7 @@ impl Db {
     /// Deletes a user and ends its sessions, in one transaction; false if
     /// there was no such user.
     pub async fn user_delete(&self, tenant: &str, username: &str, now: Millis) -> DbResult<bool> {
-        let gone = crate::with_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
+        let gone = crate::audit::audited_tx!(self, |tx| {
             sqlx::query(REVOKE_USER_SESSIONS)
                 .bind(tenant)
                 .bind(username)
@@ -164,7 +171,9 @@ impl Db {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            tx.commit().await?;
+            if gone == 1 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
             gone
         });
         Ok(gone == 1)
@@ -215,8 +224,7 @@ impl Db {
         value: &str,
         now: Millis,
     ) -> DbResult<bool> {
-        let changed = crate::with_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
+        let changed = crate::audit::audited_tx!(self, |tx| {
             let changed = sqlx::query(update)
                 .bind(tenant)
                 .bind(username)
@@ -231,7 +239,9 @@ impl Db {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
+            if changed == 1 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
             changed
         });
         Ok(changed == 1)
@@ -239,19 +249,22 @@ impl Db {
 
     pub async fn session_insert(&self, session: &Session) -> DbResult<()> {
         storable("source", &session.source)?;
-        crate::with_pool!(self, write, |pool| sqlx::query(
-            "INSERT INTO user_sessions (id, tenant, username, created_at, expires_at, source) \
-             VALUES ($1, $2, $3, $4, $5, $6)"
-        )
-        .bind(&session.id)
-        .bind(&session.tenant)
-        .bind(&session.username)
-        .bind(session.created_at)
-        .bind(session.expires_at)
-        .bind(&session.source)
-        .execute(pool)
-        .await
-        .map(drop)?);
+        let resource = format!("/api/v1/auth/sessions/{}", session.id);
+        crate::audit::audited_tx!(self, |tx| {
+            sqlx::query(
+                "INSERT INTO user_sessions (id, tenant, username, created_at, expires_at, source) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&session.id)
+            .bind(&session.tenant)
+            .bind(&session.username)
+            .bind(session.created_at)
+            .bind(session.expires_at)
+            .bind(&session.source)
+            .execute(&mut *tx)
+            .await?;
+            crate::audit::stamp!(&mut *tx, Change::Created, Some(&resource));
+        });
         Ok(())
     }
 
@@ -269,16 +282,22 @@ impl Db {
 
     /// Ends a session of this tenant; false if it was not live.
     pub async fn session_revoke(&self, tenant: &str, id: &str, now: Millis) -> DbResult<bool> {
-        let done = crate::with_pool!(self, write, |pool| sqlx::query(
-            "UPDATE user_sessions SET revoked_at = $3 \
-             WHERE id = $1 AND tenant = $2 AND revoked_at IS NULL"
-        )
-        .bind(id)
-        .bind(tenant)
-        .bind(now)
-        .execute(pool)
-        .await?
-        .rows_affected());
+        let done = crate::audit::audited_tx!(self, |tx| {
+            let n = sqlx::query(
+                "UPDATE user_sessions SET revoked_at = $3 \
+                 WHERE id = $1 AND tenant = $2 AND revoked_at IS NULL",
+            )
+            .bind(id)
+            .bind(tenant)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            n
+        });
         Ok(done == 1)
     }
 

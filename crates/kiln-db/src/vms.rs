@@ -328,8 +328,9 @@ impl Db {
             "INSERT INTO vms ({VM_COLUMNS}) VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9, $10, NULL, $11) \
              ON CONFLICT (id) DO NOTHING"
         );
-        crate::with_pool!(self, write, |pool| {
-            sqlx::query(&sql)
+        let resource = format!("/api/v1/vms/{}", vm.id);
+        crate::audit::audited_tx!(self, |tx| {
+            let n = sqlx::query(&sql)
                 .bind(&vm.id)
                 .bind(&vm.tenant)
                 .bind(&vm.host)
@@ -341,9 +342,16 @@ impl Db {
                 .bind(vm.created_at)
                 .bind(vm.expires_at)
                 .bind(vm.boot_ms)
-                .execute(pool)
-                .await
-                .map(drop)?
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n == 1 {
+                crate::audit::stamp!(
+                    &mut *tx,
+                    crate::audit::note::Change::Created,
+                    Some(&resource)
+                );
+            }
         });
         Ok(())
     }

@@ -8,6 +8,7 @@
 use kiln_core::Millis;
 use serde_json::Value;
 
+use crate::audit::note::Change;
 use crate::{storable, Db, DbError, DbResult};
 
 /// Deliveries older than this leave the log (and stop deduplicating).
@@ -191,13 +192,14 @@ impl Db {
         {
             return Err(DbError::Invalid("a string holds a NUL character".into()));
         }
-        let row: WebhookRow = on_pool!(self, write, pool, sql = format!(
+        let sql = format!(
             "INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
              ON CONFLICT (tenant, name) DO UPDATE SET provider = excluded.provider, \
              secret = excluded.secret, filters = excluded.filters, target = excluded.target, \
              updated_at = excluded.updated_at RETURNING {WEBHOOK_COLUMNS}"
-        ); {
-            sqlx::query_as(&sql)
+        );
+        let row: WebhookRow = crate::audit::audited_tx!(self, |tx| {
+            let row: WebhookRow = sqlx::query_as(&sql)
                 .bind(tenant)
                 .bind(new.name)
                 .bind(&id)
@@ -206,8 +208,15 @@ impl Db {
                 .bind(&filter)
                 .bind(&target)
                 .bind(now)
-                .fetch_one(pool)
-                .await?
+                .fetch_one(&mut *tx)
+                .await?;
+            let change = if row.id == id {
+                Change::Created
+            } else {
+                Change::Changed
+            };
+            crate::audit::stamp!(&mut *tx, change);
+            row
         });
         let record = WebhookRecord::try_from(row)?;
         let created = record.id == id;
@@ -248,25 +257,18 @@ impl Db {
 
     /// Deletes a trigger and its delivery log; its URL answers 404 after.
     pub async fn webhook_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
-        let deleted: Option<String> = on_pool!(self, write, pool, sql =
-            "DELETE FROM webhooks WHERE tenant = $1 AND name = $2 RETURNING id";
-        {
-            let mut tx = pool.begin().await?;
-            let id: Option<String> = sqlx::query_scalar(&sql)
+        let sql = "DELETE FROM webhooks WHERE tenant = $1 AND name = $2 RETURNING id";
+        let deleted: Option<String> = crate::audit::audited_tx!(self, |tx| {
+            let id: Option<String> = sqlx::query_scalar(sql)
                 .bind(tenant)
                 .bind(name)
                 .fetch_optional(&mut *tx)
                 .await?;
             if let Some(id) = &id {
                 let clear = "DELETE FROM webhook_deliveries WHERE webhook_id = $1";
-                let clear = if matches!(self, Db::Sqlite(_)) {
-                    clear.replace('$', "?")
-                } else {
-                    clear.to_string()
-                };
-                sqlx::query(&clear).bind(id).execute(&mut *tx).await?;
+                sqlx::query(clear).bind(id).execute(&mut *tx).await?;
+                crate::audit::stamp!(&mut *tx, Change::Changed);
             }
-            tx.commit().await?;
             id
         });
         Ok(deleted.is_some())

@@ -139,9 +139,13 @@ async fn a_killed_server_leaves_every_job_with_its_record_and_a_whole_chain() {
     let db = kiln_db::Db::connect(&format!("sqlite://{}", data.join("kiln.db").display()))
         .await
         .unwrap();
-    kiln_db::testing::execute(&db, "UPDATE audit SET actor = 'someone-else' WHERE seq = 2")
-        .await
-        .unwrap();
+    kiln_db::testing::execute(
+        &db,
+        "UPDATE audit SET actor = 'someone-else' \
+         WHERE id = (SELECT id FROM audit_links WHERE seq = 2)",
+    )
+    .await
+    .unwrap();
     db.close().await;
     let (code, out) = kiln_cli(&["audit", "verify"], &data, &base, &key);
     assert_eq!(code, 1, "{out}");

@@ -371,16 +371,16 @@ pub(crate) async fn submit(
     let now = now_millis();
     let new = prepare(state, caller, body, default_attempts, now).await?;
     // The record goes in the job's own transaction: a job is never stored
-    // without it. A repeat of an idempotent submit is recorded afterwards.
-    let audit = crate::audit::pending("201");
-    let (mut job, created) = state
-        .db
-        .job_insert_audited(&new, now, audit.as_ref())
-        .await?;
-    crate::audit::note_resource(format!("/api/v1/jobs/{}", job.id));
-    if created && audit.is_some() {
-        crate::audit::note_written();
+    // without it. A repeat of an idempotent submit stores nothing and is
+    // recorded afterwards.
+    use kiln_db::audit::note;
+    let audit = note::claim(note::Change::Created, None);
+    let inserted = state.db.job_insert_audited(&new, now, audit.as_ref()).await;
+    if audit.is_some() && !matches!(inserted, Ok((_, true))) {
+        note::unclaim();
     }
+    let (mut job, created) = inserted?;
+    crate::audit::note_resource(format!("/api/v1/jobs/{}", job.id));
     metrics::counter!("kiln_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
     if params.wait {
         let limit = params.wait_ms.unwrap_or(60_000).min(600_000);

@@ -31,6 +31,7 @@ use kiln_flow::template;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::audit::note::Change;
 use crate::{Db, DbError, DbResult};
 
 macro_rules! dispatch_flow {
@@ -278,6 +279,28 @@ pub(crate) struct NewRunRow<'a> {
     pub idempotency_key: Option<&'a str>,
     pub trigger: &'a str,
     pub now: Millis,
+}
+
+/// Commits `tx` with the request's audit record in it (see
+/// `crate::audit::note`): the change and its record are one.
+pub(crate) async fn commit_audited(
+    mut tx: Box<dyn FlowTx>,
+    change: Change,
+    resource: Option<&str>,
+) -> DbResult<()> {
+    let record = crate::audit::note::claim(change, resource);
+    let claimed = record.is_some();
+    let result = async move {
+        if let Some(record) = &record {
+            tx.audit_insert(record).await?;
+        }
+        tx.commit().await
+    }
+    .await;
+    if result.is_err() && claimed {
+        crate::audit::note::unclaim();
+    }
+    result
 }
 
 /// The statements the flow engine needs inside one transaction; each driver
@@ -1207,7 +1230,11 @@ impl Db {
             Ok(made) => made,
             Err(e) => return Ok(Err(e)),
         };
-        tx.commit().await?;
+        if fresh {
+            commit_audited(tx, Change::Created, Some(&format!("/api/v1/runs/{id}"))).await?;
+        } else {
+            tx.commit().await?;
+        }
         self.events_written();
         if jobs {
             self.wakeup().notify_waiters();
@@ -1405,7 +1432,7 @@ impl Db {
             )
             .await?;
         }
-        tx.commit().await?;
+        commit_audited(tx, Change::Changed, None).await?;
         self.events_written();
         self.flow_wakeup().notify_waiters();
         Ok(self
@@ -1448,7 +1475,7 @@ impl Db {
         advance.run_changed = true;
         advance.settle(tx.as_mut()).await?;
         let made = advance.write(tx.as_mut()).await?;
-        tx.commit().await?;
+        commit_audited(tx, Change::Changed, None).await?;
         self.events_written();
         if made {
             self.wakeup().notify_waiters();
@@ -1511,7 +1538,7 @@ impl Db {
             )
             .await?;
         }
-        tx.commit().await?;
+        commit_audited(tx, Change::Changed, None).await?;
         self.events_written();
         if made {
             self.wakeup().notify_waiters();

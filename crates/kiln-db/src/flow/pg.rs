@@ -12,6 +12,7 @@ use super::{
     INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
 use super::{FireRecord, ScheduleRecord};
+use crate::audit::note::Change;
 use crate::rows::{rows_to, EncodedJob};
 use crate::{DbResult, PgStore};
 
@@ -588,26 +589,32 @@ impl PgStore {
         definition: &serde_json::Value,
         now: Millis,
     ) -> DbResult<PipelineRecord> {
-        let mut tx = self.pool.begin().await?;
-        // Applies of one pipeline take turns, so versions never collide.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))")
-            .bind(tenant)
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        let row: PipelineRow = sqlx::query_as(
-            "INSERT INTO pipelines (tenant, name, version, definition, created_at) \
+        let row: PipelineRow = crate::audit::audited_in!(self.pool, |tx| {
+            // Applies of one pipeline take turns, so versions never collide.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1 || '/' || $2))")
+                .bind(tenant)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            let row: PipelineRow = sqlx::query_as(
+                "INSERT INTO pipelines (tenant, name, version, definition, created_at) \
              SELECT $1, $2, COALESCE(MAX(version), 0) + 1, $3, $4 FROM pipelines \
              WHERE tenant = $1 AND name = $2 \
              RETURNING name, version, definition, created_at",
-        )
-        .bind(tenant)
-        .bind(name)
-        .bind(definition.to_string())
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
+            )
+            .bind(tenant)
+            .bind(name)
+            .bind(definition.to_string())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            crate::audit::stamp!(
+                &mut *tx,
+                Change::Created,
+                Some(&format!("/api/v1/pipelines/{name}"))
+            );
+            row
+        });
         PipelineRecord::try_from(row)
     }
 
@@ -645,14 +652,21 @@ impl PgStore {
     }
 
     pub(crate) async fn pipeline_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
-        let done = sqlx::query(
-            "UPDATE pipelines SET deleted = TRUE WHERE tenant = $1 AND name = $2 AND NOT deleted",
-        )
-        .bind(tenant)
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        let done = crate::audit::audited_in!(self.pool, |tx| {
+            let done = sqlx::query(
+                "UPDATE pipelines SET deleted = TRUE WHERE tenant = $1 AND name = $2 AND NOT deleted",
+            )
+            .bind(tenant)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done > 0 {
+                crate::audit::stamp!(&mut *tx, Change::Changed);
+            }
+            done
+        });
+        Ok(done > 0)
     }
 
     pub(crate) async fn run_list(&self, tenant: &str, f: &RunFilter) -> DbResult<Vec<RunRecord>> {

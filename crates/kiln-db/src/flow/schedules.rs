@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{dispatch_flow, run_create_in, FlowError, NewRun};
+use crate::audit::note::Change;
 use crate::{Db, DbError, DbResult};
 
 /// A tick this late still fires under `catch_up: none`: the scheduler's own
@@ -176,7 +177,8 @@ impl Db {
                 .await?;
         }
         let stored = tx.schedule_get(tenant, &def.name).await?;
-        tx.commit().await?;
+        let resource = format!("/api/v1/schedules/{}", def.name);
+        super::commit_audited(tx, Change::Created, Some(&resource)).await?;
         self.events_written();
         stored.ok_or_else(|| DbError::Corrupt("a schedule just written is missing".into()))
     }
@@ -200,7 +202,11 @@ impl Db {
     pub async fn schedule_delete(&self, tenant: &str, name: &str) -> DbResult<bool> {
         let mut tx = self.flow_tx(true).await?;
         let gone = tx.schedule_delete(tenant, name).await?;
-        tx.commit().await?;
+        if gone {
+            super::commit_audited(tx, Change::Changed, None).await?;
+        } else {
+            tx.commit().await?;
+        }
         self.events_written();
         Ok(gone)
     }
@@ -228,7 +234,7 @@ impl Db {
             }
             tx.schedule_moved(&record).await?;
         }
-        tx.commit().await?;
+        super::commit_audited(tx, Change::Changed, None).await?;
         self.events_written();
         Ok(Some(record))
     }

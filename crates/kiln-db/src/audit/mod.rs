@@ -1,8 +1,10 @@
 //! The audit trail as stored (migration 0018). Records are inserted
-//! unchained, in the transaction of the change where the change is the
-//! store's own (schedule fires, rule actions) and right after it otherwise;
-//! the chainer numbers and hashes them per tenant (`kiln_core::audit`), one
-//! chainer at a time per database.
+//! unchained, in the transaction of the change they record: a request's
+//! through [`note`] and [`audited_tx!`], the store's own (schedule fires,
+//! rule actions) directly. The chainer numbers and hashes them per tenant
+//! (`kiln_core::audit`), one chainer at a time per database.
+
+pub mod note;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,8 +26,18 @@ pub(crate) const INSERT: &str =
     "INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, \
      request_id, source, outcome, rationale) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
-const COLUMNS: &str = "id, tenant, time, actor_kind, actor, action, resource, request_id, \
-     source, outcome, rationale, seq, prev_hash, hash";
+/// A record with its link (none yet: not chained), from
+/// [`FROM_LINKED`].
+const COLUMNS: &str = "a.id, a.tenant, a.time, a.actor_kind, a.actor, a.action, a.resource, \
+     a.request_id, a.source, a.outcome, a.rationale, l.seq, l.prev_hash, l.hash";
+
+const FROM_LINKED: &str = "audit a LEFT JOIN audit_links l ON l.id = a.id";
+
+/// How long a record may stay invisible (its transaction still open) and
+/// still be chained by the ordinary pass: the pass reads only past the
+/// watermark (`audit_chainer.low`), which moves to the newest id seen a
+/// grace period before. A transaction open longer is caught by the sweep.
+const CHAIN_GRACE_MS: i64 = 60_000;
 
 /// Inserts `record` on `conn` (a transaction's connection of either
 /// driver): the change's own transaction where the caller has one.
@@ -48,6 +60,58 @@ macro_rules! insert_on {
     };
 }
 pub(crate) use insert_on;
+
+/// Runs `$body` in a transaction of `$pool` bound to `$tx` and commits
+/// it. A store method that makes a request's change runs in one and calls
+/// [`stamp!`] where the change is known to have happened, so the request's
+/// record commits with it or not at all; without a stamp it is a plain
+/// transaction. When the transaction fails, a record it claimed is given
+/// back, to be written afterwards with the request's real outcome.
+macro_rules! audited_in {
+    ($pool:expr, |$tx:ident| $body:expr) => {{
+        let claimed_before = $crate::audit::note::claimed();
+        let result: $crate::DbResult<_> = async {
+            #[allow(unused_mut)]
+            let mut $tx = $pool.begin().await?;
+            let out = $body;
+            $tx.commit().await?;
+            Ok(out)
+        }
+        .await;
+        if result.is_err() && !claimed_before {
+            $crate::audit::note::unclaim();
+        }
+        result?
+    }};
+}
+pub(crate) use audited_in;
+
+/// [`audited_in!`] on the store's writer, either driver's (the body is
+/// compiled once per driver).
+macro_rules! audited_tx {
+    ($db:expr, |$tx:ident| $body:expr) => {
+        match $db {
+            $crate::Db::Sqlite(store) => $crate::audit::audited_in!(store.write, |$tx| $body),
+            $crate::Db::Postgres(store) => $crate::audit::audited_in!(store.pool, |$tx| $body),
+        }
+    };
+}
+pub(crate) use audited_tx;
+
+/// Inside [`audited_tx!`]: the change happened; writes the request's record
+/// on `$conn` (a `&mut *tx`). `$resource` (an `Option<&str>`) names what a
+/// create made when the request's path cannot.
+macro_rules! stamp {
+    ($conn:expr, $change:expr, $resource:expr) => {
+        if let Some(record) = $crate::audit::note::claim($change, $resource) {
+            $crate::audit::insert_on!($conn, record)?;
+        }
+    };
+    ($conn:expr, $change:expr) => {
+        $crate::audit::stamp!($conn, $change, None)
+    };
+}
+pub(crate) use stamp;
 
 pub(crate) async fn insert_pg(
     conn: &mut sqlx::PgConnection,
@@ -196,7 +260,7 @@ impl Db {
 
     /// Records matching `query`, oldest first, after the cursor.
     pub async fn audit_read(&self, query: &AuditQuery<'_>) -> DbResult<Vec<AuditEntry>> {
-        let mut sql = format!("SELECT {COLUMNS} FROM audit WHERE id > $1");
+        let mut sql = format!("SELECT {COLUMNS} FROM {FROM_LINKED} WHERE a.id > $1");
         let mut n = 1;
         let mut binds: Vec<String> = Vec::new();
         let mut add = |sql: &mut String, column: &str, value: &str, allow_like: bool| {
@@ -207,9 +271,9 @@ impl Db {
             };
             n += 1;
             if like {
-                sql.push_str(&format!(" AND {column} LIKE ${n} ESCAPE '\\'"));
+                sql.push_str(&format!(" AND a.{column} LIKE ${n} ESCAPE '\\'"));
             } else {
-                sql.push_str(&format!(" AND {column} = ${n}"));
+                sql.push_str(&format!(" AND a.{column} = ${n}"));
             }
             binds.push(value);
         };
@@ -228,16 +292,16 @@ impl Db {
         let mut times = Vec::new();
         if let Some(since) = query.since {
             n += 1;
-            sql.push_str(&format!(" AND time >= ${n}"));
+            sql.push_str(&format!(" AND a.time >= ${n}"));
             times.push(since);
         }
         if let Some(until) = query.until {
             n += 1;
-            sql.push_str(&format!(" AND time < ${n}"));
+            sql.push_str(&format!(" AND a.time < ${n}"));
             times.push(until);
         }
         let limit = query.limit.clamp(1, AUDIT_PAGE_MAX);
-        sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+        sql.push_str(&format!(" ORDER BY a.id LIMIT {limit}"));
         let rows: Vec<Row> = crate::with_pool!(self, read, |pool| {
             let mut q = sqlx::query_as(&sql).bind(query.after);
             for b in &binds {
@@ -262,18 +326,52 @@ impl Db {
     /// Chains up to one batch of unchained records; returns how many. Only
     /// one pass runs at a time per database: a pass that finds another
     /// running does nothing.
-    pub async fn audit_chain_pass(&self) -> DbResult<u64> {
-        let select = format!(
-            "SELECT {COLUMNS} FROM audit WHERE seq IS NULL ORDER BY id LIMIT {CHAIN_BATCH}"
+    ///
+    /// Ids are taken in insert order but may commit out of it, so the
+    /// chainer keeps three marks in `audit_chainer`: `seen`, the newest id
+    /// it has looked at (each pass reads only past it); `pending`, the
+    /// `seen` of a grace period ago; and `low`, below which every record
+    /// is chained. Once a grace period has passed, the records in
+    /// `(low, pending]` still unchained (a transaction that committed late)
+    /// are read once, and `low` moves to `pending`. A `sweep` reads every
+    /// unchained record, for a transaction that stayed open longer still.
+    pub async fn audit_chain_pass(&self, sweep: bool) -> DbResult<u64> {
+        let fresh = format!(
+            "SELECT {COLUMNS} FROM {FROM_LINKED} WHERE a.id > $1 AND l.id IS NULL \
+             ORDER BY a.id LIMIT {CHAIN_BATCH}"
         );
+        let late = format!(
+            "SELECT {COLUMNS} FROM {FROM_LINKED} WHERE a.id > $1 AND a.id <= $2 \
+             AND l.id IS NULL ORDER BY a.id LIMIT {CHAIN_BATCH}"
+        );
+        let now = note_now();
         macro_rules! pass {
-            ($tx:ident, $update:expr, $upsert:expr) => {{
-                let rows: Vec<Row> = sqlx::query_as(&select).fetch_all(&mut *$tx).await?;
-                if rows.is_empty() {
-                    return Ok(0);
-                }
+            ($tx:ident, $link:expr, $upsert:expr) => {{
+                let (low, seen, pending, pending_at): (i64, i64, i64, i64) = sqlx::query_as(
+                    "SELECT low, seen, pending, pending_at FROM audit_chainer",
+                )
+                .fetch_one(&mut *$tx)
+                .await?;
+                let settle = pending_at <= now - CHAIN_GRACE_MS;
+                let mut rows: Vec<Row> = if sweep || settle {
+                    sqlx::query_as(&late)
+                        .bind(if sweep { 0 } else { low })
+                        .bind(if sweep { seen } else { pending })
+                        .fetch_all(&mut *$tx)
+                        .await?
+                } else {
+                    Vec::new()
+                };
+                let late_full = rows.len() as i64 >= CHAIN_BATCH;
+                let news: Vec<Row> = sqlx::query_as(&fresh)
+                    .bind(seen)
+                    .fetch_all(&mut *$tx)
+                    .await?;
+                let news_full = news.len() as i64 >= CHAIN_BATCH;
+                let newest = news.last().map(|r| r.id);
+                rows.extend(news);
                 let mut heads: HashMap<String, (i64, String)> = HashMap::new();
-                let mut updates = Vec::with_capacity(rows.len());
+                let mut links = Vec::with_capacity(rows.len());
                 for row in &rows {
                     if !heads.contains_key(&row.tenant) {
                         let head: Option<(i64, String)> =
@@ -289,25 +387,53 @@ impl Db {
                     let head = heads.get_mut(&row.tenant).expect("just inserted");
                     let seq = head.0 + 1;
                     let hash = chain_hash(&head.1, seq, &row.record());
-                    updates.push(serde_json::json!({
-                        "id": row.id, "seq": seq, "prev": head.1, "hash": hash,
+                    links.push(serde_json::json!({
+                        "id": row.id, "tenant": row.tenant, "seq": seq, "prev": head.1,
+                        "hash": hash,
                     }));
                     *head = (seq, hash);
                 }
-                let heads: Vec<_> = heads
-                    .into_iter()
-                    .map(|(tenant, (seq, hash))| {
-                        serde_json::json!({"tenant": tenant, "seq": seq, "hash": hash})
-                    })
-                    .collect();
-                sqlx::query($update)
-                    .bind(serde_json::Value::Array(updates).to_string())
-                    .execute(&mut *$tx)
-                    .await?;
-                sqlx::query($upsert)
-                    .bind(serde_json::Value::Array(heads).to_string())
-                    .execute(&mut *$tx)
-                    .await?;
+                if !rows.is_empty() {
+                    let heads: Vec<_> = heads
+                        .into_iter()
+                        .map(|(tenant, (seq, hash))| {
+                            serde_json::json!({"tenant": tenant, "seq": seq, "hash": hash})
+                        })
+                        .collect();
+                    sqlx::query($link)
+                        .bind(serde_json::Value::Array(links).to_string())
+                        .execute(&mut *$tx)
+                        .await?;
+                    sqlx::query($upsert)
+                        .bind(serde_json::Value::Array(heads).to_string())
+                        .execute(&mut *$tx)
+                        .await?;
+                }
+                // Everything visible up to the newest id has been looked at,
+                // unless the batch stopped short.
+                let seen_now: i64 = if news_full {
+                    newest.unwrap_or(seen)
+                } else {
+                    sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM audit")
+                        .fetch_one(&mut *$tx)
+                        .await?
+                };
+                let seen_now = seen_now.max(seen);
+                let (low, pending, pending_at) = if settle && !sweep && !late_full {
+                    (pending.max(low), seen_now, now)
+                } else {
+                    (low, pending, pending_at)
+                };
+                sqlx::query(
+                    "UPDATE audit_chainer SET low = $1, seen = $2, pending = $3, pending_at = $4 \
+                     WHERE low <> $1 OR seen <> $2 OR pending <> $3 OR pending_at <> $4",
+                )
+                .bind(low)
+                .bind(seen_now)
+                .bind(pending)
+                .bind(pending_at)
+                .execute(&mut *$tx)
+                .await?;
                 rows.len() as u64
             }};
         }
@@ -316,10 +442,9 @@ impl Db {
                 let mut tx = s.write.begin().await?;
                 let n = pass!(
                     tx,
-                    "UPDATE audit SET seq = u.seq, prev_hash = u.prev, hash = u.hash FROM ( \
-                     SELECT value ->> 'id' AS id, value ->> 'seq' AS seq, \
-                     value ->> 'prev' AS prev, value ->> 'hash' AS hash FROM json_each($1)) u \
-                     WHERE audit.id = u.id",
+                    "INSERT INTO audit_links (id, tenant, seq, prev_hash, hash) \
+                     SELECT value ->> 'id', value ->> 'tenant', value ->> 'seq', \
+                     value ->> 'prev', value ->> 'hash' FROM json_each($1)",
                     "INSERT INTO audit_heads (tenant, seq, hash) \
                      SELECT value ->> 'tenant', value ->> 'seq', value ->> 'hash' \
                      FROM json_each($1) WHERE true \
@@ -340,9 +465,9 @@ impl Db {
                 }
                 let n = pass!(
                     tx,
-                    "UPDATE audit a SET seq = u.seq, prev_hash = u.prev, hash = u.hash \
-                     FROM jsonb_to_recordset($1::jsonb) AS u(id BIGINT, seq BIGINT, prev TEXT, \
-                     hash TEXT) WHERE a.id = u.id",
+                    "INSERT INTO audit_links (id, tenant, seq, prev_hash, hash) \
+                     SELECT id, tenant, seq, prev, hash FROM jsonb_to_recordset($1::jsonb) \
+                     AS u(id BIGINT, tenant TEXT, seq BIGINT, prev TEXT, hash TEXT)",
                     "INSERT INTO audit_heads (tenant, seq, hash) \
                      SELECT tenant, seq, hash FROM jsonb_to_recordset($1::jsonb) \
                      AS h(tenant TEXT, seq BIGINT, hash TEXT) \
@@ -370,8 +495,8 @@ impl Db {
             .collect();
         report.heads = heads;
         let sql = format!(
-            "SELECT {COLUMNS} FROM audit WHERE seq IS NOT NULL AND (CAST($1 AS TEXT) IS NULL OR tenant = $1) \
-             ORDER BY tenant, seq"
+            "SELECT {COLUMNS} FROM audit_links l JOIN audit a ON a.id = l.id \
+             WHERE (CAST($1 AS TEXT) IS NULL OR l.tenant = $1) ORDER BY l.tenant, l.seq"
         );
         let mut finish = |check: ChainCheck, report: &mut VerifyReport| {
             let head = heads_by.remove(&check_tenant(&check));
@@ -417,7 +542,9 @@ impl Db {
             });
         }
         report.unchained = crate::with_pool!(self, read, |pool| {
-            let sql = "SELECT COUNT(*) FROM audit WHERE seq IS NULL AND (CAST($1 AS TEXT) IS NULL OR tenant = $1)";
+            let sql =
+                "SELECT COUNT(*) FROM audit a WHERE (CAST($1 AS TEXT) IS NULL OR a.tenant = $1) \
+                       AND NOT EXISTS (SELECT 1 FROM audit_links l WHERE l.id = a.id)";
             sqlx::query_scalar::<_, i64>(sql)
                 .bind(tenant)
                 .fetch_one(pool)
@@ -438,6 +565,13 @@ impl Db {
     }
 }
 
+fn note_now() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn check_tenant(check: &ChainCheck) -> String {
     check.tenant().to_string()
 }
@@ -446,8 +580,14 @@ fn check_tenant(check: &ChainCheck) -> String {
 /// until the pool closes. Every process that writes records may run one:
 /// only one pass runs at a time.
 pub async fn chain_loop(db: Db, every: Duration) {
+    const SWEEP_EVERY: Duration = Duration::from_secs(300);
+    let mut last_sweep = std::time::Instant::now();
     loop {
-        match db.audit_chain_pass().await {
+        let sweep = last_sweep.elapsed() >= SWEEP_EVERY;
+        if sweep {
+            last_sweep = std::time::Instant::now();
+        }
+        match db.audit_chain_pass(sweep).await {
             Ok(n) if n as i64 >= CHAIN_BATCH => continue,
             Ok(_) => {}
             Err(error) => {

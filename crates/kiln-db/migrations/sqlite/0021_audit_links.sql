@@ -1,0 +1,30 @@
+-- The chain moves out of `audit` into `audit_links`, so that audit rows are
+-- only ever inserted (see the PostgreSQL migration of the same number).
+CREATE TABLE audit_links (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_links (id, tenant, seq, prev_hash, hash)
+    SELECT id, tenant, seq, prev_hash, hash FROM audit WHERE seq IS NOT NULL;
+CREATE UNIQUE INDEX audit_links_chain ON audit_links (tenant, seq);
+
+CREATE TABLE audit_chainer (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    low BIGINT NOT NULL,
+    seen BIGINT NOT NULL,
+    pending BIGINT NOT NULL,
+    pending_at BIGINT NOT NULL
+);
+INSERT INTO audit_chainer (one, low, seen, pending, pending_at)
+    SELECT 1, w.low, w.low, w.low, 0 FROM (SELECT COALESCE(
+        (SELECT MIN(id) - 1 FROM audit WHERE seq IS NULL),
+        (SELECT MAX(id) FROM audit), 0) AS low) w;
+
+DROP INDEX audit_chain;
+DROP INDEX audit_unchained;
+ALTER TABLE audit DROP COLUMN seq;
+ALTER TABLE audit DROP COLUMN prev_hash;
+ALTER TABLE audit DROP COLUMN hash;
