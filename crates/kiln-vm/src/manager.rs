@@ -1009,10 +1009,13 @@ fn net_error(error: crate::net::host::NetError) -> VmError {
 /// Gives the guest its address, MAC, route and resolver. After a restore
 /// the NIC still carries the MAC of the VM the snapshot was saved from;
 /// setting it here (through virtio-net's control queue) makes it this
-/// VM's. Every value is one kiln formatted from a typed address.
+/// VM's. Every value is one kiln formatted from a typed address. The MAC
+/// is set with `ifconfig` (an `AF_INET` ioctl): busybox's `ip link set
+/// address` needs `AF_PACKET`, which kernels built before the networking
+/// block of `guest-kernel.config` lack.
 async fn configure_guest(agent: &AgentConn, nic: &Nic) -> Result<(), VmError> {
     let mut script = format!(
-        "ip link set dev eth0 address {mac} && ip addr add {address}/{prefix} dev eth0 && \
+        "ifconfig eth0 hw ether {mac} && ip addr add {address}/{prefix} dev eth0 && \
          ip link set dev eth0 up && ip route add default via {gateway}",
         mac = nic.mac,
         address = nic.address,
