@@ -36,7 +36,6 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/vms/{id}/ports", get(list_ports))
-        .route("/vms/{id}/ports/{port}", any(proxy_root))
         .route("/vms/{id}/ports/{port}/", any(proxy_root))
         .route("/vms/{id}/ports/{port}/{*rest}", any(proxy))
 }
@@ -95,8 +94,9 @@ pub async fn list_ports(
     }))
 }
 
-/// `/ports/{port}` and `/ports/{port}/`: the guest's `/`.
-#[utoipa::path(get, path = "/api/v1/vms/{id}/ports/{port}/", tag = "vms",
+/// `/ports/{port}/`: the guest's `/`. Any method; a WebSocket upgrade is
+/// carried too.
+#[utoipa::path(method(get, post, put, delete, patch), path = "/api/v1/vms/{id}/ports/{port}/", tag = "vms",
     params(("id" = String, Path, description = "The VM's id"), ("port" = u16, Path, description = "An exposed guest port")),
     responses((status = 200, description = "Whatever the guest answers (any method; WebSocket upgrades too)"),
               (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)),
@@ -110,7 +110,13 @@ pub async fn proxy_root(
     forward(&state, &caller, &id, &port, "", request).await
 }
 
-/// `/ports/{port}/{rest}`: the guest's `/{rest}`.
+/// `/ports/{port}/{rest}`: the guest's `/{rest}` (the query goes along).
+#[utoipa::path(method(get, post, put, delete, patch), path = "/api/v1/vms/{id}/ports/{port}/{rest}", tag = "vms",
+    params(("id" = String, Path, description = "The VM's id"), ("port" = u16, Path, description = "An exposed guest port"),
+           ("rest" = String, Path, description = "The path in the guest")),
+    responses((status = 200, description = "Whatever the guest answers (WebSocket upgrades too)"),
+              (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn proxy(
     State(state): State<Arc<AppState>>,
     caller: Caller,
