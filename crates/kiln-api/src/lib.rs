@@ -396,7 +396,14 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Streamed answers (a guest's page through the port proxy, logs) are
+    // written head first and body after: with Nagle on, the body would wait
+    // for the client's delayed ACK (40 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
