@@ -512,7 +512,7 @@ async fn an_exposed_port_answers_through_the_proxy_for_its_tenant_only() {
         (format!("/api/v1/vms/{id}/ports/22/"), &h.key),
         (format!("/api/v1/vms/{id}/ports/0/"), &h.key),
         (format!("/api/v1/vms/{id}/ports/99999/"), &h.key),
-        (format!("/api/v1/vms/vm-none/ports/8000/"), &h.key),
+        ("/api/v1/vms/vm-none/ports/8000/".to_string(), &h.key),
     ] {
         let (status, body) = send(&h.app, "GET", &path, key, Body::empty()).await;
         assert_eq!(

@@ -437,9 +437,11 @@ impl HostNetwork {
         .await
         .ok()?;
         let json: serde_json::Value = serde_json::from_slice(&out).ok()?;
+        // The chain's last rule is its `counter drop`.
         json["nftables"]
             .as_array()?
             .iter()
+            .rev()
             .filter_map(|item| item.get("rule"))
             .filter(|rule| {
                 rule["expr"]
@@ -452,7 +454,7 @@ impl HostNetwork {
                     .iter()
                     .find_map(|x| x.get("counter")?.get("packets")?.as_u64())
             })
-            .last()
+            .next()
     }
 
     /// A TCP connection from inside the namespace to `address:port` (how
