@@ -97,6 +97,11 @@ async fn harness(name: &str) -> Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
+        // What a graceful stop does (`VmManager::shutdown`), without a
+        // runtime: the namespace goes with everything in it.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.namespace()])
+            .output();
         let _ = std::fs::remove_dir_all(&self.work);
     }
 }

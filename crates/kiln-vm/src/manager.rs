@@ -860,6 +860,9 @@ impl VmManager {
                 destroy(vm).await;
             }
         }
+        if let Some(net) = self.network.get() {
+            net.remove().await;
+        }
     }
 
     /// Whether new VMs restore from (and first boots save) snapshots; set

@@ -152,6 +152,19 @@ impl HostNetwork {
         Ok(existed)
     }
 
+    /// Removes the namespace with everything in it and the host end of the
+    /// uplink (a graceful stop, after every VM was deleted).
+    pub async fn remove(&self) {
+        if self.ns_path().exists() {
+            if let Err(error) = ip(&["netns", "delete", &self.ns]).await {
+                tracing::warn!(%error, "could not remove the VM network namespace");
+            }
+        }
+        if link_exists(&self.host_veth).await {
+            let _ = ip(&["link", "delete", &self.host_veth]).await;
+        }
+    }
+
     /// Builds the namespace once.
     async fn ensure(&self) -> Result<(), NetError> {
         self.ready
