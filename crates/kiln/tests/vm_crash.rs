@@ -318,4 +318,7 @@ async fn kiln_killed_with_networked_vms_leaves_no_tap_rule_or_address() {
         "{rules}"
     );
     db.close().await;
+    // The next start would remove it; no next start comes in a test.
+    drop(next);
+    let _ = Command::new("ip").args(["netns", "delete", &ns]).output();
 }
