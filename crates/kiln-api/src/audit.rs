@@ -101,11 +101,15 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string());
     let path = request.uri().path().to_string();
-    let source = request
+    // Behind a trusted proxy, the client it names (as logins count it).
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip().to_string())
-        .unwrap_or_default();
+        .map(|info| info.0.ip());
+    let source = state
+        .auth
+        .settings()
+        .client_address(peer, request.headers());
     let audited = state.audit_enabled();
     let action = format!("{method} {}", route.as_deref().unwrap_or(&path));
     let slot = Slot::new(audited.then(|| {

@@ -18,6 +18,7 @@ kiln_db::on_both_databases!(
     verify_names_a_modified_inserted_or_deleted_record,
     schedule_fires_are_audited_in_their_transaction,
     a_change_and_its_record_are_one,
+    the_source_is_the_client_a_trusted_proxy_names,
 );
 
 /// The records of `tenant`, oldest first, straight from the store.
@@ -709,6 +710,25 @@ async fn a_change_and_its_record_are_one(db: kiln_db::Db) {
     let run = id_of(&run);
     let path = format!("/api/v1/runs/{run}/steps/ok/reject");
     atomic(&h, "POST", &path, JSON, r#"{"comment":"no"}"#, &a).await;
+    // The failed run opens an incident in the background: let it land
+    // before the next fingerprint.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, incidents) = h.call("GET", "/api/v1/incidents", &a, None).await;
+        if let Some(incident) = incidents["incidents"].as_array().and_then(|i| i.first()) {
+            let id = id_of(incident);
+            let path = format!("/api/v1/incidents/{id}/ack");
+            atomic(&h, "POST", &path, JSON, r#"{"notes":"looking"}"#, &a).await;
+            let path = format!("/api/v1/incidents/{id}/resolve");
+            atomic(&h, "POST", &path, JSON, r#"{"notes":"done"}"#, &a).await;
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no incident: {incidents}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     atomic(&h, "DELETE", "/api/v1/pipelines/p", JSON, "", &a).await;
     let schedule = json!({"name": "s", "cron": "0 0 1 1 *", "paused": true,
         "target": {"job": {"kind": "noop", "spec": {}}}});
@@ -788,5 +808,35 @@ async fn a_change_and_its_record_are_one(db: kiln_db::Db) {
     .await;
     let path = format!("/api/v1/keys/{}", key["id"].as_str().unwrap());
     atomic(&h, "DELETE", &path, JSON, "", &a).await;
+    h.stop().await;
+}
+
+async fn the_source_is_the_client_a_trusted_proxy_names(db: kiln_db::Db) {
+    let h = harness(db).await;
+    let mut settings = h.state.auth.settings();
+    settings.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    h.state.auth.set_settings(settings);
+    for (peer, expected) in [("10.1.2.3", "198.51.100.7"), ("192.0.2.1", "192.0.2.1")] {
+        let mut request = Request::builder()
+            .method("PUT")
+            .uri("/api/v1/queues/q")
+            .header("authorization", format!("Bearer {}", h.admin))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", "203.0.113.9, 198.51.100.7")
+            .body(Body::from(r#"{"concurrency_limit":1}"#))
+            .unwrap();
+        let peer: std::net::SocketAddr = format!("{peer}:40000").parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let (status, body) = h.send(request).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let records = trail(&h.db, "acme").await;
+        assert_eq!(
+            records.last().unwrap().record.source,
+            expected,
+            "from {peer}"
+        );
+    }
     h.stop().await;
 }

@@ -388,14 +388,15 @@ async fn vms_created_through_an_api_node_live_on_workers_and_are_lost_with_them(
             .starts_with("vm_lost"),
         "{queued}"
     );
-    let (_, events) = call(
-        &http,
-        reqwest::Method::GET,
-        &format!("{base}/api/v1/events?type=vm.lost&after=0"),
-        &key,
-        None,
-    )
+    // The event log numbers events a moment after they commit (the
+    // PostgreSQL sequencer): the event is waited for, not raced.
+    let events_url = format!("{base}/api/v1/events?type=vm.lost&after=0");
+    wait_until("the vm.lost event", Duration::from_secs(30), || async {
+        let (_, events) = call(&http, reqwest::Method::GET, &events_url, &key, None).await;
+        events["events"].as_array().is_some_and(|e| !e.is_empty())
+    })
     .await;
+    let (_, events) = call(&http, reqwest::Method::GET, &events_url, &key, None).await;
     assert_eq!(events["events"][0]["resource"]["id"], doomed, "{events}");
     // The survivor still takes new VMs.
     let (status, vm) = call(
