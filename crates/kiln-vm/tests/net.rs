@@ -118,3 +118,44 @@ fn hostname() -> String {
         .trim()
         .to_string()
 }
+
+/// With an uplink: a veth pair from kiln's namespace to the host (the only
+/// thing kiln puts on the host), the default route through it and egress
+/// masqueraded out of it; the reaper removes both ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uplink_is_a_veth_pair_and_goes_with_the_namespace() {
+    let dir = std::env::temp_dir().join(format!("kiln-net-uplink-{}", std::process::id()));
+    let vm_dir = dir.join("vms");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let db = database(&dir).await;
+    let config = NetConfig {
+        subnet: "10.80.0.0/28".parse().unwrap(),
+        uplink: Some("169.254.231.0/30".parse().unwrap()),
+        dns: None,
+    };
+    let net = HostNetwork::new(&vm_dir, config.clone(), db.clone()).unwrap();
+    let ns = namespace_for(&vm_dir);
+    let host_end = format!("kh-{}", ns.trim_start_matches("kiln-"));
+    let spec: NetworkSpec = serde_json::from_value(serde_json::json!({"egress": "allow"})).unwrap();
+    let nic = net.attach("vm-a", "acme", &spec).await.unwrap();
+    let host = output("ip", &["-o", "addr", "show", "dev", &host_end]);
+    assert!(host.contains("169.254.231.1/30"), "{host}");
+    let routes = output("ip", &["-n", &ns, "route"]);
+    assert!(
+        routes.contains("default via 169.254.231.1 dev kup0"),
+        "{routes}"
+    );
+    let rules = output("ip", &["netns", "exec", &ns, "nft", "list", "ruleset"]);
+    assert!(rules.contains("oifname \"kup0\" masquerade"), "{rules}");
+    drop(nic);
+    assert!(HostNetwork::new(&vm_dir, config, db.clone())
+        .unwrap()
+        .reap()
+        .await
+        .unwrap());
+    assert!(!std::path::Path::new("/sys/class/net")
+        .join(&host_end)
+        .exists());
+    db.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
