@@ -99,7 +99,9 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string());
+        // A wildcard `{*rest}` is written `{rest}`, as in the OpenAPI
+        // document, so an action names a documented route.
+        .map(|p| p.as_str().replace("{*", "{"));
     let path = request.uri().path().to_string();
     // Behind a trusted proxy, the client it names (as logins count it).
     let peer = request

@@ -247,6 +247,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
         routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
         routes::vms::list_executions, routes::vms::get_execution,
+        routes::vm_ports::list_ports, routes::vm_ports::proxy_root, routes::vm_ports::proxy,
         routes::flow::apply_pipeline, routes::flow::list_pipelines, routes::flow::get_pipeline,
         routes::flow::pipeline_versions, routes::flow::delete_pipeline, routes::flow::start_run,
         routes::flow::trigger_run,
@@ -395,7 +396,14 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Streamed answers (a guest's page through the port proxy, logs) are
+    // written head first and body after: with Nagle on, the body would wait
+    // for the client's delayed ACK (40 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

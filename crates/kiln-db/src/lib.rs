@@ -2,6 +2,7 @@
 //! database driver (`sqlite`, `postgres`) behind the one `Db` interface, and
 //! one queue test suite (`tests/queue.rs`) runs against both.
 
+pub mod addresses;
 pub mod audit;
 mod blobs;
 mod bootstrap;

@@ -123,6 +123,8 @@ pub struct VmManagerConfig {
     pub quotas: kiln_core::TenantQuotas,
     pub host: HostCapacity,
     pub qemu: QemuConfig,
+    /// VM networking (`[vm.network]`): used only by VMs that ask for it.
+    pub network: crate::net::NetConfig,
 }
 
 impl Default for VmManagerConfig {
@@ -136,6 +138,7 @@ impl Default for VmManagerConfig {
             quotas: kiln_core::TenantQuotas::default(),
             host: HostCapacity::default(),
             qemu: QemuConfig::default(),
+            network: crate::net::NetConfig::default(),
         }
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::ExecOutput;
 use crate::history::{Recording, Source};
+use crate::net::NetworkSpec;
 use crate::{Exec, VmManager, VmRequest};
 
 pub const VCPUS_MAX: u8 = 8;
@@ -64,6 +65,8 @@ pub struct VmShape {
     pub ttl_s: u64,
     /// Deleted after this long without use (1 s to a week).
     pub idle_timeout_s: Option<u64>,
+    /// Absent: no network at all (only `lo` in the guest).
+    pub network: Option<NetworkSpec>,
 }
 
 #[derive(Deserialize)]
@@ -74,14 +77,21 @@ struct RawShape {
     memory_mib: Option<u32>,
     ttl_s: Option<u64>,
     idle_timeout_s: Option<u64>,
+    network: Option<NetworkSpec>,
 }
 
 impl VmShape {
     /// The fields of a shape, for specs that hold one among other fields.
-    pub const FIELDS: [&'static str; 5] =
-        ["image", "vcpus", "memory_mib", "ttl_s", "idle_timeout_s"];
+    pub const FIELDS: [&'static str; 6] = [
+        "image",
+        "vcpus",
+        "memory_mib",
+        "ttl_s",
+        "idle_timeout_s",
+        "network",
+    ];
     /// The machine alone (a `vm` job's VM lives as long as its attempt).
-    pub const MACHINE_FIELDS: [&'static str; 3] = ["image", "vcpus", "memory_mib"];
+    pub const MACHINE_FIELDS: [&'static str; 4] = ["image", "vcpus", "memory_mib", "network"];
 
     pub fn request(&self, tenant: &str, labels: BTreeMap<String, String>) -> VmRequest {
         VmRequest {
@@ -92,6 +102,7 @@ impl VmShape {
             ttl: Some(Duration::from_secs(self.ttl_s)),
             idle_timeout: self.idle_timeout_s.map(Duration::from_secs),
             labels,
+            network: self.network.clone(),
         }
     }
 }
@@ -104,6 +115,7 @@ impl Default for VmShape {
             memory_mib: 128,
             ttl_s: DEFAULT_TTL_S,
             idle_timeout_s: None,
+            network: None,
         }
     }
 }
@@ -119,6 +131,7 @@ impl TryFrom<RawShape> for VmShape {
             memory_mib: raw.memory_mib.unwrap_or(defaults.memory_mib),
             ttl_s: raw.ttl_s.unwrap_or(defaults.ttl_s),
             idle_timeout_s: raw.idle_timeout_s,
+            network: raw.network,
         };
         check_ident("image", &shape.image).map_err(refuse)?;
         if !(1..=VCPUS_MAX).contains(&shape.vcpus) {
@@ -418,6 +431,9 @@ pub fn describe_shape(shape: &VmShape) -> serde_json::Map<String, Value> {
     fields.insert("image".into(), Value::from(shape.image.clone()));
     fields.insert("vcpus".into(), Value::from(shape.vcpus));
     fields.insert("memory_mib".into(), Value::from(shape.memory_mib));
+    if let Some(network) = &shape.network {
+        fields.insert("network".into(), network.describe());
+    }
     fields
 }
 

@@ -15,6 +15,7 @@ pub mod jail;
 pub mod job;
 pub mod kernel;
 pub mod manager;
+pub mod net;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
@@ -68,6 +69,13 @@ pub enum VmError {
     /// Host-side I/O.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The VM's network cannot be what was asked (networking off on this
+    /// host, an `allow` host name without an address).
+    #[error("{0}")]
+    NetworkRefused(String),
+    /// Building the VM's network failed.
+    #[error("network: {0}")]
+    Network(String),
     /// Another process manages VMs in the same directory.
     #[error("{0}")]
     InUse(String),
@@ -106,8 +114,12 @@ pub struct Drive {
 #[derive(Clone, Debug)]
 pub struct NetworkInterface {
     pub id: String,
+    /// The TAP's name in kiln's namespace (Firecracker's `host_dev_name`).
     pub tap: String,
     pub mac: String,
+    /// The open TAP, handed to the VMM instead of its name (QEMU: `-netdev
+    /// tap,fd=N`); the device goes when the VMM's copy closes.
+    pub fd: std::sync::Arc<std::os::fd::OwnedFd>,
 }
 
 #[derive(Clone, Debug)]

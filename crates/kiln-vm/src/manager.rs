@@ -16,11 +16,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::capacity::{lock, Capacity, HostSlot, TenantSlot};
 use crate::config::{AcceleratorChoice, VmManagerConfig};
 use crate::image::Image;
+use crate::net::host::{HostNetwork, Nic};
+use crate::net::{Egress, NetConfig, NetworkSpec};
 pub use crate::probe::probe_accelerator;
 use crate::probe::{kvm_device_usable, probe_accelerator_with};
 pub use crate::run_dir::{qemu_pids_under, reap};
 use crate::run_dir::{remove_run_dir, take_dir};
-use crate::{qemu, Accelerator, AgentConn, BootSource, MachineConfig, VmConfig, VmError};
+use crate::{
+    qemu, Accelerator, AgentConn, BootSource, MachineConfig, NetworkInterface, VmConfig, VmError,
+};
+use std::net::Ipv4Addr;
 
 #[derive(Clone, Debug)]
 pub struct VmRequest {
@@ -31,6 +36,18 @@ pub struct VmRequest {
     pub ttl: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub labels: BTreeMap<String, String>,
+    /// None: the VM has no interface but `lo`.
+    pub network: Option<NetworkSpec>,
+}
+
+/// A networked VM's side of its network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetInfo {
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub gateway: Ipv4Addr,
+    pub egress: Egress,
+    pub expose: Vec<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +63,7 @@ pub struct VmInfo {
     pub expires_at_ms: Option<i64>,
     pub boot_ms: u64,
     pub pid: Option<u32>,
+    pub network: Option<NetInfo>,
 }
 
 struct LiveVm {
@@ -64,6 +82,8 @@ struct LiveVm {
     /// when the VM goes.
     _host: HostSlot,
     _tenant: Option<TenantSlot>,
+    /// Its NIC, released when the VM goes.
+    nic: Option<(Arc<HostNetwork>, Nic)>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<LiveVm>>>;
@@ -92,6 +112,9 @@ pub struct VmManager {
     logs: std::sync::OnceLock<kiln_logs::LogSink>,
     /// Opens the secrets jobs ask for.
     secrets: std::sync::OnceLock<kiln_worker::secrets::SecretKeeper>,
+    /// VM networking, once attached (with the database its addresses
+    /// live in).
+    network: std::sync::OnceLock<Arc<HostNetwork>>,
     /// Held for the manager's life: the start-up reaper kills every VM in
     /// `vm_dir`, so a second process on the same directory must not start.
     _lock: std::fs::File,
@@ -314,6 +337,7 @@ impl VmManager {
             host: std::sync::OnceLock::new(),
             logs: std::sync::OnceLock::new(),
             secrets: std::sync::OnceLock::new(),
+            network: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -375,7 +399,9 @@ impl VmManager {
             settle_clock(&vm.agent).await;
             warm_up_page_cache(&vm.agent, warm_up).await;
             match self.vmm.snapshot(&vm, snapshot).await {
-                Ok(()) => drop_stale_snapshots(snapshot, config.machine),
+                Ok(()) => {
+                    drop_stale_snapshots(snapshot, config.machine, !config.network.is_empty())
+                }
                 Err(error) => {
                     tracing::warn!(%error, "could not save a snapshot; VMs of this shape will boot")
                 }
@@ -392,6 +418,7 @@ impl VmManager {
         vcpus: u8,
         memory_mib: u32,
         host: HostSlot,
+        network: Option<(&str, &NetworkSpec)>,
     ) -> Result<LiveVm, VmError> {
         let image = Image::open(&self.images_dir, image_name)?;
         let id = new_id(self.host.get().map(String::as_str));
@@ -400,7 +427,17 @@ impl VmManager {
             run_dir: run_dir.clone(),
             done: false,
         };
-        let config = VmConfig {
+        let nic = match network {
+            Some((tenant, spec)) => {
+                let net = self.network.get().cloned().ok_or_else(|| {
+                    VmError::NetworkRefused("networking is not enabled on this VM host".to_string())
+                })?;
+                let nic = net.attach(&id, tenant, spec).await.map_err(net_error)?;
+                Some((net, nic))
+            }
+            None => None,
+        };
+        let mut config = VmConfig {
             id: id.clone(),
             boot: boot_source(&image, &self.config.extra_cmdline),
             machine: MachineConfig { vcpus, memory_mib },
@@ -408,15 +445,56 @@ impl VmManager {
             network: Vec::new(),
             run_dir: run_dir.clone(),
         };
-        let snapshot = self.snapshot_file(&image, &config.boot, vcpus, memory_mib);
+        if let Some((_, nic)) = &nic {
+            if let Some(fd) = &nic.fd {
+                config.network.push(NetworkInterface {
+                    id: "net0".into(),
+                    tap: nic.tap.clone(),
+                    mac: nic.mac.clone(),
+                    fd: fd.clone(),
+                });
+            }
+        }
+        let snapshot = self.snapshot_file(&image, &config.boot, vcpus, memory_mib, nic.is_some());
         let warm_up = image
             .manifest
             .rootfs
             .as_ref()
             .map(|rootfs| rootfs.warm_up.clone())
             .unwrap_or_default();
-        let vm = self.start_vm(&config, &snapshot, &warm_up).await?;
+        let started = self.start_vm(&config, &snapshot, &warm_up).await;
+        // QEMU holds the TAP now (or failed): kiln's copy goes, so the
+        // device lives exactly as long as QEMU.
+        drop(config);
+        let mut nic = nic;
+        if let Some((_, nic)) = &mut nic {
+            nic.fd = None;
+        }
+        let vm = match started {
+            Ok(vm) => vm,
+            Err(error) => {
+                if let Some((net, nic)) = &nic {
+                    net.release(nic).await;
+                }
+                return Err(error);
+            }
+        };
+        if let Some((net, nic)) = &nic {
+            if let Err(error) = configure_guest(&vm.agent, nic).await {
+                let mut child = vm.child;
+                child.kill().await;
+                net.release(nic).await;
+                return Err(error);
+            }
+        }
         booting.done = true;
+        let network_info = nic.as_ref().map(|(_, nic)| NetInfo {
+            address: nic.address,
+            mac: nic.mac.clone(),
+            gateway: nic.gateway,
+            egress: network.map_or(Egress::None, |(_, spec)| spec.egress),
+            expose: nic.expose.clone(),
+        });
         Ok(LiveVm {
             info: VmInfo {
                 id,
@@ -430,6 +508,7 @@ impl VmManager {
                 expires_at_ms: None,
                 boot_ms: u64::try_from(vm.booted_in.as_millis()).unwrap_or(u64::MAX),
                 pid: vm.child.id(),
+                network: network_info,
             },
             agent: vm.agent,
             child: vm.child,
@@ -441,6 +520,7 @@ impl VmManager {
             idle_timeout: None,
             _host: host,
             _tenant: None,
+            nic,
         })
     }
 
@@ -456,14 +536,29 @@ impl VmManager {
             .capacity
             .reserve_tenant(&request.tenant, request.memory_mib)?;
         let key = (request.image.clone(), request.vcpus, request.memory_mib);
-        let pooled = lock(&self.warm).get_mut(&key).and_then(|pool| pool.pop());
+        // Pooled VMs have no NIC (a microvm cannot hot-plug one): a
+        // networked VM is restored from its own shape's snapshot.
+        let pooled = match request.network {
+            Some(_) => None,
+            None => lock(&self.warm).get_mut(&key).and_then(|pool| pool.pop()),
+        };
         let from_pool = pooled.is_some();
         let mut live = match pooled {
             Some(live) => live,
             None => {
                 let host = self.capacity.reserve_host(request.memory_mib)?;
-                self.boot(&request.image, request.vcpus, request.memory_mib, host)
-                    .await?
+                let network = request
+                    .network
+                    .as_ref()
+                    .map(|spec| (request.tenant.as_str(), spec));
+                self.boot(
+                    &request.image,
+                    request.vcpus,
+                    request.memory_mib,
+                    host,
+                    network,
+                )
+                .await?
             }
         };
         if lock(&self.warm_sizes).contains_key(&key) {
@@ -559,6 +654,51 @@ impl VmManager {
         }
     }
 
+    /// Turns VM networking on, with `db` holding the addresses: removes
+    /// what an earlier run's network left (namespace, rules, addresses),
+    /// then builds the namespace on the first networked VM. Call before
+    /// the first VM boots.
+    pub async fn attach_network(
+        &self,
+        config: NetConfig,
+        db: kiln_db::Db,
+    ) -> Result<Arc<HostNetwork>, VmError> {
+        let net = HostNetwork::new(&self.vm_dir, config, db).map_err(VmError::Network)?;
+        net.reap().await.map_err(net_error)?;
+        let net = Arc::new(net);
+        let _ = self.network.set(net.clone());
+        Ok(self.network.get().cloned().unwrap_or(net))
+    }
+
+    /// VM networking, when attached.
+    pub fn network(&self) -> Option<&Arc<HostNetwork>> {
+        self.network.get()
+    }
+
+    /// A connection to an exposed port of a tenant's VM, made from inside
+    /// kiln's namespace. None: no such VM for the tenant, or the port is not
+    /// one it exposes.
+    pub async fn connect_port(
+        &self,
+        tenant: &str,
+        id: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Option<std::io::Result<tokio::net::TcpStream>> {
+        let slot = self.slot(id)?;
+        let (net, address) = {
+            let guard = slot.lock().await;
+            let live = guard.as_ref().filter(|vm| vm.info.tenant == tenant)?;
+            let (net, nic) = live.nic.as_ref()?;
+            if !nic.expose.contains(&port) {
+                return None;
+            }
+            *lock(&live.last_used) = Instant::now();
+            (net.clone(), nic.address)
+        };
+        Some(net.connect(address, port, timeout).await)
+    }
+
     /// A tap for one command's output, once logs are attached.
     pub fn log_tap(&self, origin: kiln_logs::Origin) -> Option<kiln_logs::LogTap> {
         self.logs.get().map(|logs| logs.tap(origin))
@@ -605,7 +745,7 @@ impl VmManager {
                 let Ok(host) = manager.capacity.reserve_host(key.2) else {
                     return;
                 };
-                match manager.boot(&key.0, key.1, key.2, host).await {
+                match manager.boot(&key.0, key.1, key.2, host, None).await {
                     Ok(live) => {
                         manager.warm_up_pooled(&key.0, &live.agent).await;
                         lock(&manager.warm)
@@ -753,6 +893,9 @@ impl VmManager {
                 destroy(vm).await;
             }
         }
+        if let Some(net) = self.network.get() {
+            net.remove().await;
+        }
     }
 
     /// Whether new VMs restore from (and first boots save) snapshots; set
@@ -774,9 +917,12 @@ impl VmManager {
         boot: &BootSource,
         vcpus: u8,
         memory_mib: u32,
+        networked: bool,
     ) -> PathBuf {
+        // A networked VM has one device more: its own shape.
+        let nic = if networked { "-net" } else { "" };
         image.dir.join("snapshots").join(format!(
-            "{}-{vcpus}x{memory_mib}.state",
+            "{}-{vcpus}x{memory_mib}{nic}.state",
             self.vmm.snapshot_key(boot)
         ))
     }
@@ -791,7 +937,7 @@ impl VmManager {
     ) -> Result<PathBuf, VmError> {
         let image = Image::open(&self.images_dir, image_name)?;
         let boot = boot_source(&image, &self.config.extra_cmdline);
-        Ok(self.snapshot_file(&image, &boot, vcpus, memory_mib))
+        Ok(self.snapshot_file(&image, &boot, vcpus, memory_mib, false))
     }
 }
 
@@ -824,8 +970,9 @@ pub(crate) fn boot_source(image: &Image, extra_cmdline: &str) -> BootSource {
 /// Removes the shape's snapshots made under other settings (an older QEMU,
 /// other kernel words): they would never load again, and each is the size
 /// of the guest's memory.
-fn drop_stale_snapshots(current: &Path, machine: MachineConfig) {
-    let shape = format!("-{}x{}.state", machine.vcpus, machine.memory_mib);
+fn drop_stale_snapshots(current: &Path, machine: MachineConfig, networked: bool) {
+    let nic = if networked { "-net" } else { "" };
+    let shape = format!("-{}x{}{nic}.state", machine.vcpus, machine.memory_mib);
     let Some(dir) = current.parent() else { return };
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
@@ -903,5 +1050,53 @@ async fn freshen(agent: &AgentConn) -> Result<(), VmError> {
 async fn destroy(mut vm: LiveVm) {
     let _ = tokio::time::timeout(Duration::from_millis(200), vm.agent.shutdown()).await;
     vm.child.kill().await;
+    if let Some((net, nic)) = vm.nic.take() {
+        net.release(&nic).await;
+    }
     remove_run_dir(&vm.run_dir);
+}
+
+fn net_error(error: crate::net::host::NetError) -> VmError {
+    match error {
+        crate::net::host::NetError::Resolve(message) => VmError::NetworkRefused(message),
+        other => VmError::Network(other.to_string()),
+    }
+}
+
+/// Gives the guest its address, MAC, route and resolver. After a restore
+/// the NIC still carries the MAC of the VM the snapshot was saved from;
+/// setting it here (through virtio-net's control queue) makes it this
+/// VM's. Every value is one kiln formatted from a typed address. The MAC
+/// is set with `ifconfig` (an `AF_INET` ioctl): busybox's `ip link set
+/// address` needs `AF_PACKET`, which kernels built before the networking
+/// block of `guest-kernel.config` lack.
+async fn configure_guest(agent: &AgentConn, nic: &Nic) -> Result<(), VmError> {
+    let mut script = format!(
+        "ifconfig eth0 hw ether {mac} && ip addr add {address}/{prefix} dev eth0 && \
+         ip link set dev eth0 up && ip route add default via {gateway}",
+        mac = nic.mac,
+        address = nic.address,
+        prefix = nic.prefix,
+        gateway = nic.gateway,
+    );
+    if let Some(dns) = nic.dns {
+        script.push_str(&format!(" && echo nameserver {dns} > /etc/resolv.conf"));
+    }
+    let exec = crate::Exec {
+        command: "/bin/sh".into(),
+        args: vec!["-c".into(), script],
+        timeout_ms: Some(10_000),
+        ..crate::Exec::default()
+    };
+    let out = agent
+        .exec(exec, b"")
+        .await
+        .map_err(|e| VmError::Network(format!("configuring the guest's interface: {e}")))?;
+    if out.status() != 0 {
+        return Err(VmError::Network(format!(
+            "configuring the guest's interface: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }

@@ -362,6 +362,8 @@ struct Handed {
     incoming: Option<OwnedFd>,
     /// The VM's drives, in the order of `VmConfig::drives`.
     drives: Vec<OwnedFd>,
+    /// One TAP per network interface, in the order of `VmConfig::network`.
+    taps: Vec<OwnedFd>,
 }
 
 impl Handed {
@@ -391,6 +393,11 @@ impl Handed {
                         .open(&drive.path)?
                         .into())
                 })
+                .collect::<Result<_, VmError>>()?,
+            taps: config
+                .network
+                .iter()
+                .map(|nic| nic.fd.try_clone())
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -406,6 +413,7 @@ impl Handed {
         .into_iter()
         .flatten()
         .chain(self.drives)
+        .chain(self.taps)
         .collect()
     }
 }
@@ -485,6 +493,15 @@ impl QemuVmm {
                 spec,
                 "-device".into(),
                 format!("virtio-blk-device,drive=drive{n}"),
+            ]);
+        }
+        for (nic, tap) in config.network.iter().zip(&handed.taps) {
+            // Ids and MACs are kiln's own (`net0`, hex pairs): no comma.
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id={},fd={}", nic.id, tap.as_raw_fd()),
+                "-device".into(),
+                format!("virtio-net-device,netdev={},mac={}", nic.id, nic.mac),
             ]);
         }
         if let Some(state) = &handed.incoming {

@@ -181,6 +181,7 @@ fn request(memory_mib: u32) -> VmRequest {
         ttl: None,
         idle_timeout: None,
         labels: BTreeMap::new(),
+        network: None,
     }
 }
 

@@ -37,7 +37,12 @@ pub enum BenchCommand {
     Login(login::LoginArgs),
     /// Admission policies: submits over HTTP with none and with five.
     Policy(policy::PolicyArgs),
+    /// VM networking: create with a NIC, TCP through the TAP, the port proxy.
+    VmNet(net::NetArgs),
 }
+
+#[path = "bench_net.rs"]
+mod net;
 
 #[path = "bench_login.rs"]
 mod login;
@@ -134,6 +139,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Audit(args) => audit::audit(args).await,
         BenchCommand::Login(args) => login::login(args).await,
         BenchCommand::Policy(args) => policy::policy(args).await,
+        BenchCommand::VmNet(args) => net::net(args).await,
     }
 }
 
@@ -807,6 +813,7 @@ fn bench_vm(image: &str) -> kiln_vm::VmRequest {
         ttl: None,
         idle_timeout: None,
         labels: Default::default(),
+        network: None,
     }
 }
 

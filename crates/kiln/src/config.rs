@@ -182,6 +182,18 @@ pub struct VmHostArgs {
     /// Words added to every guest's kernel command line.
     #[arg(long, env = "KILN_VM_CMDLINE")]
     pub vm_cmdline: Option<String>,
+    /// The subnet networked VMs get addresses from (a /16 to a /29; the
+    /// first address is their gateway, inside kiln's namespace).
+    #[arg(long, env = "KILN_VM_SUBNET")]
+    pub vm_subnet: Option<ipnet::Ipv4Net>,
+    /// The resolver networked VMs with egress are given.
+    #[arg(long, env = "KILN_VM_DNS")]
+    pub vm_dns: Option<std::net::Ipv4Addr>,
+    /// A /30 (or /31) for a veth pair from kiln's VM namespace to the host,
+    /// through which allowed egress is masqueraded; unset: VMs reach only
+    /// the namespace.
+    #[arg(long, env = "KILN_VM_UPLINK")]
+    pub vm_uplink: Option<ipnet::Ipv4Net>,
     /// The QEMU binary.
     #[arg(long, env = "KILN_QEMU")]
     pub qemu: Option<PathBuf>,
@@ -486,6 +498,16 @@ pub fn vm_config(
     if let Some(words) = &args.vm_cmdline {
         vm.extra_cmdline = words.clone();
     }
+    if let Some(subnet) = args.vm_subnet {
+        vm.network.subnet = subnet;
+    }
+    if let Some(dns) = args.vm_dns {
+        vm.network.dns = Some(dns);
+    }
+    if let Some(uplink) = args.vm_uplink {
+        vm.network.uplink = Some(uplink);
+    }
+    vm.network.check().map_err(anyhow::Error::msg)?;
     if let Some(binary) = &args.qemu {
         vm.qemu.binary = binary.clone();
     }
@@ -641,6 +663,23 @@ impl Settings {
             ),
             ("vm_snapshots", self.vm.snapshots.to_string()),
             ("vm_cmdline", self.vm.extra_cmdline.clone()),
+            ("vm_subnet", self.vm.network.subnet.to_string()),
+            (
+                "vm_dns",
+                self.vm
+                    .network
+                    .dns
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "vm_uplink",
+                self.vm
+                    .network
+                    .uplink
+                    .map(|u| u.to_string())
+                    .unwrap_or_default(),
+            ),
             ("qemu", self.vm.qemu.binary.display().to_string()),
             ("qemu_cpu", self.vm.qemu.cpu.clone().unwrap_or_default()),
             ("vm", format!("{:?}", self.vm)),

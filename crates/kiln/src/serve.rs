@@ -454,6 +454,13 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         parts.rules_wasm = Some(runtime.clone());
         parts.vms = vm_manager(settings, host_tag.as_deref()).await?;
         if let Some(vms) = &parts.vms {
+            // Reaps the network an earlier run left, whatever this one asks.
+            if let Err(error) = vms
+                .attach_network(settings.vm.network.clone(), db.clone())
+                .await
+            {
+                tracing::warn!(%error, "VM networking is off");
+            }
             vms.attach_logs(parts.logs.0.clone());
             vms.attach_secrets(keeper.clone());
             kiln_api::record_vm_lifecycle(db.clone(), vms);

@@ -229,3 +229,96 @@ async fn kiln_killed_while_a_snapshot_is_written() {
     }
     panic!("no kill landed while a state was being written");
 }
+
+/// Networked VMs: after a SIGKILL their TAPs go with QEMU, and the next
+/// start removes kiln's namespace (bridge, rules) and frees every address,
+/// so the next VM gets the first address again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kiln_killed_with_networked_vms_leaves_no_tap_rule_or_address() {
+    for tool in ["ip", "nft"] {
+        let found = Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{tool}` is needed (apt-get install iproute2 nftables)"
+        );
+    }
+    let dir = data_dir("kiln-vm-crash-net").await;
+    let mut server = serve(&dir, "first.log").await;
+    let key = std::fs::read_to_string(dir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let http = reqwest::Client::new();
+    let create = |base: String| {
+        let (http, key) = (http.clone(), key.clone());
+        async move {
+            let answer = http
+                .post(format!("{base}/api/v1/vms"))
+                .bearer_auth(key)
+                .json(&serde_json::json!({"network": {"egress": "allow", "allow": ["192.0.2.1:80"], "expose": [8000]}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 201);
+            answer.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let first = create(server.base.clone()).await;
+    let second = create(server.base.clone()).await;
+    assert_eq!(first["network"]["address"], "10.77.0.2", "{first}");
+    assert_eq!(second["network"]["address"], "10.77.0.3", "{second}");
+    let ns = kiln_vm::net::host::namespace_for(&dir.join("vms"));
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let links = ip(&["-n", &ns, "-o", "link", "show"]);
+    assert!(links.contains(" kt2") && links.contains(" kt3"), "{links}");
+    let rules = ip(&["netns", "exec", &ns, "nft", "list", "ruleset"]);
+    assert!(
+        rules.contains("vm-kt2") && rules.contains("vm-kt3"),
+        "{rules}"
+    );
+    let db = kiln_db::Db::connect(&format!("sqlite://{}", dir.join("kiln.db").display()))
+        .await
+        .unwrap();
+    let rows = || kiln_db::testing::scalar_i64(&db, "SELECT COUNT(*) FROM vm_addresses");
+    assert_eq!(rows().await.unwrap(), 2);
+    let pids = qemu_pids_under(&dir.join("vms"));
+    assert_eq!(pids.len(), 2);
+
+    server.crash();
+    for pid in pids {
+        wait_until("QEMU to die with kiln", Duration::from_secs(10), || {
+            !alive(pid)
+        })
+        .await;
+    }
+    // QEMU held the only descriptor of each TAP.
+    wait_until("the TAPs to go with QEMU", Duration::from_secs(10), || {
+        !ip(&["-n", &ns, "-o", "link", "show"]).contains(" kt")
+    })
+    .await;
+
+    let next = serve(&dir, "next.log").await;
+    assert!(
+        !Path::new("/run/netns").join(&ns).exists(),
+        "the namespace, its bridge and its rules are gone: {}",
+        ip(&["netns", "list"])
+    );
+    assert_eq!(rows().await.unwrap(), 0, "every address is free again");
+    let again = create(next.base.clone()).await;
+    assert_eq!(again["network"]["address"], "10.77.0.2", "{again}");
+    let rules = ip(&["netns", "exec", &ns, "nft", "list", "ruleset"]);
+    assert!(
+        rules.contains("vm-kt2") && !rules.contains("vm-kt3"),
+        "{rules}"
+    );
+    db.close().await;
+    // The next start would remove it; no next start comes in a test.
+    drop(next);
+    let _ = Command::new("ip").args(["netns", "delete", &ns]).output();
+}

@@ -17,5 +17,6 @@ pub mod secrets;
 pub mod subscriptions;
 pub mod system;
 pub mod users;
+pub mod vm_ports;
 pub mod vms;
 pub mod webhooks;

@@ -69,6 +69,7 @@ pub(crate) async fn admit_vm(
         "memory_mib": shape.memory_mib,
         "ttl_s": shape.ttl_s,
         "idle_timeout_s": shape.idle_timeout_s,
+        "network": shape.network.as_ref().map(|n| n.describe()),
         "secrets": spec.secrets,
     });
     let mut described = kiln_vm::job::describe_shape(shape);

@@ -54,6 +54,7 @@ pub fn router() -> Router<Arc<AppState>> {
                 .put(upload)
                 .layer(DefaultBodyLimit::max(FILE_BYTES_MAX)),
         )
+        .merge(crate::routes::vm_ports::router())
 }
 
 /// A VM id from the path, with kiln's error on any rejection. An id
@@ -88,6 +89,20 @@ pub struct VmView {
     pub created_at: Option<String>,
     pub expires_at: Option<String>,
     pub boot_ms: u64,
+    /// Absent: the VM has no network (only `lo`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<VmNetworkView>,
+}
+
+/// A networked VM's address in kiln's VM network and what it may do.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmNetworkView {
+    pub address: String,
+    pub mac: String,
+    pub gateway: String,
+    /// `none` or `allow`.
+    pub egress: String,
+    pub expose: Vec<u16>,
 }
 
 impl From<VmInfo> for VmView {
@@ -103,6 +118,17 @@ impl From<VmInfo> for VmView {
             created_at: render_time(vm.created_at_ms),
             expires_at: vm.expires_at_ms.and_then(render_time),
             boot_ms: vm.boot_ms,
+            network: vm.network.map(|net| VmNetworkView {
+                address: net.address.to_string(),
+                mac: net.mac,
+                gateway: net.gateway.to_string(),
+                egress: match net.egress {
+                    kiln_vm::net::Egress::None => "none",
+                    kiln_vm::net::Egress::Allow => "allow",
+                }
+                .into(),
+                expose: net.expose,
+            }),
         }
     }
 }
@@ -120,6 +146,7 @@ impl From<kiln_db::vms::VmRecord> for VmView {
             created_at: render_time(vm.created_at),
             expires_at: vm.expires_at.and_then(render_time),
             boot_ms: u64::try_from(vm.boot_ms).unwrap_or(0),
+            network: None,
         }
     }
 }
@@ -281,6 +308,7 @@ async fn hold_secrets(agent: &AgentInUse, opened: &Opened) -> ApiResult<SecretHo
 fn create_error(error: kiln_vm::VmError) -> ApiError {
     match error {
         kiln_vm::VmError::Image(error) => ApiError::invalid(error.to_string()),
+        kiln_vm::VmError::NetworkRefused(message) => ApiError::invalid(message),
         kiln_vm::VmError::QuotaExceeded(quota) => {
             ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", quota.to_string())
         }

@@ -1,0 +1,252 @@
+//! `/api/v1/vms/{id}/ports`: a networked VM's exposed ports, and the
+//! proxy that carries HTTP and WebSocket to them.
+//!
+//! The proxy connects from inside kiln's VM namespace (the VM's address is
+//! reachable nowhere else) to an exposed port only; another tenant's VM,
+//! or a port the VM does not expose, is not found. Bodies stream both ways
+//! (nothing is buffered); a WebSocket upgrade is joined end to end once the
+//! guest switched protocols. The caller's `Authorization` and kiln's cookies
+//! never reach the guest, and what the guest answers runs sandboxed in an
+//! origin of its own (see `forward`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, StatusCode};
+use axum::response::Response;
+use axum::routing::{any, get};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use kiln_core::Scope;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{Caller, Json, Path};
+use crate::routes::vms::VmId;
+use crate::AppState;
+
+/// How long the guest may take to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest may take to answer a request's head.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/vms/{id}/ports", get(list_ports))
+        .route("/vms/{id}/ports/{port}/", any(proxy_root))
+        .route("/vms/{id}/ports/{port}/{*rest}", any(proxy))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PortView {
+    pub port: u16,
+    /// Where kiln serves it: `/api/v1/vms/{id}/ports/{port}/`.
+    pub url: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PortList {
+    /// The VM's address in kiln's VM network.
+    pub address: String,
+    pub ports: Vec<PortView>,
+}
+
+/// A networked VM's exposed ports.
+#[utoipa::path(get, path = "/api/v1/vms/{id}/ports", tag = "vms",
+    params(("id" = String, Path, description = "The VM's id")),
+    responses((status = 200, body = PortList),
+              (status = 404, description = "No such VM for the caller, or a VM without network", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_ports(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    VmId(id): VmId,
+) -> ApiResult<Json<PortList>> {
+    caller.require(Scope::Read)?;
+    let vms = state
+        .vms
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("vm"))?;
+    let vm = vms
+        .get(&caller.tenant, &id)
+        .await
+        .ok_or_else(|| ApiError::not_found("vm"))?;
+    let Some(network) = vm.network else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the VM has no network",
+        ));
+    };
+    Ok(Json(PortList {
+        address: network.address.to_string(),
+        ports: network
+            .expose
+            .iter()
+            .map(|port| PortView {
+                port: *port,
+                url: format!("/api/v1/vms/{id}/ports/{port}/"),
+            })
+            .collect(),
+    }))
+}
+
+/// `/ports/{port}/`: the guest's `/`. Any method; a WebSocket upgrade is
+/// carried too.
+#[utoipa::path(method(get, post, put, delete, patch), path = "/api/v1/vms/{id}/ports/{port}/", tag = "vms",
+    params(("id" = String, Path, description = "The VM's id"), ("port" = u16, Path, description = "An exposed guest port")),
+    responses((status = 200, description = "Whatever the guest answers (any method; WebSocket upgrades too)"),
+              (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn proxy_root(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((id, port)): Path<(String, String)>,
+    request: Request,
+) -> ApiResult<Response> {
+    forward(&state, &caller, &id, &port, "", request).await
+}
+
+/// `/ports/{port}/{rest}`: the guest's `/{rest}` (the query goes along).
+#[utoipa::path(method(get, post, put, delete, patch), path = "/api/v1/vms/{id}/ports/{port}/{rest}", tag = "vms",
+    params(("id" = String, Path, description = "The VM's id"), ("port" = u16, Path, description = "An exposed guest port"),
+           ("rest" = String, Path, description = "The path in the guest")),
+    responses((status = 200, description = "Whatever the guest answers (WebSocket upgrades too)"),
+              (status = 404, body = ErrorBody), (status = 502, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn proxy(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path((id, port, rest)): Path<(String, String, String)>,
+    request: Request,
+) -> ApiResult<Response> {
+    forward(&state, &caller, &id, &port, &rest, request).await
+}
+
+/// Headers of one hop, and kiln's own credentials: never passed on.
+fn dropped(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "authorization"
+            | "cookie"
+            | "x-csrf-token"
+    ) || name.as_str().starts_with("x-kiln-")
+}
+
+fn is_upgrade(request: &Request) -> bool {
+    request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+fn unreachable(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, "guest_unreachable", message)
+}
+
+async fn forward(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    port: &str,
+    rest: &str,
+    mut request: Request,
+) -> ApiResult<Response> {
+    // Reading the guest's pages is reading; anything else writes.
+    let scope = match *request.method() {
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS => {
+            Scope::Read
+        }
+        _ => Scope::Write,
+    };
+    caller.require(scope)?;
+    if kiln_core::names::check_name("vm id", id).is_err() {
+        return Err(ApiError::not_found("vm"));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ApiError::not_found("port"))?;
+    let vms = state
+        .vms
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("vm"))?;
+    let stream = vms
+        .connect_port(&caller.tenant, id, port, CONNECT_TIMEOUT)
+        .await
+        .ok_or_else(|| ApiError::not_found("port"))?
+        .map_err(|e| unreachable(format!("the guest's port {port} did not accept: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| unreachable(format!("the guest's port {port}: {e}")))?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+
+    let upgrade = is_upgrade(&request);
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let query = request
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let (parts, body) = request.into_parts();
+    let mut out = axum::http::Request::builder()
+        .method(parts.method)
+        .uri(format!("/{rest}{query}"));
+    for (name, value) in &parts.headers {
+        if !dropped(name) {
+            out = out.header(name, value);
+        }
+    }
+    if upgrade {
+        out = out
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket");
+    }
+    let out = out
+        .body(if upgrade { Body::empty() } else { body })
+        .map_err(|_| ApiError::bad_request("the request cannot be passed on"))?;
+    let mut response = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out))
+        .await
+        .map_err(|_| unreachable(format!("the guest's port {port} did not answer in time")))?
+        .map_err(|e| unreachable(format!("the guest's port {port}: {e}")))?;
+    if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (client_side, response.status()) {
+        let guest_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(guest)) = (client_side.await, guest_side.await) else {
+                return;
+            };
+            let (mut client, mut guest) = (TokioIo::new(client), TokioIo::new(guest));
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
+        });
+    }
+    let (parts, body) = response.into_parts();
+    let mut back = Response::from_parts(parts, Body::new(body));
+    if back.status() != StatusCode::SWITCHING_PROTOCOLS {
+        back.headers_mut().remove(header::CONNECTION);
+    }
+    // A guest's page is served from kiln's origin: it may set no cookie
+    // there, and runs in an opaque origin of its own (CSP sandbox), so its
+    // scripts can neither read kiln's cookies nor call kiln as the user.
+    back.headers_mut().remove(header::SET_COOKIE);
+    back.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        axum::http::HeaderValue::from_static("sandbox allow-scripts allow-forms allow-popups"),
+    );
+    Ok(back)
+}
