@@ -25,6 +25,7 @@ fn request(tenant: &str) -> VmRequest {
         ttl: None,
         idle_timeout: None,
         labels: BTreeMap::new(),
+        network: None,
     }
 }
 
