@@ -359,21 +359,30 @@ async fn forward(
         .header(FORWARDED_MAC, tag)
         .body(if upgrade { Body::empty() } else { body })
         .map_err(|e| ApiError::internal(format!("forwarding: {e}")))?;
-    let mut response = fleet.client.request(out).await.map_err(|error| {
+    let response = fleet.client.request(out).await.map_err(|error| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "vm_host_unreachable",
             format!("the VM's host did not answer: {error}"),
         )
     })?;
+    Ok(relay_answer(client_side, response))
+}
+
+/// The answer of a relayed request, as the client's: an upgrade (a
+/// WebSocket) is spliced to the client's side of it, byte for byte.
+pub(crate) fn relay_answer(
+    client_side: Option<hyper::upgrade::OnUpgrade>,
+    mut response: hyper::Response<hyper::body::Incoming>,
+) -> Response {
     if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (client_side, response.status()) {
-        let host_side = hyper::upgrade::on(&mut response);
+        let far_side = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
-            let (Ok(client), Ok(host)) = (client_side.await, host_side.await) else {
+            let (Ok(client), Ok(far)) = (client_side.await, far_side.await) else {
                 return;
             };
-            let (mut client, mut host) = (TokioIo::new(client), TokioIo::new(host));
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut host).await;
+            let (mut client, mut far) = (TokioIo::new(client), TokioIo::new(far));
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut far).await;
         });
     }
     let (parts, body) = response.into_parts();
@@ -381,7 +390,7 @@ async fn forward(
     if back.status() != StatusCode::SWITCHING_PROTOCOLS {
         back.headers_mut().remove(header::CONNECTION);
     }
-    Ok(back)
+    back
 }
 
 /// The owner's side: the VM routes alone, for forwarded requests only

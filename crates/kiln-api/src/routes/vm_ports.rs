@@ -221,25 +221,11 @@ async fn forward(
     let out = out
         .body(if upgrade { Body::empty() } else { body })
         .map_err(|_| ApiError::bad_request("the request cannot be passed on"))?;
-    let mut response = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out))
+    let response = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out))
         .await
         .map_err(|_| unreachable(format!("the guest's port {port} did not answer in time")))?
         .map_err(|e| unreachable(format!("the guest's port {port}: {e}")))?;
-    if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (client_side, response.status()) {
-        let guest_side = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            let (Ok(client), Ok(guest)) = (client_side.await, guest_side.await) else {
-                return;
-            };
-            let (mut client, mut guest) = (TokioIo::new(client), TokioIo::new(guest));
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut guest).await;
-        });
-    }
-    let (parts, body) = response.into_parts();
-    let mut back = Response::from_parts(parts, Body::new(body));
-    if back.status() != StatusCode::SWITCHING_PROTOCOLS {
-        back.headers_mut().remove(header::CONNECTION);
-    }
+    let mut back = crate::vm_hosts::relay_answer(client_side, response);
     // A guest's page is served from kiln's origin: it may set no cookie
     // there, and runs in an opaque origin of its own (CSP sandbox), so its
     // scripts can neither read kiln's cookies nor call kiln as the user.
