@@ -419,21 +419,26 @@ impl Db {
                         .await?
                 };
                 let seen_now = seen_now.max(seen);
-                let (low, pending, pending_at) = if settle && !sweep && !late_full {
-                    (pending.max(low), seen_now, now)
+                let moves = pending > low || seen_now > pending;
+                let marks = if settle && !sweep && !late_full && moves {
+                    (pending.max(low), seen_now, seen_now, now)
                 } else {
-                    (low, pending, pending_at)
+                    (low, seen_now, pending, pending_at)
                 };
-                sqlx::query(
-                    "UPDATE audit_chainer SET low = $1, seen = $2, pending = $3, pending_at = $4 \
-                     WHERE low <> $1 OR seen <> $2 OR pending <> $3 OR pending_at <> $4",
-                )
-                .bind(low)
-                .bind(seen_now)
-                .bind(pending)
-                .bind(pending_at)
-                .execute(&mut *$tx)
-                .await?;
+                // Only a change is written: an idle pass takes no write lock
+                // (on SQLite one writer at a time, `kiln audit verify` beside
+                // a running server included).
+                if marks != (low, seen, pending, pending_at) {
+                    sqlx::query(
+                        "UPDATE audit_chainer SET low = $1, seen = $2, pending = $3, pending_at = $4",
+                    )
+                    .bind(marks.0)
+                    .bind(marks.1)
+                    .bind(marks.2)
+                    .bind(marks.3)
+                    .execute(&mut *$tx)
+                    .await?;
+                }
                 rows.len() as u64
             }};
         }
