@@ -316,7 +316,8 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-fn is_upgrade(headers: &HeaderMap) -> bool {
+/// Whether the request asks to become a WebSocket.
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())

@@ -569,15 +569,25 @@ async fn an_exposed_port_answers_through_the_proxy_for_its_tenant_only() {
         }));
         (addr, stop)
     };
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
         "GET /api/v1/vms/{id}/ports/8001/socket HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
          connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\
          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
         h.key
     );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let head = read_until(&mut tcp, b"\r\n\r\n").await;
+    // The guest's `nc -l` starts in the background: until it listens the
+    // proxy answers 502 (nothing listening), which is waited out, bounded.
+    let mut attempts = 0;
+    let (mut tcp, head) = loop {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let head = read_until(&mut tcp, b"\r\n\r\n").await;
+        attempts += 1;
+        if !head.starts_with("HTTP/1.1 502") || attempts == 50 {
+            break (tcp, head);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     tcp.write_all(b"ping through kiln").await.unwrap();
     let echoed = read_until(&mut tcp, b"kiln").await;

@@ -144,14 +144,6 @@ fn dropped(name: &HeaderName) -> bool {
     ) || name.as_str().starts_with("x-kiln-")
 }
 
-fn is_upgrade(request: &Request) -> bool {
-    request
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
 fn unreachable(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "guest_unreachable", message)
 }
@@ -197,7 +189,7 @@ async fn forward(
         let _ = connection.with_upgrades().await;
     });
 
-    let upgrade = is_upgrade(&request);
+    let upgrade = crate::vm_hosts::is_upgrade(request.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut request));
     let query = request
         .uri()
