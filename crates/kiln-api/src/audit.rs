@@ -108,10 +108,7 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
-    let source = state
-        .auth
-        .settings()
-        .client_address(peer, request.headers());
+    let source = state.auth.client_address(peer, request.headers());
     let audited = state.audit_enabled();
     let action = format!("{method} {}", route.as_deref().unwrap_or(&path));
     let slot = Slot::new(audited.then(|| {

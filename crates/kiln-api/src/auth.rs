@@ -497,6 +497,15 @@ impl Auth {
             .clone()
     }
 
+    /// [`AuthSettings::client_address`] under the lock, without a copy of
+    /// the settings (every audited request asks).
+    pub fn client_address(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> String {
+        self.settings
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .client_address(peer, headers)
+    }
+
     pub fn set_settings(&self, settings: AuthSettings) {
         *self
             .settings
