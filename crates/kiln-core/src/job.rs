@@ -256,6 +256,8 @@ pub struct LeasedJob {
     pub run_at: Millis,
     pub created_at: Millis,
     pub started_at: Millis,
+    /// The pipeline run this job is a step of.
+    pub run_id: Option<i64>,
 }
 
 /// Limits on what a caller may ask for.

@@ -145,6 +145,7 @@ mod tests {
             run_at: 0,
             created_at: 0,
             started_at: 0,
+            run_id: None,
         }
     }
 

@@ -485,33 +485,7 @@ impl PgStore {
     }
 
     pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Vec<i64>> {
-        Ok(sqlx::query_scalar(&format!(
-            "WITH {} UPDATE jobs j SET \
-               status = CASE WHEN j.cancel_requested AND u.status = 'scheduled' THEN 'cancelled' ELSE u.status END, \
-               finished_at = CASE WHEN u.status = 'scheduled' AND NOT j.cancel_requested THEN NULL ELSE u.finished_at END, \
-               run_at = COALESCE(u.run_at, j.run_at), result = u.result, \
-               error = u.error, lease_expires_at = NULL, history = {HISTORY_APPEND} \
-             FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
-               $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record), \
-               locked l \
-             WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
-             RETURNING j.id",
-            lock_in_id_order("$1")
-        ))
-        .bind(done.iter().map(|c| c.id).collect::<Vec<i64>>())
-        .bind(done.iter().map(|c| c.attempt).collect::<Vec<i32>>())
-        .bind(done.iter().map(|c| c.status.as_str()).collect::<Vec<&str>>())
-        .bind(done.iter().map(|c| c.record.finished_at).collect::<Vec<i64>>())
-        .bind(done.iter().map(|c| c.run_at).collect::<Vec<Option<i64>>>())
-        .bind(done.iter().map(|c| result_json(&c.result)).collect::<Vec<Option<String>>>())
-        .bind(
-            done.iter()
-                .map(|c| storable_error(c.error.as_deref()))
-                .collect::<Vec<Option<String>>>(),
-        )
-        .bind(done.iter().map(|c| record_json(&c.record)).collect::<Vec<String>>())
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(complete_on(&self.pool, done).await?)
     }
 
     pub async fn job_cancel(&self, tenant: &str, id: i64, now: Millis) -> DbResult<CancelOutcome> {
@@ -973,4 +947,39 @@ impl PgStore {
             .await?;
         Ok(count.max(0) as u64)
     }
+}
+
+/// Writes attempt ends in one statement (the fence: a row only moves while
+/// it is running on that attempt); on a pool or inside a transaction.
+pub(crate) async fn complete_on<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    done: &[Completion],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "WITH {} UPDATE jobs j SET \
+           status = CASE WHEN j.cancel_requested AND u.status = 'scheduled' THEN 'cancelled' ELSE u.status END, \
+           finished_at = CASE WHEN u.status = 'scheduled' AND NOT j.cancel_requested THEN NULL ELSE u.finished_at END, \
+           run_at = COALESCE(u.run_at, j.run_at), result = u.result, \
+           error = u.error, lease_expires_at = NULL, history = {HISTORY_APPEND} \
+         FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
+           $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record), \
+           locked l \
+         WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
+         RETURNING j.id",
+        lock_in_id_order("$1")
+    ))
+    .bind(done.iter().map(|c| c.id).collect::<Vec<i64>>())
+    .bind(done.iter().map(|c| c.attempt).collect::<Vec<i32>>())
+    .bind(done.iter().map(|c| c.status.as_str()).collect::<Vec<&str>>())
+    .bind(done.iter().map(|c| c.record.finished_at).collect::<Vec<i64>>())
+    .bind(done.iter().map(|c| c.run_at).collect::<Vec<Option<i64>>>())
+    .bind(done.iter().map(|c| result_json(&c.result)).collect::<Vec<Option<String>>>())
+    .bind(
+        done.iter()
+            .map(|c| storable_error(c.error.as_deref()))
+            .collect::<Vec<Option<String>>>(),
+    )
+    .bind(done.iter().map(|c| record_json(&c.record)).collect::<Vec<String>>())
+    .fetch_all(executor)
+    .await
 }

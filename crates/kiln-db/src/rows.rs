@@ -33,7 +33,7 @@ pub fn cancel_outcome(job: Job) -> DbResult<crate::CancelOutcome> {
 }
 
 pub const LEASED_COLUMNS: &str = "id, tenant, kind, queue, priority, spec, attempt, max_attempts, \
-     retry_from, timeout_ms, backoff, permanent_exit_codes, run_at, created_at, started_at";
+     retry_from, timeout_ms, backoff, permanent_exit_codes, run_at, created_at, started_at, run_id";
 
 #[derive(sqlx::FromRow)]
 pub struct JobRow {
@@ -124,6 +124,7 @@ pub struct LeasedRow {
     run_at: i64,
     created_at: i64,
     started_at: Option<i64>,
+    run_id: Option<i64>,
 }
 
 impl LeasedRow {
@@ -152,6 +153,7 @@ impl TryFrom<LeasedRow> for LeasedJob {
             run_at: row.run_at,
             created_at: row.created_at,
             started_at: row.started_at.unwrap_or(row.run_at),
+            run_id: row.run_id,
         })
     }
 }

@@ -450,29 +450,7 @@ impl SqliteStore {
 
     pub async fn job_complete_many(&self, done: &[Completion]) -> DbResult<Vec<i64>> {
         let mut tx = self.write.begin().await?;
-        let mut applied = Vec::with_capacity(done.len());
-        for c in done {
-            let status = c.status.as_str();
-            let row: Option<i64> = sqlx::query_scalar(
-                "UPDATE jobs SET \
-                   status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
-                   finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
-                   run_at = COALESCE(?3, run_at), result = ?4, error = ?5, \
-                   lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
-                 WHERE id = ?7 AND attempt = ?8 AND status = 'running' RETURNING id",
-            )
-            .bind(status)
-            .bind(c.record.finished_at)
-            .bind(c.run_at)
-            .bind(result_json(&c.result))
-            .bind(storable_error(c.error.as_deref()))
-            .bind(record_json(&c.record))
-            .bind(c.id)
-            .bind(c.attempt)
-            .fetch_optional(&mut *tx)
-            .await?;
-            applied.extend(row);
-        }
+        let applied = complete_on(&mut tx, done).await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -825,4 +803,36 @@ impl SqliteStore {
             .await?;
         Ok(count.max(0) as u64)
     }
+}
+
+/// Writes attempt ends inside the caller's transaction (the fence: a row
+/// only moves while it is running on that attempt).
+pub(crate) async fn complete_on(
+    conn: &mut sqlx::SqliteConnection,
+    done: &[Completion],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let mut applied = Vec::with_capacity(done.len());
+    for c in done {
+        let status = c.status.as_str();
+        let row: Option<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET \
+               status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
+               finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
+               run_at = COALESCE(?3, run_at), result = ?4, error = ?5, \
+               lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
+             WHERE id = ?7 AND attempt = ?8 AND status = 'running' RETURNING id",
+        )
+        .bind(status)
+        .bind(c.record.finished_at)
+        .bind(c.run_at)
+        .bind(result_json(&c.result))
+        .bind(storable_error(c.error.as_deref()))
+        .bind(record_json(&c.record))
+        .bind(c.id)
+        .bind(c.attempt)
+        .fetch_optional(&mut *conn)
+        .await?;
+        applied.extend(row);
+    }
+    Ok(applied)
 }

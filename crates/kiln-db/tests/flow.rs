@@ -34,6 +34,8 @@ kiln_db::on_both_databases!(
     schedules_catch_up_by_policy,
     schedules_follow_dst,
     schedules_skip_overlaps,
+    step_ends_advance_their_runs_inline,
+    handed_off_steps_wait_behind_older_work,
 );
 
 fn kinds() -> JobKinds {
@@ -85,54 +87,7 @@ async fn drain(db: &Db, now: i64) {
             .job_lease("w1", &["noop".to_string()], 1000, 60_000, now)
             .await
             .unwrap();
-        let mut done = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            let exit_code = job.spec["exit_code"].as_i64().unwrap_or(0) as i32;
-            let result = JobResult {
-                exit_code,
-                stdout: job.spec["stdout"].as_str().unwrap_or("").to_string(),
-                ..JobResult::default()
-            };
-            let end = if exit_code == 0 {
-                AttemptEnd::Succeeded(result.clone())
-            } else {
-                AttemptEnd::Failed {
-                    result: Some(result.clone()),
-                    error: format!("exit {exit_code}"),
-                    permanent: false,
-                }
-            };
-            let (status, run_at) = match decide_outcome(job, &end, now, 0.0) {
-                Outcome::Succeeded => (JobStatus::Succeeded, None),
-                Outcome::Retry { run_at } => (JobStatus::Scheduled, Some(run_at)),
-                Outcome::Failed => (JobStatus::Failed, None),
-                Outcome::Dead => (JobStatus::Dead, None),
-                Outcome::Cancelled => (JobStatus::Cancelled, None),
-            };
-            done.push(Completion {
-                id: job.id,
-                attempt: job.attempt,
-                status,
-                run_at,
-                result: Some(result),
-                error: (exit_code != 0).then(|| format!("exit {exit_code}")),
-                record: AttemptRecord {
-                    attempt: job.attempt,
-                    worker_id: Some("w1".into()),
-                    started_at: Some(now),
-                    finished_at: now,
-                    outcome: if exit_code == 0 {
-                        "succeeded"
-                    } else {
-                        "failed"
-                    }
-                    .into(),
-                    exit_code: Some(exit_code),
-                    error: None,
-                    duration_ms: Some(0),
-                },
-            });
-        }
+        let done: Vec<Completion> = jobs.iter().map(|job| end_of(job, now)).collect();
         db.job_complete_many(&done).await.unwrap();
         let advanced = db.flow_advance(&kinds(), now).await.unwrap();
         if jobs.is_empty() && advanced == 0 {
@@ -140,6 +95,95 @@ async fn drain(db: &Db, now: i64) {
         }
     }
     panic!("the runs never settled");
+}
+
+/// [`drain`] as a worker that runs pipeline steps does it: each batch of
+/// ends advances its runs in its own transaction and takes up to `take`
+/// next steps at once; the advancer never runs. Returns how many jobs were
+/// taken that way.
+async fn drain_inline(db: &Db, now: i64, take: i64) -> usize {
+    let handled = ["noop".to_string()];
+    let mut handed: Vec<kiln_core::LeasedJob> = Vec::new();
+    let mut taken = 0;
+    for _ in 0..10_000 {
+        let mut jobs = std::mem::take(&mut handed);
+        jobs.extend(
+            db.job_lease("w1", &handled, 1000, 60_000, now)
+                .await
+                .unwrap(),
+        );
+        if jobs.is_empty() {
+            return taken;
+        }
+        let done: Vec<Completion> = jobs.iter().map(|job| end_of(job, now)).collect();
+        let request = kiln_db::LeaseRequest {
+            worker_id: "w1",
+            kinds: &handled,
+            limit: take,
+            lease_ms: 60_000,
+            now,
+            tenant_running_max: None,
+        };
+        let (completed, next) = db
+            .job_complete_advancing(&done, &kinds(), Some(&request), now)
+            .await
+            .unwrap();
+        assert_eq!(completed.applied.len(), done.len());
+        assert!(next.len() as i64 <= take);
+        assert!(next.iter().all(|j| j.run_id.is_some() && j.attempt == 1));
+        taken += next.len();
+        handed = next;
+    }
+    panic!("the runs never settled");
+}
+
+/// A `noop` job's end as its spec says, decided as a worker decides it.
+fn end_of(job: &kiln_core::LeasedJob, now: i64) -> Completion {
+    let exit_code = job.spec["exit_code"].as_i64().unwrap_or(0) as i32;
+    let result = JobResult {
+        exit_code,
+        stdout: job.spec["stdout"].as_str().unwrap_or("").to_string(),
+        ..JobResult::default()
+    };
+    let end = if exit_code == 0 {
+        AttemptEnd::Succeeded(result.clone())
+    } else {
+        AttemptEnd::Failed {
+            result: Some(result.clone()),
+            error: format!("exit {exit_code}"),
+            permanent: false,
+        }
+    };
+    let (status, run_at) = match decide_outcome(job, &end, now, 0.0) {
+        Outcome::Succeeded => (JobStatus::Succeeded, None),
+        Outcome::Retry { run_at } => (JobStatus::Scheduled, Some(run_at)),
+        Outcome::Failed => (JobStatus::Failed, None),
+        Outcome::Dead => (JobStatus::Dead, None),
+        Outcome::Cancelled => (JobStatus::Cancelled, None),
+    };
+    Completion {
+        id: job.id,
+        attempt: job.attempt,
+        status,
+        run_at,
+        result: Some(result),
+        error: (exit_code != 0).then(|| format!("exit {exit_code}")),
+        record: AttemptRecord {
+            attempt: job.attempt,
+            worker_id: Some("w1".into()),
+            started_at: Some(now),
+            finished_at: now,
+            outcome: if exit_code == 0 {
+                "succeeded"
+            } else {
+                "failed"
+            }
+            .into(),
+            exit_code: Some(exit_code),
+            error: None,
+            duration_ms: Some(0),
+        },
+    }
 }
 
 async fn get(db: &Db, id: i64) -> RunView {
@@ -940,4 +984,133 @@ async fn schedules_skip_overlaps(db: Db) {
         .filter(|j| j.queue == "schedule.serial")
         .count();
     assert_eq!(serial_leased, 1, "one at a time");
+}
+
+/// A worker that runs pipeline steps advances each run in the transaction
+/// that ends its step jobs, with no advancer at all, and takes one next
+/// step per end for itself.
+async fn step_ends_advance_their_runs_inline(db: Db) {
+    apply(
+        &db,
+        json!({"name": "chain", "steps": [
+            {"id": "a", "kind": "noop", "spec": {"stdout": "{\"n\": 41}"}},
+            {"id": "b", "kind": "noop", "depends_on": ["a"], "spec": {"stdout": "n=${steps.a.output.n + 1}"}},
+            {"id": "c", "kind": "noop", "depends_on": ["b"], "spec": {"stdout": "${steps.b.stdout}!"}},
+        ]}),
+    )
+    .await;
+    apply(
+        &db,
+        json!({"name": "f", "steps": [
+            {"id": "build", "kind": "noop", "spec": {"exit_code": 2}},
+            {"id": "test", "kind": "noop", "depends_on": ["build"]},
+            {"id": "deploy", "kind": "noop", "depends_on": ["test"]},
+            {"id": "report", "kind": "noop", "depends_on": ["build"], "when": "failure"},
+            {"id": "cleanup", "kind": "noop", "depends_on": ["deploy"], "when": "always"},
+        ]}),
+    )
+    .await;
+    apply(
+        &db,
+        json!({"name": "fan", "params": [{"name": "items", "type": "list"}], "steps": [
+            {"id": "each", "kind": "noop", "for_each": "${params.items}", "spec": {"stdout": "{\"i\": ${item}}"}},
+            {"id": "join", "kind": "noop", "depends_on": ["each"], "spec": {"stdout": "last ${steps.each.output[49].i}"}},
+        ]}),
+    )
+    .await;
+    let chain = start(&db, "chain", json!({})).await.run.id;
+    let failing = start(&db, "f", json!({})).await.run.id;
+    let items: Vec<i64> = (0..50).collect();
+    let fan = start(&db, "fan", json!({ "items": items })).await.run.id;
+    let taken = drain_inline(&db, T0 + 1, 1000).await;
+
+    let run = get(&db, chain).await;
+    assert_eq!(run.run.status, RunStatus::Succeeded, "{:?}", run.run.reason);
+    assert_eq!(job_spec(&db, &run, "c").await["stdout"], json!("n=42!"));
+    let run = get(&db, failing).await;
+    assert_eq!(run.run.status, RunStatus::Failed);
+    assert_eq!(
+        statuses(&run),
+        BTreeMap::from([
+            ("build".into(), StepStatus::Failed),
+            ("test".into(), StepStatus::Skipped),
+            ("deploy".into(), StepStatus::Skipped),
+            ("report".into(), StepStatus::Succeeded),
+            ("cleanup".into(), StepStatus::Succeeded),
+        ])
+    );
+    let run = get(&db, fan).await;
+    assert_eq!(run.run.status, RunStatus::Succeeded, "{:?}", run.run.reason);
+    assert_eq!(
+        job_spec(&db, &run, "join").await["stdout"],
+        json!("last 49")
+    );
+    // b, c, one of report and cleanup (one end, one job taken: the other
+    // is leased as usual) and join went straight to the worker.
+    assert_eq!(taken, 4);
+    // Nothing was left for the advancer.
+    assert_eq!(db.flow_advance(&kinds(), T0 + 2).await.unwrap(), 0);
+}
+
+/// A next step goes to the worker that ended its predecessor only when no
+/// job it could run waited before it; otherwise it queues like any job.
+async fn handed_off_steps_wait_behind_older_work(db: Db) {
+    apply(
+        &db,
+        json!({"name": "pair", "steps": [
+            {"id": "a", "kind": "noop"},
+            {"id": "b", "kind": "noop", "depends_on": ["a"]},
+        ]}),
+    )
+    .await;
+    let handled = ["noop".to_string()];
+    let request = |now| kiln_db::LeaseRequest {
+        worker_id: "w1",
+        kinds: &handled,
+        limit: 10,
+        lease_ms: 60_000,
+        now,
+        tenant_running_max: None,
+    };
+    for waiting in ["same priority", "more urgent"] {
+        let run = start(&db, "pair", json!({})).await;
+        let a = db
+            .job_lease("w1", &handled, 1, 60_000, T0 + 1)
+            .await
+            .unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].run_id, Some(run.run.id));
+        let mut older = kiln_core::NewJob::new("acme", "noop", json!({}));
+        if waiting == "more urgent" {
+            older.priority = kiln_core::Priority::Critical;
+        }
+        let (older, _) = db.job_insert(&older, T0 + 1).await.unwrap();
+        let (completed, next) = db
+            .job_complete_advancing(
+                &[end_of(&a[0], T0 + 2)],
+                &kinds(),
+                Some(&request(T0 + 2)),
+                T0 + 2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(completed.applied, vec![a[0].id]);
+        assert!(next.is_empty(), "{waiting}: b was taken past an older job");
+        // b queued behind the older job, which is leased first.
+        let leased = db
+            .job_lease("w1", &handled, 10, 60_000, T0 + 3)
+            .await
+            .unwrap();
+        let ids: Vec<i64> = leased.iter().map(|j| j.id).collect();
+        assert_eq!(ids.len(), 2, "{waiting}");
+        assert_eq!(ids[0], older.id, "{waiting}");
+        assert_eq!(leased[1].run_id, Some(run.run.id), "{waiting}");
+        let done: Vec<Completion> = leased.iter().map(|j| end_of(j, T0 + 4)).collect();
+        let (_, next) = db
+            .job_complete_advancing(&done, &kinds(), Some(&request(T0 + 4)), T0 + 4)
+            .await
+            .unwrap();
+        assert!(next.is_empty());
+        assert_eq!(get(&db, run.run.id).await.run.status, RunStatus::Succeeded);
+    }
 }

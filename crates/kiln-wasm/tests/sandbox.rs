@@ -115,6 +115,7 @@ fn leased(tenant: &str, id: i64) -> kiln_core::LeasedJob {
         run_at: 0,
         created_at: 0,
         started_at: 0,
+        run_id: None,
     }
 }
 

@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use kiln_core::{decide_outcome, AttemptEnd, AttemptRecord, LeasedJob, Millis};
+use kiln_core::{decide_outcome, AttemptEnd, AttemptRecord, JobStatus, LeasedJob, Millis};
 use kiln_db::{Completion, Db, LeaseRequest, WorkerInfo};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +84,11 @@ pub struct WorkerConfig {
     /// Most jobs of one tenant running at once across the deployment
     /// (`TenantQuotas::jobs_running_max`); `None` for no quota.
     pub tenant_running_max: Option<u32>,
+    /// The job kinds (with their spec checks) pipeline steps are made
+    /// with. When set, a step job's end advances its run in the
+    /// transaction that records it, and a next step nothing waits ahead of
+    /// runs on this worker at once; when not, the advancer does both.
+    pub pipelines: Option<kiln_core::JobKinds>,
 }
 
 impl WorkerConfig {
@@ -99,6 +104,7 @@ impl WorkerConfig {
             rescue_every: Some(Duration::from_secs(1)),
             shutdown_grace: Duration::from_secs(10),
             tenant_running_max: Some(kiln_core::TenantQuotas::default().jobs_running_max),
+            pipelines: None,
         }
     }
 }
@@ -113,6 +119,8 @@ pub fn hostname() -> String {
 /// record (or handed back): the heartbeat extends exactly these.
 struct Running {
     attempt: i32,
+    /// A step of a pipeline run: its end advances the run.
+    step: bool,
     /// Fired by an API cancel request.
     cancel: CancellationToken,
     /// Fired when the heartbeat finds the lease taken back: the attempt's
@@ -137,6 +145,7 @@ impl RunningMap {
             job.id,
             Running {
                 attempt: job.attempt,
+                step: job.run_id.is_some(),
                 cancel: cancel.clone(),
                 lost: lost.clone(),
             },
@@ -150,6 +159,10 @@ impl RunningMap {
         if map.get(&id).is_some_and(|r| r.attempt == attempt) {
             map.remove(&id);
         }
+    }
+
+    fn is_step(&self, id: i64) -> bool {
+        self.lock().get(&id).is_some_and(|r| r.step)
     }
 
     fn held(&self) -> Vec<(i64, i32)> {
@@ -273,6 +286,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
         let (release_tx, release_rx) = mpsc::unbounded_channel::<(i64, i32)>();
+        let (handoff_tx, mut handoff_rx) = mpsc::unbounded_channel::<Handoff>();
         let slots = Arc::new(Semaphore::new(self.config.slots));
         let _ = self.control.0.slots.set(slots.clone());
         let mut draining = self.control.0.draining.subscribe();
@@ -287,7 +301,7 @@ impl Worker {
             handlers: self.handlers,
             config: self.config,
         };
-        let background = register(&shared, done_rx).await;
+        let background = register(&shared, done_rx, handoff_tx).await;
         let mut tasks = JoinSet::new();
         let wakeup = shared.db.wakeup();
         let mut failures = 0u32;
@@ -305,9 +319,13 @@ impl Worker {
             tokio::pin!(notified);
             notified.as_mut().enable();
             reap(&mut tasks);
+            while let Ok(handed) = handoff_rx.try_recv() {
+                start_with(&shared, &mut tasks, handed.job, handed.permit);
+            }
             let round = lease_round(
                 &shared,
                 &mut tasks,
+                &mut handoff_rx,
                 &shutdown,
                 &mut failures,
                 &mut got_full_batch,
@@ -319,6 +337,9 @@ impl Worker {
                 Round::Idle(idle_for) => {
                     tokio::select! {
                         _ = &mut notified => {}
+                        Some(handed) = handoff_rx.recv() => {
+                            start_with(&shared, &mut tasks, handed.job, handed.permit);
+                        }
                         _ = tokio::time::sleep(idle_for) => {}
                         _ = draining.changed() => {}
                         _ = shutdown.cancelled() => break,
@@ -326,12 +347,33 @@ impl Worker {
                 }
             }
         }
-        drain(shared, tasks, release_rx, background).await;
+        drain(shared, tasks, release_rx, handoff_rx, background).await;
     }
 }
 
+/// A next step leased by the completer for this worker, with the slot it
+/// runs in.
+struct Handoff {
+    job: LeasedJob,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What the completer needs to advance runs and take their next steps.
+struct Continuation {
+    kinds: kiln_core::JobKinds,
+    worker_id: String,
+    handled: Vec<String>,
+    lease_ms: i64,
+    slots: Arc<Semaphore>,
+    handoff: mpsc::UnboundedSender<Handoff>,
+}
+
 /// Records the worker and starts its completer, heartbeat and rescuer.
-async fn register(shared: &Shared, done_rx: mpsc::UnboundedReceiver<Completion>) -> Background {
+async fn register(
+    shared: &Shared,
+    done_rx: mpsc::UnboundedReceiver<Completion>,
+    handoff: mpsc::UnboundedSender<Handoff>,
+) -> Background {
     let config = &shared.config;
     let started_at = now_millis();
     let info = WorkerInfo {
@@ -353,6 +395,14 @@ async fn register(shared: &Shared, done_rx: mpsc::UnboundedReceiver<Completion>)
             done_rx,
             config.batch_max,
             shared.running.clone(),
+            config.pipelines.clone().map(|kinds| Continuation {
+                kinds,
+                worker_id: config.id.clone(),
+                handled: shared.kinds.clone(),
+                lease_ms: config.lease.as_millis().min(i64::MAX as u128) as i64,
+                slots: shared.slots.clone(),
+                handoff,
+            }),
         )),
         heartbeat: tokio::spawn(heartbeat_loop(
             shared.db.clone(),
@@ -382,6 +432,7 @@ fn reap(tasks: &mut JoinSet<()>) {
 async fn lease_round(
     shared: &Shared,
     tasks: &mut JoinSet<()>,
+    handoff: &mut mpsc::UnboundedReceiver<Handoff>,
     shutdown: &CancellationToken,
     failures: &mut u32,
     got_full_batch: &mut bool,
@@ -390,8 +441,11 @@ async fn lease_round(
     let slots = &shared.slots;
     let free = slots.available_permits().min(config.batch_max);
     if free == 0 {
+        // A handed-off step holds a slot of its own: it must start for
+        // slots to free up.
         tokio::select! {
             permit = slots.acquire() => drop(permit),
+            Some(handed) = handoff.recv() => start_with(shared, tasks, handed.job, handed.permit),
             _ = shutdown.cancelled() => return Round::Stop,
         }
         return Round::Full;
@@ -456,6 +510,15 @@ fn start(shared: &Shared, tasks: &mut JoinSet<()>, job: LeasedJob) {
         let _ = shared.release.send((job.id, job.attempt));
         return;
     };
+    start_with(shared, tasks, job, permit);
+}
+
+fn start_with(
+    shared: &Shared,
+    tasks: &mut JoinSet<()>,
+    job: LeasedJob,
+    permit: OwnedSemaphorePermit,
+) {
     let Some(handler) = shared.handlers.get(&job.kind) else {
         let _ = shared.release.send((job.id, job.attempt));
         return;
@@ -490,6 +553,7 @@ async fn drain(
     shared: Shared,
     mut tasks: JoinSet<()>,
     mut release_rx: mpsc::UnboundedReceiver<(i64, i32)>,
+    mut handoff_rx: mpsc::UnboundedReceiver<Handoff>,
     background: Background,
 ) {
     let Shared {
@@ -531,6 +595,20 @@ async fn drain(
     drop(done);
     // The heartbeat runs until the completer has written the last result.
     let _ = background.completer.await;
+    // Next steps the completer took meanwhile go back without an attempt.
+    handoff_rx.close();
+    let mut untaken = Vec::new();
+    while let Ok(handed) = handoff_rx.try_recv() {
+        untaken.push((handed.job.id, handed.job.attempt));
+    }
+    if !untaken.is_empty() {
+        if let Err(error) = db.job_release(&config.id, &untaken, now_millis()).await {
+            tracing::warn!(%error, "hand-back failed; leases will expire");
+        }
+        for (id, attempt) in untaken {
+            running.forget(id, attempt);
+        }
+    }
     background.stop.cancel();
     let _ = background.heartbeat.await;
     if let Some(rescuer) = background.rescuer {
@@ -709,6 +787,7 @@ async fn complete_loop(
     mut rx: mpsc::UnboundedReceiver<Completion>,
     batch_max: usize,
     running: RunningMap,
+    continuation: Option<Continuation>,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     while rx.recv_many(&mut batch, batch_max).await > 0 {
@@ -726,7 +805,16 @@ async fn complete_loop(
             }
         }
         batch.sort_by_key(|c| c.id);
-        write_results(&db, &batch).await;
+        // Step ends that move their run (a retry waits for its next try).
+        let steps = batch
+            .iter()
+            .filter(|c| c.status != JobStatus::Scheduled && running.is_step(c.id))
+            .count();
+        let steps = continuation
+            .as_ref()
+            .filter(|_| steps > 0)
+            .map(|c| (c, steps));
+        write_results(&db, &batch, steps).await;
         for completion in &batch {
             running.forget(completion.id, completion.attempt);
         }
@@ -738,11 +826,43 @@ async fn complete_loop(
     }
 }
 
-async fn write_results(db: &Db, batch: &[Completion]) {
+/// Writes a batch of results, retrying while the database is unavailable.
+/// With `steps` (step ends in the batch that move their run), their runs
+/// advance in the same transaction, and up to one next step per end (as
+/// many as slots are free) is leased to this worker and handed to its
+/// lease loop.
+async fn write_results(db: &Db, batch: &[Completion], steps: Option<(&Continuation, usize)>) {
     let mut failures = 0u32;
     loop {
-        match db.job_complete_many(batch).await {
-            Ok(completed) => {
+        let mut permits = Vec::new();
+        let written = match steps {
+            Some((continuation, steps)) => {
+                while permits.len() < steps {
+                    match continuation.slots.clone().try_acquire_owned() {
+                        Ok(permit) => permits.push(permit),
+                        Err(_) => break,
+                    }
+                }
+                let now = now_millis();
+                let request = LeaseRequest {
+                    worker_id: &continuation.worker_id,
+                    kinds: &continuation.handled,
+                    limit: permits.len() as i64,
+                    lease_ms: continuation.lease_ms,
+                    now,
+                    tenant_running_max: None,
+                };
+                db.job_complete_advancing(batch, &continuation.kinds, Some(&request), now)
+                    .await
+                    .map(|(completed, leased)| (completed, leased, Some(continuation)))
+            }
+            None => db
+                .job_complete_many(batch)
+                .await
+                .map(|completed| (completed, Vec::new(), None)),
+        };
+        match written {
+            Ok((completed, leased, continuation)) => {
                 tracing::trace!(n = batch.len(), "results written");
                 let stale = batch.len() - completed.applied.len() - completed.quarantined.len();
                 if stale > 0 {
@@ -751,6 +871,11 @@ async fn write_results(db: &Db, batch: &[Completion]) {
                 if !completed.quarantined.is_empty() {
                     metrics::counter!("kiln_results_quarantined_total")
                         .increment(completed.quarantined.len() as u64);
+                }
+                if let Some(continuation) = continuation {
+                    for (job, permit) in leased.into_iter().zip(permits) {
+                        let _ = continuation.handoff.send(Handoff { job, permit });
+                    }
                 }
                 return;
             }

@@ -313,6 +313,7 @@ fn worker(
     config.slots = slots;
     config.batch_max = slots.clamp(1, 5_000);
     config.rescue_every = None;
+    config.pipelines = Some(kiln_api::builtin_kinds());
     let stop = CancellationToken::new();
     let task = tokio::spawn(Worker::new(db.clone(), handlers, config).run(stop.clone()));
     (stop, task)

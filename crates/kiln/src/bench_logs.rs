@@ -59,6 +59,7 @@ fn leased(id: i64, spec: serde_json::Value) -> LeasedJob {
         run_at: now,
         created_at: now,
         started_at: now,
+        run_id: None,
     }
 }
 

@@ -528,6 +528,7 @@ fn worker(
     config.lease = Duration::from_millis(settings.lease_ms);
     config.heartbeat_every = (config.lease / 4).min(Duration::from_millis(500));
     config.tenant_running_max = Some(settings.quotas.jobs_running_max);
+    config.pipelines = Some(kiln_api::builtin_kinds());
     let mut handlers = Handlers::new()
         .with("wasm", Arc::new(WasmHandler(wasm)))
         .with("noop", Arc::new(NoopHandler))

@@ -97,6 +97,7 @@ async fn harness_with(db: Db, root: PathBuf, blobs: BlobStore) -> Harness {
     let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("w"));
     config.slots = 32;
     config.poll_every = Duration::from_millis(200);
+    config.pipelines = Some(kiln_api::builtin_kinds());
     let handlers = Handlers::new()
         .with("wasm", Arc::new(WasmHandler(wasm.clone())))
         .with("noop", Arc::new(NoopHandler))
@@ -291,6 +292,7 @@ impl Harness {
         let mut config = WorkerConfig::new(&kiln_db::testing::unique_name("vm-w"));
         config.slots = 4;
         config.poll_every = Duration::from_millis(200);
+        config.pipelines = Some(kiln_api::builtin_kinds());
         let handlers = kiln_vm::job::register(Handlers::new(), &vms, &self.state.blobs);
         self.flow.push(tokio::spawn(
             Worker::new(self.db.clone(), handlers, config).run(self.stop.clone()),

@@ -358,6 +358,24 @@ pub(crate) trait FlowTx: Send {
     async fn take_outbox(&mut self, run: Option<i64>, limit: i64)
         -> DbResult<Vec<(i64, i64, i64)>>;
     async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()>;
+    /// A statement without arguments (savepoints).
+    async fn exec(&mut self, sql: &'static str) -> DbResult<()>;
+    /// Writes attempt ends in this transaction; the ids written come back.
+    async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>>;
+    /// The outbox rows of these jobs, locked for this transaction.
+    async fn outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>>;
+    /// The run row, locked, unless another transaction holds it: then
+    /// `None` at once, never a wait.
+    async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>>;
+    /// Leases those of `ids` that are ready and that nothing waits ahead
+    /// of (no job of the request's kinds at the same or a more urgent
+    /// priority waiting since before `request.now`), in queues without
+    /// settings.
+    async fn lease_ready(
+        &mut self,
+        ids: &[i64],
+        request: &crate::lease::LeaseRequest<'_>,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>>;
     async fn definition(
         &mut self,
         tenant: &str,
@@ -467,6 +485,8 @@ struct Advance<'a> {
     now: Millis,
     /// Jobs were inserted: workers should look.
     made_jobs: bool,
+    /// The step jobs this advance inserted, in order.
+    new_jobs: Vec<i64>,
     run_changed: bool,
     /// Which steps' states were read. An advance after a step job ends reads
     /// only the steps it can move (the ended steps, their dependants and
@@ -788,6 +808,7 @@ impl Advance<'_> {
             });
         }
         let ids = tx.insert_jobs(&jobs, Some(self.run.id), self.now).await?;
+        self.new_jobs.extend(&ids);
         for (row, id) in rows.iter_mut().zip(ids) {
             row.job_id = Some(id);
         }
@@ -1042,6 +1063,7 @@ async fn new_advance<'a>(
         denied: None,
         now,
         made_jobs: false,
+        new_jobs: Vec::new(),
         run_changed: false,
         known: vec![false; n],
     })
@@ -1298,6 +1320,72 @@ impl Db {
     /// store refuses (a run whose state cannot be read, say) is retried run
     /// by run, and a run that still fails ends `failed` with the reason, so
     /// one bad run never holds up the others.
+    /// [`Db::job_complete_many`] for a worker that runs pipeline steps: in
+    /// the transaction that records the ends, the runs of the step jobs
+    /// that ended advance (each run whose row no other transaction holds;
+    /// the rest stay in the outbox for the advancer), and up to
+    /// `lease.limit` of the step jobs those advances make are leased to the
+    /// caller when nothing waits ahead of them. A chain of steps then costs
+    /// one transaction per step instead of three. Should advancing fail,
+    /// the ends are still recorded and the outbox keeps them.
+    pub async fn job_complete_advancing(
+        &self,
+        done: &[crate::Completion],
+        kinds: &JobKinds,
+        lease: Option<&crate::LeaseRequest<'_>>,
+        now: Millis,
+    ) -> DbResult<(crate::Completed, Vec<kiln_core::LeasedJob>)> {
+        if done.is_empty() {
+            return Ok(Default::default());
+        }
+        let mut sorted = done.to_vec();
+        sorted.sort_by_key(|c| c.id);
+        let mut tx = self.flow_tx(true).await?;
+        let applied = match tx.complete_jobs(&sorted).await {
+            Ok(applied) => applied,
+            Err(error) if error.is_unavailable() => return Err(error),
+            // A refused batch goes the way that writes row by row.
+            Err(_) => {
+                drop(tx);
+                return Ok((self.job_complete_many(&sorted).await?, Vec::new()));
+            }
+        };
+        tx.exec("SAVEPOINT kiln_advance").await?;
+        let inline = match advance_inline(tx.as_mut(), self.defs(), kinds, &applied, lease, now)
+            .await
+        {
+            Ok(inline) => {
+                tx.exec("RELEASE SAVEPOINT kiln_advance").await?;
+                inline
+            }
+            Err(error) if error.is_unavailable() => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, "advancing runs with their step ends failed; the advancer takes them");
+                tx.exec("ROLLBACK TO SAVEPOINT kiln_advance").await?;
+                Inline {
+                    left: true,
+                    ..Default::default()
+                }
+            }
+        };
+        tx.commit().await?;
+        self.fire_watchers(&applied);
+        if inline.left {
+            self.flow_wakeup().notify_waiters();
+        }
+        self.events_written();
+        if inline.unleased || sorted.iter().any(|c| c.status == JobStatus::Scheduled) {
+            self.wakeup().notify_waiters();
+        }
+        Ok((
+            crate::Completed {
+                applied,
+                quarantined: Vec::new(),
+            },
+            inline.leased,
+        ))
+    }
+
     pub async fn flow_advance(&self, kinds: &JobKinds, now: Millis) -> DbResult<usize> {
         match self.flow_advance_batch(kinds, now, None).await {
             Err(error) if !error.is_unavailable() => {
@@ -1723,6 +1811,80 @@ async fn advance_run(
     let Some(run) = tx.lock_run(run_id).await? else {
         return Ok(false);
     };
+    Ok(advance_locked(tx, cache, kinds, run, job_ids, now).await?.0)
+}
+
+/// What advancing runs in a completion's transaction did.
+#[derive(Default)]
+struct Inline {
+    leased: Vec<kiln_core::LeasedJob>,
+    /// Step ends stay in the outbox (a run another transaction held).
+    left: bool,
+    /// Jobs were made that this worker did not lease.
+    unleased: bool,
+}
+
+async fn advance_inline(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    kinds: &JobKinds,
+    applied: &[i64],
+    lease: Option<&crate::LeaseRequest<'_>>,
+    now: Millis,
+) -> DbResult<Inline> {
+    let mut out = Inline::default();
+    let rows = tx.outbox_of_jobs(applied).await?;
+    if rows.is_empty() {
+        return Ok(out);
+    }
+    let mut by_run: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
+    for (id, run_id, job_id) in rows {
+        by_run.entry(run_id).or_default().push((id, job_id));
+    }
+    let mut taken = Vec::new();
+    let mut fresh = Vec::new();
+    for (run_id, ends) in by_run {
+        // Never waits for a run: one held elsewhere is the advancer's.
+        let Some(run) = tx.try_lock_run(run_id).await? else {
+            out.left = true;
+            continue;
+        };
+        let jobs: Vec<i64> = ends.iter().map(|e| e.1).collect();
+        let (made, new) = advance_locked(tx, cache, kinds, run, &jobs, now).await?;
+        // No more than ended here: the run's tenant keeps its running count.
+        fresh.extend(new.iter().take(jobs.len()));
+        // Jobs this worker will not be offered: more than ended, or the
+        // first steps of a queued run the end let start.
+        out.unleased |= made && (new.len() > jobs.len() || new.is_empty());
+        taken.extend(ends.iter().map(|e| e.0));
+    }
+    if !taken.is_empty() {
+        tx.delete_outbox(&taken).await?;
+    }
+    let offered = fresh.len();
+    if let Some(request) = lease.filter(|r| r.limit > 0 && !fresh.is_empty()) {
+        fresh.truncate(request.limit as usize);
+        let request = crate::LeaseRequest {
+            now,
+            ..request.clone()
+        };
+        out.leased = tx.lease_ready(&fresh, &request).await?;
+    }
+    out.unleased |= out.leased.len() < offered;
+    Ok(out)
+}
+
+/// [`advance_run`] on a run row this transaction has locked; also returns
+/// the step jobs it inserted.
+async fn advance_locked(
+    tx: &mut dyn FlowTx,
+    cache: &DefCache,
+    kinds: &JobKinds,
+    run: RunRecord,
+    job_ids: &[i64],
+    now: Millis,
+) -> DbResult<(bool, Vec<i64>)> {
+    let run_id = run.id;
     let tenant = run.tenant.clone();
     let ended: HashMap<i64, JobEnd> = tx
         .job_ends(run_id, job_ids)
@@ -1787,11 +1949,12 @@ async fn advance_run(
         advance.run.pipeline.clone(),
         advance.checked.def.concurrency,
     );
+    let new_jobs = std::mem::take(&mut advance.new_jobs);
     let mut made = advance.write(tx).await?;
     if finished {
         made |= promote_queued(tx, cache, kinds, &tenant, &pipeline, concurrency, now).await?;
     }
-    Ok(made)
+    Ok((made, new_jobs))
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -371,6 +371,75 @@ impl FlowTx for PgFlowTx {
         Ok(())
     }
 
+    async fn exec(&mut self, sql: &'static str) -> DbResult<()> {
+        sqlx::query(sql).execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>> {
+        Ok(crate::postgres::complete_on(&mut *self.tx, done).await?)
+    }
+
+    async fn outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, run_id, job_id FROM flow_outbox WHERE job_id = ANY($1) \
+             ORDER BY id FOR UPDATE SKIP LOCKED",
+        )
+        .bind(job_ids)
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
+    async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
+        let row: Option<RunRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(RunRecord::try_from).transpose()
+    }
+
+    async fn lease_ready(
+        &mut self,
+        ids: &[i64],
+        request: &crate::lease::LeaseRequest<'_>,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>> {
+        // "Waiting ahead" is probed per (kind, priority) on the fetch
+        // index: its first entry older than now, one index descent each.
+        let rows: Vec<crate::rows::LeasedRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET {} WHERE id = ANY($4) AND status = 'queued' AND NOT held \
+             AND run_at <= $2 AND kind = ANY($5) \
+             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant \
+               AND q.name = jobs.queue AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
+             AND NOT EXISTS (SELECT 1 FROM unnest($5::text[]) AS k(kind) \
+               CROSS JOIN generate_series(0, jobs.priority) AS p(priority) \
+               CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
+                 AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
+                 AND NOT w.held AND w.run_at < $2 LIMIT 1) x) \
+             RETURNING {}",
+            crate::lease::LEASE_SET,
+            crate::rows::LEASED_COLUMNS
+        ))
+        .bind(request.worker_id)
+        .bind(request.now)
+        .bind(request.lease_until())
+        .bind(ids)
+        .bind(request.kinds)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let (jobs, unreadable) = crate::lease::decode(rows);
+        for (id, error) in unreadable {
+            sqlx::query(crate::lease::FAIL_UNREADABLE)
+                .bind(request.now)
+                .bind(error)
+                .bind(id)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(jobs)
+    }
+
     async fn definition(
         &mut self,
         tenant: &str,

@@ -357,6 +357,71 @@ impl FlowTx for SqliteFlowTx {
         Ok(())
     }
 
+    async fn exec(&mut self, sql: &'static str) -> DbResult<()> {
+        sqlx::query(sql).execute(&mut *self.tx).await?;
+        Ok(())
+    }
+
+    async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>> {
+        Ok(crate::sqlite::complete_on(&mut self.tx, done).await?)
+    }
+
+    async fn outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, run_id, job_id FROM flow_outbox \
+             WHERE job_id IN (SELECT value FROM json_each(?)) ORDER BY id",
+        )
+        .bind(ids_json(job_ids))
+        .fetch_all(&mut *self.tx)
+        .await?)
+    }
+
+    async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
+        // One writer: a write transaction holds every row already.
+        self.lock_run(id).await
+    }
+
+    async fn lease_ready(
+        &mut self,
+        ids: &[i64],
+        request: &crate::lease::LeaseRequest<'_>,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>> {
+        // "Waiting ahead" is probed per (kind, priority) on the fetch
+        // index, so it costs one index descent each, never a scan.
+        let rows: Vec<crate::rows::LeasedRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET {} WHERE id IN (SELECT value FROM json_each(?4)) \
+             AND status = 'queued' AND NOT held AND run_at <= ?2 \
+             AND kind IN (SELECT value FROM json_each(?5)) \
+             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant \
+               AND q.name = jobs.queue AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
+             AND NOT EXISTS (SELECT 1 FROM json_each(?5) k, \
+               (SELECT 0 AS pr UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3) p \
+               WHERE p.pr <= jobs.priority AND EXISTS (SELECT 1 FROM jobs w INDEXED BY jobs_fetch \
+                 WHERE w.kind = k.value AND w.priority = p.pr \
+                 AND w.status IN ('queued','scheduled') AND NOT w.held AND w.run_at < ?2)) \
+             RETURNING {}",
+            crate::lease::LEASE_SET.replace('$', "?"),
+            crate::rows::LEASED_COLUMNS
+        ))
+        .bind(request.worker_id)
+        .bind(request.now)
+        .bind(request.lease_until())
+        .bind(ids_json(ids))
+        .bind(serde_json::to_string(request.kinds).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let (jobs, unreadable) = crate::lease::decode(rows);
+        for (id, error) in unreadable {
+            sqlx::query(&crate::lease::FAIL_UNREADABLE.replace('$', "?"))
+                .bind(request.now)
+                .bind(error)
+                .bind(id)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(jobs)
+    }
+
     async fn definition(
         &mut self,
         tenant: &str,
