@@ -1315,11 +1315,6 @@ impl Db {
         dispatch_flow!(self, s => s.run_list(tenant, filter).await)
     }
 
-    /// Consumes step ends from the outbox and advances their runs, one
-    /// transaction per batch. Returns how many ends were taken. A batch the
-    /// store refuses (a run whose state cannot be read, say) is retried run
-    /// by run, and a run that still fails ends `failed` with the reason, so
-    /// one bad run never holds up the others.
     /// [`Db::job_complete_many`] for a worker that runs pipeline steps: in
     /// the transaction that records the ends, the runs of the step jobs
     /// that ended advance (each run whose row no other transaction holds;
@@ -1386,6 +1381,11 @@ impl Db {
         ))
     }
 
+    /// Consumes step ends from the outbox and advances their runs, one
+    /// transaction per batch. Returns how many ends were taken. A batch the
+    /// store refuses (a run whose state cannot be read, say) is retried run
+    /// by run, and a run that still fails ends `failed` with the reason, so
+    /// one bad run never holds up the others.
     pub async fn flow_advance(&self, kinds: &JobKinds, now: Millis) -> DbResult<usize> {
         match self.flow_advance_batch(kinds, now, None).await {
             Err(error) if !error.is_unavailable() => {
