@@ -11,7 +11,9 @@
 //! so a slow file never holds up a kill or a ping.
 
 mod exec;
+mod fs;
 mod pool;
+mod users;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -142,13 +144,14 @@ fn handle(agent: &Arc<Agent>, request: Request, body: Vec<u8>) {
         Request::Exec(request) => exec::start(agent, request, body),
         Request::Stdin { id, eof } => exec::stdin(agent, id, body, eof),
         Request::Kill { id, signal } => exec::kill(agent, id, signal),
-        Request::WriteFile { id, path, mode } => {
-            let agent = agent.clone();
-            pool::run(move || match write_file(&path, mode, &body) {
-                Ok(()) => agent.send(&Response::Done { id }, b""),
-                Err(e) => agent.send_error(Some(id), ErrorKind::of(&e), format!("{path}: {e}")),
-            });
-        }
+        Request::WriteFile {
+            id,
+            path,
+            mode,
+            user,
+        } => on_pool(agent, id, move || {
+            fs::write_file(&path, mode, user.as_deref(), &body)
+        }),
         Request::RemoveFile { id, path } => {
             let agent = agent.clone();
             pool::run(move || match remove_file(&path) {
@@ -156,6 +159,37 @@ fn handle(agent: &Arc<Agent>, request: Request, body: Vec<u8>) {
                 Err(e) => agent.send_error(Some(id), ErrorKind::of(&e), format!("{path}: {e}")),
             });
         }
+        Request::Stat { id, path, user } => {
+            entries_on_pool(agent, id, move || fs::stat(&path, user.as_deref()))
+        }
+        Request::ListDir {
+            id,
+            path,
+            depth,
+            user,
+        } => entries_on_pool(agent, id, move || {
+            fs::list_dir(&path, depth, user.as_deref())
+        }),
+        Request::MakeDir { id, path, user } => {
+            entries_on_pool(agent, id, move || fs::make_dir(&path, user.as_deref()))
+        }
+        Request::Move {
+            id,
+            source,
+            destination,
+            user,
+        } => entries_on_pool(agent, id, move || {
+            fs::rename(&source, &destination, user.as_deref())
+        }),
+        Request::Remove { id, path, user } => {
+            on_pool(agent, id, move || fs::remove(&path, user.as_deref()))
+        }
+        Request::Resize {
+            id,
+            exec,
+            cols,
+            rows,
+        } => exec::resize(agent, id, exec, cols, rows),
         Request::ReadFile { id, path } => {
             let agent = agent.clone();
             pool::run(move || match read_file(&path) {
@@ -178,23 +212,32 @@ fn handle(agent: &Arc<Agent>, request: Request, body: Vec<u8>) {
     }
 }
 
-fn write_file(path: &str, mode: Option<u32>, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if let Some(parent) = std::path::Path::new(path).parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    if let Some(mode) = mode {
-        options.mode(mode);
-    }
-    let mut file = options.open(path)?;
-    // A file that existed keeps its old mode through open: set it before
-    // the contents go in (secrets are written 0400).
-    if let Some(mode) = mode {
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    }
-    file.write_all(data)
+/// Runs a file request on a pooled thread, answered by `Done`.
+fn on_pool(
+    agent: &Arc<Agent>,
+    id: u64,
+    job: impl FnOnce() -> Result<(), fs::Failure> + Send + 'static,
+) {
+    let agent = agent.clone();
+    pool::run(move || match job() {
+        Ok(()) => agent.send(&Response::Done { id }, b""),
+        Err((kind, message)) => agent.send_error(Some(id), kind, message),
+    });
+}
+
+/// Runs a file request on a pooled thread, answered by `Entries`.
+fn entries_on_pool(
+    agent: &Arc<Agent>,
+    id: u64,
+    job: impl FnOnce() -> Result<Vec<kiln_proto::Entry>, fs::Failure> + Send + 'static,
+) {
+    let agent = agent.clone();
+    pool::run(
+        move || match job().and_then(|entries| fs::encode_entries(&entries)) {
+            Ok(body) => agent.send(&Response::Entries { id }, &body),
+            Err((kind, message)) => agent.send_error(Some(id), kind, message),
+        },
+    );
 }
 
 fn remove_file(path: &str) -> std::io::Result<()> {

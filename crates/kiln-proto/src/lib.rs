@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 pub const HEADER_MAX: usize = 64 << 10;
 pub const BODY_MAX: usize = 16 << 20;
 /// Output is streamed in chunks of at most this many bytes.
@@ -29,6 +29,8 @@ pub const CHUNK: usize = 64 << 10;
 pub const ENTROPY_MAX: usize = 4096;
 /// Length of the fixed prefix of every frame.
 pub const PREFIX: usize = 9;
+/// The most entries one [`Request::ListDir`] answers with.
+pub const LIST_MAX: usize = 100_000;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -50,11 +52,14 @@ pub enum Request {
         signal: i32,
     },
     /// Writes the body to `path`, creating parent directories; with a
-    /// `mode`, the file has it before any byte is written.
+    /// `mode`, the file has it before any byte is written. With a `user`,
+    /// a relative path is under their home and what is created is theirs.
     WriteFile {
         id: u64,
         path: String,
         mode: Option<u32>,
+        #[serde(default)]
+        user: Option<String>,
     },
     ReadFile {
         id: u64,
@@ -64,6 +69,58 @@ pub enum Request {
     RemoveFile {
         id: u64,
         path: String,
+    },
+    /// The [`Entry`] of `path` itself (a symlink is not followed).
+    /// Answered by `Entries` with one entry. In this and the requests
+    /// below, a relative path is under the home of `user`, or `/`.
+    Stat {
+        id: u64,
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// What is under the directory `path`, `depth` levels down (0 is 1),
+    /// without `path` itself and without following symlinks; at most
+    /// [`LIST_MAX`] entries.
+    ListDir {
+        id: u64,
+        path: String,
+        depth: u32,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// Creates a directory and its parents (the user's, with a `user`);
+    /// `Exists` when it is there already. Answered by its entry.
+    MakeDir {
+        id: u64,
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// Renames `source` to `destination`, creating the destination's
+    /// parents. Answered by the destination's entry.
+    Move {
+        id: u64,
+        source: String,
+        destination: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// Removes `path`, a directory with all it holds (symlinks are removed,
+    /// not followed); `NotFound` when there is nothing.
+    Remove {
+        id: u64,
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// Resizes the PTY of running exec `exec`. Its own `id`, since an
+    /// answer under the exec's id would go to the exec's stream.
+    Resize {
+        id: u64,
+        exec: u64,
+        cols: u16,
+        rows: u16,
     },
     /// Credits the body (host random bytes) to the guest's entropy pool and
     /// reseeds its CRNG at once, so clones of one snapshot part ways.
@@ -94,6 +151,53 @@ pub struct Exec {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub stdin_open: bool,
+    /// Runs as this user of the guest's /etc/passwd (with their groups,
+    /// HOME, USER and LOGNAME, and their home as the default cwd); root
+    /// when none.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Runs on a new PTY of this size, in a session of its own: its output
+    /// comes as `Stdout` only, and stdin goes to the terminal.
+    #[serde(default)]
+    pub pty: Option<PtySize>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// One file, directory or link, as `Stat`, `ListDir`, `MakeDir` and
+/// `Move` describe it (a JSON array of these is the body of `Entries`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: String,
+    pub path: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    /// Permission bits only (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Names from the guest's /etc/passwd and /etc/group; the number when
+    /// there is none.
+    pub owner: String,
+    pub group: String,
+    /// Last modification, in nanoseconds since the Unix epoch.
+    pub modified_ns: i64,
+    /// Where a symlink points (it is not followed).
+    pub symlink_target: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -127,6 +231,10 @@ pub enum Response {
     Done {
         id: u64,
     },
+    /// The body holds a JSON array of [`Entry`].
+    Entries {
+        id: u64,
+    },
     /// Request `id` failed; no id when the frame could not be read.
     Error {
         id: Option<u64>,
@@ -142,6 +250,8 @@ pub enum Response {
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     NotFound,
+    /// The path to create is there already.
+    Exists,
     Denied,
     TooLarge,
     Invalid,
@@ -154,6 +264,7 @@ impl ErrorKind {
     pub fn of(error: &std::io::Error) -> ErrorKind {
         match error.kind() {
             std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::AlreadyExists => ErrorKind::Exists,
             std::io::ErrorKind::PermissionDenied => ErrorKind::Denied,
             std::io::ErrorKind::InvalidInput => ErrorKind::Invalid,
             _ => ErrorKind::Other,
@@ -170,7 +281,8 @@ impl Response {
             | Response::Stderr { id }
             | Response::Exited { id, .. }
             | Response::FileData { id }
-            | Response::Done { id } => Some(*id),
+            | Response::Done { id }
+            | Response::Entries { id } => Some(*id),
             Response::Error { id, .. } => *id,
         }
     }
@@ -195,7 +307,7 @@ impl Message for Response {
     fn body_max(&self) -> usize {
         match self {
             Response::Stdout { .. } | Response::Stderr { .. } => CHUNK,
-            Response::FileData { .. } => BODY_MAX,
+            Response::FileData { .. } | Response::Entries { .. } => BODY_MAX,
             _ => 0,
         }
     }
@@ -358,9 +470,137 @@ mod tests {
                 id: 2,
                 path: "/tmp/x".into(),
                 mode: Some(0o600),
+                user: None,
             },
             &vec![42u8; 1 << 20],
         );
+    }
+
+    #[test]
+    fn file_and_terminal_requests_round_trip() {
+        let user = || Some("user".to_string());
+        round_trip(
+            Request::Exec(Exec {
+                id: 3,
+                command: "bash".into(),
+                stdin_open: true,
+                user: user(),
+                pty: Some(PtySize { cols: 80, rows: 24 }),
+                ..Exec::default()
+            }),
+            b"",
+        );
+        for request in [
+            Request::Stat {
+                id: 1,
+                path: "a/b".into(),
+                user: user(),
+            },
+            Request::ListDir {
+                id: 2,
+                path: "/".into(),
+                depth: 3,
+                user: None,
+            },
+            Request::MakeDir {
+                id: 3,
+                path: "new".into(),
+                user: user(),
+            },
+            Request::Move {
+                id: 4,
+                source: "x".into(),
+                destination: "/y/z".into(),
+                user: None,
+            },
+            Request::Remove {
+                id: 5,
+                path: "/tmp/gone".into(),
+                user: user(),
+            },
+            Request::Resize {
+                id: 6,
+                exec: 3,
+                cols: 120,
+                rows: 40,
+            },
+        ] {
+            round_trip(request, b"");
+        }
+        round_trip(
+            Request::WriteFile {
+                id: 7,
+                path: "notes.txt".into(),
+                mode: None,
+                user: user(),
+            },
+            b"hello",
+        );
+        // Fields added in this version may be left out.
+        let old = br#"{"type":"write_file","id":8,"path":"/x","mode":null}"#;
+        let request: Request = serde_json::from_slice(old).unwrap();
+        assert!(matches!(request, Request::WriteFile { user: None, .. }));
+        let old = br#"{"type":"exec","id":9,"command":"true","cwd":null,"timeout_ms":null}"#;
+        let request: Request = serde_json::from_slice(old).unwrap();
+        assert!(matches!(
+            request,
+            Request::Exec(Exec {
+                user: None,
+                pty: None,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn entries_come_in_the_body() {
+        let entries = vec![
+            Entry {
+                name: "link".into(),
+                path: "/home/user/link".into(),
+                kind: EntryKind::Symlink,
+                size: 7,
+                mode: 0o777,
+                uid: 1000,
+                gid: 1000,
+                owner: "user".into(),
+                group: "1000".into(),
+                modified_ns: -5,
+                symlink_target: Some("target".into()),
+            },
+            Entry {
+                name: "dir".into(),
+                path: "/home/user/dir".into(),
+                kind: EntryKind::Dir,
+                size: 4096,
+                mode: 0o1755,
+                uid: 0,
+                gid: 0,
+                owner: "root".into(),
+                group: "root".into(),
+                modified_ns: 1_700_000_000_000_000_000,
+                symlink_target: None,
+            },
+        ];
+        let body = serde_json::to_vec(&entries).unwrap();
+        assert!(String::from_utf8_lossy(&body).contains(r#""kind":"symlink""#));
+        let bytes = encode(&Response::Entries { id: 4 }, &body).unwrap();
+        let (response, got): (Response, Vec<u8>) = read_frame(&mut bytes.as_slice()).unwrap();
+        assert_eq!(response, Response::Entries { id: 4 });
+        assert_eq!(response.id(), Some(4));
+        let back: Vec<Entry> = serde_json::from_slice(&got).unwrap();
+        assert_eq!(back, entries);
+        let exists = Response::Error {
+            id: Some(5),
+            kind: ErrorKind::of(&std::io::Error::from(std::io::ErrorKind::AlreadyExists)),
+            message: "there".into(),
+        };
+        let bytes = encode(&exists, b"").unwrap();
+        let (back, _): (Response, Vec<u8>) = read_frame(&mut bytes.as_slice()).unwrap();
+        assert_eq!(back, exists);
+        assert!(serde_json::to_string(&exists)
+            .unwrap()
+            .contains(r#""kind":"exists""#));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use kiln_core::redact::{RedactStream, Redactor};
 pub use kiln_proto::ErrorKind;
-use kiln_proto::{encode, read_frame_async, Exec, Request, Response};
+use kiln_proto::{encode, read_frame_async, Entry, Exec, Request, Response};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -42,6 +42,9 @@ const EXEC_GRACE: Duration = Duration::from_secs(10);
 pub const OUTPUT_CAP: usize = 1 << 20;
 /// Signals a guest may report (Linux has 64).
 const SIGNAL_MAX: i32 = 64;
+/// How long a file request may take (10 MiB files, listings of
+/// [`kiln_proto::LIST_MAX`] entries).
+const FILE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -359,23 +362,123 @@ impl AgentConn {
         data: &[u8],
         mode: Option<u32>,
     ) -> Result<(), AgentError> {
+        self.write_file_as(path, data, mode, None).await
+    }
+
+    /// Writes a file as [`AgentConn::write_file`]; with a `user`, a
+    /// relative path is under their home, and the file (and any parent
+    /// made for it) is theirs.
+    pub async fn write_file_as(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: Option<u32>,
+        user: Option<&str>,
+    ) -> Result<(), AgentError> {
         let path = path.to_string();
+        let user = user.map(str::to_string);
         self.command(
-            |id| Request::WriteFile { id, path, mode },
+            |id| Request::WriteFile {
+                id,
+                path,
+                mode,
+                user,
+            },
             data,
-            Duration::from_secs(60),
+            FILE_TIMEOUT,
         )
         .await
+    }
+
+    /// A request answered by `Entries`.
+    async fn entries(
+        &self,
+        request: impl FnOnce(u64) -> Request,
+    ) -> Result<Vec<Entry>, AgentError> {
+        match self.control(request, b"", FILE_TIMEOUT).await? {
+            // The body is at most a frame's, so this parse is bounded too.
+            (Response::Entries { .. }, body) => serde_json::from_slice(&body)
+                .map_err(|e| AgentError::Protocol(format!("bad entries: {e}"))),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+
+    /// A request answered by exactly one entry.
+    async fn entry(&self, request: impl FnOnce(u64) -> Request) -> Result<Entry, AgentError> {
+        let mut entries = self.entries(request).await?;
+        match (entries.pop(), entries.is_empty()) {
+            (Some(entry), true) => Ok(entry),
+            _ => Err(AgentError::Protocol(
+                "expected exactly one entry".to_string(),
+            )),
+        }
+    }
+
+    /// The entry of `path` (a symlink is described, not followed). In this
+    /// and the calls below, a relative path is under the home of `user`
+    /// (or `/`), and what is created is that user's.
+    pub async fn stat(&self, path: &str, user: Option<&str>) -> Result<Entry, AgentError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.entry(|id| Request::Stat { id, path, user }).await
+    }
+
+    /// What is under the directory `path`, `depth` levels down (0 is 1),
+    /// sorted by path, symlinks not followed. `NotFound` when it is
+    /// missing, `Invalid` when it is not a directory, `TooLarge` past
+    /// [`kiln_proto::LIST_MAX`] entries.
+    pub async fn list_dir(
+        &self,
+        path: &str,
+        depth: u32,
+        user: Option<&str>,
+    ) -> Result<Vec<Entry>, AgentError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.entries(|id| Request::ListDir {
+            id,
+            path,
+            depth,
+            user,
+        })
+        .await
+    }
+
+    /// Creates a directory and its parents; `Exists` when it is there.
+    pub async fn make_dir(&self, path: &str, user: Option<&str>) -> Result<Entry, AgentError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.entry(|id| Request::MakeDir { id, path, user }).await
+    }
+
+    /// Renames `source` to `destination` (making its parents); the
+    /// destination's entry.
+    pub async fn rename(
+        &self,
+        source: &str,
+        destination: &str,
+        user: Option<&str>,
+    ) -> Result<Entry, AgentError> {
+        let (source, destination) = (source.to_string(), destination.to_string());
+        let user = user.map(str::to_string);
+        self.entry(|id| Request::Move {
+            id,
+            source,
+            destination,
+            user,
+        })
+        .await
+    }
+
+    /// Removes `path`, a directory with all under it; `NotFound` when
+    /// there is nothing.
+    pub async fn remove_all(&self, path: &str, user: Option<&str>) -> Result<(), AgentError> {
+        let (path, user) = (path.to_string(), user.map(str::to_string));
+        self.command(|id| Request::Remove { id, path, user }, b"", FILE_TIMEOUT)
+            .await
     }
 
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
         let path = path.to_string();
         match self
-            .control(
-                |id| Request::ReadFile { id, path },
-                b"",
-                Duration::from_secs(60),
-            )
+            .control(|id| Request::ReadFile { id, path }, b"", FILE_TIMEOUT)
             .await?
         {
             (Response::FileData { .. }, body) => Ok(body),
@@ -386,12 +489,8 @@ impl AgentConn {
     /// Removes a file; done also when there is none.
     pub async fn remove_file(&self, path: &str) -> Result<(), AgentError> {
         let path = path.to_string();
-        self.command(
-            |id| Request::RemoveFile { id, path },
-            b"",
-            Duration::from_secs(60),
-        )
-        .await
+        self.command(|id| Request::RemoveFile { id, path }, b"", FILE_TIMEOUT)
+            .await
     }
 
     /// Writes each secret to `/run/secrets/<name>`, mode 0400, and holds
@@ -752,7 +851,43 @@ impl ExecStream {
         }
     }
 
+    /// The way to this exec's stdin, signals and terminal from other tasks
+    /// (while the stream is read in one).
+    pub fn control(&self) -> ExecControl {
+        ExecControl {
+            conn: self.conn.clone(),
+            id: self.id,
+        }
+    }
+
     /// More stdin (for an exec started with `stdin_open`); `eof` closes it.
+    pub async fn send_stdin(&self, data: &[u8], eof: bool) -> Result<(), AgentError> {
+        self.control().send_stdin(data, eof).await
+    }
+
+    /// Signals the command's process group.
+    pub async fn kill(&self, signal: i32) -> Result<(), AgentError> {
+        self.control().kill(signal).await
+    }
+}
+
+/// Clonable: sends stdin, signals and PTY resizes to a running exec from
+/// any task. Sent after the exec's end, they reach nothing (a resize is
+/// answered `NotFound`).
+#[derive(Clone)]
+pub struct ExecControl {
+    conn: AgentConn,
+    id: u64,
+}
+
+impl ExecControl {
+    /// The exec's id on its connection.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// More stdin (for an exec started with `stdin_open`); `eof` closes it
+    /// (on a PTY, only stops the writing: the terminal stays).
     pub async fn send_stdin(&self, data: &[u8], eof: bool) -> Result<(), AgentError> {
         self.conn
             .send(&Request::Stdin { id: self.id, eof }, data)
@@ -768,6 +903,23 @@ impl ExecStream {
                     signal,
                 },
                 b"",
+            )
+            .await
+    }
+
+    /// Resizes the exec's PTY; `NotFound` when it has none (or has ended).
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), AgentError> {
+        let exec = self.id;
+        self.conn
+            .command(
+                |id| Request::Resize {
+                    id,
+                    exec,
+                    cols,
+                    rows,
+                },
+                b"",
+                Duration::from_secs(10),
             )
             .await
     }

@@ -26,9 +26,9 @@ pub mod testing;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use agent::{AgentConn, ExecEvent, ExecOutput, SecretHold};
+pub use agent::{AgentConn, ExecControl, ExecEvent, ExecOutput, SecretHold};
 pub use config::{AcceleratorChoice, HostCapacity, QemuConfig, VmManagerConfig};
-pub use kiln_proto::Exec;
+pub use kiln_proto::{Entry, EntryKind, Exec, PtySize};
 pub use manager::{VmInfo, VmLifecycle, VmManager, VmRequest};
 
 #[derive(Debug, thiserror::Error)]
