@@ -197,6 +197,7 @@ fn spawn(exec: &Exec, wants_stdin: bool, user: Option<&User>) -> std::io::Result
         None => command.env("HOME", "/root"),
     };
     if exec.pty.is_some() {
+        // Full-screen programs need one; the caller's wins.
         command.env("TERM", "xterm-256color");
     }
     command.envs(&exec.env);
@@ -222,20 +223,21 @@ fn spawn(exec: &Exec, wants_stdin: bool, user: Option<&User>) -> std::io::Result
                 .stdin(Stdio::from(slave.try_clone()?))
                 .stdout(Stdio::from(slave.try_clone()?))
                 .stderr(Stdio::from(slave));
+            // The feed gets a dup, so its end never closes the terminal.
+            let stdin: Option<Box<dyn Write + Send>> = if wants_stdin {
+                Some(Box::new(master.try_clone()?))
+            } else {
+                None
+            };
             let master = Arc::new(master);
             Spawned {
-                child: command.spawn_as(ids, true)?,
+                child: spawn_as(&mut command, ids, true)?,
                 outputs: vec![Output {
                     fd: master.as_raw_fd(),
                     source: Box::new(master.clone()),
                     stderr: false,
                 }],
-                // Only a dup of the master is ever closed by the feed.
-                stdin: if wants_stdin {
-                    Some(Box::new(master.try_clone()?))
-                } else {
-                    None
-                },
+                stdin,
                 terminal: Some(master),
             }
         }
@@ -250,7 +252,7 @@ fn spawn(exec: &Exec, wants_stdin: bool, user: Option<&User>) -> std::io::Result
                 })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            let mut child = command.spawn_as(ids, false)?;
+            let mut child = spawn_as(&mut command, ids, false)?;
             let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
             let mut outputs = Vec::with_capacity(2);
             if let Some(out) = stdout {
@@ -282,54 +284,43 @@ fn spawn(exec: &Exec, wants_stdin: bool, user: Option<&User>) -> std::io::Result
     Ok(spawned)
 }
 
-/// Spawning with the child's own session and credentials.
-trait SpawnAs {
-    /// Spawns, first (in the child) making a new session with the
-    /// terminal on stdin as its controlling one, when `terminal`, then
-    /// taking on `ids` (groups, uid, gid), when given.
-    fn spawn_as(
-        &mut self,
-        ids: Option<(Vec<libc::gid_t>, u32, u32)>,
-        terminal: bool,
-    ) -> std::io::Result<Child>;
-}
-
-impl SpawnAs for Command {
-    fn spawn_as(
-        &mut self,
-        ids: Option<(Vec<libc::gid_t>, u32, u32)>,
-        terminal: bool,
-    ) -> std::io::Result<Child> {
-        use std::os::unix::process::CommandExt;
-        if ids.is_none() && !terminal {
-            // No hook, so std may still use posix_spawn.
-            return self.spawn();
-        }
-        let check = |result: libc::c_int| {
-            if result < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        // SAFETY: between fork and exec the hook makes only async-signal-
-        // safe syscalls, on memory allocated before the fork.
-        unsafe {
-            self.pre_exec(move || {
-                if terminal {
-                    check(libc::setsid())?;
-                    check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
-                }
-                if let Some((groups, uid, gid)) = &ids {
-                    check(libc::setgroups(groups.len(), groups.as_ptr()))?;
-                    check(libc::setgid(*gid))?;
-                    check(libc::setuid(*uid))?;
-                }
-                Ok(())
-            });
-        }
-        self.spawn()
+/// Spawns `command`, first (in the child) making a new session with the
+/// terminal on stdin as its controlling one, when `terminal`, then taking
+/// on `ids` (groups, uid, gid), when given.
+fn spawn_as(
+    command: &mut Command,
+    ids: Option<(Vec<libc::gid_t>, u32, u32)>,
+    terminal: bool,
+) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    if ids.is_none() && !terminal {
+        // No hook, so std may still use posix_spawn.
+        return command.spawn();
     }
+    let check = |result: libc::c_int| {
+        if result < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: between fork and exec the hook makes only async-signal-
+    // safe syscalls, on memory allocated before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if terminal {
+                check(libc::setsid())?;
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+            }
+            if let Some((groups, uid, gid)) = &ids {
+                check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+                check(libc::setgid(*gid))?;
+                check(libc::setuid(*uid))?;
+            }
+            Ok(())
+        });
+    }
+    command.spawn()
 }
 
 /// A new PTY of `size`: its master and slave.

@@ -5,7 +5,11 @@ use std::io::Write;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use kiln_proto::{encode, read_frame, write_frame, ErrorKind, Exec, Request, Response};
+use std::path::{Path, PathBuf};
+
+use kiln_proto::{
+    encode, read_frame, write_frame, Entry, EntryKind, ErrorKind, Exec, PtySize, Request, Response,
+};
 
 struct Agent {
     child: Child,
@@ -27,7 +31,16 @@ impl Agent {
     /// The agent with a watchdog: a deadlocked agent is killed after a
     /// minute, so a test that would hang fails on end of stream instead.
     fn start() -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+        Agent::start_with(None)
+    }
+
+    /// The agent with its passwd and group files in `etc`, when given.
+    fn start_with(etc: Option<&Path>) -> Agent {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kiln-agent"));
+        if let Some(etc) = etc {
+            command.env("KILN_AGENT_ETC", etc);
+        }
+        let mut child = command
             .arg("--stdio")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -81,6 +94,26 @@ impl Agent {
                 }
                 (other, _) => panic!("unexpected {other:?}"),
             }
+        }
+    }
+
+    /// The answer to a file request: its entries, or its error's kind.
+    fn entries(&mut self, request: Request) -> Result<Vec<Entry>, ErrorKind> {
+        self.send(&request, b"");
+        match self.recv() {
+            (Response::Entries { .. }, body) => Ok(serde_json::from_slice(&body).unwrap()),
+            (Response::Error { kind, .. }, _) => Err(kind),
+            (other, _) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The answer to a request answered by `Done`.
+    fn done(&mut self, request: Request, body: &[u8]) -> Result<(), ErrorKind> {
+        self.send(&request, body);
+        match self.recv().0 {
+            Response::Done { .. } => Ok(()),
+            Response::Error { kind, .. } => Err(kind),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
@@ -280,6 +313,7 @@ fn files_round_trip() {
             id: 1,
             path: path.clone(),
             mode: Some(0o600),
+            user: None,
         },
         &data,
     );
@@ -340,6 +374,7 @@ fn files_are_written_with_their_mode_and_removed() {
             id: 1,
             path: path.clone(),
             mode: Some(0o400),
+            user: None,
         },
         b"value",
     );
@@ -410,4 +445,365 @@ fn a_stream_out_of_step_is_read_no_further() {
     );
     assert!(agent.child.wait().is_ok());
     assert!(!marker.exists(), "nothing after the bad prefix ran");
+}
+
+/// A directory of this test's own under the temp dir, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("kiln-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, rest: &str) -> String {
+        self.0.join(rest).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn one(entries: Result<Vec<Entry>, ErrorKind>) -> Entry {
+    let mut entries = entries.unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.pop().unwrap()
+}
+
+#[test]
+fn directories_are_made_listed_moved_and_removed() {
+    let mut agent = Agent::start();
+    let dir = Scratch::new("fs");
+    let made = one(agent.entries(Request::MakeDir {
+        id: 1,
+        path: dir.path("a/b/c"),
+        user: None,
+    }));
+    assert_eq!(
+        (made.name.as_str(), made.path, made.kind),
+        ("c", dir.path("a/b/c"), EntryKind::Dir)
+    );
+    let again = agent.entries(Request::MakeDir {
+        id: 2,
+        path: dir.path("a/b/c"),
+        user: None,
+    });
+    assert_eq!(again, Err(ErrorKind::Exists));
+    agent
+        .done(
+            Request::WriteFile {
+                id: 3,
+                path: dir.path("a/b/file.txt"),
+                mode: Some(0o640),
+                user: None,
+            },
+            b"twelve bytes",
+        )
+        .unwrap();
+    std::os::unix::fs::symlink("file.txt", dir.0.join("a/b/link")).unwrap();
+    std::os::unix::fs::symlink("/", dir.0.join("a/b/c/root")).unwrap();
+
+    let file = one(agent.entries(Request::Stat {
+        id: 4,
+        path: dir.path("a/b/./file.txt"),
+        user: None,
+    }));
+    assert_eq!(file.path, dir.path("a/b/file.txt"));
+    assert_eq!(
+        (file.kind, file.size, file.mode),
+        (EntryKind::File, 12, 0o640)
+    );
+    assert_eq!((file.uid, file.owner.as_str()), (0, "root"));
+    assert!(file.modified_ns > 1_600_000_000_000_000_000, "{file:?}");
+    let link = one(agent.entries(Request::Stat {
+        id: 5,
+        path: dir.path("a/b/link"),
+        user: None,
+    }));
+    assert_eq!(
+        (link.kind, link.symlink_target.as_deref()),
+        (EntryKind::Symlink, Some("file.txt"))
+    );
+
+    // One level, then all of them: the symlink to / is not followed.
+    let names = |entries: Vec<Entry>| -> Vec<String> {
+        let root = dir.path("");
+        entries
+            .into_iter()
+            .map(|e| e.path.trim_start_matches(&root).to_string())
+            .collect()
+    };
+    let top = agent.entries(Request::ListDir {
+        id: 6,
+        path: dir.path("a/b"),
+        depth: 0,
+        user: None,
+    });
+    assert_eq!(names(top.unwrap()), ["a/b/c", "a/b/file.txt", "a/b/link"]);
+    let all = agent.entries(Request::ListDir {
+        id: 7,
+        path: dir.path("a"),
+        depth: 10,
+        user: None,
+    });
+    assert_eq!(
+        names(all.unwrap()),
+        ["a/b", "a/b/c", "a/b/c/root", "a/b/file.txt", "a/b/link"]
+    );
+    let listed = |agent: &mut Agent, path: String| {
+        agent.entries(Request::ListDir {
+            id: 8,
+            path,
+            depth: 1,
+            user: None,
+        })
+    };
+    assert_eq!(
+        listed(&mut agent, dir.path("a/b/file.txt")),
+        Err(ErrorKind::Invalid)
+    );
+    assert_eq!(
+        listed(&mut agent, dir.path("nothing")),
+        Err(ErrorKind::NotFound)
+    );
+
+    let moved = one(agent.entries(Request::Move {
+        id: 9,
+        source: dir.path("a/b/file.txt"),
+        destination: dir.path("x/y/moved.txt"),
+        user: None,
+    }));
+    assert_eq!((moved.name.as_str(), moved.size), ("moved.txt", 12));
+    assert_eq!(
+        std::fs::read(dir.0.join("x/y/moved.txt")).unwrap(),
+        b"twelve bytes"
+    );
+    let gone = agent.entries(Request::Move {
+        id: 10,
+        source: dir.path("a/b/file.txt"),
+        destination: dir.path("elsewhere"),
+        user: None,
+    });
+    assert_eq!(gone, Err(ErrorKind::NotFound));
+
+    let remove = |agent: &mut Agent, path: String| {
+        agent.done(
+            Request::Remove {
+                id: 11,
+                path,
+                user: None,
+            },
+            b"",
+        )
+    };
+    // The link to / goes, not what it points to.
+    remove(&mut agent, dir.path("a")).unwrap();
+    assert!(!dir.0.join("a").exists() && Path::new("/").exists());
+    assert_eq!(remove(&mut agent, dir.path("a")), Err(ErrorKind::NotFound));
+    let stat = agent.entries(Request::Stat {
+        id: 12,
+        path: dir.path("a"),
+        user: None,
+    });
+    assert_eq!(stat, Err(ErrorKind::NotFound));
+}
+
+/// Runs `exec` and collects its output until it ends.
+fn run(agent: &mut Agent, exec: Exec) -> Outcome {
+    agent.exec(exec, b"")
+}
+
+#[test]
+fn a_pty_exec_has_a_terminal_of_its_size() {
+    let mut agent = Agent::start();
+    let mut exec = sh(
+        1,
+        "tty; stty size; echo err >&2; test -t 0 && echo interactive",
+    );
+    exec.pty = Some(PtySize {
+        cols: 100,
+        rows: 30,
+    });
+    let out = run(&mut agent, exec);
+    assert_eq!(out.code, Some(0));
+    assert!(out.stderr.is_empty(), "a terminal has one stream");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{text:?}");
+    assert_eq!(lines[1..], ["30 100", "err", "interactive"], "{text:?}");
+}
+
+#[test]
+fn a_pty_takes_stdin_resizes_and_kills() {
+    let mut agent = Agent::start();
+    let mut exec = sh(1, "read line; stty size; echo \"got $line\"; sleep 30");
+    exec.pty = Some(PtySize { cols: 80, rows: 24 });
+    exec.stdin_open = true;
+    agent.send(&Request::Exec(exec), b"");
+    let resize = |agent: &mut Agent, id, exec| {
+        agent.done(
+            Request::Resize {
+                id,
+                exec,
+                cols: 120,
+                rows: 40,
+            },
+            b"",
+        )
+    };
+    assert_eq!(resize(&mut agent, 2, 1), Ok(()));
+    assert_eq!(resize(&mut agent, 3, 99), Err(ErrorKind::NotFound));
+    agent.send(&Request::Stdin { id: 1, eof: true }, b"hello\n");
+    let mut text = String::new();
+    while !text.contains("got hello") {
+        match agent.recv() {
+            (Response::Stdout { id: 1 }, body) => text.push_str(&String::from_utf8_lossy(&body)),
+            (other, _) => panic!("unexpected {other:?} after {text:?}"),
+        }
+    }
+    assert!(text.contains("40 120"), "{text:?}");
+    // The terminal stays after the end of stdin; a kill ends the session.
+    agent.send(&Request::Kill { id: 1, signal: 9 }, b"");
+    let out = agent.wait(1);
+    assert_eq!(out.signal, Some(9));
+    assert_eq!(resize(&mut agent, 4, 1), Err(ErrorKind::NotFound));
+}
+
+/// A passwd and group of the test's own, for the agent to read in place
+/// of the host's.
+fn users(dir: &Scratch) -> (PathBuf, String) {
+    let etc = dir.0.join("etc");
+    let home = dir.path("home/tester");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        etc.join("passwd"),
+        format!("root:x:0:0:root:/root:/bin/sh\n# a comment\nbroken:line\ntester:x:4242:4242::{home}:/bin/sh\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("group"),
+        "root:x:0:\ntester:x:4242:\nextra:x:4343:someone,tester\nother:x:4444:someone\n",
+    )
+    .unwrap();
+    (etc, home)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn execs_and_files_as_a_user() {
+    if !is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let dir = Scratch::new("users");
+    let (etc, home) = users(&dir);
+    let mut agent = Agent::start_with(Some(&etc));
+    let user = || Some("tester".to_string());
+
+    let mut exec = sh(
+        1,
+        "id -u; id -g; id -G; echo $HOME $USER $LOGNAME $GREETING; pwd",
+    );
+    exec.user = user();
+    exec.env.insert("GREETING".into(), "hi".into());
+    exec.env.insert("LOGNAME".into(), "mine".into());
+    let out = run(&mut agent, exec);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("4242\n4242\n4242 4343\n{home} tester mine hi\n{home}\n")
+    );
+    let mut exec = sh(2, "true");
+    exec.user = Some("nobody-here".into());
+    agent.send(&Request::Exec(exec), b"");
+    assert!(matches!(
+        agent.recv().0,
+        Response::Error {
+            id: Some(2),
+            kind: ErrorKind::Invalid,
+            ..
+        }
+    ));
+    // On a terminal too, which is theirs.
+    let mut exec = sh(3, "id -u; stat -c %u $(tty)");
+    exec.user = user();
+    exec.pty = Some(PtySize { cols: 80, rows: 24 });
+    let out = run(&mut agent, exec);
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "4242\r\n4242\r\n");
+
+    // Relative paths are under their home, and what is made is theirs.
+    agent
+        .done(
+            Request::WriteFile {
+                id: 4,
+                path: "notes/today.txt".into(),
+                mode: None,
+                user: user(),
+            },
+            b"note",
+        )
+        .unwrap();
+    let written = Path::new(&home).join("notes/today.txt");
+    assert_eq!(std::fs::read(&written).unwrap(), b"note");
+    let file = one(agent.entries(Request::Stat {
+        id: 5,
+        path: "notes/today.txt".into(),
+        user: user(),
+    }));
+    assert_eq!(file.path, written.display().to_string());
+    assert_eq!(
+        (file.uid, file.gid, file.owner.as_str(), file.group.as_str()),
+        (4242, 4242, "tester", "tester")
+    );
+    let parent = one(agent.entries(Request::Stat {
+        id: 6,
+        path: format!("{home}/notes"),
+        user: None,
+    }));
+    assert_eq!(parent.uid, 4242);
+    let made = one(agent.entries(Request::MakeDir {
+        id: 7,
+        path: "deep/er".into(),
+        user: user(),
+    }));
+    assert_eq!((made.path, made.uid), (format!("{home}/deep/er"), 4242));
+    let deep = one(agent.entries(Request::Stat {
+        id: 8,
+        path: "deep".into(),
+        user: user(),
+    }));
+    assert_eq!(deep.uid, 4242);
+    // Files the user did not make keep their owner; ids without a name
+    // are shown as numbers.
+    std::os::unix::fs::chown(&written, Some(5555), Some(4343)).unwrap();
+    let file = one(agent.entries(Request::Stat {
+        id: 9,
+        path: "notes/today.txt".into(),
+        user: user(),
+    }));
+    assert_eq!(
+        (file.owner.as_str(), file.group.as_str()),
+        ("5555", "extra")
+    );
+    let unknown = agent.entries(Request::Stat {
+        id: 10,
+        path: "x".into(),
+        user: Some("nobody-here".into()),
+    });
+    assert_eq!(unknown, Err(ErrorKind::Invalid));
 }

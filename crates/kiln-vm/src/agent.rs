@@ -950,3 +950,156 @@ impl Drop for ExecStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kiln_proto::{EntryKind, PtySize};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A connection whose guest end the test plays.
+    fn pair() -> (AgentConn, UnixStream) {
+        let (host, guest) = UnixStream::pair().unwrap();
+        (AgentConn::new(host), guest)
+    }
+
+    async fn next_request(guest: &mut UnixStream) -> Request {
+        read_frame_async::<Request>(guest).await.unwrap().0
+    }
+
+    async fn answer(guest: &mut UnixStream, response: &Response, body: &[u8]) {
+        guest
+            .write_all(&encode(response, body).unwrap())
+            .await
+            .unwrap();
+    }
+
+    fn entry(path: &str) -> Entry {
+        Entry {
+            name: path.rsplit('/').next().unwrap().into(),
+            path: path.into(),
+            kind: EntryKind::Dir,
+            size: 4096,
+            mode: 0o755,
+            uid: 1000,
+            gid: 1000,
+            owner: "user".into(),
+            group: "user".into(),
+            modified_ns: 0,
+            symlink_target: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn file_requests_carry_their_user_and_read_entries_from_the_body() {
+        let (conn, mut guest) = pair();
+        let listing = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.list_dir("docs", 2, Some("user")).await }
+        });
+        let Request::ListDir {
+            id,
+            path,
+            depth,
+            user,
+        } = next_request(&mut guest).await
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (path.as_str(), depth, user.as_deref()),
+            ("docs", 2, Some("user"))
+        );
+        let entries = vec![entry("/home/user/docs/a"), entry("/home/user/docs/b")];
+        let body = serde_json::to_vec(&entries).unwrap();
+        answer(&mut guest, &Response::Entries { id }, &body).await;
+        assert_eq!(listing.await.unwrap().unwrap(), entries);
+
+        // A refusal keeps its kind.
+        let made = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.make_dir("/tmp/x", None).await }
+        });
+        let Request::MakeDir { id, .. } = next_request(&mut guest).await else {
+            panic!()
+        };
+        let exists = Response::Error {
+            id: Some(id),
+            kind: ErrorKind::Exists,
+            message: "/tmp/x: exists".into(),
+        };
+        answer(&mut guest, &exists, b"").await;
+        assert!(matches!(
+            made.await.unwrap(),
+            Err(AgentError::Guest {
+                kind: ErrorKind::Exists,
+                ..
+            })
+        ));
+
+        // One entry is asked for: two, or a body that is not entries, is
+        // the guest breaking the protocol.
+        for body in [serde_json::to_vec(&entries).unwrap(), b"[{".to_vec()] {
+            let stat = tokio::spawn({
+                let conn = conn.clone();
+                async move { conn.stat("/x", None).await }
+            });
+            let Request::Stat { id, .. } = next_request(&mut guest).await else {
+                panic!()
+            };
+            answer(&mut guest, &Response::Entries { id }, &body).await;
+            assert!(matches!(stat.await.unwrap(), Err(AgentError::Protocol(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resize_is_answered_under_its_own_id_beside_its_exec() {
+        let (conn, mut guest) = pair();
+        let exec = Exec {
+            command: "sh".into(),
+            pty: Some(PtySize { cols: 80, rows: 24 }),
+            stdin_open: true,
+            ..Exec::default()
+        };
+        let mut stream = conn.exec_stream(exec, b"").await.unwrap();
+        let Request::Exec(started) = next_request(&mut guest).await else {
+            panic!()
+        };
+        let control = stream.control();
+        assert_eq!(control.id(), started.id);
+        let resize = tokio::spawn({
+            let control = control.clone();
+            async move { control.resize(120, 40).await }
+        });
+        let Request::Resize {
+            id,
+            exec,
+            cols,
+            rows,
+        } = next_request(&mut guest).await
+        else {
+            panic!()
+        };
+        assert_ne!(id, started.id);
+        assert_eq!((exec, cols, rows), (started.id, 120, 40));
+        answer(&mut guest, &Response::Done { id }, b"").await;
+        resize.await.unwrap().unwrap();
+
+        control.send_stdin(b"ls\n", false).await.unwrap();
+        let (request, body) = read_frame_async::<Request>(&mut guest).await.unwrap();
+        assert_eq!(
+            request,
+            Request::Stdin {
+                id: exec,
+                eof: false
+            }
+        );
+        assert_eq!(body, b"ls\n");
+        answer(&mut guest, &Response::Stdout { id: exec }, b"a\r\n").await;
+        assert_eq!(
+            stream.next().await.unwrap(),
+            ExecEvent::Stdout(b"a\r\n".to_vec())
+        );
+    }
+}
