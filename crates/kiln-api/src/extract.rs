@@ -178,7 +178,7 @@ impl Caller {
         }
     }
 
-    fn note(&self) {
+    pub(crate) fn note(&self) {
         let (kind, actor) = self.actor();
         crate::audit::note_actor(&self.tenant, kind, actor);
     }

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod e2b;
 pub mod error;
 pub mod extract;
 pub mod intake;
@@ -338,7 +339,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn record_http(request: Request, next: Next) -> Response {
+pub(crate) async fn record_http(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
         .extensions()

@@ -463,6 +463,7 @@ fn build_in(
             })?;
             progress(5, steps, "packing the root filesystem (erofs)");
             crate::rootfs::add_agent(&tree, &agent_bytes)?;
+            crate::rootfs::add_user(&tree)?;
             let installed = crate::rootfs::installed_packages(&tree);
             let packed = work.join(ROOTFS_FILE);
             let size_bytes = crate::rootfs::pack_erofs(&tree, &packed)?;

@@ -841,6 +841,19 @@ impl VmManager {
         out
     }
 
+    /// Makes a tenant's VM end `ttl` from now (cut to the configured
+    /// maximum), whatever its TTL was; its new info, or none if no such VM.
+    pub async fn set_ttl(&self, tenant: &str, id: &str, ttl: Duration) -> Option<VmInfo> {
+        let slot = self.slot(id)?;
+        let mut guard = slot.lock().await;
+        let live = guard.as_mut().filter(|vm| vm.info.tenant == tenant)?;
+        let ttl = ttl.min(Duration::from_secs(self.config.ttl_max_s));
+        live.ttl = Some(live.created.elapsed() + ttl);
+        live.info.expires_at_ms =
+            Some(now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
+        Some(live.info.clone())
+    }
+
     /// Stops the VM and removes everything it had. False if no such VM.
     pub async fn delete(&self, tenant: &str, id: &str) -> bool {
         let Some(slot) = self.slot(id) else {

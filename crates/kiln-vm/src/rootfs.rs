@@ -27,6 +27,10 @@ const SOURCES: [&str; 3] = [
     "deb http://deb.debian.org/debian-security bookworm-security main",
 ];
 
+/// The unprivileged account every root filesystem has besides root: the
+/// E2B SDK's default user, whose home is where its relative paths land.
+pub const USER: (&str, u32, &str) = ("user", 1000, "/home/user");
+
 /// Tools every preset carries besides its language.
 const COMMON: [&str; 5] = ["git", "curl", "ca-certificates", "bash", "coreutils"];
 
@@ -129,6 +133,7 @@ pub fn build_key(packages: &[String], agent_sha256: &str, init: &str) -> String 
         crate::image::KERNEL_CONFIG,
         init,
         &SOURCES.join("\n"),
+        &format!("{USER:?}"),
     ] {
         hash.update(part.as_bytes());
         hash.update([0]);
@@ -260,6 +265,36 @@ pub fn add_agent(root: &Path, agent: &[u8]) -> Result<(), ImageError> {
     let path = root.join("usr/sbin/kiln-agent");
     std::fs::write(&path, agent)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Adds [`USER`] to the tree's account files (written directly: `useradd`
+/// is not among the packages of the `apt` variant) with its home owned by
+/// it. Done once; a tree that has the account already is left alone.
+pub fn add_user(root: &Path) -> Result<(), ImageError> {
+    use std::io::Write;
+    let (name, id, home) = USER;
+    let passwd = root.join("etc/passwd");
+    let known = std::fs::read_to_string(&passwd).unwrap_or_default();
+    if known.lines().any(|l| l.split(':').next() == Some(name)) {
+        return Ok(());
+    }
+    let append = |file: &str, line: String| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(root.join(file))?;
+        writeln!(f, "{line}")
+    };
+    append(
+        "etc/passwd",
+        format!("{name}:x:{id}:{id}::{home}:/bin/bash"),
+    )?;
+    append("etc/group", format!("{name}:x:{id}:"))?;
+    append("etc/shadow", format!("{name}:*:19000:0:99999:7:::"))?;
+    let dir = root.join(home.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir)?;
+    std::os::unix::fs::chown(&dir, Some(id), Some(id))?;
     Ok(())
 }
 

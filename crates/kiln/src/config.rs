@@ -105,6 +105,15 @@ pub struct ServerArgs {
     /// from that address, which must then not be 0.0.0.0).
     #[arg(long, env = "KILN_INTERNAL_URL")]
     pub internal_url: Option<String>,
+    /// Where the E2B-compatible API listens (control plane and the
+    /// sandboxes' envd, on one plain-HTTP address; off by default). Needs
+    /// microVMs on this process (`kiln serve`).
+    #[arg(long, env = "KILN_E2B_LISTEN")]
+    pub e2b_listen: Option<SocketAddr>,
+    /// The image an E2B `templateID` of `base` boots (default `python`: a
+    /// Debian root filesystem with bash, coreutils and python3).
+    #[arg(long, env = "KILN_E2B_BASE_IMAGE")]
+    pub e2b_base_image: Option<String>,
     /// How long finished jobs are kept, in hours, before retention deletes them.
     #[arg(long, env = "KILN_RETENTION_HOURS")]
     pub retention_hours: Option<u64>,
@@ -221,6 +230,8 @@ struct FileConfig {
     node_lost_ms: Option<u64>,
     internal_listen: Option<SocketAddr>,
     internal_url: Option<String>,
+    e2b_listen: Option<SocketAddr>,
+    e2b_base_image: Option<String>,
     master_key_file: Option<PathBuf>,
     token_key_file: Option<PathBuf>,
     token_ttl_s: Option<u64>,
@@ -273,6 +284,9 @@ pub struct Settings {
     /// A VM host's internal listener and the URL others reach it at.
     pub internal_listen: Option<SocketAddr>,
     pub internal_url: Option<String>,
+    /// The E2B-compatible listener, and the image `base` names.
+    pub e2b_listen: Option<SocketAddr>,
+    pub e2b_base_image: String,
     /// Finished jobs older than this are deleted in batches.
     pub retention_hours: u64,
     /// Events older than this are deleted in batches.
@@ -382,6 +396,12 @@ fn merge(args: &ServerArgs, file: FileConfig) -> anyhow::Result<Settings> {
             .max(heartbeat_ms.saturating_mul(3)),
         internal_listen: args.internal_listen.or(file.internal_listen),
         internal_url: args.internal_url.clone().or(file.internal_url),
+        e2b_listen: args.e2b_listen.or(file.e2b_listen),
+        e2b_base_image: args
+            .e2b_base_image
+            .clone()
+            .or(file.e2b_base_image)
+            .unwrap_or_else(|| "python".to_string()),
         master_key_file: args.master_key_file.clone().or(file.master_key_file),
         token_key_file: args.token_key_file.clone().or(file.token_key_file),
         token_ttl_s: args

@@ -324,6 +324,8 @@ struct Parts {
     /// A VM host's internal listener (requests forwarded by API nodes), its
     /// state and the URL it announces.
     internal: Option<(tokio::net::TcpListener, Arc<AppState>, String)>,
+    /// The E2B-compatible listener and its front.
+    e2b: Option<(tokio::net::TcpListener, Arc<kiln_api::e2b::E2b>)>,
     /// Where the rule engine runs module rules (the worker's runtime when
     /// this process has one).
     rules_wasm: Option<Arc<WasmRuntime>>,
@@ -376,6 +378,7 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
             ..kiln_ops::DetectorConfig::default()
         },
         internal: None,
+        e2b: None,
         rules_wasm: None,
     };
     if role == Role::Scheduler {
@@ -390,6 +393,15 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         };
         return Ok(parts);
     }
+    let e2b_listener = match settings.e2b_listen {
+        Some(address) if role.serves_api() => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listening on {address} (E2B)"))?,
+        ),
+        Some(_) => anyhow::bail!("--e2b-listen is served by `kiln serve` or `kiln api`"),
+        None => None,
+    };
     let listener = if role.serves_api() {
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
@@ -511,6 +523,10 @@ async fn build(settings: &Settings, role: Role, db: Db) -> anyhow::Result<Parts>
         }
         state.limit_rate(settings.rate_limit, settings.rate_burst);
         state.allow_notify(settings.notify_allow.clone());
+        if let Some(e2b_listener) = e2b_listener {
+            let e2b = kiln_api::e2b::E2b::new(state.clone(), settings.e2b_base_image.clone());
+            parts.e2b = Some((e2b_listener, e2b));
+        }
         parts.api = Some((listener, state));
     }
     Ok(parts)
@@ -740,6 +756,17 @@ fn start(
                 .context("HTTP server")
         });
     }
+    if let Some((listener, e2b)) = parts.e2b.take() {
+        if let Ok(address) = listener.local_addr() {
+            println!("kiln: E2B API on http://{address} (E2B_API_URL and E2B_SANDBOX_URL)");
+        }
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            kiln_api::e2b::serve(listener, e2b, async move { stop.cancelled().await })
+                .await
+                .context("E2B HTTP server")
+        });
+    }
     if let Some(vms) = parts.vms.clone() {
         tasks.spawn(expire_vms(vms, shutdown.clone()));
     }
@@ -878,6 +905,7 @@ mod tests {
             node: kiln_ops::NodeConfig::new("supervised", &["worker"]),
             detector: kiln_ops::DetectorConfig::default(),
             internal: None,
+            e2b: None,
             rules_wasm: None,
         };
         let mut tasks = start(&mut parts, Role::Worker, &shutdown);

@@ -305,7 +305,7 @@ async fn hold_secrets(agent: &AgentInUse, opened: &Opened) -> ApiResult<SecretHo
 
 /// A refused image is the caller's to fix; a quota is the tenant's; no
 /// room on the host may pass, so the answer says when to try again.
-fn create_error(error: kiln_vm::VmError) -> ApiError {
+pub(crate) fn create_error(error: kiln_vm::VmError) -> ApiError {
     match error {
         kiln_vm::VmError::Image(error) => ApiError::invalid(error.to_string()),
         kiln_vm::VmError::NetworkRefused(message) => ApiError::invalid(message),
