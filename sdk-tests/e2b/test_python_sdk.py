@@ -19,8 +19,8 @@ from e2b import (
     NotFoundException,
     PtySize,
     Sandbox,
-    SandboxException,
     SandboxQuery,
+    SandboxState,
 )
 
 RUN = uuid.uuid4().hex[:12]
@@ -250,10 +250,30 @@ def test_another_tenant_can_neither_see_nor_reach_it(sbx, other_key):
     assert sbx.is_running()
 
 
-def test_pause_is_refused_clearly(sbx):
-    with pytest.raises(SandboxException) as refused:
-        sbx.pause()
-    assert "not supported" in str(refused.value)
+def test_pause_and_resume_keep_files_and_processes():
+    sandbox = Sandbox.create(timeout=300, metadata={"run": RUN, "pause": "yes"})
+    try:
+        sandbox.files.write("/tmp/kept.txt", "still here")
+        counter = sandbox.commands.run(
+            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done",
+            background=True,
+            timeout=0,
+        )
+        time.sleep(1)
+        assert sandbox.pause() is True
+        assert sandbox.pause() is False
+        info = Sandbox.get_info(sandbox.sandbox_id)
+        assert info.state == SandboxState.PAUSED
+        paused = Sandbox.list(query=SandboxQuery(metadata={"pause": "yes"}, state=[SandboxState.PAUSED]))
+        assert [s.sandbox_id for s in paused.next_items()] == [sandbox.sandbox_id]
+        resumed = Sandbox.connect(sandbox.sandbox_id)
+        assert resumed.files.read("/tmp/kept.txt") == "still here"
+        before = int(resumed.files.read("/tmp/count"))
+        time.sleep(1)
+        assert int(resumed.files.read("/tmp/count")) > before, "the loop did not run on"
+        assert counter.pid in [p.pid for p in resumed.commands.list()]
+    finally:
+        sandbox.kill()
 
 
 def test_kill_ends_it(other_key):

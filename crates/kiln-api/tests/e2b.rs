@@ -388,6 +388,71 @@ async fn the_wire_contract_holds_on_a_real_vm() {
     .await;
     assert_eq!(answer.json()["code"], "not_found");
 
+    // Paused: the state goes to disk and the process stops; connect brings
+    // it back with its files.
+    let answer = send(
+        &app,
+        control(
+            "POST",
+            &format!("/sandboxes/{}/pause", sbx.id),
+            &key,
+            json!({}),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT, "{:?}", answer.json());
+    assert!(vms.get("acme", &sbx.id).await.is_none());
+    let answer = send(
+        &app,
+        control(
+            "POST",
+            &format!("/sandboxes/{}/pause", sbx.id),
+            &key,
+            json!({}),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CONFLICT);
+    let answer = send(
+        &app,
+        control("GET", &format!("/sandboxes/{}", sbx.id), &key, json!({})),
+    )
+    .await;
+    assert_eq!(answer.json()["state"], "paused");
+    let answer = send(&app, unary(&sbx, "/process.Process/List", json!({}))).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    let answer = send(
+        &app,
+        control(
+            "POST",
+            &format!("/v2/sandboxes/{}/connect", sbx.id),
+            &key,
+            json!({"timeout": 60}),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.json());
+    assert_eq!(answer.json()["sandboxID"], sbx.id.as_str());
+    let mut read = envd(&sbx, "/files", "", Vec::new());
+    *read.method_mut() = axum::http::Method::GET;
+    *read.uri_mut() = "/files?path=/home/user/notes/a.txt".parse().unwrap();
+    let answer = send(&app, read).await;
+    assert_eq!(
+        (answer.status, answer.body.as_slice()),
+        (StatusCode::OK, &b"alpha"[..])
+    );
+    let answer = send(
+        &app,
+        control(
+            "POST",
+            &format!("/v2/sandboxes/{}/connect", sbx.id),
+            &key,
+            json!({}),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK);
+
     // Tokens and tenants.
     let wrong = Sbx {
         id: sbx.id.clone(),

@@ -79,6 +79,10 @@ pub enum VmError {
     /// Another process manages VMs in the same directory.
     #[error("{0}")]
     InUse(String),
+    /// The VM cannot do what was asked in its state (pausing a VM with a
+    /// network, say).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Firecracker's `boot-source`.

@@ -88,6 +88,20 @@ struct LiveVm {
 
 type Slot = Arc<tokio::sync::Mutex<Option<LiveVm>>>;
 
+/// A paused VM: its whole state (memory, and so its tmpfs overlay) in one
+/// file, and what it needs to run again. It holds no room on the host.
+struct PausedVm {
+    info: VmInfo,
+    state: PathBuf,
+    /// The TTL it had left; it does not run down while paused.
+    ttl_left: Option<Duration>,
+    idle_timeout: Option<Duration>,
+}
+
+/// Paused VMs one manager keeps (each is a file the size of the memory
+/// its guest touched).
+const PAUSED_MAX: usize = 256;
+
 pub struct VmManager {
     images_dir: PathBuf,
     vm_dir: PathBuf,
@@ -98,6 +112,7 @@ pub struct VmManager {
     vms: Mutex<HashMap<String, Slot>>,
     snapshots: AtomicBool,
     warm: Mutex<HashMap<PoolKey, Vec<LiveVm>>>,
+    paused: Mutex<HashMap<String, PausedVm>>,
     warm_sizes: Mutex<HashMap<PoolKey, usize>>,
     /// One refill at a time: boots compete for the same cores.
     filling: tokio::sync::Mutex<()>,
@@ -329,6 +344,7 @@ impl VmManager {
             snapshots: AtomicBool::new(config.snapshots),
             config,
             warm: Mutex::default(),
+            paused: Mutex::default(),
             warm_sizes: Mutex::default(),
             filling: tokio::sync::Mutex::new(()),
             closing: AtomicBool::new(false),
@@ -854,8 +870,177 @@ impl VmManager {
         Some(live.info.clone())
     }
 
+    /// Pauses a tenant's running VM: its state is saved to a file, its
+    /// process stops and its room on the host and in the quota is given
+    /// back. None if there is no such running VM.
+    pub async fn pause(&self, tenant: &str, id: &str) -> Result<Option<VmInfo>, VmError> {
+        let Some(slot) = self.slot(id) else {
+            return Ok(None);
+        };
+        let mut guard = slot.lock().await;
+        let Some(mut vm) = guard.take_if(|vm| vm.info.tenant == tenant) else {
+            return Ok(None);
+        };
+        let refused = if vm.nic.is_some() {
+            Some("a VM with a network cannot be paused (its NIC cannot be saved)")
+        } else if lock(&self.paused).len() >= PAUSED_MAX {
+            Some("too many paused VMs on this host")
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            *guard = Some(vm);
+            return Err(VmError::Refused(reason.to_string()));
+        }
+        let state = self.vm_dir.join(format!("{id}.paused"));
+        let micro = crate::MicroVm {
+            child: vm.child,
+            agent: vm.agent.clone(),
+            run_dir: vm.run_dir.clone(),
+            booted_in: Duration::ZERO,
+        };
+        let saved = self.vmm.snapshot(&micro, &state).await;
+        vm.child = micro.child;
+        if let Err(error) = saved {
+            let _ = std::fs::remove_file(&state);
+            *guard = Some(vm);
+            return Err(error);
+        }
+        lock(&self.vms).remove(id);
+        let info = vm.info.clone();
+        let paused = PausedVm {
+            info: info.clone(),
+            state,
+            ttl_left: vm.ttl.map(|ttl| ttl.saturating_sub(vm.created.elapsed())),
+            idle_timeout: vm.idle_timeout,
+        };
+        destroy(vm).await;
+        lock(&self.paused).insert(id.to_string(), paused);
+        Ok(Some(info))
+    }
+
+    /// A tenant's paused VM, as it was when paused.
+    pub fn paused(&self, tenant: &str, id: &str) -> Option<VmInfo> {
+        lock(&self.paused)
+            .get(id)
+            .filter(|p| p.info.tenant == tenant)
+            .map(|p| p.info.clone())
+    }
+
+    /// Runs a tenant's paused VM again from its saved state, under the same
+    /// id, with the TTL it had left (or `ttl` when given). None if there is
+    /// no such paused VM; on failure it stays paused.
+    pub async fn resume(
+        &self,
+        tenant: &str,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Option<VmInfo>, VmError> {
+        let paused = {
+            let mut all = lock(&self.paused);
+            match all.get(id) {
+                Some(p) if p.info.tenant == tenant => all.remove(id),
+                _ => None,
+            }
+        };
+        let Some(paused) = paused else {
+            return Ok(None);
+        };
+        match self.restore_paused(&paused, ttl).await {
+            Ok(info) => {
+                let _ = std::fs::remove_file(&paused.state);
+                Ok(Some(info))
+            }
+            Err(error) => {
+                lock(&self.paused).insert(id.to_string(), paused);
+                Err(error)
+            }
+        }
+    }
+
+    async fn restore_paused(
+        &self,
+        paused: &PausedVm,
+        ttl: Option<Duration>,
+    ) -> Result<VmInfo, VmError> {
+        let info = &paused.info;
+        let image = Image::open(&self.images_dir, &info.image)?;
+        let tenant_slot = self
+            .capacity
+            .reserve_tenant(&info.tenant, info.memory_mib)?;
+        let host = self.capacity.reserve_host(info.memory_mib)?;
+        let run_dir = self.vm_dir.join(&info.id);
+        let mut booting = Booting {
+            run_dir: run_dir.clone(),
+            done: false,
+        };
+        let config = VmConfig {
+            id: info.id.clone(),
+            boot: boot_source(&image, &self.config.extra_cmdline),
+            machine: MachineConfig {
+                vcpus: info.vcpus,
+                memory_mib: info.memory_mib,
+            },
+            drives: image.drives(),
+            network: Vec::new(),
+            run_dir: run_dir.clone(),
+        };
+        let started = Instant::now();
+        let vm = self
+            .vmm
+            .restore(&config, &paused.state, self.boot_timeout())
+            .await?;
+        if let Err(error) = freshen(&vm.agent).await {
+            let mut child = vm.child;
+            child.kill().await;
+            return Err(error);
+        }
+        booting.done = true;
+        metrics::histogram!("kiln_vm_start_seconds", "how" => "resume")
+            .record(started.elapsed().as_secs_f64());
+        let ttl = ttl
+            .or(paused.ttl_left)
+            .map(|ttl| ttl.min(Duration::from_secs(self.config.ttl_max_s)));
+        let mut info = info.clone();
+        info.pid = vm.child.id();
+        info.boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info.expires_at_ms = ttl
+            .map(|ttl| now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
+        let live = LiveVm {
+            info: info.clone(),
+            agent: vm.agent,
+            child: vm.child,
+            run_dir,
+            created: Instant::now(),
+            last_used: Arc::new(Mutex::new(Instant::now())),
+            busy: Arc::default(),
+            ttl,
+            idle_timeout: paused.idle_timeout,
+            _host: host,
+            _tenant: Some(tenant_slot),
+            nic: None,
+        };
+        lock(&self.vms).insert(
+            info.id.clone(),
+            Arc::new(tokio::sync::Mutex::new(Some(live))),
+        );
+        Ok(info)
+    }
+
     /// Stops the VM and removes everything it had. False if no such VM.
     pub async fn delete(&self, tenant: &str, id: &str) -> bool {
+        let paused = {
+            let mut all = lock(&self.paused);
+            match all.get(id) {
+                Some(p) if p.info.tenant == tenant => all.remove(id),
+                _ => None,
+            }
+        };
+        if let Some(paused) = paused {
+            let _ = std::fs::remove_file(&paused.state);
+            self.tell("vm.deleted", &paused.info, None);
+            return true;
+        }
         let Some(slot) = self.slot(id) else {
             return false;
         };
@@ -896,6 +1081,9 @@ impl VmManager {
     pub async fn shutdown(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let _filling = self.filling.lock().await;
+        for (_, paused) in lock(&self.paused).drain() {
+            let _ = std::fs::remove_file(&paused.state);
+        }
         let pooled: Vec<LiveVm> = lock(&self.warm).drain().flat_map(|(_, v)| v).collect();
         for vm in pooled {
             destroy(vm).await;

@@ -81,6 +81,10 @@ pub fn reap(vm_dir: &Path) -> usize {
     for entry in std::fs::read_dir(vm_dir).into_iter().flatten().flatten() {
         let dir = entry.path();
         if !dir.is_dir() {
+            // A paused VM's state: paused VMs do not outlive their manager.
+            if dir.extension().is_some_and(|e| e == "paused") {
+                let _ = std::fs::remove_file(&dir);
+            }
             continue;
         }
         if let Some(pid) = std::fs::read_to_string(dir.join("pid"))

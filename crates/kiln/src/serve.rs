@@ -168,6 +168,16 @@ async fn vm_manager(
             for (image, count) in &settings.vm_warm_images {
                 if *count > 0 {
                     manager.keep_warm(image, 1, 128, *count);
+                    // E2B sandboxes of the base image come from a pool of
+                    // their own shape.
+                    if settings.e2b_listen.is_some() && *image == settings.e2b_base_image {
+                        manager.keep_warm(
+                            image,
+                            kiln_api::e2b::VCPUS,
+                            kiln_api::e2b::MEMORY_MIB,
+                            *count,
+                        );
+                    }
                 }
             }
             Ok(Some(manager))

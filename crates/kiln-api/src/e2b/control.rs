@@ -19,7 +19,7 @@ use kiln_core::Scope;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{E2b, Sandbox, ENVD_VERSION, SANDBOXES_MAX};
+use super::{E2b, Sandbox, ENVD_VERSION, MEMORY_MIB, SANDBOXES_MAX};
 use crate::error::ApiError;
 use crate::extract::Caller;
 
@@ -30,7 +30,7 @@ pub(crate) fn router() -> Router<Arc<E2b>> {
         .route("/sandboxes/{id}", get(detail).delete(kill))
         .route("/sandboxes/{id}/timeout", post(set_timeout))
         .route("/sandboxes/{id}/pause", post(pause))
-        .route("/sandboxes/{id}/resume", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(crate::JSON_BYTES_MAX))
@@ -38,9 +38,6 @@ pub(crate) fn router() -> Router<Arc<E2b>> {
 
 /// The default sandbox lifetime, as E2B's.
 const TIMEOUT_DEFAULT_S: u64 = 300;
-/// A sandbox's memory: E2B's default size; under emulation only the pages
-/// the guest touches are resident.
-const MEMORY_MIB: u32 = 512;
 const METADATA_MAX: usize = 64;
 const ENV_MAX: usize = 256;
 const LIST_LIMIT_MAX: usize = 1000;
@@ -238,7 +235,7 @@ fn iso(ms: i64) -> String {
     crate::render_time(ms).unwrap_or_default()
 }
 
-fn listed_json(sandbox: &Sandbox, vm: &kiln_vm::VmInfo) -> Value {
+fn listed_json(sandbox: &Sandbox, vm: &kiln_vm::VmInfo, paused: bool) -> Value {
     json!({
         "templateID": sandbox.template,
         "alias": sandbox.template,
@@ -249,7 +246,7 @@ fn listed_json(sandbox: &Sandbox, vm: &kiln_vm::VmInfo) -> Value {
         "cpuCount": vm.vcpus,
         "memoryMB": vm.memory_mib,
         "diskSizeMB": 0,
-        "state": "running",
+        "state": if paused { "paused" } else { "running" },
         "envdVersion": ENVD_VERSION,
         "metadata": sandbox.metadata,
     })
@@ -312,6 +309,7 @@ async fn create_inner(
     let spec = kiln_vm::job::CreateVmSpec::try_from(json!({
         "image": image,
         "memory_mib": MEMORY_MIB,
+        "vcpus": super::VCPUS,
         "ttl_s": timeout_s,
         "labels": {"e2b": "sandbox"},
     }))
@@ -377,11 +375,31 @@ fn has_account(passwd: &[u8], name: &str) -> bool {
         .any(|line| line.split(':').next() == Some(name))
 }
 
-/// The caller's live sandbox, or 404: another tenant's is not found.
-async fn own(e2b: &E2b, caller: &Caller, id: &str) -> E2bResult<(Arc<Sandbox>, kiln_vm::VmInfo)> {
-    match e2b.live(id).await {
-        Some((sandbox, vm)) if sandbox.tenant == caller.tenant => Ok((sandbox, vm)),
+/// The caller's sandbox (running, or paused: true), or 404: another
+/// tenant's is not found.
+async fn own(
+    e2b: &E2b,
+    caller: &Caller,
+    id: &str,
+) -> E2bResult<(Arc<Sandbox>, kiln_vm::VmInfo, bool)> {
+    match e2b.find(id).await {
+        Some(found) if found.0.tenant == caller.tenant => Ok(found),
         _ => Err(E2bError::not_found(id)),
+    }
+}
+
+/// The caller's running sandbox, or 404.
+async fn running(
+    e2b: &E2b,
+    caller: &Caller,
+    id: &str,
+) -> E2bResult<(Arc<Sandbox>, kiln_vm::VmInfo)> {
+    match own(e2b, caller, id).await? {
+        (sandbox, vm, false) => Ok((sandbox, vm)),
+        _ => Err(E2bError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is paused; connect to resume it"),
+        )),
     }
 }
 
@@ -410,7 +428,17 @@ async fn connect(
     Body(body): Body<Timeout>,
 ) -> E2bResult<Response> {
     caller.require(Scope::Write)?;
-    let (sandbox, vm) = own(&e2b, &caller, &id).await?;
+    let (sandbox, vm, paused) = own(&e2b, &caller, &id).await?;
+    if paused {
+        // Resumed from its saved state: 201, as E2B answers a resume.
+        let ttl = ttl(body.timeout.unwrap_or(TIMEOUT_DEFAULT_S))?;
+        let vms = e2b.vms().ok_or_else(|| E2bError::not_found(&id))?;
+        vms.resume(&caller.tenant, &id, Some(ttl))
+            .await
+            .map_err(|error| E2bError::from(crate::routes::vms::create_error(error)))?
+            .ok_or_else(|| E2bError::not_found(&id))?;
+        return Ok((StatusCode::CREATED, axum::Json(sandbox_json(&sandbox))).into_response());
+    }
     if let (Some(seconds), Some(vms)) = (body.timeout, e2b.vms()) {
         let wanted = ttl(seconds)?;
         let end = crate::now_millis().saturating_add(wanted.as_millis() as i64);
@@ -449,7 +477,7 @@ async fn set_timeout(
     Body(body): Body<Timeout>,
 ) -> E2bResult<StatusCode> {
     caller.require(Scope::Write)?;
-    own(&e2b, &caller, &id).await?;
+    running(&e2b, &caller, &id).await?;
     let wanted = ttl(body
         .timeout
         .ok_or_else(|| E2bError::bad("timeout is required"))?)?;
@@ -468,24 +496,65 @@ async fn detail(
     Path(id): Path<String>,
 ) -> E2bResult<axum::Json<Value>> {
     caller.require(Scope::Read)?;
-    let (sandbox, vm) = own(&e2b, &caller, &id).await?;
-    let mut view = listed_json(&sandbox, &vm);
+    let (sandbox, vm, paused) = own(&e2b, &caller, &id).await?;
+    let mut view = listed_json(&sandbox, &vm, paused);
     view["envdAccessToken"] = json!(sandbox.token);
     view["domain"] = Value::Null;
     view["allowInternetAccess"] = json!(vm.network.is_some());
     Ok(axum::Json(view))
 }
 
-/// Pausing needs a snapshot of a running sandbox's memory and disk, which
-/// this server does not take: the SDK raises with this message.
-async fn pause(Tenant(caller): Tenant, Path(id): Path<String>) -> E2bError {
-    if let Err(error) = caller.require(Scope::Write) {
-        return error.into();
+/// `POST /sandboxes/{id}/pause`: the VM's whole state (memory, and so
+/// its files, which live in a tmpfs overlay) is saved to disk and its
+/// process stops; `connect` resumes it. 409 if it is paused already.
+async fn pause(
+    State(e2b): State<Arc<E2b>>,
+    Tenant(caller): Tenant,
+    Path(id): Path<String>,
+) -> E2bResult<StatusCode> {
+    caller.require(Scope::Write)?;
+    let (_, _, paused) = own(&e2b, &caller, &id).await?;
+    if paused {
+        return Err(E2bError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already paused"),
+        ));
     }
-    E2bError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        format!("pausing sandbox {id} is not supported by this server"),
-    )
+    let vms = e2b.vms().ok_or_else(|| E2bError::not_found(&id))?;
+    match vms.pause(&caller.tenant, &id).await {
+        Ok(Some(_)) => Ok(StatusCode::NO_CONTENT),
+        Ok(None) => Err(E2bError::not_found(&id)),
+        Err(kiln_vm::VmError::Refused(message)) => Err(E2bError::bad(message)),
+        Err(error) => Err(E2bError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("pausing sandbox {id}: {error}"),
+        )),
+    }
+}
+
+/// `POST /sandboxes/{id}/resume` (older clients; the SDK resumes through
+/// `connect`).
+async fn resume(
+    State(e2b): State<Arc<E2b>>,
+    Tenant(caller): Tenant,
+    Path(id): Path<String>,
+    Body(body): Body<Timeout>,
+) -> E2bResult<Response> {
+    caller.require(Scope::Write)?;
+    let (sandbox, _, paused) = own(&e2b, &caller, &id).await?;
+    if !paused {
+        return Err(E2bError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is not paused"),
+        ));
+    }
+    let ttl = ttl(body.timeout.unwrap_or(TIMEOUT_DEFAULT_S))?;
+    let vms = e2b.vms().ok_or_else(|| E2bError::not_found(&id))?;
+    vms.resume(&caller.tenant, &id, Some(ttl))
+        .await
+        .map_err(|error| E2bError::from(crate::routes::vms::create_error(error)))?
+        .ok_or_else(|| E2bError::not_found(&id))?;
+    Ok((StatusCode::CREATED, axum::Json(sandbox_json(&sandbox))).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -495,6 +564,8 @@ struct ListQuery {
     state: Option<String>,
     limit: Option<usize>,
     next_token: Option<String>,
+    order: Option<String>,
+    template: Option<String>,
 }
 
 /// `GET /v2/sandboxes`: the tenant's sandboxes, oldest first, filtered by
@@ -512,13 +583,16 @@ async fn list(
         }
         None => Vec::new(),
     };
-    if let Some(states) = &query.state {
-        if !states.split(',').any(|s| s.trim() == "running") {
-            // Nothing here is ever paused.
-            return Ok(axum::Json(json!([])).into_response());
-        }
-    }
+    let states: Vec<String> = match &query.state {
+        Some(states) => states.split(',').map(|s| s.trim().to_string()).collect(),
+        None => vec!["running".into(), "paused".into()],
+    };
     let limit = query.limit.unwrap_or(100).clamp(1, LIST_LIMIT_MAX);
+    let descending = match query.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(other) => return Err(E2bError::bad(format!("order {other:?} is asc or desc"))),
+    };
     let after = match &query.next_token {
         Some(token) => Some(parse_token(token)?),
         None => None,
@@ -528,29 +602,41 @@ async fn list(
         .values()
         .filter(|s| s.tenant == caller.tenant)
         .filter(|s| wanted.iter().all(|(k, v)| s.metadata.get(k) == Some(v)))
+        .filter(|s| query.template.as_ref().is_none_or(|t| &s.template == t))
         .filter(|s| {
-            after
-                .as_ref()
-                .is_none_or(|(ms, id)| (s.started_ms, s.id.as_str()) > (*ms, id.as_str()))
+            after.as_ref().is_none_or(|(ms, id)| {
+                let here = (s.started_ms, s.id.as_str());
+                if descending {
+                    here < (*ms, id.as_str())
+                } else {
+                    here > (*ms, id.as_str())
+                }
+            })
         })
         .cloned()
         .collect();
     mine.sort_by(|a, b| (a.started_ms, &a.id).cmp(&(b.started_ms, &b.id)));
+    if descending {
+        mine.reverse();
+    }
     let mut page = Vec::new();
-    let mut more = false;
     for sandbox in mine {
-        if page.len() == limit {
-            more = true;
-            break;
-        }
-        if let Some((sandbox, vm)) = e2b.live(&sandbox.id).await {
-            page.push((sandbox, vm));
+        if let Some((sandbox, vm, paused)) = e2b.find(&sandbox.id).await {
+            let state = if paused { "paused" } else { "running" };
+            if states.iter().any(|s| s == state) {
+                page.push((sandbox, vm, paused));
+            }
         }
     }
-    let body: Vec<Value> = page.iter().map(|(s, vm)| listed_json(s, vm)).collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let body: Vec<Value> = page
+        .iter()
+        .map(|(s, vm, paused)| listed_json(s, vm, *paused))
+        .collect();
     let mut response = axum::Json(body).into_response();
     if more {
-        if let Some((last, _)) = page.last() {
+        if let Some((last, _, _)) = page.last() {
             let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .encode(format!("{}:{}", last.started_ms, last.id));
             if let Ok(value) = HeaderValue::from_str(&token) {
@@ -588,7 +674,10 @@ async fn metrics(
 ) -> E2bResult<axum::Json<Value>> {
     caller.require(Scope::Read)?;
     let Query(query) = query.map_err(|r| E2bError::bad(r.body_text()))?;
-    let (_, vm) = own(&e2b, &caller, &id).await?;
+    let (_, vm, paused) = own(&e2b, &caller, &id).await?;
+    if paused {
+        return Ok(axum::Json(json!([])));
+    }
     let now_ms = crate::now_millis();
     let now_s = now_ms / 1000;
     if query.start.is_some_and(|s| s > now_s) || query.end.is_some_and(|e| e < now_s - 60) {

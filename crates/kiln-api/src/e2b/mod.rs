@@ -40,6 +40,11 @@ use crate::AppState;
 pub const ENVD_VERSION: &str = "0.5.7";
 const SANDBOX_HEADER: &str = "e2b-sandbox-id";
 const TOKEN_HEADER: &str = "x-access-token";
+/// A sandbox's shape: E2B's default memory (only the pages the guest
+/// touches are resident), one vCPU. `kiln serve` keeps a warm pool of this
+/// shape for the base image when it keeps one of the image at all.
+pub const MEMORY_MIB: u32 = 512;
+pub const VCPUS: u8 = 1;
 /// Sandboxes one server keeps track of; past it, creates are refused.
 const SANDBOXES_MAX: usize = 10_000;
 
@@ -143,21 +148,27 @@ impl E2b {
         self.idempotent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A sandbox whose VM still runs, with its VM; one whose VM has gone
-    /// is forgotten.
+    /// A sandbox whose VM still runs, with its VM.
     async fn live(&self, id: &str) -> Option<(Arc<Sandbox>, kiln_vm::VmInfo)> {
-        let sandbox = self.sandboxes().get(id).cloned()?;
-        let vm = match self.vms() {
-            Some(vms) => vms.get(&sandbox.tenant, id).await,
-            None => None,
-        };
-        match vm {
-            Some(vm) => Some((sandbox, vm)),
-            None => {
-                self.forget(id);
-                None
-            }
+        match self.find(id).await? {
+            (sandbox, vm, false) => Some((sandbox, vm)),
+            _ => None,
         }
+    }
+
+    /// A sandbox whose VM runs or is paused (true), with its VM; one whose
+    /// VM has gone is forgotten.
+    async fn find(&self, id: &str) -> Option<(Arc<Sandbox>, kiln_vm::VmInfo, bool)> {
+        let sandbox = self.sandboxes().get(id).cloned()?;
+        let vms = self.vms()?;
+        if let Some(vm) = vms.get(&sandbox.tenant, id).await {
+            return Some((sandbox, vm, false));
+        }
+        if let Some(vm) = vms.paused(&sandbox.tenant, id) {
+            return Some((sandbox, vm, true));
+        }
+        self.forget(id);
+        None
     }
 
     fn forget(&self, id: &str) {
@@ -170,7 +181,7 @@ impl E2b {
     async fn sweep(&self) {
         let ids: Vec<String> = self.sandboxes().keys().cloned().collect();
         for id in ids {
-            let _ = self.live(&id).await;
+            let _ = self.find(&id).await;
         }
     }
 }
