@@ -139,10 +139,10 @@ def test_send_stdin_and_close_it(sbx):
 
 def test_a_pty(sbx):
     data = bytearray()
-    handle = sbx.pty.create(PtySize(rows=24, cols=80), on_data=data.extend)
+    handle = sbx.pty.create(PtySize(rows=24, cols=80))
     sbx.pty.resize(handle.pid, PtySize(rows=30, cols=100))
     sbx.pty.send_stdin(handle.pid, b"stty size; tty; exit 0\n")
-    handle.wait()
+    handle.wait(on_pty=data.extend)
     text = data.decode(errors="replace")
     assert "30 100" in text
     assert "/dev/pts/" in text
@@ -255,7 +255,7 @@ def test_pause_and_resume_keep_files_and_processes():
     try:
         sandbox.files.write("/tmp/kept.txt", "still here")
         counter = sandbox.commands.run(
-            "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done",
+            "while true; do echo tick >> /tmp/count; sleep 0.2; done",
             background=True,
             timeout=0,
         )
@@ -268,9 +268,9 @@ def test_pause_and_resume_keep_files_and_processes():
         assert [s.sandbox_id for s in paused.next_items()] == [sandbox.sandbox_id]
         resumed = Sandbox.connect(sandbox.sandbox_id)
         assert resumed.files.read("/tmp/kept.txt") == "still here"
-        before = int(resumed.files.read("/tmp/count"))
+        before = len(resumed.files.read("/tmp/count").split())
         time.sleep(1)
-        assert int(resumed.files.read("/tmp/count")) > before, "the loop did not run on"
+        assert len(resumed.files.read("/tmp/count").split()) > before, "the loop did not run on"
         assert counter.pid in [p.pid for p in resumed.commands.list()]
     finally:
         sandbox.kill()

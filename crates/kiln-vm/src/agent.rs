@@ -596,6 +596,44 @@ impl AgentConn {
             .await
     }
 
+    /// Takes over from the connection this guest had before it was paused
+    /// and restored: request ids go on after the old ones (the guest may
+    /// still run commands under them) and the kept secrets stay kept.
+    pub fn continue_from(&self, old: &AgentConn) {
+        self.inner
+            .next_id
+            .fetch_max(old.inner.next_id.load(Ordering::Relaxed), Ordering::Relaxed);
+        let (values, redactor) = {
+            let kept = old.inner.kept.lock().unwrap_or_else(|e| e.into_inner());
+            (kept.values.clone(), kept.redactor.clone())
+        };
+        let mut kept = self.inner.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.values = values;
+        kept.redactor = redactor;
+    }
+
+    /// The stream of exec `id`, started on the connection this one
+    /// continues (see [`AgentConn::continue_from`]): its events from now on.
+    pub fn adopt(&self, id: u64) -> ExecStream {
+        let (tx, frames) = mpsc::channel(EXEC_QUEUE);
+        self.inner.routes().insert(id, Route::Exec(tx));
+        self.inner.execs.fetch_add(1, Ordering::SeqCst);
+        let mut stream = ExecStream {
+            conn: self.clone(),
+            id,
+            frames,
+            deadline: None,
+            failed: None,
+            ended: false,
+            redact: None,
+            pending: VecDeque::new(),
+        };
+        if let Some(kept) = self.redactor_with(&[]).ok().flatten() {
+            stream.redact_with(&kept);
+        }
+        stream
+    }
+
     /// Starts a command with `stdin` as the first of its input; its events
     /// come from the returned stream, redacted of the VM's kept secrets
     /// (see [`ExecStream::redact_with`] for a command's own).

@@ -93,6 +93,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<LiveVm>>>;
 struct PausedVm {
     info: VmInfo,
     state: PathBuf,
+    /// Its agent connection as it was: the restored guest's continues it.
+    agent: AgentConn,
     /// The TTL it had left; it does not run down while paused.
     ttl_left: Option<Duration>,
     idle_timeout: Option<Duration>,
@@ -911,6 +913,7 @@ impl VmManager {
         let paused = PausedVm {
             info: info.clone(),
             state,
+            agent: vm.agent.clone(),
             ttl_left: vm.ttl.map(|ttl| ttl.saturating_sub(vm.created.elapsed())),
             idle_timeout: vm.idle_timeout,
         };
@@ -990,6 +993,7 @@ impl VmManager {
             .vmm
             .restore(&config, &paused.state, self.boot_timeout())
             .await?;
+        vm.agent.continue_from(&paused.agent);
         if let Err(error) = freshen(&vm.agent).await {
             let mut child = vm.child;
             child.kill().await;

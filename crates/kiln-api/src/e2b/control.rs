@@ -5,6 +5,7 @@
 //! looks at the status.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -361,6 +362,7 @@ async fn create_inner(
         default_user,
         procs: Default::default(),
         watchers: Default::default(),
+        pausing: Default::default(),
     });
     e2b.sandboxes().insert(vm.id.clone(), sandbox.clone());
     if let Some(key) = idempotency {
@@ -431,12 +433,7 @@ async fn connect(
     let (sandbox, vm, paused) = own(&e2b, &caller, &id).await?;
     if paused {
         // Resumed from its saved state: 201, as E2B answers a resume.
-        let ttl = ttl(body.timeout.unwrap_or(TIMEOUT_DEFAULT_S))?;
-        let vms = e2b.vms().ok_or_else(|| E2bError::not_found(&id))?;
-        vms.resume(&caller.tenant, &id, Some(ttl))
-            .await
-            .map_err(|error| E2bError::from(crate::routes::vms::create_error(error)))?
-            .ok_or_else(|| E2bError::not_found(&id))?;
+        wake(&e2b, &caller, &sandbox, body.timeout).await?;
         return Ok((StatusCode::CREATED, axum::Json(sandbox_json(&sandbox))).into_response());
     }
     if let (Some(seconds), Some(vms)) = (body.timeout, e2b.vms()) {
@@ -513,7 +510,7 @@ async fn pause(
     Path(id): Path<String>,
 ) -> E2bResult<StatusCode> {
     caller.require(Scope::Write)?;
-    let (_, _, paused) = own(&e2b, &caller, &id).await?;
+    let (sandbox, _, paused) = own(&e2b, &caller, &id).await?;
     if paused {
         return Err(E2bError::new(
             StatusCode::CONFLICT,
@@ -521,7 +518,14 @@ async fn pause(
         ));
     }
     let vms = e2b.vms().ok_or_else(|| E2bError::not_found(&id))?;
-    match vms.pause(&caller.tenant, &id).await {
+    sandbox.pausing.store(true, Ordering::SeqCst);
+    // Watchers poll a VM that is about to stop.
+    sandbox.watchers.clear();
+    let paused = vms.pause(&caller.tenant, &id).await;
+    if !matches!(paused, Ok(Some(_))) {
+        sandbox.pausing.store(false, Ordering::SeqCst);
+    }
+    match paused {
         Ok(Some(_)) => Ok(StatusCode::NO_CONTENT),
         Ok(None) => Err(E2bError::not_found(&id)),
         Err(kiln_vm::VmError::Refused(message)) => Err(E2bError::bad(message)),
@@ -530,6 +534,28 @@ async fn pause(
             format!("pausing sandbox {id}: {error}"),
         )),
     }
+}
+
+/// Resumes a paused sandbox for `timeout` seconds (default 300), with its
+/// processes.
+async fn wake(
+    e2b: &E2b,
+    caller: &Caller,
+    sandbox: &Arc<Sandbox>,
+    timeout: Option<u64>,
+) -> E2bResult<()> {
+    let id = &sandbox.id;
+    let ttl = ttl(timeout.unwrap_or(TIMEOUT_DEFAULT_S))?;
+    let vms = e2b.vms().ok_or_else(|| E2bError::not_found(id))?;
+    vms.resume(&caller.tenant, id, Some(ttl))
+        .await
+        .map_err(|error| E2bError::from(crate::routes::vms::create_error(error)))?
+        .ok_or_else(|| E2bError::not_found(id))?;
+    if let Some(agent) = vms.agent(&caller.tenant, id).await {
+        super::process::adopt_all(sandbox, &agent);
+    }
+    sandbox.pausing.store(false, Ordering::SeqCst);
+    Ok(())
 }
 
 /// `POST /sandboxes/{id}/resume` (older clients; the SDK resumes through
@@ -548,12 +574,7 @@ async fn resume(
             format!("sandbox {id} is not paused"),
         ));
     }
-    let ttl = ttl(body.timeout.unwrap_or(TIMEOUT_DEFAULT_S))?;
-    let vms = e2b.vms().ok_or_else(|| E2bError::not_found(&id))?;
-    vms.resume(&caller.tenant, &id, Some(ttl))
-        .await
-        .map_err(|error| E2bError::from(crate::routes::vms::create_error(error)))?
-        .ok_or_else(|| E2bError::not_found(&id))?;
+    wake(&e2b, &caller, &sandbox, body.timeout).await?;
     Ok((StatusCode::CREATED, axum::Json(sandbox_json(&sandbox))).into_response())
 }
 

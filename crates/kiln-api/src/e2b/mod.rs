@@ -75,6 +75,9 @@ pub(crate) struct Sandbox {
     pub default_user: String,
     pub procs: process::Table,
     pub watchers: fs::Watchers,
+    /// Set while the sandbox is being paused or is paused: its processes'
+    /// pumps stop without ending them.
+    pub pausing: std::sync::atomic::AtomicBool,
 }
 
 /// An envd request's sandbox and user, resolved by [`envd_guard`].

@@ -80,7 +80,8 @@ struct Proc {
     pid: u32,
     tag: Option<String>,
     config: Value,
-    control: ExecControl,
+    /// Replaced when the sandbox resumes (a new connection to its agent).
+    control: Mutex<ExecControl>,
     pty: bool,
     attached: Mutex<Attached>,
 }
@@ -92,6 +93,13 @@ struct Attached {
 }
 
 impl Proc {
+    fn control(&self) -> ExecControl {
+        self.control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn attached(&self) -> std::sync::MutexGuard<'_, Attached> {
         self.attached.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -257,7 +265,7 @@ async fn spawn(
             "envs": config.envs,
             "cwd": config.cwd,
         }),
-        control: stream.control(),
+        control: Mutex::new(stream.control()),
         pty: pty.is_some(),
         attached: Mutex::new(Attached::default()),
     });
@@ -282,6 +290,12 @@ async fn pump(sandbox: Arc<super::Sandbox>, proc: Arc<Proc>, mut stream: ExecStr
             }
             Ok(ExecEvent::Stderr(data)) => Event::Data("stderr", data),
             Ok(ExecEvent::Exited(out)) => Event::End(end_event(&out)),
+            // The sandbox is being paused: the process is saved with it and
+            // adopted again at resume; the streams attached now end.
+            Err(_) if sandbox.pausing.load(Ordering::SeqCst) => {
+                proc.attached().streams.clear();
+                return;
+            }
             Err(error) => Event::End(json!({
                 "exitCode": -1,
                 "exited": false,
@@ -316,6 +330,17 @@ async fn pump(sandbox: Arc<super::Sandbox>, proc: Arc<Proc>, mut stream: ExecStr
         }
     }
     sandbox.procs.procs().remove(&proc.pid);
+}
+
+/// After a resume: every process the sandbox had is read again through
+/// the new connection to its agent, under the same pid.
+pub(crate) fn adopt_all(sandbox: &Arc<super::Sandbox>, agent: &kiln_vm::AgentConn) {
+    let procs: Vec<Arc<Proc>> = sandbox.procs.procs().values().cloned().collect();
+    for proc in procs {
+        let stream = agent.adopt(proc.control().id());
+        *proc.control.lock().unwrap_or_else(|e| e.into_inner()) = stream.control();
+        tokio::spawn(pump(sandbox.clone(), proc, stream));
+    }
 }
 
 /// envd's end event: `exitCode` −1 and `exited` false for a signal, and
@@ -462,7 +487,7 @@ async fn send_signal(
     let Unary(request) = request?;
     let signal = signal_number(&request.signal)?;
     let proc = envd.sandbox.procs.find(&request.process)?;
-    proc.control.kill(signal).await?;
+    proc.control().kill(signal).await?;
     Ok(connect::reply(json!({})))
 }
 
@@ -489,7 +514,7 @@ async fn give_input(envd: &Envd, selector: &Selector, input: &Input) -> Result<(
         ));
     }
     let proc = envd.sandbox.procs.find(selector)?;
-    proc.control.send_stdin(&data, false).await?;
+    proc.control().send_stdin(&data, false).await?;
     Ok(())
 }
 
@@ -508,7 +533,7 @@ async fn close_stdin(
 ) -> Result<Response, ConnectError> {
     let Unary(request) = request?;
     let proc = envd.sandbox.procs.find(&request.process)?;
-    proc.control.send_stdin(b"", true).await?;
+    proc.control().send_stdin(b"", true).await?;
     Ok(connect::reply(json!({})))
 }
 
@@ -592,7 +617,7 @@ async fn update(
             )));
         }
         let size = pty_size(size)?;
-        proc.control.resize(size.cols, size.rows).await?;
+        proc.control().resize(size.cols, size.rows).await?;
     }
     Ok(connect::reply(json!({})))
 }
