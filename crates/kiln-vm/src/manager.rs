@@ -103,6 +103,8 @@ struct PausedVm {
 /// Paused VMs one manager keeps (each is a file the size of the memory
 /// its guest touched).
 const PAUSED_MAX: usize = 256;
+/// Paused VMs one tenant keeps, so one cannot take every place.
+const PAUSED_PER_TENANT_MAX: usize = 32;
 
 pub struct VmManager {
     images_dir: PathBuf,
@@ -887,6 +889,13 @@ impl VmManager {
             Some("a VM with a network cannot be paused (its NIC cannot be saved)")
         } else if lock(&self.paused).len() >= PAUSED_MAX {
             Some("too many paused VMs on this host")
+        } else if lock(&self.paused)
+            .values()
+            .filter(|p| p.info.tenant == tenant)
+            .count()
+            >= PAUSED_PER_TENANT_MAX
+        {
+            Some("the tenant has as many paused VMs as it may keep")
         } else {
             None
         };
