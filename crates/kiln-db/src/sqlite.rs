@@ -149,34 +149,14 @@ impl SqliteStore {
         now: Millis,
         audit: Option<&kiln_core::audit::AuditRecord>,
     ) -> DbResult<(Job, bool)> {
-        let encoded = EncodedJob::new(job, now);
-        let sql = format!(
-            "{INSERT_JOB} ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL \
-             DO NOTHING RETURNING {JOB_COLUMNS}"
-        );
-        let mut tx = self.write.begin().await?;
-        let inserted: Option<JobRow> = bind_new(sqlx::query(&sql), &encoded, now)
-            .try_map(|row| sqlx::FromRow::from_row(&row))
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some(row) = inserted {
-            if let Some(audit) = audit {
-                let mut record = audit.clone();
-                record.resource = format!("/api/v1/jobs/{}", row.id);
-                crate::audit::insert_sqlite(&mut tx, &record).await?;
-            }
-            tx.commit().await?;
-            return Ok((Job::try_from(row)?, true));
-        }
-        let existing: JobRow = sqlx::query_as(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ? AND idempotency_key = ?"
-        ))
-        .bind(&job.tenant)
-        .bind(&job.idempotency_key)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok((Job::try_from(existing)?, false))
+        // In a task of its own: a caller that goes away mid-way (a client
+        // that disconnects) must not stop the writer between BEGIN and
+        // COMMIT, which would leave the connection inside a transaction.
+        let write = self.write.clone();
+        let (job, audit) = (job.clone(), audit.cloned());
+        tokio::spawn(async move { insert_job(&write, &job, now, audit.as_ref()).await })
+            .await
+            .map_err(|e| crate::DbError::Corrupt(format!("the job insert stopped: {e}")))?
     }
 
     pub async fn job_insert_many(&self, jobs: &[NewJob], now: Millis) -> DbResult<Vec<i64>> {
@@ -835,4 +815,67 @@ pub(crate) async fn complete_on(
         applied.extend(row);
     }
     Ok(applied)
+}
+
+/// [`SqliteStore::job_insert`]'s one trip to the writer.
+async fn insert_job(
+    write: &SqlitePool,
+    job: &NewJob,
+    now: Millis,
+    audit: Option<&kiln_core::audit::AuditRecord>,
+) -> DbResult<(Job, bool)> {
+    let encoded = EncodedJob::new(job, now);
+    // One trip to the writer's thread for the whole transaction: the
+    // job, its audit record (only if the job was inserted: `changes()`
+    // counts the insert, not its triggers; `last_insert_rowid()` is the
+    // job's) and the commit. Every statement is a message to the
+    // connection's worker, and the single writer is the queue's
+    // bottleneck here.
+    let mut sql = format!(
+        "BEGIN; {INSERT_JOB} ON CONFLICT (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL \
+         DO NOTHING RETURNING {JOB_COLUMNS};"
+    );
+    if audit.is_some() {
+        sql.push_str(
+            " INSERT INTO audit (tenant, time, actor_kind, actor, action, resource, request_id, \
+             source, outcome, rationale) SELECT ?15, ?16, ?17, ?18, ?19, \
+             '/api/v1/jobs/' || last_insert_rowid(), ?20, ?21, ?22, ?23 WHERE changes() = 1;",
+        );
+    }
+    sql.push_str(" COMMIT;");
+    let mut query = bind_new(sqlx::query(&sql), &encoded, now);
+    if let Some(r) = audit {
+        query = query
+            .bind(&r.tenant)
+            .bind(r.time)
+            .bind(&r.actor_kind)
+            .bind(&r.actor)
+            .bind(&r.action)
+            .bind(&r.request_id)
+            .bind(&r.source)
+            .bind(&r.outcome)
+            .bind(&r.rationale);
+    }
+    let mut conn = write.acquire().await?;
+    let rows = match query.fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(error) => {
+            // A statement failed inside the transaction: end it before
+            // the connection goes back to the pool.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return Err(error.into());
+        }
+    };
+    if let Some(row) = rows.first() {
+        let row: JobRow = sqlx::FromRow::from_row(row)?;
+        return Ok((Job::try_from(row)?, true));
+    }
+    let existing: JobRow = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ? AND idempotency_key = ?"
+    ))
+    .bind(&job.tenant)
+    .bind(&job.idempotency_key)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((Job::try_from(existing)?, false))
 }
