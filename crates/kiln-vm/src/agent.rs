@@ -9,7 +9,7 @@
 //! that answers no open request is dropped. Every exec with a timeout also
 //! has a host-side deadline, since a guest may ignore the one it is given.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,6 +98,41 @@ struct Inner {
     /// The secrets the VM keeps for its life, and their redactor: every
     /// command's output is redacted of them.
     kept: Mutex<Kept>,
+    /// What every exec runs with unless it says otherwise (the image's).
+    defaults: Mutex<Option<Arc<ExecDefaults>>>,
+}
+
+/// An image's environment, working directory and user (an OCI image's
+/// `Env`, `WorkingDir` and `User`): every command in its VMs starts with
+/// them unless its request says otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExecDefaults {
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl ExecDefaults {
+    pub fn is_empty(&self) -> bool {
+        self.env.is_empty() && self.cwd.is_none() && self.user.is_none()
+    }
+
+    /// Fills in what `exec` leaves open: a variable the request sets wins,
+    /// as do its cwd and user.
+    pub fn apply(&self, exec: &mut Exec) {
+        for (key, value) in &self.env {
+            exec.env.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+        if exec.cwd.is_none() {
+            exec.cwd.clone_from(&self.cwd);
+        }
+        if exec.user.is_none() {
+            exec.user.clone_from(&self.user);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -237,6 +272,7 @@ impl AgentConn {
             execs: AtomicUsize::new(0),
             secrets: tokio::sync::Mutex::default(),
             kept: Mutex::default(),
+            defaults: Mutex::default(),
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -596,6 +632,17 @@ impl AgentConn {
             .await
     }
 
+    /// Every exec from now on starts with `defaults` where its request is
+    /// silent (see [`ExecDefaults::apply`]).
+    pub fn set_exec_defaults(&self, defaults: ExecDefaults) {
+        let defaults = (!defaults.is_empty()).then(|| Arc::new(defaults));
+        *self
+            .inner
+            .defaults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = defaults;
+    }
+
     /// Takes over from the connection this guest had before it was paused
     /// and restored: request ids go on after the old ones (the guest may
     /// still run commands under them) and the kept secrets stay kept.
@@ -644,6 +691,15 @@ impl AgentConn {
     ) -> Result<ExecStream, AgentError> {
         let id = self.next_id();
         exec.id = id;
+        let defaults = self
+            .inner
+            .defaults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(defaults) = defaults {
+            defaults.apply(&mut exec);
+        }
         let deadline = exec
             .timeout_ms
             .map(|ms| Instant::now() + Duration::from_millis(ms) + EXEC_GRACE);
@@ -1027,6 +1083,56 @@ mod tests {
             modified_ns: 0,
             symlink_target: None,
         }
+    }
+
+    #[tokio::test]
+    async fn execs_start_with_the_image_defaults_their_request_leaves_open() {
+        let (conn, mut guest) = pair();
+        conn.set_exec_defaults(ExecDefaults {
+            env: BTreeMap::from([
+                ("GREETING".into(), "from-image".into()),
+                ("PATH".into(), "/opt/bin:/bin".into()),
+            ]),
+            cwd: Some("/srv/work".into()),
+            user: Some("1000:1000".into()),
+        });
+        let plain = Exec {
+            command: "id".into(),
+            ..Exec::default()
+        };
+        let _bare = conn.exec_stream(plain.clone(), b"").await.unwrap();
+        let Request::Exec(sent) = next_request(&mut guest).await else {
+            panic!()
+        };
+        assert_eq!(sent.env["GREETING"], "from-image");
+        assert_eq!(sent.env["PATH"], "/opt/bin:/bin");
+        assert_eq!(sent.cwd.as_deref(), Some("/srv/work"));
+        assert_eq!(sent.user.as_deref(), Some("1000:1000"));
+
+        let own = Exec {
+            env: BTreeMap::from([("GREETING".into(), "own".into())]),
+            cwd: Some("/tmp".into()),
+            user: Some("root".into()),
+            ..plain.clone()
+        };
+        let _own = conn.exec_stream(own, b"").await.unwrap();
+        let Request::Exec(sent) = next_request(&mut guest).await else {
+            panic!()
+        };
+        assert_eq!(sent.env["GREETING"], "own");
+        assert_eq!(sent.env["PATH"], "/opt/bin:/bin");
+        assert_eq!(
+            (sent.cwd.as_deref(), sent.user.as_deref()),
+            (Some("/tmp"), Some("root"))
+        );
+
+        // Empty defaults are none at all.
+        conn.set_exec_defaults(ExecDefaults::default());
+        let _after = conn.exec_stream(plain, b"").await.unwrap();
+        let Request::Exec(sent) = next_request(&mut guest).await else {
+            panic!()
+        };
+        assert!(sent.env.is_empty() && sent.cwd.is_none() && sent.user.is_none());
     }
 
     #[tokio::test]

@@ -13,6 +13,9 @@
 //! initramfs is then only the first stage, which mounts the root
 //! filesystem's drive read-only under a private overlay and hands over to
 //! the agent inside it.
+//!
+//! With `--from` (see [`oci`]) the root filesystem is an OCI image's
+//! layers instead, and the image's config gives its commands' defaults.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::cpio::Cpio;
 use crate::kernel::{depends_on, download, extract_vmlinux, minimal_kernel, unpack};
 pub use crate::rootfs::RootfsManifest;
+
+// Declared here rather than in lib.rs: OCI images are one of the image
+// builder's sources.
+#[path = "oci/mod.rs"]
+pub mod oci;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -98,6 +106,13 @@ pub struct ImageManifest {
     /// image, whose whole root is the initramfs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<RootfsManifest>,
+    /// The OCI image the root filesystem was made of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<oci::OciOrigin>,
+    /// What every command in the image's VMs starts with unless it says
+    /// otherwise (an OCI image's `Env`, `WorkingDir` and `User`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<crate::agent::ExecDefaults>,
 }
 
 #[derive(Clone, Debug)]
@@ -246,13 +261,22 @@ pub(crate) fn run(step_name: &'static str, command: &mut Command) -> Result<Stri
 }
 
 /// What an image is built from besides its kernel: nothing (the busybox
-/// image) or Debian packages for a root filesystem.
+/// image), Debian packages or an OCI image for a root filesystem.
 #[derive(Clone, Debug, Default)]
 pub struct BuildSpec {
     pub kernel: KernelKind,
     /// Packages of a Debian root filesystem (checked, sorted); `None` for
     /// the busybox image.
     pub packages: Option<Vec<String>>,
+    /// An OCI image whose layers are the root filesystem.
+    pub oci: Option<OciSpec>,
+}
+
+/// The OCI image a root filesystem is made of, and how large it may get.
+#[derive(Clone, Debug)]
+pub struct OciSpec {
+    pub source: oci::OciSource,
+    pub limits: oci::Limits,
 }
 
 impl BuildSpec {
@@ -261,6 +285,16 @@ impl BuildSpec {
         BuildSpec {
             kernel,
             packages: None,
+            oci: None,
+        }
+    }
+
+    /// A root filesystem image of the OCI image `source` names.
+    pub fn oci(source: oci::OciSource, limits: oci::Limits) -> BuildSpec {
+        BuildSpec {
+            kernel: KernelKind::Minimal,
+            packages: None,
+            oci: Some(OciSpec { source, limits }),
         }
     }
 
@@ -280,6 +314,7 @@ impl BuildSpec {
         Ok(BuildSpec {
             kernel: KernelKind::Minimal,
             packages: Some(crate::rootfs::package_list(&packages)?),
+            oci: None,
         })
     }
 }
@@ -343,6 +378,30 @@ pub fn build_with(
             ));
         }
         crate::rootfs::check_tools()?;
+    }
+    if spec.oci.is_some() {
+        if spec.kernel != KernelKind::Minimal {
+            return Err(step(
+                "check kernel",
+                "root filesystem images boot the minimal kernel (virtio-blk, erofs and overlayfs built in)",
+            ));
+        }
+        // Files keep the owners their layers give them.
+        if !nix::unistd::geteuid().is_root() {
+            return Err(step(
+                "check user",
+                "building from an OCI image needs root (its files keep their owners)",
+            ));
+        }
+        let found = std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join("mkfs.erofs").is_file())
+        });
+        if !found {
+            return Err(step(
+                "build root filesystem",
+                "mkfs.erofs not found: apt-get install erofs-utils",
+            ));
+        }
     }
     std::fs::create_dir_all(images_dir)?;
     let work = images_dir.join(format!(".build-{name}-{}", std::process::id()));
@@ -423,7 +482,11 @@ fn build_in(
     progress: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<Image, ImageError> {
     let kernel = spec.kernel;
-    let steps = if spec.packages.is_some() { 7 } else { 5 };
+    let steps = if spec.packages.is_some() || spec.oci.is_some() {
+        7
+    } else {
+        5
+    };
     progress(1, steps, "resolving and downloading Debian packages");
     let debs = images_dir.join(".debs");
     std::fs::create_dir_all(&debs)?;
@@ -455,8 +518,9 @@ fn build_in(
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&agent_bytes))
     };
-    let rootfs = match &spec.packages {
-        Some(packages) => {
+    let (mut from, mut exec) = (None, None);
+    let rootfs = match (&spec.packages, &spec.oci) {
+        (Some(packages), _) => {
             let tree = work.join("rootfs");
             crate::rootfs::debootstrap(&tree, &images_dir.join(".cache"), packages, &mut |what| {
                 progress(4, steps, &format!("Debian root filesystem: {what}"))
@@ -482,7 +546,44 @@ fn build_in(
                 },
             ))
         }
-        None => None,
+        (None, Some(oci)) => {
+            let tree = work.join("rootfs");
+            std::fs::create_dir_all(&tree)?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&tree, std::fs::Permissions::from_mode(0o755))?;
+            }
+            let pulled = oci::pull(
+                &oci.source,
+                oci.limits,
+                &tree,
+                &work.join("blobs"),
+                &mut |what| progress(4, steps, &format!("OCI image: {what}")),
+            )?;
+            progress(5, steps, "packing the root filesystem (erofs)");
+            oci::ready_for_kiln(&tree, &agent_bytes)?;
+            crate::rootfs::add_user(&tree)?;
+            let packed = work.join(ROOTFS_FILE);
+            let size_bytes = crate::rootfs::pack_erofs(&tree, &packed)?;
+            let _ = std::fs::remove_dir_all(&tree);
+            let build_key = oci_build_key(&pulled.origin.digest, &agent_sha256);
+            from = Some(pulled.origin);
+            exec = Some(pulled.exec).filter(|e| !e.is_empty());
+            Some((
+                packed,
+                RootfsManifest {
+                    format: "erofs".into(),
+                    file: ROOTFS_FILE.into(),
+                    suite: String::new(),
+                    packages: Vec::new(),
+                    installed: 0,
+                    size_bytes,
+                    warm_up: Vec::new(),
+                    build_key,
+                },
+            ))
+        }
+        (None, None) => None,
     };
     progress(steps - 1, steps, "packing the initramfs");
     let initramfs = match rootfs {
@@ -513,6 +614,8 @@ fn build_in(
             .unwrap_or(0)
             .to_string(),
         rootfs,
+        from,
+        exec,
     };
     install_image(
         images_dir,
@@ -522,6 +625,25 @@ fn build_in(
         rootfs_file.as_deref(),
         manifest,
     )
+}
+
+/// The content key of an OCI root filesystem image: the image's manifest
+/// digest and what kiln adds to it.
+fn oci_build_key(manifest_digest: &str, agent_sha256: &str) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in [
+        "oci",
+        manifest_digest,
+        agent_sha256,
+        KERNEL_CONFIG,
+        ROOTFS_INIT,
+        &format!("{:?}", crate::rootfs::USER),
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hex::encode(hash.finalize())[..16].to_string()
 }
 
 /// The initramfs: busybox, the agent as `/sbin/kiln-agent`, `/init`, and
@@ -671,6 +793,8 @@ mod tests {
             agent_sha256: String::new(),
             created_at: String::new(),
             rootfs: None,
+            from: None,
+            exec: None,
         };
         let images = work.join("images");
         for dir in [

@@ -551,7 +551,7 @@ impl VmManager {
     /// has no room (`NoCapacity`).
     pub async fn create(self: &Arc<Self>, request: VmRequest) -> Result<VmInfo, VmError> {
         let started = Instant::now();
-        Image::open(&self.images_dir, &request.image)?;
+        let image = Image::open(&self.images_dir, &request.image)?;
         let tenant_slot = self
             .capacity
             .reserve_tenant(&request.tenant, request.memory_mib)?;
@@ -590,6 +590,9 @@ impl VmManager {
         let ttl = request
             .ttl
             .map(|ttl| ttl.min(Duration::from_secs(self.config.ttl_max_s)));
+        // Set only now: kiln's own warm-up commands run as kiln chose.
+        live.agent
+            .set_exec_defaults(image.manifest.exec.clone().unwrap_or_default());
         live.info.tenant = request.tenant;
         live.info.labels = request.labels;
         live.info.created_at_ms = created_at_ms;
@@ -1003,6 +1006,8 @@ impl VmManager {
             .restore(&config, &paused.state, self.boot_timeout())
             .await?;
         vm.agent.continue_from(&paused.agent);
+        vm.agent
+            .set_exec_defaults(image.manifest.exec.clone().unwrap_or_default());
         if let Err(error) = freshen(&vm.agent).await {
             let mut child = vm.child;
             child.kill().await;

@@ -336,7 +336,8 @@ enum ModuleCommand {
 enum ImageCommand {
     /// Build (or rebuild) a guest image from Debian packages and kiln's agent:
     /// `default` is the busybox initramfs; `python` and `node` are presets
-    /// of a Debian root filesystem; any other name takes `--packages`.
+    /// of a Debian root filesystem; any other name takes `--packages`, or
+    /// `--from` for the root filesystem of an OCI image.
     Build {
         #[command(flatten)]
         server: ServerArgs,
@@ -345,8 +346,21 @@ enum ImageCommand {
         name: String,
         /// Debian packages (comma-separated) for a root filesystem image,
         /// e.g. python3,git,curl,gcc; their dependencies come along.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', conflicts_with = "from")]
         packages: Vec<String>,
+        /// An OCI image as the root filesystem: REGISTRY/REPO:TAG (or
+        /// @sha256:…; linux/amd64), or oci-layout:DIR[:TAG] for a local
+        /// OCI layout. Its Env, WorkingDir and User become the defaults of
+        /// every command in its VMs.
+        #[arg(long)]
+        from: Option<String>,
+        /// Speak plain HTTP to the registry (always so for 127.0.0.1 and
+        /// localhost).
+        #[arg(long, requires = "from")]
+        insecure: bool,
+        /// Refuse an OCI image whose layers unpack to more than this.
+        #[arg(long, default_value_t = 4096, requires = "from")]
+        max_unpacked_mib: u64,
         /// Keep a root filesystem image that is already what this build
         /// would make (same packages, agent, kernel configuration).
         #[arg(long)]
@@ -867,6 +881,9 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             server,
             name,
             packages,
+            from,
+            insecure,
+            max_unpacked_mib,
             if_changed,
             agent,
             kernel,
@@ -874,7 +891,14 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             let kernel = kiln_vm::image::KernelKind::parse(&kernel).context("--kernel")?;
             let settings = local_settings(&server)?;
             kiln_core::names::check_ident("image", &name)?;
-            let spec = if packages.is_empty() && name == "default" {
+            let spec = if let Some(from) = from {
+                use kiln_vm::image::oci;
+                let limits = oci::Limits {
+                    max_unpacked_bytes: max_unpacked_mib.saturating_mul(1 << 20),
+                    ..oci::Limits::default()
+                };
+                kiln_vm::image::BuildSpec::oci(oci::OciSource::parse(&from, insecure)?, limits)
+            } else if packages.is_empty() && name == "default" {
                 kiln_vm::image::BuildSpec::busybox(kernel)
             } else {
                 kiln_vm::image::BuildSpec::rootfs(&name, &packages)?
@@ -927,14 +951,15 @@ fn image_row(image: &kiln_vm::image::Image) -> String {
         .ok()
         .and_then(|s| kiln_api::render_time(s.saturating_mul(1000)))
         .unwrap_or_else(|| manifest.created_at.clone());
-    let packages = match &manifest.rootfs {
-        Some(rootfs) => format!(
+    let packages = match (&manifest.rootfs, &manifest.from) {
+        (Some(_), Some(from)) => format!("oci {}@{}", from.reference, from.digest),
+        (Some(rootfs), None) => format!(
             "debian {} ({} installed): {}",
             rootfs.suite,
             rootfs.installed,
             rootfs.packages.join(",")
         ),
-        None => format!("busybox initramfs: {}", manifest.busybox_package),
+        (None, _) => format!("busybox initramfs: {}", manifest.busybox_package),
     };
     format!(
         "{}\t{}\t{} {}\t{}\t{}",
