@@ -82,11 +82,12 @@ impl<R: Read> Metered<R> {
 
     /// Reads what is left (a tar's trailing blocks count towards its
     /// digest too) and returns `sha256:<hex>` of everything read.
-    pub fn finish(mut self) -> std::io::Result<(String, u64)> {
+    pub fn finish(&mut self) -> std::io::Result<(String, u64)> {
         use sha2::Digest;
-        std::io::copy(&mut self, &mut std::io::sink())?;
+        std::io::copy(self, &mut std::io::sink())?;
+        let hash = std::mem::replace(&mut self.hash, sha2::Sha256::new());
         Ok((
-            format!("sha256:{}", hex::encode(self.hash.finalize())),
+            format!("sha256:{}", hex::encode(hash.finalize())),
             self.read,
         ))
     }

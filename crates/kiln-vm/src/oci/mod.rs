@@ -448,17 +448,17 @@ fn apply_blob(
             });
         }
         let finished = plain.finish();
-        match finished {
-            Ok(done) => done,
-            Err(_) if budget.bytes == 0 => return Err(over_unpacked()),
-            Err(e) => return Err(fail(step, format!("{}: {e}", desc.digest))),
+        if plain.over {
+            return Err(over_unpacked());
         }
+        finished.map_err(|e| fail(step, format!("{}: {e}", desc.digest)))?
     };
     budget.bytes = budget.bytes.saturating_sub(read);
-    let over = blob.over;
     let checked = blob.finish();
     match checked {
-        Ok((digest, size)) if !over && size == desc.size && digest == desc.digest => Ok(diff_id),
+        Ok((digest, size)) if !blob.over && size == desc.size && digest == desc.digest => {
+            Ok(diff_id)
+        }
         _ => Err(fail(
             "verify",
             format!("layer {}: digest mismatch", desc.digest),
