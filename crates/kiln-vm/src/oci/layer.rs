@@ -330,7 +330,8 @@ impl Layer<'_> {
             EntryType::Directory => self.dir(path, meta)?,
             EntryType::Symlink => {
                 let target = link.filter(|l| !l.is_empty() && l.len() < PATH_MAX);
-                let target = target.ok_or_else(|| refused(path, "symlink without a target"))?;
+                let target =
+                    target.ok_or_else(|| refused(path, "symlink target missing or too long"))?;
                 self.symlink(path, target, meta)?;
             }
             EntryType::Link => {
@@ -395,7 +396,7 @@ impl Layer<'_> {
         prefix: &mut Vec<Vec<u8>>,
         depth: usize,
     ) -> Result<(), TreeError> {
-        if depth > PATH_MAX / 2 {
+        if depth > tree::REMOVE_DEPTH_MAX {
             return Err(TreeError::Hostile("directories too deep".into()));
         }
         let keep = |prefix: &Vec<Vec<u8>>, name: &[u8]| {

@@ -418,7 +418,7 @@ fn device_nodes_are_skipped_and_odd_entries_refused() {
     );
     s.refused(
         &Tar::default().symlink("empty", "").done(),
-        "without a target",
+        "target missing",
     );
     s.refused(
         &Tar::default()

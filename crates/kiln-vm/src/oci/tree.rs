@@ -21,8 +21,11 @@ pub const PATH_MAX: usize = 4096;
 pub const NAME_MAX: usize = 255;
 /// Symlinks followed while resolving one path (the kernel's own limit).
 const HOPS_MAX: usize = 40;
-/// Directory levels below a path that a removal descends.
+/// Directory levels a path may have.
 const DEPTH_MAX: usize = PATH_MAX / 2;
+/// Directory levels a removal descends, each holding a descriptor and a
+/// stack frame; no real image nests deeper.
+pub const REMOVE_DEPTH_MAX: usize = 256;
 
 /// Why a path could not be resolved or written.
 #[derive(Debug)]
@@ -260,7 +263,7 @@ fn remove_below(dir: BorrowedFd<'_>, name: &[u8], depth: usize) -> Result<(), Tr
     };
     let c = cname(name)?;
     if is_dir(&stat) {
-        if depth > DEPTH_MAX {
+        if depth > REMOVE_DEPTH_MAX {
             return Err(hostile("directories too deep to remove"));
         }
         let inner = open_dir_at(dir, name)?;
@@ -272,10 +275,9 @@ fn remove_below(dir: BorrowedFd<'_>, name: &[u8], depth: usize) -> Result<(), Tr
     Ok(())
 }
 
-/// Removes every entry of `dir` that `keep` does not keep (given its
-/// name; a kept directory is pruned by `keep` too, through the names below
-/// it as `name/sub`). Passes over the directory until one removes nothing,
-/// so no list of names is held and none is missed.
+/// Removes every entry of `dir` whose name `keep` refuses (directories
+/// with all below them). Passes over the directory until one removes
+/// nothing, so no list of names is held and none is missed.
 pub fn prune(
     dir: BorrowedFd<'_>,
     depth: usize,
@@ -303,8 +305,8 @@ pub fn prune(
     Ok(())
 }
 
-/// Lists the names in `dir` for a caller that keeps some and descends
-/// into them (see [`prune`]).
+/// Hands `each` the directories in `dir` whose names `keep` keeps, opened,
+/// for a caller that prunes below them too.
 pub fn subdirs_kept(
     dir: BorrowedFd<'_>,
     keep: &mut dyn FnMut(&[u8]) -> bool,
