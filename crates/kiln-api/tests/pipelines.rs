@@ -21,6 +21,7 @@ kiln_db::on_both_databases!(
     artifacts_travel_from_a_fan_out_into_a_fan_in,
     artifacts_live_on_s3,
     artifacts_go_from_a_vm_step_into_a_wasm_step,
+    a_fan_out_wider_than_the_slots_strands_no_step,
 );
 
 async fn wait_run(h: &Harness, id: &str) -> Value {
@@ -638,5 +639,40 @@ async fn wait_run_for(h: &Harness, id: &str, guard: Duration) -> Value {
         }
         assert!(Instant::now() < deadline, "run {id} stuck: {run}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Many more instances than the worker has slots: while the completer
+/// takes slots for the next steps it leases, the lease loop must never
+/// lease a job it has no slot for (it would sit leased until its lease ran
+/// out, 30 s, far past this test's deadline).
+async fn a_fan_out_wider_than_the_slots_strands_no_step(db: Db) {
+    let h = harness(db).await;
+    let def = json!({"name": "wide", "params": [{"name": "items", "type": "list"}], "steps": [
+        {"id": "each", "kind": "noop", "for_each": "${params.items}"},
+        {"id": "join", "kind": "noop", "depends_on": ["each"]},
+    ]});
+    let (status, body) = h
+        .call("POST", "/api/v1/pipelines", &h.admin, Some(def))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    for _ in 0..3 {
+        let items: Vec<usize> = (0..300).collect();
+        let (status, run) = h
+            .call(
+                "POST",
+                "/api/v1/pipelines/wide/runs",
+                &h.admin,
+                Some(json!({"params": {"items": items}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{run}");
+        let id = run["id"].as_str().unwrap().to_string();
+        let run = wait_run_for(&h, &id, Duration::from_secs(20)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(
+            step(&run, "each")["instances"].as_array().unwrap().len(),
+            300
+        );
     }
 }

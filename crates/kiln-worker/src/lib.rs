@@ -459,7 +459,21 @@ async fn lease_round(
             _ = shutdown.cancelled() => return Round::Stop,
         }
     }
-    let free = slots.available_permits().min(config.batch_max);
+    // The slots are taken before the lease: the completer takes slots too
+    // (for the next steps it leases), so free slots counted now may be
+    // gone when the jobs come back, and a leased job without a slot would
+    // sit leased until its lease ran out.
+    let mut permits = Vec::new();
+    while permits.len() < config.batch_max {
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => permits.push(permit),
+            Err(_) => break,
+        }
+    }
+    let free = permits.len();
+    if free == 0 {
+        return Round::Full;
+    }
     let now = now_millis();
     let request = LeaseRequest {
         worker_id: &config.id,
@@ -489,8 +503,16 @@ async fn lease_round(
     tracing::trace!(asked = free, got, "leased");
     *got_full_batch = got == free;
     for job in leased {
-        start(shared, tasks, job);
+        match permits.pop() {
+            Some(permit) => start_with(shared, tasks, job, permit),
+            // Never happens: no more jobs are leased than asked for. Were
+            // it to, the job goes back without costing an attempt.
+            None => {
+                let _ = shared.release.send((job.id, job.attempt));
+            }
+        }
     }
+    drop(permits);
     if got == free {
         return Round::Full;
     }
@@ -502,17 +524,7 @@ async fn lease_round(
     Round::Idle(idle_for)
 }
 
-/// Starts one leased job in a task of its own.
-fn start(shared: &Shared, tasks: &mut JoinSet<()>, job: LeasedJob) {
-    let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-        // Never happens: no more jobs are leased than slots are free. Were
-        // it to, the job goes back without costing an attempt.
-        let _ = shared.release.send((job.id, job.attempt));
-        return;
-    };
-    start_with(shared, tasks, job, permit);
-}
-
+/// Starts one leased job in a task of its own, in the slot `permit` holds.
 fn start_with(
     shared: &Shared,
     tasks: &mut JoinSet<()>,
