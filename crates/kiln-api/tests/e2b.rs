@@ -94,6 +94,14 @@ fn envd(sbx: &Sbx, path: &str, content_type: &str, body: Vec<u8>) -> Request<Bod
         .unwrap()
 }
 
+/// `GET /files?path=` of a sandbox.
+fn read_file(sbx: &Sbx, path: &str) -> Request<Body> {
+    let mut read = envd(sbx, "/files", "", Vec::new());
+    *read.method_mut() = axum::http::Method::GET;
+    *read.uri_mut() = format!("/files?path={path}").parse().unwrap();
+    read
+}
+
 fn unary(sbx: &Sbx, method: &str, message: Value) -> Request<Body> {
     envd(
         sbx,
@@ -235,10 +243,7 @@ async fn the_wire_contract_holds_on_a_real_vm() {
         answer.json(),
         json!([{"name": "a.txt", "type": "file", "path": "/home/user/notes/a.txt"}])
     );
-    let mut download = envd(&sbx, "/files", "", Vec::new());
-    *download.method_mut() = axum::http::Method::GET;
-    *download.uri_mut() = "/files?path=/home/user/notes/a.txt".parse().unwrap();
-    let answer = send(&app, download).await;
+    let answer = send(&app, read_file(&sbx, "/home/user/notes/a.txt")).await;
     assert_eq!(
         (answer.status, answer.body.as_slice()),
         (StatusCode::OK, &b"alpha"[..])
@@ -345,10 +350,7 @@ async fn the_wire_contract_holds_on_a_real_vm() {
         .any(|p| p["pid"] == pid && p["tag"] == "bg"));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut read = envd(&sbx, "/files", "", Vec::new());
-        *read.method_mut() = axum::http::Method::GET;
-        *read.uri_mut() = "/files?path=/tmp/in.txt".parse().unwrap();
-        let answer = send(&app, read).await;
+        let answer = send(&app, read_file(&sbx, "/tmp/in.txt")).await;
         if answer.body == b"fed" {
             break;
         }
@@ -433,10 +435,7 @@ async fn the_wire_contract_holds_on_a_real_vm() {
     .await;
     assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.json());
     assert_eq!(answer.json()["sandboxID"], sbx.id.as_str());
-    let mut read = envd(&sbx, "/files", "", Vec::new());
-    *read.method_mut() = axum::http::Method::GET;
-    *read.uri_mut() = "/files?path=/home/user/notes/a.txt".parse().unwrap();
-    let answer = send(&app, read).await;
+    let answer = send(&app, read_file(&sbx, "/home/user/notes/a.txt")).await;
     assert_eq!(
         (answer.status, answer.body.as_slice()),
         (StatusCode::OK, &b"alpha"[..])

@@ -156,6 +156,12 @@ const LIFECYCLE_BUFFER: usize = 4096;
 /// Image, vCPUs, memory: what makes VMs interchangeable.
 type PoolKey = (String, u8, u32);
 
+/// When a VM with `ttl` from `from_ms` ends (saturating: a TTL is capped
+/// before it gets here, but the sum never overflows).
+fn ends_at(from_ms: i64, ttl: Duration) -> i64 {
+    from_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -596,9 +602,7 @@ impl VmManager {
         live.info.tenant = request.tenant;
         live.info.labels = request.labels;
         live.info.created_at_ms = created_at_ms;
-        live.info.expires_at_ms = ttl.map(|ttl| {
-            created_at_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
-        });
+        live.info.expires_at_ms = ttl.map(|ttl| ends_at(created_at_ms, ttl));
         if from_pool {
             live.info.boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             metrics::histogram!("kiln_vm_start_seconds", "how" => "pool")
@@ -872,8 +876,7 @@ impl VmManager {
         let live = guard.as_mut().filter(|vm| vm.info.tenant == tenant)?;
         let ttl = ttl.min(Duration::from_secs(self.config.ttl_max_s));
         live.ttl = Some(live.created.elapsed() + ttl);
-        live.info.expires_at_ms =
-            Some(now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
+        live.info.expires_at_ms = Some(ends_at(now_ms(), ttl));
         Some(live.info.clone())
     }
 
@@ -1022,8 +1025,7 @@ impl VmManager {
         let mut info = info.clone();
         info.pid = vm.child.id();
         info.boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        info.expires_at_ms = ttl
-            .map(|ttl| now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)));
+        info.expires_at_ms = ttl.map(|ttl| ends_at(now_ms(), ttl));
         let live = LiveVm {
             info: info.clone(),
             agent: vm.agent,

@@ -640,9 +640,17 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
         }
     };
     let tap = vm_tap(who.vms.as_ref(), &who.tenant, &who.vm_id, recording.id());
-    let end = pump(socket, stream, &mut recording, tap.as_ref()).await;
-    if let Err(error) = hold.release().await {
-        tracing::warn!(%error, vm = %who.vm_id, "a command's secret files could not be removed");
+    let mut hold = Some(hold);
+    let end = pump(
+        socket,
+        stream,
+        &mut recording,
+        tap.as_ref(),
+        (&mut hold, &who.vm_id),
+    )
+    .await;
+    if let Some(hold) = hold {
+        release_hold(hold, &who.vm_id).await;
     }
     if let Some(tap) = &tap {
         tap.finish().await;
@@ -655,6 +663,12 @@ async fn stream_exec(mut socket: WebSocket, agent: AgentInUse, who: Who) {
                 .abandoned("the client left; the command was killed")
                 .await
         }
+    }
+}
+
+async fn release_hold(hold: SecretHold, vm_id: &str) {
+    if let Err(error) = hold.release().await {
+        tracing::warn!(%error, vm = %vm_id, "a command's secret files could not be removed");
     }
 }
 
@@ -685,6 +699,7 @@ async fn pump(
     mut stream: ExecStream,
     seen: &mut Recording,
     tap: Option<&kiln_logs::LogTap>,
+    (hold, vm_id): (&mut Option<SecretHold>, &str),
 ) -> PumpEnd {
     loop {
         tokio::select! {
@@ -705,6 +720,11 @@ async fn pump(
                         tagged(WS_STDERR, &data)
                     }
                     Ok(ExecEvent::Exited(out)) => {
+                        // The secret files go before the client hears of
+                        // the end: its next command must not find them.
+                        if let Some(hold) = hold.take() {
+                            release_hold(hold, vm_id).await;
+                        }
                         let exit = serde_json::json!({"type": "exit", "exit_code": out.status(),
                             "signal": out.signal, "timed_out": out.timed_out});
                         let _ = socket.send(text(exit)).await;
