@@ -510,3 +510,22 @@ async fn a_duplicate_is_a_conflict(db: Db) {
     );
     h.stop().await;
 }
+
+/// A port's proxy path without its slash sends the client to the slashed
+/// one, query kept, so a page served there resolves its relative links.
+#[tokio::test]
+async fn a_port_path_without_its_slash_is_redirected() {
+    use tower::ServiceExt;
+    let h = harness(kiln_db::testing::sqlite_temp().await).await;
+    let request = axum::http::Request::builder()
+        .uri("/api/v1/vms/vm-abc/ports/8000?x=1")
+        .header("authorization", format!("Bearer {}", h.admin))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = h.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        response.headers()["location"],
+        "/api/v1/vms/vm-abc/ports/8000/?x=1"
+    );
+}

@@ -36,8 +36,30 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/vms/{id}/ports", get(list_ports))
+        .route("/vms/{id}/ports/{port}", any(add_slash))
         .route("/vms/{id}/ports/{port}/", any(proxy_root))
         .route("/vms/{id}/ports/{port}/{*rest}", any(proxy))
+}
+
+/// `/ports/{port}` without its slash: a page served there would resolve
+/// its relative links against `/ports/`, so the client is sent to the
+/// slashed path (308 keeps the method and body), as HTTP servers do for a
+/// directory.
+async fn add_slash(uri: axum::extract::OriginalUri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let path = uri.0.path();
+    let target = match uri.0.query() {
+        Some(query) => format!("{path}/?{query}"),
+        None => format!("{path}/"),
+    };
+    match axum::http::HeaderValue::from_str(&target) {
+        Ok(location) => (
+            StatusCode::PERMANENT_REDIRECT,
+            [(axum::http::header::LOCATION, location)],
+        )
+            .into_response(),
+        Err(_) => ApiError::bad_request("a path that cannot be redirected").into_response(),
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
