@@ -248,7 +248,7 @@ pub fn builtin_kinds() -> JobKinds {
         routes::vms::create_vm, routes::vms::list_vms, routes::vms::get_vm, routes::vms::delete_vm,
         routes::vms::execute, routes::vms::exec_ws, routes::vms::upload, routes::vms::download,
         routes::vms::list_executions, routes::vms::get_execution,
-        routes::vm_ports::list_ports, routes::vm_ports::proxy_root, routes::vm_ports::proxy,
+        routes::vm_ports::list_ports, routes::vm_ports::add_slash, routes::vm_ports::proxy_root, routes::vm_ports::proxy,
         routes::flow::apply_pipeline, routes::flow::list_pipelines, routes::flow::get_pipeline,
         routes::flow::pipeline_versions, routes::flow::delete_pipeline, routes::flow::start_run,
         routes::flow::trigger_run,

@@ -45,7 +45,11 @@ pub fn router() -> Router<Arc<AppState>> {
 /// its relative links against `/ports/`, so the client is sent to the
 /// slashed path (308 keeps the method and body), as HTTP servers do for a
 /// directory.
-async fn add_slash(uri: axum::extract::OriginalUri) -> axum::response::Response {
+#[utoipa::path(method(get, post, put, delete, patch), path = "/api/v1/vms/{id}/ports/{port}", tag = "vms",
+    params(("id" = String, Path, description = "The VM's id"), ("port" = u16, Path, description = "An exposed guest port")),
+    responses((status = 308, description = "To the same path with a trailing slash, query kept")),
+    security(("bearer" = [])))]
+pub async fn add_slash(uri: axum::extract::OriginalUri) -> axum::response::Response {
     use axum::response::IntoResponse;
     let path = uri.0.path();
     let target = match uri.0.query() {
