@@ -49,8 +49,22 @@ pub fn router() -> Router<Arc<AppState>> {
     params(("id" = String, Path, description = "The VM's id"), ("port" = u16, Path, description = "An exposed guest port")),
     responses((status = 308, description = "To the same path with a trailing slash, query kept")),
     security(("bearer" = [])))]
-pub async fn add_slash(uri: axum::extract::OriginalUri) -> axum::response::Response {
+pub async fn add_slash(
+    caller: Caller,
+    method: axum::http::Method,
+    uri: axum::extract::OriginalUri,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
+    // The caller is checked as the proxy checks it, so the answer (and its
+    // audit record) is the caller's.
+    let needed = if matches!(method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        Scope::Read
+    } else {
+        Scope::Write
+    };
+    if let Err(error) = caller.require(needed) {
+        return error.into_response();
+    }
     let path = uri.0.path();
     let target = match uri.0.query() {
         Some(query) => format!("{path}/?{query}"),
