@@ -19,7 +19,7 @@ mod sqlite;
 pub(crate) use rows::*;
 pub use schedules::{FireRecord, ScheduleRecord};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use kiln_core::files::{FileInput, JobFiles};
@@ -335,14 +335,14 @@ pub(crate) trait FlowTx: Send {
         run_id: i64,
         steps: Option<&[String]>,
     ) -> DbResult<Vec<InstanceRecord>>;
-    async fn instances_of_jobs(
+    async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()>;
+    /// The run's instances on these jobs, each with its job's end, in one
+    /// statement.
+    async fn ended_instances(
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Vec<InstanceRecord>>;
-    async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()>;
-    /// The ends of these jobs, with the instance each belongs to.
-    async fn job_ends(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<JobEnd>>;
+    ) -> DbResult<Vec<(InstanceRecord, JobEnd)>>;
     /// The `files` of the jobs' results (JSON text), without the rest of
     /// the result: a run's artefact list never reads its output.
     async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>>;
@@ -358,12 +358,13 @@ pub(crate) trait FlowTx: Send {
     async fn take_outbox(&mut self, run: Option<i64>, limit: i64)
         -> DbResult<Vec<(i64, i64, i64)>>;
     async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()>;
-    /// A statement without arguments (savepoints).
-    async fn exec(&mut self, sql: &'static str) -> DbResult<()>;
     /// Writes attempt ends in this transaction; the ids written come back.
     async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>>;
-    /// The outbox rows of these jobs, locked for this transaction.
-    async fn outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>>;
+    /// Deletes the outbox rows of these jobs (none another transaction
+    /// holds) and returns them as (id, run, job), oldest first.
+    async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>>;
+    /// Writes (run, job) step ends back to the outbox for the advancer.
+    async fn put_back_outbox(&mut self, ends: &[(i64, i64)]) -> DbResult<()>;
     /// The run row, locked, unless another transaction holds it: then
     /// `None` at once, never a wait.
     async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>>;
@@ -493,9 +494,26 @@ struct Advance<'a> {
     /// those dependants' other dependencies), so a long run costs the same
     /// per step at its end as at its start; the others stand as unknown.
     known: Vec<bool>,
+    /// Instance rows to write, held until something reads instances or the
+    /// advance is written: one statement for all of them.
+    pending: Vec<InstanceRecord>,
 }
 
 impl Advance<'_> {
+    /// Writes the held instance rows (the last of each instance wins).
+    async fn flush(&mut self, tx: &mut dyn FlowTx) -> DbResult<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut rows = std::mem::take(&mut self.pending);
+        // One upsert may not touch a row twice.
+        let mut seen = HashSet::new();
+        rows.reverse();
+        rows.retain(|r| seen.insert((r.step.clone(), r.index)));
+        rows.reverse();
+        tx.put_instances(self.run.id, &rows).await
+    }
+
     fn index(&self, id: &str) -> Option<usize> {
         self.checked.position(id)
     }
@@ -723,14 +741,19 @@ impl Advance<'_> {
                 }
             }
         };
-        // Instances that succeeded on an earlier attempt of the run are kept.
-        let kept: HashMap<i32, InstanceRecord> = tx
-            .instances(self.run.id, Some(std::slice::from_ref(&step.id)))
-            .await?
-            .into_iter()
-            .filter(|r| r.status == "succeeded")
-            .map(|r| (r.index, r))
-            .collect();
+        // Instances that succeeded on an earlier attempt of the run are
+        // kept (a first attempt has none).
+        let kept: HashMap<i32, InstanceRecord> = if self.run.attempt > 1 {
+            self.flush(tx).await?;
+            tx.instances(self.run.id, Some(std::slice::from_ref(&step.id)))
+                .await?
+                .into_iter()
+                .filter(|r| r.status == "succeeded")
+                .map(|r| (r.index, r))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let files = self.files_of(tx, step).await?;
         let mut jobs = Vec::new();
         let mut rows = Vec::new();
@@ -812,8 +835,8 @@ impl Advance<'_> {
         for (row, id) in rows.iter_mut().zip(ids) {
             row.job_id = Some(id);
         }
-        tx.put_instances(self.run.id, &rows).await?;
         self.made_jobs |= !rows.is_empty();
+        self.pending.extend(rows);
         let mut state = StepState::started(items.len() as u32);
         state.succeeded = kept.len() as u32;
         if state.total > 0 && state.succeeded >= state.total {
@@ -841,6 +864,7 @@ impl Advance<'_> {
         if !step.inputs.is_empty() {
             let names: BTreeSet<String> = step.inputs.iter().map(|i| i.step.clone()).collect();
             let names: Vec<String> = names.into_iter().collect();
+            self.flush(tx).await?;
             let producers = tx.instances(self.run.id, Some(&names)).await?;
             for input in &step.inputs {
                 let fanned = self
@@ -939,6 +963,7 @@ impl Advance<'_> {
             .collect();
         let mut instances: BTreeMap<String, Vec<InstanceRecord>> = BTreeMap::new();
         if !job_steps.is_empty() {
+            self.flush(tx).await?;
             for row in tx.instances(self.run.id, Some(&job_steps)).await? {
                 instances.entry(row.step.clone()).or_default().push(row);
             }
@@ -981,11 +1006,18 @@ impl Advance<'_> {
     }
 
     async fn write(mut self, tx: &mut dyn FlowTx) -> DbResult<bool> {
+        self.flush(tx).await?;
         let changed: Vec<&StepRecord> = self.changed.iter().map(|&i| &self.steps[i]).collect();
         if !changed.is_empty() {
             tx.put_steps(self.run.id, &changed).await?;
         }
-        if self.run.status == RunStatus::Running && self.partial() {
+        // A step known to be unsettled keeps the run going: no need to count.
+        let open = self
+            .steps
+            .iter()
+            .zip(&self.known)
+            .any(|(s, known)| *known && !s.status.is_settled());
+        if self.run.status == RunStatus::Running && self.partial() && !open {
             // Written first, so the count includes what this advance settled.
             let (settled, bad) = tx.step_counts(self.run.id).await?;
             if settled >= self.steps.len() as i64 {
@@ -1066,6 +1098,7 @@ async fn new_advance<'a>(
         new_jobs: Vec::new(),
         run_changed: false,
         known: vec![false; n],
+        pending: Vec::new(),
     })
 }
 
@@ -1322,7 +1355,9 @@ impl Db {
     /// `lease.limit` of the step jobs those advances make are leased to the
     /// caller when nothing waits ahead of them. A chain of steps then costs
     /// one transaction per step instead of three. Should advancing fail,
-    /// the ends are still recorded and the outbox keeps them.
+    /// the transaction is dropped and the ends are recorded alone, so the
+    /// outbox keeps them (no savepoint: two statements fewer on the path
+    /// every step takes, and the ends are idempotent to write again).
     pub async fn job_complete_advancing(
         &self,
         done: &[crate::Completion],
@@ -1345,22 +1380,15 @@ impl Db {
                 return Ok((self.job_complete_many(&sorted).await?, Vec::new()));
             }
         };
-        tx.exec("SAVEPOINT kiln_advance").await?;
         let inline = match advance_inline(tx.as_mut(), self.defs(), kinds, &applied, lease, now)
             .await
         {
-            Ok(inline) => {
-                tx.exec("RELEASE SAVEPOINT kiln_advance").await?;
-                inline
-            }
+            Ok(inline) => inline,
             Err(error) if error.is_unavailable() => return Err(error),
             Err(error) => {
                 tracing::warn!(%error, "advancing runs with their step ends failed; the advancer takes them");
-                tx.exec("ROLLBACK TO SAVEPOINT kiln_advance").await?;
-                Inline {
-                    left: true,
-                    ..Default::default()
-                }
+                drop(tx);
+                return Ok((self.job_complete_many(&sorted).await?, Vec::new()));
             }
         };
         tx.commit().await?;
@@ -1833,33 +1861,32 @@ async fn advance_inline(
     now: Millis,
 ) -> DbResult<Inline> {
     let mut out = Inline::default();
-    let rows = tx.outbox_of_jobs(applied).await?;
+    let rows = tx.take_outbox_of_jobs(applied).await?;
     if rows.is_empty() {
         return Ok(out);
     }
-    let mut by_run: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
-    for (id, run_id, job_id) in rows {
-        by_run.entry(run_id).or_default().push((id, job_id));
+    let mut by_run: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for (_, run_id, job_id) in rows {
+        by_run.entry(run_id).or_default().push(job_id);
     }
-    let mut taken = Vec::new();
     let mut fresh = Vec::new();
-    for (run_id, ends) in by_run {
+    let mut put_back = Vec::new();
+    for (run_id, jobs) in by_run {
         // Never waits for a run: one held elsewhere is the advancer's.
         let Some(run) = tx.try_lock_run(run_id).await? else {
-            out.left = true;
+            put_back.extend(jobs.iter().map(|&job| (run_id, job)));
             continue;
         };
-        let jobs: Vec<i64> = ends.iter().map(|e| e.1).collect();
         let (made, new) = advance_locked(tx, cache, kinds, run, &jobs, now).await?;
         // No more than ended here: the run's tenant keeps its running count.
         fresh.extend(new.iter().take(jobs.len()));
         // Jobs this worker will not be offered: more than ended, or the
         // first steps of a queued run the end let start.
         out.unleased |= made && (new.len() > jobs.len() || new.is_empty());
-        taken.extend(ends.iter().map(|e| e.0));
     }
-    if !taken.is_empty() {
-        tx.delete_outbox(&taken).await?;
+    if !put_back.is_empty() {
+        tx.put_back_outbox(&put_back).await?;
+        out.left = true;
     }
     let offered = fresh.len();
     if let Some(request) = lease.filter(|r| r.limit > 0 && !fresh.is_empty()) {
@@ -1886,29 +1913,22 @@ async fn advance_locked(
 ) -> DbResult<(bool, Vec<i64>)> {
     let run_id = run.id;
     let tenant = run.tenant.clone();
-    let ended: HashMap<i64, JobEnd> = tx
-        .job_ends(run_id, job_ids)
-        .await?
-        .into_iter()
-        .map(|e| (e.job_id, e))
-        .collect();
     // Only instances still on the job that ended: a job of an earlier
     // attempt of the run, ending late, changes nothing.
-    let mine: Vec<InstanceRecord> = tx
-        .instances_of_jobs(run_id, job_ids)
+    let mine: Vec<(InstanceRecord, JobEnd)> = tx
+        .ended_instances(run_id, job_ids)
         .await?
         .into_iter()
-        .filter(|r| r.status == "running" && r.job_id.is_some_and(|j| ended.contains_key(&j)))
+        .filter(|(r, _)| r.status == "running")
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
-    let ended_steps: BTreeSet<usize> = mine.iter().filter_map(|r| advance.index(&r.step)).collect();
+    let ended_steps: BTreeSet<usize> = mine
+        .iter()
+        .filter_map(|(r, _)| advance.index(&r.step))
+        .collect();
     let wanted = advance.around(ended_steps);
     advance.know(tx, wanted).await?;
-    let mut updated = Vec::with_capacity(mine.len());
-    for mut row in mine {
-        let Some(end) = row.job_id.and_then(|j| ended.get(&j)) else {
-            continue;
-        };
+    for (mut row, end) in mine {
         let ok = end.status == JobStatus::Succeeded;
         row.status = match end.status {
             JobStatus::Succeeded => "succeeded",
@@ -1938,9 +1958,8 @@ async fn advance_locked(
             }
             advance.changed.insert(i);
         }
-        updated.push(row);
+        advance.pending.push(row);
     }
-    tx.put_instances(run_id, &updated).await?;
     if advance.run.status == RunStatus::Running {
         advance.settle(tx).await?;
     }

@@ -7,9 +7,9 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
-    instance_item, step_detail, storable, FlowTx, InstanceRecord, InstanceRow, JobEnd, JobEndRow,
+    instance_item, step_detail, storable, EndedRow, FlowTx, InstanceRecord, InstanceRow, JobEnd,
     NewRunRow, PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
-    INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
+    ENDED_COLUMNS, INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
 use super::{FireRecord, ScheduleRecord};
 use crate::audit::note::Change;
@@ -209,21 +209,6 @@ impl FlowTx for PgFlowTx {
         rows_to(rows)
     }
 
-    async fn instances_of_jobs(
-        &mut self,
-        run_id: i64,
-        job_ids: &[i64],
-    ) -> DbResult<Vec<InstanceRecord>> {
-        let rows: Vec<InstanceRow> = sqlx::query_as(&format!(
-            "SELECT {INSTANCE_COLUMNS} FROM run_instances WHERE run_id = $1 AND job_id = ANY($2)"
-        ))
-        .bind(run_id)
-        .bind(job_ids)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows_to(rows)
-    }
-
     async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()> {
         if rows.is_empty() {
             return Ok(());
@@ -253,18 +238,6 @@ impl FlowTx for PgFlowTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
-    }
-
-    async fn job_ends(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<JobEnd>> {
-        let rows: Vec<JobEndRow> = sqlx::query_as(
-            "SELECT id, status, result, error, finished_at FROM jobs \
-             WHERE id = ANY($1) AND run_id = $2",
-        )
-        .bind(job_ids)
-        .bind(run_id)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        Ok(rows.into_iter().map(JobEnd::from).collect())
     }
 
     async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>> {
@@ -371,23 +344,48 @@ impl FlowTx for PgFlowTx {
         Ok(())
     }
 
-    async fn exec(&mut self, sql: &'static str) -> DbResult<()> {
-        sqlx::query(sql).execute(&mut *self.tx).await?;
-        Ok(())
-    }
-
     async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>> {
         Ok(crate::postgres::complete_on(&mut *self.tx, done).await?)
     }
 
-    async fn outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT id, run_id, job_id FROM flow_outbox WHERE job_id = ANY($1) \
-             ORDER BY id FOR UPDATE SKIP LOCKED",
+    async fn ended_instances(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+    ) -> DbResult<Vec<(InstanceRecord, JobEnd)>> {
+        let rows: Vec<EndedRow> = sqlx::query_as(&format!(
+            "SELECT {ENDED_COLUMNS} FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+             WHERE i.run_id = $1 AND j.run_id = $1 AND i.job_id = ANY($2)"
+        ))
+        .bind(run_id)
+        .bind(job_ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.into_iter().map(EndedRow::split).collect()
+    }
+
+    async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
+        let mut rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "DELETE FROM flow_outbox WHERE id IN (SELECT id FROM flow_outbox \
+               WHERE job_id = ANY($1) FOR UPDATE SKIP LOCKED) \
+             RETURNING id, run_id, job_id",
         )
         .bind(job_ids)
         .fetch_all(&mut *self.tx)
-        .await?)
+        .await?;
+        rows.sort_unstable();
+        Ok(rows)
+    }
+
+    async fn put_back_outbox(&mut self, ends: &[(i64, i64)]) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO flow_outbox (run_id, job_id) SELECT * FROM unnest($1::int8[], $2::int8[])",
+        )
+        .bind(ends.iter().map(|e| e.0).collect::<Vec<_>>())
+        .bind(ends.iter().map(|e| e.1).collect::<Vec<_>>())
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
     }
 
     async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {

@@ -190,6 +190,34 @@ impl From<JobEndRow> for JobEnd {
     }
 }
 
+/// An instance and the end of its job, read together.
+pub(crate) const ENDED_COLUMNS: &str = "i.step, i.idx, i.attempt, i.job_id, i.status, i.item, \
+     i.exit_code, i.stdout, i.error, i.started_at, i.finished_at, j.status AS end_status, \
+     j.result AS end_result, j.error AS end_error, j.finished_at AS end_finished_at";
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EndedRow {
+    #[sqlx(flatten)]
+    instance: InstanceRow,
+    end_status: String,
+    end_result: Option<String>,
+    end_error: Option<String>,
+    end_finished_at: Option<i64>,
+}
+
+impl EndedRow {
+    pub(crate) fn split(self) -> DbResult<(InstanceRecord, JobEnd)> {
+        let end = JobEnd::from(JobEndRow {
+            id: self.instance.job_id.unwrap_or_default(),
+            status: self.end_status,
+            result: self.end_result,
+            error: self.end_error,
+            finished_at: self.end_finished_at,
+        });
+        Ok((InstanceRecord::try_from(self.instance)?, end))
+    }
+}
+
 /// Text columns of a step row as written.
 pub(crate) fn step_detail(step: &StepRecord) -> Option<String> {
     step.detail.as_ref().map(Value::to_string)

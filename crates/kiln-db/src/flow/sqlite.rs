@@ -7,8 +7,8 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
-    instance_item, step_detail, FlowTx, InstanceRecord, InstanceRow, JobEnd, JobEndRow, NewRunRow,
-    PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
+    instance_item, step_detail, EndedRow, FlowTx, InstanceRecord, InstanceRow, JobEnd, NewRunRow,
+    PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow, ENDED_COLUMNS,
     INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
 use super::{FireRecord, ScheduleRecord};
@@ -167,28 +167,38 @@ impl FlowTx for SqliteFlowTx {
     }
 
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()> {
-        for s in steps {
-            sqlx::query(
-                "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
-                   finished_at, deadline_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
-                   total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
-                   started_at = excluded.started_at, finished_at = excluded.finished_at, \
-                   deadline_at = excluded.deadline_at, detail = excluded.detail",
-            )
-            .bind(run_id)
-            .bind(&s.step)
-            .bind(s.status.as_str())
-            .bind(s.total)
-            .bind(s.succeeded)
-            .bind(s.failed)
-            .bind(s.started_at)
-            .bind(s.finished_at)
-            .bind(s.deadline_at)
-            .bind(step_detail(s))
-            .execute(&mut *self.tx)
-            .await?;
-        }
+        // All rows in one statement, as a JSON array of rows: one trip to
+        // the connection's thread whatever the count.
+        let rows: Vec<serde_json::Value> = steps
+            .iter()
+            .map(|s| {
+                serde_json::json!([
+                    s.step,
+                    s.status.as_str(),
+                    s.total,
+                    s.succeeded,
+                    s.failed,
+                    s.started_at,
+                    s.finished_at,
+                    s.deadline_at,
+                    step_detail(s),
+                ])
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
+               finished_at, deadline_at, detail) \
+             SELECT ?1, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+               value ->> 5, value ->> 6, value ->> 7, value ->> 8 FROM json_each(?2) WHERE true \
+             ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
+               total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
+               started_at = excluded.started_at, finished_at = excluded.finished_at, \
+               deadline_at = excluded.deadline_at, detail = excluded.detail",
+        )
+        .bind(run_id)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 
@@ -209,61 +219,44 @@ impl FlowTx for SqliteFlowTx {
         rows_to(rows)
     }
 
-    async fn instances_of_jobs(
-        &mut self,
-        run_id: i64,
-        job_ids: &[i64],
-    ) -> DbResult<Vec<InstanceRecord>> {
-        let rows: Vec<InstanceRow> = sqlx::query_as(&format!(
-            "SELECT {INSTANCE_COLUMNS} FROM run_instances WHERE run_id = ? \
-             AND job_id IN (SELECT value FROM json_each(?))"
-        ))
-        .bind(run_id)
-        .bind(ids_json(job_ids))
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows_to(rows)
-    }
-
     async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()> {
-        for r in rows {
-            sqlx::query(
-                "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, \
-                   exit_code, stdout, error, started_at, finished_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
-                   job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
-                   exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
-                   started_at = excluded.started_at, finished_at = excluded.finished_at",
-            )
-            .bind(run_id)
-            .bind(&r.step)
-            .bind(r.index)
-            .bind(r.attempt)
-            .bind(r.job_id)
-            .bind(&r.status)
-            .bind(instance_item(r))
-            .bind(r.exit_code)
-            .bind(&r.stdout)
-            .bind(&r.error)
-            .bind(r.started_at)
-            .bind(r.finished_at)
-            .execute(&mut *self.tx)
-            .await?;
+        if rows.is_empty() {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    async fn job_ends(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<JobEnd>> {
-        let rows: Vec<JobEndRow> = sqlx::query_as(
-            "SELECT id, status, result, error, finished_at FROM jobs \
-             WHERE id IN (SELECT value FROM json_each(?)) AND run_id = ?",
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!([
+                    r.step,
+                    r.index,
+                    r.attempt,
+                    r.job_id,
+                    r.status,
+                    instance_item(r),
+                    r.exit_code,
+                    r.stdout,
+                    r.error,
+                    r.started_at,
+                    r.finished_at,
+                ])
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, \
+               exit_code, stdout, error, started_at, finished_at) \
+             SELECT ?1, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+               value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+             FROM json_each(?2) WHERE true \
+             ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
+               job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
+               exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
+               started_at = excluded.started_at, finished_at = excluded.finished_at",
         )
-        .bind(ids_json(job_ids))
         .bind(run_id)
-        .fetch_all(&mut *self.tx)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *self.tx)
         .await?;
-        Ok(rows.into_iter().map(JobEnd::from).collect())
+        Ok(())
     }
 
     async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>> {
@@ -357,23 +350,48 @@ impl FlowTx for SqliteFlowTx {
         Ok(())
     }
 
-    async fn exec(&mut self, sql: &'static str) -> DbResult<()> {
-        sqlx::query(sql).execute(&mut *self.tx).await?;
-        Ok(())
-    }
-
     async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>> {
         Ok(crate::sqlite::complete_on(&mut self.tx, done).await?)
     }
 
-    async fn outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT id, run_id, job_id FROM flow_outbox \
-             WHERE job_id IN (SELECT value FROM json_each(?)) ORDER BY id",
+    async fn ended_instances(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+    ) -> DbResult<Vec<(InstanceRecord, JobEnd)>> {
+        let rows: Vec<EndedRow> = sqlx::query_as(&format!(
+            "SELECT {ENDED_COLUMNS} FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+             WHERE i.run_id = ?1 AND j.run_id = ?1 \
+             AND i.job_id IN (SELECT value FROM json_each(?2))"
+        ))
+        .bind(run_id)
+        .bind(ids_json(job_ids))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.into_iter().map(EndedRow::split).collect()
+    }
+
+    async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
+        let mut rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "DELETE FROM flow_outbox WHERE job_id IN (SELECT value FROM json_each(?)) \
+             RETURNING id, run_id, job_id",
         )
         .bind(ids_json(job_ids))
         .fetch_all(&mut *self.tx)
-        .await?)
+        .await?;
+        rows.sort_unstable();
+        Ok(rows)
+    }
+
+    async fn put_back_outbox(&mut self, ends: &[(i64, i64)]) -> DbResult<()> {
+        sqlx::query(
+            "INSERT INTO flow_outbox (run_id, job_id) SELECT json_extract(value, '$[0]'), \
+             json_extract(value, '$[1]') FROM json_each(?)",
+        )
+        .bind(serde_json::to_string(ends).unwrap_or_else(|_| "[]".into()))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
     }
 
     async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
