@@ -1156,3 +1156,76 @@ async fn limited_queues_compete_on_priority(db: Db) {
     assert_eq!(got.len(), 3);
     assert_eq!(got[0].id, urgent.id);
 }
+
+/// Two transactions on connections of one counter shard, each writing a
+/// job's end and then inserting a job, with a plain insert of the other in
+/// between: before the shard lock the end took the rollup row and then
+/// wanted the waiting count, the insert the other way round, and
+/// PostgreSQL aborted one of them as a deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_shards_never_deadlock_across_statements() {
+    use sqlx::{Connection, Executor};
+    let schema = kiln_db::testing::unique_name("kiln_test");
+    let url = kiln_db::testing::postgres_url();
+    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    let (running, _) = db.job_insert(&job("noop"), T0).await.unwrap();
+    assert_eq!(lease(&db, 1, T0 + 1).await.len(), 1);
+    let connect = || async {
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
+            .await
+            .unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        (conn, pid % 16)
+    };
+    let (mut a, shard) = connect().await;
+    let mut b = None;
+    let mut spare = Vec::new();
+    for _ in 0..200 {
+        let (conn, s) = connect().await;
+        if s == shard {
+            b = Some(conn);
+            break;
+        }
+        spare.push(conn);
+    }
+    let mut b = b.expect("a second connection on the same counter shard");
+    drop(spare);
+    // Created in the minute the end is written in: the same rollup row.
+    let insert = format!(
+        "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, max_attempts, \
+         timeout_ms, backoff, run_at, created_at) VALUES ('acme', 'noop', 'default', 2, \
+         'queued', '{{}}', 1, 1000, '{{}}', 1, {})",
+        T0 + 2
+    );
+    let insert_b = insert.clone();
+    a.execute("BEGIN").await.unwrap();
+    let ended = format!(
+        "UPDATE jobs SET status = 'succeeded', finished_at = {}, lease_expires_at = NULL \
+         WHERE id = {}",
+        T0 + 2,
+        running.id
+    );
+    a.execute(ended.as_str()).await.unwrap();
+    let other = tokio::spawn(async move {
+        b.execute("BEGIN").await?;
+        b.execute(insert_b.as_str()).await?;
+        b.execute("COMMIT").await?;
+        Ok::<_, sqlx::Error>(())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mine = async {
+        a.execute(insert.as_str()).await?;
+        a.execute("COMMIT").await?;
+        Ok::<_, sqlx::Error>(())
+    }
+    .await;
+    assert!(mine.is_ok(), "the end and insert failed: {mine:?}");
+    let theirs = other.await.unwrap();
+    assert!(theirs.is_ok(), "the other insert failed: {theirs:?}");
+    db.close().await;
+    kiln_db::testing::drop_postgres_schema(&url, &schema).await.ok();
+}

@@ -355,9 +355,19 @@ enum ImageCommand {
         #[arg(long)]
         from: Option<String>,
         /// Speak plain HTTP to the registry (always so for 127.0.0.1 and
-        /// localhost).
+        /// localhost); credentials then cross the network unencrypted.
         #[arg(long, requires = "from")]
         insecure: bool,
+        /// The registry's user; the password comes from
+        /// --registry-password-stdin or KILN_REGISTRY_PASSWORD. Without
+        /// it: KILN_REGISTRY_USER and KILN_REGISTRY_PASSWORD, else the
+        /// registry's entry in the Docker config ($DOCKER_CONFIG/config.json
+        /// or ~/.docker/config.json), else anonymous.
+        #[arg(long, requires = "from")]
+        registry_user: Option<String>,
+        /// Read the registry's password from the first line of stdin.
+        #[arg(long, requires = "registry_user")]
+        registry_password_stdin: bool,
         /// Refuse an OCI image whose layers unpack to more than this.
         #[arg(long, default_value_t = 4096, requires = "from")]
         max_unpacked_mib: u64,
@@ -883,6 +893,8 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
             packages,
             from,
             insecure,
+            registry_user,
+            registry_password_stdin,
             max_unpacked_mib,
             if_changed,
             agent,
@@ -897,7 +909,25 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
                     max_unpacked_bytes: max_unpacked_mib.saturating_mul(1 << 20),
                     ..oci::Limits::default()
                 };
-                kiln_vm::image::BuildSpec::oci(oci::OciSource::parse(&from, insecure)?, limits)
+                let source = oci::OciSource::parse(&from, insecure)?;
+                let credentials = match &source {
+                    oci::OciSource::Registry { reference, .. } => {
+                        let password = registry_password_stdin
+                            .then(read_password_line)
+                            .transpose()?;
+                        oci::auth::resolve(
+                            reference,
+                            registry_user.as_deref(),
+                            password.as_deref(),
+                            &|name| std::env::var(name).ok(),
+                        )?
+                    }
+                    oci::OciSource::Layout { .. } if registry_user.is_some() => {
+                        anyhow::bail!("--registry-user is for a registry, not an oci-layout")
+                    }
+                    oci::OciSource::Layout { .. } => None,
+                };
+                kiln_vm::image::BuildSpec::oci(source.with_credentials(credentials)?, limits)
             } else if packages.is_empty() && name == "default" {
                 kiln_vm::image::BuildSpec::busybox(kernel)
             } else {
@@ -936,6 +966,28 @@ async fn image(command: ImageCommand) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The first line of stdin, without its line break (`--registry-password-stdin`).
+fn read_password_line() -> anyhow::Result<String> {
+    use std::io::{BufRead, Read};
+    const MAX: u64 = 64 << 10;
+    let mut line = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX + 1)
+        .read_until(b'\n', &mut line)
+        .context("reading the registry password from stdin")?;
+    if line.len() as u64 > MAX {
+        anyhow::bail!("the registry password on stdin is longer than 64 KiB");
+    }
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    if line.is_empty() {
+        anyhow::bail!("--registry-password-stdin: stdin held no password");
+    }
+    String::from_utf8(line).context("the registry password on stdin is not UTF-8")
 }
 
 /// One line of `kiln image ls`: name, size, kernel, created, packages.

@@ -4,7 +4,10 @@
 //! docker-registry on 127.0.0.1, built into a kiln image by the real
 //! binary, and booted; its config's Env, WorkingDir and User are what its
 //! commands start with. A layer changed in the registry's storage is
-//! refused.
+//! refused. A registry that asks for a password (htpasswd) is refused an
+//! anonymous pull and a wrong password, and gives the image to the user
+//! named by `--registry-user` (password on stdin) or by the Docker config;
+//! the extended attributes of its layers reach the packed root filesystem.
 
 mod common;
 
@@ -41,6 +44,11 @@ struct Registry {
 }
 
 fn start_registry(dir: &Path) -> Registry {
+    start_registry_with(dir, "")
+}
+
+/// A registry whose configuration ends with `extra` (YAML at top level).
+fn start_registry_with(dir: &Path, extra: &str) -> Registry {
     assert!(
         Path::new(REGISTRY).exists(),
         "{REGISTRY} missing: apt-get install docker-registry skopeo (.ci/run does)"
@@ -52,7 +60,7 @@ fn start_registry(dir: &Path) -> Registry {
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{extra}",
             storage.display()
         ),
     )
@@ -205,13 +213,22 @@ fn write_layout(dir: &Path, tag: &str, layers: &[Vec<u8>]) -> String {
 
 /// Pushes the layout's `tag` to the registry as `test/img:TAG`.
 fn push(layout: &Path, tag: &str, registry: &Registry) {
-    let out = Command::new("skopeo")
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-        ])
+    push_as(layout, tag, registry, None)
+}
+
+/// [`push`] with `user:password` for a registry that asks for them.
+fn push_as(layout: &Path, tag: &str, registry: &Registry, creds: Option<&str>) {
+    let mut command = Command::new("skopeo");
+    command.args([
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+    ]);
+    if let Some(creds) = creds {
+        command.arg(format!("--dest-creds={creds}"));
+    }
+    let out = command
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{}/test/img:{tag}", registry.addr))
         .output()
@@ -234,8 +251,15 @@ async fn data_dir() -> TempDir {
 }
 
 fn kiln(data: &TempDir, args: &[&str]) -> Output {
+    kiln_with(data, args, &[], None)
+}
+
+/// [`kiln`] with more variables and `stdin` (else none). No registry
+/// credentials come from this process's environment.
+fn kiln_with(data: &TempDir, args: &[&str], env: &[(&str, &Path)], stdin: Option<&[u8]>) -> Output {
     let agent = kiln_vm::image::find_agent().expect("the static agent (KILN_AGENT_BIN)");
-    Command::new(KILN)
+    let mut command = Command::new(KILN);
+    command
         .args(args)
         .arg("--data-dir")
         .arg(data.path())
@@ -244,8 +268,20 @@ fn kiln(data: &TempDir, args: &[&str]) -> Output {
         .env_remove("KILN_DATA_DIR")
         .env_remove("KILN_URL")
         .env_remove("KILN_API_KEY")
-        .output()
-        .unwrap()
+        .env_remove("KILN_REGISTRY_USER")
+        .env_remove("KILN_REGISTRY_PASSWORD")
+        .envs(env.iter().copied())
+        .stdin(match stdin {
+            Some(_) => Stdio::piped(),
+            None => Stdio::null(),
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    if let Some(bytes) = stdin {
+        child.stdin.take().unwrap().write_all(bytes).unwrap();
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn sh(script: &str) -> Exec {
@@ -405,4 +441,136 @@ async fn a_layer_changed_in_the_registry_is_refused() {
     let from = format!("oci-layout:{}:v1", layout.display());
     let out = kiln(&data, &["image", "build", "tampered", "--from", &from]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+const USER: &str = "kiln-puller";
+const PASSWORD: &str = "correct horse battery staple";
+/// base64 of `USER:PASSWORD`, as `docker login` writes it.
+const DOCKER_AUTH: &str = "a2lsbi1wdWxsZXI6Y29ycmVjdCBob3JzZSBiYXR0ZXJ5IHN0YXBsZQ==";
+/// The value of an extended attribute one file of the image carries.
+const XATTR_VALUE: &[u8] = b"kiln xattr survives packing";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_asks_for_credentials_gets_them_from_the_flag_or_the_docker_config() {
+    let work = TempDir::new("oci-auth");
+    // The htpasswd file: bcrypt at its lowest cost, which is all a test needs.
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    std::fs::write(work.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
+    let registry = start_registry_with(
+        work.path(),
+        &format!(
+            "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+            work.join("htpasswd").display()
+        ),
+    );
+    // The test image and a layer of a file with extended attributes.
+    let mut layers = layers();
+    let mut three = tar::Builder::new(Vec::new());
+    three
+        .append_pax_extensions([
+            ("SCHILY.xattr.user.kiln", XATTR_VALUE),
+            ("SCHILY.xattr.system.kiln", &b"never applied"[..]),
+        ])
+        .unwrap();
+    add_file(&mut three, "etc/marked", 0o644, b"marked\n");
+    layers.push(three.into_inner().unwrap());
+    let layout = work.join("layout");
+    let manifest_digest = write_layout(&layout, "v1", &layers);
+    push_as(
+        &layout,
+        "v1",
+        &registry,
+        Some(&format!("{USER}:{PASSWORD}")),
+    );
+
+    let data = data_dir().await;
+    let reference = format!("{}/test/img:v1", registry.addr);
+    // No Docker config of this machine's user is read.
+    let no_docker = work.join("no-docker");
+    std::fs::create_dir_all(&no_docker).unwrap();
+    let anonymous: &[(&str, &Path)] = &[("DOCKER_CONFIG", &no_docker)];
+
+    let out = kiln_with(
+        &data,
+        &["image", "build", "locked", "--from", &reference],
+        anonymous,
+        None,
+    );
+    assert!(!out.status.success(), "an anonymous pull was let through");
+    let message = text(&out);
+    assert!(
+        message.contains(&format!(
+            "registry {} refused an anonymous pull",
+            registry.addr
+        )) && message.contains("--registry-user")
+            && !message.contains("panicked"),
+        "{message}"
+    );
+    assert!(!data.join("images/locked").exists());
+
+    let flags = [
+        "image",
+        "build",
+        "locked",
+        "--from",
+        &reference,
+        "--registry-user",
+        USER,
+        "--registry-password-stdin",
+    ];
+    let out = kiln_with(&data, &flags, anonymous, Some(b"not the password\n"));
+    assert!(!out.status.success(), "a wrong password was let through");
+    let message = text(&out);
+    assert!(
+        message.contains(&format!(
+            "registry {} refused the credentials of user \"{USER}\" (from --registry-user)",
+            registry.addr
+        )) && !message.contains("not the password")
+            && !message.contains("panicked"),
+        "{message}"
+    );
+
+    let out = kiln_with(
+        &data,
+        &flags,
+        anonymous,
+        Some(format!("{PASSWORD}\n").as_bytes()),
+    );
+    assert!(out.status.success(), "kiln image build: {}", text(&out));
+    assert!(!text(&out).contains(PASSWORD), "{}", text(&out));
+    let image = kiln_vm::image::Image::open(&data.join("images"), "locked").unwrap();
+    let from = image.manifest.from.as_ref().expect("from");
+    assert_eq!(
+        (from.reference.as_str(), from.digest.as_str()),
+        (reference.as_str(), manifest_digest.as_str())
+    );
+    let json = std::fs::read_to_string(data.join("images/locked/image.json")).unwrap();
+    assert!(!json.contains(PASSWORD) && !json.contains(USER), "{json}");
+    // The layer's user. attribute is in the erofs image; the system. one
+    // is not.
+    let erofs = std::fs::read(data.join("images/locked/rootfs.erofs")).unwrap();
+    let holds = |needle: &[u8]| erofs.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(XATTR_VALUE), "the extended attribute was lost");
+    assert!(!holds(b"never applied"));
+
+    // The same registry through a Docker config's auths entry.
+    let docker = work.join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "auths": {registry.addr.as_str(): {"auth": DOCKER_AUTH}},
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = kiln_with(
+        &data,
+        &["image", "build", "viadocker", "--from", &reference],
+        &[("DOCKER_CONFIG", &docker)],
+        None,
+    );
+    assert!(out.status.success(), "kiln image build: {}", text(&out));
+    let image = kiln_vm::image::Image::open(&data.join("images"), "viadocker").unwrap();
+    assert_eq!(image.manifest.from.expect("from").digest, manifest_digest);
 }

@@ -400,6 +400,7 @@ pub(crate) trait FlowTx: Send {
     async fn last_fire(&mut self, tenant: &str, name: &str) -> DbResult<Option<FireRecord>>;
     async fn job_active(&mut self, id: i64) -> DbResult<bool>;
     async fn run_active(&mut self, id: i64) -> DbResult<bool>;
+    async fn run_exists(&mut self, id: i64) -> DbResult<bool>;
     /// Makes a queue limited to one job at a time unless it has settings.
     async fn queue_serial(&mut self, tenant: &str, name: &str, now: Millis) -> DbResult<()>;
     async fn commit(self: Box<Self>) -> DbResult<()>;
@@ -1442,18 +1443,37 @@ impl Db {
             by_run.entry(*run_id).or_default().push(*job_id);
         }
         let mut made_jobs = false;
+        let mut held = BTreeSet::new();
         for (run_id, job_ids) in by_run {
-            made_jobs |=
-                advance_run(tx.as_mut(), self.defs(), kinds, run_id, &job_ids, now).await?;
+            match advance_run(tx.as_mut(), self.defs(), kinds, run_id, &job_ids, now).await? {
+                Some(made) => made_jobs |= made,
+                None => {
+                    held.insert(run_id);
+                }
+            }
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        tx.delete_outbox(&ids).await?;
+        let ids: Vec<i64> = rows
+            .iter()
+            .filter(|r| !held.contains(&r.1))
+            .map(|r| r.0)
+            .collect();
+        if !ids.is_empty() {
+            tx.delete_outbox(&ids).await?;
+        }
         tx.commit().await?;
         self.events_written();
         if made_jobs {
             self.wakeup().notify_waiters();
         }
-        Ok(rows.len())
+        if !held.is_empty() {
+            // A completion's transaction has the run; look again shortly.
+            let wake = self.flow_wakeup();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                wake.notify_waiters();
+            });
+        }
+        Ok(ids.len())
     }
 
     async fn flow_advance_each(&self, kinds: &JobKinds, now: Millis) -> DbResult<usize> {
@@ -1827,7 +1847,10 @@ pub(crate) async fn run_create_in(
 }
 
 /// One run's share of an outbox batch: each ended job folded into its
-/// instance and step, then the run decided on.
+/// instance and step, then the run decided on. `None` when another
+/// transaction holds the run: waiting for it here, with this batch's other
+/// runs and counters already held, could close a cycle with a completion
+/// that holds the run and wants those.
 async fn advance_run(
     tx: &mut dyn FlowTx,
     cache: &DefCache,
@@ -1835,11 +1858,18 @@ async fn advance_run(
     run_id: i64,
     job_ids: &[i64],
     now: Millis,
-) -> DbResult<bool> {
-    let Some(run) = tx.lock_run(run_id).await? else {
-        return Ok(false);
+) -> DbResult<Option<bool>> {
+    let Some(run) = tx.try_lock_run(run_id).await? else {
+        // Gone (its ends mean nothing now) or held elsewhere.
+        return Ok(if tx.run_exists(run_id).await? {
+            None
+        } else {
+            Some(false)
+        });
     };
-    Ok(advance_locked(tx, cache, kinds, run, job_ids, now).await?.0)
+    Ok(Some(
+        advance_locked(tx, cache, kinds, run, job_ids, now).await?.0,
+    ))
 }
 
 /// What advancing runs in a completion's transaction did.

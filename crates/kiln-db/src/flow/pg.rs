@@ -620,6 +620,15 @@ impl FlowTx for PgFlowTx {
         .await?)
     }
 
+    async fn run_exists(&mut self, id: i64) -> DbResult<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)")
+                .bind(id)
+                .fetch_one(&mut *self.tx)
+                .await?,
+        )
+    }
+
     async fn run_active(&mut self, id: i64) -> DbResult<bool> {
         Ok(sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1 AND status IN ('queued','running'))",

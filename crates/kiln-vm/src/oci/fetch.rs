@@ -1,5 +1,6 @@
 //! Where an image's manifests and blobs come from: a registry (through
-//! `oci-client`, anonymously) or an OCI layout directory on this host.
+//! `oci-client`, anonymously or with the credentials [`super::auth`]
+//! found) or an OCI layout directory on this host.
 //! Either way every byte is checked against the digest that names it
 //! before kiln believes it: a manifest against the digest it was asked by
 //! (or records the one it has), a blob against its descriptor's digest and
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 use sha2::Digest;
 
+use super::auth::Credentials;
 use super::{fail, Descriptor};
 use crate::image::ImageError;
 
@@ -158,6 +160,25 @@ pub struct Registry {
     runtime: tokio::runtime::Runtime,
     client: oci_client::Client,
     reference: oci_client::Reference,
+    credentials: Option<Credentials>,
+    /// Whether the client has been handed the credentials and has
+    /// authenticated (once, before the first request).
+    authenticated: bool,
+}
+
+/// Whether a registry's answer says it wants other (or any) credentials.
+fn refused(error: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode};
+    match error {
+        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => true,
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)),
+        E::ServerError { code, .. } => matches!(code, 401 | 403),
+        E::RequestError(e) => e.status().is_some_and(|s| matches!(s.as_u16(), 401 | 403)),
+        _ => false,
+    }
 }
 
 /// Registries on this host are spoken to over plain HTTP: a private one
@@ -171,7 +192,11 @@ fn local(registry: &str) -> bool {
 }
 
 impl Registry {
-    pub fn new(reference: &str, insecure: bool) -> Result<Registry, ImageError> {
+    pub fn new(
+        reference: &str,
+        insecure: bool,
+        credentials: Option<Credentials>,
+    ) -> Result<Registry, ImageError> {
         if reference.len() > 1024
             || reference
                 .chars()
@@ -204,10 +229,87 @@ impl Registry {
             runtime,
             client,
             reference,
+            credentials,
+            authenticated: false,
         })
     }
 
+    fn auth(&self) -> oci_client::secrets::RegistryAuth {
+        match &self.credentials {
+            Some(c) => oci_client::secrets::RegistryAuth::Basic(
+                c.user().to_string(),
+                c.password().to_string(),
+            ),
+            None => oci_client::secrets::RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Hands the client the credentials before its first request: it
+    /// keeps them per registry and authenticates every later request
+    /// with them (HTTP Basic, or the bearer token the registry's token
+    /// service gives for them, fetched again when it expires), blobs
+    /// included. A token service that refuses them is an error here.
+    fn authenticate(&mut self) -> Result<(), ImageError> {
+        if self.authenticated {
+            return Ok(());
+        }
+        let auth = self.auth();
+        let (client, reference) = (&self.client, &self.reference);
+        let result = self.runtime.block_on(async {
+            client
+                .store_auth_if_needed(reference.resolve_registry(), &auth)
+                .await;
+            match auth {
+                oci_client::secrets::RegistryAuth::Anonymous => Ok(None),
+                _ => {
+                    client
+                        .auth(reference, &auth, oci_client::RegistryOperation::Pull)
+                        .await
+                }
+            }
+        });
+        if let Err(e) = result {
+            return Err(self.failed("authenticate", self.reference.to_string(), e));
+        }
+        self.authenticated = true;
+        Ok(())
+    }
+
+    /// An error of oci-client as kiln says it: a refusal names the
+    /// registry and whose credentials it refused (never the password).
+    fn failed(
+        &self,
+        step: &'static str,
+        what: String,
+        error: oci_client::errors::OciDistributionError,
+    ) -> ImageError {
+        if !refused(&error) {
+            return fail(step, format!("{what}: {error}"));
+        }
+        let registry = self.reference.resolve_registry();
+        let repository = self.reference.repository();
+        match &self.credentials {
+            Some(c) => fail(
+                "authenticate",
+                format!(
+                    "registry {registry} refused the credentials of user {:?} (from {}) for {repository}",
+                    c.user(),
+                    c.origin()
+                ),
+            ),
+            None => fail(
+                "authenticate",
+                format!(
+                    "registry {registry} refused an anonymous pull of {repository}: give credentials (--registry-user with --registry-password-stdin, {} and {}, or an auths entry in the Docker config)",
+                    super::auth::USER_ENV,
+                    super::auth::PASSWORD_ENV
+                ),
+            ),
+        }
+    }
+
     fn manifest(&mut self, digest: Option<&str>) -> Result<(Vec<u8>, String), ImageError> {
+        self.authenticate()?;
         let reference = match digest {
             Some(digest) => oci_client::Reference::with_digest(
                 self.reference.registry().to_string(),
@@ -219,12 +321,11 @@ impl Registry {
         // oci-client reads a manifest whole; it is checked for size after.
         let (bytes, _) = self
             .runtime
-            .block_on(self.client.pull_manifest_raw(
-                &reference,
-                &oci_client::secrets::RegistryAuth::Anonymous,
-                &MANIFEST_TYPES,
-            ))
-            .map_err(|e| fail("fetch manifest", format!("{reference}: {e}")))?;
+            .block_on(
+                self.client
+                    .pull_manifest_raw(&reference, &self.auth(), &MANIFEST_TYPES),
+            )
+            .map_err(|e| self.failed("fetch manifest", reference.to_string(), e))?;
         if bytes.len() as u64 > JSON_MAX {
             return Err(fail("fetch manifest", format!("{reference}: too large")));
         }
@@ -243,6 +344,7 @@ impl Registry {
     /// Streams the blob to `path`, refusing more bytes than the
     /// descriptor's size and any digest but its own.
     fn download(&mut self, desc: &Descriptor, path: &Path) -> Result<(), ImageError> {
+        self.authenticate()?;
         let descriptor = oci_client::manifest::OciDescriptor {
             media_type: desc.media_type.clone(),
             digest: desc.digest.clone(),
@@ -252,12 +354,13 @@ impl Registry {
         let mut file = std::fs::File::create(path)?;
         let mut hash = sha2::Sha256::new();
         let mut got: u64 = 0;
-        let (client, reference) = (&self.client, &self.reference);
-        self.runtime.block_on(async {
-            let mut stream = client
-                .pull_blob_stream(reference, &descriptor)
+        let this = &*self;
+        this.runtime.block_on(async {
+            let mut stream = this
+                .client
+                .pull_blob_stream(&this.reference, &descriptor)
                 .await
-                .map_err(|e| fail("fetch blob", format!("{}: {e}", desc.digest)))?;
+                .map_err(|e| this.failed("fetch blob", desc.digest.clone(), e))?;
             while let Some(chunk) = stream.next().await {
                 // Past the last byte, an error is oci-client's own check of
                 // the digest.
@@ -391,7 +494,12 @@ pub fn open(from: &super::OciSource) -> Result<Source, ImageError> {
         super::OciSource::Registry {
             reference,
             insecure,
-        } => Source::Registry(Box::new(Registry::new(reference, *insecure)?)),
+            credentials,
+        } => Source::Registry(Box::new(Registry::new(
+            reference,
+            *insecure,
+            credentials.clone(),
+        )?)),
         super::OciSource::Layout { dir, tag } => Source::Layout(Layout::new(dir, tag.clone())?),
     })
 }

@@ -4,8 +4,11 @@
 //! hostile until proven otherwise: absolute paths and `..` refuse it, so
 //! does a path that leads through a symlink out of the tree; device nodes
 //! are skipped; files keep their owners and mode bits (setuid too: it is
-//! the guest's file system); the bytes read and the entries are counted
-//! against the image's limits; no name is held beyond a fixed bound.
+//! the guest's file system) and the extended attributes of their PAX
+//! `SCHILY.xattr.` records in the `user.`, `trusted.` and `security.`
+//! namespaces (file capabilities are `security.capability`); the bytes
+//! read and the entries are counted against the image's limits; no name
+//! is held beyond a fixed bound.
 
 use std::collections::HashSet;
 use std::hash::BuildHasher;
@@ -30,6 +33,18 @@ const SEEN_MAX: usize = 1 << 22;
 /// Bytes of directory paths whose times are set when the layer ends; past
 /// this a directory keeps the time its last write gave it.
 const DIR_TIMES_MAX: usize = 16 << 20;
+/// Extended attributes one entry may carry, and the bytes of one value
+/// (the kernel's own cap, `XATTR_SIZE_MAX`).
+pub const XATTRS_MAX: usize = 64;
+pub const XATTR_VALUE_MAX: usize = 64 << 10;
+/// Longest attribute name, namespace included (`XATTR_NAME_MAX`).
+const XATTR_NAME_MAX: usize = 255;
+/// The PAX records that carry extended attributes (GNU tar's and
+/// Docker's spelling).
+const XATTR_RECORD: &[u8] = b"SCHILY.xattr.";
+/// The namespaces applied; `system.` (ACLs, and whatever a file system
+/// makes of it) and any other are left out.
+const XATTR_NAMESPACES: [&[u8]; 3] = [b"user.", b"trusted.", b"security."];
 
 /// What is left of the image's allowance as its layers are applied.
 #[derive(Debug, Clone, Copy)]
@@ -147,12 +162,55 @@ fn long_name(mut data: Vec<u8>) -> Vec<u8> {
     data
 }
 
-/// Owner and time as the entry's header, or its PAX records, give them.
+/// Owner and time as the entry's header, or its PAX records, give them,
+/// and the extended attributes of its PAX records.
 struct Meta {
     uid: u32,
     gid: u32,
     mode: u32,
     mtime: i64,
+    xattrs: Vec<(std::ffi::CString, Vec<u8>)>,
+}
+
+/// Adds the attribute of a `SCHILY.xattr.<name>` record to `xattrs` when
+/// its namespace is one kiln applies (a later record of the same name
+/// wins); `Err` with the reason when it breaks a bound.
+fn add_xattr(
+    xattrs: &mut Vec<(std::ffi::CString, Vec<u8>)>,
+    name: &[u8],
+    value: &[u8],
+) -> Result<(), String> {
+    let applied = XATTR_NAMESPACES
+        .iter()
+        .any(|ns| name.len() > ns.len() && name.starts_with(ns));
+    if !applied {
+        return Ok(());
+    }
+    let shown = || String::from_utf8_lossy(&name[..name.len().min(80)]).into_owned();
+    if name.len() > XATTR_NAME_MAX {
+        return Err(format!("extended attribute {}…: name too long", shown()));
+    }
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return Err(format!("extended attribute {}: NUL in its name", shown()));
+    };
+    if value.len() > XATTR_VALUE_MAX {
+        return Err(format!(
+            "extended attribute {}: a value of {} bytes (at most {XATTR_VALUE_MAX})",
+            shown(),
+            value.len()
+        ));
+    }
+    if let Some(slot) = xattrs.iter_mut().find(|(n, _)| *n == cname) {
+        slot.1 = value.to_vec();
+        return Ok(());
+    }
+    if xattrs.len() >= XATTRS_MAX {
+        return Err(format!(
+            "more than {XATTRS_MAX} extended attributes on one entry"
+        ));
+    }
+    xattrs.push((cname, value.to_vec()));
+    Ok(())
 }
 
 /// Applies the tar read from `archive` over `tree`. `own` sets each
@@ -229,7 +287,9 @@ pub fn apply(
                     .mtime()
                     .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
                     .unwrap_or(0),
+                xattrs: Vec::new(),
             };
+            let mut xattr_fault: Option<String> = None;
             let (mut uid, mut gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
             if let Some(records) = pax.take() {
                 for record in tar::PaxExtensions::new(&records) {
@@ -252,13 +312,22 @@ pub fn apply(
                                 .map(|t| i64::try_from(t).unwrap_or(i64::MAX))
                                 .unwrap_or(meta.mtime)
                         }
-                        _ => {}
+                        key => {
+                            if let Some(name) = key.strip_prefix(XATTR_RECORD) {
+                                if let Err(why) = add_xattr(&mut meta.xattrs, name, value) {
+                                    xattr_fault.get_or_insert(why);
+                                }
+                            }
+                        }
                     }
                 }
             }
             let parts = components(&path).map_err(|e| {
                 LayerError::Refused(format!("{}: {e}", String::from_utf8_lossy(&path)))
             })?;
+            if let Some(why) = xattr_fault {
+                return Err(refused(&parts, why));
+            }
             // u32::MAX is chown's "leave as is".
             match (u32::try_from(uid), u32::try_from(gid)) {
                 (Ok(u), Ok(g)) if u != u32::MAX && g != u32::MAX => (meta.uid, meta.gid) = (u, g),
@@ -446,7 +515,11 @@ impl Layer<'_> {
         self.finish_fd(path, file.as_fd(), meta)
     }
 
-    /// Owner, then mode (a change of owner clears setuid), then time.
+    /// Owner, then mode (a change of owner clears setuid), then extended
+    /// attributes (a change of owner or a write would clear
+    /// `security.capability`), then time. `fd` is the file or directory
+    /// itself, opened without following anything: an attribute never
+    /// lands on what a symlink names.
     fn finish_fd(&self, path: &[&[u8]], fd: BorrowedFd<'_>, meta: &Meta) -> Result<(), LayerError> {
         if self.own {
             nix::unistd::fchown(
@@ -458,9 +531,59 @@ impl Layer<'_> {
         }
         nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(meta.mode))
             .map_err(|e| io_at(path, e))?;
+        for (name, value) in &meta.xattrs {
+            self.set_xattr(path, fd, name, value)?;
+        }
         let time = TimeSpec::new(meta.mtime, 0);
         nix::sys::stat::futimens(fd, &time, &time).map_err(|e| io_at(path, e))?;
         Ok(())
+    }
+
+    /// One extended attribute on `fd`. What this host's file system cannot
+    /// hold (no such namespace here), or this process may not set
+    /// (`trusted.` needs root), is left out; a value the kernel calls
+    /// invalid (a malformed `security.capability`) refuses the layer.
+    fn set_xattr(
+        &self,
+        path: &[&[u8]],
+        fd: BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        value: &[u8],
+    ) -> Result<(), LayerError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the name is NUL-terminated, the value a live slice of
+        // its length, the descriptor open for the call's duration.
+        let done = unsafe {
+            libc::fsetxattr(
+                fd.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if done == 0 {
+            return Ok(());
+        }
+        match Errno::last() {
+            Errno::EOPNOTSUPP => Ok(()),
+            Errno::EPERM if !self.own => Ok(()),
+            Errno::EINVAL | Errno::ERANGE => Err(refused(
+                path,
+                format!(
+                    "extended attribute {}: refused by the kernel as invalid",
+                    name.to_string_lossy()
+                ),
+            )),
+            e => Err(LayerError::Io(std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!(
+                    "{}: extended attribute {}: {e}",
+                    shown(path),
+                    name.to_string_lossy()
+                ),
+            ))),
+        }
     }
 
     fn dir(&mut self, path: &[&[u8]], meta: &Meta) -> Result<(), LayerError> {

@@ -8,6 +8,7 @@
 //! packed. The config's `Env`, `WorkingDir` and `User` become the defaults
 //! of every command in the image's VMs.
 
+pub mod auth;
 mod fetch;
 pub mod layer;
 #[cfg(test)]
@@ -40,8 +41,13 @@ pub(crate) fn fail(step: &'static str, message: impl Into<String>) -> ImageError
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OciSource {
     /// `REGISTRY/REPO:TAG` or `…@sha256:…`; plain HTTP when `insecure`
-    /// (always for a registry on this host).
-    Registry { reference: String, insecure: bool },
+    /// (always for a registry on this host); anonymous without
+    /// `credentials` (see [`auth::resolve`]).
+    Registry {
+        reference: String,
+        insecure: bool,
+        credentials: Option<auth::Credentials>,
+    },
     /// An OCI image layout directory and the tag of the image in it.
     Layout { dir: PathBuf, tag: Option<String> },
 }
@@ -75,7 +81,35 @@ impl OciSource {
         Ok(OciSource::Registry {
             reference: from.to_string(),
             insecure,
+            credentials: None,
         })
+    }
+
+    /// The same source with `credentials` for its registry; a layout
+    /// takes none.
+    pub fn with_credentials(
+        self,
+        credentials: Option<auth::Credentials>,
+    ) -> Result<OciSource, ImageError> {
+        match (self, credentials) {
+            (
+                OciSource::Registry {
+                    reference,
+                    insecure,
+                    ..
+                },
+                credentials,
+            ) => Ok(OciSource::Registry {
+                reference,
+                insecure,
+                credentials,
+            }),
+            (layout, None) => Ok(layout),
+            (OciSource::Layout { .. }, Some(_)) => Err(fail(
+                "resolve image",
+                "registry credentials were given for an oci-layout directory",
+            )),
+        }
     }
 
     /// As `image.json` records it.

@@ -845,7 +845,8 @@ fn sources_parse_from_the_command_line() {
         OciSource::parse("127.0.0.1:5000/test/img:v1", false).unwrap(),
         OciSource::Registry {
             reference: "127.0.0.1:5000/test/img:v1".into(),
-            insecure: false
+            insecure: false,
+            credentials: None,
         }
     );
 }
@@ -856,6 +857,7 @@ fn registry_references_are_checked_before_any_request() {
         let from = OciSource::Registry {
             reference: bad.into(),
             insecure: false,
+            credentials: None,
         };
         let s = Scratch::new("refs");
         let err = pull(
@@ -866,5 +868,371 @@ fn registry_references_are_checked_before_any_request() {
             &mut |_| {},
         );
         assert!(err.is_err(), "{bad:?}");
+    }
+}
+
+/// A PAX extended header (`x`) of `records`, for the entry after it.
+fn pax(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        // The length counts itself: "<len> <key>=<value>\n".
+        let body = key.len() + value.len() + 3;
+        let mut len = body + body.to_string().len();
+        if len.to_string().len() != body.to_string().len() {
+            len += 1;
+        }
+        data.extend_from_slice(format!("{len} {key}=").as_bytes());
+        data.extend_from_slice(value);
+        data.push(b'\n');
+    }
+    let mut header = tar::Header::new_ustar();
+    header.set_path("PaxHeaders/x").unwrap();
+    header.set_entry_type(tar::EntryType::XHeader);
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut out = header.as_bytes().to_vec();
+    out.extend_from_slice(&data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+impl Tar {
+    fn pax(mut self, records: &[(&str, &[u8])]) -> Tar {
+        self.0.extend_from_slice(&pax(records));
+        self
+    }
+}
+
+/// An attribute of `path` itself (not followed), `None` when it has none.
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let cname = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 128 << 10];
+    // SAFETY: NUL-terminated strings and a buffer of the length given.
+    let n = unsafe {
+        libc::lgetxattr(
+            cpath.as_ptr(),
+            cname.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        // No such attribute, or (other.) no such namespace.
+        let errno = nix::errno::Errno::last();
+        assert!(
+            matches!(
+                errno,
+                nix::errno::Errno::ENODATA | nix::errno::Errno::EOPNOTSUPP
+            ),
+            "{}: {name}: {errno}",
+            path.display()
+        );
+        return None;
+    }
+    buf.truncate(n as usize);
+    Some(buf)
+}
+
+/// `cap_net_raw=ep` as `security.capability` holds it (VFS_CAP_REVISION_2).
+fn cap_net_raw() -> Vec<u8> {
+    let mut value = Vec::new();
+    for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        value.extend_from_slice(&word.to_le_bytes());
+    }
+    value
+}
+
+#[test]
+fn pax_xattrs_land_on_files_and_directories_but_system_ones_do_not() {
+    let s = Scratch::new("xattrs");
+    // A POSIX ACL with a named user, which a file system would keep as
+    // `system.posix_acl_access` if it were applied.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 6u16, u32::MAX),
+        (0x02, 4, 1000),
+        (0x04, 4, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 4, u32::MAX),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    let cap = cap_net_raw();
+    let tar = Tar::default()
+        .pax(&[
+            ("SCHILY.xattr.user.kiln", b"on a file"),
+            ("SCHILY.xattr.security.capability", &cap),
+            ("SCHILY.xattr.trusted.kiln", b"trusted"),
+            ("SCHILY.xattr.system.posix_acl_access", &acl),
+            ("SCHILY.xattr.other.kiln", b"no such namespace"),
+            ("SCHILY.xattr.user.kiln", b"the last record wins"),
+        ])
+        .entry(
+            tar::EntryType::Regular,
+            b"bin/ping",
+            b"",
+            b"\x7fELF",
+            0o4755,
+        )
+        .pax(&[("SCHILY.xattr.user.dir", b"on a directory")])
+        .dir("srv/")
+        .pax(&[("SCHILY.xattr.user.link", b"never through a symlink")])
+        .symlink("srv/link", "../bin/ping")
+        .done();
+    s.apply(&tar).unwrap();
+    let t = s.tree();
+    let ping = t.join("bin/ping");
+    assert_eq!(
+        xattr(&ping, "user.kiln").as_deref(),
+        Some(&b"the last record wins"[..])
+    );
+    assert_eq!(
+        xattr(&t.join("srv"), "user.dir").as_deref(),
+        Some(&b"on a directory"[..])
+    );
+    assert_eq!(
+        xattr(&ping, "user.link"),
+        None,
+        "not set through the symlink"
+    );
+    assert_eq!(xattr(&t.join("srv/link"), "user.link"), None);
+    assert_eq!(
+        xattr(&ping, "system.posix_acl_access"),
+        None,
+        "system. is left out"
+    );
+    assert_eq!(xattr(&ping, "other.kiln"), None);
+    let mode = std::fs::metadata(&ping).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o4755, "setuid survives the attributes");
+    if root() {
+        // Set after the owner changed, which would have cleared it.
+        assert_eq!(xattr(&ping, "security.capability"), Some(cap.clone()));
+        assert_eq!(
+            xattr(&ping, "trusted.kiln").as_deref(),
+            Some(&b"trusted"[..])
+        );
+        assert_eq!(std::fs::metadata(&ping).unwrap().uid(), 1234);
+    }
+    assert_eq!(std::fs::metadata(&ping).unwrap().mtime(), 1_600_000_000);
+
+    // mkfs.erofs keeps them: the values are in the packed image.
+    let have_mkfs = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("mkfs.erofs").is_file()));
+    if !have_mkfs && std::env::var_os("CI").is_none() {
+        eprintln!("mkfs.erofs missing: the packing check is skipped");
+        return;
+    }
+    let packed = s.0.join("rootfs.erofs");
+    crate::rootfs::pack_erofs(&t, &packed).unwrap();
+    let image = std::fs::read(&packed).unwrap();
+    let holds = |needle: &[u8]| image.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(b"the last record wins") && holds(b"on a directory"));
+    if root() {
+        assert!(holds(&cap) && holds(b"trusted"));
+    }
+}
+
+#[test]
+fn pax_xattrs_are_bounded() {
+    let s = Scratch::new("xattr-bounds");
+    let names: Vec<String> = (0..=layer::XATTRS_MAX)
+        .map(|i| format!("SCHILY.xattr.user.a{i}"))
+        .collect();
+    let records: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"v"[..])).collect();
+    s.refused(
+        &Tar::default().pax(&records).file("many", "x").done(),
+        "more than 64 extended attributes",
+    );
+    // Sixty-four are fine, and so are system. ones past them.
+    let mut fine = records[..layer::XATTRS_MAX].to_vec();
+    fine.push(("SCHILY.xattr.system.x", b"v"));
+    s.apply(&Tar::default().pax(&fine).file("enough", "x").done())
+        .unwrap();
+    assert_eq!(
+        xattr(&s.tree().join("enough"), "user.a63").as_deref(),
+        Some(&b"v"[..])
+    );
+
+    let big = vec![b'v'; layer::XATTR_VALUE_MAX + 1];
+    s.refused(
+        &Tar::default()
+            .pax(&[("SCHILY.xattr.user.big", &big)])
+            .file("big", "x")
+            .done(),
+        "a value of 65537 bytes",
+    );
+    let long = format!("SCHILY.xattr.user.{}", "n".repeat(300));
+    s.refused(
+        &Tar::default()
+            .pax(&[(long.as_str(), &b"v"[..])])
+            .file("long", "x")
+            .done(),
+        "name too long",
+    );
+    if root() {
+        // A capability the kernel cannot parse refuses the layer.
+        s.refused(
+            &Tar::default()
+                .pax(&[("SCHILY.xattr.security.capability", &b"junk"[..])])
+                .file("badcap", "x")
+                .done(),
+            "security.capability",
+        );
+    }
+}
+
+mod credentials {
+    use super::super::auth::{self, Credentials};
+    use super::Scratch;
+    use std::collections::HashMap;
+
+    const REF: &str = "127.0.0.1:5000/test/img:v1";
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| vars.get(name).cloned()
+    }
+
+    fn docker_config(s: &Scratch, json: &str) -> String {
+        let dir = s.0.join("docker");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), json).unwrap();
+        dir.display().to_string()
+    }
+
+    fn who(c: Option<Credentials>) -> Option<(String, String, String)> {
+        c.map(|c| {
+            (
+                c.user().to_string(),
+                c.password().to_string(),
+                c.origin().to_string(),
+            )
+        })
+    }
+
+    #[test]
+    fn flag_then_environment_then_docker_config_then_nobody() {
+        let s = Scratch::new("creds-order");
+        // base64 of kiln:from-docker-config
+        let dir = docker_config(
+            &s,
+            r#"{"auths": {"127.0.0.1:5000": {"auth": "a2lsbjpmcm9tLWRvY2tlci1jb25maWc="},
+                          "https://other.example/v1/": {"username": "u", "password": "p"}}}"#,
+        );
+        let everything = env(&[
+            ("KILN_REGISTRY_USER", "env-user"),
+            ("KILN_REGISTRY_PASSWORD", "env-password"),
+            ("DOCKER_CONFIG", &dir),
+        ]);
+        let flag = auth::resolve(REF, Some("flag-user"), Some("stdin-password"), &everything);
+        assert_eq!(
+            who(flag.unwrap()),
+            Some((
+                "flag-user".into(),
+                "stdin-password".into(),
+                "--registry-user".into()
+            ))
+        );
+        // The flag's user takes the environment's password without stdin.
+        let flag = auth::resolve(REF, Some("flag-user"), None, &everything);
+        assert_eq!(who(flag.unwrap()).unwrap().1, "env-password");
+        let from_env = auth::resolve(REF, None, None, &everything);
+        assert_eq!(
+            who(from_env.unwrap()),
+            Some((
+                "env-user".into(),
+                "env-password".into(),
+                "KILN_REGISTRY_USER".into()
+            ))
+        );
+        let docker = auth::resolve(REF, None, None, &env(&[("DOCKER_CONFIG", &dir)]));
+        let (user, password, origin) = who(docker.unwrap()).unwrap();
+        assert_eq!(
+            (user.as_str(), password.as_str()),
+            ("kiln", "from-docker-config")
+        );
+        assert!(origin.ends_with("docker/config.json"), "{origin}");
+        // An entry keyed by URL, with username and password fields.
+        let other = auth::resolve(
+            "other.example/team/app:1",
+            None,
+            None,
+            &env(&[("DOCKER_CONFIG", &dir)]),
+        );
+        assert_eq!(who(other.unwrap()).unwrap().0, "u");
+        // ~/.docker when DOCKER_CONFIG is unset.
+        let home = s.0.display().to_string();
+        std::fs::rename(s.0.join("docker"), s.0.join(".docker")).unwrap();
+        let from_home = auth::resolve(REF, None, None, &env(&[("HOME", &home)]));
+        assert_eq!(who(from_home.unwrap()).unwrap().0, "kiln");
+        // No entry for the registry, or no file: anonymous.
+        let none = auth::resolve("elsewhere:5000/x:1", None, None, &env(&[("HOME", &home)]));
+        assert_eq!(none.unwrap(), None);
+        let none = auth::resolve(REF, None, None, &env(&[("DOCKER_CONFIG", "/nonexistent")]));
+        assert_eq!(none.unwrap(), None);
+        assert_eq!(auth::resolve(REF, None, None, &env(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn half_given_credentials_and_bad_configs_are_errors_without_the_password() {
+        let s = Scratch::new("creds-errors");
+        let nothing = env(&[]);
+        let err = auth::resolve(REF, Some("u"), None, &nothing).unwrap_err();
+        assert!(err.to_string().contains("needs a password"), "{err}");
+        let err = auth::resolve(REF, None, None, &env(&[("KILN_REGISTRY_USER", "u")])).unwrap_err();
+        assert!(err.to_string().contains("KILN_REGISTRY_PASSWORD"), "{err}");
+        let err = auth::resolve(REF, Some("a:b"), Some("hunter2"), &nothing).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = auth::resolve(REF, Some("u"), Some("hunter2\nmore"), &nothing).unwrap_err();
+        assert!(
+            err.to_string().contains("line break") && !err.to_string().contains("hunter2"),
+            "{err}"
+        );
+
+        for (json, expect) in [
+            ("{not json", "not a Docker config"),
+            (
+                r#"{"auths": {"127.0.0.1:5000": {"auth": "!!!"}}}"#,
+                "not base64",
+            ),
+            (
+                r#"{"auths": {"127.0.0.1:5000": {"identitytoken": "t"}}}"#,
+                "identity token",
+            ),
+        ] {
+            let dir = docker_config(&s, json);
+            let err = auth::resolve(REF, None, None, &env(&[("DOCKER_CONFIG", &dir)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect) && err.contains("config.json"), "{err}");
+        }
+        let dir = docker_config(&s, &format!("{{\"x\": \"{}\"}}", "a".repeat(2 << 20)));
+        let err = auth::resolve(REF, None, None, &env(&[("DOCKER_CONFIG", &dir)])).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let c = Credentials::new("kiln", "hunter2", "--registry-user").unwrap();
+        let source = super::OciSource::parse(REF, false)
+            .unwrap()
+            .with_credentials(Some(c.clone()))
+            .unwrap();
+        for shown in [format!("{c:?}"), format!("{source:?}")] {
+            assert!(
+                shown.contains("kiln") && !shown.contains("hunter2"),
+                "{shown}"
+            );
+        }
+        let layout = super::OciSource::parse("oci-layout:/tmp/x", false).unwrap();
+        assert!(layout.with_credentials(Some(c)).is_err());
     }
 }
