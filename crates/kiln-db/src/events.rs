@@ -219,6 +219,11 @@ impl crate::PgStore {
     }
 }
 
+/// Most events one pass numbers.
+const SEQUENCE_BATCH: u64 = 10_000;
+/// The least time between two passes that find no backlog.
+const SEQUENCE_GAP: Duration = Duration::from_millis(5);
+
 /// Numbers settled events, a batch at a time, in one statement; returns
 /// how many. Runs only on the connection that holds the sequencer's lock,
 /// so passes never overlap and each sees the numbers the last one gave.
@@ -282,11 +287,19 @@ pub(crate) async fn sequence_loop(pool: PgPool, kick: Arc<Notify>, ready: Arc<No
         let wait = Duration::from_millis(100);
         if let Some(conn) = leader.as_mut() {
             match sequence(conn).await {
-                Ok(n) if n > 0 => {
+                Ok(n) if n >= SEQUENCE_BATCH => {
                     ready.notify_waiters();
                     continue;
                 }
-                Ok(_) => {}
+                Ok(n) => {
+                    if n > 0 {
+                        ready.notify_waiters();
+                    }
+                    // Every write kicks (a step of a pipeline makes several
+                    // events): a short pause gathers what comes meanwhile
+                    // into the next pass instead of a pass per kick.
+                    tokio::time::sleep(SEQUENCE_GAP).await;
+                }
                 Err(error) => {
                     // The lock goes with the connection.
                     if let Some(conn) = leader.take() {

@@ -1227,5 +1227,7 @@ async fn counter_shards_never_deadlock_across_statements() {
     let theirs = other.await.unwrap();
     assert!(theirs.is_ok(), "the other insert failed: {theirs:?}");
     db.close().await;
-    kiln_db::testing::drop_postgres_schema(&url, &schema).await.ok();
+    kiln_db::testing::drop_postgres_schema(&url, &schema)
+        .await
+        .ok();
 }

@@ -11,6 +11,7 @@ pub mod noop;
 pub mod secrets;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -245,6 +246,9 @@ struct Shared {
     done: mpsc::UnboundedSender<Completion>,
     release: mpsc::UnboundedSender<(i64, i32)>,
     hard_stop: CancellationToken,
+    /// The last lease came back short while ready jobs were waiting (held
+    /// back by a quota or a queue's limit): ends should wake the lease loop.
+    blocked: Arc<AtomicBool>,
 }
 
 /// The background tasks of a running worker.
@@ -297,6 +301,7 @@ impl Worker {
             done: done_tx,
             release: release_tx,
             hard_stop: CancellationToken::new(),
+            blocked: Arc::default(),
             db: self.db,
             handlers: self.handlers,
             config: self.config,
@@ -395,6 +400,7 @@ async fn register(
             done_rx,
             config.batch_max,
             shared.running.clone(),
+            shared.blocked.clone(),
             config.pipelines.clone().map(|kinds| Continuation {
                 kinds,
                 worker_id: config.id.clone(),
@@ -516,7 +522,11 @@ async fn lease_round(
     if got == free {
         return Round::Full;
     }
-    let idle_for = match shared.db.job_next_run_at(&shared.kinds).await {
+    let next = shared.db.job_next_run_at(&shared.kinds).await;
+    shared
+        .blocked
+        .store(matches!(next, Ok(Some(at)) if at <= now), Ordering::Relaxed);
+    let idle_for = match next {
         Ok(Some(at)) if at > now => Duration::from_millis((at - now) as u64),
         _ => config.poll_every,
     }
@@ -799,6 +809,7 @@ async fn complete_loop(
     mut rx: mpsc::UnboundedReceiver<Completion>,
     batch_max: usize,
     running: RunningMap,
+    blocked: Arc<AtomicBool>,
     continuation: Option<Continuation>,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
@@ -831,10 +842,14 @@ async fn complete_loop(
             running.forget(completion.id, completion.attempt);
         }
         batch.clear();
-        // Finished jobs give their tenants room under the running quota; a
-        // lease that came back short for want of it should try again now,
-        // not at the next poll.
-        db.wakeup().notify_waiters();
+        // Finished jobs give their tenants room under the running quota
+        // (and their queues under a limit); a lease that came back short
+        // for want of it should try again now, not at the next poll. A
+        // lease that found nothing waiting needs no wake-up: every end of a
+        // pipeline step would otherwise cost a lease that finds nothing.
+        if blocked.load(Ordering::Relaxed) {
+            db.wakeup().notify_waiters();
+        }
     }
 }
 

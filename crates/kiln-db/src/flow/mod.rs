@@ -346,12 +346,17 @@ pub(crate) trait FlowTx: Send {
     /// The `files` of the jobs' results (JSON text), without the rest of
     /// the result: a run's artefact list never reads its output.
     async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>>;
+    /// `quiet`: other processes are not told of these jobs (the caller
+    /// leases them now, or tells them with [`FlowTx::notify_jobs`]).
     async fn insert_jobs(
         &mut self,
         jobs: &[NewJob],
         run_id: Option<i64>,
         now: Millis,
+        quiet: bool,
     ) -> DbResult<Vec<i64>>;
+    /// Tells other processes at commit that jobs are waiting.
+    async fn notify_jobs(&mut self) -> DbResult<()>;
     async fn cancel_jobs(&mut self, ids: &[i64], now: Millis) -> DbResult<()>;
     /// Step ends waiting in the outbox (of one run, or of any), oldest
     /// first, locked for this transaction.
@@ -498,6 +503,9 @@ struct Advance<'a> {
     /// Instance rows to write, held until something reads instances or the
     /// advance is written: one statement for all of them.
     pending: Vec<InstanceRecord>,
+    /// Step jobs are inserted without telling other processes: the
+    /// completion that advances the run leases them itself.
+    quiet: bool,
 }
 
 impl Advance<'_> {
@@ -831,7 +839,9 @@ impl Advance<'_> {
                 finished_at: None,
             });
         }
-        let ids = tx.insert_jobs(&jobs, Some(self.run.id), self.now).await?;
+        let ids = tx
+            .insert_jobs(&jobs, Some(self.run.id), self.now, self.quiet)
+            .await?;
         self.new_jobs.extend(&ids);
         for (row, id) in rows.iter_mut().zip(ids) {
             row.job_id = Some(id);
@@ -1100,6 +1110,7 @@ async fn new_advance<'a>(
         run_changed: false,
         known: vec![false; n],
         pending: Vec::new(),
+        quiet: false,
     })
 }
 
@@ -1868,7 +1879,9 @@ async fn advance_run(
         });
     };
     Ok(Some(
-        advance_locked(tx, cache, kinds, run, job_ids, now).await?.0,
+        advance_locked(tx, cache, kinds, run, job_ids, now, false)
+            .await?
+            .0,
     ))
 }
 
@@ -1907,7 +1920,8 @@ async fn advance_inline(
             put_back.extend(jobs.iter().map(|&job| (run_id, job)));
             continue;
         };
-        let (made, new) = advance_locked(tx, cache, kinds, run, &jobs, now).await?;
+        let quiet = lease.is_some_and(|r| r.limit > 0);
+        let (made, new) = advance_locked(tx, cache, kinds, run, &jobs, now, quiet).await?;
         // No more than ended here: the run's tenant keeps its running count.
         fresh.extend(new.iter().take(jobs.len()));
         // Jobs this worker will not be offered: more than ended, or the
@@ -1928,6 +1942,9 @@ async fn advance_inline(
         out.leased = tx.lease_ready(&fresh, &request).await?;
     }
     out.unleased |= out.leased.len() < offered;
+    if out.unleased {
+        tx.notify_jobs().await?;
+    }
     Ok(out)
 }
 
@@ -1940,6 +1957,7 @@ async fn advance_locked(
     run: RunRecord,
     job_ids: &[i64],
     now: Millis,
+    quiet: bool,
 ) -> DbResult<(bool, Vec<i64>)> {
     let run_id = run.id;
     let tenant = run.tenant.clone();
@@ -1952,6 +1970,7 @@ async fn advance_locked(
         .filter(|(r, _)| r.status == "running")
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
+    advance.quiet = quiet;
     let ended_steps: BTreeSet<usize> = mine
         .iter()
         .filter_map(|(r, _)| advance.index(&r.step))

@@ -256,6 +256,7 @@ impl FlowTx for PgFlowTx {
         jobs: &[NewJob],
         run_id: Option<i64>,
         now: Millis,
+        quiet: bool,
     ) -> DbResult<Vec<i64>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -267,7 +268,9 @@ impl FlowTx for PgFlowTx {
         let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
         // No ON CONFLICT: a step job made twice is a broken invariant, and
         // the unique key refuses it by aborting the whole advance.
-        Ok(sqlx::query_scalar(
+        // The insert trigger's NOTIFY reads `kiln.quiet_insert`, set for
+        // the rest of the transaction by the statement itself.
+        Ok(sqlx::query_scalar(&format!(
             "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
              timeout_ms, backoff, permanent_exit_codes, run_at, idempotency_key, created_at, run_id, held) \
              SELECT t.*, $14, $15, EXISTS (SELECT 1 FROM queues q WHERE q.tenant = t.tenant \
@@ -277,8 +280,10 @@ impl FlowTx for PgFlowTx {
                $13::text[]) \
                AS t(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
                     backoff, permanent_exit_codes, run_at, idempotency_key) \
+             WHERE set_config('kiln.quiet_insert', '{0}', true) = '{0}' \
              RETURNING id",
-        )
+            if quiet { "on" } else { "off" }
+        ))
         .bind(col(|e| e.job.tenant.clone()))
         .bind(col(|e| e.job.kind.clone()))
         .bind(col(|e| e.job.queue.clone()))
@@ -301,6 +306,13 @@ impl FlowTx for PgFlowTx {
         .bind(run_id)
         .fetch_all(&mut *self.tx)
         .await?)
+    }
+
+    async fn notify_jobs(&mut self) -> DbResult<()> {
+        sqlx::query("SELECT pg_notify('kiln_jobs', '')")
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
     }
 
     async fn cancel_jobs(&mut self, ids: &[i64], now: Millis) -> DbResult<()> {

@@ -418,7 +418,10 @@ async fn fire_one(
                     return Ok((fire, false));
                 }
             }
-            match tx.insert_jobs(std::slice::from_ref(&job), None, now).await {
+            match tx
+                .insert_jobs(std::slice::from_ref(&job), None, now, false)
+                .await
+            {
                 Ok(ids) => {
                     fire.job_id = ids.first().copied();
                     Ok((fire, true))

@@ -275,6 +275,7 @@ impl FlowTx for SqliteFlowTx {
         jobs: &[NewJob],
         run_id: Option<i64>,
         now: Millis,
+        _quiet: bool,
     ) -> DbResult<Vec<i64>> {
         let mut ids = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -309,6 +310,11 @@ impl FlowTx for SqliteFlowTx {
             ids.push(id);
         }
         Ok(ids)
+    }
+
+    async fn notify_jobs(&mut self) -> DbResult<()> {
+        // One process: its callers wake its own workers.
+        Ok(())
     }
 
     async fn cancel_jobs(&mut self, ids: &[i64], now: Millis) -> DbResult<()> {
