@@ -330,6 +330,13 @@ pub(crate) trait FlowTx: Send {
     /// were cancelled.
     async fn step_counts(&mut self, run_id: i64) -> DbResult<(i64, i64)>;
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()>;
+    /// [`FlowTx::put_instances`] and [`FlowTx::put_steps`] in one trip.
+    async fn put_rows(
+        &mut self,
+        run_id: i64,
+        instances: &[InstanceRecord],
+        steps: &[&StepRecord],
+    ) -> DbResult<()>;
     async fn instances(
         &mut self,
         run_id: i64,
@@ -514,13 +521,18 @@ impl Advance<'_> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        let rows = self.take_pending();
+        tx.put_instances(self.run.id, &rows).await
+    }
+
+    fn take_pending(&mut self) -> Vec<InstanceRecord> {
         let mut rows = std::mem::take(&mut self.pending);
         // One upsert may not touch a row twice.
         let mut seen = HashSet::new();
         rows.reverse();
         rows.retain(|r| seen.insert((r.step.clone(), r.index)));
         rows.reverse();
-        tx.put_instances(self.run.id, &rows).await
+        rows
     }
 
     fn index(&self, id: &str) -> Option<usize> {
@@ -1017,10 +1029,13 @@ impl Advance<'_> {
     }
 
     async fn write(mut self, tx: &mut dyn FlowTx) -> DbResult<bool> {
-        self.flush(tx).await?;
+        let instances = self.take_pending();
         let changed: Vec<&StepRecord> = self.changed.iter().map(|&i| &self.steps[i]).collect();
-        if !changed.is_empty() {
-            tx.put_steps(self.run.id, &changed).await?;
+        match (instances.is_empty(), changed.is_empty()) {
+            (true, true) => {}
+            (false, true) => tx.put_instances(self.run.id, &instances).await?,
+            (true, false) => tx.put_steps(self.run.id, &changed).await?,
+            (false, false) => tx.put_rows(self.run.id, &instances, &changed).await?,
         }
         // A step known to be unsettled keeps the run going: no need to count.
         let open = self

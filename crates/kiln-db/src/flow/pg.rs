@@ -28,6 +28,97 @@ impl PgFlowTx {
     }
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+/// Upserts step rows from nine arrays from parameter `n` on, for the run in
+/// parameter 1.
+fn steps_upsert(n: u8) -> String {
+    let p = |k: u8| format!("${}", n + k);
+    format!(
+        "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
+           finished_at, deadline_at, detail) \
+         SELECT $1, * FROM unnest({}::text[], {}::text[], {}::int4[], {}::int4[], {}::int4[], \
+           {}::int8[], {}::int8[], {}::int8[], {}::text[]) \
+         ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
+           total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
+           started_at = excluded.started_at, finished_at = excluded.finished_at, \
+           deadline_at = excluded.deadline_at, detail = excluded.detail",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8)
+    )
+}
+
+fn bind_steps<'q>(query: PgQuery<'q>, steps: &[&StepRecord]) -> PgQuery<'q> {
+    query
+        .bind(steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.status.as_str()).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.total).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.succeeded).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.failed).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.started_at).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.finished_at).collect::<Vec<_>>())
+        .bind(steps.iter().map(|s| s.deadline_at).collect::<Vec<_>>())
+        .bind(
+            steps
+                .iter()
+                .map(|s| storable(&step_detail(s)))
+                .collect::<Vec<_>>(),
+        )
+}
+
+/// Upserts instance rows from eleven arrays from parameter `n` on, for the
+/// run in parameter 1.
+fn instances_upsert(n: u8) -> String {
+    let p = |k: u8| format!("${}", n + k);
+    format!(
+        "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, exit_code, \
+           stdout, error, started_at, finished_at) \
+         SELECT $1, * FROM unnest({}::text[], {}::int4[], {}::int4[], {}::int8[], {}::text[], \
+           {}::text[], {}::int4[], {}::text[], {}::text[], {}::int8[], {}::int8[]) \
+         ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
+           job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
+           exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
+           started_at = excluded.started_at, finished_at = excluded.finished_at",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(9),
+        p(10)
+    )
+}
+
+fn bind_instances<'q>(query: PgQuery<'q>, rows: &[InstanceRecord]) -> PgQuery<'q> {
+    query
+        .bind(rows.iter().map(|r| r.step.clone()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.index).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.job_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| storable(&instance_item(r)))
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.exit_code).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| storable(&r.stdout)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| storable(&r.error)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+}
+
 #[async_trait::async_trait]
 impl FlowTx for PgFlowTx {
     async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()> {
@@ -163,33 +254,21 @@ impl FlowTx for PgFlowTx {
     }
 
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()> {
-        sqlx::query(
-            "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
-               finished_at, deadline_at, detail) \
-             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int4[], $5::int4[], $6::int4[], \
-               $7::int8[], $8::int8[], $9::int8[], $10::text[]) \
-             ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
-               total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
-               started_at = excluded.started_at, finished_at = excluded.finished_at, \
-               deadline_at = excluded.deadline_at, detail = excluded.detail",
-        )
-        .bind(run_id)
-        .bind(steps.iter().map(|s| s.step.clone()).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| s.status.as_str()).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| s.total).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| s.succeeded).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| s.failed).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| s.started_at).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| s.finished_at).collect::<Vec<_>>())
-        .bind(steps.iter().map(|s| s.deadline_at).collect::<Vec<_>>())
-        .bind(
-            steps
-                .iter()
-                .map(|s| storable(&step_detail(s)))
-                .collect::<Vec<_>>(),
-        )
-        .execute(&mut *self.tx)
-        .await?;
+        bind_steps(sqlx::query(&steps_upsert(2)).bind(run_id), steps)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_rows(
+        &mut self,
+        run_id: i64,
+        instances: &[InstanceRecord],
+        steps: &[&StepRecord],
+    ) -> DbResult<()> {
+        let sql = format!("WITH i AS ({}) {}", instances_upsert(2), steps_upsert(13));
+        let query = bind_instances(sqlx::query(&sql).bind(run_id), instances);
+        bind_steps(query, steps).execute(&mut *self.tx).await?;
         Ok(())
     }
 
@@ -213,30 +292,9 @@ impl FlowTx for PgFlowTx {
         if rows.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, exit_code, \
-               stdout, error, started_at, finished_at) \
-             SELECT $1, * FROM unnest($2::text[], $3::int4[], $4::int4[], $5::int8[], $6::text[], \
-               $7::text[], $8::int4[], $9::text[], $10::text[], $11::int8[], $12::int8[]) \
-             ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
-               job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
-               exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
-               started_at = excluded.started_at, finished_at = excluded.finished_at",
-        )
-        .bind(run_id)
-        .bind(rows.iter().map(|r| r.step.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.index).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.attempt).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.job_id).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.status.clone()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| storable(&instance_item(r))).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.exit_code).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| storable(&r.stdout)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| storable(&r.error)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-        .execute(&mut *self.tx)
-        .await?;
+        bind_instances(sqlx::query(&instances_upsert(2)).bind(run_id), rows)
+            .execute(&mut *self.tx)
+            .await?;
         Ok(())
     }
 

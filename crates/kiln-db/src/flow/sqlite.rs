@@ -32,6 +32,79 @@ fn ids_json(ids: &[i64]) -> String {
     serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
 }
 
+/// Upserts the step rows of the JSON array in parameter `n` for the run in
+/// parameter 1.
+fn steps_upsert(n: u8) -> String {
+    format!(
+        "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
+           finished_at, deadline_at, detail) \
+         SELECT ?1, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+           value ->> 5, value ->> 6, value ->> 7, value ->> 8 FROM json_each(?{n}) WHERE true \
+         ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
+           total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
+           started_at = excluded.started_at, finished_at = excluded.finished_at, \
+           deadline_at = excluded.deadline_at, detail = excluded.detail"
+    )
+}
+
+fn step_rows(steps: &[&StepRecord]) -> String {
+    let rows: Vec<serde_json::Value> = steps
+        .iter()
+        .map(|s| {
+            serde_json::json!([
+                s.step,
+                s.status.as_str(),
+                s.total,
+                s.succeeded,
+                s.failed,
+                s.started_at,
+                s.finished_at,
+                s.deadline_at,
+                step_detail(s),
+            ])
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+/// Upserts the instance rows of the JSON array in parameter `n` for the run
+/// in parameter 1.
+fn instances_upsert(n: u8) -> String {
+    format!(
+        "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, \
+           exit_code, stdout, error, started_at, finished_at) \
+         SELECT ?1, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
+           value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
+         FROM json_each(?{n}) WHERE true \
+         ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
+           job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
+           exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
+           started_at = excluded.started_at, finished_at = excluded.finished_at"
+    )
+}
+
+fn instance_rows(rows: &[InstanceRecord]) -> String {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!([
+                r.step,
+                r.index,
+                r.attempt,
+                r.job_id,
+                r.status,
+                instance_item(r),
+                r.exit_code,
+                r.stdout,
+                r.error,
+                r.started_at,
+                r.finished_at,
+            ])
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
 #[async_trait::async_trait]
 impl FlowTx for SqliteFlowTx {
     async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()> {
@@ -169,36 +242,26 @@ impl FlowTx for SqliteFlowTx {
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()> {
         // All rows in one statement, as a JSON array of rows: one trip to
         // the connection's thread whatever the count.
-        let rows: Vec<serde_json::Value> = steps
-            .iter()
-            .map(|s| {
-                serde_json::json!([
-                    s.step,
-                    s.status.as_str(),
-                    s.total,
-                    s.succeeded,
-                    s.failed,
-                    s.started_at,
-                    s.finished_at,
-                    s.deadline_at,
-                    step_detail(s),
-                ])
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
-               finished_at, deadline_at, detail) \
-             SELECT ?1, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-               value ->> 5, value ->> 6, value ->> 7, value ->> 8 FROM json_each(?2) WHERE true \
-             ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
-               total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
-               started_at = excluded.started_at, finished_at = excluded.finished_at, \
-               deadline_at = excluded.deadline_at, detail = excluded.detail",
-        )
-        .bind(run_id)
-        .bind(serde_json::Value::Array(rows).to_string())
-        .execute(&mut *self.tx)
-        .await?;
+        sqlx::query(&steps_upsert(2))
+            .bind(run_id)
+            .bind(step_rows(steps))
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_rows(
+        &mut self,
+        run_id: i64,
+        instances: &[InstanceRecord],
+        steps: &[&StepRecord],
+    ) -> DbResult<()> {
+        sqlx::query(&format!("{}; {}", instances_upsert(2), steps_upsert(3)))
+            .bind(run_id)
+            .bind(instance_rows(instances))
+            .bind(step_rows(steps))
+            .execute(&mut *self.tx)
+            .await?;
         Ok(())
     }
 
@@ -223,39 +286,11 @@ impl FlowTx for SqliteFlowTx {
         if rows.is_empty() {
             return Ok(());
         }
-        let rows: Vec<serde_json::Value> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!([
-                    r.step,
-                    r.index,
-                    r.attempt,
-                    r.job_id,
-                    r.status,
-                    instance_item(r),
-                    r.exit_code,
-                    r.stdout,
-                    r.error,
-                    r.started_at,
-                    r.finished_at,
-                ])
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, \
-               exit_code, stdout, error, started_at, finished_at) \
-             SELECT ?1, value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, \
-               value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 \
-             FROM json_each(?2) WHERE true \
-             ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
-               job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
-               exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
-               started_at = excluded.started_at, finished_at = excluded.finished_at",
-        )
-        .bind(run_id)
-        .bind(serde_json::Value::Array(rows).to_string())
-        .execute(&mut *self.tx)
-        .await?;
+        sqlx::query(&instances_upsert(2))
+            .bind(run_id)
+            .bind(instance_rows(rows))
+            .execute(&mut *self.tx)
+            .await?;
         Ok(())
     }
 
