@@ -340,14 +340,25 @@ impl Worker {
                 Round::Full => continue,
                 Round::Stop => break,
                 Round::Idle(idle_for) => {
-                    tokio::select! {
-                        _ = &mut notified => {}
-                        Some(handed) = handoff_rx.recv() => {
-                            start_with(&shared, &mut tasks, handed.job, handed.permit);
+                    // A step handed over by the completer starts without a
+                    // lease round: it says nothing about other jobs, and a
+                    // chain of steps would otherwise cost a lease that
+                    // finds nothing per step.
+                    let sleep = tokio::time::sleep(idle_for);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut notified => {}
+                            Some(handed) = handoff_rx.recv() => {
+                                start_with(&shared, &mut tasks, handed.job, handed.permit);
+                                reap(&mut tasks);
+                                continue;
+                            }
+                            _ = &mut sleep => {}
+                            _ = draining.changed() => {}
+                            _ = shutdown.cancelled() => {}
                         }
-                        _ = tokio::time::sleep(idle_for) => {}
-                        _ = draining.changed() => {}
-                        _ = shutdown.cancelled() => break,
+                        break;
                     }
                 }
             }

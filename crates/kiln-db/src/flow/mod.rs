@@ -345,11 +345,14 @@ pub(crate) trait FlowTx: Send {
     async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()>;
     /// The run's instances on these jobs, each with its job's end, in one
     /// statement.
-    async fn ended_instances(
+    /// The run row, locked, unless another transaction holds it (then
+    /// `None` at once, never a wait), with the run's instances on these
+    /// jobs, each with its job's end, in the same statement.
+    async fn try_lock_run_ended(
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Vec<(InstanceRecord, JobEnd)>>;
+    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>>;
     /// The `files` of the jobs' results (JSON text), without the rest of
     /// the result: a run's artefact list never reads its output.
     async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>>;
@@ -377,9 +380,6 @@ pub(crate) trait FlowTx: Send {
     async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>>;
     /// Writes (run, job) step ends back to the outbox for the advancer.
     async fn put_back_outbox(&mut self, ends: &[(i64, i64)]) -> DbResult<()>;
-    /// The run row, locked, unless another transaction holds it: then
-    /// `None` at once, never a wait.
-    async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>>;
     /// Leases those of `ids` that are ready and that nothing waits ahead
     /// of (no job of the request's kinds at the same or a more urgent
     /// priority waiting since before `request.now`), in queues without
@@ -1885,7 +1885,7 @@ async fn advance_run(
     job_ids: &[i64],
     now: Millis,
 ) -> DbResult<Option<bool>> {
-    let Some(run) = tx.try_lock_run(run_id).await? else {
+    let Some((run, ended)) = tx.try_lock_run_ended(run_id, job_ids).await? else {
         // Gone (its ends mean nothing now) or held elsewhere.
         return Ok(if tx.run_exists(run_id).await? {
             None
@@ -1894,7 +1894,7 @@ async fn advance_run(
         });
     };
     Ok(Some(
-        advance_locked(tx, cache, kinds, run, job_ids, now, false)
+        advance_locked(tx, cache, kinds, run, ended, now, false)
             .await?
             .0,
     ))
@@ -1931,12 +1931,12 @@ async fn advance_inline(
     let mut put_back = Vec::new();
     for (run_id, jobs) in by_run {
         // Never waits for a run: one held elsewhere is the advancer's.
-        let Some(run) = tx.try_lock_run(run_id).await? else {
+        let Some((run, ended)) = tx.try_lock_run_ended(run_id, &jobs).await? else {
             put_back.extend(jobs.iter().map(|&job| (run_id, job)));
             continue;
         };
         let quiet = lease.is_some_and(|r| r.limit > 0);
-        let (made, new) = advance_locked(tx, cache, kinds, run, &jobs, now, quiet).await?;
+        let (made, new) = advance_locked(tx, cache, kinds, run, ended, now, quiet).await?;
         // No more than ended here: the run's tenant keeps its running count.
         fresh.extend(new.iter().take(jobs.len()));
         // Jobs this worker will not be offered: more than ended, or the
@@ -1963,24 +1963,21 @@ async fn advance_inline(
     Ok(out)
 }
 
-/// [`advance_run`] on a run row this transaction has locked; also returns
-/// the step jobs it inserted.
+/// [`advance_run`] on a run row this transaction has locked, with the
+/// instances whose jobs ended; also returns the step jobs it inserted.
 async fn advance_locked(
     tx: &mut dyn FlowTx,
     cache: &DefCache,
     kinds: &JobKinds,
     run: RunRecord,
-    job_ids: &[i64],
+    ended: Vec<(InstanceRecord, JobEnd)>,
     now: Millis,
     quiet: bool,
 ) -> DbResult<(bool, Vec<i64>)> {
-    let run_id = run.id;
     let tenant = run.tenant.clone();
     // Only instances still on the job that ended: a job of an earlier
     // attempt of the run, ending late, changes nothing.
-    let mine: Vec<(InstanceRecord, JobEnd)> = tx
-        .ended_instances(run_id, job_ids)
-        .await?
+    let mine: Vec<(InstanceRecord, JobEnd)> = ended
         .into_iter()
         .filter(|(r, _)| r.status == "running")
         .collect();

@@ -7,9 +7,9 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
-    instance_item, step_detail, storable, EndedRow, FlowTx, InstanceRecord, InstanceRow, JobEnd,
-    NewRunRow, PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
-    ENDED_COLUMNS, INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
+    instance_item, step_detail, storable, FlowTx, InstanceRecord, InstanceRow, JobEnd, NewRunRow,
+    PipelineRecord, PipelineRow, RunEndedRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
+    ENDED_ELEMENTS, INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
 use super::{FireRecord, ScheduleRecord};
 use crate::audit::note::Change;
@@ -418,20 +418,24 @@ impl FlowTx for PgFlowTx {
         Ok(crate::postgres::complete_on(&mut *self.tx, done).await?)
     }
 
-    async fn ended_instances(
+    async fn try_lock_run_ended(
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Vec<(InstanceRecord, JobEnd)>> {
-        let rows: Vec<EndedRow> = sqlx::query_as(&format!(
-            "SELECT {ENDED_COLUMNS} FROM run_instances i JOIN jobs j ON j.id = i.job_id \
-             WHERE i.run_id = $1 AND j.run_id = $1 AND i.job_id = ANY($2)"
+    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+        // The instances are read over the row once it is locked.
+        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
+            "SELECT l.*, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
+               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+               WHERE i.run_id = l.id AND j.run_id = l.id AND i.job_id = ANY($2)), '[]')::text \
+               AS ended \
+             FROM (SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED) l"
         ))
         .bind(run_id)
         .bind(job_ids)
-        .fetch_all(&mut *self.tx)
+        .fetch_optional(&mut *self.tx)
         .await?;
-        rows.into_iter().map(EndedRow::split).collect()
+        row.map(RunEndedRow::split).transpose()
     }
 
     async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
@@ -456,16 +460,6 @@ impl FlowTx for PgFlowTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
-    }
-
-    async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
-        let row: Option<RunRow> = sqlx::query_as(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        row.map(RunRecord::try_from).transpose()
     }
 
     async fn lease_ready(

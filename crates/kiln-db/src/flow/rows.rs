@@ -190,31 +190,70 @@ impl From<JobEndRow> for JobEnd {
     }
 }
 
-/// An instance and the end of its job, read together.
-pub(crate) const ENDED_COLUMNS: &str = "i.step, i.idx, i.attempt, i.job_id, i.status, i.item, \
-     i.exit_code, i.stdout, i.error, i.started_at, i.finished_at, j.status AS end_status, \
-     j.result AS end_result, j.error AS end_error, j.finished_at AS end_finished_at";
-
+/// A run row with its ended instances as a JSON array of arrays (one
+/// statement locks the run and reads them): the instance's columns, then
+/// its job's status, result, error and end.
 #[derive(sqlx::FromRow)]
-pub(crate) struct EndedRow {
+pub(crate) struct RunEndedRow {
     #[sqlx(flatten)]
-    instance: InstanceRow,
-    end_status: String,
-    end_result: Option<String>,
-    end_error: Option<String>,
-    end_finished_at: Option<i64>,
+    run: RunRow,
+    ended: String,
 }
 
-impl EndedRow {
-    pub(crate) fn split(self) -> DbResult<(InstanceRecord, JobEnd)> {
-        let end = JobEnd::from(JobEndRow {
-            id: self.instance.job_id.unwrap_or_default(),
-            status: self.end_status,
-            result: self.end_result,
-            error: self.end_error,
-            finished_at: self.end_finished_at,
-        });
-        Ok((InstanceRecord::try_from(self.instance)?, end))
+/// The elements of one ended instance in [`RunEndedRow::ended`], in order.
+pub(crate) const ENDED_ELEMENTS: &str = "i.step, i.idx, i.attempt, i.job_id, i.status, i.item, \
+     i.exit_code, i.stdout, i.error, i.started_at, i.finished_at, j.status, j.result, j.error, \
+     j.finished_at";
+
+type EndedElements = (
+    String,
+    i32,
+    i32,
+    Option<i64>,
+    String,
+    Option<String>,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+impl RunEndedRow {
+    pub(crate) fn split(self) -> DbResult<(RunRecord, Vec<(InstanceRecord, JobEnd)>)> {
+        let elements: Vec<EndedElements> = serde_json::from_str(&self.ended)
+            .map_err(|e| DbError::Corrupt(format!("ended instances: {e}")))?;
+        let ended = elements
+            .into_iter()
+            .map(|e| {
+                let end = JobEnd::from(JobEndRow {
+                    id: e.3.unwrap_or_default(),
+                    status: e.11,
+                    result: e.12,
+                    error: e.13,
+                    finished_at: e.14,
+                });
+                let instance = InstanceRecord::try_from(InstanceRow {
+                    step: e.0,
+                    idx: e.1,
+                    attempt: e.2,
+                    job_id: e.3,
+                    status: e.4,
+                    item: e.5,
+                    exit_code: e.6,
+                    stdout: e.7,
+                    error: e.8,
+                    started_at: e.9,
+                    finished_at: e.10,
+                })?;
+                Ok((instance, end))
+            })
+            .collect::<DbResult<Vec<_>>>()?;
+        Ok((RunRecord::try_from(self.run)?, ended))
     }
 }
 

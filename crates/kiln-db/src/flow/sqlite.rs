@@ -7,9 +7,9 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
-    instance_item, step_detail, EndedRow, FlowTx, InstanceRecord, InstanceRow, JobEnd, NewRunRow,
-    PipelineRecord, PipelineRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow, ENDED_COLUMNS,
-    INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
+    instance_item, step_detail, FlowTx, InstanceRecord, InstanceRow, JobEnd, NewRunRow,
+    PipelineRecord, PipelineRow, RunEndedRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
+    ENDED_ELEMENTS, INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
 use super::{FireRecord, ScheduleRecord};
 use crate::audit::note::Change;
@@ -395,21 +395,24 @@ impl FlowTx for SqliteFlowTx {
         Ok(crate::sqlite::complete_on(&mut self.tx, done).await?)
     }
 
-    async fn ended_instances(
+    async fn try_lock_run_ended(
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Vec<(InstanceRecord, JobEnd)>> {
-        let rows: Vec<EndedRow> = sqlx::query_as(&format!(
-            "SELECT {ENDED_COLUMNS} FROM run_instances i JOIN jobs j ON j.id = i.job_id \
-             WHERE i.run_id = ?1 AND j.run_id = ?1 \
-             AND i.job_id IN (SELECT value FROM json_each(?2))"
+    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+        // One writer: a write transaction holds every row already.
+        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS}, (SELECT json_group_array(json_array({ENDED_ELEMENTS})) \
+               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+               WHERE i.run_id = runs.id AND j.run_id = runs.id \
+               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended \
+             FROM runs WHERE id = ?1"
         ))
         .bind(run_id)
         .bind(ids_json(job_ids))
-        .fetch_all(&mut *self.tx)
+        .fetch_optional(&mut *self.tx)
         .await?;
-        rows.into_iter().map(EndedRow::split).collect()
+        row.map(RunEndedRow::split).transpose()
     }
 
     async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
@@ -433,11 +436,6 @@ impl FlowTx for SqliteFlowTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
-    }
-
-    async fn try_lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
-        // One writer: a write transaction holds every row already.
-        self.lock_run(id).await
     }
 
     async fn lease_ready(
