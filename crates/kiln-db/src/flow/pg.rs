@@ -30,28 +30,31 @@ impl PgFlowTx {
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
+/// `$n::t1[], $n+1::t2[], …`: the arrays `unnest` takes, from parameter `n`.
+fn arrays(n: u8, types: &[&str]) -> String {
+    let list: Vec<String> = types
+        .iter()
+        .zip(n..)
+        .map(|(t, k)| format!("${k}::{t}[]"))
+        .collect();
+    list.join(", ")
+}
+
 /// Upserts step rows from nine arrays from parameter `n` on, for the run in
 /// parameter 1.
 fn steps_upsert(n: u8) -> String {
-    let p = |k: u8| format!("${}", n + k);
     format!(
         "INSERT INTO run_steps (run_id, step, status, total, succeeded, failed, started_at, \
            finished_at, deadline_at, detail) \
-         SELECT $1, * FROM unnest({}::text[], {}::text[], {}::int4[], {}::int4[], {}::int4[], \
-           {}::int8[], {}::int8[], {}::int8[], {}::text[]) \
+         SELECT $1, * FROM unnest({}) \
          ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status, \
            total = excluded.total, succeeded = excluded.succeeded, failed = excluded.failed, \
            started_at = excluded.started_at, finished_at = excluded.finished_at, \
            deadline_at = excluded.deadline_at, detail = excluded.detail",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6),
-        p(7),
-        p(8)
+        arrays(
+            n,
+            &["text", "text", "int4", "int4", "int4", "int8", "int8", "int8", "text"]
+        )
     )
 }
 
@@ -76,27 +79,21 @@ fn bind_steps<'q>(query: PgQuery<'q>, steps: &[&StepRecord]) -> PgQuery<'q> {
 /// Upserts instance rows from eleven arrays from parameter `n` on, for the
 /// run in parameter 1.
 fn instances_upsert(n: u8) -> String {
-    let p = |k: u8| format!("${}", n + k);
     format!(
         "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, exit_code, \
            stdout, error, started_at, finished_at) \
-         SELECT $1, * FROM unnest({}::text[], {}::int4[], {}::int4[], {}::int8[], {}::text[], \
-           {}::text[], {}::int4[], {}::text[], {}::text[], {}::int8[], {}::int8[]) \
+         SELECT $1, * FROM unnest({}) \
          ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
            job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
            exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
            started_at = excluded.started_at, finished_at = excluded.finished_at",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6),
-        p(7),
-        p(8),
-        p(9),
-        p(10)
+        arrays(
+            n,
+            &[
+                "text", "int4", "int4", "int8", "text", "text", "int4", "text", "text", "int8",
+                "int8"
+            ]
+        )
     )
 }
 
