@@ -955,7 +955,19 @@ pub(crate) async fn complete_on<'e, E: sqlx::PgExecutor<'e>>(
     executor: E,
     done: &[Completion],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(&format!(
+    Ok(complete_rows(executor, done)
+        .await?
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect())
+}
+
+/// [`complete_on`], with each written job's run and the status it took.
+pub(crate) async fn complete_rows<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    done: &[Completion],
+) -> Result<Vec<(i64, Option<i64>, String)>, sqlx::Error> {
+    sqlx::query_as(&format!(
         "WITH {} UPDATE jobs j SET \
            status = CASE WHEN j.cancel_requested AND u.status = 'scheduled' THEN 'cancelled' ELSE u.status END, \
            finished_at = CASE WHEN u.status = 'scheduled' AND NOT j.cancel_requested THEN NULL ELSE u.finished_at END, \
@@ -965,7 +977,7 @@ pub(crate) async fn complete_on<'e, E: sqlx::PgExecutor<'e>>(
            $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record), \
            locked l \
          WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
-         RETURNING j.id",
+         RETURNING j.id, j.run_id, j.status",
         lock_in_id_order("$1")
     ))
     .bind(done.iter().map(|c| c.id).collect::<Vec<i64>>())

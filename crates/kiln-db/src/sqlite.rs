@@ -791,16 +791,28 @@ pub(crate) async fn complete_on(
     conn: &mut sqlx::SqliteConnection,
     done: &[Completion],
 ) -> Result<Vec<i64>, sqlx::Error> {
+    Ok(complete_rows(conn, done)
+        .await?
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect())
+}
+
+/// [`complete_on`], with each written job's run and the status it took.
+pub(crate) async fn complete_rows(
+    conn: &mut sqlx::SqliteConnection,
+    done: &[Completion],
+) -> Result<Vec<(i64, Option<i64>, String)>, sqlx::Error> {
     let mut applied = Vec::with_capacity(done.len());
     for c in done {
         let status = c.status.as_str();
-        let row: Option<i64> = sqlx::query_scalar(
+        let row: Option<(i64, Option<i64>, String)> = sqlx::query_as(
             "UPDATE jobs SET \
                status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
                finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
                run_at = COALESCE(?3, run_at), result = ?4, error = ?5, \
                lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
-             WHERE id = ?7 AND attempt = ?8 AND status = 'running' RETURNING id",
+             WHERE id = ?7 AND attempt = ?8 AND status = 'running' RETURNING id, run_id, status",
         )
         .bind(status)
         .bind(c.record.finished_at)

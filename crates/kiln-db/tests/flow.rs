@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 const T0: i64 = 1_700_000_000_000;
 
 kiln_db::on_both_databases!(
+    a_retried_step_moves_its_run_only_at_its_end,
     a_chain_passes_outputs_down,
     a_diamond_joins,
     fan_out_and_fan_in_of_a_thousand,
@@ -1113,4 +1114,136 @@ async fn handed_off_steps_wait_behind_older_work(db: Db) {
         assert!(next.is_empty());
         assert_eq!(get(&db, run.run.id).await.run.status, RunStatus::Succeeded);
     }
+}
+
+/// A step job whose attempt ends in a retry does not move its run when its
+/// worker writes the end with the run's advance; the attempt that ends it
+/// does, and nothing is left for the advancer.
+async fn a_retried_step_moves_its_run_only_at_its_end(db: Db) {
+    apply(
+        &db,
+        json!({"name": "twice", "steps": [
+            {"id": "a", "kind": "noop", "spec": {"exit_code": 1},
+             "retry": {"max_attempts": 2, "backoff": {"base_ms": 0, "max_ms": 0, "jitter": false}}},
+            {"id": "b", "kind": "noop", "depends_on": ["a"], "when": "always"},
+        ]}),
+    )
+    .await;
+    let handled = ["noop".to_string()];
+    let request = |now| kiln_db::LeaseRequest {
+        worker_id: "w1",
+        kinds: &handled,
+        limit: 10,
+        lease_ms: 60_000,
+        now,
+        tenant_running_max: None,
+    };
+    let run = start(&db, "twice", json!({})).await;
+    let a = db
+        .job_lease("w1", &handled, 1, 60_000, T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 1);
+    let (completed, next) = db
+        .job_complete_advancing(
+            &[end_of(&a[0], T0 + 2)],
+            &kinds(),
+            Some(&request(T0 + 2)),
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(completed.applied, vec![a[0].id]);
+    assert!(next.is_empty(), "a retry moved the run");
+    let view = get(&db, run.run.id).await;
+    assert_eq!(step_status(&view, "a"), StepStatus::Running);
+    assert_eq!(view.steps[0].instances[0].status, "running");
+    let again = db
+        .job_lease("w1", &handled, 1, 60_000, T0 + 3)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, a[0].id);
+    let (_, next) = db
+        .job_complete_advancing(
+            &[end_of(&again[0], T0 + 4)],
+            &kinds(),
+            Some(&request(T0 + 4)),
+            T0 + 4,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.len(), 1, "the cleanup step is handed over");
+    let view = get(&db, run.run.id).await;
+    assert_eq!(step_status(&view, "a"), StepStatus::Failed);
+    assert_eq!(view.steps[0].instances[0].status, "failed");
+    assert_eq!(
+        db.flow_advance(&kinds(), T0 + 5).await.unwrap(),
+        0,
+        "an end was left in the outbox"
+    );
+}
+
+/// On PostgreSQL a completion never waits for a run another transaction
+/// holds: the end is written, stays in the outbox, and the advancer moves
+/// the run once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_run_leaves_its_step_end_to_the_advancer() {
+    use sqlx::{Connection, Executor};
+    let schema = kiln_db::testing::unique_name("kiln_test");
+    let url = kiln_db::testing::postgres_url();
+    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    apply(
+        &db,
+        json!({"name": "pair", "steps": [
+            {"id": "a", "kind": "noop"},
+            {"id": "b", "kind": "noop", "depends_on": ["a"]},
+        ]}),
+    )
+    .await;
+    let handled = ["noop".to_string()];
+    let run = start(&db, "pair", json!({})).await;
+    let a = db
+        .job_lease("w1", &handled, 1, 60_000, T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 1);
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    holder
+        .execute(format!("SET search_path TO \"{schema}\"").as_str())
+        .await
+        .unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    holder
+        .execute(format!("SELECT 1 FROM runs WHERE id = {} FOR UPDATE", run.run.id).as_str())
+        .await
+        .unwrap();
+    let request = kiln_db::LeaseRequest {
+        worker_id: "w1",
+        kinds: &handled,
+        limit: 10,
+        lease_ms: 60_000,
+        now: T0 + 2,
+        tenant_running_max: None,
+    };
+    let (completed, next) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        db.job_complete_advancing(&[end_of(&a[0], T0 + 2)], &kinds(), Some(&request), T0 + 2),
+    )
+    .await
+    .expect("the completion waited for the held run")
+    .unwrap();
+    assert_eq!(completed.applied, vec![a[0].id]);
+    assert!(next.is_empty());
+    // Held: the advancer leaves it too.
+    assert_eq!(db.flow_advance(&kinds(), T0 + 3).await.unwrap(), 0);
+    holder.execute("COMMIT").await.unwrap();
+    assert_eq!(db.flow_advance(&kinds(), T0 + 4).await.unwrap(), 1);
+    let view = get(&db, run.run.id).await;
+    assert_eq!(step_status(&view, "a"), StepStatus::Succeeded);
+    assert_eq!(step_status(&view, "b"), StepStatus::Running);
+    db.close().await;
+    kiln_db::testing::drop_postgres_schema(&url, &schema)
+        .await
+        .ok();
 }

@@ -373,13 +373,21 @@ pub(crate) trait FlowTx: Send {
     async fn take_outbox(&mut self, run: Option<i64>, limit: i64)
         -> DbResult<Vec<(i64, i64, i64)>>;
     async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()>;
-    /// Writes attempt ends in this transaction; the ids written come back.
-    async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>>;
-    /// Deletes the outbox rows of these jobs (none another transaction
-    /// holds) and returns them as (id, run, job), oldest first.
-    async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>>;
-    /// Writes (run, job) step ends back to the outbox for the advancer.
-    async fn put_back_outbox(&mut self, ends: &[(i64, i64)]) -> DbResult<()>;
+    /// Writes attempt ends in this transaction; each job written comes back
+    /// with its run and the status it took.
+    async fn complete_jobs(
+        &mut self,
+        done: &[crate::Completion],
+    ) -> DbResult<Vec<(i64, Option<i64>, String)>>;
+    /// [`FlowTx::try_lock_run_ended`] for ends this transaction wrote: when
+    /// the run is locked, the outbox rows of these jobs go in the same
+    /// statement (the advance is here); when another transaction holds it,
+    /// they stay for the advancer.
+    async fn take_run_ends(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>>;
     /// Leases those of `ids` that are ready and that nothing waits ahead
     /// of (no job of the request's kinds at the same or a more urgent
     /// priority waiting since before `request.now`), in queues without
@@ -1398,8 +1406,8 @@ impl Db {
         let mut sorted = done.to_vec();
         sorted.sort_by_key(|c| c.id);
         let mut tx = self.flow_tx(true).await?;
-        let applied = match tx.complete_jobs(&sorted).await {
-            Ok(applied) => applied,
+        let written = match tx.complete_jobs(&sorted).await {
+            Ok(written) => written,
             Err(error) if error.is_unavailable() => return Err(error),
             // A refused batch goes the way that writes row by row.
             Err(_) => {
@@ -1407,8 +1415,15 @@ impl Db {
                 return Ok((self.job_complete_many(&sorted).await?, Vec::new()));
             }
         };
-        let inline = match advance_inline(tx.as_mut(), self.defs(), kinds, &applied, lease, now)
-            .await
+        let applied: Vec<i64> = written.iter().map(|w| w.0).collect();
+        // Step jobs that reached a final state (a retry waits for its next
+        // try; a retry of a job cancelled meanwhile ends it cancelled).
+        let ends: Vec<(i64, i64)> = written
+            .iter()
+            .filter(|(_, _, status)| JobStatus::parse(status).is_some_and(|s| s.is_terminal()))
+            .filter_map(|(id, run, _)| run.map(|run| (*id, run)))
+            .collect();
+        let inline = match advance_inline(tx.as_mut(), self.defs(), kinds, &ends, lease, now).await
         {
             Ok(inline) => inline,
             Err(error) if error.is_unavailable() => return Err(error),
@@ -1914,25 +1929,23 @@ async fn advance_inline(
     tx: &mut dyn FlowTx,
     cache: &DefCache,
     kinds: &JobKinds,
-    applied: &[i64],
+    ends: &[(i64, i64)],
     lease: Option<&crate::LeaseRequest<'_>>,
     now: Millis,
 ) -> DbResult<Inline> {
     let mut out = Inline::default();
-    let rows = tx.take_outbox_of_jobs(applied).await?;
-    if rows.is_empty() {
+    if ends.is_empty() {
         return Ok(out);
     }
     let mut by_run: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-    for (_, run_id, job_id) in rows {
+    for &(job_id, run_id) in ends {
         by_run.entry(run_id).or_default().push(job_id);
     }
     let mut fresh = Vec::new();
-    let mut put_back = Vec::new();
     for (run_id, jobs) in by_run {
         // Never waits for a run: one held elsewhere is the advancer's.
-        let Some((run, ended)) = tx.try_lock_run_ended(run_id, &jobs).await? else {
-            put_back.extend(jobs.iter().map(|&job| (run_id, job)));
+        let Some((run, ended)) = tx.take_run_ends(run_id, &jobs).await? else {
+            out.left = true;
             continue;
         };
         let quiet = lease.is_some_and(|r| r.limit > 0);
@@ -1942,10 +1955,6 @@ async fn advance_inline(
         // Jobs this worker will not be offered: more than ended, or the
         // first steps of a queued run the end let start.
         out.unleased |= made && (new.len() > jobs.len() || new.is_empty());
-    }
-    if !put_back.is_empty() {
-        tx.put_back_outbox(&put_back).await?;
-        out.left = true;
     }
     let offered = fresh.len();
     if let Some(request) = lease.filter(|r| r.limit > 0 && !fresh.is_empty()) {

@@ -411,8 +411,35 @@ impl FlowTx for PgFlowTx {
         Ok(())
     }
 
-    async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>> {
-        Ok(crate::postgres::complete_on(&mut *self.tx, done).await?)
+    async fn complete_jobs(
+        &mut self,
+        done: &[crate::Completion],
+    ) -> DbResult<Vec<(i64, Option<i64>, String)>> {
+        Ok(crate::postgres::complete_rows(&mut *self.tx, done).await?)
+    }
+
+    async fn take_run_ends(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+        // The outbox rows go only if the run was locked; the instances are
+        // read over the locked row.
+        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
+            "WITH l AS (SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED), \
+             gone AS (DELETE FROM flow_outbox WHERE run_id = $1 AND job_id = ANY($2) \
+               AND EXISTS (SELECT 1 FROM l)) \
+             SELECT l.*, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
+               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+               WHERE i.run_id = l.id AND j.run_id = l.id AND i.job_id = ANY($2)), '[]')::text \
+               AS ended \
+             FROM l"
+        ))
+        .bind(run_id)
+        .bind(job_ids)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(RunEndedRow::split).transpose()
     }
 
     async fn try_lock_run_ended(
@@ -433,30 +460,6 @@ impl FlowTx for PgFlowTx {
         .fetch_optional(&mut *self.tx)
         .await?;
         row.map(RunEndedRow::split).transpose()
-    }
-
-    async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
-        let mut rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "DELETE FROM flow_outbox WHERE id IN (SELECT id FROM flow_outbox \
-               WHERE job_id = ANY($1) FOR UPDATE SKIP LOCKED) \
-             RETURNING id, run_id, job_id",
-        )
-        .bind(job_ids)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows.sort_unstable();
-        Ok(rows)
-    }
-
-    async fn put_back_outbox(&mut self, ends: &[(i64, i64)]) -> DbResult<()> {
-        sqlx::query(
-            "INSERT INTO flow_outbox (run_id, job_id) SELECT * FROM unnest($1::int8[], $2::int8[])",
-        )
-        .bind(ends.iter().map(|e| e.0).collect::<Vec<_>>())
-        .bind(ends.iter().map(|e| e.1).collect::<Vec<_>>())
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
     }
 
     async fn lease_ready(

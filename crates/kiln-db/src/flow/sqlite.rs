@@ -391,8 +391,34 @@ impl FlowTx for SqliteFlowTx {
         Ok(())
     }
 
-    async fn complete_jobs(&mut self, done: &[crate::Completion]) -> DbResult<Vec<i64>> {
-        Ok(crate::sqlite::complete_on(&mut self.tx, done).await?)
+    async fn complete_jobs(
+        &mut self,
+        done: &[crate::Completion],
+    ) -> DbResult<Vec<(i64, Option<i64>, String)>> {
+        Ok(crate::sqlite::complete_rows(&mut self.tx, done).await?)
+    }
+
+    async fn take_run_ends(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+        // One writer: the run is this transaction's. One trip for both
+        // statements; only the SELECT returns a row.
+        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
+            "DELETE FROM flow_outbox WHERE run_id = ?1 \
+               AND job_id IN (SELECT value FROM json_each(?2)); \
+             SELECT {RUN_COLUMNS}, (SELECT json_group_array(json_array({ENDED_ELEMENTS})) \
+               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+               WHERE i.run_id = runs.id AND j.run_id = runs.id \
+               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended \
+             FROM runs WHERE id = ?1"
+        ))
+        .bind(run_id)
+        .bind(ids_json(job_ids))
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(RunEndedRow::split).transpose()
     }
 
     async fn try_lock_run_ended(
@@ -413,29 +439,6 @@ impl FlowTx for SqliteFlowTx {
         .fetch_optional(&mut *self.tx)
         .await?;
         row.map(RunEndedRow::split).transpose()
-    }
-
-    async fn take_outbox_of_jobs(&mut self, job_ids: &[i64]) -> DbResult<Vec<(i64, i64, i64)>> {
-        let mut rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "DELETE FROM flow_outbox WHERE job_id IN (SELECT value FROM json_each(?)) \
-             RETURNING id, run_id, job_id",
-        )
-        .bind(ids_json(job_ids))
-        .fetch_all(&mut *self.tx)
-        .await?;
-        rows.sort_unstable();
-        Ok(rows)
-    }
-
-    async fn put_back_outbox(&mut self, ends: &[(i64, i64)]) -> DbResult<()> {
-        sqlx::query(
-            "INSERT INTO flow_outbox (run_id, job_id) SELECT json_extract(value, '$[0]'), \
-             json_extract(value, '$[1]') FROM json_each(?)",
-        )
-        .bind(serde_json::to_string(ends).unwrap_or_else(|_| "[]".into()))
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(())
     }
 
     async fn lease_ready(
