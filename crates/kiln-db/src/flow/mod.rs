@@ -352,7 +352,7 @@ pub(crate) trait FlowTx: Send {
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>>;
+    ) -> DbResult<Option<RunEnds>>;
     /// The `files` of the jobs' results (JSON text), without the rest of
     /// the result: a run's artefact list never reads its output.
     async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>>;
@@ -383,11 +383,14 @@ pub(crate) trait FlowTx: Send {
     /// the run is locked, the outbox rows of these jobs go in the same
     /// statement (the advance is here); when another transaction holds it,
     /// they stay for the advancer.
+    /// `steps`: the run's rows of these steps come back too (a step
+    /// without a row is pending).
     async fn take_run_ends(
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>>;
+        steps: &[String],
+    ) -> DbResult<Option<RunEnds>>;
     /// Leases those of `ids` that are ready and that nothing waits ahead
     /// of (no job of the request's kinds at the same or a more urgent
     /// priority waiting since before `request.now`), in queues without
@@ -431,11 +434,16 @@ pub(crate) trait FlowTx: Send {
 #[derive(Default)]
 pub struct DefCache {
     map: Mutex<HashMap<(String, String, i32), Arc<Checked>>>,
+    /// The definition and step of each step job this process inserted
+    /// (immutable facts): a completion of one names the steps its end can
+    /// move before it has read the run, and reads them with it.
+    jobs: Mutex<HashMap<i64, (Arc<Checked>, usize)>>,
     /// Tenants' admission policies, which every step job must pass.
     pub(crate) policies: crate::policies::PolicyCache,
 }
 
 const DEF_CACHE_MAX: usize = 512;
+const JOB_STEPS_MAX: usize = 100_000;
 
 impl DefCache {
     fn get(&self, tenant: &str, name: &str, version: i32) -> Option<Arc<Checked>> {
@@ -444,6 +452,47 @@ impl DefCache {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&(tenant.to_string(), name.to_string(), version))
             .cloned()
+    }
+
+    fn remember_jobs(&self, checked: &Arc<Checked>, jobs: &[(i64, usize)]) {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut map = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() + jobs.len() > JOB_STEPS_MAX {
+            map.clear();
+        }
+        for &(id, step) in jobs {
+            map.insert(id, (checked.clone(), step));
+        }
+    }
+
+    /// The names of the steps the ends of these jobs can move (the ended
+    /// steps, their dependants and those dependants' dependencies), when
+    /// this process knows every job's step; the entries are dropped.
+    fn steps_moved_by(&self, jobs: &[i64]) -> Option<Vec<String>> {
+        let mut map = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut checked: Option<Arc<Checked>> = None;
+        let mut ended = BTreeSet::new();
+        for id in jobs {
+            let (c, step) = map.get(id)?;
+            if checked.as_ref().is_some_and(|k| !Arc::ptr_eq(k, c)) {
+                return None;
+            }
+            checked = Some(c.clone());
+            ended.insert(*step);
+        }
+        for id in jobs {
+            map.remove(id);
+        }
+        let checked = checked?;
+        let wanted = around(&checked, ended);
+        Some(
+            wanted
+                .into_iter()
+                .map(|i| checked.def.steps[i].id.clone())
+                .collect(),
+        )
     }
 
     fn put(&self, tenant: &str, name: &str, version: i32, checked: Arc<Checked>) {
@@ -493,6 +542,20 @@ async fn load_def(
     Ok(checked)
 }
 
+/// The steps whose decision may change once `settled` have settled: their
+/// dependants, and those dependants' dependencies.
+fn around(checked: &Checked, settled: impl IntoIterator<Item = usize>) -> BTreeSet<usize> {
+    let mut wanted = BTreeSet::new();
+    for i in settled {
+        wanted.insert(i);
+        for &c in &checked.children[i] {
+            wanted.insert(c);
+            wanted.extend(checked.parents[c].iter().copied());
+        }
+    }
+    wanted
+}
+
 /// Everything one advance works on: the run, its definition, its steps.
 struct Advance<'a> {
     run: RunRecord,
@@ -509,6 +572,8 @@ struct Advance<'a> {
     made_jobs: bool,
     /// The step jobs this advance inserted, in order.
     new_jobs: Vec<i64>,
+    /// Those jobs with their step's index.
+    job_steps: Vec<(i64, usize)>,
     run_changed: bool,
     /// Which steps' states were read. An advance after a step job ends reads
     /// only the steps it can move (the ended steps, their dependants and
@@ -576,18 +641,8 @@ impl Advance<'_> {
         Ok(())
     }
 
-    /// The steps whose decision may change once `settled` have settled:
-    /// their dependants, and those dependants' dependencies.
     fn around(&self, settled: impl IntoIterator<Item = usize>) -> BTreeSet<usize> {
-        let mut wanted = BTreeSet::new();
-        for i in settled {
-            wanted.insert(i);
-            for &c in &self.checked.children[i] {
-                wanted.insert(c);
-                wanted.extend(self.checked.parents[c].iter().copied());
-            }
-        }
-        wanted
+        around(&self.checked, settled)
     }
 
     fn states(&self) -> Vec<StepState> {
@@ -863,6 +918,7 @@ impl Advance<'_> {
             .insert_jobs(&jobs, Some(self.run.id), self.now, self.quiet)
             .await?;
         self.new_jobs.extend(&ids);
+        self.job_steps.extend(ids.iter().map(|&id| (id, i)));
         for (row, id) in rows.iter_mut().zip(ids) {
             row.job_id = Some(id);
         }
@@ -1130,6 +1186,7 @@ async fn new_advance<'a>(
         now,
         made_jobs: false,
         new_jobs: Vec::new(),
+        job_steps: Vec::new(),
         run_changed: false,
         known: vec![false; n],
         pending: Vec::new(),
@@ -1900,7 +1957,7 @@ async fn advance_run(
     job_ids: &[i64],
     now: Millis,
 ) -> DbResult<Option<bool>> {
-    let Some((run, ended)) = tx.try_lock_run_ended(run_id, job_ids).await? else {
+    let Some(RunEnds { run, ended, .. }) = tx.try_lock_run_ended(run_id, job_ids).await? else {
         // Gone (its ends mean nothing now) or held elsewhere.
         return Ok(if tx.run_exists(run_id).await? {
             None
@@ -1909,10 +1966,19 @@ async fn advance_run(
         });
     };
     Ok(Some(
-        advance_locked(tx, cache, kinds, run, ended, now, false)
+        advance_locked(tx, cache, kinds, run, ended, None, now, false)
             .await?
             .0,
     ))
+}
+
+/// A run locked with what its advance reads first.
+pub(crate) struct RunEnds {
+    pub run: RunRecord,
+    /// Its instances on the ended jobs, each with its job's end.
+    pub ended: Vec<(InstanceRecord, JobEnd)>,
+    /// Rows of the steps asked for.
+    pub steps: Vec<StepRecord>,
 }
 
 /// What advancing runs in a completion's transaction did.
@@ -1944,12 +2010,18 @@ async fn advance_inline(
     let mut fresh = Vec::new();
     for (run_id, jobs) in by_run {
         // Never waits for a run: one held elsewhere is the advancer's.
-        let Some((run, ended)) = tx.take_run_ends(run_id, &jobs).await? else {
+        let names = cache.steps_moved_by(&jobs);
+        let asked = names.as_deref().unwrap_or_default();
+        let Some(ends) = tx.take_run_ends(run_id, &jobs, asked).await? else {
             out.left = true;
             continue;
         };
+        let prefetched = names.map(|names| (names, ends.steps));
         let quiet = lease.is_some_and(|r| r.limit > 0);
-        let (made, new) = advance_locked(tx, cache, kinds, run, ended, now, quiet).await?;
+        let (made, new) = advance_locked(
+            tx, cache, kinds, ends.run, ends.ended, prefetched, now, quiet,
+        )
+        .await?;
         // No more than ended here: the run's tenant keeps its running count.
         fresh.extend(new.iter().take(jobs.len()));
         // Jobs this worker will not be offered: more than ended, or the
@@ -1980,6 +2052,7 @@ async fn advance_locked(
     kinds: &JobKinds,
     run: RunRecord,
     ended: Vec<(InstanceRecord, JobEnd)>,
+    prefetched: Option<(Vec<String>, Vec<StepRecord>)>,
     now: Millis,
     quiet: bool,
 ) -> DbResult<(bool, Vec<i64>)> {
@@ -1992,6 +2065,18 @@ async fn advance_locked(
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
     advance.quiet = quiet;
+    if let Some((names, rows)) = prefetched {
+        let mut rows: HashMap<String, StepRecord> =
+            rows.into_iter().map(|r| (r.step.clone(), r)).collect();
+        for name in names {
+            if let Some(i) = advance.index(&name) {
+                advance.steps[i] = rows
+                    .remove(&name)
+                    .unwrap_or_else(|| StepRecord::pending(&name));
+                advance.known[i] = true;
+            }
+        }
+    }
     let ended_steps: BTreeSet<usize> = mine
         .iter()
         .filter_map(|(r, _)| advance.index(&r.step))
@@ -2039,6 +2124,7 @@ async fn advance_locked(
         advance.checked.def.concurrency,
     );
     let new_jobs = std::mem::take(&mut advance.new_jobs);
+    cache.remember_jobs(&advance.checked, &advance.job_steps);
     let mut made = advance.write(tx).await?;
     if finished {
         made |= promote_queued(tx, cache, kinds, &tenant, &pipeline, concurrency, now).await?;

@@ -7,7 +7,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
-    instance_item, step_detail, storable, FlowTx, InstanceRecord, InstanceRow, JobEnd, NewRunRow,
+    instance_item, step_detail, storable, FlowTx, InstanceRecord, InstanceRow, NewRunRow,
     PipelineRecord, PipelineRow, RunEndedRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
     ENDED_ELEMENTS, INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
@@ -422,7 +422,8 @@ impl FlowTx for PgFlowTx {
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+        steps: &[String],
+    ) -> DbResult<Option<super::RunEnds>> {
         // The outbox rows go only if the run was locked; the instances are
         // read over the locked row.
         let row: Option<RunEndedRow> = sqlx::query_as(&format!(
@@ -432,11 +433,14 @@ impl FlowTx for PgFlowTx {
              SELECT l.*, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
                FROM run_instances i JOIN jobs j ON j.id = i.job_id \
                WHERE i.run_id = l.id AND j.run_id = l.id AND i.job_id = ANY($2)), '[]')::text \
-               AS ended \
+               AS ended, \
+             COALESCE((SELECT json_agg(json_build_array({STEP_COLUMNS})) FROM run_steps \
+               WHERE run_id = l.id AND step = ANY($3)), '[]')::text AS steps \
              FROM l"
         ))
         .bind(run_id)
         .bind(job_ids)
+        .bind(steps)
         .fetch_optional(&mut *self.tx)
         .await?;
         row.map(RunEndedRow::split).transpose()
@@ -446,13 +450,13 @@ impl FlowTx for PgFlowTx {
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+    ) -> DbResult<Option<super::RunEnds>> {
         // The instances are read over the row once it is locked.
         let row: Option<RunEndedRow> = sqlx::query_as(&format!(
             "SELECT l.*, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
                FROM run_instances i JOIN jobs j ON j.id = i.job_id \
                WHERE i.run_id = l.id AND j.run_id = l.id AND i.job_id = ANY($2)), '[]')::text \
-               AS ended \
+               AS ended, '[]' AS steps \
              FROM (SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED) l"
         ))
         .bind(run_id)

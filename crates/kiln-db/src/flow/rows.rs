@@ -198,6 +198,8 @@ pub(crate) struct RunEndedRow {
     #[sqlx(flatten)]
     run: RunRow,
     ended: String,
+    /// Step rows asked for, as a JSON array of arrays of [`STEP_COLUMNS`].
+    steps: String,
 }
 
 /// The elements of one ended instance in [`RunEndedRow::ended`], in order.
@@ -223,8 +225,38 @@ type EndedElements = (
     Option<i64>,
 );
 
+type StepElements = (
+    String,
+    String,
+    i32,
+    i32,
+    i32,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
+
 impl RunEndedRow {
-    pub(crate) fn split(self) -> DbResult<(RunRecord, Vec<(InstanceRecord, JobEnd)>)> {
+    pub(crate) fn split(self) -> DbResult<super::RunEnds> {
+        let steps: Vec<StepElements> = serde_json::from_str(&self.steps)
+            .map_err(|e| DbError::Corrupt(format!("run steps: {e}")))?;
+        let steps = steps
+            .into_iter()
+            .map(|e| {
+                StepRecord::try_from(StepRow {
+                    step: e.0,
+                    status: e.1,
+                    total: e.2,
+                    succeeded: e.3,
+                    failed: e.4,
+                    started_at: e.5,
+                    finished_at: e.6,
+                    deadline_at: e.7,
+                    detail: e.8,
+                })
+            })
+            .collect::<DbResult<Vec<_>>>()?;
         let elements: Vec<EndedElements> = serde_json::from_str(&self.ended)
             .map_err(|e| DbError::Corrupt(format!("ended instances: {e}")))?;
         let ended = elements
@@ -253,7 +285,11 @@ impl RunEndedRow {
                 Ok((instance, end))
             })
             .collect::<DbResult<Vec<_>>>()?;
-        Ok((RunRecord::try_from(self.run)?, ended))
+        Ok(super::RunEnds {
+            run: RunRecord::try_from(self.run)?,
+            ended,
+            steps,
+        })
     }
 }
 

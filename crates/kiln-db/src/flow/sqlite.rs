@@ -7,9 +7,9 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
-    instance_item, step_detail, FlowTx, InstanceRecord, InstanceRow, JobEnd, NewRunRow,
-    PipelineRecord, PipelineRow, RunEndedRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow,
-    ENDED_ELEMENTS, INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
+    instance_item, step_detail, FlowTx, InstanceRecord, InstanceRow, NewRunRow, PipelineRecord,
+    PipelineRow, RunEndedRow, RunFilter, RunRecord, RunRow, StepRecord, StepRow, ENDED_ELEMENTS,
+    INSTANCE_COLUMNS, RUN_COLUMNS, STEP_COLUMNS,
 };
 use super::{FireRecord, ScheduleRecord};
 use crate::audit::note::Change;
@@ -402,7 +402,8 @@ impl FlowTx for SqliteFlowTx {
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+        steps: &[String],
+    ) -> DbResult<Option<super::RunEnds>> {
         // One writer: the run is this transaction's. One trip for both
         // statements; only the SELECT returns a row.
         let row: Option<RunEndedRow> = sqlx::query_as(&format!(
@@ -411,11 +412,14 @@ impl FlowTx for SqliteFlowTx {
              SELECT {RUN_COLUMNS}, (SELECT json_group_array(json_array({ENDED_ELEMENTS})) \
                FROM run_instances i JOIN jobs j ON j.id = i.job_id \
                WHERE i.run_id = runs.id AND j.run_id = runs.id \
-               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended \
+               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended, \
+               (SELECT json_group_array(json_array({STEP_COLUMNS})) FROM run_steps \
+               WHERE run_id = runs.id AND step IN (SELECT value FROM json_each(?3))) AS steps \
              FROM runs WHERE id = ?1"
         ))
         .bind(run_id)
         .bind(ids_json(job_ids))
+        .bind(serde_json::to_string(steps).unwrap_or_else(|_| "[]".into()))
         .fetch_optional(&mut *self.tx)
         .await?;
         row.map(RunEndedRow::split).transpose()
@@ -425,13 +429,13 @@ impl FlowTx for SqliteFlowTx {
         &mut self,
         run_id: i64,
         job_ids: &[i64],
-    ) -> DbResult<Option<(RunRecord, Vec<(InstanceRecord, JobEnd)>)>> {
+    ) -> DbResult<Option<super::RunEnds>> {
         // One writer: a write transaction holds every row already.
         let row: Option<RunEndedRow> = sqlx::query_as(&format!(
             "SELECT {RUN_COLUMNS}, (SELECT json_group_array(json_array({ENDED_ELEMENTS})) \
                FROM run_instances i JOIN jobs j ON j.id = i.job_id \
                WHERE i.run_id = runs.id AND j.run_id = runs.id \
-               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended \
+               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended, '[]' AS steps \
              FROM runs WHERE id = ?1"
         ))
         .bind(run_id)
