@@ -1957,7 +1957,7 @@ async fn advance_run(
     job_ids: &[i64],
     now: Millis,
 ) -> DbResult<Option<bool>> {
-    let Some(RunEnds { run, ended, .. }) = tx.try_lock_run_ended(run_id, job_ids).await? else {
+    let Some(ends) = tx.try_lock_run_ended(run_id, job_ids).await? else {
         // Gone (its ends mean nothing now) or held elsewhere.
         return Ok(if tx.run_exists(run_id).await? {
             None
@@ -1966,7 +1966,7 @@ async fn advance_run(
         });
     };
     Ok(Some(
-        advance_locked(tx, cache, kinds, run, ended, None, now, false)
+        advance_locked(tx, cache, kinds, ends, None, now, false)
             .await?
             .0,
     ))
@@ -2016,12 +2016,8 @@ async fn advance_inline(
             out.left = true;
             continue;
         };
-        let prefetched = names.map(|names| (names, ends.steps));
         let quiet = lease.is_some_and(|r| r.limit > 0);
-        let (made, new) = advance_locked(
-            tx, cache, kinds, ends.run, ends.ended, prefetched, now, quiet,
-        )
-        .await?;
+        let (made, new) = advance_locked(tx, cache, kinds, ends, names, now, quiet).await?;
         // No more than ended here: the run's tenant keeps its running count.
         fresh.extend(new.iter().take(jobs.len()));
         // Jobs this worker will not be offered: more than ended, or the
@@ -2050,12 +2046,12 @@ async fn advance_locked(
     tx: &mut dyn FlowTx,
     cache: &DefCache,
     kinds: &JobKinds,
-    run: RunRecord,
-    ended: Vec<(InstanceRecord, JobEnd)>,
-    prefetched: Option<(Vec<String>, Vec<StepRecord>)>,
+    ends: RunEnds,
+    asked: Option<Vec<String>>,
     now: Millis,
     quiet: bool,
 ) -> DbResult<(bool, Vec<i64>)> {
+    let RunEnds { run, ended, steps } = ends;
     let tenant = run.tenant.clone();
     // Only instances still on the job that ended: a job of an earlier
     // attempt of the run, ending late, changes nothing.
@@ -2065,9 +2061,9 @@ async fn advance_locked(
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
     advance.quiet = quiet;
-    if let Some((names, rows)) = prefetched {
+    if let Some(names) = asked {
         let mut rows: HashMap<String, StepRecord> =
-            rows.into_iter().map(|r| (r.step.clone(), r)).collect();
+            steps.into_iter().map(|r| (r.step.clone(), r)).collect();
         for name in names {
             if let Some(i) = advance.index(&name) {
                 advance.steps[i] = rows
