@@ -149,6 +149,27 @@ pub const ERROR_MAX: usize = 4096;
 pub const LEASE_SET: &str = "status = 'running', attempt = attempt + 1, worker_id = $1, \
      started_at = $2, lease_expires_at = $3";
 
+/// `sql` with its parameters `$k` written `{sigil}{k + from - 1}`: a
+/// statement numbered from 1 placed after others in one query.
+pub(crate) fn renumber(sql: &str, sigil: char, from: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' || !chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push(c);
+            continue;
+        }
+        let mut k = 0usize;
+        while let Some(d) = chars.peek().and_then(|d| d.to_digit(10)) {
+            k = k * 10 + d as usize;
+            chars.next();
+        }
+        out.push(sigil);
+        out.push_str(&(k + from - 1).to_string());
+    }
+    out
+}
+
 /// Failing a row that cannot be decoded (`$1` now, `$2` error, `$3` id).
 pub const FAIL_UNREADABLE: &str = "UPDATE jobs SET status = 'failed', finished_at = $1, \
      error = $2, lease_expires_at = NULL WHERE id = $3 AND status = 'running'";
@@ -170,6 +191,16 @@ mod tests {
             priority,
             run_at: id,
         }
+    }
+
+    #[test]
+    fn renumber_moves_every_parameter() {
+        assert_eq!(
+            renumber("a = $1, b = $12 AND c = $2::int8[] AND d = '$'", '$', 22),
+            "a = $22, b = $33 AND c = $23::int8[] AND d = '$'"
+        );
+        assert_eq!(renumber(LEASE_SET, '?', 1), LEASE_SET.replace('$', "?"));
+        assert_eq!(renumber("x = $3", '?', 4), "x = ?6");
     }
 
     #[test]

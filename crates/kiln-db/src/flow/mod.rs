@@ -400,6 +400,16 @@ pub(crate) trait FlowTx: Send {
         ids: &[i64],
         request: &crate::lease::LeaseRequest<'_>,
     ) -> DbResult<Vec<kiln_core::LeasedJob>>;
+    /// [`FlowTx::put_rows`] and [`FlowTx::lease_ready`] in one trip: the
+    /// last writes of a chained step's advance.
+    async fn put_rows_leasing(
+        &mut self,
+        run_id: i64,
+        instances: &[InstanceRecord],
+        steps: &[&StepRecord],
+        ids: &[i64],
+        request: &crate::lease::LeaseRequest<'_>,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>>;
     async fn definition(
         &mut self,
         tenant: &str,
@@ -1092,14 +1102,39 @@ impl Advance<'_> {
         }))
     }
 
-    async fn write(mut self, tx: &mut dyn FlowTx) -> DbResult<bool> {
+    async fn write(self, tx: &mut dyn FlowTx) -> DbResult<bool> {
+        Ok(self.write_leasing(tx, None).await?.0)
+    }
+
+    /// [`Advance::write`], and with `lease` those of its new jobs leased in
+    /// the statement that writes its rows.
+    async fn write_leasing(
+        mut self,
+        tx: &mut dyn FlowTx,
+        lease: Option<(&[i64], &crate::LeaseRequest<'_>)>,
+    ) -> DbResult<(bool, Vec<kiln_core::LeasedJob>)> {
         let instances = self.take_pending();
         let changed: Vec<&StepRecord> = self.changed.iter().map(|&i| &self.steps[i]).collect();
-        match (instances.is_empty(), changed.is_empty()) {
-            (true, true) => {}
-            (false, true) => tx.put_instances(self.run.id, &instances).await?,
-            (true, false) => tx.put_steps(self.run.id, &changed).await?,
-            (false, false) => tx.put_rows(self.run.id, &instances, &changed).await?,
+        let mut leased = Vec::new();
+        let leasing = lease.filter(|(ids, _)| !ids.is_empty());
+        let rows = !(instances.is_empty() && changed.is_empty());
+        match (leasing, rows) {
+            (Some((ids, request)), true) => {
+                leased = tx
+                    .put_rows_leasing(self.run.id, &instances, &changed, ids, request)
+                    .await?;
+            }
+            (leasing, _) => {
+                match (instances.is_empty(), changed.is_empty()) {
+                    (true, true) => {}
+                    (false, true) => tx.put_instances(self.run.id, &instances).await?,
+                    (true, false) => tx.put_steps(self.run.id, &changed).await?,
+                    (false, false) => tx.put_rows(self.run.id, &instances, &changed).await?,
+                }
+                if let Some((ids, request)) = leasing {
+                    leased = tx.lease_ready(ids, request).await?;
+                }
+            }
         }
         // A step known to be unsettled keeps the run going: no need to count.
         let open = self
@@ -1123,7 +1158,7 @@ impl Advance<'_> {
         if self.run_changed {
             tx.update_run(&self.run).await?;
         }
-        Ok(self.made_jobs)
+        Ok((self.made_jobs, leased))
     }
 }
 
@@ -1966,7 +2001,7 @@ async fn advance_run(
         });
     };
     Ok(Some(
-        advance_locked(tx, cache, kinds, ends, None, now, false)
+        advance_locked(tx, cache, kinds, ends, None, now, Offer::None)
             .await?
             .0,
     ))
@@ -2007,7 +2042,11 @@ async fn advance_inline(
     for &(job_id, run_id) in ends {
         by_run.entry(run_id).or_default().push(job_id);
     }
+    // One run (a chain's step, most often): its next steps are leased in
+    // the statement that writes its rows.
+    let single = by_run.len() == 1;
     let mut fresh = Vec::new();
+    let mut offered = 0;
     for (run_id, jobs) in by_run {
         // Never waits for a run: one held elsewhere is the advancer's.
         let names = cache.steps_moved_by(&jobs);
@@ -2016,15 +2055,23 @@ async fn advance_inline(
             out.left = true;
             continue;
         };
-        let quiet = lease.is_some_and(|r| r.limit > 0);
-        let (made, new) = advance_locked(tx, cache, kinds, ends, names, now, quiet).await?;
+        let offer = match lease.filter(|r| r.limit > 0) {
+            Some(request) if single => Offer::Now(request, jobs.len()),
+            Some(_) => Offer::Later,
+            None => Offer::None,
+        };
+        let (made, new, leased) = advance_locked(tx, cache, kinds, ends, names, now, offer).await?;
         // No more than ended here: the run's tenant keeps its running count.
-        fresh.extend(new.iter().take(jobs.len()));
+        let mine = new.iter().take(jobs.len());
+        offered += mine.len();
+        match leased {
+            Some(leased) => out.leased.extend(leased),
+            None => fresh.extend(mine),
+        }
         // Jobs this worker will not be offered: more than ended, or the
         // first steps of a queued run the end let start.
         out.unleased |= made && (new.len() > jobs.len() || new.is_empty());
     }
-    let offered = fresh.len();
     if let Some(request) = lease.filter(|r| r.limit > 0 && !fresh.is_empty()) {
         fresh.truncate(request.limit as usize);
         let request = crate::LeaseRequest {
@@ -2040,6 +2087,18 @@ async fn advance_inline(
     Ok(out)
 }
 
+/// What a completion's worker takes of the step jobs an advance makes.
+#[derive(Clone, Copy)]
+enum Offer<'a> {
+    /// Nothing: they are announced to every worker.
+    None,
+    /// Inserted unannounced; the caller leases them after.
+    Later,
+    /// Up to this many (the ends that made room) leased in the advance's
+    /// last write.
+    Now(&'a crate::LeaseRequest<'a>, usize),
+}
+
 /// [`advance_run`] on a run row this transaction has locked, with the
 /// instances whose jobs ended; also returns the step jobs it inserted.
 async fn advance_locked(
@@ -2049,8 +2108,8 @@ async fn advance_locked(
     ends: RunEnds,
     asked: Option<Vec<String>>,
     now: Millis,
-    quiet: bool,
-) -> DbResult<(bool, Vec<i64>)> {
+    offer: Offer<'_>,
+) -> DbResult<(bool, Vec<i64>, Option<Vec<kiln_core::LeasedJob>>)> {
     let RunEnds { run, ended, steps } = ends;
     let tenant = run.tenant.clone();
     // Only instances still on the job that ended: a job of an earlier
@@ -2060,7 +2119,7 @@ async fn advance_locked(
         .filter(|(r, _)| r.status == "running")
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
-    advance.quiet = quiet;
+    advance.quiet = !matches!(offer, Offer::None);
     if let Some(names) = asked {
         let mut rows: HashMap<String, StepRecord> =
             steps.into_iter().map(|r| (r.step.clone(), r)).collect();
@@ -2121,11 +2180,26 @@ async fn advance_locked(
     );
     let new_jobs = std::mem::take(&mut advance.new_jobs);
     cache.remember_jobs(&advance.checked, &advance.job_steps);
-    let mut made = advance.write(tx).await?;
+    let lease = match offer {
+        Offer::Now(request, ends) => {
+            let n = ends.min(usize::try_from(request.limit).unwrap_or(0));
+            Some((
+                new_jobs.iter().take(n).copied().collect::<Vec<i64>>(),
+                crate::LeaseRequest {
+                    now,
+                    ..request.clone()
+                },
+            ))
+        }
+        _ => None,
+    };
+    let (mut made, leased) = advance
+        .write_leasing(tx, lease.as_ref().map(|(ids, r)| (ids.as_slice(), r)))
+        .await?;
     if finished {
         made |= promote_queued(tx, cache, kinds, &tenant, &pipeline, concurrency, now).await?;
     }
-    Ok((made, new_jobs))
+    Ok((made, new_jobs, lease.map(|_| leased)))
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -116,6 +116,68 @@ fn bind_instances<'q>(query: PgQuery<'q>, rows: &[InstanceRecord]) -> PgQuery<'q
         .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
 }
 
+/// [`FlowTx::lease_ready`]'s statement, its five parameters (worker, now,
+/// lease end, ids, kinds) from `n` on. "Waiting ahead" is probed per
+/// (kind, priority) on the fetch index: its first entry older than now, one
+/// index descent each.
+fn lease_ready_sql(n: usize) -> String {
+    crate::lease::renumber(
+        &format!(
+            "UPDATE jobs SET {} WHERE id = ANY($4) AND status = 'queued' AND NOT held \
+             AND run_at <= $2 AND kind = ANY($5) \
+             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant \
+               AND q.name = jobs.queue AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
+             AND NOT EXISTS (SELECT 1 FROM unnest($5::text[]) AS k(kind) \
+               CROSS JOIN generate_series(0, jobs.priority) AS p(priority) \
+               CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
+                 AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
+                 AND NOT w.held AND w.run_at < $2 LIMIT 1) x) \
+             RETURNING {}",
+            crate::lease::LEASE_SET,
+            crate::rows::LEASED_COLUMNS
+        ),
+        '$',
+        n,
+    )
+}
+
+fn bind_lease<'q>(
+    query: PgQuery<'q>,
+    ids: &'q [i64],
+    request: &crate::lease::LeaseRequest<'q>,
+) -> PgQuery<'q> {
+    query
+        .bind(request.worker_id)
+        .bind(request.now)
+        .bind(request.lease_until())
+        .bind(ids)
+        .bind(request.kinds)
+}
+
+impl PgFlowTx {
+    /// Leased rows decoded; a row that cannot be read fails its job.
+    async fn leased(
+        &mut self,
+        rows: Vec<sqlx::postgres::PgRow>,
+        now: Millis,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>> {
+        let rows = rows
+            .iter()
+            .map(<crate::rows::LeasedRow as sqlx::FromRow<_>>::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (jobs, unreadable) = crate::lease::decode(rows);
+        for (id, error) in unreadable {
+            sqlx::query(crate::lease::FAIL_UNREADABLE)
+                .bind(now)
+                .bind(error)
+                .bind(id)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(jobs)
+    }
+}
+
 #[async_trait::async_trait]
 impl FlowTx for PgFlowTx {
     async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()> {
@@ -471,39 +533,35 @@ impl FlowTx for PgFlowTx {
         ids: &[i64],
         request: &crate::lease::LeaseRequest<'_>,
     ) -> DbResult<Vec<kiln_core::LeasedJob>> {
-        // "Waiting ahead" is probed per (kind, priority) on the fetch
-        // index: its first entry older than now, one index descent each.
-        let rows: Vec<crate::rows::LeasedRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET {} WHERE id = ANY($4) AND status = 'queued' AND NOT held \
-             AND run_at <= $2 AND kind = ANY($5) \
-             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant \
-               AND q.name = jobs.queue AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
-             AND NOT EXISTS (SELECT 1 FROM unnest($5::text[]) AS k(kind) \
-               CROSS JOIN generate_series(0, jobs.priority) AS p(priority) \
-               CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
-                 AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
-                 AND NOT w.held AND w.run_at < $2 LIMIT 1) x) \
-             RETURNING {}",
-            crate::lease::LEASE_SET,
-            crate::rows::LEASED_COLUMNS
-        ))
-        .bind(request.worker_id)
-        .bind(request.now)
-        .bind(request.lease_until())
-        .bind(ids)
-        .bind(request.kinds)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let (jobs, unreadable) = crate::lease::decode(rows);
-        for (id, error) in unreadable {
-            sqlx::query(crate::lease::FAIL_UNREADABLE)
-                .bind(request.now)
-                .bind(error)
-                .bind(id)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        Ok(jobs)
+        let rows = bind_lease(sqlx::query(&lease_ready_sql(1)), ids, request)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        self.leased(rows, request.now).await
+    }
+
+    async fn put_rows_leasing(
+        &mut self,
+        run_id: i64,
+        instances: &[InstanceRecord],
+        steps: &[&StepRecord],
+        ids: &[i64],
+        request: &crate::lease::LeaseRequest<'_>,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>> {
+        // Three tables, no row read twice: the upserts as CTEs of the lease.
+        let sql = format!(
+            "WITH i AS ({}), s AS ({}) {}",
+            instances_upsert(2),
+            steps_upsert(13),
+            lease_ready_sql(22)
+        );
+        let query = bind_steps(
+            bind_instances(sqlx::query(&sql).bind(run_id), instances),
+            steps,
+        );
+        let rows = bind_lease(query, ids, request)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        self.leased(rows, request.now).await
     }
 
     async fn definition(

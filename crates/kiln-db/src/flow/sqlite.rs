@@ -16,6 +16,71 @@ use crate::audit::note::Change;
 use crate::rows::{rows_to, EncodedJob};
 use crate::{DbResult, SqliteStore};
 
+/// [`FlowTx::lease_ready`]'s statement, its five parameters (worker, now,
+/// lease end, ids, kinds) from `n` on. "Waiting ahead" is probed per
+/// (kind, priority) on the fetch index, so it costs one index descent each,
+/// never a scan.
+fn lease_ready_sql(n: usize) -> String {
+    crate::lease::renumber(
+        &format!(
+            "UPDATE jobs SET {} WHERE id IN (SELECT value FROM json_each($4)) \
+             AND status = 'queued' AND NOT held AND run_at <= $2 \
+             AND kind IN (SELECT value FROM json_each($5)) \
+             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant \
+               AND q.name = jobs.queue AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
+             AND NOT EXISTS (SELECT 1 FROM json_each($5) k, \
+               (SELECT 0 AS pr UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3) p \
+               WHERE p.pr <= jobs.priority AND EXISTS (SELECT 1 FROM jobs w INDEXED BY jobs_fetch \
+                 WHERE w.kind = k.value AND w.priority = p.pr \
+                 AND w.status IN ('queued','scheduled') AND NOT w.held AND w.run_at < $2)) \
+             RETURNING {}",
+            crate::lease::LEASE_SET,
+            crate::rows::LEASED_COLUMNS
+        ),
+        '?',
+        n,
+    )
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+fn bind_lease<'q>(
+    query: SqliteQuery<'q>,
+    ids: &[i64],
+    request: &crate::lease::LeaseRequest<'q>,
+) -> SqliteQuery<'q> {
+    query
+        .bind(request.worker_id)
+        .bind(request.now)
+        .bind(request.lease_until())
+        .bind(ids_json(ids))
+        .bind(serde_json::to_string(request.kinds).unwrap_or_else(|_| "[]".into()))
+}
+
+impl SqliteFlowTx {
+    /// Leased rows decoded; a row that cannot be read fails its job.
+    async fn leased(
+        &mut self,
+        rows: Vec<sqlx::sqlite::SqliteRow>,
+        now: Millis,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>> {
+        let rows = rows
+            .iter()
+            .map(<crate::rows::LeasedRow as sqlx::FromRow<_>>::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (jobs, unreadable) = crate::lease::decode(rows);
+        for (id, error) in unreadable {
+            sqlx::query(&crate::lease::FAIL_UNREADABLE.replace('$', "?"))
+                .bind(now)
+                .bind(error)
+                .bind(id)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        Ok(jobs)
+    }
+}
+
 pub(crate) struct SqliteFlowTx {
     tx: Transaction<'static, Sqlite>,
 }
@@ -450,40 +515,35 @@ impl FlowTx for SqliteFlowTx {
         ids: &[i64],
         request: &crate::lease::LeaseRequest<'_>,
     ) -> DbResult<Vec<kiln_core::LeasedJob>> {
-        // "Waiting ahead" is probed per (kind, priority) on the fetch
-        // index, so it costs one index descent each, never a scan.
-        let rows: Vec<crate::rows::LeasedRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET {} WHERE id IN (SELECT value FROM json_each(?4)) \
-             AND status = 'queued' AND NOT held AND run_at <= ?2 \
-             AND kind IN (SELECT value FROM json_each(?5)) \
-             AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant \
-               AND q.name = jobs.queue AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
-             AND NOT EXISTS (SELECT 1 FROM json_each(?5) k, \
-               (SELECT 0 AS pr UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3) p \
-               WHERE p.pr <= jobs.priority AND EXISTS (SELECT 1 FROM jobs w INDEXED BY jobs_fetch \
-                 WHERE w.kind = k.value AND w.priority = p.pr \
-                 AND w.status IN ('queued','scheduled') AND NOT w.held AND w.run_at < ?2)) \
-             RETURNING {}",
-            crate::lease::LEASE_SET.replace('$', "?"),
-            crate::rows::LEASED_COLUMNS
-        ))
-        .bind(request.worker_id)
-        .bind(request.now)
-        .bind(request.lease_until())
-        .bind(ids_json(ids))
-        .bind(serde_json::to_string(request.kinds).unwrap_or_else(|_| "[]".into()))
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let (jobs, unreadable) = crate::lease::decode(rows);
-        for (id, error) in unreadable {
-            sqlx::query(&crate::lease::FAIL_UNREADABLE.replace('$', "?"))
-                .bind(request.now)
-                .bind(error)
-                .bind(id)
-                .execute(&mut *self.tx)
-                .await?;
-        }
-        Ok(jobs)
+        let rows = bind_lease(sqlx::query(&lease_ready_sql(1)), ids, request)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        self.leased(rows, request.now).await
+    }
+
+    async fn put_rows_leasing(
+        &mut self,
+        run_id: i64,
+        instances: &[InstanceRecord],
+        steps: &[&StepRecord],
+        ids: &[i64],
+        request: &crate::lease::LeaseRequest<'_>,
+    ) -> DbResult<Vec<kiln_core::LeasedJob>> {
+        // One trip to the connection's thread; only the lease returns rows.
+        let sql = format!(
+            "{}; {}; {}",
+            instances_upsert(2),
+            steps_upsert(3),
+            lease_ready_sql(4)
+        );
+        let query = sqlx::query(&sql)
+            .bind(run_id)
+            .bind(instance_rows(instances))
+            .bind(step_rows(steps));
+        let rows = bind_lease(query, ids, request)
+            .fetch_all(&mut *self.tx)
+            .await?;
+        self.leased(rows, request.now).await
     }
 
     async fn definition(
