@@ -798,23 +798,21 @@ pub(crate) async fn complete_on(
         .collect())
 }
 
-/// [`complete_on`], with each written job's run and the status it took.
-pub(crate) async fn complete_rows(
-    conn: &mut sqlx::SqliteConnection,
-    done: &[Completion],
-) -> Result<Vec<(i64, Option<i64>, String)>, sqlx::Error> {
-    let mut applied = Vec::with_capacity(done.len());
-    for c in done {
-        let status = c.status.as_str();
-        let row: Option<(i64, Option<i64>, String)> = sqlx::query_as(
-            "UPDATE jobs SET \
-               status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
-               finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
-               run_at = COALESCE(?3, run_at), result = ?4, error = ?5, \
-               lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
-             WHERE id = ?7 AND attempt = ?8 AND status = 'running' RETURNING id, run_id, status",
-        )
-        .bind(status)
+/// One attempt's end (`?1` status … `?8` attempt, as [`bind_completion`]
+/// binds them), applied only while the job is still on that attempt.
+pub(crate) const COMPLETE_ONE: &str = "UPDATE jobs SET \
+     status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
+     finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
+     run_at = COALESCE(?3, run_at), result = ?4, error = ?5, \
+     lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
+     WHERE id = ?7 AND attempt = ?8 AND status = 'running'";
+
+pub(crate) fn bind_completion<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    c: &Completion,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    query
+        .bind(c.status.as_str())
         .bind(c.record.finished_at)
         .bind(c.run_at)
         .bind(result_json(&c.result))
@@ -822,9 +820,22 @@ pub(crate) async fn complete_rows(
         .bind(record_json(&c.record))
         .bind(c.id)
         .bind(c.attempt)
-        .fetch_optional(&mut *conn)
-        .await?;
-        applied.extend(row);
+}
+
+/// [`complete_on`], with each written job's run and the status it took.
+pub(crate) async fn complete_rows(
+    conn: &mut sqlx::SqliteConnection,
+    done: &[Completion],
+) -> Result<Vec<(i64, Option<i64>, String)>, sqlx::Error> {
+    let mut applied = Vec::with_capacity(done.len());
+    let sql = format!("{COMPLETE_ONE} RETURNING id, run_id, status");
+    for c in done {
+        let row = bind_completion(sqlx::query(&sql), c)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = row {
+            applied.push(sqlx::FromRow::from_row(&row)?);
+        }
     }
     Ok(applied)
 }

@@ -37,6 +37,7 @@ kiln_db::on_both_databases!(
     schedules_skip_overlaps,
     step_ends_advance_their_runs_inline,
     handed_off_steps_wait_behind_older_work,
+    a_stale_end_leaves_the_outbox_to_the_advancer,
 );
 
 fn kinds() -> JobKinds {
@@ -1246,4 +1247,65 @@ async fn a_held_run_leaves_its_step_end_to_the_advancer() {
     kiln_db::testing::drop_postgres_schema(&url, &schema)
         .await
         .ok();
+}
+
+/// A worker whose lease moved on reports its end late, while the attempt
+/// that replaced it has already ended and waits in the outbox: the late end
+/// is refused and the waiting one still moves the run, exactly once.
+async fn a_stale_end_leaves_the_outbox_to_the_advancer(db: Db) {
+    apply(
+        &db,
+        json!({"name": "pair", "steps": [
+            {"id": "a", "kind": "noop",
+             "retry": {"max_attempts": 2, "backoff": {"base_ms": 0, "max_ms": 0, "jitter": false}}},
+            {"id": "b", "kind": "noop", "depends_on": ["a"]},
+        ]}),
+    )
+    .await;
+    let handled = ["noop".to_string()];
+    let run = start(&db, "pair", json!({})).await.run.id;
+    let first = db
+        .job_lease("w1", &handled, 1, 1_000, T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(db.job_rescue_expired(T0 + 2_000).await.unwrap(), 1);
+    let second = db
+        .job_lease("w2", &handled, 1, 60_000, T0 + 2_001)
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!((second[0].id, second[0].attempt), (first[0].id, 2));
+    // The second attempt's end is written without advancing: it waits.
+    db.job_complete_many(&[end_of(&second[0], T0 + 2_002)])
+        .await
+        .unwrap();
+    let request = kiln_db::LeaseRequest {
+        worker_id: "w1",
+        kinds: &handled,
+        limit: 1,
+        lease_ms: 60_000,
+        now: T0 + 2_003,
+        tenant_running_max: None,
+    };
+    let (completed, next) = db
+        .job_complete_advancing(
+            &[end_of(&first[0], T0 + 2_003)],
+            &kinds(),
+            Some(&request),
+            T0 + 2_003,
+        )
+        .await
+        .unwrap();
+    assert!(completed.applied.is_empty(), "a stale end was applied");
+    assert!(next.is_empty());
+    assert_eq!(db.flow_advance(&kinds(), T0 + 2_004).await.unwrap(), 1);
+    let view = get(&db, run).await;
+    assert_eq!(statuses(&view)["a"], StepStatus::Succeeded);
+    assert_eq!(statuses(&view)["b"], StepStatus::Running);
+    let b = db
+        .job_lease("w1", &handled, 10, 60_000, T0 + 2_005)
+        .await
+        .unwrap();
+    assert_eq!(b.len(), 1, "b was made once");
 }

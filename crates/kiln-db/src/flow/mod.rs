@@ -1497,16 +1497,38 @@ impl Db {
         }
         let mut sorted = done.to_vec();
         sorted.sort_by_key(|c| c.id);
-        let mut tx = self.flow_tx(true).await?;
-        let written = match tx.complete_jobs(&sorted).await {
-            Ok(written) => written,
+        let begun = match self {
+            // A chain's step on SQLite: the end and the run's read in one trip.
+            Db::Sqlite(s) if sorted.len() == 1 => {
+                let names = self.defs().steps_moved_by(&[sorted[0].id]);
+                let asked = names.as_deref().unwrap_or_default();
+                sqlite::SqliteFlowTx::complete_one(&s.write, &sorted[0], asked)
+                    .await
+                    .map(|(tx, written, ends)| {
+                        let tx: Box<dyn FlowTx> = Box::new(tx);
+                        (tx, written, ends.map(|ends| (ends, names)))
+                    })
+            }
+            _ => match self.flow_tx(true).await {
+                Ok(mut tx) => tx
+                    .complete_jobs(&sorted)
+                    .await
+                    .map(|written| (tx, written, None)),
+                Err(error) => Err(error),
+            },
+        };
+        let (mut tx, written, taken) = match begun {
+            Ok(begun) => begun,
             Err(error) if error.is_unavailable() => return Err(error),
             // A refused batch goes the way that writes row by row.
-            Err(_) => {
-                drop(tx);
-                return Ok((self.job_complete_many(&sorted).await?, Vec::new()));
-            }
+            Err(_) => return Ok((self.job_complete_many(&sorted).await?, Vec::new())),
         };
+        if written.is_empty() {
+            // A stale end (the lease moved on): nothing to advance, and a
+            // one-trip begin may have taken an outbox row it must leave.
+            drop(tx);
+            return Ok((self.job_complete_many(&sorted).await?, Vec::new()));
+        }
         let applied: Vec<i64> = written.iter().map(|w| w.0).collect();
         // Step jobs that reached a final state (a retry waits for its next
         // try; a retry of a job cancelled meanwhile ends it cancelled).
@@ -1515,7 +1537,8 @@ impl Db {
             .filter(|(_, _, status)| JobStatus::parse(status).is_some_and(|s| s.is_terminal()))
             .filter_map(|(id, run, _)| run.map(|run| (*id, run)))
             .collect();
-        let inline = match advance_inline(tx.as_mut(), self.defs(), kinds, &ends, lease, now).await
+        let inline = match advance_inline(tx.as_mut(), self.defs(), kinds, &ends, taken, lease, now)
+            .await
         {
             Ok(inline) => inline,
             Err(error) if error.is_unavailable() => return Err(error),
@@ -2031,6 +2054,7 @@ async fn advance_inline(
     cache: &DefCache,
     kinds: &JobKinds,
     ends: &[(i64, i64)],
+    mut taken: Option<(RunEnds, Option<Vec<String>>)>,
     lease: Option<&crate::LeaseRequest<'_>>,
     now: Millis,
 ) -> DbResult<Inline> {
@@ -2048,12 +2072,18 @@ async fn advance_inline(
     let mut fresh = Vec::new();
     let mut offered = 0;
     for (run_id, jobs) in by_run {
-        // Never waits for a run: one held elsewhere is the advancer's.
-        let names = cache.steps_moved_by(&jobs);
-        let asked = names.as_deref().unwrap_or_default();
-        let Some(ends) = tx.take_run_ends(run_id, &jobs, asked).await? else {
-            out.left = true;
-            continue;
+        let (ends, names) = match taken.take() {
+            Some((ends, names)) if ends.run.id == run_id => (ends, names),
+            _ => {
+                // Never waits for a run: one held elsewhere is the advancer's.
+                let names = cache.steps_moved_by(&jobs);
+                let asked = names.as_deref().unwrap_or_default();
+                let Some(ends) = tx.take_run_ends(run_id, &jobs, asked).await? else {
+                    out.left = true;
+                    continue;
+                };
+                (ends, names)
+            }
         };
         let offer = match lease.filter(|r| r.limit > 0) {
             Some(request) if single => Offer::Now(request, jobs.len()),
@@ -2116,7 +2146,7 @@ async fn advance_locked(
     // attempt of the run, ending late, changes nothing.
     let mine: Vec<(InstanceRecord, JobEnd)> = ended
         .into_iter()
-        .filter(|(r, _)| r.status == "running")
+        .filter(|(r, end)| r.status == "running" && end.status.is_terminal())
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
     advance.quiet = !matches!(offer, Offer::None);

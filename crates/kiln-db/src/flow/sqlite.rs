@@ -3,7 +3,8 @@
 //! locking the run row is reading it.
 
 use kiln_core::{Millis, NewJob};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
@@ -82,15 +83,129 @@ impl SqliteFlowTx {
 }
 
 pub(crate) struct SqliteFlowTx {
-    tx: Transaction<'static, Sqlite>,
+    tx: TxConn,
+}
+
+/// A pooled connection in a transaction kiln began itself, so that `BEGIN`
+/// can travel with the first statement (each statement is a trip to the
+/// connection's thread). Dropped before [`TxConn::commit`], its transaction
+/// is rolled back before the connection goes back to the pool.
+struct TxConn {
+    conn: Option<PoolConnection<Sqlite>>,
+}
+
+impl TxConn {
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        if let Some(conn) = self.conn.as_mut() {
+            sqlx::query("COMMIT").execute(&mut **conn).await?;
+        }
+        self.conn = None;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for TxConn {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.conn
+            .as_deref()
+            .expect("a transaction's connection is held until it ends")
+    }
+}
+
+impl std::ops::DerefMut for TxConn {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_deref_mut()
+            .expect("a transaction's connection is held until it ends")
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            // The connection returns to the pool once the rollback is done.
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(error) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                        tracing::debug!(%error, "rolling back a dropped transaction");
+                    }
+                });
+            }
+            // Closing a SQLite connection rolls its transaction back.
+            Err(_) => conn.close_on_drop(),
+        }
+    }
 }
 
 impl SqliteFlowTx {
     pub(crate) async fn begin(pool: &SqlitePool) -> DbResult<SqliteFlowTx> {
-        Ok(SqliteFlowTx {
-            tx: pool.begin().await?,
-        })
+        let mut tx = TxConn {
+            conn: Some(pool.acquire().await?),
+        };
+        sqlx::query("BEGIN").execute(&mut *tx).await?;
+        Ok(SqliteFlowTx { tx })
     }
+
+    /// Begins a transaction with one attempt's end in it, and, if the job
+    /// is a step of a run, takes that run's ends of the job as
+    /// [`FlowTx::take_run_ends`] does, `steps` included: one trip for what
+    /// a chained step's completion reads first. The ends come back whatever
+    /// the job's status (a retry is not an end: the caller looks).
+    pub(crate) async fn complete_one(
+        pool: &SqlitePool,
+        done: &crate::Completion,
+        steps: &[String],
+    ) -> DbResult<(
+        SqliteFlowTx,
+        Vec<(i64, Option<i64>, String)>,
+        Option<super::RunEnds>,
+    )> {
+        let mut tx = TxConn {
+            conn: Some(pool.acquire().await?),
+        };
+        let run = "(SELECT run_id FROM jobs WHERE id = ?7)";
+        let sql = format!(
+            "BEGIN; {} RETURNING id, run_id, status; {}",
+            crate::sqlite::COMPLETE_ONE,
+            run_ends_sql(run, "json_array(?7)", "?9")
+        );
+        let rows = crate::sqlite::bind_completion(sqlx::query(&sql), done)
+            .bind(serde_json::to_string(steps).unwrap_or_else(|_| "[]".into()))
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut written = Vec::new();
+        let mut ends = None;
+        for row in rows {
+            if sqlx::Row::columns(&row).len() == 3 {
+                written.push(sqlx::FromRow::from_row(&row)?);
+            } else {
+                let row: RunEndedRow = sqlx::FromRow::from_row(&row)?;
+                ends = Some(row.split()?);
+            }
+        }
+        Ok((SqliteFlowTx { tx }, written, ends))
+    }
+}
+
+/// [`FlowTx::take_run_ends`]'s statements, over SQL expressions for the
+/// run's id, the jobs (a JSON array) and the steps (a JSON array). One
+/// writer: the run is this transaction's.
+fn run_ends_sql(run: &str, jobs: &str, steps: &str) -> String {
+    format!(
+        "DELETE FROM flow_outbox WHERE run_id = {run} \
+           AND job_id IN (SELECT value FROM json_each({jobs})); \
+         SELECT {RUN_COLUMNS}, (SELECT json_group_array(json_array({ENDED_ELEMENTS})) \
+           FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+           WHERE i.run_id = runs.id AND j.run_id = runs.id \
+           AND i.job_id IN (SELECT value FROM json_each({jobs}))) AS ended, \
+           (SELECT json_group_array(json_array({STEP_COLUMNS})) FROM run_steps \
+           WHERE run_id = runs.id AND step IN (SELECT value FROM json_each({steps}))) AS steps \
+         FROM runs WHERE id = {run}"
+    )
 }
 
 fn ids_json(ids: &[i64]) -> String {
@@ -469,24 +584,13 @@ impl FlowTx for SqliteFlowTx {
         job_ids: &[i64],
         steps: &[String],
     ) -> DbResult<Option<super::RunEnds>> {
-        // One writer: the run is this transaction's. One trip for both
-        // statements; only the SELECT returns a row.
-        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
-            "DELETE FROM flow_outbox WHERE run_id = ?1 \
-               AND job_id IN (SELECT value FROM json_each(?2)); \
-             SELECT {RUN_COLUMNS}, (SELECT json_group_array(json_array({ENDED_ELEMENTS})) \
-               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
-               WHERE i.run_id = runs.id AND j.run_id = runs.id \
-               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended, \
-               (SELECT json_group_array(json_array({STEP_COLUMNS})) FROM run_steps \
-               WHERE run_id = runs.id AND step IN (SELECT value FROM json_each(?3))) AS steps \
-             FROM runs WHERE id = ?1"
-        ))
-        .bind(run_id)
-        .bind(ids_json(job_ids))
-        .bind(serde_json::to_string(steps).unwrap_or_else(|_| "[]".into()))
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        // One trip for both statements; only the SELECT returns a row.
+        let row: Option<RunEndedRow> = sqlx::query_as(&run_ends_sql("?1", "?2", "?3"))
+            .bind(run_id)
+            .bind(ids_json(job_ids))
+            .bind(serde_json::to_string(steps).unwrap_or_else(|_| "[]".into()))
+            .fetch_optional(&mut *self.tx)
+            .await?;
         row.map(RunEndedRow::split).transpose()
     }
 
