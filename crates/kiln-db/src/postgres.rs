@@ -844,7 +844,7 @@ impl PgStore {
 /// Locks the rows of a batched write (ids in the parameter `ids`) in id order before the
 /// write touches them, so two batches over overlapping rows (a heartbeat and
 /// a completion) wait for each other instead of deadlocking.
-fn lock_in_id_order(ids: &str) -> String {
+pub(crate) fn lock_in_id_order(ids: &str) -> String {
     format!("locked AS (SELECT id FROM jobs WHERE id = ANY({ids}) ORDER BY id FOR UPDATE)")
 }
 
@@ -967,31 +967,64 @@ pub(crate) async fn complete_rows<'e, E: sqlx::PgExecutor<'e>>(
     executor: E,
     done: &[Completion],
 ) -> Result<Vec<(i64, Option<i64>, String)>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "WITH {} UPDATE jobs j SET \
-           status = CASE WHEN j.cancel_requested AND u.status = 'scheduled' THEN 'cancelled' ELSE u.status END, \
-           finished_at = CASE WHEN u.status = 'scheduled' AND NOT j.cancel_requested THEN NULL ELSE u.finished_at END, \
-           run_at = COALESCE(u.run_at, j.run_at), result = u.result, \
-           error = u.error, lease_expires_at = NULL, history = {HISTORY_APPEND} \
-         FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
-           $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record), \
-           locked l \
-         WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running' \
-         RETURNING j.id, j.run_id, j.status",
-        lock_in_id_order("$1")
-    ))
-    .bind(done.iter().map(|c| c.id).collect::<Vec<i64>>())
-    .bind(done.iter().map(|c| c.attempt).collect::<Vec<i32>>())
-    .bind(done.iter().map(|c| c.status.as_str()).collect::<Vec<&str>>())
-    .bind(done.iter().map(|c| c.record.finished_at).collect::<Vec<i64>>())
-    .bind(done.iter().map(|c| c.run_at).collect::<Vec<Option<i64>>>())
-    .bind(done.iter().map(|c| result_json(&c.result)).collect::<Vec<Option<String>>>())
-    .bind(
-        done.iter()
-            .map(|c| storable_error(c.error.as_deref()))
-            .collect::<Vec<Option<String>>>(),
+    let sql = format!(
+        "WITH {} {} RETURNING j.id, j.run_id, j.status",
+        lock_in_id_order("$1"),
+        complete_update()
+    );
+    bind_completions(sqlx::query_as(&sql), done)
+        .fetch_all(executor)
+        .await
+}
+
+/// Attempt ends from eight arrays ([`bind_completions`]), each applied only
+/// while its job is still on that attempt; needs the `locked` CTE of
+/// `lock_in_id_order("$1")` before it.
+pub(crate) fn complete_update() -> String {
+    format!(
+        "UPDATE jobs j SET \
+     status = CASE WHEN j.cancel_requested AND u.status = 'scheduled' THEN 'cancelled' ELSE u.status END, \
+     finished_at = CASE WHEN u.status = 'scheduled' AND NOT j.cancel_requested THEN NULL ELSE u.finished_at END, \
+     run_at = COALESCE(u.run_at, j.run_at), result = u.result, \
+     error = u.error, lease_expires_at = NULL, history = {HISTORY_APPEND} \
+     FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
+       $7::text[], $8::text[]) AS u(id, attempt, status, finished_at, run_at, result, error, record), \
+       locked l \
+     WHERE j.id = u.id AND l.id = u.id AND j.attempt = u.attempt AND j.status = 'running'"
     )
-    .bind(done.iter().map(|c| record_json(&c.record)).collect::<Vec<String>>())
-    .fetch_all(executor)
-    .await
+}
+
+pub(crate) fn bind_completions<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    done: &[Completion],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    query
+        .bind(done.iter().map(|c| c.id).collect::<Vec<i64>>())
+        .bind(done.iter().map(|c| c.attempt).collect::<Vec<i32>>())
+        .bind(
+            done.iter()
+                .map(|c| c.status.as_str().to_string())
+                .collect::<Vec<String>>(),
+        )
+        .bind(
+            done.iter()
+                .map(|c| c.record.finished_at)
+                .collect::<Vec<i64>>(),
+        )
+        .bind(done.iter().map(|c| c.run_at).collect::<Vec<Option<i64>>>())
+        .bind(
+            done.iter()
+                .map(|c| result_json(&c.result))
+                .collect::<Vec<Option<String>>>(),
+        )
+        .bind(
+            done.iter()
+                .map(|c| storable_error(c.error.as_deref()))
+                .collect::<Vec<Option<String>>>(),
+        )
+        .bind(
+            done.iter()
+                .map(|c| record_json(&c.record))
+                .collect::<Vec<String>>(),
+        )
 }

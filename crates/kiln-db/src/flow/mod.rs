@@ -1509,6 +1509,17 @@ impl Db {
                         (tx, written, ends.map(|ends| (ends, names)))
                     })
             }
+            // On PostgreSQL, the end, the run's lock and its read.
+            Db::Postgres(s) if sorted.len() == 1 => {
+                let names = self.defs().steps_moved_by(&[sorted[0].id]);
+                let asked = names.as_deref().unwrap_or_default();
+                pg::PgFlowTx::complete_one(&s.pool, &sorted[0], asked)
+                    .await
+                    .map(|(tx, written, ends)| {
+                        let tx: Box<dyn FlowTx> = Box::new(tx);
+                        (tx, written, ends.map(|ends| (ends, names)))
+                    })
+            }
             _ => match self.flow_tx(true).await {
                 Ok(mut tx) => tx
                     .complete_jobs(&sorted)

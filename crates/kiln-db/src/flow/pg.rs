@@ -26,6 +26,71 @@ impl PgFlowTx {
             tx: pool.begin().await?,
         })
     }
+
+    /// Begins a transaction that records one attempt's end and, if the job
+    /// reached a final state as a step of a run no other transaction holds,
+    /// locks that run and reads its ends of the job and the rows of
+    /// `steps`, as [`FlowTx::take_run_ends`] does, in the same statement.
+    /// The end of a run taken so gets no outbox row (`kiln.outbox_taken`,
+    /// read by the outbox trigger at the statement's end); a held run's end
+    /// goes to the outbox as any other.
+    pub(crate) async fn complete_one(
+        pool: &PgPool,
+        done: &crate::Completion,
+        steps: &[String],
+    ) -> DbResult<(
+        PgFlowTx,
+        Vec<(i64, Option<i64>, String)>,
+        Option<super::RunEnds>,
+    )> {
+        let mut tx = pool.begin().await?;
+        let sql = format!(
+            "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status, j.result, j.error, \
+               j.finished_at), \
+             run AS (SELECT {RUN_COLUMNS} FROM runs WHERE id = (SELECT d.run_id FROM done d \
+               WHERE d.status IN ('succeeded','failed','cancelled','dead') LIMIT 1) \
+               FOR UPDATE SKIP LOCKED), \
+             taken AS (SELECT set_config('kiln.outbox_taken', COALESCE((SELECT \
+               string_agg(d.id::text, ',') FROM done d JOIN run r ON r.id = d.run_id), ''), \
+               true) AS ids) \
+             SELECT (SELECT COALESCE(json_agg(json_build_array(d.id, d.run_id, d.status)), '[]') \
+               FROM done d)::text AS written, taken.ids AS taken, r.*, \
+             COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
+               FROM run_instances i JOIN done j ON j.id = i.job_id \
+               WHERE i.run_id = r.id AND j.run_id = r.id), '[]')::text AS ended, \
+             COALESCE((SELECT json_agg(json_build_array({STEP_COLUMNS})) FROM run_steps \
+               WHERE run_id = r.id AND step = ANY($9)), '[]')::text AS steps \
+             FROM taken LEFT JOIN run r ON true",
+            crate::postgres::lock_in_id_order("$1"),
+            crate::postgres::complete_update(),
+        );
+        let row: CompletedOne =
+            crate::postgres::bind_completions(sqlx::query_as(&sql), std::slice::from_ref(done))
+                .bind(steps)
+                .fetch_one(&mut *tx)
+                .await?;
+        let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&row.written)
+            .map_err(|e| crate::DbError::Corrupt(format!("written ends: {e}")))?;
+        let ends = row.ends.map(RunEndedRow::split).transpose()?;
+        Ok((PgFlowTx { tx }, written, ends))
+    }
+}
+
+/// [`PgFlowTx::complete_one`]'s row: the ends written, and the run's read
+/// when it was locked (its columns are null otherwise).
+struct CompletedOne {
+    written: String,
+    ends: Option<RunEndedRow>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CompletedOne {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        let locked: Option<i64> = sqlx::Row::try_get(row, "id")?;
+        Ok(CompletedOne {
+            written: sqlx::Row::try_get(row, "written")?,
+            ends: locked.map(|_| RunEndedRow::from_row(row)).transpose()?,
+        })
+    }
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
