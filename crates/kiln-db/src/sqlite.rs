@@ -798,27 +798,34 @@ pub(crate) async fn complete_on(
         .collect())
 }
 
-/// One attempt's end (`?1` status … `?8` attempt, as [`bind_completion`]
-/// binds them), applied only while the job is still on that attempt.
+/// One attempt's end, applied only while the job is still on that attempt:
+/// `?1` the job, `?3` … `?9` as [`bind_completion`] binds them. `?2` is
+/// left to a statement that follows in the same query: sqlx binds the
+/// unnumbered slots below a statement's highest number from a running
+/// count across the query's statements, so statements after the first use
+/// the lowest numbers, without gaps, or run out of values.
 pub(crate) const COMPLETE_ONE: &str = "UPDATE jobs SET \
-     status = CASE WHEN cancel_requested AND ?1 = 'scheduled' THEN 'cancelled' ELSE ?1 END, \
-     finished_at = CASE WHEN ?1 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?2 END, \
-     run_at = COALESCE(?3, run_at), result = ?4, error = ?5, \
-     lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?6)) \
-     WHERE id = ?7 AND attempt = ?8 AND status = 'running'";
+     status = CASE WHEN cancel_requested AND ?3 = 'scheduled' THEN 'cancelled' ELSE ?3 END, \
+     finished_at = CASE WHEN ?3 = 'scheduled' AND NOT cancel_requested THEN NULL ELSE ?4 END, \
+     run_at = COALESCE(?5, run_at), result = ?6, error = ?7, \
+     lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?8)) \
+     WHERE id = ?1 AND attempt = ?9 AND status = 'running'";
 
+/// Binds [`COMPLETE_ONE`]'s parameters, `second` as `?2`.
 pub(crate) fn bind_completion<'q>(
     query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
     c: &Completion,
+    second: Option<String>,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
     query
+        .bind(c.id)
+        .bind(second)
         .bind(c.status.as_str())
         .bind(c.record.finished_at)
         .bind(c.run_at)
         .bind(result_json(&c.result))
         .bind(storable_error(c.error.as_deref()))
         .bind(record_json(&c.record))
-        .bind(c.id)
         .bind(c.attempt)
 }
 
@@ -830,7 +837,7 @@ pub(crate) async fn complete_rows(
     let mut applied = Vec::with_capacity(done.len());
     let sql = format!("{COMPLETE_ONE} RETURNING id, run_id, status");
     for c in done {
-        let row = bind_completion(sqlx::query(&sql), c)
+        let row = bind_completion(sqlx::query(&sql), c, None)
             .fetch_optional(&mut *conn)
             .await?;
         if let Some(row) = row {

@@ -2253,3 +2253,109 @@ fn truncate(text: &str, max: usize) -> String {
     }
     text[..end].to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Millis = 1_700_000_000_000;
+
+    fn noop_kinds() -> JobKinds {
+        let mut kinds = JobKinds::new();
+        kinds.add("noop", |_| Ok(()));
+        kinds
+    }
+
+    /// A run of a two-step chain with its first step's job leased, and
+    /// that job's successful end.
+    async fn first_step_done(db: &Db) -> (i64, crate::Completion) {
+        let def = json!({"name": "pair", "steps": [
+            {"id": "a", "kind": "noop"},
+            {"id": "b", "kind": "noop", "depends_on": ["a"]},
+        ]});
+        let checked = PipelineDef::from_json(def, &noop_kinds()).expect("a valid definition");
+        db.pipeline_put("acme", &checked.def, T0).await.unwrap();
+        let new = NewRun {
+            tenant: "acme".into(),
+            pipeline: "pair".into(),
+            params: Default::default(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            trigger: "api".into(),
+        };
+        let run = db
+            .run_create(&new, &noop_kinds(), T0)
+            .await
+            .unwrap()
+            .expect("the run starts")
+            .0;
+        let leased = db
+            .job_lease("w1", &["noop".to_string()], 1, 60_000, T0 + 1)
+            .await
+            .unwrap();
+        assert_eq!(leased.len(), 1);
+        let done = crate::Completion {
+            id: leased[0].id,
+            attempt: leased[0].attempt,
+            status: JobStatus::Succeeded,
+            run_at: None,
+            result: Some(kiln_core::JobResult {
+                exit_code: 0,
+                stdout: "ok".into(),
+                stderr: String::new(),
+                duration_ms: 0,
+                truncated: false,
+                files: Vec::new(),
+            }),
+            error: None,
+            record: kiln_core::AttemptRecord {
+                attempt: leased[0].attempt,
+                worker_id: Some("w1".into()),
+                started_at: Some(T0 + 1),
+                finished_at: T0 + 2,
+                outcome: "succeeded".into(),
+                exit_code: Some(0),
+                error: None,
+                duration_ms: Some(0),
+            },
+        };
+        (run.run.id, done)
+    }
+
+    /// The one trip a chained step's end costs reads what its advance
+    /// needs: the run, the instance on the job with the job's end, and the
+    /// step rows asked for.
+    async fn one_trip_reads_the_run(db: Db) {
+        let (run, done) = first_step_done(&db).await;
+        let steps = ["b".to_string()];
+        let (tx, written, ends): (Box<dyn FlowTx>, _, _) = match &db {
+            Db::Sqlite(s) => {
+                let (tx, w, e) = sqlite::SqliteFlowTx::complete_one(&s.write, &done, &steps)
+                    .await
+                    .unwrap();
+                (Box::new(tx), w, e)
+            }
+            Db::Postgres(s) => {
+                let (tx, w, e) = pg::PgFlowTx::complete_one(&s.pool, &done, &steps)
+                    .await
+                    .unwrap();
+                (Box::new(tx), w, e)
+            }
+        };
+        assert_eq!(written, vec![(done.id, Some(run), "succeeded".to_string())]);
+        let ends = ends.expect("the run was read in the same trip");
+        assert_eq!(ends.run.id, run);
+        assert_eq!(ends.ended.len(), 1);
+        let (instance, end) = &ends.ended[0];
+        assert_eq!(
+            (instance.step.as_str(), instance.status.as_str()),
+            ("a", "running")
+        );
+        assert_eq!((end.job_id, end.status), (done.id, JobStatus::Succeeded));
+        let names: Vec<&str> = ends.steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(names, vec!["b"], "only the steps asked for");
+        drop(tx);
+    }
+
+    crate::on_both_databases!(one_trip_reads_the_run);
+}

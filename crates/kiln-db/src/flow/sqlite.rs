@@ -167,14 +167,14 @@ impl SqliteFlowTx {
         let mut tx = TxConn {
             conn: Some(pool.acquire().await?),
         };
-        let run = "(SELECT run_id FROM jobs WHERE id = ?7)";
+        let run = "(SELECT run_id FROM jobs WHERE id = ?1)";
         let sql = format!(
             "BEGIN; {} RETURNING id, run_id, status; {}",
             crate::sqlite::COMPLETE_ONE,
-            run_ends_sql(run, "json_array(?7)", "?9")
+            run_ends_sql(run, "json_array(?1)", "?2")
         );
-        let rows = crate::sqlite::bind_completion(sqlx::query(&sql), done)
-            .bind(serde_json::to_string(steps).unwrap_or_else(|_| "[]".into()))
+        let steps = serde_json::to_string(steps).unwrap_or_else(|_| "[]".into());
+        let rows = crate::sqlite::bind_completion(sqlx::query(&sql), done, Some(steps))
             .fetch_all(&mut *tx)
             .await?;
         let mut written = Vec::new();
