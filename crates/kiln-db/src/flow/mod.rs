@@ -343,16 +343,6 @@ pub(crate) trait FlowTx: Send {
         steps: Option<&[String]>,
     ) -> DbResult<Vec<InstanceRecord>>;
     async fn put_instances(&mut self, run_id: i64, rows: &[InstanceRecord]) -> DbResult<()>;
-    /// The run's instances on these jobs, each with its job's end, in one
-    /// statement.
-    /// The run row, locked, unless another transaction holds it (then
-    /// `None` at once, never a wait), with the run's instances on these
-    /// jobs, each with its job's end, in the same statement.
-    async fn try_lock_run_ended(
-        &mut self,
-        run_id: i64,
-        job_ids: &[i64],
-    ) -> DbResult<Option<RunEnds>>;
     /// The `files` of the jobs' results (JSON text), without the rest of
     /// the result: a run's artefact list never reads its output.
     async fn job_files(&mut self, run_id: i64, job_ids: &[i64]) -> DbResult<Vec<(i64, String)>>;
@@ -379,10 +369,11 @@ pub(crate) trait FlowTx: Send {
         &mut self,
         done: &[crate::Completion],
     ) -> DbResult<Vec<(i64, Option<i64>, String)>>;
-    /// [`FlowTx::try_lock_run_ended`] for ends this transaction wrote: when
-    /// the run is locked, the outbox rows of these jobs go in the same
-    /// statement (the advance is here); when another transaction holds it,
-    /// they stay for the advancer.
+    /// The run row, locked, unless another transaction holds it (then
+    /// `None` at once, never a wait), with the run's instances on these
+    /// jobs, each with its job's end, in the same statement. When the run
+    /// is locked, the outbox rows of these jobs go too (the advance is
+    /// here); when another transaction holds it, they stay for the advancer.
     /// `steps`: the run's rows of these steps come back too (a step
     /// without a row is pending).
     async fn take_run_ends(
@@ -1497,36 +1488,27 @@ impl Db {
         }
         let mut sorted = done.to_vec();
         sorted.sort_by_key(|c| c.id);
-        let begun = match self {
-            // A chain's step on SQLite: the end and the run's read in one trip.
-            Db::Sqlite(s) if sorted.len() == 1 => {
-                let names = self.defs().steps_moved_by(&[sorted[0].id]);
-                let asked = names.as_deref().unwrap_or_default();
-                sqlite::SqliteFlowTx::complete_one(&s.write, &sorted[0], asked)
+        let begun = if let [one] = sorted.as_slice() {
+            // A chain's step: the end, the run's lock and its read in one trip.
+            let names = self.defs().steps_moved_by(&[one.id]);
+            let asked = names.as_deref().unwrap_or_default();
+            let begun: DbResult<(Box<dyn FlowTx>, _, _)> = match self {
+                Db::Sqlite(s) => sqlite::SqliteFlowTx::complete_one(&s.write, one, asked)
                     .await
-                    .map(|(tx, written, ends)| {
-                        let tx: Box<dyn FlowTx> = Box::new(tx);
-                        (tx, written, ends.map(|ends| (ends, names)))
-                    })
-            }
-            // On PostgreSQL, the end, the run's lock and its read.
-            Db::Postgres(s) if sorted.len() == 1 => {
-                let names = self.defs().steps_moved_by(&[sorted[0].id]);
-                let asked = names.as_deref().unwrap_or_default();
-                pg::PgFlowTx::complete_one(&s.pool, &sorted[0], asked)
+                    .map(|(tx, written, ends)| (Box::new(tx) as _, written, ends)),
+                Db::Postgres(s) => pg::PgFlowTx::complete_one(&s.pool, one, asked)
                     .await
-                    .map(|(tx, written, ends)| {
-                        let tx: Box<dyn FlowTx> = Box::new(tx);
-                        (tx, written, ends.map(|ends| (ends, names)))
-                    })
-            }
-            _ => match self.flow_tx(true).await {
+                    .map(|(tx, written, ends)| (Box::new(tx) as _, written, ends)),
+            };
+            begun.map(|(tx, written, ends)| (tx, written, ends.map(|ends| (ends, names))))
+        } else {
+            match self.flow_tx(true).await {
                 Ok(mut tx) => tx
                     .complete_jobs(&sorted)
                     .await
                     .map(|written| (tx, written, None)),
                 Err(error) => Err(error),
-            },
+            }
         };
         let (mut tx, written, taken) = match begun {
             Ok(begun) => begun,
@@ -2026,7 +2008,7 @@ async fn advance_run(
     job_ids: &[i64],
     now: Millis,
 ) -> DbResult<Option<bool>> {
-    let Some(ends) = tx.try_lock_run_ended(run_id, job_ids).await? else {
+    let Some(ends) = tx.take_run_ends(run_id, job_ids, &[]).await? else {
         // Gone (its ends mean nothing now) or held elsewhere.
         return Ok(if tx.run_exists(run_id).await? {
             None

@@ -573,26 +573,6 @@ impl FlowTx for PgFlowTx {
         row.map(RunEndedRow::split).transpose()
     }
 
-    async fn try_lock_run_ended(
-        &mut self,
-        run_id: i64,
-        job_ids: &[i64],
-    ) -> DbResult<Option<super::RunEnds>> {
-        // The instances are read over the row once it is locked.
-        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
-            "SELECT l.*, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
-               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
-               WHERE i.run_id = l.id AND j.run_id = l.id AND i.job_id = ANY($2)), '[]')::text \
-               AS ended, '[]' AS steps \
-             FROM (SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED) l"
-        ))
-        .bind(run_id)
-        .bind(job_ids)
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        row.map(RunEndedRow::split).transpose()
-    }
-
     async fn lease_ready(
         &mut self,
         ids: &[i64],

@@ -594,26 +594,6 @@ impl FlowTx for SqliteFlowTx {
         row.map(RunEndedRow::split).transpose()
     }
 
-    async fn try_lock_run_ended(
-        &mut self,
-        run_id: i64,
-        job_ids: &[i64],
-    ) -> DbResult<Option<super::RunEnds>> {
-        // One writer: a write transaction holds every row already.
-        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
-            "SELECT {RUN_COLUMNS}, (SELECT json_group_array(json_array({ENDED_ELEMENTS})) \
-               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
-               WHERE i.run_id = runs.id AND j.run_id = runs.id \
-               AND i.job_id IN (SELECT value FROM json_each(?2))) AS ended, '[]' AS steps \
-             FROM runs WHERE id = ?1"
-        ))
-        .bind(run_id)
-        .bind(ids_json(job_ids))
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        row.map(RunEndedRow::split).transpose()
-    }
-
     async fn lease_ready(
         &mut self,
         ids: &[i64],
