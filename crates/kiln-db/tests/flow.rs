@@ -1249,6 +1249,123 @@ async fn a_held_run_leaves_its_step_end_to_the_advancer() {
         .ok();
 }
 
+/// On PostgreSQL a completion may wait for its job's row (a heartbeat
+/// holds it) while the run's holder moves the same step and commits: the
+/// completion then locks the run and must read the step as that holder left
+/// it, not as it stood when its statement began, or its count overwrites
+/// the holder's and the fan-in never settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_that_waited_reads_the_run_as_its_holder_left_it() {
+    use sqlx::{Connection, Executor};
+    let schema = kiln_db::testing::unique_name("kiln_test");
+    let url = kiln_db::testing::postgres_url();
+    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    apply(
+        &db,
+        json!({"name": "fan", "params": [{"name": "items", "type": "list"}], "steps": [
+            {"id": "r", "kind": "noop"},
+            {"id": "x", "kind": "noop", "for_each": "${params.items}", "depends_on": ["r"]},
+            {"id": "y", "kind": "noop", "depends_on": ["x"]},
+        ]}),
+    )
+    .await;
+    let handled = ["noop".to_string()];
+    let run = start(&db, "fan", json!({"items": [1, 2]})).await.run.id;
+    // r's end starts x here, so this process knows x's jobs (as a worker
+    // knows the steps it made) and names x's row in the completion's read.
+    let r = db
+        .job_lease("w1", &handled, 10, 60_000, T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    db.job_complete_advancing(&[end_of(&r[0], T0 + 1)], &kinds(), None, T0 + 1)
+        .await
+        .unwrap();
+    let mut jobs = db
+        .job_lease("w1", &handled, 10, 60_000, T0 + 1)
+        .await
+        .unwrap();
+    jobs.sort_by_key(|j| j.id);
+    assert_eq!(jobs.len(), 2);
+    let (j1, j2) = (&jobs[0], &jobs[1]);
+    // j1's end is recorded; its advance is what the holder does below.
+    db.job_complete_many(&[end_of(j1, T0 + 2)]).await.unwrap();
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    holder
+        .execute(format!("SET search_path TO \"{schema}\"").as_str())
+        .await
+        .unwrap();
+    holder.execute("BEGIN").await.unwrap();
+    for sql in [
+        format!("SELECT 1 FROM runs WHERE id = {run} FOR UPDATE"),
+        // A heartbeat's row lock on j2.
+        format!(
+            "UPDATE jobs SET lease_expires_at = lease_expires_at WHERE id = {}",
+            j2.id
+        ),
+        // j1's end applied under the run's lock, as an advance applies it.
+        format!("UPDATE run_steps SET succeeded = 1 WHERE run_id = {run} AND step = 'x'"),
+        format!(
+            "UPDATE run_instances SET status = 'succeeded', exit_code = 0, finished_at = {} \
+             WHERE run_id = {run} AND job_id = {}",
+            T0 + 2,
+            j1.id
+        ),
+        format!("DELETE FROM flow_outbox WHERE job_id = {}", j1.id),
+    ] {
+        holder.execute(sql.as_str()).await.unwrap();
+    }
+    let completing = {
+        let db = db.clone();
+        let done = end_of(j2, T0 + 3);
+        tokio::spawn(async move {
+            let handled = ["noop".to_string()];
+            let request = kiln_db::LeaseRequest {
+                worker_id: "w1",
+                kinds: &handled,
+                limit: 10,
+                lease_ms: 60_000,
+                now: T0 + 3,
+                tenant_running_max: None,
+            };
+            db.job_complete_advancing(&[done], &kinds(), Some(&request), T0 + 3)
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !completing.is_finished(),
+        "the completion waits for j2's row"
+    );
+    holder.execute("COMMIT").await.unwrap();
+    let (completed, next) = tokio::time::timeout(std::time::Duration::from_secs(5), completing)
+        .await
+        .expect("the completion goes on once the holder commits")
+        .unwrap()
+        .unwrap();
+    assert_eq!(completed.applied, vec![j2.id]);
+    db.flow_advance(&kinds(), T0 + 4).await.unwrap();
+    let view = get(&db, run).await;
+    assert_eq!(
+        step_status(&view, "x"),
+        StepStatus::Succeeded,
+        "both ends counted"
+    );
+    assert_eq!(step_status(&view, "y"), StepStatus::Running);
+    assert_eq!(
+        next.len()
+            + db.job_lease("w1", &handled, 10, 60_000, T0 + 5)
+                .await
+                .unwrap()
+                .len(),
+        1
+    );
+    db.close().await;
+    kiln_db::testing::drop_postgres_schema(&url, &schema)
+        .await
+        .ok();
+}
+
 /// A worker whose lease moved on reports its end late, while the attempt
 /// that replaced it has already ended and waits in the outbox: the late end
 /// is refused and the waiting one still moves the run, exactly once.

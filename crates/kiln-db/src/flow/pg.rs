@@ -29,8 +29,8 @@ impl PgFlowTx {
 
     /// Begins a transaction that records one attempt's end and, if the job
     /// reached a final state as a step of a run no other transaction holds,
-    /// locks that run and reads its ends of the job and the rows of
-    /// `steps`, as [`FlowTx::take_run_ends`] does, in the same statement.
+    /// locks that run in the same statement, and then reads its ends of the
+    /// job and the rows of `steps` as [`FlowTx::take_run_ends`] does.
     /// The end of a run taken so gets no outbox row (`kiln.outbox_taken`,
     /// read by the outbox trigger at the statement's end); a held run's end
     /// goes to the outbox as any other.
@@ -45,51 +45,59 @@ impl PgFlowTx {
     )> {
         let mut tx = pool.begin().await?;
         let sql = format!(
-            "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status, j.result, j.error, \
-               j.finished_at), \
-             run AS (SELECT {RUN_COLUMNS} FROM runs WHERE id = (SELECT d.run_id FROM done d \
+            "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status), \
+             run AS (SELECT id FROM runs WHERE id = (SELECT d.run_id FROM done d \
                WHERE d.status IN ('succeeded','failed','cancelled','dead') LIMIT 1) \
                FOR UPDATE SKIP LOCKED), \
              taken AS (SELECT set_config('kiln.outbox_taken', COALESCE((SELECT \
                string_agg(d.id::text, ',') FROM done d JOIN run r ON r.id = d.run_id), ''), \
                true) AS ids) \
              SELECT (SELECT COALESCE(json_agg(json_build_array(d.id, d.run_id, d.status)), '[]') \
-               FROM done d)::text AS written, taken.ids AS taken, r.*, \
-             COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
-               FROM run_instances i JOIN done j ON j.id = i.job_id \
-               WHERE i.run_id = r.id AND j.run_id = r.id), '[]')::text AS ended, \
-             COALESCE((SELECT json_agg(json_build_array({STEP_COLUMNS})) FROM run_steps \
-               WHERE run_id = r.id AND step = ANY($9)), '[]')::text AS steps \
-             FROM taken LEFT JOIN run r ON true",
+               FROM done d)::text, (SELECT id FROM run) FROM taken",
             crate::postgres::lock_in_id_order("$1"),
             crate::postgres::complete_update(),
         );
-        let row: CompletedOne =
+        let (written, locked): (String, Option<i64>) =
             crate::postgres::bind_completions(sqlx::query_as(&sql), std::slice::from_ref(done))
-                .bind(steps)
                 .fetch_one(&mut *tx)
                 .await?;
-        let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&row.written)
+        let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&written)
             .map_err(|e| crate::DbError::Corrupt(format!("written ends: {e}")))?;
-        let ends = row.ends.map(RunEndedRow::split).transpose()?;
-        Ok((PgFlowTx { tx }, written, ends))
+        let mut tx = PgFlowTx { tx };
+        let ends = match locked {
+            Some(run) => tx.run_ends_locked(run, &[done.id], steps).await?,
+            None => None,
+        };
+        Ok((tx, written, ends))
     }
-}
 
-/// [`PgFlowTx::complete_one`]'s row: the ends written, and the run's read
-/// when it was locked (its columns are null otherwise).
-struct CompletedOne {
-    written: String,
-    ends: Option<RunEndedRow>,
-}
-
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CompletedOne {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        let locked: Option<i64> = sqlx::Row::try_get(row, "id")?;
-        Ok(CompletedOne {
-            written: sqlx::Row::try_get(row, "written")?,
-            ends: locked.map(|_| RunEndedRow::from_row(row)).transpose()?,
-        })
+    /// A run this transaction has locked, with its instances on these jobs
+    /// (each with its job's end) and the rows of `steps`. A statement of its
+    /// own, never the one that took the lock: a statement's snapshot is
+    /// taken when it starts, so one that waited (for a job row, say) while
+    /// the run's last holder committed would read the run's steps from
+    /// before that holder's changes, and write over them.
+    async fn run_ends_locked(
+        &mut self,
+        run_id: i64,
+        job_ids: &[i64],
+        steps: &[String],
+    ) -> DbResult<Option<super::RunEnds>> {
+        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
+            "SELECT {RUN_COLUMNS}, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
+               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
+               WHERE i.run_id = runs.id AND j.run_id = runs.id AND i.job_id = ANY($2)), '[]')::text \
+               AS ended, \
+             COALESCE((SELECT json_agg(json_build_array({STEP_COLUMNS})) FROM run_steps s \
+               WHERE s.run_id = runs.id AND s.step = ANY($3)), '[]')::text AS steps \
+             FROM runs WHERE id = $1"
+        ))
+        .bind(run_id)
+        .bind(job_ids)
+        .bind(steps)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(RunEndedRow::split).transpose()
     }
 }
 
@@ -551,26 +559,22 @@ impl FlowTx for PgFlowTx {
         job_ids: &[i64],
         steps: &[String],
     ) -> DbResult<Option<super::RunEnds>> {
-        // The outbox rows go only if the run was locked; the instances are
-        // read over the locked row.
-        let row: Option<RunEndedRow> = sqlx::query_as(&format!(
-            "WITH l AS (SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED), \
+        // The outbox rows go only if the run was locked; what the advance
+        // reads comes after, in a statement of its own.
+        let locked: bool = sqlx::query_scalar(
+            "WITH l AS (SELECT id FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED), \
              gone AS (DELETE FROM flow_outbox WHERE run_id = $1 AND job_id = ANY($2) \
                AND EXISTS (SELECT 1 FROM l)) \
-             SELECT l.*, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
-               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
-               WHERE i.run_id = l.id AND j.run_id = l.id AND i.job_id = ANY($2)), '[]')::text \
-               AS ended, \
-             COALESCE((SELECT json_agg(json_build_array({STEP_COLUMNS})) FROM run_steps \
-               WHERE run_id = l.id AND step = ANY($3)), '[]')::text AS steps \
-             FROM l"
-        ))
+             SELECT EXISTS (SELECT 1 FROM l)",
+        )
         .bind(run_id)
         .bind(job_ids)
-        .bind(steps)
-        .fetch_optional(&mut *self.tx)
+        .fetch_one(&mut *self.tx)
         .await?;
-        row.map(RunEndedRow::split).transpose()
+        if !locked {
+            return Ok(None);
+        }
+        self.run_ends_locked(run_id, job_ids, steps).await
     }
 
     async fn lease_ready(

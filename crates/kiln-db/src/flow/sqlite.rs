@@ -127,15 +127,19 @@ impl Drop for TxConn {
             return;
         };
         match tokio::runtime::Handle::try_current() {
-            // The connection returns to the pool once the rollback is done.
+            // The connection returns to the pool once the rollback is done;
+            // one whose rollback failed is closed instead (closing a SQLite
+            // connection rolls its transaction back), never pooled mid-way.
             Ok(runtime) => {
                 runtime.spawn(async move {
                     if let Err(error) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
-                        tracing::debug!(%error, "rolling back a dropped transaction");
+                        tracing::warn!(%error, "a dropped transaction did not roll back; closing its connection");
+                        conn.close_on_drop();
                     }
                 });
             }
-            // Closing a SQLite connection rolls its transaction back.
+            // Closed, as above (sqlx needs the runtime to drop a pooled
+            // connection at all; there is none only as the process ends).
             Err(_) => conn.close_on_drop(),
         }
     }
