@@ -559,11 +559,14 @@ impl FlowTx for PgFlowTx {
         job_ids: &[i64],
         steps: &[String],
     ) -> DbResult<Option<super::RunEnds>> {
-        // The outbox rows go only if the run was locked; what the advance
-        // reads comes after, in a statement of its own.
+        // The outbox rows go only if the run was locked, and only those no
+        // other advancer holds (a second end of a job retried by hand: it
+        // deletes its own, and waiting for it could close a cycle); what
+        // the advance reads comes after, in a statement of its own.
         let locked: bool = sqlx::query_scalar(
             "WITH l AS (SELECT id FROM runs WHERE id = $1 FOR UPDATE SKIP LOCKED), \
-             gone AS (DELETE FROM flow_outbox WHERE run_id = $1 AND job_id = ANY($2) \
+             gone AS (DELETE FROM flow_outbox WHERE id IN (SELECT id FROM flow_outbox \
+               WHERE run_id = $1 AND job_id = ANY($2) FOR UPDATE SKIP LOCKED) \
                AND EXISTS (SELECT 1 FROM l)) \
              SELECT EXISTS (SELECT 1 FROM l)",
         )
