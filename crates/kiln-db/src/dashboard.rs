@@ -401,27 +401,6 @@ impl Db {
         })
     }
 
-    /// Stops this database keeping the dashboard's rollups, for good: only
-    /// for the benchmark that measures what they cost the queue, on a
-    /// database made for it.
-    pub async fn rollup_triggers_drop(&self) -> DbResult<()> {
-        let sql = match self {
-            Db::Sqlite(_) => {
-                "DROP TRIGGER jobs_rollups_insert; DROP TRIGGER jobs_rollups_start; \
-                 DROP TRIGGER jobs_rollups_end; DROP TRIGGER jobs_rollups_wait; \
-                 DROP TRIGGER jobs_rollups_delete;"
-            }
-            Db::Postgres(_) => {
-                "DROP TRIGGER jobs_rollups_insert ON jobs; DROP TRIGGER jobs_rollups_update ON jobs; \
-                 DROP TRIGGER jobs_rollups_delete ON jobs;"
-            }
-        };
-        crate::with_pool!(self, write, |pool| {
-            sqlx::raw_sql(sql).execute(pool).await?;
-        });
-        Ok(())
-    }
-
     /// For benchmarks, after writing or folding many rows at once: what
     /// autovacuum (PostgreSQL) and a routine `ANALYZE` would have done by
     /// the time anyone reads them.

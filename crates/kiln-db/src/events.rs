@@ -342,19 +342,60 @@ impl Db {
         dispatch!(self, s => s.event_delete_before(before, batch).await)
     }
 
-    /// Stops this database writing job events, for good: only for the
-    /// benchmark that measures what they cost, on a database made for it.
-    pub async fn event_job_triggers_drop(&self) -> DbResult<()> {
-        let sql = match self {
-            Db::Sqlite(_) => "DROP TRIGGER jobs_events_insert; DROP TRIGGER jobs_events_update;",
-            Db::Postgres(_) => {
-                "DROP TRIGGER jobs_events_insert ON jobs; DROP TRIGGER jobs_events_update ON jobs;"
-            }
-        };
-        match self {
-            Db::Sqlite(s) => sqlx::raw_sql(sql).execute(&s.write).await.map(drop)?,
-            Db::Postgres(s) => sqlx::raw_sql(sql).execute(&s.pool).await.map(drop)?,
+    /// Stops this database writing job events (`events`) or keeping the
+    /// dashboard's rollups (`rollups`), for good: only for the benchmarks
+    /// that measure what they cost the queue, on a database made for them.
+    pub async fn job_triggers_without(&self, events: bool, rollups: bool) -> DbResult<()> {
+        if !events && !rollups {
+            return Ok(());
         }
+        let mut sql = String::new();
+        match self {
+            Db::Sqlite(_) => {
+                if events {
+                    sql.push_str(
+                        "DROP TRIGGER jobs_events_insert; DROP TRIGGER jobs_events_update;",
+                    );
+                }
+                if rollups {
+                    sql.push_str(
+                        "DROP TRIGGER jobs_rollups_insert; DROP TRIGGER jobs_rollups_start; \
+                         DROP TRIGGER jobs_rollups_end; DROP TRIGGER jobs_rollups_wait; \
+                         DROP TRIGGER jobs_rollups_delete;",
+                    );
+                }
+            }
+            Db::Postgres(_) => {
+                // One trigger per event writes everything; its arguments
+                // name the parts it leaves out.
+                let mut parts = Vec::new();
+                if events {
+                    parts.push("'no_events'");
+                }
+                if rollups {
+                    parts.push("'no_rollups'");
+                }
+                let args = parts.join(", ");
+                for (trigger, event, tables) in [
+                    ("inserted", "INSERT", "NEW TABLE AS new_rows"),
+                    (
+                        "updated",
+                        "UPDATE",
+                        "OLD TABLE AS old_rows NEW TABLE AS new_rows",
+                    ),
+                    ("deleted", "DELETE", "OLD TABLE AS old_rows"),
+                ] {
+                    sql.push_str(&format!(
+                        "DROP TRIGGER jobs_{trigger} ON jobs; \
+                         CREATE TRIGGER jobs_{trigger} AFTER {event} ON jobs REFERENCING {tables} \
+                         FOR EACH STATEMENT EXECUTE FUNCTION kiln_jobs_{trigger}({args});"
+                    ));
+                }
+            }
+        }
+        crate::with_pool!(self, write, |pool| {
+            sqlx::raw_sql(&sql).execute(pool).await?;
+        });
         Ok(())
     }
 

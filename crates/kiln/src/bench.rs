@@ -350,12 +350,8 @@ impl JobHandler for StartProbe {
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let (db, other) = fresh_db(args.database_url.as_deref()).await?;
     let backend = db.backend();
-    if args.no_events {
-        db.event_job_triggers_drop().await?;
-    }
-    if args.no_rollups {
-        db.rollup_triggers_drop().await?;
-    }
+    db.job_triggers_without(args.no_events, args.no_rollups)
+        .await?;
     let events = if args.no_events {
         "events off"
     } else {
