@@ -110,6 +110,17 @@ async fn python_and_git_run_in_the_python_image() {
     assert!(text.starts_with("pip "), "{text}");
     assert!(text.contains("curl "), "{text}");
 
+    // Under TCG processes map at fixed addresses, so each reuses the code
+    // the last one had translated; under KVM mappings stay randomised.
+    let libc_at = "grep -m1 libc /proc/self/maps | cut -d- -f1";
+    let (first, _) = run(&vms, "acme", &vm.id, libc_at).await;
+    let (second, _) = run(&vms, "acme", &vm.id, libc_at).await;
+    assert!(!first.trim().is_empty(), "libc is mapped: {first}");
+    match vms.accelerator() {
+        kiln_vm::Accelerator::Tcg => assert_eq!(first, second, "fixed under TCG"),
+        kiln_vm::Accelerator::Kvm => assert_ne!(first, second, "randomised under KVM"),
+    }
+
     // The root is the overlay; the base is the read-only erofs drive, which
     // the guest cannot write even as root.
     let (text, _) = run(
