@@ -407,7 +407,10 @@ impl Db {
     pub async fn bench_settle(&self) -> DbResult<()> {
         let sql = match self {
             Db::Sqlite(_) => "ANALYZE",
-            Db::Postgres(_) => "VACUUM ANALYZE jobs, job_rollups, job_latency, queue_waiting",
+            Db::Postgres(_) => {
+                "VACUUM ANALYZE jobs, job_rollups, job_latency, queue_waiting, runs, run_steps, \
+                 run_instances, flow_outbox, events"
+            }
         };
         crate::with_pool!(self, write, |pool| {
             sqlx::raw_sql(sql).execute(pool).await?;
