@@ -44,6 +44,10 @@ impl PgFlowTx {
         Option<super::RunEnds>,
     )> {
         let mut tx = pool.begin().await?;
+        // The rest of the transaction runs on generic plans: with array
+        // parameters PostgreSQL estimates a custom plan cheaper and then
+        // plans the run's read afresh on every step (0.2 ms, four times
+        // what running it costs); the generic plans use the same indexes.
         let sql = format!(
             "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status), \
              run AS (SELECT id FROM runs WHERE id = (SELECT d.run_id FROM done d \
@@ -51,7 +55,7 @@ impl PgFlowTx {
                FOR UPDATE SKIP LOCKED), \
              taken AS (SELECT set_config('kiln.outbox_taken', COALESCE((SELECT \
                string_agg(d.id::text, ',') FROM done d JOIN run r ON r.id = d.run_id), ''), \
-               true) AS ids) \
+               true) AS ids, set_config('plan_cache_mode', 'force_generic_plan', true)) \
              SELECT (SELECT COALESCE(json_agg(json_build_array(d.id, d.run_id, d.status)), '[]') \
                FROM done d)::text, (SELECT id FROM run) FROM taken",
             crate::postgres::lock_in_id_order("$1"),
