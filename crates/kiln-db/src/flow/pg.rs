@@ -87,13 +87,21 @@ impl PgFlowTx {
         job_ids: &[i64],
         steps: &[String],
     ) -> DbResult<Option<super::RunEnds>> {
+        // One index probe per job and per step name, whatever the planner
+        // believes of the tables: a generic plan (which the step's
+        // transaction asks for) takes `= ANY($array)` for ten elements, and
+        // on tables it last saw small it scanned every instance and step of
+        // the run, a cost that grows with the run.
         let row: Option<RunEndedRow> = sqlx::query_as(&format!(
             "SELECT {RUN_COLUMNS}, COALESCE((SELECT json_agg(json_build_array({ENDED_ELEMENTS})) \
-               FROM run_instances i JOIN jobs j ON j.id = i.job_id \
-               WHERE i.run_id = runs.id AND j.run_id = runs.id AND i.job_id = ANY($2)), '[]')::text \
-               AS ended, \
-             COALESCE((SELECT json_agg(json_build_array({STEP_COLUMNS})) FROM run_steps s \
-               WHERE s.run_id = runs.id AND s.step = ANY($3)), '[]')::text AS steps \
+               FROM unnest($2::int8[]) AS want(job) \
+               CROSS JOIN LATERAL (SELECT * FROM run_instances WHERE job_id = want.job OFFSET 0) i \
+               JOIN jobs j ON j.id = i.job_id \
+               WHERE i.run_id = runs.id AND j.run_id = runs.id), '[]')::text AS ended, \
+             COALESCE((SELECT json_agg(json_build_array({STEP_COLUMNS})) \
+               FROM unnest($3::text[]) AS want(name) \
+               CROSS JOIN LATERAL (SELECT * FROM run_steps \
+                 WHERE run_id = $1 AND step = want.name OFFSET 0) s), '[]')::text AS steps \
              FROM runs WHERE id = $1"
         ))
         .bind(run_id)
