@@ -789,20 +789,20 @@ impl VmManager {
         });
     }
 
-    /// Readies a VM for the pool of a root filesystem image: under TCG a
-    /// restored VM translates every guest code path on its first run, and
-    /// Debian's programs load glibc dynamically, so a first command costs
-    /// hundreds of milliseconds. The pooled VM pays that now, running a
-    /// program and the image's warm-up commands, before anyone has it.
+    /// Readies a VM for the pool: under TCG a restored VM translates every
+    /// guest code path on its first run (the agent's spawn, the program),
+    /// so a first command costs tens of milliseconds even in the busybox
+    /// image, and hundreds for Debian's dynamically linked programs. The
+    /// pooled VM pays that now, running a program and the image's warm-up
+    /// commands, before anyone has it.
     async fn warm_up_pooled(&self, image_name: &str, agent: &AgentConn) {
-        let Ok(image) = Image::open(&self.images_dir, image_name) else {
-            return;
-        };
-        let Some(rootfs) = image.manifest.rootfs else {
-            return;
-        };
         let mut commands = vec![vec!["true".to_string()]];
-        commands.extend(rootfs.warm_up);
+        if let Some(rootfs) = Image::open(&self.images_dir, image_name)
+            .ok()
+            .and_then(|image| image.manifest.rootfs)
+        {
+            commands.extend(rootfs.warm_up);
+        }
         warm_up_page_cache(agent, &commands).await;
     }
 
