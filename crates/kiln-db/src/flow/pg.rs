@@ -25,7 +25,7 @@ struct CompletedOne {
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CompletedOne {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        use sqlx::Row;
+        use sqlx::{FromRow, Row};
         let taken: Option<i64> = row.try_get("id")?;
         Ok(Self {
             written: row.try_get("written")?,
