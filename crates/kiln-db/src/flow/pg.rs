@@ -16,27 +16,6 @@ use crate::audit::note::Change;
 use crate::rows::{rows_to, EncodedJob};
 use crate::{DbResult, PgStore};
 
-/// `complete_one`'s row: the ends it wrote and, when it took the run, the
-/// run as `kiln_run_ends` read it (its columns are NULL otherwise).
-struct CompletedOne {
-    written: String,
-    run: Option<RunEndedRow>,
-}
-
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CompletedOne {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        use sqlx::{FromRow, Row};
-        let taken: Option<i64> = row.try_get("id")?;
-        Ok(Self {
-            written: row.try_get("written")?,
-            run: match taken {
-                Some(_) => Some(RunEndedRow::from_row(row)?),
-                None => None,
-            },
-        })
-    }
-}
-
 pub(crate) struct PgFlowTx {
     tx: Transaction<'static, Postgres>,
 }
@@ -69,10 +48,6 @@ impl PgFlowTx {
         // parameters PostgreSQL estimates a custom plan cheaper and then
         // plans the run's read afresh on every step (0.2 ms, four times
         // what running it costs); the generic plans use the same indexes.
-        // The run is read by `kiln_run_ends` (migration 0029) once it is
-        // locked: a function whose queries take their own snapshot, so a
-        // statement that waited for its job's row still reads the run as its
-        // last holder left it.
         let sql = format!(
             "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status), \
              run AS (SELECT id FROM runs WHERE id = (SELECT d.run_id FROM done d \
@@ -80,24 +55,23 @@ impl PgFlowTx {
                FOR UPDATE SKIP LOCKED), \
              taken AS (SELECT set_config('kiln.outbox_taken', COALESCE((SELECT \
                string_agg(d.id::text, ',') FROM done d JOIN run r ON r.id = d.run_id), ''), \
-               true) AS ids, set_config('plan_cache_mode', 'force_generic_plan', true), \
-               (SELECT id FROM run) AS locked) \
+               true) AS ids, set_config('plan_cache_mode', 'force_generic_plan', true)) \
              SELECT (SELECT COALESCE(json_agg(json_build_array(d.id, d.run_id, d.status)), '[]') \
-               FROM done d)::text AS written, e.* FROM taken \
-             LEFT JOIN LATERAL kiln_run_ends(taken.locked, $9, $10) e ON taken.locked IS NOT NULL",
+               FROM done d)::text, (SELECT id FROM run) FROM taken",
             crate::postgres::lock_in_id_order("$1"),
             crate::postgres::complete_update(),
         );
-        let row: CompletedOne =
+        let (written, locked): (String, Option<i64>) =
             crate::postgres::bind_completions(sqlx::query_as(&sql), std::slice::from_ref(done))
-                .bind([done.id])
-                .bind(steps)
                 .fetch_one(&mut *tx)
                 .await?;
-        let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&row.written)
+        let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&written)
             .map_err(|e| crate::DbError::Corrupt(format!("written ends: {e}")))?;
-        let ends = row.run.map(RunEndedRow::split).transpose()?;
-        let tx = PgFlowTx { tx };
+        let mut tx = PgFlowTx { tx };
+        let ends = match locked {
+            Some(run) => tx.run_ends_locked(run, &[done.id], steps).await?,
+            None => None,
+        };
         Ok((tx, written, ends))
     }
 
