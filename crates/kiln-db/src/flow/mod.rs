@@ -355,28 +355,6 @@ pub(crate) trait FlowTx: Send {
         now: Millis,
         quiet: bool,
     ) -> DbResult<Vec<i64>>;
-    /// Whether [`FlowTx::insert_jobs_leasing`] leases in the insert itself.
-    fn leases_on_insert(&self) -> bool {
-        false
-    }
-    /// [`FlowTx::insert_jobs`] (quiet), with the first `lease.offered` of
-    /// the jobs inserted already leased to `lease`'s worker where
-    /// [`FlowTx::lease_ready`] would lease them: a job leased so is written
-    /// once, not inserted and then updated. Only for drivers that say
-    /// [`FlowTx::leases_on_insert`].
-    async fn insert_jobs_leasing(
-        &mut self,
-        jobs: &[NewJob],
-        run_id: i64,
-        now: Millis,
-        lease: &InsertLease,
-    ) -> DbResult<(Vec<i64>, Vec<kiln_core::LeasedJob>)> {
-        let _ = lease;
-        Ok((
-            self.insert_jobs(jobs, Some(run_id), now, true).await?,
-            Vec::new(),
-        ))
-    }
     /// Tells other processes at commit that jobs are waiting.
     async fn notify_jobs(&mut self) -> DbResult<()>;
     async fn cancel_jobs(&mut self, ids: &[i64], now: Millis) -> DbResult<()>;
@@ -609,10 +587,6 @@ struct Advance<'a> {
     /// Step jobs are inserted without telling other processes: the
     /// completion that advances the run leases them itself.
     quiet: bool,
-    /// The completion's worker leases step jobs as they are inserted.
-    insert_lease: Option<InsertLease>,
-    /// The step jobs leased so.
-    leased: Vec<kiln_core::LeasedJob>,
 }
 
 impl Advance<'_> {
@@ -941,22 +915,9 @@ impl Advance<'_> {
                 finished_at: None,
             });
         }
-        let ids = match self.insert_lease.as_mut() {
-            Some(lease) if lease.offered > 0 && !jobs.is_empty() => {
-                let (ids, leased) = tx
-                    .insert_jobs_leasing(&jobs, self.run.id, self.now, lease)
-                    .await?;
-                // The first jobs made are the ones offered, leased or not,
-                // as when the lease came after the inserts.
-                lease.offered = lease.offered.saturating_sub(ids.len());
-                self.leased.extend(leased);
-                ids
-            }
-            _ => {
-                tx.insert_jobs(&jobs, Some(self.run.id), self.now, self.quiet)
-                    .await?
-            }
-        };
+        let ids = tx
+            .insert_jobs(&jobs, Some(self.run.id), self.now, self.quiet)
+            .await?;
         self.new_jobs.extend(&ids);
         self.job_steps.extend(ids.iter().map(|&id| (id, i)));
         for (row, id) in rows.iter_mut().zip(ids) {
@@ -1256,8 +1217,6 @@ async fn new_advance<'a>(
         known: vec![false; n],
         pending: Vec::new(),
         quiet: false,
-        insert_lease: None,
-        leased: Vec::new(),
     })
 }
 
@@ -2064,18 +2023,6 @@ async fn advance_run(
     ))
 }
 
-/// A lease made by the insert of step jobs ([`FlowTx::insert_jobs_leasing`]):
-/// the worker that completed the step ends takes up to `offered` of the jobs
-/// its advance makes, as [`FlowTx::lease_ready`] would have after.
-pub(crate) struct InsertLease {
-    pub worker_id: String,
-    pub kinds: Vec<String>,
-    pub now: Millis,
-    pub lease_until: Millis,
-    /// How many of the jobs still to be inserted are offered.
-    pub offered: usize,
-}
-
 /// A run locked with what its advance reads first.
 pub(crate) struct RunEnds {
     pub run: RunRecord,
@@ -2196,20 +2143,6 @@ async fn advance_locked(
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
     advance.quiet = !matches!(offer, Offer::None);
-    let leases_on_insert = tx.leases_on_insert();
-    if let (Offer::Now(request, ends), true) = (offer, leases_on_insert) {
-        advance.insert_lease = Some(InsertLease {
-            worker_id: request.worker_id.to_string(),
-            kinds: request.kinds.to_vec(),
-            now,
-            lease_until: crate::LeaseRequest {
-                now,
-                ..request.clone()
-            }
-            .lease_until(),
-            offered: ends.min(usize::try_from(request.limit).unwrap_or(0)),
-        });
-    }
     if let Some(names) = asked {
         let mut rows: HashMap<String, StepRecord> =
             steps.into_iter().map(|r| (r.step.clone(), r)).collect();
@@ -2269,10 +2202,8 @@ async fn advance_locked(
         advance.checked.def.concurrency,
     );
     let new_jobs = std::mem::take(&mut advance.new_jobs);
-    let leased_on_insert = std::mem::take(&mut advance.leased);
     cache.remember_jobs(&advance.checked, &advance.job_steps);
     let lease = match offer {
-        Offer::Now(..) if leases_on_insert => None,
         Offer::Now(request, ends) => {
             let n = ends.min(usize::try_from(request.limit).unwrap_or(0));
             Some((
@@ -2291,11 +2222,7 @@ async fn advance_locked(
     if finished {
         made |= promote_queued(tx, cache, kinds, &tenant, &pipeline, concurrency, now).await?;
     }
-    let leased = match offer {
-        Offer::Now(..) if leases_on_insert => Some(leased_on_insert),
-        _ => lease.map(|_| leased),
-    };
-    Ok((made, new_jobs, leased))
+    Ok((made, new_jobs, lease.map(|_| leased)))
 }
 
 fn truncate(text: &str, max: usize) -> String {

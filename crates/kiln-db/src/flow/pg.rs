@@ -239,111 +239,6 @@ fn bind_lease<'q>(
         .bind(request.kinds)
 }
 
-/// The insert of step jobs, from thirteen arrays and two values (creation
-/// time, run). `leasing`: five more parameters (how many of the first rows
-/// are offered, the worker's kinds, now, worker, lease end), and a row
-/// offered is written leased where [`FlowTx::lease_ready`] would lease it,
-/// the same tests made on the row before it exists: its queue has no
-/// settings, it is due, its kind is the worker's, and no job of the
-/// worker's kinds waits at the same or a more urgent priority since before
-/// now. The insert trigger writes such a row's start with its creation.
-fn insert_jobs_sql(quiet: bool, leasing: bool) -> String {
-    // No ON CONFLICT: a step job made twice is a broken invariant, and
-    // the unique key refuses it by aborting the whole advance.
-    // The insert trigger's NOTIFY reads `kiln.quiet_insert`, set for
-    // the rest of the transaction by the statement itself.
-    let (lease, set, returning) = if leasing {
-        (
-            "h.ord <= $16 AND h.status = 'queued' AND NOT h.held AND h.run_at <= $18 \
-               AND h.kind = ANY($17) \
-               AND NOT EXISTS (SELECT 1 FROM unnest($17::text[]) AS k(kind) \
-                 CROSS JOIN generate_series(0, h.priority) AS p(priority) \
-                 CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
-                   AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
-                   AND NOT w.held AND w.run_at < $18 LIMIT 1) x)",
-            "CASE WHEN t.lease THEN 'running' ELSE t.status END, t.spec, t.labels, \
-             t.max_attempts, t.timeout_ms, t.backoff, t.permanent_exit_codes, t.run_at, \
-             t.idempotency_key, $14, $15, t.held, CASE WHEN t.lease THEN 1 ELSE 0 END, \
-             CASE WHEN t.lease THEN $19 END, CASE WHEN t.lease THEN $18 END, \
-             CASE WHEN t.lease THEN $20::int8 END",
-            format!("{}, status", crate::rows::LEASED_COLUMNS),
-        )
-    } else {
-        (
-            "false",
-            "t.status, t.spec, t.labels, t.max_attempts, t.timeout_ms, t.backoff, \
-             t.permanent_exit_codes, t.run_at, t.idempotency_key, $14, $15, t.held, 0, \
-             NULL, NULL::int8, NULL::int8",
-            "id".to_string(),
-        )
-    };
-    format!(
-        "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
-           timeout_ms, backoff, permanent_exit_codes, run_at, idempotency_key, created_at, run_id, \
-           held, attempt, worker_id, started_at, lease_expires_at) \
-         SELECT t.tenant, t.kind, t.queue, t.priority, {set} \
-         FROM (SELECT h.*, {lease} AS lease FROM (SELECT u.*, EXISTS (SELECT 1 FROM queues q \
-             WHERE q.tenant = u.tenant AND q.name = u.queue \
-               AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) AS held \
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], \
-             $6::text[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[], \
-             $13::text[]) WITH ORDINALITY \
-             AS u(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
-                  backoff, permanent_exit_codes, run_at, idempotency_key, ord) \
-           OFFSET 0) h) t \
-         WHERE set_config('kiln.quiet_insert', '{q}', true) = '{q}' \
-         ORDER BY t.ord \
-         RETURNING {returning}",
-        q = if quiet { "on" } else { "off" },
-    )
-}
-
-/// Binds [`insert_jobs_sql`]'s first fifteen parameters.
-fn bind_new_jobs<'q>(
-    query: PgQuery<'q>,
-    encoded: &[EncodedJob],
-    now: Millis,
-    run_id: Option<i64>,
-) -> PgQuery<'q> {
-    let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
-    query
-        .bind(col(|e| e.job.tenant.clone()))
-        .bind(col(|e| e.job.kind.clone()))
-        .bind(col(|e| e.job.queue.clone()))
-        .bind(
-            encoded
-                .iter()
-                .map(|e| e.job.priority.rank())
-                .collect::<Vec<i16>>(),
-        )
-        .bind(col(|e| e.status.to_string()))
-        .bind(col(|e| e.spec.clone()))
-        .bind(col(|e| e.labels.clone()))
-        .bind(
-            encoded
-                .iter()
-                .map(|e| e.job.max_attempts)
-                .collect::<Vec<i32>>(),
-        )
-        .bind(
-            encoded
-                .iter()
-                .map(|e| e.job.timeout_ms)
-                .collect::<Vec<i64>>(),
-        )
-        .bind(col(|e| e.backoff.clone()))
-        .bind(col(|e| e.permanent_exit_codes.clone()))
-        .bind(encoded.iter().map(|e| e.run_at).collect::<Vec<i64>>())
-        .bind(
-            encoded
-                .iter()
-                .map(|e| e.job.idempotency_key.clone())
-                .collect::<Vec<Option<String>>>(),
-        )
-        .bind(now)
-        .bind(run_id)
-}
-
 impl PgFlowTx {
     /// Leased rows decoded; a row that cannot be read fails its job.
     async fn leased(
@@ -572,63 +467,47 @@ impl FlowTx for PgFlowTx {
             crate::storable_job(job)?;
         }
         let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
-        let rows = bind_new_jobs(
-            sqlx::query(&insert_jobs_sql(quiet, false)),
-            &encoded,
-            now,
-            run_id,
+        let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
+        // No ON CONFLICT: a step job made twice is a broken invariant, and
+        // the unique key refuses it by aborting the whole advance.
+        // The insert trigger's NOTIFY reads `kiln.quiet_insert`, set for
+        // the rest of the transaction by the statement itself.
+        Ok(sqlx::query_scalar(&format!(
+            "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
+             timeout_ms, backoff, permanent_exit_codes, run_at, idempotency_key, created_at, run_id, held) \
+             SELECT t.*, $14, $15, EXISTS (SELECT 1 FROM queues q WHERE q.tenant = t.tenant \
+               AND q.name = t.queue AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], \
+               $6::text[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[], \
+               $13::text[]) \
+               AS t(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
+                    backoff, permanent_exit_codes, run_at, idempotency_key) \
+             WHERE set_config('kiln.quiet_insert', '{0}', true) = '{0}' \
+             RETURNING id",
+            if quiet { "on" } else { "off" }
+        ))
+        .bind(col(|e| e.job.tenant.clone()))
+        .bind(col(|e| e.job.kind.clone()))
+        .bind(col(|e| e.job.queue.clone()))
+        .bind(encoded.iter().map(|e| e.job.priority.rank()).collect::<Vec<i16>>())
+        .bind(col(|e| e.status.to_string()))
+        .bind(col(|e| e.spec.clone()))
+        .bind(col(|e| e.labels.clone()))
+        .bind(encoded.iter().map(|e| e.job.max_attempts).collect::<Vec<i32>>())
+        .bind(encoded.iter().map(|e| e.job.timeout_ms).collect::<Vec<i64>>())
+        .bind(col(|e| e.backoff.clone()))
+        .bind(col(|e| e.permanent_exit_codes.clone()))
+        .bind(encoded.iter().map(|e| e.run_at).collect::<Vec<i64>>())
+        .bind(
+            encoded
+                .iter()
+                .map(|e| e.job.idempotency_key.clone())
+                .collect::<Vec<Option<String>>>(),
         )
+        .bind(now)
+        .bind(run_id)
         .fetch_all(&mut *self.tx)
-        .await?;
-        use sqlx::Row;
-        Ok(rows
-            .iter()
-            .map(|row| row.try_get::<i64, _>(0))
-            .collect::<Result<_, _>>()?)
-    }
-
-    fn leases_on_insert(&self) -> bool {
-        true
-    }
-
-    async fn insert_jobs_leasing(
-        &mut self,
-        jobs: &[NewJob],
-        run_id: i64,
-        now: Millis,
-        lease: &super::InsertLease,
-    ) -> DbResult<(Vec<i64>, Vec<kiln_core::LeasedJob>)> {
-        if jobs.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
-        }
-        for job in jobs {
-            crate::storable_job(job)?;
-        }
-        let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
-        let rows = bind_new_jobs(
-            sqlx::query(&insert_jobs_sql(true, true)),
-            &encoded,
-            now,
-            Some(run_id),
-        )
-        .bind(i64::try_from(lease.offered).unwrap_or(i64::MAX))
-        .bind(&lease.kinds)
-        .bind(lease.now)
-        .bind(&lease.worker_id)
-        .bind(lease.lease_until)
-        .fetch_all(&mut *self.tx)
-        .await?;
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut running = Vec::new();
-        for row in rows {
-            use sqlx::Row;
-            ids.push(row.try_get::<i64, _>("id")?);
-            if row.try_get::<String, _>("status")? == "running" {
-                running.push(row);
-            }
-        }
-        let leased = self.leased(running, lease.now).await?;
-        Ok((ids, leased))
+        .await?)
     }
 
     async fn notify_jobs(&mut self) -> DbResult<()> {
