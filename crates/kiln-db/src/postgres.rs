@@ -51,6 +51,9 @@ fn held_expr(tenant: &str, queue: &str) -> String {
     )
 }
 
+/// A pooled connection idle this long is pinged before it is handed out.
+const IDLE_PING: Duration = Duration::from_secs(1);
+
 impl PgStore {
     pub async fn connect(url: &str, schema: Option<&str>) -> DbResult<PgStore> {
         let mut options = PgConnectOptions::from_str(url)?;
@@ -65,6 +68,20 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
+            // sqlx pings every connection it hands out by default: a round
+            // trip before each transaction (a pipeline step has one). Only a
+            // connection idle for a while is worth checking: the server may
+            // have restarted or a proxy dropped it; one in use a moment ago
+            // fails its query instead, which callers already handle.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_PING {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         // Concurrent first starts (several API hosts) serialise on this lock.
