@@ -138,9 +138,10 @@ impl SqliteStore {
             // 16 MiB of WAL before a commit checkpoints by itself; the
             // background checkpoint normally runs long before that.
             .pragma("wal_autocheckpoint", "4000");
-        // No ping before each acquire (sqlx's default): an in-process
-        // connection cannot drop, and each ping is a trip to its thread.
         let checkpoint_kick = Arc::new(Notify::new());
+        // No ping before each acquire (sqlx's default) in any of the pools:
+        // an in-process connection cannot drop, and each ping is a trip to
+        // its thread.
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
