@@ -38,6 +38,7 @@ kiln_db::on_both_databases!(
     step_ends_advance_their_runs_inline,
     handed_off_steps_wait_behind_older_work,
     a_stale_end_leaves_the_outbox_to_the_advancer,
+    steps_taken_inline_count_and_tell_as_leased_ones,
 );
 
 fn kinds() -> JobKinds {
@@ -1425,4 +1426,115 @@ async fn a_stale_end_leaves_the_outbox_to_the_advancer(db: Db) {
         .await
         .unwrap();
     assert_eq!(b.len(), 1, "b was made once");
+}
+
+/// Step jobs a worker takes with its predecessor's end (on PostgreSQL they
+/// are written leased as they are inserted) leave the same trail as a job
+/// queued and then leased: each job's events in order, the rollups'
+/// counts, the start and run latencies, and no running or waiting count
+/// left behind once the run has ended.
+async fn steps_taken_inline_count_and_tell_as_leased_ones(db: Db) {
+    apply(
+        &db,
+        json!({"name": "line", "steps": [
+            {"id": "a", "kind": "noop"},
+            {"id": "b", "kind": "noop", "depends_on": ["a"]},
+            {"id": "c", "kind": "noop", "depends_on": ["b"]},
+            {"id": "d", "kind": "noop", "depends_on": ["c"]},
+        ]}),
+    )
+    .await;
+    let run = start(&db, "line", json!({})).await.run.id;
+    assert_eq!(drain_inline(&db, T0 + 1, 1).await, 3);
+    let view = get(&db, run).await;
+    assert_eq!(
+        view.run.status,
+        RunStatus::Succeeded,
+        "{:?}",
+        view.run.reason
+    );
+    let jobs: Vec<i64> = view
+        .steps
+        .iter()
+        .map(|s| s.instances[0].job_id.unwrap())
+        .collect();
+
+    assert_eq!(
+        db.tenant_running()
+            .await
+            .unwrap()
+            .get("acme")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    let rollups = db.dashboard_rollups(Some("acme"), 0).await.unwrap();
+    let mut counts = kiln_db::dashboard::Counts::default();
+    for m in &rollups.minutes {
+        counts.add(&m.counts);
+    }
+    assert_eq!(
+        (
+            counts.enqueued,
+            counts.started,
+            counts.succeeded,
+            counts.retried
+        ),
+        (4, 4, 4, 0)
+    );
+    let latency = |metric| -> i64 {
+        rollups
+            .latency
+            .iter()
+            .filter(|l| l.metric == metric)
+            .map(|l| l.n)
+            .sum()
+    };
+    assert_eq!((latency(0), latency(1)), (4, 4));
+    assert!(
+        rollups.waiting.iter().all(|w| w.n == 0),
+        "{:?}",
+        rollups.waiting
+    );
+    assert!(
+        rollups.waiting_by_status.iter().all(|(_, n)| *n == 0),
+        "{:?}",
+        rollups.waiting_by_status
+    );
+
+    // Events are numbered a moment after their transactions end.
+    let types = ["job.".to_string()];
+    let mut events = Vec::new();
+    for _ in 0..200 {
+        events = db
+            .event_read(&kiln_db::events::EventQuery {
+                tenant: Some("acme"),
+                types: &types,
+                resource: None,
+                after: 0,
+                limit: 1000,
+            })
+            .await
+            .unwrap();
+        if events.len() >= 12 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    for id in &jobs {
+        let mine: Vec<(&str, &serde_json::Value, &serde_json::Value)> = events
+            .iter()
+            .filter(|e| e.resource.id == id.to_string())
+            .map(|e| (e.kind.as_str(), &e.data["status"], &e.data["attempt"]))
+            .collect();
+        assert_eq!(
+            mine,
+            vec![
+                ("job.queued", &json!("queued"), &json!(0)),
+                ("job.started", &json!("running"), &json!(1)),
+                ("job.succeeded", &json!("succeeded"), &json!(1)),
+            ],
+            "job {id}"
+        );
+    }
 }

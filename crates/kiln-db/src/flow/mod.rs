@@ -401,6 +401,33 @@ pub(crate) trait FlowTx: Send {
         ids: &[i64],
         request: &crate::lease::LeaseRequest<'_>,
     ) -> DbResult<Vec<kiln_core::LeasedJob>>;
+    /// The last writes of an advance whose completion's worker takes the
+    /// step jobs it makes: `jobs` inserted unannounced, the first `offered`
+    /// of them leased to `request`'s worker where [`FlowTx::lease_ready`]
+    /// would lease them, and the rows written, each instance of a new job
+    /// (its `job_id` unset) pointed at the job by the job's idempotency key
+    /// ([`step_job_key`]). Returns the new jobs' ids, in order, and those
+    /// leased. PostgreSQL does it in one statement, writing the jobs leased
+    /// as it inserts them; this default inserts, then writes and leases.
+    #[allow(clippy::too_many_arguments)]
+    async fn put_rows_inserting(
+        &mut self,
+        run_id: i64,
+        jobs: &[NewJob],
+        offered: usize,
+        instances: &mut [InstanceRecord],
+        steps: &[&StepRecord],
+        request: &crate::lease::LeaseRequest<'_>,
+        now: Millis,
+    ) -> DbResult<(Vec<i64>, Vec<kiln_core::LeasedJob>)> {
+        let ids = self.insert_jobs(jobs, Some(run_id), now, true).await?;
+        point_at_jobs(run_id, jobs, &ids, instances);
+        let offer = &ids[..offered.min(ids.len())];
+        let leased = self
+            .put_rows_leasing(run_id, instances, steps, offer, request)
+            .await?;
+        Ok((ids, leased))
+    }
     async fn definition(
         &mut self,
         tenant: &str,
@@ -587,16 +614,66 @@ struct Advance<'a> {
     /// Step jobs are inserted without telling other processes: the
     /// completion that advances the run leases them itself.
     quiet: bool,
+    /// Step jobs are held until the advance's last write, which inserts
+    /// them with the rows and leases them to the completion's worker
+    /// ([`FlowTx::put_rows_inserting`]); anything that reads instances
+    /// first inserts them ([`Advance::flush`]).
+    defer_inserts: bool,
+    /// The held step jobs, each with its step's index.
+    deferred: Vec<(NewJob, usize)>,
+}
+
+/// The idempotency key of a step job: one job per run, step instance and
+/// run attempt.
+pub(crate) fn step_job_key(run_id: i64, step: &str, index: i32, attempt: i32) -> String {
+    format!("run:{run_id}:{step}:{index}:{attempt}")
+}
+
+/// Sets the `job_id` of each instance without one whose step job is among
+/// `jobs` (inserted as `ids`).
+fn point_at_jobs(run_id: i64, jobs: &[NewJob], ids: &[i64], instances: &mut [InstanceRecord]) {
+    let by_key: HashMap<&str, i64> = jobs
+        .iter()
+        .zip(ids)
+        .filter_map(|(job, &id)| job.idempotency_key.as_deref().map(|k| (k, id)))
+        .collect();
+    for row in instances.iter_mut().filter(|r| r.job_id.is_none()) {
+        let key = step_job_key(run_id, &row.step, row.index, row.attempt);
+        row.job_id = by_key.get(key.as_str()).copied();
+    }
 }
 
 impl Advance<'_> {
     /// Writes the held instance rows (the last of each instance wins).
     async fn flush(&mut self, tx: &mut dyn FlowTx) -> DbResult<()> {
+        self.insert_deferred(tx).await?;
         if self.pending.is_empty() {
             return Ok(());
         }
         let rows = self.take_pending();
         tx.put_instances(self.run.id, &rows).await
+    }
+
+    /// Inserts the held step jobs and points their instances at them.
+    async fn insert_deferred(&mut self, tx: &mut dyn FlowTx) -> DbResult<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let (jobs, steps): (Vec<NewJob>, Vec<usize>) =
+            std::mem::take(&mut self.deferred).into_iter().unzip();
+        let ids = tx
+            .insert_jobs(&jobs, Some(self.run.id), self.now, self.quiet)
+            .await?;
+        self.inserted(&jobs, &steps, &ids);
+        Ok(())
+    }
+
+    /// Records step jobs inserted (in order, with their steps' indexes).
+    fn inserted(&mut self, jobs: &[NewJob], steps: &[usize], ids: &[i64]) {
+        self.new_jobs.extend(ids);
+        self.job_steps
+            .extend(ids.iter().zip(steps).map(|(&id, &i)| (id, i)));
+        point_at_jobs(self.run.id, jobs, ids, &mut self.pending);
     }
 
     fn take_pending(&mut self) -> Vec<InstanceRecord> {
@@ -915,16 +992,16 @@ impl Advance<'_> {
                 finished_at: None,
             });
         }
-        let ids = tx
-            .insert_jobs(&jobs, Some(self.run.id), self.now, self.quiet)
-            .await?;
-        self.new_jobs.extend(&ids);
-        self.job_steps.extend(ids.iter().map(|&id| (id, i)));
-        for (row, id) in rows.iter_mut().zip(ids) {
-            row.job_id = Some(id);
-        }
         self.made_jobs |= !rows.is_empty();
         self.pending.extend(rows);
+        if self.defer_inserts {
+            self.deferred.extend(jobs.into_iter().map(|job| (job, i)));
+        } else {
+            let ids = tx
+                .insert_jobs(&jobs, Some(self.run.id), self.now, self.quiet)
+                .await?;
+            self.inserted(&jobs, &vec![i; ids.len()], &ids);
+        }
         let mut state = StepState::started(items.len() as u32);
         state.succeeded = kept.len() as u32;
         if state.total > 0 && state.succeeded >= state.total {
@@ -1005,10 +1082,7 @@ impl Advance<'_> {
         job.labels
             .insert("kiln.pipeline".into(), self.run.pipeline.clone());
         job.labels.insert("kiln.step".into(), step.id.clone());
-        job.idempotency_key = Some(format!(
-            "run:{}:{}:{}:{}",
-            self.run.id, step.id, index, self.run.attempt
-        ));
+        job.idempotency_key = Some(step_job_key(self.run.id, &step.id, index, self.run.attempt));
         job
     }
 
@@ -1093,29 +1167,60 @@ impl Advance<'_> {
         }))
     }
 
-    async fn write(self, tx: &mut dyn FlowTx) -> DbResult<bool> {
-        Ok(self.write_leasing(tx, None).await?.0)
+    async fn write(mut self, tx: &mut dyn FlowTx) -> DbResult<bool> {
+        self.insert_deferred(tx).await?;
+        Ok(self.write_leasing(tx, None).await?.made)
     }
 
-    /// [`Advance::write`], and with `lease` those of its new jobs leased in
-    /// the statement that writes its rows.
+    /// [`Advance::write`], and with `lease` (how many, to whom) the first of
+    /// its new jobs leased in the statement that writes its rows.
     async fn write_leasing(
         mut self,
         tx: &mut dyn FlowTx,
-        lease: Option<(&[i64], &crate::LeaseRequest<'_>)>,
-    ) -> DbResult<(bool, Vec<kiln_core::LeasedJob>)> {
-        let instances = self.take_pending();
-        let changed: Vec<&StepRecord> = self.changed.iter().map(|&i| &self.steps[i]).collect();
+        lease: Option<(usize, &crate::LeaseRequest<'_>)>,
+    ) -> DbResult<Written> {
         let mut leased = Vec::new();
-        let leasing = lease.filter(|(ids, _)| !ids.is_empty());
+        // Only when every new job is held: the first `n` of them all are offered.
+        let inserting =
+            lease.filter(|(n, _)| *n > 0 && !self.deferred.is_empty() && self.new_jobs.is_empty());
+        if inserting.is_none() {
+            self.insert_deferred(tx).await?;
+        }
+        let mut instances = self.take_pending();
+        let changed: Vec<&StepRecord> = self.changed.iter().map(|&i| &self.steps[i]).collect();
+        let offered: Vec<i64> = match lease {
+            Some((n, _)) => self.new_jobs.iter().take(n).copied().collect(),
+            None => Vec::new(),
+        };
+        let leasing = lease
+            .filter(|_| !offered.is_empty())
+            .map(|(_, request)| (offered.as_slice(), request));
         let rows = !(instances.is_empty() && changed.is_empty());
-        match (leasing, rows) {
-            (Some((ids, request)), true) => {
+        let mut made = Vec::new();
+        match (inserting, leasing, rows) {
+            (Some((n, request)), _, _) => {
+                let (jobs, steps): (Vec<NewJob>, Vec<usize>) =
+                    std::mem::take(&mut self.deferred).into_iter().unzip();
+                let (ids, got) = tx
+                    .put_rows_inserting(
+                        self.run.id,
+                        &jobs,
+                        n,
+                        &mut instances,
+                        &changed,
+                        request,
+                        self.now,
+                    )
+                    .await?;
+                leased = got;
+                made = ids.iter().zip(&steps).map(|(&id, &i)| (id, i)).collect();
+            }
+            (None, Some((ids, request)), true) => {
                 leased = tx
                     .put_rows_leasing(self.run.id, &instances, &changed, ids, request)
                     .await?;
             }
-            (leasing, _) => {
+            (None, leasing, _) => {
                 match (instances.is_empty(), changed.is_empty()) {
                     (true, true) => {}
                     (false, true) => tx.put_instances(self.run.id, &instances).await?,
@@ -1149,8 +1254,24 @@ impl Advance<'_> {
         if self.run_changed {
             tx.update_run(&self.run).await?;
         }
-        Ok((self.made_jobs, leased))
+        self.new_jobs.extend(made.iter().map(|(id, _)| *id));
+        self.job_steps.extend(made);
+        Ok(Written {
+            made: self.made_jobs,
+            new_jobs: self.new_jobs,
+            job_steps: self.job_steps,
+            leased,
+        })
     }
+}
+
+/// What an advance's last write did: whether it made jobs, the step jobs
+/// it inserted (in order, and with their steps' indexes) and those leased.
+struct Written {
+    made: bool,
+    new_jobs: Vec<i64>,
+    job_steps: Vec<(i64, usize)>,
+    leased: Vec<kiln_core::LeasedJob>,
 }
 
 /// Stdout read as JSON when it is JSON (a step's structured output), else null.
@@ -1217,6 +1338,8 @@ async fn new_advance<'a>(
         known: vec![false; n],
         pending: Vec::new(),
         quiet: false,
+        defer_inserts: false,
+        deferred: Vec::new(),
     })
 }
 
@@ -2143,6 +2266,7 @@ async fn advance_locked(
         .collect();
     let mut advance = new_advance(tx, cache, kinds, run, now).await?;
     advance.quiet = !matches!(offer, Offer::None);
+    advance.defer_inserts = matches!(offer, Offer::Now(..));
     if let Some(names) = asked {
         let mut rows: HashMap<String, StepRecord> =
             steps.into_iter().map(|r| (r.step.clone(), r)).collect();
@@ -2201,28 +2325,26 @@ async fn advance_locked(
         advance.run.pipeline.clone(),
         advance.checked.def.concurrency,
     );
-    let new_jobs = std::mem::take(&mut advance.new_jobs);
-    cache.remember_jobs(&advance.checked, &advance.job_steps);
+    let checked = advance.checked.clone();
     let lease = match offer {
-        Offer::Now(request, ends) => {
-            let n = ends.min(usize::try_from(request.limit).unwrap_or(0));
-            Some((
-                new_jobs.iter().take(n).copied().collect::<Vec<i64>>(),
-                crate::LeaseRequest {
-                    now,
-                    ..request.clone()
-                },
-            ))
-        }
+        Offer::Now(request, ends) => Some((
+            ends.min(usize::try_from(request.limit).unwrap_or(0)),
+            crate::LeaseRequest {
+                now,
+                ..request.clone()
+            },
+        )),
         _ => None,
     };
-    let (mut made, leased) = advance
-        .write_leasing(tx, lease.as_ref().map(|(ids, r)| (ids.as_slice(), r)))
+    let written = advance
+        .write_leasing(tx, lease.as_ref().map(|(n, r)| (*n, r)))
         .await?;
+    cache.remember_jobs(&checked, &written.job_steps);
+    let mut made = written.made;
     if finished {
         made |= promote_queued(tx, cache, kinds, &tenant, &pipeline, concurrency, now).await?;
     }
-    Ok((made, new_jobs, lease.map(|_| leased)))
+    Ok((made, written.new_jobs, lease.map(|_| written.leased)))
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -182,6 +182,53 @@ fn instances_upsert(n: u8) -> String {
     )
 }
 
+/// Binds the thirteen arrays and two values of [`FlowTx::insert_jobs`]'s
+/// statement.
+fn bind_new_jobs<'q>(
+    query: PgQuery<'q>,
+    encoded: &[EncodedJob],
+    now: Millis,
+    run_id: Option<i64>,
+) -> PgQuery<'q> {
+    let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
+    query
+        .bind(col(|e| e.job.tenant.clone()))
+        .bind(col(|e| e.job.kind.clone()))
+        .bind(col(|e| e.job.queue.clone()))
+        .bind(
+            encoded
+                .iter()
+                .map(|e| e.job.priority.rank())
+                .collect::<Vec<i16>>(),
+        )
+        .bind(col(|e| e.status.to_string()))
+        .bind(col(|e| e.spec.clone()))
+        .bind(col(|e| e.labels.clone()))
+        .bind(
+            encoded
+                .iter()
+                .map(|e| e.job.max_attempts)
+                .collect::<Vec<i32>>(),
+        )
+        .bind(
+            encoded
+                .iter()
+                .map(|e| e.job.timeout_ms)
+                .collect::<Vec<i64>>(),
+        )
+        .bind(col(|e| e.backoff.clone()))
+        .bind(col(|e| e.permanent_exit_codes.clone()))
+        .bind(encoded.iter().map(|e| e.run_at).collect::<Vec<i64>>())
+        .bind(
+            encoded
+                .iter()
+                .map(|e| e.job.idempotency_key.clone())
+                .collect::<Vec<Option<String>>>(),
+        )
+        .bind(now)
+        .bind(run_id)
+}
+
 fn bind_instances<'q>(query: PgQuery<'q>, rows: &[InstanceRecord]) -> PgQuery<'q> {
     query
         .bind(rows.iter().map(|r| r.step.clone()).collect::<Vec<_>>())
@@ -199,6 +246,79 @@ fn bind_instances<'q>(query: PgQuery<'q>, rows: &[InstanceRecord]) -> PgQuery<'q
         .bind(rows.iter().map(|r| storable(&r.error)).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.started_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+}
+
+/// [`instances_upsert`] with a twelfth array, the idempotency key of the
+/// step job of each instance whose `job_id` is unset: its job is the row of
+/// that key the `ins` query of the same statement inserted.
+fn instances_keyed_upsert(n: u8) -> String {
+    format!(
+        "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, exit_code, \
+           stdout, error, started_at, finished_at) \
+         SELECT $1, u.step, u.idx, u.attempt, \
+           COALESCE(u.job_id, (SELECT n.id FROM ins n WHERE n.idempotency_key = u.job_key)), \
+           u.status, u.item, u.exit_code, u.stdout, u.error, u.started_at, u.finished_at \
+         FROM unnest({}) AS u(step, idx, attempt, job_id, status, item, exit_code, stdout, error, \
+           started_at, finished_at, job_key) \
+         ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
+           job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
+           exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
+           started_at = excluded.started_at, finished_at = excluded.finished_at",
+        arrays(
+            n,
+            &[
+                "text", "int4", "int4", "int8", "text", "text", "int4", "text", "text", "int8",
+                "int8", "text"
+            ]
+        )
+    )
+}
+
+/// Step jobs inserted unannounced, the first `$16` of them written leased
+/// (to worker `$19`, until `$20`) where [`FlowTx::lease_ready`] would lease
+/// them, by the same tests made on the row before it exists: its queue has
+/// no settings, it is due, its kind is one of the worker's (`$17`), and no
+/// job of those kinds waits at the same or a more urgent priority since
+/// before now (`$18`). The thirteen arrays, creation time and run are
+/// [`FlowTx::insert_jobs`]'s. The insert trigger writes a leased row's
+/// start with its creation (migration 0029).
+fn insert_leasing_sql() -> String {
+    // No ON CONFLICT: a step job made twice is a broken invariant, and
+    // the unique key refuses it by aborting the whole advance.
+    format!(
+        "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
+           timeout_ms, backoff, permanent_exit_codes, run_at, idempotency_key, created_at, run_id, \
+           held, attempt, worker_id, started_at, lease_expires_at) \
+         SELECT t.tenant, t.kind, t.queue, t.priority, \
+           CASE WHEN t.lease THEN 'running' ELSE t.status END, t.spec, t.labels, \
+           t.max_attempts, t.timeout_ms, t.backoff, t.permanent_exit_codes, t.run_at, \
+           t.idempotency_key, $14, $15, t.held, CASE WHEN t.lease THEN 1 ELSE 0 END, \
+           CASE WHEN t.lease THEN $19 END, CASE WHEN t.lease THEN $18 END, \
+           CASE WHEN t.lease THEN $20::int8 END \
+         FROM (SELECT h.*, h.ord <= $16 AND h.status = 'queued' AND NOT h.held \
+             AND h.run_at <= $18 AND h.kind = ANY($17) \
+             AND NOT EXISTS (SELECT 1 FROM unnest($17::text[]) AS k(kind) \
+               CROSS JOIN generate_series(0, h.priority) AS p(priority) \
+               CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
+                 AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
+                 AND NOT w.held AND w.run_at < $18 LIMIT 1) x) AS lease \
+           FROM (SELECT u.*, EXISTS (SELECT 1 FROM queues q \
+               WHERE q.tenant = u.tenant AND q.name = u.queue \
+                 AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) AS held \
+             FROM unnest({}) WITH ORDINALITY \
+               AS u(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
+                    backoff, permanent_exit_codes, run_at, idempotency_key, ord) \
+             OFFSET 0) h) t \
+         WHERE set_config('kiln.quiet_insert', 'on', true) = 'on' \
+         ORDER BY t.ord",
+        arrays(
+            1,
+            &[
+                "text", "text", "text", "int2", "text", "text", "text", "int4", "int8", "text",
+                "text", "int8", "text"
+            ]
+        )
+    )
 }
 
 /// [`FlowTx::lease_ready`]'s statement, its five parameters (worker, now,
@@ -467,47 +587,35 @@ impl FlowTx for PgFlowTx {
             crate::storable_job(job)?;
         }
         let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
-        let col = |f: fn(&EncodedJob) -> String| encoded.iter().map(f).collect::<Vec<String>>();
         // No ON CONFLICT: a step job made twice is a broken invariant, and
         // the unique key refuses it by aborting the whole advance.
         // The insert trigger's NOTIFY reads `kiln.quiet_insert`, set for
         // the rest of the transaction by the statement itself.
-        Ok(sqlx::query_scalar(&format!(
+        let sql = format!(
             "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
              timeout_ms, backoff, permanent_exit_codes, run_at, idempotency_key, created_at, run_id, held) \
              SELECT t.*, $14, $15, EXISTS (SELECT 1 FROM queues q WHERE q.tenant = t.tenant \
                AND q.name = t.queue AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::int2[], $5::text[], \
-               $6::text[], $7::text[], $8::int4[], $9::int8[], $10::text[], $11::text[], $12::int8[], \
-               $13::text[]) \
+             FROM unnest({}) \
                AS t(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
                     backoff, permanent_exit_codes, run_at, idempotency_key) \
-             WHERE set_config('kiln.quiet_insert', '{0}', true) = '{0}' \
+             WHERE set_config('kiln.quiet_insert', '{q}', true) = '{q}' \
              RETURNING id",
-            if quiet { "on" } else { "off" }
-        ))
-        .bind(col(|e| e.job.tenant.clone()))
-        .bind(col(|e| e.job.kind.clone()))
-        .bind(col(|e| e.job.queue.clone()))
-        .bind(encoded.iter().map(|e| e.job.priority.rank()).collect::<Vec<i16>>())
-        .bind(col(|e| e.status.to_string()))
-        .bind(col(|e| e.spec.clone()))
-        .bind(col(|e| e.labels.clone()))
-        .bind(encoded.iter().map(|e| e.job.max_attempts).collect::<Vec<i32>>())
-        .bind(encoded.iter().map(|e| e.job.timeout_ms).collect::<Vec<i64>>())
-        .bind(col(|e| e.backoff.clone()))
-        .bind(col(|e| e.permanent_exit_codes.clone()))
-        .bind(encoded.iter().map(|e| e.run_at).collect::<Vec<i64>>())
-        .bind(
-            encoded
-                .iter()
-                .map(|e| e.job.idempotency_key.clone())
-                .collect::<Vec<Option<String>>>(),
-        )
-        .bind(now)
-        .bind(run_id)
-        .fetch_all(&mut *self.tx)
-        .await?)
+            arrays(
+                1,
+                &[
+                    "text", "text", "text", "int2", "text", "text", "text", "int4", "int8",
+                    "text", "text", "int8", "text"
+                ]
+            ),
+            q = if quiet { "on" } else { "off" }
+        );
+        Ok(bind_new_jobs(sqlx::query(&sql), &encoded, now, run_id)
+            .fetch_all(&mut *self.tx)
+            .await?
+            .iter()
+            .map(|row| sqlx::Row::try_get::<i64, _>(row, 0))
+            .collect::<Result<_, _>>()?)
     }
 
     async fn notify_jobs(&mut self) -> DbResult<()> {
@@ -626,6 +734,70 @@ impl FlowTx for PgFlowTx {
             .fetch_all(&mut *self.tx)
             .await?;
         self.leased(rows, request.now).await
+    }
+
+    async fn put_rows_inserting(
+        &mut self,
+        run_id: i64,
+        jobs: &[NewJob],
+        offered: usize,
+        instances: &mut [InstanceRecord],
+        steps: &[&StepRecord],
+        request: &crate::lease::LeaseRequest<'_>,
+        now: Millis,
+    ) -> DbResult<(Vec<i64>, Vec<kiln_core::LeasedJob>)> {
+        for job in jobs {
+            crate::storable_job(job)?;
+        }
+        let encoded: Vec<EncodedJob> = jobs.iter().map(|j| EncodedJob::new(j, now)).collect();
+        let keys: Vec<Option<String>> = instances
+            .iter()
+            .map(|r| {
+                r.job_id
+                    .is_none()
+                    .then(|| super::step_job_key(run_id, &r.step, r.index, r.attempt))
+            })
+            .collect();
+        // Three tables in one statement: the jobs, then the instances that
+        // point at them and the steps, as CTEs of one insert.
+        let returning = format!("{}, status, idempotency_key", crate::rows::LEASED_COLUMNS);
+        let sql = format!(
+            "WITH ins AS ({} RETURNING {returning}), i AS ({}), s AS ({}) \
+             SELECT {returning} FROM ins",
+            crate::lease::renumber(&insert_leasing_sql(), '$', 2),
+            instances_keyed_upsert(22),
+            steps_upsert(34),
+        );
+        let query = bind_new_jobs(sqlx::query(&sql).bind(run_id), &encoded, now, Some(run_id))
+            .bind(i64::try_from(offered).unwrap_or(i64::MAX))
+            .bind(request.kinds)
+            .bind(request.now)
+            .bind(request.worker_id)
+            .bind(request.lease_until());
+        let query = bind_instances(query, instances).bind(keys);
+        let rows = bind_steps(query, steps).fetch_all(&mut *self.tx).await?;
+        let mut by_key = std::collections::HashMap::with_capacity(rows.len());
+        let mut running = Vec::new();
+        for row in rows {
+            use sqlx::Row;
+            let key: Option<String> = row.try_get("idempotency_key")?;
+            by_key.insert(key, row.try_get::<i64, _>("id")?);
+            if row.try_get::<String, _>("status")? == "running" {
+                running.push(row);
+            }
+        }
+        let ids = jobs
+            .iter()
+            .map(|job| {
+                by_key.get(&job.idempotency_key).copied().ok_or_else(|| {
+                    crate::DbError::Corrupt("a step job's insert returned no row".into())
+                })
+            })
+            .collect::<DbResult<Vec<i64>>>()?;
+        super::point_at_jobs(run_id, jobs, &ids, instances);
+        running.sort_by_key(|row| sqlx::Row::try_get::<i64, _>(row, "id").unwrap_or_default());
+        let leased = self.leased(running, request.now).await?;
+        Ok((ids, leased))
     }
 
     async fn definition(
