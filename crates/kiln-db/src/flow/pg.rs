@@ -29,8 +29,13 @@ impl PgFlowTx {
 
     /// Begins a transaction that records one attempt's end and, if the job
     /// reached a final state as a step of a run no other transaction holds,
-    /// locks that run in the same statement, and then reads its ends of the
-    /// job and the rows of `steps` as [`FlowTx::take_run_ends`] does.
+    /// locks that run and reads its ends of the job and the rows of `steps`
+    /// as [`FlowTx::take_run_ends`] does, all in one statement. The read is
+    /// `kiln_run_locked_read`'s (migration 0030): a VOLATILE function's
+    /// query takes its snapshot when it runs, after the lock, where the
+    /// statement's own would predate it (a run whose last holder committed
+    /// while this statement waited for the job's row would be read as it
+    /// was before that holder's writes).
     /// The end of a run taken so gets no outbox row (`kiln.outbox_taken`,
     /// read by the outbox trigger at the statement's end); a held run's end
     /// goes to the outbox as any other.
@@ -48,6 +53,12 @@ impl PgFlowTx {
         // parameters PostgreSQL estimates a custom plan cheaper and then
         // plans the run's read afresh on every step (0.2 ms, four times
         // what running it costs); the generic plans use the same indexes.
+        // `taken` is the outer side of the join, so the settings, the end
+        // and the lock all come before the read.
+        let run_columns: Vec<String> = RUN_COLUMNS
+            .split(',')
+            .map(|c| format!("(rr.run).{0} AS {0}", c.trim()))
+            .collect();
         let sql = format!(
             "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status), \
              run AS (SELECT id FROM runs WHERE id = (SELECT d.run_id FROM done d \
@@ -55,24 +66,27 @@ impl PgFlowTx {
                FOR UPDATE SKIP LOCKED), \
              taken AS (SELECT set_config('kiln.outbox_taken', COALESCE((SELECT \
                string_agg(d.id::text, ',') FROM done d JOIN run r ON r.id = d.run_id), ''), \
-               true) AS ids, set_config('plan_cache_mode', 'force_generic_plan', true)) \
+               true) AS ids, set_config('plan_cache_mode', 'force_generic_plan', true), \
+               (SELECT id FROM run) AS locked) \
              SELECT (SELECT COALESCE(json_agg(json_build_array(d.id, d.run_id, d.status)), '[]') \
-               FROM done d)::text, (SELECT id FROM run) FROM taken",
+               FROM done d)::text AS written, t.locked, {}, rr.ended, rr.step_rows AS steps \
+             FROM taken t LEFT JOIN LATERAL kiln_run_locked_read(t.locked, $1, $9) rr ON true",
             crate::postgres::lock_in_id_order("$1"),
             crate::postgres::complete_update(),
+            run_columns.join(", "),
         );
-        let (written, locked): (String, Option<i64>) =
+        let one: CompletedOne =
             crate::postgres::bind_completions(sqlx::query_as(&sql), std::slice::from_ref(done))
+                .bind(steps)
                 .fetch_one(&mut *tx)
                 .await?;
-        let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&written)
+        let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&one.written)
             .map_err(|e| crate::DbError::Corrupt(format!("written ends: {e}")))?;
-        let mut tx = PgFlowTx { tx };
-        let ends = match locked {
-            Some(run) => tx.run_ends_locked(run, &[done.id], steps).await?,
-            None => None,
+        let ends = match (one.locked, one.ends) {
+            (Some(_), Some(row)) => Some(row.split()?),
+            _ => None,
         };
-        Ok((tx, written, ends))
+        Ok((PgFlowTx { tx }, written, ends))
     }
 
     /// A run this transaction has locked, with its instances on these jobs
@@ -110,6 +124,29 @@ impl PgFlowTx {
         .fetch_optional(&mut *self.tx)
         .await?;
         row.map(RunEndedRow::split).transpose()
+    }
+}
+
+/// [`PgFlowTx::complete_one`]'s row: the ends written, the run locked, and
+/// that run's read when there is one.
+struct CompletedOne {
+    written: String,
+    locked: Option<i64>,
+    ends: Option<RunEndedRow>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for CompletedOne {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let read: Option<i64> = row.try_get("id")?;
+        Ok(CompletedOne {
+            written: row.try_get("written")?,
+            locked: row.try_get("locked")?,
+            ends: match read {
+                Some(_) => Some(<RunEndedRow as sqlx::FromRow<_>>::from_row(row)?),
+                None => None,
+            },
+        })
     }
 }
 

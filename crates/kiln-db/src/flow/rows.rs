@@ -203,6 +203,9 @@ pub(crate) struct RunEndedRow {
 }
 
 /// The elements of one ended instance in [`RunEndedRow::ended`], in order.
+/// PostgreSQL's `kiln_run_locked_read` (migration 0030) writes the same
+/// elements, and [`STEP_COLUMNS`] for the steps: a change here is made
+/// there too, by a migration that replaces the function.
 pub(crate) const ENDED_ELEMENTS: &str = "i.step, i.idx, i.attempt, i.job_id, i.status, i.item, \
      i.exit_code, i.stdout, i.error, i.started_at, i.finished_at, j.status, j.result, j.error, \
      j.finished_at";
