@@ -198,24 +198,23 @@ fn bind_steps<'q>(query: PgQuery<'q>, steps: &[&StepRecord]) -> PgQuery<'q> {
         )
 }
 
+const INSTANCES_INSERT: &str = "INSERT INTO run_instances (run_id, step, idx, attempt, \
+     job_id, status, item, exit_code, stdout, error, started_at, finished_at)";
+const INSTANCES_ON_CONFLICT: &str = "ON CONFLICT (run_id, step, idx) DO UPDATE SET \
+     attempt = excluded.attempt, job_id = excluded.job_id, status = excluded.status, \
+     item = excluded.item, exit_code = excluded.exit_code, stdout = excluded.stdout, \
+     error = excluded.error, started_at = excluded.started_at, finished_at = excluded.finished_at";
+/// The types of the arrays [`bind_instances`] binds, in order.
+const INSTANCE_ARRAYS: [&str; 11] = [
+    "text", "int4", "int4", "int8", "text", "text", "int4", "text", "text", "int8", "int8",
+];
+
 /// Upserts instance rows from eleven arrays from parameter `n` on, for the
 /// run in parameter 1.
 fn instances_upsert(n: u8) -> String {
     format!(
-        "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, exit_code, \
-           stdout, error, started_at, finished_at) \
-         SELECT $1, * FROM unnest({}) \
-         ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
-           job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
-           exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
-           started_at = excluded.started_at, finished_at = excluded.finished_at",
-        arrays(
-            n,
-            &[
-                "text", "int4", "int4", "int8", "text", "text", "int4", "text", "text", "int8",
-                "int8"
-            ]
-        )
+        "{INSTANCES_INSERT} SELECT $1, * FROM unnest({}) {INSTANCES_ON_CONFLICT}",
+        arrays(n, &INSTANCE_ARRAYS)
     )
 }
 
@@ -289,25 +288,15 @@ fn bind_instances<'q>(query: PgQuery<'q>, rows: &[InstanceRecord]) -> PgQuery<'q
 /// step job of each instance whose `job_id` is unset: its job is the row of
 /// that key the `ins` query of the same statement inserted.
 fn instances_keyed_upsert(n: u8) -> String {
+    let mut types = INSTANCE_ARRAYS.to_vec();
+    types.push("text");
     format!(
-        "INSERT INTO run_instances (run_id, step, idx, attempt, job_id, status, item, exit_code, \
-           stdout, error, started_at, finished_at) \
-         SELECT $1, u.step, u.idx, u.attempt, \
+        "{INSTANCES_INSERT} SELECT $1, u.step, u.idx, u.attempt, \
            COALESCE(u.job_id, (SELECT n.id FROM ins n WHERE n.idempotency_key = u.job_key)), \
            u.status, u.item, u.exit_code, u.stdout, u.error, u.started_at, u.finished_at \
          FROM unnest({}) AS u(step, idx, attempt, job_id, status, item, exit_code, stdout, error, \
-           started_at, finished_at, job_key) \
-         ON CONFLICT (run_id, step, idx) DO UPDATE SET attempt = excluded.attempt, \
-           job_id = excluded.job_id, status = excluded.status, item = excluded.item, \
-           exit_code = excluded.exit_code, stdout = excluded.stdout, error = excluded.error, \
-           started_at = excluded.started_at, finished_at = excluded.finished_at",
-        arrays(
-            n,
-            &[
-                "text", "int4", "int4", "int8", "text", "text", "int4", "text", "text", "int8",
-                "int8", "text"
-            ]
-        )
+           started_at, finished_at, job_key) {INSTANCES_ON_CONFLICT}",
+        arrays(n, &types)
     )
 }
 
@@ -334,11 +323,7 @@ fn insert_leasing_sql() -> String {
            CASE WHEN t.lease THEN $20::int8 END \
          FROM (SELECT h.*, h.ord <= $16 AND h.status = 'queued' AND NOT h.held \
              AND h.run_at <= $18 AND h.kind = ANY($17) \
-             AND NOT EXISTS (SELECT 1 FROM unnest($17::text[]) AS k(kind) \
-               CROSS JOIN generate_series(0, h.priority) AS p(priority) \
-               CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
-                 AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
-                 AND NOT w.held AND w.run_at < $18 LIMIT 1) x) AS lease \
+             AND {} AS lease \
            FROM (SELECT u.*, EXISTS (SELECT 1 FROM queues q \
                WHERE q.tenant = u.tenant AND q.name = u.queue \
                  AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) AS held \
@@ -348,13 +333,28 @@ fn insert_leasing_sql() -> String {
              OFFSET 0) h) t \
          WHERE set_config('kiln.quiet_insert', 'on', true) = 'on' \
          ORDER BY t.ord",
-        arrays(
-            1,
-            &[
-                "text", "text", "text", "int2", "text", "text", "text", "int4", "int8", "text",
-                "text", "int8", "text"
-            ]
-        )
+        nothing_waits_ahead("h.priority", "$17", "$18"),
+        arrays(1, &NEW_JOB_ARRAYS)
+    )
+}
+
+/// The types of the arrays [`bind_new_jobs`] binds, in order.
+const NEW_JOB_ARRAYS: [&str; 13] = [
+    "text", "text", "text", "int2", "text", "text", "text", "int4", "int8", "text", "text", "int8",
+    "text",
+];
+
+/// True when no job of the kinds in array `kinds` has waited since before
+/// `now` at `priority` or a more urgent one: one probe of the fetch index
+/// per (kind, priority), its first entry older than now. A job passed to
+/// its worker never jumps the queue.
+fn nothing_waits_ahead(priority: &str, kinds: &str, now: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM unnest({kinds}::text[]) AS k(kind) \
+           CROSS JOIN generate_series(0, {priority}) AS p(priority) \
+           CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
+             AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
+             AND NOT w.held AND w.run_at < {now} LIMIT 1) x)"
     )
 }
 
@@ -369,13 +369,9 @@ fn lease_ready_sql(n: usize) -> String {
              AND run_at <= $2 AND kind = ANY($5) \
              AND NOT EXISTS (SELECT 1 FROM queues q WHERE q.tenant = jobs.tenant \
                AND q.name = jobs.queue AND (q.paused OR q.concurrency_limit IS NOT NULL)) \
-             AND NOT EXISTS (SELECT 1 FROM unnest($5::text[]) AS k(kind) \
-               CROSS JOIN generate_series(0, jobs.priority) AS p(priority) \
-               CROSS JOIN LATERAL (SELECT 1 FROM jobs w WHERE w.kind = k.kind \
-                 AND w.priority = p.priority AND w.status IN ('queued','scheduled') \
-                 AND NOT w.held AND w.run_at < $2 LIMIT 1) x) \
-             RETURNING {}",
+             AND {} RETURNING {}",
             crate::lease::LEASE_SET,
+            nothing_waits_ahead("jobs.priority", "$5", "$2"),
             crate::rows::LEASED_COLUMNS
         ),
         '$',
@@ -638,13 +634,7 @@ impl FlowTx for PgFlowTx {
                     backoff, permanent_exit_codes, run_at, idempotency_key) \
              WHERE set_config('kiln.quiet_insert', '{q}', true) = '{q}' \
              RETURNING id",
-            arrays(
-                1,
-                &[
-                    "text", "text", "text", "int2", "text", "text", "text", "int4", "int8",
-                    "text", "text", "int8", "text"
-                ]
-            ),
+            arrays(1, &NEW_JOB_ARRAYS),
             q = if quiet { "on" } else { "off" }
         );
         Ok(bind_new_jobs(sqlx::query(&sql), &encoded, now, run_id)
