@@ -256,6 +256,31 @@ async fn fresh_named(url: Option<&str>, name: &str) -> anyhow::Result<Db> {
     })
 }
 
+/// Closes a bench's database and removes what [`fresh_db`] made for it: the
+/// schema on PostgreSQL, the file on SQLite. Nothing is left behind, so one
+/// run does not slow the next (PostgreSQL's catalogs grow with every schema,
+/// and a server without autovacuum keeps every dead catalog row).
+async fn discard(url: Option<&str>, db: Db) -> anyhow::Result<()> {
+    db.close().await;
+    match url {
+        Some(url) if url.starts_with("postgres") => {
+            kiln_db::drop_postgres_schema(url, &bench_schema()).await?;
+        }
+        Some(_) => {}
+        None => {
+            for suffix in ["", "-wal", "-shm"] {
+                let path = std::env::temp_dir().join(format!("{}.db{suffix}", bench_schema()));
+                if let Err(error) = std::fs::remove_file(&path) {
+                    if error.kind() != std::io::ErrorKind::NotFound {
+                        eprintln!("could not remove {}: {error}", path.display());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn fresh_db(url: Option<&str>) -> anyhow::Result<(Db, Option<Db>)> {
     let stamp = bench_schema();
     match url {

@@ -124,7 +124,10 @@ fn span_ms(runs: &[kiln_db::flow::RunRecord]) -> i64 {
 }
 
 pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
-    let (db, _) = super::fresh_db(args.database_url.as_deref()).await?;
+    let (db, other) = super::fresh_db(args.database_url.as_deref()).await?;
+    if let Some(other) = other {
+        other.close().await;
+    }
     let backend = db.backend();
     let (stop_worker, worker) = super::worker(
         &db,
@@ -205,6 +208,5 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     stop_worker.cancel();
     let _ = advancer.await;
     let _ = worker.await;
-    db.close().await;
-    Ok(())
+    super::discard(args.database_url.as_deref(), db).await
 }
