@@ -44,7 +44,7 @@ const HISTORY_APPEND: &str = "(j.history::jsonb || jsonb_build_array(u.record::j
 /// Whether the queue `tenant`/`queue` is paused or limited, read under a
 /// share lock: a concurrent change of the queue's settings waits for this
 /// statement, or this statement sees the change, so `held` never misses one.
-fn held_expr(tenant: &str, queue: &str) -> String {
+pub(crate) fn held_expr(tenant: &str, queue: &str) -> String {
     format!(
         "EXISTS (SELECT 1 FROM queues q WHERE q.tenant = {tenant} AND q.name = {queue} \
          AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE)"

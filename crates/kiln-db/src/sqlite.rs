@@ -1029,5 +1029,8 @@ mod tests {
         }
         store.close().await;
         assert!(store.checkpoint.is_closed());
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
 }

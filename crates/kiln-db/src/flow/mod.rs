@@ -406,8 +406,9 @@ pub(crate) trait FlowTx: Send {
     /// of them leased to `request`'s worker where [`FlowTx::lease_ready`]
     /// would lease them, and the rows written, each instance of a new job
     /// (its `job_id` unset) pointed at the job by the job's idempotency key
-    /// ([`step_job_key`]). Returns the new jobs' ids, in order, and those
-    /// leased. PostgreSQL does it in one statement, writing the jobs leased
+    /// ([`step_job_key`]; only the default, which writes `instances` after
+    /// the insert, sets their `job_id`). Returns the new jobs' ids, in order,
+    /// and those leased. PostgreSQL does it in one statement, writing the jobs leased
     /// as it inserts them; this default inserts, then writes and leases.
     #[allow(clippy::too_many_arguments)]
     async fn put_rows_inserting(
@@ -1167,8 +1168,7 @@ impl Advance<'_> {
         }))
     }
 
-    async fn write(mut self, tx: &mut dyn FlowTx) -> DbResult<bool> {
-        self.insert_deferred(tx).await?;
+    async fn write(self, tx: &mut dyn FlowTx) -> DbResult<bool> {
         Ok(self.write_leasing(tx, None).await?.made)
     }
 

@@ -324,16 +324,14 @@ fn insert_leasing_sql() -> String {
          FROM (SELECT h.*, h.ord <= $16 AND h.status = 'queued' AND NOT h.held \
              AND h.run_at <= $18 AND h.kind = ANY($17) \
              AND {} AS lease \
-           FROM (SELECT u.*, EXISTS (SELECT 1 FROM queues q \
-               WHERE q.tenant = u.tenant AND q.name = u.queue \
-                 AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) AS held \
-             FROM unnest({}) WITH ORDINALITY \
+           FROM (SELECT u.*, {} AS held FROM unnest({}) WITH ORDINALITY \
                AS u(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
                     backoff, permanent_exit_codes, run_at, idempotency_key, ord) \
              OFFSET 0) h) t \
          WHERE set_config('kiln.quiet_insert', 'on', true) = 'on' \
          ORDER BY t.ord",
         nothing_waits_ahead("h.priority", "$17", "$18"),
+        crate::postgres::held_expr("u.tenant", "u.queue"),
         arrays(1, &NEW_JOB_ARRAYS)
     )
 }
@@ -627,13 +625,12 @@ impl FlowTx for PgFlowTx {
         let sql = format!(
             "INSERT INTO jobs (tenant, kind, queue, priority, status, spec, labels, max_attempts, \
              timeout_ms, backoff, permanent_exit_codes, run_at, idempotency_key, created_at, run_id, held) \
-             SELECT t.*, $14, $15, EXISTS (SELECT 1 FROM queues q WHERE q.tenant = t.tenant \
-               AND q.name = t.queue AND (q.paused OR q.concurrency_limit IS NOT NULL) FOR SHARE) \
-             FROM unnest({}) \
+             SELECT t.*, $14, $15, {} FROM unnest({}) \
                AS t(tenant, kind, queue, priority, status, spec, labels, max_attempts, timeout_ms, \
                     backoff, permanent_exit_codes, run_at, idempotency_key) \
              WHERE set_config('kiln.quiet_insert', '{q}', true) = '{q}' \
              RETURNING id",
+            crate::postgres::held_expr("t.tenant", "t.queue"),
             arrays(1, &NEW_JOB_ARRAYS),
             q = if quiet { "on" } else { "off" }
         );
@@ -790,7 +787,7 @@ impl FlowTx for PgFlowTx {
         let returning = format!("{}, status, idempotency_key", crate::rows::LEASED_COLUMNS);
         let sql = format!(
             "WITH ins AS ({} RETURNING {returning}), i AS ({}), s AS ({}) \
-             SELECT {returning} FROM ins",
+             SELECT {returning} FROM ins ORDER BY id",
             crate::lease::renumber(&insert_leasing_sql(), '$', 2),
             instances_keyed_upsert(22),
             steps_upsert(34),
@@ -821,8 +818,6 @@ impl FlowTx for PgFlowTx {
                 })
             })
             .collect::<DbResult<Vec<i64>>>()?;
-        super::point_at_jobs(run_id, jobs, &ids, instances);
-        running.sort_by_key(|row| sqlx::Row::try_get::<i64, _>(row, "id").unwrap_or_default());
         let leased = self.leased(running, request.now).await?;
         Ok((ids, leased))
     }
