@@ -239,15 +239,11 @@ async fn sequence(conn: &mut sqlx::PgConnection) -> DbResult<u64> {
          base AS (SELECT COALESCE(MAX(position), 0) AS p FROM events), \
          done AS (UPDATE events e SET position = base.p + settled.n \
              FROM settled, base WHERE e.seq = settled.seq RETURNING 1) \
-         SELECT COUNT(*) FROM done",
+         SELECT c.n FROM (SELECT COUNT(*) AS n FROM done) c \
+         LEFT JOIN LATERAL (SELECT pg_notify('kiln_events_ready', '') WHERE c.n > 0) t ON true",
     )
     .fetch_one(&mut *conn)
     .await?;
-    if numbered > 0 {
-        sqlx::query("SELECT pg_notify('kiln_events_ready', '')")
-            .execute(&mut *conn)
-            .await?;
-    }
     Ok(numbered as u64)
 }
 

@@ -35,6 +35,8 @@ pub struct PgStore {
     pub(crate) events_ready: Arc<Notify>,
     /// Fires when log chunks were stored, here or in another process.
     pub(crate) logs_ready: Arc<Notify>,
+    /// The connection chained step ends are written on, outside the pool.
+    pub(crate) step_lane: crate::flow::pg::Lane,
 }
 
 /// Appends one attempt record (JSON text) to a job's history with jsonb's
@@ -126,6 +128,7 @@ impl PgStore {
             events_kick,
             events_ready,
             logs_ready,
+            step_lane: Arc::default(),
         })
     }
 
@@ -136,6 +139,7 @@ impl PgStore {
     }
 
     pub async fn close(&self) {
+        self.step_lane.lock().await.close().await;
         self.pool.close().await;
     }
 

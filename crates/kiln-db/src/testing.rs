@@ -68,6 +68,15 @@ pub async fn execute(db: &Db, sql: &str) -> Result<(), crate::DbError> {
     }
 }
 
+/// The server process of the connection PostgreSQL's chained step ends
+/// are written on, once one is open: for tests that end it.
+pub async fn step_lane_pid(db: &Db) -> Option<i32> {
+    match db {
+        Db::Sqlite(_) => None,
+        Db::Postgres(store) => crate::flow::pg::lane_pid(&store.step_lane).await,
+    }
+}
+
 /// Removes a schema made by `connect_postgres_schema`, with everything in it.
 pub use crate::drop_postgres_schema;
 

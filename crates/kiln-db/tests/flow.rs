@@ -1426,6 +1426,101 @@ async fn a_stale_end_leaves_the_outbox_to_the_advancer(db: Db) {
         .await
         .unwrap();
     assert_eq!(b.len(), 1, "b was made once");
+    // The stale end's transaction was dropped, and on PostgreSQL the step
+    // lane's connection with it: the next end lands, and its run ends.
+    let request = kiln_db::LeaseRequest {
+        now: T0 + 2_006,
+        ..request
+    };
+    let (completed, next) = db
+        .job_complete_advancing(
+            &[end_of(&b[0], T0 + 2_006)],
+            &kinds(),
+            Some(&request),
+            T0 + 2_006,
+        )
+        .await
+        .unwrap();
+    assert_eq!(completed.applied, vec![b[0].id]);
+    assert!(next.is_empty());
+    assert_eq!(get(&db, run).await.run.status, RunStatus::Succeeded);
+}
+
+/// PostgreSQL's chained step ends are written on a connection kept out of
+/// the pool. When the server ends it (a restart, an administrator), the
+/// next end opens another and lands; nothing is lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_lane_whose_connection_was_ended_opens_another() {
+    let schema = kiln_db::testing::unique_name("kiln_test");
+    let url = kiln_db::testing::postgres_url();
+    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    apply(
+        &db,
+        json!({"name": "three", "steps": [
+            {"id": "a", "kind": "noop"},
+            {"id": "b", "kind": "noop", "depends_on": ["a"]},
+            {"id": "c", "kind": "noop", "depends_on": ["b"]},
+        ]}),
+    )
+    .await;
+    let handled = ["noop".to_string()];
+    let run = start(&db, "three", json!({})).await.run.id;
+    let mut job = db
+        .job_lease("w1", &handled, 1, 60_000, T0 + 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let mut pids = Vec::new();
+    for (n, step) in ["a", "b", "c"].into_iter().enumerate() {
+        let now = T0 + 10 * (n as i64 + 1);
+        let request = kiln_db::LeaseRequest {
+            worker_id: "w1",
+            kinds: &handled,
+            limit: 1,
+            lease_ms: 60_000,
+            now,
+            tenant_running_max: None,
+        };
+        let (completed, mut next) = db
+            .job_complete_advancing(&[end_of(&job, now)], &kinds(), Some(&request), now)
+            .await
+            .unwrap_or_else(|e| panic!("the end of {step}: {e}"));
+        assert_eq!(completed.applied, vec![job.id], "the end of {step}");
+        let pid = kiln_db::testing::step_lane_pid(&db)
+            .await
+            .expect("the lane has a connection");
+        pids.push(pid);
+        if step == "c" {
+            assert!(next.is_empty());
+            break;
+        }
+        assert_eq!(next.len(), 1, "the step after {step} was handed over");
+        job = next.remove(0);
+        // The server ends the lane's connection before the next end.
+        kiln_db::testing::execute(&db, &format!("SELECT pg_terminate_backend({pid})"))
+            .await
+            .unwrap();
+    }
+    assert_ne!(
+        pids[0], pids[1],
+        "a fresh connection took the ended one's place"
+    );
+    assert_ne!(pids[1], pids[2]);
+    let view = get(&db, run).await;
+    assert_eq!(
+        view.run.status,
+        RunStatus::Succeeded,
+        "{:?}",
+        view.run.reason
+    );
+    let jobs = kiln_db::testing::scalar_i64(&db, "SELECT COUNT(*) FROM jobs")
+        .await
+        .unwrap();
+    assert_eq!(jobs, 3, "each step's job was made once");
+    db.close().await;
+    kiln_db::testing::drop_postgres_schema(&url, &schema)
+        .await
+        .ok();
 }
 
 /// Step jobs a worker takes with its predecessor's end (on PostgreSQL they

@@ -162,6 +162,10 @@ impl RunningMap {
         }
     }
 
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     fn is_step(&self, id: i64) -> bool {
         self.lock().get(&id).is_some_and(|r| r.step)
     }
@@ -827,7 +831,9 @@ async fn complete_loop(
     while rx.recv_many(&mut batch, batch_max).await > 0 {
         // The first result of a burst usually arrives alone while its
         // siblings are still running; a few yields let them join the batch.
-        if batch.len() < 16 {
+        // With no sibling running (a chain's step) there is none to wait
+        // for, and each yield costs a poll of the I/O driver.
+        if batch.len() < 16 && running.len() > batch.len() {
             for _ in 0..4 {
                 tokio::task::yield_now().await;
             }

@@ -11,7 +11,7 @@
 //! state, calls them and writes what they decided, through [`FlowTx`], the
 //! handful of statements each driver implements.
 
-mod pg;
+pub(crate) mod pg;
 mod rows;
 mod schedules;
 mod sqlite;
@@ -1619,7 +1619,7 @@ impl Db {
                 Db::Sqlite(s) => sqlite::SqliteFlowTx::complete_one(&s.write, one, asked)
                     .await
                     .map(|(tx, written, ends)| (Box::new(tx) as _, written, ends)),
-                Db::Postgres(s) => pg::PgFlowTx::complete_one(&s.pool, one, asked)
+                Db::Postgres(s) => pg::PgFlowTx::complete_one(&s.pool, &s.step_lane, one, asked)
                     .await
                     .map(|(tx, written, ends)| (Box::new(tx) as _, written, ends)),
             };
@@ -2440,7 +2440,7 @@ mod tests {
                 (Box::new(tx), w, e)
             }
             Db::Postgres(s) => {
-                let (tx, w, e) = pg::PgFlowTx::complete_one(&s.pool, &done, &steps)
+                let (tx, w, e) = pg::PgFlowTx::complete_one(&s.pool, &s.step_lane, &done, &steps)
                     .await
                     .unwrap();
                 (Box::new(tx), w, e)

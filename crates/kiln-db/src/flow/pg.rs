@@ -3,7 +3,10 @@
 //! advancers on many hosts share it.
 
 use kiln_core::{Millis, NewJob};
-use sqlx::{PgPool, Postgres, Transaction};
+use std::sync::Arc;
+
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use tokio::sync::OwnedMutexGuard;
 
 use super::schedules::{as_text, FireRow, ScheduleRow, FIRE_COLUMNS, SCHEDULE_COLUMNS};
 use super::{
@@ -17,14 +20,116 @@ use crate::rows::{rows_to, EncodedJob};
 use crate::{DbResult, PgStore};
 
 pub(crate) struct PgFlowTx {
-    tx: Transaction<'static, Postgres>,
+    conn: TxConn,
+}
+
+enum TxConn {
+    Pooled(Transaction<'static, Postgres>),
+    Lane(LaneTx),
+}
+
+/// A connection kept out of the pool for chained step ends, which come one
+/// at a time from each worker's completer. The pool answers every release
+/// with a ping (sqlx tests a returned connection with a round trip), which
+/// on a chain is one trip more per step; a connection that is never
+/// returned never pays it.
+#[derive(Default)]
+pub(crate) struct StepLane {
+    conn: Option<PgConnection>,
+}
+
+impl StepLane {
+    pub(crate) async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+}
+
+pub(crate) type Lane = Arc<tokio::sync::Mutex<StepLane>>;
+
+#[cfg(feature = "testing")]
+pub(crate) async fn lane_pid(lane: &Lane) -> Option<i32> {
+    let mut held = lane.lock().await;
+    let conn = held.conn.as_mut()?;
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .ok()
+}
+
+struct LaneTx {
+    lane: OwnedMutexGuard<StepLane>,
+    committed: bool,
+}
+
+impl Drop for LaneTx {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // Whatever left the transaction open (a stale end, an error, a
+        // future dropped mid-statement), the connection goes: closing it
+        // makes the server roll back, and no later step inherits its state.
+        if let Some(conn) = self.lane.conn.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = sqlx::Connection::close(conn).await;
+                });
+            }
+        }
+    }
 }
 
 impl PgFlowTx {
     pub(crate) async fn begin(pool: &PgPool) -> DbResult<PgFlowTx> {
         Ok(PgFlowTx {
-            tx: pool.begin().await?,
+            conn: TxConn::Pooled(pool.begin().await?),
         })
+    }
+
+    /// Begins on the lane's connection when no other completer holds it,
+    /// else on a pooled one. A lane connection that fails to begin (the
+    /// server ended it) is dropped, and a fresh one from the pool takes its
+    /// place.
+    async fn begin_step(pool: &PgPool, lane: &Lane) -> DbResult<PgFlowTx> {
+        let Ok(mut held) = lane.clone().try_lock_owned() else {
+            return Self::begin(pool).await;
+        };
+        for last in [false, true] {
+            let conn = match held.conn.as_mut() {
+                Some(conn) => conn,
+                None => held.conn.insert(pool.acquire().await?.detach()),
+            };
+            match sqlx::Executor::execute(conn, "BEGIN").await {
+                Ok(_) => {
+                    return Ok(PgFlowTx {
+                        conn: TxConn::Lane(LaneTx {
+                            lane: held,
+                            committed: false,
+                        }),
+                    })
+                }
+                Err(error) => {
+                    held.conn = None;
+                    if last {
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+        unreachable!("the last pass returns")
+    }
+
+    fn c(&mut self) -> &mut PgConnection {
+        match &mut self.conn {
+            TxConn::Pooled(tx) => tx,
+            TxConn::Lane(tx) => tx
+                .lane
+                .conn
+                .as_mut()
+                .expect("a lane transaction holds its connection"),
+        }
     }
 
     /// Begins a transaction that records one attempt's end and, if the job
@@ -41,6 +146,7 @@ impl PgFlowTx {
     /// goes to the outbox as any other.
     pub(crate) async fn complete_one(
         pool: &PgPool,
+        lane: &Lane,
         done: &crate::Completion,
         steps: &[String],
     ) -> DbResult<(
@@ -48,7 +154,7 @@ impl PgFlowTx {
         Vec<(i64, Option<i64>, String)>,
         Option<super::RunEnds>,
     )> {
-        let mut tx = pool.begin().await?;
+        let mut tx = Self::begin_step(pool, lane).await?;
         // The rest of the transaction runs on generic plans: with array
         // parameters PostgreSQL estimates a custom plan cheaper and then
         // plans the run's read afresh on every step (0.2 ms, four times
@@ -78,7 +184,7 @@ impl PgFlowTx {
         let one: CompletedOne =
             crate::postgres::bind_completions(sqlx::query_as(&sql), std::slice::from_ref(done))
                 .bind(steps)
-                .fetch_one(&mut *tx)
+                .fetch_one(tx.c())
                 .await?;
         let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&one.written)
             .map_err(|e| crate::DbError::Corrupt(format!("written ends: {e}")))?;
@@ -86,7 +192,7 @@ impl PgFlowTx {
             (Some(_), Some(row)) => Some(row.split()?),
             _ => None,
         };
-        Ok((PgFlowTx { tx }, written, ends))
+        Ok((tx, written, ends))
     }
 
     /// A run this transaction has locked, with its instances on these jobs
@@ -121,7 +227,7 @@ impl PgFlowTx {
         .bind(run_id)
         .bind(job_ids)
         .bind(steps)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?;
         row.map(RunEndedRow::split).transpose()
     }
@@ -407,7 +513,7 @@ impl PgFlowTx {
                 .bind(now)
                 .bind(error)
                 .bind(id)
-                .execute(&mut *self.tx)
+                .execute(self.c())
                 .await?;
         }
         Ok(jobs)
@@ -417,16 +523,16 @@ impl PgFlowTx {
 #[async_trait::async_trait]
 impl FlowTx for PgFlowTx {
     async fn audit_insert(&mut self, record: &kiln_core::audit::AuditRecord) -> DbResult<()> {
-        crate::audit::insert_pg(&mut self.tx, record).await?;
+        crate::audit::insert_pg(self.c(), record).await?;
         Ok(())
     }
 
     async fn policy_version(&mut self, tenant: &str) -> DbResult<i64> {
-        Ok(crate::policies::load_on!(version, &mut *self.tx, tenant)?)
+        Ok(crate::policies::load_on!(version, self.c(), tenant)?)
     }
 
     async fn policy_rows(&mut self, tenant: &str) -> DbResult<Vec<crate::policies::PolicyRow>> {
-        Ok(crate::policies::load_on!(rows, &mut *self.tx, tenant)?)
+        Ok(crate::policies::load_on!(rows, self.c(), tenant)?)
     }
 
     async fn lock_run(&mut self, id: i64) -> DbResult<Option<RunRecord>> {
@@ -434,7 +540,7 @@ impl FlowTx for PgFlowTx {
             "SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE"
         ))
         .bind(id)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?;
         row.map(RunRecord::try_from).transpose()
     }
@@ -445,7 +551,7 @@ impl FlowTx for PgFlowTx {
         ))
         .bind(id)
         .bind(tenant)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?;
         row.map(RunRecord::try_from).transpose()
     }
@@ -468,7 +574,7 @@ impl FlowTx for PgFlowTx {
         .bind(run.trigger)
         .bind(run.now)
         .bind(started)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?)
     }
 
@@ -484,7 +590,7 @@ impl FlowTx for PgFlowTx {
         .bind(tenant)
         .bind(pipeline)
         .bind(key)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?)
     }
 
@@ -501,7 +607,7 @@ impl FlowTx for PgFlowTx {
         .bind(run.detail.as_ref().map(|d| d.to_string()))
         .bind(run.started_at)
         .bind(run.finished_at)
-        .execute(&mut *self.tx)
+        .execute(self.c())
         .await?;
         Ok(())
     }
@@ -513,7 +619,7 @@ impl FlowTx for PgFlowTx {
         )
         .bind(tenant)
         .bind(pipeline)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.c())
         .await?)
     }
 
@@ -522,7 +628,7 @@ impl FlowTx for PgFlowTx {
             "SELECT {STEP_COLUMNS} FROM run_steps WHERE run_id = $1"
         ))
         .bind(run_id)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?;
         rows_to(rows)
     }
@@ -533,7 +639,7 @@ impl FlowTx for PgFlowTx {
         ))
         .bind(run_id)
         .bind(names)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?;
         rows_to(rows)
     }
@@ -544,13 +650,13 @@ impl FlowTx for PgFlowTx {
              COUNT(*) FILTER (WHERE status IN ('failed','cancelled')) FROM run_steps WHERE run_id = $1",
         )
         .bind(run_id)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.c())
         .await?)
     }
 
     async fn put_steps(&mut self, run_id: i64, steps: &[&StepRecord]) -> DbResult<()> {
         bind_steps(sqlx::query(&steps_upsert(2)).bind(run_id), steps)
-            .execute(&mut *self.tx)
+            .execute(self.c())
             .await?;
         Ok(())
     }
@@ -563,7 +669,7 @@ impl FlowTx for PgFlowTx {
     ) -> DbResult<()> {
         let sql = format!("WITH i AS ({}) {}", instances_upsert(2), steps_upsert(13));
         let query = bind_instances(sqlx::query(&sql).bind(run_id), instances);
-        bind_steps(query, steps).execute(&mut *self.tx).await?;
+        bind_steps(query, steps).execute(self.c()).await?;
         Ok(())
     }
 
@@ -578,7 +684,7 @@ impl FlowTx for PgFlowTx {
         ))
         .bind(run_id)
         .bind(steps)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?;
         rows_to(rows)
     }
@@ -588,7 +694,7 @@ impl FlowTx for PgFlowTx {
             return Ok(());
         }
         bind_instances(sqlx::query(&instances_upsert(2)).bind(run_id), rows)
-            .execute(&mut *self.tx)
+            .execute(self.c())
             .await?;
         Ok(())
     }
@@ -600,7 +706,7 @@ impl FlowTx for PgFlowTx {
         )
         .bind(job_ids)
         .bind(run_id)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?)
     }
 
@@ -635,7 +741,7 @@ impl FlowTx for PgFlowTx {
             q = if quiet { "on" } else { "off" }
         );
         Ok(bind_new_jobs(sqlx::query(&sql), &encoded, now, run_id)
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.c())
             .await?
             .iter()
             .map(|row| sqlx::Row::try_get::<i64, _>(row, 0))
@@ -644,7 +750,7 @@ impl FlowTx for PgFlowTx {
 
     async fn notify_jobs(&mut self) -> DbResult<()> {
         sqlx::query("SELECT pg_notify('kiln_jobs', '')")
-            .execute(&mut *self.tx)
+            .execute(self.c())
             .await?;
         Ok(())
     }
@@ -662,7 +768,7 @@ impl FlowTx for PgFlowTx {
         ))
         .bind(now)
         .bind(&sorted)
-        .execute(&mut *self.tx)
+        .execute(self.c())
         .await?;
         Ok(())
     }
@@ -678,14 +784,14 @@ impl FlowTx for PgFlowTx {
         )
         .bind(run)
         .bind(limit)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?)
     }
 
     async fn delete_outbox(&mut self, ids: &[i64]) -> DbResult<()> {
         sqlx::query("DELETE FROM flow_outbox WHERE id = ANY($1)")
             .bind(ids)
-            .execute(&mut *self.tx)
+            .execute(self.c())
             .await?;
         Ok(())
     }
@@ -694,7 +800,7 @@ impl FlowTx for PgFlowTx {
         &mut self,
         done: &[crate::Completion],
     ) -> DbResult<Vec<(i64, Option<i64>, String)>> {
-        Ok(crate::postgres::complete_rows(&mut *self.tx, done).await?)
+        Ok(crate::postgres::complete_rows(self.c(), done).await?)
     }
 
     async fn take_run_ends(
@@ -716,7 +822,7 @@ impl FlowTx for PgFlowTx {
         )
         .bind(run_id)
         .bind(job_ids)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.c())
         .await?;
         if !locked {
             return Ok(None);
@@ -730,7 +836,7 @@ impl FlowTx for PgFlowTx {
         request: &crate::lease::LeaseRequest<'_>,
     ) -> DbResult<Vec<kiln_core::LeasedJob>> {
         let rows = bind_lease(sqlx::query(&lease_ready_sql(1)), ids, request)
-            .fetch_all(&mut *self.tx)
+            .fetch_all(self.c())
             .await?;
         self.leased(rows, request.now).await
     }
@@ -754,9 +860,7 @@ impl FlowTx for PgFlowTx {
             bind_instances(sqlx::query(&sql).bind(run_id), instances),
             steps,
         );
-        let rows = bind_lease(query, ids, request)
-            .fetch_all(&mut *self.tx)
-            .await?;
+        let rows = bind_lease(query, ids, request).fetch_all(self.c()).await?;
         self.leased(rows, request.now).await
     }
 
@@ -799,7 +903,7 @@ impl FlowTx for PgFlowTx {
             .bind(request.worker_id)
             .bind(request.lease_until());
         let query = bind_instances(query, instances).bind(keys);
-        let rows = bind_steps(query, steps).fetch_all(&mut *self.tx).await?;
+        let rows = bind_steps(query, steps).fetch_all(self.c()).await?;
         let mut by_key = std::collections::HashMap::with_capacity(rows.len());
         let mut running = Vec::new();
         for row in rows {
@@ -836,7 +940,7 @@ impl FlowTx for PgFlowTx {
         .bind(tenant)
         .bind(name)
         .bind(version)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?;
         row.map(PipelineRecord::try_from).transpose()
     }
@@ -848,7 +952,7 @@ impl FlowTx for PgFlowTx {
         )
         .bind(now)
         .bind(limit)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?)
     }
 
@@ -874,7 +978,7 @@ impl FlowTx for PgFlowTx {
         .bind(s.last_fire_at)
         .bind(s.created_at)
         .bind(s.updated_at)
-        .execute(&mut *self.tx)
+        .execute(self.c())
         .await?;
         Ok(())
     }
@@ -885,7 +989,7 @@ impl FlowTx for PgFlowTx {
         ))
         .bind(tenant)
         .bind(name)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?;
         row.map(ScheduleRecord::try_from).transpose()
     }
@@ -895,7 +999,7 @@ impl FlowTx for PgFlowTx {
             "SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE tenant = $1 ORDER BY name"
         ))
         .bind(tenant)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?;
         rows_to(rows)
     }
@@ -904,7 +1008,7 @@ impl FlowTx for PgFlowTx {
         let done = sqlx::query("DELETE FROM schedules WHERE tenant = $1 AND name = $2")
             .bind(tenant)
             .bind(name)
-            .execute(&mut *self.tx)
+            .execute(self.c())
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -916,7 +1020,7 @@ impl FlowTx for PgFlowTx {
         ))
         .bind(now)
         .bind(limit)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?;
         rows_to(rows)
     }
@@ -932,7 +1036,7 @@ impl FlowTx for PgFlowTx {
         .bind(s.next_fire_at)
         .bind(s.last_fire_at)
         .bind(s.updated_at)
-        .execute(&mut *self.tx)
+        .execute(self.c())
         .await?;
         Ok(())
     }
@@ -947,7 +1051,7 @@ impl FlowTx for PgFlowTx {
         .bind(f.tick)
         .bind(f.fired_at)
         .bind(&f.outcome)
-        .execute(&mut *self.tx)
+        .execute(self.c())
         .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -964,7 +1068,7 @@ impl FlowTx for PgFlowTx {
         .bind(f.job_id)
         .bind(f.run_id)
         .bind(f.error.as_deref().map(|e| e.replace('\0', "\u{FFFD}")))
-        .execute(&mut *self.tx)
+        .execute(self.c())
         .await?;
         Ok(())
     }
@@ -977,7 +1081,7 @@ impl FlowTx for PgFlowTx {
         .bind(tenant)
         .bind(name)
         .bind(limit)
-        .fetch_all(&mut *self.tx)
+        .fetch_all(self.c())
         .await?;
         Ok(rows.into_iter().map(FireRecord::from).collect())
     }
@@ -989,7 +1093,7 @@ impl FlowTx for PgFlowTx {
         ))
         .bind(tenant)
         .bind(name)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(self.c())
         .await?;
         Ok(row.map(FireRecord::from))
     }
@@ -1000,7 +1104,7 @@ impl FlowTx for PgFlowTx {
              AND status IN ('queued','scheduled','running'))",
         )
         .bind(id)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.c())
         .await?)
     }
 
@@ -1008,7 +1112,7 @@ impl FlowTx for PgFlowTx {
         Ok(
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)")
                 .bind(id)
-                .fetch_one(&mut *self.tx)
+                .fetch_one(self.c())
                 .await?,
         )
     }
@@ -1018,7 +1122,7 @@ impl FlowTx for PgFlowTx {
             "SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1 AND status IN ('queued','running'))",
         )
         .bind(id)
-        .fetch_one(&mut *self.tx)
+        .fetch_one(self.c())
         .await?)
     }
 
@@ -1030,13 +1134,24 @@ impl FlowTx for PgFlowTx {
         .bind(tenant)
         .bind(name)
         .bind(now)
-        .execute(&mut *self.tx)
+        .execute(self.c())
         .await?;
         Ok(())
     }
 
     async fn commit(self: Box<Self>) -> DbResult<()> {
-        self.tx.commit().await?;
+        match self.conn {
+            TxConn::Pooled(tx) => tx.commit().await?,
+            TxConn::Lane(mut tx) => {
+                let conn = tx
+                    .lane
+                    .conn
+                    .as_mut()
+                    .expect("a lane transaction holds its connection");
+                sqlx::Executor::execute(conn, "COMMIT").await?;
+                tx.committed = true;
+            }
+        }
         Ok(())
     }
 }
