@@ -41,6 +41,23 @@ kiln_db::on_both_databases!(
     steps_taken_inline_count_and_tell_as_leased_ones,
 );
 
+/// A schema of its own on PostgreSQL, for a test of what only PostgreSQL
+/// does (locks another connection holds, a connection the server ends):
+/// the database, its URL and the schema's name.
+async fn postgres_only() -> (Db, String, String) {
+    let schema = kiln_db::testing::unique_name("kiln_test");
+    let url = kiln_db::testing::postgres_url();
+    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    (db, url, schema)
+}
+
+async fn postgres_done(db: Db, url: &str, schema: &str) {
+    db.close().await;
+    kiln_db::testing::drop_postgres_schema(url, schema)
+        .await
+        .ok();
+}
+
 fn kinds() -> JobKinds {
     fn noop(spec: &Value) -> Result<(), String> {
         let map = spec.as_object().ok_or("spec must be an object")?;
@@ -100,6 +117,28 @@ async fn drain(db: &Db, now: i64) {
     panic!("the runs never settled");
 }
 
+/// Ends `done` as a worker that runs pipeline steps does: their runs
+/// advance in the same transaction, and up to `take` of the jobs that makes
+/// are leased to `w1`.
+async fn end_taking(
+    db: &Db,
+    done: &[Completion],
+    take: i64,
+    now: i64,
+) -> kiln_db::DbResult<(kiln_db::Completed, Vec<kiln_core::LeasedJob>)> {
+    let handled = ["noop".to_string()];
+    let request = kiln_db::LeaseRequest {
+        worker_id: "w1",
+        kinds: &handled,
+        limit: take,
+        lease_ms: 60_000,
+        now,
+        tenant_running_max: None,
+    };
+    db.job_complete_advancing(done, &kinds(), Some(&request), now)
+        .await
+}
+
 /// [`drain`] as a worker that runs pipeline steps does it: each batch of
 /// ends advances its runs in its own transaction and takes up to `take`
 /// next steps at once; the advancer never runs. Returns how many jobs were
@@ -119,18 +158,7 @@ async fn drain_inline(db: &Db, now: i64, take: i64) -> usize {
             return taken;
         }
         let done: Vec<Completion> = jobs.iter().map(|job| end_of(job, now)).collect();
-        let request = kiln_db::LeaseRequest {
-            worker_id: "w1",
-            kinds: &handled,
-            limit: take,
-            lease_ms: 60_000,
-            now,
-            tenant_running_max: None,
-        };
-        let (completed, next) = db
-            .job_complete_advancing(&done, &kinds(), Some(&request), now)
-            .await
-            .unwrap();
+        let (completed, next) = end_taking(db, &done, take, now).await.unwrap();
         assert_eq!(completed.applied.len(), done.len());
         assert!(next.len() as i64 <= take);
         assert!(next.iter().all(|j| j.run_id.is_some() && j.attempt == 1));
@@ -1192,9 +1220,7 @@ async fn a_retried_step_moves_its_run_only_at_its_end(db: Db) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_run_leaves_its_step_end_to_the_advancer() {
     use sqlx::{Connection, Executor};
-    let schema = kiln_db::testing::unique_name("kiln_test");
-    let url = kiln_db::testing::postgres_url();
-    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    let (db, url, schema) = postgres_only().await;
     apply(
         &db,
         json!({"name": "pair", "steps": [
@@ -1244,10 +1270,7 @@ async fn a_held_run_leaves_its_step_end_to_the_advancer() {
     let view = get(&db, run.run.id).await;
     assert_eq!(step_status(&view, "a"), StepStatus::Succeeded);
     assert_eq!(step_status(&view, "b"), StepStatus::Running);
-    db.close().await;
-    kiln_db::testing::drop_postgres_schema(&url, &schema)
-        .await
-        .ok();
+    postgres_done(db, &url, &schema).await;
 }
 
 /// On PostgreSQL a completion may wait for its job's row (a heartbeat
@@ -1258,9 +1281,7 @@ async fn a_held_run_leaves_its_step_end_to_the_advancer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_that_waited_reads_the_run_as_its_holder_left_it() {
     use sqlx::{Connection, Executor};
-    let schema = kiln_db::testing::unique_name("kiln_test");
-    let url = kiln_db::testing::postgres_url();
-    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    let (db, url, schema) = postgres_only().await;
     apply(
         &db,
         json!({"name": "fan", "params": [{"name": "items", "type": "list"}], "steps": [
@@ -1361,10 +1382,7 @@ async fn a_completion_that_waited_reads_the_run_as_its_holder_left_it() {
                 .len(),
         1
     );
-    db.close().await;
-    kiln_db::testing::drop_postgres_schema(&url, &schema)
-        .await
-        .ok();
+    postgres_done(db, &url, &schema).await;
 }
 
 /// A worker whose lease moved on reports its end late, while the attempt
@@ -1428,17 +1446,7 @@ async fn a_stale_end_leaves_the_outbox_to_the_advancer(db: Db) {
     assert_eq!(b.len(), 1, "b was made once");
     // The stale end's transaction was dropped, and on PostgreSQL the step
     // lane's connection with it: the next end lands, and its run ends.
-    let request = kiln_db::LeaseRequest {
-        now: T0 + 2_006,
-        ..request
-    };
-    let (completed, next) = db
-        .job_complete_advancing(
-            &[end_of(&b[0], T0 + 2_006)],
-            &kinds(),
-            Some(&request),
-            T0 + 2_006,
-        )
+    let (completed, next) = end_taking(&db, &[end_of(&b[0], T0 + 2_006)], 1, T0 + 2_006)
         .await
         .unwrap();
     assert_eq!(completed.applied, vec![b[0].id]);
@@ -1451,9 +1459,7 @@ async fn a_stale_end_leaves_the_outbox_to_the_advancer(db: Db) {
 /// next end opens another and lands; nothing is lost or written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_lane_whose_connection_was_ended_opens_another() {
-    let schema = kiln_db::testing::unique_name("kiln_test");
-    let url = kiln_db::testing::postgres_url();
-    let db = Db::connect_postgres_schema(&url, &schema).await.unwrap();
+    let (db, url, schema) = postgres_only().await;
     apply(
         &db,
         json!({"name": "three", "steps": [
@@ -1473,16 +1479,7 @@ async fn a_step_lane_whose_connection_was_ended_opens_another() {
     let mut pids = Vec::new();
     for (n, step) in ["a", "b", "c"].into_iter().enumerate() {
         let now = T0 + 10 * (n as i64 + 1);
-        let request = kiln_db::LeaseRequest {
-            worker_id: "w1",
-            kinds: &handled,
-            limit: 1,
-            lease_ms: 60_000,
-            now,
-            tenant_running_max: None,
-        };
-        let (completed, mut next) = db
-            .job_complete_advancing(&[end_of(&job, now)], &kinds(), Some(&request), now)
+        let (completed, mut next) = end_taking(&db, &[end_of(&job, now)], 1, now)
             .await
             .unwrap_or_else(|e| panic!("the end of {step}: {e}"));
         assert_eq!(completed.applied, vec![job.id], "the end of {step}");
@@ -1517,10 +1514,7 @@ async fn a_step_lane_whose_connection_was_ended_opens_another() {
         .await
         .unwrap();
     assert_eq!(jobs, 3, "each step's job was made once");
-    db.close().await;
-    kiln_db::testing::drop_postgres_schema(&url, &schema)
-        .await
-        .ok();
+    postgres_done(db, &url, &schema).await;
 }
 
 /// Step jobs a worker takes with its predecessor's end (on PostgreSQL they
