@@ -3,7 +3,7 @@
 //! advancers on many hosts share it.
 
 use kiln_core::{Millis, NewJob};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::OwnedMutexGuard;
@@ -171,37 +171,13 @@ impl PgFlowTx {
         Option<super::RunEnds>,
     )> {
         let mut tx = Self::begin_step(pool, lane).await?;
-        // The rest of the transaction runs on generic plans: with array
-        // parameters PostgreSQL estimates a custom plan cheaper and then
-        // plans the run's read afresh on every step (0.2 ms, four times
-        // what running it costs); the generic plans use the same indexes.
-        // `taken` is the outer side of the join, so the settings, the end
-        // and the lock all come before the read.
-        let run_columns: Vec<String> = RUN_COLUMNS
-            .split(',')
-            .map(|c| format!("(rr.run).{0} AS {0}", c.trim()))
-            .collect();
-        let sql = format!(
-            "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status), \
-             run AS (SELECT id FROM runs WHERE id = (SELECT d.run_id FROM done d \
-               WHERE d.status IN ('succeeded','failed','cancelled','dead') LIMIT 1) \
-               FOR UPDATE SKIP LOCKED), \
-             taken AS (SELECT set_config('kiln.outbox_taken', COALESCE((SELECT \
-               string_agg(d.id::text, ',') FROM done d JOIN run r ON r.id = d.run_id), ''), \
-               true) AS ids, set_config('plan_cache_mode', 'force_generic_plan', true), \
-               (SELECT id FROM run) AS locked) \
-             SELECT (SELECT COALESCE(json_agg(json_build_array(d.id, d.run_id, d.status)), '[]') \
-               FROM done d)::text AS written, t.locked, {}, rr.ended, rr.step_rows AS steps \
-             FROM taken t LEFT JOIN LATERAL kiln_run_locked_read(t.locked, $1, $9) rr ON true",
-            crate::postgres::lock_in_id_order("$1"),
-            crate::postgres::complete_update(),
-            run_columns.join(", "),
-        );
-        let one: CompletedOne =
-            crate::postgres::bind_completions(sqlx::query_as(&sql), std::slice::from_ref(done))
-                .bind(steps)
-                .fetch_one(tx.c())
-                .await?;
+        let one: CompletedOne = crate::postgres::bind_completions(
+            sqlx::query_as(&COMPLETE_ONE),
+            std::slice::from_ref(done),
+        )
+        .bind(steps)
+        .fetch_one(tx.c())
+        .await?;
         let written: Vec<(i64, Option<i64>, String)> = serde_json::from_str(&one.written)
             .map_err(|e| crate::DbError::Corrupt(format!("written ends: {e}")))?;
         let ends = match (one.locked, one.ends) {
@@ -248,6 +224,50 @@ impl PgFlowTx {
         row.map(RunEndedRow::split).transpose()
     }
 }
+
+/// [`PgFlowTx::complete_one`]'s statement, the first of every chained
+/// step, built once. The rest of the transaction runs on generic plans:
+/// with array parameters PostgreSQL estimates a custom plan cheaper and
+/// then plans the run's read afresh on every step (0.2 ms, four times what
+/// running it costs); the generic plans use the same indexes. `taken` is
+/// the outer side of the join, so the settings, the end and the lock all
+/// come before the read.
+static COMPLETE_ONE: LazyLock<String> = LazyLock::new(|| {
+    let run_columns: Vec<String> = RUN_COLUMNS
+        .split(',')
+        .map(|c| format!("(rr.run).{0} AS {0}", c.trim()))
+        .collect();
+    format!(
+        "WITH {}, done AS ({} RETURNING j.id, j.run_id, j.status), \
+         run AS (SELECT id FROM runs WHERE id = (SELECT d.run_id FROM done d \
+           WHERE d.status IN ('succeeded','failed','cancelled','dead') LIMIT 1) \
+           FOR UPDATE SKIP LOCKED), \
+         taken AS (SELECT set_config('kiln.outbox_taken', COALESCE((SELECT \
+           string_agg(d.id::text, ',') FROM done d JOIN run r ON r.id = d.run_id), ''), \
+           true) AS ids, set_config('plan_cache_mode', 'force_generic_plan', true), \
+           (SELECT id FROM run) AS locked) \
+         SELECT (SELECT COALESCE(json_agg(json_build_array(d.id, d.run_id, d.status)), '[]') \
+           FROM done d)::text AS written, t.locked, {}, rr.ended, rr.step_rows AS steps \
+         FROM taken t LEFT JOIN LATERAL kiln_run_locked_read(t.locked, $1, $9) rr ON true",
+        crate::postgres::lock_in_id_order("$1"),
+        crate::postgres::complete_update(),
+        run_columns.join(", "),
+    )
+});
+
+/// [`FlowTx::put_rows_inserting`]'s statement, the second of every chained
+/// step, built once: three tables in one statement, the jobs, then the
+/// instances that point at them and the steps, as CTEs of one insert.
+static PUT_ROWS_INSERTING: LazyLock<String> = LazyLock::new(|| {
+    let returning = format!("{}, status, idempotency_key", crate::rows::LEASED_COLUMNS);
+    format!(
+        "WITH ins AS ({} RETURNING {returning}), i AS ({}), s AS ({}) \
+         SELECT {returning} FROM ins ORDER BY id",
+        crate::lease::renumber(&insert_leasing_sql(), '$', 2),
+        instances_keyed_upsert(22),
+        steps_upsert(34),
+    )
+});
 
 /// [`PgFlowTx::complete_one`]'s row: the ends written, the run locked, and
 /// that run's read when there is one.
@@ -902,22 +922,17 @@ impl FlowTx for PgFlowTx {
                     .then(|| super::step_job_key(run_id, &r.step, r.index, r.attempt))
             })
             .collect();
-        // Three tables in one statement: the jobs, then the instances that
-        // point at them and the steps, as CTEs of one insert.
-        let returning = format!("{}, status, idempotency_key", crate::rows::LEASED_COLUMNS);
-        let sql = format!(
-            "WITH ins AS ({} RETURNING {returning}), i AS ({}), s AS ({}) \
-             SELECT {returning} FROM ins ORDER BY id",
-            crate::lease::renumber(&insert_leasing_sql(), '$', 2),
-            instances_keyed_upsert(22),
-            steps_upsert(34),
-        );
-        let query = bind_new_jobs(sqlx::query(&sql).bind(run_id), &encoded, now, Some(run_id))
-            .bind(i64::try_from(offered).unwrap_or(i64::MAX))
-            .bind(request.kinds)
-            .bind(request.now)
-            .bind(request.worker_id)
-            .bind(request.lease_until());
+        let query = bind_new_jobs(
+            sqlx::query(&PUT_ROWS_INSERTING).bind(run_id),
+            &encoded,
+            now,
+            Some(run_id),
+        )
+        .bind(i64::try_from(offered).unwrap_or(i64::MAX))
+        .bind(request.kinds)
+        .bind(request.now)
+        .bind(request.worker_id)
+        .bind(request.lease_until());
         let query = bind_instances(query, instances).bind(keys);
         let rows = bind_steps(query, steps).fetch_all(self.c()).await?;
         let mut by_key = std::collections::HashMap::with_capacity(rows.len());
