@@ -249,11 +249,13 @@ async fn fresh_named(url: Option<&str>, name: &str) -> anyhow::Result<Db> {
             Db::connect_postgres_schema(url, &stamp).await?
         }
         Some(url) => Db::connect(url).await?,
-        None => {
-            let path = std::env::temp_dir().join(format!("{stamp}.db"));
-            Db::connect(&format!("sqlite://{}", path.display())).await?
-        }
+        None => Db::connect(&format!("sqlite://{}", bench_file(&stamp).display())).await?,
     })
+}
+
+/// The SQLite file of a bench's database named `stamp`.
+fn bench_file(stamp: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{stamp}.db"))
 }
 
 /// Closes a bench's database and removes what [`fresh_db`] made for it: the
@@ -268,11 +270,12 @@ async fn discard(url: Option<&str>, db: Db) -> anyhow::Result<()> {
         }
         Some(_) => {}
         None => {
+            let file = bench_file(&bench_schema());
             for suffix in ["", "-wal", "-shm"] {
-                let path = std::env::temp_dir().join(format!("{}.db{suffix}", bench_schema()));
+                let path = format!("{}{suffix}", file.display());
                 if let Err(error) = std::fs::remove_file(&path) {
                     if error.kind() != std::io::ErrorKind::NotFound {
-                        eprintln!("could not remove {}: {error}", path.display());
+                        eprintln!("could not remove {path}: {error}");
                     }
                 }
             }
@@ -292,13 +295,10 @@ async fn fresh_db(url: Option<&str>) -> anyhow::Result<(Db, Option<Db>)> {
             Ok((db, Some(other)))
         }
         Some(url) => Ok((Db::connect(url).await?, None)),
-        None => {
-            let path = std::env::temp_dir().join(format!("{stamp}.db"));
-            Ok((
-                Db::connect(&format!("sqlite://{}", path.display())).await?,
-                None,
-            ))
-        }
+        None => Ok((
+            Db::connect(&format!("sqlite://{}", bench_file(&stamp).display())).await?,
+            None,
+        )),
     }
 }
 
@@ -475,14 +475,10 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     if args.backlog > 0 {
         backlog(&db, &drain_db, args.backlog, args.slots).await?;
     }
-    db.close().await;
     if let Some(other) = other {
         other.close().await;
-        if let Some(url) = &args.database_url {
-            kiln_db::drop_postgres_schema(url, &bench_schema()).await?;
-        }
     }
-    Ok(())
+    discard(args.database_url.as_deref(), db).await
 }
 
 /// Leasing beside a backlog no worker may take: `size` jobs in a paused

@@ -130,17 +130,8 @@ pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<()> {
     stop.cancel();
     let _ = server.await;
     let _ = std::fs::remove_dir_all(&root);
-    db.close().await;
     if let Some(other) = other {
         other.close().await;
-        if let Some(url) = &args.database_url {
-            kiln_db::drop_postgres_schema(url, &super::bench_schema()).await?;
-        }
-    } else if args.database_url.is_none() {
-        let file = std::env::temp_dir().join(format!("{}.db", super::bench_schema()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
-        }
     }
-    Ok(())
+    super::discard(args.database_url.as_deref(), db).await
 }
