@@ -169,14 +169,43 @@ pub async fn serve(prefix: &str, image: bool) -> (TempDir, PathBuf, String, Proc
     if image {
         install_test_image(&data).await;
     }
-    let listen = format!("127.0.0.1:{}", free_port());
-    let base = format!("http://{listen}");
-    let serve = kiln(
-        &["serve", "--listen", &listen, "--vm-warm", "0"],
-        &data,
-        dir.path(),
-        "serve.log",
-    );
-    until_up(&base, Duration::from_secs(60)).await;
-    (dir, data, base, serve)
+    // A port free when asked can be taken before `kiln serve` binds it (by
+    // another test's server, say): this one then exits, and the other would
+    // answer in its place. The first admin key is written only once the
+    // listener is bound, so this fresh data dir holding one says the server
+    // answering is this one; one that exited is started on another port.
+    let key = data.join("admin.key");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "kiln serve kept exiting; see serve.log in {}",
+            dir.path().display()
+        );
+        let listen = format!("127.0.0.1:{}", free_port());
+        let base = format!("http://{listen}");
+        let mut serve = kiln(
+            &["serve", "--listen", &listen, "--vm-warm", "0"],
+            &data,
+            dir.path(),
+            "serve.log",
+        );
+        while serve.0.try_wait().unwrap().is_none() {
+            let up = key.exists()
+                && http
+                    .get(format!("{base}/health"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+            if up {
+                return (dir, data, base, serve);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for kiln to answer"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
